@@ -1,0 +1,284 @@
+"""``CausalLM``: the object users hold — load, run, inspect, save.
+
+It owns a config, a parameter pytree and (when the checkpoint has one) a tokenizer; every capability is a
+pure function elsewhere in the package (model, generate, lora, train...) applied to those.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemmax import model as _model
+from gemmax.config import PRESET_HF_REPOS, PRESETS, ModelConfig, describe_size, get_preset
+from gemmax.hf import (
+    CheckpointError,
+    LazyWeight,
+    export_hf_folder,
+    lazy_params_from_hf,
+    open_safetensors_folder,
+    read_config,
+    resolve_hf_handle,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(d: Any) -> Any:
+    if isinstance(d, str):
+        try:
+            return DTYPES[d]
+        except KeyError:
+            raise ValueError(f"unknown dtype {d!r}; use one of {sorted(DTYPES)}") from None
+    return d
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round a length up to a power of two so compiled shapes are reused across prompt lengths."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _current_distribution():
+    try:
+        from gemmax import distribution
+    except ImportError:  # pragma: no cover - distribution module is part of the package
+        return None
+    getter = getattr(distribution, "distribution", None)
+    return getter() if getter else None
+
+
+def place_params(lazy: dict[str, LazyWeight | np.ndarray], dtype: Any, dist: Any = None) -> dict[str, Any]:
+    """Materialise weights one at a time, each straight into its sharding.
+
+    With a distribution active every device reads only its shard (``make_array_from_callback``); without
+    one the weight goes to the default device. The host copy of one weight is freed before the next is
+    read, which keeps peak host memory near the model's size.
+    """
+    out = {}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    for path, w in lazy.items():
+        shape = tuple(w.shape)
+        if dist is not None:
+            sharding = dist.sharding_for(path, shape)
+        else:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def cb(index, w=w):
+            return np.asarray(w[index], dtype=np_dtype)
+
+        out[path] = jax.make_array_from_callback(shape, sharding, cb)
+    return out
+
+
+class CausalLM:
+    """A decoder-only language model (Gemma 1/2/3, CodeGemma, Llama 3) with its tokenizer."""
+
+    def __init__(self, config: ModelConfig, params: dict, tokenizer: Any = None, source: str = ""):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.source = source
+        self._engine = None
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig | str, seed: int = 0, dtype: Any = "float32",
+                    tokenizer: Any = None) -> CausalLM:
+        """A randomly initialised model (a preset name or a ModelConfig)."""
+        cfg = get_preset(config) if isinstance(config, str) else config
+        dist = _current_distribution()
+        init = functools.partial(_model.init_params, cfg, dtype=_dtype(dtype))
+        if dist is not None:
+            abstract = jax.eval_shape(init, jax.random.key(seed))
+            shardings = jax.tree_util.tree_map_with_path(
+                lambda kp, leaf: dist.sharding_for(_keypath(kp), leaf.shape), abstract)
+            params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+        else:
+            params = jax.jit(init)(jax.random.key(seed))
+        return cls(cfg, params, tokenizer, source=f"random:{cfg.name}")
+
+    @classmethod
+    def from_preset(cls, handle: str, dtype: Any = "float32", **kw: Any) -> CausalLM:
+        """Load from a Hugging Face folder, ``hf://org/name``, a GGUF file, a gemmax folder, or a preset
+        name whose weights are in the local Hugging Face cache. Weights convert on the fly."""
+        dtype = _dtype(dtype)
+        path = Path(os.path.expanduser(handle))
+        if handle.startswith("hf://"):
+            return cls._from_hf_folder(resolve_hf_handle(handle), dtype, source=handle)
+        if path.suffix == ".gguf" and path.is_file():
+            return cls._from_gguf(path, dtype, **kw)
+        if path.is_dir():
+            if (path / "gemmax.json").exists():
+                return cls._from_gemmax_folder(path, dtype)
+            return cls._from_hf_folder(path, dtype, source=str(path))
+        if handle in PRESETS:
+            repo = PRESET_HF_REPOS.get(handle)
+            if repo is None:
+                raise CheckpointError(f"preset {handle!r} has no published checkpoint to load")
+            return cls._from_hf_folder(resolve_hf_handle("hf://" + repo), dtype, source=handle)
+        if path.suffix == ".gguf":
+            raise FileNotFoundError(f"GGUF file not found: {handle}")
+        raise CheckpointError(
+            f"cannot load {handle!r}: not a folder, a .gguf file, an hf:// handle or a preset name "
+            f"(presets: {', '.join(sorted(PRESETS))})")
+
+    @classmethod
+    def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+        cfg, _ = read_config(folder)
+        src = open_safetensors_folder(folder)
+        lazy = lazy_params_from_hf(cfg, src, np.dtype(jnp.dtype(dtype)), shape_of=src.shape)
+        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
+        return cls(cfg, params, _load_tokenizer(folder), source=source)
+
+    @classmethod
+    def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
+        from gemmax import gguf_io
+        from gemmax.config import from_hf_config
+
+        contents = gguf_io.read_gguf(path)
+        cfg = from_hf_config(contents.hf_config)
+        tensors = contents.tensors()
+        shapes = getattr(contents, "hf_shapes", None)
+        lazy = lazy_params_from_hf(cfg, tensors, np.dtype(jnp.dtype(dtype)),
+                                   shape_of=(shapes.__getitem__ if shapes else None))
+        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
+        tok = None
+        try:
+            from gemmax.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_gguf(contents)
+        except Exception:  # a GGUF without a usable vocabulary still runs on token ids
+            tok = None
+        return cls(cfg, params, tok, source=str(path))
+
+    @classmethod
+    def _from_gemmax_folder(cls, folder: Path, dtype: Any) -> CausalLM:
+        from gemmax.hf import SafetensorsFile
+
+        meta = json.loads((folder / "gemmax.json").read_text())
+        cfg = ModelConfig.from_dict(meta["config"])
+        f = SafetensorsFile(folder / "params.safetensors")
+        specs = _model.param_specs(cfg)
+        missing = sorted(set(specs) - set(f.keys()))
+        if missing:
+            raise CheckpointError(f"{folder}: gemmax checkpoint lacks {missing[:5]}")
+        for p, s in specs.items():
+            if tuple(f.shape(p)) != s.shape:
+                raise CheckpointError(f"{folder}: {p} has shape {f.shape(p)}, config says {s.shape}")
+        np_dtype = np.dtype(jnp.dtype(dtype))
+        lazy = {p: LazyWeight(specs[p].shape, lambda idx, p=p: f.get(p)[idx].astype(np_dtype))
+                for p in f.keys() if p in specs}
+        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
+        return cls(cfg, params, _load_tokenizer(folder), source=str(folder))
+
+    # ---- running ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def _logits_fn(self):
+        return jax.jit(lambda params, tokens: _model.forward(params, self.config, tokens))
+
+    def logits(self, token_ids: Any) -> np.ndarray:
+        """Causal full forward: float32 logits [batch, seq, vocab]. Lengths are bucketed (padded at the
+        end, which a causal model never sees) so nearby lengths share one compilation."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, t = ids.shape
+        if t > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
+        tb = min(bucket(t), max(t, self.config.max_position_embeddings))
+        padded = np.zeros((b, tb), np.int32)
+        padded[:, :t] = ids
+        return np.asarray(self._logits_fn(self.params, jnp.asarray(padded)))[:, :t]
+
+    @property
+    def dtype(self) -> Any:
+        return self.params["token_embedding"]["embeddings"].dtype
+
+    # ---- inspection ------------------------------------------------------------------------------
+    def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
+        """(path, array) for every weight whose path starts with ``prefix``: what the seeds' snippets
+        iterate over to print shapes and shardings."""
+        return [(p, a) for p, a in _model.flatten(self.params).items() if p.startswith(prefix)]
+
+    def summary(self, print_fn: Any = print) -> str:
+        """A Keras-like table: weight path, shape, dtype, parameter count; totals at the end."""
+        rows = self.weights()
+        trainable = getattr(self, "trainable_paths", None)
+        w = max(len(p) for p, _ in rows) + 2
+        lines = [f'Model: "{self.config.name or self.config.family}" ({self.config.family})',
+                 f"{'Weight path':<{w}}{'Shape':<24}{'Dtype':<10}{'Params':>14}", "-" * (w + 48)]
+        total = embed = 0
+        n_train = 0
+        for p, a in rows:
+            n = int(np.prod(a.shape))
+            total += n
+            if p.startswith("token_embedding") and "lora" not in p:
+                embed += n
+            if trainable is None or p in trainable:
+                n_train += n
+            lines.append(f"{p:<{w}}{str(tuple(a.shape)):<24}{str(a.dtype):<10}{n:>14,}")
+        lines += ["-" * (w + 48),
+                  f"Total params: {total:,} ({describe_size(total)})",
+                  f"Embedding params: {embed:,} ({describe_size(embed)})",
+                  f"Non-embedding params: {total - embed:,} ({describe_size(total - embed)})",
+                  f"Trainable params: {n_train:,} ({describe_size(n_train)})"]
+        text = "\n".join(lines)
+        if print_fn:
+            print_fn(text)
+        return text
+
+    # ---- saving ----------------------------------------------------------------------------------
+    def _host_flat(self) -> dict[str, np.ndarray]:
+        return {p: np.asarray(jax.device_get(a)) for p, a in _model.flatten(self.params).items()
+                if not p.endswith(("lora_a", "lora_b", "lora_scale"))}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """gemmax's own format: ``gemmax.json`` (config) + ``params.safetensors`` keyed by weight path,
+        memory-mappable for fast streamed loading; the tokenizer is saved beside it."""
+        from gemmax.hf import write_safetensors
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / "params.safetensors", self._host_flat(), {"format": "gemmax"})
+        (out / "gemmax.json").write_text(json.dumps({"format": 1, "config": self.config.to_dict()}, indent=2))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(out)
+        return out
+
+    def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
+        """A Hugging Face folder (config.json + safetensors) that transformers' from_pretrained loads."""
+        out = export_hf_folder(path, self._host_flat(), self.config, dtype=dtype)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(out)
+        return out
+
+
+def _keypath(kp) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in kp)
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not ((folder / "tokenizer.model").exists() or (folder / "tokenizer.json").exists()):
+        return None
+    try:
+        from gemmax.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(folder)
+    except ImportError:
+        return None
+
+
+def presets() -> dict[str, str]:
+    """Preset name -> parameter count, e.g. {"gemma3_270m": "268M", ...}."""
+    return {n: describe_size(c.param_count()["total"]) for n, c in PRESETS.items()}

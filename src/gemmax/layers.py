@@ -1,0 +1,162 @@
+"""Pure-function building blocks shared by every model in gemmax.
+
+Numerics are pinned to the reference implementations (see docs/numerics.md): norms, RoPE angles, attention
+logits and softmax run in float32 whatever the compute dtype, and the results are cast back at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Any]
+
+#: Large negative used instead of -inf so that a fully masked row (padding) gives a uniform softmax, not NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def rms_norm(x: Array, scale: Array, eps: float = 1e-6, offset: float = 1.0) -> Array:
+    """RMSNorm in float32.
+
+    Gemma (offset 1): ``x * rsqrt(mean(x^2) + eps) * (1 + scale)``, multiplied in float32 then cast.
+    Llama (offset 0): the normalised value is cast to the input dtype *before* the weight multiply, as the
+    reference does — the two orders differ in bfloat16.
+    """
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (y * (offset + scale.astype(jnp.float32))).astype(dtype)
+    return y.astype(dtype) * scale.astype(dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    # The tanh approximation, as every Gemma reference uses (not the exact erf GELU).
+    return jax.nn.gelu(x, approximate=True)
+
+
+def activation_fn(name: str):
+    return {"gelu_tanh": gelu_tanh, "silu": jax.nn.silu}[name]
+
+
+# ---- rotary embeddings ---------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
+                  rotary_dim: int | None = None) -> Array:
+    """Inverse frequencies [rotary_dim/2] in float32, with linear or llama3 scaling folded in.
+
+    Linear scaling divides positions by the factor, which is the same as dividing the frequencies.
+    """
+    rd = rotary_dim or head_dim
+    inv = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        orig = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = orig / low, orig / high
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (orig / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_mid, mid, scaled)
+    if kind == "default":
+        return inv
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate-half RoPE (first half / second half, not interleaved) on x [B, T, N, hd].
+
+    If inv_freq covers fewer than hd/2 frequencies (RecurrentGemma rotates half the head), the remaining
+    channels pass through unchanged.
+    """
+    rd = 2 * inv_freq.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    xr = x[..., :rd].astype(jnp.float32)
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    if rd == x.shape[-1]:
+        return out
+    return jnp.concatenate([out, x[..., rd:]], axis=-1)
+
+
+# ---- linear maps: plain, quantized, LoRA --------------------------------------------------------
+
+
+def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = None) -> Array:
+    """Apply a linear node with an einsum equation.
+
+    The node is ``{"kernel": W}`` plus, optionally, ``"scale"`` (int8/int4 weight-only quantization: per
+    output-channel scales, shaped like the output's trailing dims) and ``"lora_a"``/``"lora_b"`` (low-rank
+    adapters, multiplied by ``node["lora_scale"]``). Keeping all three behind one function is what lets LoRA
+    and quantization be pytree transforms that never touch model code.
+    """
+    w = node["kernel"]
+    if "scale" in node:
+        y = jnp.einsum(eq, x, w.astype(x.dtype)) * node["scale"].astype(x.dtype)
+    else:
+        y = jnp.einsum(eq, x, w.astype(x.dtype))
+    if "lora_a" in node:
+        if lora_eqs is None:
+            raise ValueError(f"LoRA factors on a linear with no LoRA equations ({eq})")
+        a = node["lora_a"].astype(x.dtype)
+        b = node["lora_b"].astype(x.dtype)
+        h = jnp.einsum(lora_eqs[0], x, a)
+        y = y + jnp.einsum(lora_eqs[1], h, b) * jnp.asarray(node.get("lora_scale", 1.0), x.dtype)
+    return y
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    if not cap:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg: Array | None = None,
+                   k_seg: Array | None = None, k_valid: Array | None = None) -> Array:
+    """Boolean [B, T, S]: causal, within the sliding window (which includes the current token:
+    ``q - W < k <= q``), inside the same packed segment, and only over valid cache slots."""
+    q = q_idx[:, :, None]
+    k = k_idx[:, None, :]
+    m = k <= q
+    if window is not None:
+        m = m & (q - k < window)
+    if q_seg is not None and k_seg is not None:
+        m = m & (q_seg[:, :, None] == k_seg[:, None, :])
+    if k_valid is not None:
+        m = m & k_valid[:, None, :]
+    return m
+
+
+def dot_attention(q: Array, k: Array, v: Array, mask: Array, logit_cap: float | None = None) -> Array:
+    """Grouped-query attention. q [B,T,H,hd] (already scaled), k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H,hd].
+
+    Logits and softmax in float32; query heads are grouped onto their KV head without repeating K/V.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits, logit_cap)
+    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)

@@ -1,0 +1,284 @@
+"""The decoder shared by Gemma 1, CodeGemma, Gemma 2, Gemma 3 and Llama 3.
+
+Pure functions over a nested-dict pytree (paths in docs/architecture.md). All layers are stacked on a
+leading axis and run under ``jax.lax.scan``; what differs between layers (local or global attention, the
+RoPE base) is passed to the scan as per-layer *data*, so compile time does not grow with depth and one
+compiled function serves every family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemmax.config import LOCAL, ModelConfig
+from gemmax.layers import (
+    activation_fn,
+    apply_rope,
+    attention_mask,
+    dot_attention,
+    linear,
+    rms_norm,
+    rope_inv_freq,
+    softcap,
+)
+
+Array = jax.Array
+Params = dict[str, Any]
+
+#: Window given to global layers when local and global layers share one scan: wider than any context.
+NO_WINDOW = 1 << 30
+
+#: einsum equations of every linear in a decoder block: (main, (lora_in, lora_out)).
+LINEAR_EQS: dict[str, tuple[str, tuple[str, str]]] = {
+    "query": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
+    "key": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
+    "value": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
+    "attention_output": ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd")),
+    "ffw_gating": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf")),
+    "ffw_gating_2": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf")),
+    "ffw_linear": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd")),
+}
+
+#: Number of leading "input" dims of each kernel (after the layer axis); the rest are outputs.
+#: Used by LoRA (factor shapes) and quantization (per-output-channel scales).
+KERNEL_IN_DIMS: dict[str, tuple[int, ...]] = {
+    "query": (1,),  # [heads, embed, head_dim]: embed is the input
+    "key": (1,),
+    "value": (1,),
+    "attention_output": (0, 1),  # [heads, head_dim, embed]
+    "ffw_gating": (0,),
+    "ffw_gating_2": (0,),
+    "ffw_linear": (0,),
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One weight, declared once: shape, logical axes and how to initialise it.
+
+    The same declaration drives random init, abstract shapes for sharding plans, and the summary.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str = "normal"  # "normal" | "zeros" | "ones" | "embedding"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Every weight of the decoder with its shape and logical axes, keyed by path."""
+    L, D, H, K, hd, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.intermediate_size)
+    norm_init = "zeros" if cfg.norm_offset else "ones"
+    b = "decoder_block/"
+    specs: dict[str, ParamSpec] = {
+        "token_embedding/embeddings": ParamSpec((cfg.vocab_size, D), ("vocab", "embed"), "embedding"),
+        b + "pre_attention_norm/scale": ParamSpec((L, D), ("layers", "embed"), norm_init),
+        b + "attention/query/kernel": ParamSpec((L, H, D, hd), ("layers", "heads", "embed", "head_dim")),
+        b + "attention/key/kernel": ParamSpec((L, K, D, hd), ("layers", "kv_heads", "embed", "head_dim")),
+        b + "attention/value/kernel": ParamSpec((L, K, D, hd), ("layers", "kv_heads", "embed", "head_dim")),
+        b + "attention/attention_output/kernel": ParamSpec(
+            (L, H, hd, D), ("layers", "heads", "head_dim", "embed")),
+    }
+    if cfg.use_qk_norm:
+        specs[b + "attention/query_norm/scale"] = ParamSpec((L, hd), ("layers", "head_dim"), norm_init)
+        specs[b + "attention/key_norm/scale"] = ParamSpec((L, hd), ("layers", "head_dim"), norm_init)
+    if cfg.use_post_norms:
+        specs[b + "post_attention_norm/scale"] = ParamSpec((L, D), ("layers", "embed"), norm_init)
+    specs[b + "pre_ffw_norm/scale"] = ParamSpec((L, D), ("layers", "embed"), norm_init)
+    if cfg.use_post_norms:
+        specs[b + "post_ffw_norm/scale"] = ParamSpec((L, D), ("layers", "embed"), norm_init)
+    specs[b + "ffw_gating/kernel"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"))
+    specs[b + "ffw_gating_2/kernel"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"))
+    specs[b + "ffw_linear/kernel"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"))
+    specs["final_normalization/scale"] = ParamSpec((D,), ("embed",), norm_init)
+    if not cfg.tie_embeddings:
+        specs["lm_head/kernel"] = ParamSpec((D, cfg.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    """{"a/b/c": leaf} -> nested dict."""
+    tree: Params = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return tree
+
+
+def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random initialisation (truncated-normal-free: plain normal scaled by fan-in), norms at identity."""
+    specs = param_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    flat = {}
+    for k, (path, s) in zip(keys, sorted(specs.items()), strict=True):
+        if s.init == "zeros":
+            flat[path] = jnp.zeros(s.shape, dtype)
+        elif s.init == "ones":
+            flat[path] = jnp.ones(s.shape, dtype)
+        else:
+            if s.init == "embedding":
+                std = 1.0 / math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else 0.02
+            else:
+                fan_in = s.shape[KERNEL_IN_DIMS_AXES.get(path.split("/")[-2], 1)] if len(s.shape) > 1 else 1
+                std = 1.0 / math.sqrt(fan_in)
+            flat[path] = (jax.random.normal(k, s.shape, jnp.float32) * std).astype(dtype)
+    return unflatten(flat)
+
+
+#: Axis (in the stacked shape) holding the fan-in of each kernel, for initialisation.
+KERNEL_IN_DIMS_AXES = {"query": 2, "key": 2, "value": 2, "attention_output": 2, "ffw_gating": 1,
+                       "ffw_gating_2": 1, "ffw_linear": 1, "lm_head": 0}
+
+
+# ---- per-layer data for the scan ------------------------------------------------------------------
+
+
+def layer_windows(cfg: ModelConfig) -> np.ndarray:
+    """Sliding window of each layer (int32 [L]); global layers get NO_WINDOW."""
+    return np.array(
+        [cfg.sliding_window if t == LOCAL else NO_WINDOW for t in cfg.layer_types], dtype=np.int32)
+
+
+def layer_inv_freqs(cfg: ModelConfig) -> Array:
+    """RoPE inverse frequencies per layer [L, hd/2]: local layers use the local base and no scaling."""
+    glob = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    loc = rope_inv_freq(cfg.head_dim, cfg.local_theta, None)
+    is_local = jnp.asarray([t == LOCAL for t in cfg.layer_types])[:, None]
+    return jnp.where(is_local, loc, glob)
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: Array, dtype: Any | None = None) -> Array:
+    """Token embedding lookup, multiplied by sqrt(d_model) cast to the compute dtype first (Gemma):
+    in bfloat16 sqrt(3072) is 55.5, and the reference multiplies by that rounded value."""
+    node = params["token_embedding"]
+    table = node["embeddings"]
+    dtype = dtype or (table.dtype if jnp.issubdtype(table.dtype, jnp.floating) else jnp.float32)
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if "scale" in node:  # int8 embedding: per-row scales
+        x = x * jnp.take(node["scale"], tokens, axis=0)[..., None].astype(dtype)
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    return x
+
+
+AttendFn = Callable[[Array, Array, Array], Array]
+
+
+def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_freq: Array,
+                  attend: AttendFn) -> Array:
+    """One block. ``attend(q, k, v)`` does the attention itself (full-sequence or against a KV cache), so
+    training, prefill and decode share every other line."""
+    eps, off = cfg.norm_eps, cfg.norm_offset
+    a = p["attention"]
+    h = rms_norm(x, p["pre_attention_norm"]["scale"], eps, off)
+    q = linear(a["query"], h, *LINEAR_EQS["query"])
+    k = linear(a["key"], h, *LINEAR_EQS["key"])
+    v = linear(a["value"], h, *LINEAR_EQS["value"])
+    if cfg.use_qk_norm:
+        q = rms_norm(q, a["query_norm"]["scale"], eps, off)
+        k = rms_norm(k, a["key_norm"]["scale"], eps, off)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    q = q * jnp.asarray(cfg.query_scale, q.dtype)
+    o = attend(q, k, v)
+    o = linear(a["attention_output"], o, *LINEAR_EQS["attention_output"])
+    if cfg.use_post_norms:
+        o = rms_norm(o, p["post_attention_norm"]["scale"], eps, off)
+    x = x + o
+    h = rms_norm(x, p["pre_ffw_norm"]["scale"], eps, off)
+    gate = activation_fn(cfg.activation)(linear(p["ffw_gating"], h, *LINEAR_EQS["ffw_gating"]))
+    up = linear(p["ffw_gating_2"], h, *LINEAR_EQS["ffw_gating_2"])
+    m = linear(p["ffw_linear"], gate * up, *LINEAR_EQS["ffw_linear"])
+    if cfg.use_post_norms:
+        m = rms_norm(m, p["post_ffw_norm"]["scale"], eps, off)
+    return x + m
+
+
+def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None,
+                   segment_ids: Array | None = None, remat: str | None = None) -> Array:
+    """Causal forward over whole sequences -> final-normed hidden states [B, T, D].
+
+    ``segment_ids`` (0 = padding) keeps packed documents from attending to each other; ``positions``
+    (default 0..T-1) feed RoPE and may restart per document. ``remat`` ("full" | "dots" | None) wraps each
+    layer in jax.checkpoint to trade compute for activation memory when training.
+    """
+    tokens = jnp.asarray(tokens)
+    b, t = tokens.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = idx if positions is None else jnp.asarray(positions, jnp.int32)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    x = embed(params, cfg, tokens)
+    has_local = LOCAL in cfg.layer_types
+
+    def body(x: Array, xs: tuple[Params, Array, Array]) -> tuple[Array, None]:
+        p, window, inv_freq = xs
+
+        def attend(q: Array, k: Array, v: Array) -> Array:
+            mask = attention_mask(idx, idx, window if has_local else None, seg, seg)
+            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
+
+        return decoder_layer(p, x, cfg, positions, inv_freq, attend), None
+
+    if remat == "full":
+        body = jax.checkpoint(body)
+    elif remat == "dots":
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat not in (None, "none"):
+        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
+    xs = (params["decoder_block"], jnp.asarray(layer_windows(cfg)), layer_inv_freqs(cfg))
+    x, _ = jax.lax.scan(body, x, xs)
+    return rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
+
+
+def output_kernel(params: Params, cfg: ModelConfig) -> tuple[Array, str, Array | None]:
+    """The output projection as (matrix, einsum, per-vocab scale or None): the embedding transposed when
+    tied (Gemma; not scaled by sqrt(d)), else ``lm_head``."""
+    if cfg.tie_embeddings:
+        node = params["token_embedding"]
+        return node["embeddings"], "btd,vd->btv", node.get("scale")
+    node = params["lm_head"]
+    return node["kernel"], "btd,dv->btv", node.get("scale")
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Array) -> Array:
+    """Hidden [B, T, D] -> float32 logits with the final soft-cap (Gemma 2) applied."""
+    w, eq, scale = output_kernel(params, cfg)
+    logits = jnp.einsum(eq, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if scale is not None:
+        logits = logits * scale.astype(jnp.float32)
+    return softcap(logits, cfg.final_logit_softcap)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None,
+            segment_ids: Array | None = None) -> Array:
+    """Full causal forward -> float32 logits [B, T, V]."""
+    return logits_from_hidden(params, cfg, forward_hidden(params, cfg, tokens, positions, segment_ids))

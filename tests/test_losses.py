@@ -1,0 +1,135 @@
+"""The chunked cross-entropy equals the full-logits loss, forwards and backwards, and never builds [N, V]."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemmax.losses import LossSums, chunked_cross_entropy, lm_loss, naive_cross_entropy, output_head
+
+
+def _inputs(b: int = 2, t: int = 13, d: int = 16, v: int = 97, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, t)) > 0.3, jnp.float32)
+    return hidden, head, targets, mask
+
+
+def _mean(f, *args, **kw):
+    s = f(*args, **kw)
+    return s.sum_loss / s.n_tokens
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_matches_naive_loss_and_gradient(softcap, chunk):
+    hidden, head, targets, mask = _inputs()
+    ref = naive_cross_entropy(hidden, head, targets, mask, softcap=softcap)
+    got = chunked_cross_entropy(hidden, head, targets, mask, softcap=softcap, chunk_size=chunk)
+    np.testing.assert_allclose(got.sum_loss, ref.sum_loss, rtol=1e-5)
+    assert float(got.n_tokens) == float(mask.sum())
+    assert float(got.n_correct) == float(ref.n_correct)
+
+    g_ref = jax.jit(jax.grad(lambda h, e: _mean(naive_cross_entropy, h, e, targets, mask, softcap=softcap),
+                             argnums=(0, 1)))(hidden, head)
+    g_got = jax.jit(jax.grad(lambda h, e: _mean(chunked_cross_entropy, h, e, targets, mask, softcap=softcap,
+                                                chunk_size=chunk), argnums=(0, 1)))(hidden, head)
+    for a, b in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_is_plain_cross_entropy():
+    hidden, head, targets, mask = _inputs(b=1, t=4, v=11)
+    logits = np.asarray(hidden[0] @ head.T, np.float64)
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -(lp[np.arange(4), np.asarray(targets[0])] * np.asarray(mask[0])).sum()
+    got = naive_cross_entropy(hidden, head, targets, mask)
+    np.testing.assert_allclose(got.sum_loss, want, rtol=1e-5)
+    acc = ((logits.argmax(-1) == np.asarray(targets[0])) * np.asarray(mask[0])).sum()
+    assert float(got.n_correct) == acc
+
+
+def test_dv_head_and_padding_targets_are_safe():
+    hidden, head, targets, mask = _inputs()
+    # out-of-range / negative targets under a zero mask must not produce NaN
+    bad_targets = jnp.where(mask > 0, targets, -100)
+    a = chunked_cross_entropy(hidden, head.T, bad_targets, mask, head_is_vd=False, chunk_size=7)
+    b = naive_cross_entropy(hidden, head, targets, mask)
+    np.testing.assert_allclose(a.sum_loss, b.sum_loss, rtol=1e-5)
+    g = jax.grad(lambda e: chunked_cross_entropy(hidden, e, bad_targets, mask, head_is_vd=False).sum_loss)(
+        head.T)
+    assert bool(jnp.isfinite(g).all())
+
+
+def test_logits_never_materialised_in_full():
+    """The compiled backward holds no [N, V] buffer: only [chunk, V] ones."""
+    b, t, d, v, chunk = 2, 64, 8, 4099, 16
+    hidden, head, targets, mask = _inputs(b, t, d, v)
+
+    def f(h, e):
+        return chunked_cross_entropy(h, e, targets, mask, chunk_size=chunk).sum_loss
+
+    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hidden, head).as_text()
+    assert f"{b * t}x{v}x" not in hlo and f"{b}x{t}x{v}x" not in hlo
+    assert f"{chunk}x{v}xf32" in hlo
+
+
+def test_bf16_hidden_close_to_f32():
+    hidden, head, targets, mask = _inputs()
+    a = chunked_cross_entropy(hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16), targets, mask)
+    b = naive_cross_entropy(hidden, head, targets, mask)
+    assert a.sum_loss.dtype == jnp.float32
+    np.testing.assert_allclose(a.sum_loss, b.sum_loss, rtol=3e-2)
+
+
+class _Cfg:
+    def __init__(self, tie: bool, cap: float | None):
+        self.tie_embeddings = tie
+        self.final_logit_softcap = cap
+
+
+def test_lm_loss_picks_head_and_softcap():
+    hidden, head, targets, mask = _inputs()
+    tied = {"token_embedding": {"embeddings": head}}
+    assert output_head(tied, _Cfg(True, None))[1] is True
+    scaled = {"token_embedding": {"embeddings": head, "scale": jnp.linspace(0.5, 2.0, head.shape[0])}}
+    np.testing.assert_allclose(
+        lm_loss(scaled, _Cfg(True, None), hidden, targets, mask, chunk_size=5).sum_loss,
+        naive_cross_entropy(hidden, head, targets, mask, head_scale=scaled["token_embedding"]["scale"]).sum_loss,
+        rtol=1e-5)
+    got = lm_loss(tied, _Cfg(True, 2.0), hidden, targets, mask, chunk_size=8)
+    want = naive_cross_entropy(hidden, head, targets, mask, softcap=2.0)
+    np.testing.assert_allclose(got.sum_loss, want.sum_loss, rtol=1e-5)
+    untied = {"token_embedding": {"embeddings": head * 0}, "lm_head": {"kernel": head.T}}
+    got = lm_loss(untied, _Cfg(False, None), hidden, targets, mask)
+    want = naive_cross_entropy(hidden, head, targets, mask)
+    np.testing.assert_allclose(got.sum_loss, want.sum_loss, rtol=1e-5)
+    assert isinstance(got, LossSums)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_matches_model_logits(family):
+    """lm_loss on forward_hidden equals cross-entropy on the model's own logits (head, soft-cap)."""
+    model = pytest.importorskip("gemmax.model")
+    from gemmax.config import tiny_config
+
+    cfg = tiny_config(family, num_layers=2)
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.ones((2, 12), jnp.float32).at[:, -1].set(0)
+
+    @jax.jit
+    def both(params):
+        hidden = model.forward_hidden(params, cfg, tokens)
+        logits = model.logits_from_hidden(params, cfg, hidden)
+        lse = jax.nn.logsumexp(logits, -1)
+        want = ((lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask).sum()
+        return want, lm_loss(params, cfg, hidden, targets, mask, chunk_size=7).sum_loss
+
+    want, got = both(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -520,6 +520,7 @@ class Dataset:
             raise DataError(f"{source}: no example has any target token")
         if pad_id is None:
             pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
+            pad_id = max(pad_id, 0)  # -1 means "no pad token"; any id works under a zero mask
         ds = cls(docs, int(sequence_length), pack, pad_id)
         ds.stats = ds._stats(dropped)
         return ds

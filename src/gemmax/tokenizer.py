@@ -1,0 +1,532 @@
+"""Tokenizer: SentencePiece (from tokenizer.model or rebuilt from GGUF metadata), chat templates, streaming.
+
+Gemma's tokenizer is a SentencePiece BPE model. We load it with ``sentencepiece`` (fast, no torch) and
+reproduce the behaviour of transformers' tokenizer that the models were tuned with:
+
+* control tokens written in the text (``<start_of_turn>``, ``<bos>``, ``<unusedN>``...) are encoded as
+  single tokens, as transformers does for its "special" added tokens (SentencePiece alone would spell them
+  out character by character);
+* ``<bos>`` starts every sequence exactly once (a chat template that already wrote it gets no second one);
+* decoding drops special tokens unless asked not to.
+
+A GGUF file carries the vocabulary as ``tokenizer.ggml.{tokens,scores,token_type}``; :meth:`Tokenizer.from_gguf`
+turns those back into a SentencePiece ``ModelProto`` so a GGUF alone is enough to run a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gemmax.gguf_io import GGUFContents
+
+__all__ = [
+    "Tokenizer",
+    "StreamDecoder",
+    "apply_chat_template",
+    "fim_prompt",
+    "FIM_PREFIX",
+    "FIM_SUFFIX",
+    "FIM_MIDDLE",
+    "FILE_SEPARATOR",
+]
+
+# SentencePiece piece types (same numbering as llama.cpp's tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FILE_SEPARATOR = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", \
+    "<|file_separator|>"
+
+#: Special tokens worth naming, looked up in whatever vocabulary is loaded (ids differ between families).
+KNOWN_SPECIALS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+    "<end_of_image>", FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FILE_SEPARATOR,
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|eom_id|>",
+)
+#: Tokens that end a generated turn, besides eos.
+_STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR)
+
+
+def _is_space_run(piece: str) -> bool:
+    return len(piece) >= 1 and set(piece) == {" "}
+
+
+class Tokenizer:
+    """Text <-> token ids for Gemma (and Llama 3 through a ``tokenizer.json``).
+
+    Build with :meth:`from_file`, :meth:`from_gguf` or :meth:`from_pretrained`.
+    """
+
+    def __init__(self, sp: Any = None, hf: Any = None, chat_template: str | None = None,
+                 gguf_types: Sequence[int] | None = None):
+        if (sp is None) == (hf is None):
+            raise ValueError("Tokenizer needs exactly one backend: a SentencePieceProcessor or a tokenizers.Tokenizer")
+        self._sp = sp
+        self._hf = hf
+        self.chat_template = chat_template
+        if sp is not None:
+            n = sp.get_piece_size()
+            self._pieces = [sp.id_to_piece(i) for i in range(n)]
+            types = np.full(n, NORMAL, dtype=np.int32)
+            for i in range(n):
+                if sp.is_control(i):
+                    types[i] = CONTROL
+                elif sp.is_unknown(i):
+                    types[i] = UNKNOWN
+                elif sp.is_byte(i):
+                    types[i] = BYTE
+                elif sp.is_unused(i):
+                    types[i] = UNUSED
+            self._types = types
+            if gguf_types is not None:  # keep what the file said for user-defined pieces
+                g = np.asarray(gguf_types, dtype=np.int32)
+                self._types = np.where((g == USER_DEFINED) & (types == NORMAL), USER_DEFINED, types)
+            special = [i for i in range(n) if types[i] in (CONTROL, UNKNOWN)]
+            self._bos, self._eos, self._pad, self._unk = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
+        else:
+            vocab = hf.get_vocab(with_added_tokens=True)
+            n = max(vocab.values()) + 1 if vocab else 0
+            self._pieces = [""] * n
+            for piece, i in vocab.items():
+                self._pieces[i] = piece
+            self._types = np.full(n, NORMAL, dtype=np.int32)
+            special = [i for i, t in hf.get_added_tokens_decoder().items() if t.special]
+            self._types[special] = CONTROL
+            look = lambda *names: next((vocab[p] for p in names if p in vocab), -1)  # noqa: E731
+            self._bos = look("<bos>", "<|begin_of_text|>", "<s>")
+            self._eos = look("<eos>", "<|end_of_text|>", "</s>")
+            self._pad = look("<pad>", "<|finetune_right_pad_id|>")
+            self._unk = look("<unk>")
+        self._piece_to_id = {p: i for i, p in enumerate(self._pieces)}
+        # A space-only piece may be spelled with spaces (GGUF) or with U+2581 (tokenizer.model): accept both.
+        for i, p in enumerate(self._pieces):
+            if p and set(p) == {"\u2581"} and len(p) > 1:
+                self._piece_to_id.setdefault(" " * len(p), i)
+        self._special_set = frozenset(special)
+        texts = sorted({self._pieces[i] for i in special if self._pieces[i]}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(t) for t in texts)) if texts else None
+
+    # ---- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], chat_template: str | None = None) -> Tokenizer:
+        """Load a SentencePiece ``tokenizer.model`` (or a ``tokenizer.json`` via the tokenizers package)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return cls(hf=HFTokenizer.from_file(str(path)), chat_template=chat_template)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        sp.load(str(path))
+        return cls(sp=sp, chat_template=chat_template)
+
+    @classmethod
+    def from_proto(cls, proto: Any, chat_template: str | None = None,
+                   gguf_types: Sequence[int] | None = None) -> Tokenizer:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        sp.load_from_serialized_proto(proto.SerializeToString() if hasattr(proto, "SerializeToString") else proto)
+        return cls(sp=sp, chat_template=chat_template, gguf_types=gguf_types)
+
+    @classmethod
+    def from_gguf(cls, source: str | os.PathLike[str] | GGUFContents) -> Tokenizer:
+        """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata."""
+        from gemmax.gguf_io import GGUFContents, read_gguf
+
+        contents = source if isinstance(source, GGUFContents) else read_gguf(source)
+        meta = contents.tokenizer_metadata
+        model = meta.get("tokenizer.ggml.model")
+        if model not in ("llama", None):
+            raise ValueError(
+                f"GGUF tokenizer type {model!r} is not SentencePiece; load that model's tokenizer.json "
+                "with Tokenizer.from_pretrained instead"
+            )
+        proto = _proto_from_gguf(meta, contents.arch)
+        return cls.from_proto(proto, chat_template=meta.get("tokenizer.chat_template"),
+                              gguf_types=meta.get("tokenizer.ggml.token_type"))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str]) -> Tokenizer:
+        """Load from a Hugging Face model folder: tokenizer.model, else tokenizer.json; plus its chat template."""
+        folder = Path(folder)
+        template = _read_chat_template(folder)
+        if (folder / "tokenizer.model").is_file():
+            return cls.from_file(folder / "tokenizer.model", chat_template=template)
+        if (folder / "tokenizer.json").is_file():
+            return cls.from_file(folder / "tokenizer.json", chat_template=template)
+        raise FileNotFoundError(f"{folder} has neither tokenizer.model nor tokenizer.json")
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``tokenizer.model`` (or ``tokenizer.json`` for a tokenizers backend) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._sp is not None:
+            out = folder / "tokenizer.model"
+            out.write_bytes(self._sp.serialized_model_proto())
+        else:
+            out = folder / "tokenizer.json"
+            self._hf.save(str(out))
+        if self.chat_template:
+            (folder / "chat_template.jinja").write_text(self.chat_template)
+        return out
+
+    # ---- vocabulary ------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def unk_id(self) -> int:
+        return self._unk
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[int(i)]
+
+    def piece_to_id(self, piece: str) -> int:
+        """Id of a piece, or -1 if the vocabulary has no such piece."""
+        return self._piece_to_id.get(piece, -1)
+
+    def is_special(self, i: int) -> bool:
+        return int(i) in self._special_set
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Named special tokens present in this vocabulary, e.g. ``{"<start_of_turn>": 105, ...}``."""
+        return {p: self._piece_to_id[p] for p in KNOWN_SPECIALS if p in self._piece_to_id}
+
+    @property
+    def start_of_turn_id(self) -> int:
+        return self.piece_to_id("<start_of_turn>")
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.piece_to_id("<end_of_turn>")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: eos, end-of-turn (Gemma / Llama 3), CodeGemma's file separator."""
+        ids = [self._eos] if self._eos >= 0 else []
+        ids += [self._piece_to_id[p] for p in _STOP_PIECES if p in self._piece_to_id]
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def fim_stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a CodeGemma fill-in-the-middle completion: ``<|file_separator|>`` and eos."""
+        ids = [self._piece_to_id[p] for p in (FILE_SEPARATOR,) if p in self._piece_to_id]
+        if self._eos >= 0:
+            ids.append(self._eos)
+        return tuple(dict.fromkeys(ids))
+
+    # ---- encode / decode -------------------------------------------------------------------------------
+    def _encode_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._sp is not None:
+            return list(self._sp.encode(text))
+        return list(self._hf.encode(text, add_special_tokens=False).ids)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text become single ids.
+
+        With ``add_bos`` the result starts with exactly one ``<bos>`` even if the text already began with one.
+        """
+        ids: list[int] = []
+        if self._special_re is None or self._hf is not None:
+            ids = self._encode_plain(text)
+        else:
+            pos = 0
+            for m in self._special_re.finditer(text):
+                ids += self._encode_plain(text[pos: m.start()])
+                ids.append(self._piece_to_id[m.group(0)])
+                pos = m.end()
+            ids += self._encode_plain(text[pos:])
+        if add_bos and self._bos >= 0 and (not ids or ids[0] != self._bos):
+            ids.insert(0, self._bos)
+        if add_eos and self._eos >= 0:
+            ids.append(self._eos)
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped (``skip_special``) or written as their text."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special)
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self._special_set or not 0 <= i < len(self._pieces):
+                out.append(self._decode_plain(run))
+                run = []
+                if not skip_special and 0 <= i < len(self._pieces):
+                    out.append(self._pieces[i])
+            else:
+                run.append(i)
+        out.append(self._decode_plain(run))
+        return "".join(out)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special=skip_special) for ids in batch]
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special=skip_special)
+
+    # ---- chat ------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            family: str = "gemma") -> str:
+        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt, family=family)
+
+    def fim_prompt(self, prefix: str, suffix: str) -> str:
+        missing = [t for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) if t not in self._piece_to_id]
+        if missing:
+            raise ValueError(f"this vocabulary has no fill-in-the-middle tokens ({', '.join(missing)})")
+        return fim_prompt(prefix, suffix)
+
+    # ---- GGUF export -----------------------------------------------------------------------------------
+    def gguf_vocab(self) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+        """(tokens, scores, token types, flags) as llama.cpp's ``tokenizer.ggml.*`` fields want them."""
+        if self._sp is None:
+            raise ValueError("GGUF export of a tokenizers (tokenizer.json) vocabulary is not supported")
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        tokens, scores, types = [], np.zeros(len(proto.pieces), np.float32), np.zeros(len(proto.pieces), np.int32)
+        for i, p in enumerate(proto.pieces):
+            piece = p.piece
+            if p.type == USER_DEFINED and set(piece) == {"\u2581"} and len(piece) > 1:
+                piece = " " * len(piece)  # llama.cpp spells whitespace runs with real spaces
+            tokens.append(piece)
+            scores[i] = p.score
+            types[i] = p.type
+        flags: dict[str, Any] = {
+            "model": "llama",
+            "pre": "default",
+            "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
+            "unk_id": self._unk,
+            "chat_template": self.chat_template,
+        }
+        if self.end_of_turn_id >= 0:
+            flags["eot_id"] = self.end_of_turn_id
+        return tokens, scores, types, flags
+
+
+# ---- GGUF -> SentencePiece ------------------------------------------------------------------------------
+
+
+def _proto_from_gguf(meta: Mapping[str, Any], arch: str) -> Any:
+    """A SentencePiece BPE ModelProto equivalent to llama.cpp's "llama" (SPM) vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError("GGUF has no tokenizer.ggml.tokens: it carries no tokenizer")
+    n = len(tokens)
+    scores = np.asarray(meta.get("tokenizer.ggml.scores", np.zeros(n)), dtype=np.float32)
+    types = np.asarray(meta.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), dtype=np.int32)
+    unk = int(meta.get("tokenizer.ggml.unknown_token_id", -1))
+    if unk < 0:
+        unk = next((i for i, t in enumerate(types) if t == UNKNOWN), tokens.index("<unk>") if "<unk>" in tokens
+                   else -1)
+    if unk < 0:
+        raise ValueError("GGUF vocabulary has no unknown token; SentencePiece needs one")
+    proto = pb.ModelProto()
+    ts = proto.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = bool((types == BYTE).any())
+    ts.unk_id = unk
+    ts.bos_id = int(meta.get("tokenizer.ggml.bos_token_id", -1))
+    ts.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", -1))
+    ts.pad_id = int(meta.get("tokenizer.ggml.padding_token_id", -1))
+    ts.unk_piece, ts.allow_whitespace_only_pieces = tokens[unk], True
+    if ts.bos_id >= 0:
+        ts.bos_piece = tokens[ts.bos_id]
+    if ts.eos_id >= 0:
+        ts.eos_piece = tokens[ts.eos_id]
+    if ts.pad_id >= 0:
+        ts.pad_piece = tokens[ts.pad_id]
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    default_prefix = arch not in ("gemma", "gemma2", "gemma3")
+    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", default_prefix))
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    seen: set[str] = set()
+    for i, (tok, score, typ) in enumerate(zip(tokens, scores, types, strict=True)):
+        piece = "\u2581" * len(tok) if typ == USER_DEFINED and _is_space_run(tok) else tok
+        typ = int(typ)
+        if i == unk:
+            typ = UNKNOWN
+        elif typ == UNKNOWN:
+            typ = CONTROL  # SentencePiece allows one unknown piece
+        if typ not in (NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE, UNKNOWN):
+            typ = NORMAL
+        if piece in seen:  # SentencePiece rejects duplicates; keep the id, make the text unreachable
+            piece, typ = f"<gemmax_dup_{i}>", UNUSED
+        seen.add(piece)
+        sp_piece = proto.pieces.add()
+        sp_piece.piece, sp_piece.score, sp_piece.type = piece, float(score), typ
+    return proto
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        t = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(t, str):
+            return t
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            return next((x["template"] for x in t if x.get("name") == "default"), None)
+    return None
+
+
+# ---- streaming ------------------------------------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Incremental detokenisation: push ids one at a time, get back only text that is complete.
+
+    Decoding token by token breaks on SentencePiece byte fallback (an emoji is 4 ``<0x..>`` tokens, each
+    undecodable alone) and on pieces whose leading space depends on context. We decode a short window of
+    recent ids and emit the new suffix only once it no longer ends in an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids[:_read] have been emitted
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=self.skip_special)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        before = self._text(self.ids[self._prefix: self._read])
+        after = self._text(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def extend(self, ids: Iterable[int]) -> str:
+        return "".join(self.push(i) for i in ids)
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character decodes as U+FFFD), and reset."""
+        before = self._text(self.ids[self._prefix: self._read])
+        after = self._text(self.ids[self._prefix:])
+        self.ids, self._prefix, self._read = [], 0, 0
+        return after[len(before):] if after.startswith(before) else after
+
+
+# ---- chat templates -------------------------------------------------------------------------------------
+
+
+def _content_text(content: Any) -> str:
+    """Message content: a string, or a list of {"type": "text", "text": ...} parts (images not supported)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        out = []
+        for part in content:
+            if part.get("type") == "text":
+                out.append(part["text"])
+            elif part.get("type") == "image":
+                out.append("<start_of_image>")
+        return "".join(out)
+    raise ValueError(f"invalid message content {content!r}")
+
+
+def _jinja_trim(s: str) -> str:
+    # Jinja's `trim` strips Python whitespace, like str.strip()
+    return s.strip()
+
+
+def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                        family: str = "gemma", bos: bool = True) -> str:
+    """The prompt string the model's own chat template produces (Gemma 3's or Llama 3's).
+
+    Gemma: roles alternate user/model ("assistant" is written "model"), a leading system message is folded
+    into the first user turn, contents are trimmed. The string starts with ``<bos>``: encode it with
+    ``add_bos`` on and the tokenizer will not add a second one.
+    """
+    if family in ("gemma", "gemma2", "gemma3", "codegemma"):
+        return _gemma_template(messages, add_generation_prompt, bos)
+    if family in ("llama3", "llama"):
+        return _llama3_template(messages, add_generation_prompt, bos)
+    raise ValueError(f"no chat template for family {family!r}; use 'gemma' or 'llama3'")
+
+
+def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool) -> str:
+    out = ["<bos>" if bos else ""]
+    msgs = list(messages)
+    prefix = ""
+    if msgs and msgs[0]["role"] == "system":
+        prefix = _content_text(msgs[0]["content"]) + "\n\n"
+        msgs = msgs[1:]
+    for i, m in enumerate(msgs):
+        if (m["role"] == "user") != (i % 2 == 0):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append(f"<start_of_turn>{role}\n" + (prefix if i == 0 else ""))
+        out.append(_jinja_trim(_content_text(m["content"])))
+        out.append("<end_of_turn>\n")
+    if add_generation_prompt:
+        out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+def _llama3_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool) -> str:
+    out = ["<|begin_of_text|>" if bos else ""]
+    for m in messages:
+        out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                   f"{_jinja_trim(_content_text(m['content']))}<|eot_id|>")
+    if add_generation_prompt:
+        out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(out)
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """CodeGemma fill-in-the-middle prompt; generation stops at ``<|file_separator|>`` or eos."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"

@@ -1,0 +1,222 @@
+"""LoRA pytree transforms, checked against PEFT on tiny transformers models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import hf_model, save_hf
+
+from gemmax import lora
+from gemmax import model as gm
+from gemmax.api import CausalLM
+from gemmax.config import get_preset, tiny_config
+
+ALL = tuple(gm.LINEAR_EQS)
+PEFT_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+_FWD: dict[int, object] = {}
+
+
+def _fwd(params, cfg, ids):
+    """Jitted forward, one compiled function per config (configs hold dicts, so they are not static args)."""
+    if id(cfg) not in _FWD:
+        _FWD[id(cfg)] = (cfg, jax.jit(lambda p, x: gm.forward(p, cfg, x)))
+    return _FWD[id(cfg)][1](params, jnp.asarray(ids))
+
+
+def _ids(cfg, b=2, t=13, seed=0):
+    return np.random.RandomState(seed).randint(0, cfg.vocab_size, (b, t))
+
+
+def _np_params(cfg, seed=0):
+    """Random params from numpy (init_params' per-leaf jax.random calls cost seconds of compiling)."""
+    rng = np.random.default_rng(seed)
+    return gm.unflatten({p: jnp.asarray(rng.normal(0, 0.3 if "norm" in p else 1 / np.sqrt(s.shape[-1] if
+                                                  len(s.shape) > 1 else 1), s.shape).astype(np.float32))
+                         for p, s in gm.param_specs(cfg).items()})
+
+
+def _randomize(params, seed=1, std=0.05):
+    """Non-zero B (and fresh A) so adapters change the output: an all-zero B would hide layout bugs."""
+    rng = np.random.default_rng(seed)
+    for t in lora.lora_targets(params):
+        node = lora._get_node(params, t)
+        new = dict(node, lora_a=jnp.asarray(rng.normal(0, std, node["lora_a"].shape), node["lora_a"].dtype),
+                   lora_b=jnp.asarray(rng.normal(0, std, node["lora_b"].shape), node["lora_b"].dtype))
+        params = lora._set_node(params, t, new)
+    return params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config("gemma3")
+    return cfg, _np_params(cfg)
+
+
+def test_shapes_init_and_identity(tiny):
+    cfg, params = tiny
+    L, D, H, K, hd, F, r = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            cfg.intermediate_size, 3)
+    p = lora.add_lora(params, cfg, rank=r, alpha=6.0, targets=ALL, seed=1)
+    att = p["decoder_block"]["attention"]
+    assert att["query"]["lora_a"].shape == (L, D, r) and att["query"]["lora_b"].shape == (L, r, H, hd)
+    assert att["key"]["lora_b"].shape == (L, r, K, hd)
+    assert att["attention_output"]["lora_a"].shape == (L, H, hd, r)
+    assert att["attention_output"]["lora_b"].shape == (L, r, D)
+    assert p["decoder_block"]["ffw_linear"]["lora_a"].shape == (L, F, r)
+    assert p["decoder_block"]["ffw_gating"]["lora_b"].shape == (L, r, F)
+    np.testing.assert_allclose(att["query"]["lora_scale"], np.full(L, 2.0))
+    assert not np.any(np.asarray(att["query"]["lora_b"]))
+    a = np.asarray(att["attention_output"]["lora_a"])  # PEFT's kaiming-uniform(a=sqrt 5): U(±1/sqrt(fan_in))
+    bound = 1 / np.sqrt(H * hd)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound and a.std() > 0.5 * bound
+    ids = _ids(cfg)
+    np.testing.assert_array_equal(_fwd(p, cfg, ids), _fwd(params, cfg, ids))
+    assert lora.lora_targets(p) == ALL
+    # the input tree is not modified in place
+    assert "lora_a" not in params["decoder_block"]["attention"]["query"]
+
+
+def test_target_names(tiny):
+    cfg, params = tiny
+    a = lora.add_lora(params, cfg, targets=["q_proj", "v_proj"])
+    b = lora.add_lora(params, cfg, targets=("query", "value"))
+    assert lora.lora_targets(a) == lora.lora_targets(b) == ("query", "value")
+    assert lora.resolve_targets(PEFT_ALL) == ALL
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        lora.add_lora(params, cfg, targets=["qkv"])
+    with pytest.raises(ValueError, match="already has"):
+        lora.add_lora(a, cfg, targets=["query"])
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], PEFT_ALL])
+def test_count_matches_peft(targets):
+    import peft
+
+    m, cfg = hf_model("gemma3")
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=targets))
+    trainable, _ = pm.get_nb_trainable_parameters()
+    params = lora.add_lora(_np_params(cfg), cfg, rank=4, targets=targets)
+    assert lora.count_trainable(params) == trainable
+    assert lora.count_lora_params(cfg, 4, targets) == trainable
+
+
+def test_preset_counts():
+    """The figures quoted in docs/lora_quant.md (rank 4 on query + value)."""
+    g7, g9 = get_preset("gemma_7b_en"), get_preset("gemma2_9b_en")
+    assert lora.count_lora_params(g7, 4) == 1_605_632
+    assert lora.count_lora_params(g9, 4) == 2_236_416
+    # Keras' per-head factorisation, as the seeds' summaries print (11M and 14.5M)
+    assert lora.count_lora_params(g7, 4, factorisation="keras") == 11_067_392
+    assert lora.count_lora_params(g9, 4, factorisation="keras") == 14_536_704
+
+
+def test_split_merge_and_grad(tiny):
+    cfg, params = tiny
+    p = _randomize(lora.add_lora(params, cfg, targets=["query", "attention_output", "ffw_linear"]))
+    trainable, frozen = lora.split_trainable(p)
+    assert all(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in gm.flatten(trainable))
+    assert not any(k.endswith(("lora_a", "lora_b")) for k in gm.flatten(frozen))
+    assert gm.flatten(lora.merge_trees(trainable, frozen)).keys() == gm.flatten(p).keys()
+    mask = gm.flatten(lora.trainable_mask(p))
+    assert sum(mask.values()) == 6 and mask["decoder_block/attention/query/lora_a"]
+    assert not mask["decoder_block/attention/query/kernel"]
+    ids = _ids(cfg)
+
+    def loss(tr):
+        return jnp.mean(_fwd(lora.merge_trees(tr, frozen), cfg, ids) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    flat = gm.flatten(grads)
+    assert flat.keys() == gm.flatten(trainable).keys()
+    assert all(float(jnp.abs(g).max()) > 0 for g in flat.values())
+    assert lora.count_trainable(p) == sum(int(np.prod(v.shape)) for v in flat.values())
+
+
+def test_merge_lora_and_strip(tiny):
+    cfg, params = tiny
+    p = _randomize(lora.add_lora(params, cfg, rank=2, alpha=5.0, targets=ALL))
+    ids = _ids(cfg)
+    want = np.asarray(_fwd(p, cfg, ids))
+    merged = lora.merge_lora(p)
+    assert not lora.lora_targets(merged)
+    assert gm.flatten(merged).keys() == gm.flatten(params).keys()
+    got = np.asarray(_fwd(merged, cfg, ids))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(want - np.asarray(_fwd(params, cfg, ids))).max() > 1e-2  # adapters did something
+    np.testing.assert_array_equal(_fwd(lora.strip_lora(p), cfg, ids), _fwd(params, cfg, ids))
+
+
+def test_save_load_adapter(tiny, tmp_path):
+    cfg, params = tiny
+    p = _randomize(lora.add_lora(params, cfg, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"],
+                                 dtype=jnp.bfloat16))
+    lora.save_adapter(tmp_path, p, cfg, targets=["query", "value", "ffw_linear"], rank=4, alpha=8.0)
+    state = lora.lora_state(p)
+    assert len(state) == 9
+    back = lora.load_adapter(tmp_path, params)
+    for k, v in state.items():
+        got = gm.flatten(back)[k]
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(v, np.float32))
+    ids = _ids(cfg)
+    np.testing.assert_array_equal(_fwd(back, cfg, ids), _fwd(p, cfg, ids))
+    with pytest.raises(ValueError, match="rank"):
+        lora.save_adapter(tmp_path / "x", p, cfg, rank=8)
+
+
+def _peft_logits(pm, ids):
+    with torch.no_grad():
+        return pm(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_export_peft_matches_transformers(family, tmp_path):
+    import peft
+
+    m, cfg = hf_model(family)
+    lm = CausalLM.from_preset(str(save_hf(m, tmp_path / "base")))
+    p = lora.add_lora(lm.params, lm.config, rank=4, alpha=8.0, targets=["q_proj", "v_proj", "o_proj", "up_proj",
+                                                                       "down_proj"], seed=3)
+    p = _randomize(p, seed=4, std=0.2)
+    # a different alpha on one target exercises alpha_pattern
+    p = lora._set_node(p, "ffw_linear", dict(lora._get_node(p, "ffw_linear"),
+                                              lora_scale=jnp.full((cfg.num_layers,), 0.5)))
+    out = lora.export_peft(tmp_path / "adapter", p, lm.config)
+    ids = _ids(cfg)
+    want = np.asarray(_fwd(p, lm.config, ids))
+    pm = peft.PeftModel.from_pretrained(hf_model(family)[0], str(out))
+    pm.eval()
+    ref = _peft_logits(pm, ids)
+    base = np.asarray(_fwd(lm.params, lm.config, ids))
+    assert np.abs(base - ref).max() > 1e-2 * np.abs(ref).max()  # the adapters really change the logits
+    assert np.abs(want - ref).max() <= 1e-4 * np.abs(ref).max()
+    # and back: import_peft reproduces the same adapters
+    back = lora.import_peft(out, lm.params, lm.config)
+    for k, v in lora.lora_state(p).items():
+        np.testing.assert_allclose(np.asarray(gm.flatten(back)[k]), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_import_peft_trained_adapter(rslora, tmp_path):
+    """An adapter made by PEFT (random B, partial layers, rsLoRA) gives PEFT's logits in gemmax."""
+    import peft
+
+    m, cfg = hf_model("gemma3", seed=2)
+    lm = CausalLM.from_preset(str(save_hf(m, tmp_path / "base")))
+    conf = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj"],
+                           init_lora_weights=False, use_rslora=rslora, layers_to_transform=[0, 2, 5])
+    pm = peft.get_peft_model(hf_model("gemma3", seed=2)[0], conf)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = _ids(cfg, seed=5)
+    ref = _peft_logits(pm, ids)
+    p = lora.import_peft(tmp_path / "adapter", lm.params, lm.config)
+    assert lora.lora_targets(p) == ("key", "attention_output", "ffw_gating")
+    assert not np.any(np.asarray(p["decoder_block"]["ffw_gating"]["lora_b"][1]))  # untouched layer: zeros
+    got = np.asarray(_fwd(p, lm.config, ids))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -261,9 +261,10 @@ def test_real_config_matches_preset(real) -> None:
 
 
 def _transformers_tensors(path: Path, hf_config: dict, wanted: list[str]) -> dict[str, np.ndarray]:
-    """transformers' own GGUF dequantization for a few tensors: the per-tensor steps of its loader
-    (`load_gguf_checkpoint`: gguf's reader and dequantize -> the architecture's TensorProcessor -> its HF
-    name map), without building and filling the 268M-parameter model."""
+    """transformers' own GGUF dequantization for a few tensors: the per-tensor steps of its Gemma 3 loader
+    (`load_gguf_checkpoint`: gguf's GGUFReader and dequantize -> the architecture's TensorProcessor -> its
+    HF name map), without building and filling the whole model. (transformers' fast header reader cannot
+    be used: it rejects the file's Q5_0 tensors.)"""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from gguf import GGUFReader, dequantize
@@ -325,3 +326,47 @@ def test_real_lazy_iteration(real) -> None:
     assert isinstance(name, str) and arr.dtype == np.float32
     assert os.path.getsize(real.path) < 300e6  # Q4_K_M: the file is far smaller than its float32 weights
     assert dataclasses.is_dataclass(real.tensor_info[name])
+
+
+QTYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def test_every_gemma_quant_type(tmp_path: Path) -> None:
+    """Each type the Gemma GGUFs carry dequantizes to the shape and values gguf's own reader gives."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    rows, cols = 8, 512  # cols a multiple of the 256-wide K-quant super-blocks
+    w = gguf.GGUFWriter(tmp_path / "q.gguf", "gemma")
+    for k, v in dict(embedding_length=cols, block_count=1, feed_forward_length=cols, head_count=1).items():
+        getattr(w, f"add_{k}")(v)
+    w.add_tensor("token_embd.weight", rng.standard_normal((4, cols)).astype(np.float32))
+    names = {}
+    for i, name in enumerate(QTYPES):
+        qt = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        try:
+            raw = gguf.quants.quantize(x, qt)
+        except NotImplementedError:  # K-quants: gguf-py only decodes them; random blocks with sane scales
+            raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+            blocks = raw.reshape(-1, size)
+            blocks[:, -2:] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d (last for Q6_K)
+            if name != "Q6_K":
+                blocks[:, :4] = np.frombuffer(np.float16([0.01, 0.001]).tobytes(), np.uint8)
+        gname = f"blk.{i}.ffn_up.weight"  # one tensor per type; the name map does not check block_count
+        names[gname] = name
+        if raw.dtype == np.float16:
+            w.add_tensor(gname, raw)
+        else:
+            w.add_tensor(gname, raw, raw_dtype=qt)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    got = read_gguf(tmp_path / "q.gguf")
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    seen = set()
+    for gname, qname in names.items():
+        hf = gguf_to_hf_name(gname, "gemma")
+        info = got.tensor_info[hf]
+        assert info.qtype == qname and info.shape == (rows, cols)
+        np.testing.assert_array_equal(got.tensor(hf), ref[gname].reshape(rows, cols), err_msg=qname)
+        seen.add(qname)
+    assert seen == set(QTYPES)

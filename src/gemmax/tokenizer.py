@@ -73,23 +73,18 @@ class Tokenizer:
         self._hf = hf
         self.chat_template = chat_template
         if sp is not None:
-            n = sp.get_piece_size()
-            self._pieces = [sp.id_to_piece(i) for i in range(n)]
-            types = np.full(n, NORMAL, dtype=np.int32)
-            for i in range(n):
-                if sp.is_control(i):
-                    types[i] = CONTROL
-                elif sp.is_unknown(i):
-                    types[i] = UNKNOWN
-                elif sp.is_byte(i):
-                    types[i] = BYTE
-                elif sp.is_unused(i):
-                    types[i] = UNUSED
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto()
+            proto.ParseFromString(sp.serialized_model_proto())
+            n = len(proto.pieces)
+            self._pieces = [p.piece for p in proto.pieces]
+            types = np.fromiter((p.type for p in proto.pieces), dtype=np.int32, count=n)
             self._types = types
             if gguf_types is not None:  # keep what the file said for user-defined pieces
                 g = np.asarray(gguf_types, dtype=np.int32)
                 self._types = np.where((g == USER_DEFINED) & (types == NORMAL), USER_DEFINED, types)
-            special = [i for i in range(n) if types[i] in (CONTROL, UNKNOWN)]
+            special = np.flatnonzero((types == CONTROL) | (types == UNKNOWN)).tolist()
             self._bos, self._eos, self._pad, self._unk = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
         else:
             vocab = hf.get_vocab(with_added_tokens=True)

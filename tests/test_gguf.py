@@ -198,29 +198,51 @@ def test_bad_dtype(tmp_path: Path) -> None:
 # ---- transformers interop -------------------------------------------------------------------------------
 
 
-def test_transformers_loads_written_gemma3(tmp_path: Path) -> None:
-    """A tiny random HF Gemma 3 -> write_gguf -> transformers' own GGUF loader: same logits."""
+def _tiny_hf_model(family: str):
+    """A tiny random transformers model. head_dim 256: transformers' GGUF loader leaves
+    query_pre_attn_scalar at its default (256) where llama.cpp uses head_dim, so the two must agree."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.Gemma3TextConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
-        max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1,
-    )
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=2,
+                  eos_token_id=1)
+    if family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(num_hidden_layers=7, head_dim=256, query_pre_attn_scalar=256,
+                                            sliding_window=4, rms_norm_eps=1e-6, **common)
+        cls = transformers.Gemma3ForCausalLM
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(num_hidden_layers=4, head_dim=256, query_pre_attn_scalar=256,
+                                        sliding_window=4, **common)
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        common.update(num_attention_heads=4, num_key_value_heads=2)
+        cfg = transformers.LlamaConfig(num_hidden_layers=3, head_dim=16, tie_word_embeddings=False,
+                                       rms_norm_eps=1e-5, **common)
+        cls = transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    src = transformers.Gemma3ForCausalLM(hf_cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
-        for name, p in src.named_parameters():
+        for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "llama"])
+def test_transformers_loads_written_file(tmp_path: Path, family: str) -> None:
+    """A tiny random HF model -> write_gguf -> transformers' own GGUF loader: the same logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    src = _tiny_hf_model(family)
     tensors = {k: v.detach().numpy() for k, v in src.state_dict().items()}
     config_dict = src.config.to_dict()
-    assert from_hf_config(config_dict).layer_types[5] == "global"
+    if family == "gemma3":
+        assert from_hf_config(config_dict).layer_types[5] == "global"
     path = write_gguf(tmp_path / "tiny.gguf", config_dict, tensors, dtype="f32")
 
     got = read_gguf(path)
     for k, v in tensors.items():
-        if k != "lm_head.weight":
+        if k != "lm_head.weight" or family == "llama":
             np.testing.assert_allclose(got.tensor(k), v, atol=1e-6, err_msg=k)
 
     with warnings.catch_warnings():

@@ -195,6 +195,10 @@ class GGUFContents:
         for name, info in self.tensor_info.items():
             yield name, self._load(info)
 
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Alias of :meth:`tensors`, so a GGUFContents reads like a (lazy) state dict."""
+        return self.tensors()
+
     def raw_tensor(self, gguf_name: str) -> np.ndarray:
         """A tensor by its GGUF name, dequantized but otherwise as stored (e.g. ``rope_freqs.weight``)."""
         t = self._by_gguf_name[gguf_name]

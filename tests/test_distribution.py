@@ -211,6 +211,25 @@ def test_lora_factors_and_quant_scales_follow_their_kernel() -> None:
     assert tuple(sh2["decoder_block"]["attention"]["query"]["lora_a"].spec) == (None, None, "model")
 
 
+def test_group_quantized_leaves_adapt_kernel_rules() -> None:
+    m = mesh()
+    d = gd.ModelParallel(m, gd.get_layout_map(tiny_config("gemma3"), m, data_axis="batch"))
+    f32 = jnp.float32
+    tree = {"decoder_block": {
+        "ffw_gating": {"qkernel": jax.ShapeDtypeStruct((7, 2, 32, 128), jnp.int8),
+                       "qscale": jax.ShapeDtypeStruct((7, 2, 1, 128), f32)},
+        "attention": {"query": {"qkernel": jax.ShapeDtypeStruct((7, 4, 2, 32, 16), jnp.int8),
+                                "qscale": jax.ShapeDtypeStruct((7, 4, 2, 1, 16), f32)}}}}
+    sh = d.param_shardings(tree)
+    g, q = sh["decoder_block"]["ffw_gating"], sh["decoder_block"]["attention"]["query"]
+    assert tuple(g["qkernel"].spec) == (None, "batch", None, "model")
+    assert tuple(g["qscale"].spec) == (None, "batch", None, "model")
+    assert tuple(q["qkernel"].spec) == (None, "model", "batch", None, None)
+    # alone (no sibling shapes, as a streaming loader asks): replicated and noted, not an error
+    assert tuple(d.spec_for("decoder_block/ffw_gating/qkernel", (7, 2, 32, 128))) == (None,) * 4
+    assert "does not fit" in d.plan[-1]
+
+
 def test_shard_like_gives_adamw_states_their_weights_sharding() -> None:
     m = mesh()
     cfg = tiny_config("gemma3")

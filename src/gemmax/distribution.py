@@ -67,6 +67,10 @@ LAYER_PREFIX = "decoder_block/"
 #: scales. They follow the sharding of their main weight so the matmuls they feed need no resharding.
 _MAIN_WEIGHTS = ("kernel", "embeddings")
 _DERIVED = ("lora_a", "lora_b", "scale", "kernel_scale", "lora_scale")
+#: Group-quantized nodes (gemmax.quant): ``qkernel`` is the kernel with its last input axis cut into
+#: ``[n_groups, group_size]``; ``qscale`` has the same rank with a 1 for ``group_size``. Rules written for the
+#: kernel match them with a rank one too small; they are adapted instead of rejected.
+_GROUPED = ("qkernel", "qscale")
 
 
 # ---- devices and meshes ------------------------------------------------------------------------------
@@ -508,8 +512,41 @@ class Distribution:
                     _add_fsdp(res, self.device_mesh, self.fsdp_axis, _is_stacked(path, shape))
                 self._note(res.notes)
                 return res
+        if name in _GROUPED:  # both follow the rule of the kernel they replace
+            hit = self.layout_map.match(path) if name == "qkernel" else None
+            hit = hit or self.layout_map.match(f"{parent}/kernel")
+            if hit is not None and len(hit[1]) not in (len(shape), len(shape) - 1 * _is_stacked(path, shape)):
+                res = self._grouped(path, shape, hit, siblings)
+                self._note(res.notes)
+                return res
         res = self.layout_map.resolve(path, shape, self.device_mesh, self.fsdp_axis)
         self._note(res.notes)
+        return res
+
+    def _grouped(self, path: str, shape: tuple[int, ...], hit: tuple[str, Spec],
+                 siblings: Mapping[str, tuple[int, ...]] | None) -> Resolution:
+        """A kernel rule on a grouped-quantized leaf (one dim more): the group axis ``k`` is where the
+        sibling ``qscale`` has its size-1 dim; dims before it keep the rule's axes, the group count takes the
+        split dimension's axis, the group size is replicated, trailing dims keep theirs. Without that
+        information the leaf is replicated (noted in the plan) — loading a quantized model never fails."""
+        key, spec = hit
+        stacked = _is_stacked(path, shape)
+        full = (None, *spec) if stacked and len(spec) == len(shape) - 2 else spec
+        parent, _, name = path.rpartition("/")
+        qs = siblings.get(f"{parent}/qscale") if siblings is not None else None
+        ones = [i for i, n in enumerate(qs or ()) if n == 1 and i > 0]
+        if name in _GROUPED and len(full) == len(shape) - 1 and qs is not None and len(qs) == len(shape) \
+                and ones:
+            g = ones[-1] - 1  # the n_groups dim; g + 1 is group_size
+            new = [*full[:g], full[g], None, *full[g + 1:]]
+            res = Resolution(path, shape, tuple(new), key)
+            _fix_divisibility(res, self.device_mesh, stacked)
+        else:
+            res = Resolution(path, shape, (None,) * len(shape), key,
+                             [f"{path} {shape}: rule {key!r} -> {spec} does not fit this auxiliary leaf; "
+                              "replicated"])
+        if self.fsdp_axis:
+            _add_fsdp(res, self.device_mesh, self.fsdp_axis, stacked)
         return res
 
     def spec_for(self, path: str, shape: Sequence[int]) -> PartitionSpec:

@@ -740,7 +740,7 @@ def write_gguf(
 
 
 def _add_tokenizer(w: Any, cfg: ModelConfig, tokenizer: Any, chat_template: str | None) -> None:
-    gguf = _gguf()
+    """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model)."""
     if tokenizer is not None and not hasattr(tokenizer, "gguf_vocab"):
         from gemmax.tokenizer import Tokenizer
 
@@ -780,4 +780,3 @@ def _add_tokenizer(w: Any, cfg: ModelConfig, tokenizer: Any, chat_template: str 
     template = chat_template or flags.get("chat_template")
     if template:
         w.add_chat_template(template)
-    del gguf

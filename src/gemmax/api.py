@@ -48,7 +48,7 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-def _current_distribution():
+def current_distribution():
     try:
         from gemmax import distribution
     except ImportError:  # pragma: no cover - distribution module is part of the package
@@ -96,7 +96,7 @@ class CausalLM:
                     tokenizer: Any = None) -> CausalLM:
         """A randomly initialised model (a preset name or a ModelConfig)."""
         cfg = get_preset(config) if isinstance(config, str) else config
-        dist = _current_distribution()
+        dist = current_distribution()
         init = functools.partial(_model.init_params, cfg, dtype=_dtype(dtype))
         if dist is not None:
             abstract = jax.eval_shape(init, jax.random.key(seed))
@@ -112,6 +112,7 @@ class CausalLM:
         """Load from a Hugging Face folder, ``hf://org/name``, a GGUF file, a gemmax folder, or a preset
         name whose weights are in the local Hugging Face cache. Weights convert on the fly."""
         dtype = _dtype(dtype)
+        handle = os.fspath(handle)
         path = Path(os.path.expanduser(handle))
         if handle.startswith("hf://"):
             return cls._from_hf_folder(resolve_hf_handle(handle), dtype, source=handle)
@@ -133,12 +134,21 @@ class CausalLM:
             f"(presets: {', '.join(sorted(PRESETS))})")
 
     @classmethod
-    def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+    def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> Any:
+        model_type = _peek_model_type(folder)
+        if model_type == "recurrent_gemma":
+            from gemmax.recurrent import load_recurrent_gemma
+
+            return load_recurrent_gemma(folder, dtype, source=source)
+        if model_type == "paligemma":
+            from gemmax.paligemma import load_paligemma
+
+            return load_paligemma(folder, dtype)
         cfg, _ = read_config(folder)
         src = open_safetensors_folder(folder)
         lazy = lazy_params_from_hf(cfg, src, np.dtype(jnp.dtype(dtype)), shape_of=src.shape)
-        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
-        return cls(cfg, params, _load_tokenizer(folder), source=source)
+        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
+        return cls(cfg, params, load_tokenizer(folder), source=source)
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
@@ -147,11 +157,9 @@ class CausalLM:
 
         contents = gguf_io.read_gguf(path)
         cfg = from_hf_config(contents.hf_config)
-        tensors = contents.tensors()
-        shapes = getattr(contents, "hf_shapes", None)
-        lazy = lazy_params_from_hf(cfg, tensors, np.dtype(jnp.dtype(dtype)),
-                                   shape_of=(shapes.__getitem__ if shapes else None))
-        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
+        lazy = lazy_params_from_hf(cfg, contents, np.dtype(jnp.dtype(dtype)),
+                                   shape_of=lambda n: contents.tensor_info[n].shape)
+        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
         try:
             from gemmax.tokenizer import Tokenizer
@@ -178,8 +186,8 @@ class CausalLM:
         np_dtype = np.dtype(jnp.dtype(dtype))
         lazy = {p: LazyWeight(specs[p].shape, lambda idx, p=p: f.get(p)[idx].astype(np_dtype))
                 for p in f.keys() if p in specs}
-        params = _model.unflatten(place_params(lazy, dtype, _current_distribution()))
-        return cls(cfg, params, _load_tokenizer(folder), source=str(folder))
+        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
+        return cls(cfg, params, load_tokenizer(folder), source=str(folder))
 
     # ---- running ---------------------------------------------------------------------------------
     @functools.cached_property
@@ -204,6 +212,158 @@ class CausalLM:
     @property
     def dtype(self) -> Any:
         return self.params["token_embedding"]["embeddings"].dtype
+
+    # ---- generation ------------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids (a list or array of ints) instead of text")
+        return self.tokenizer
+
+    def _sampling(self, n_prompt: int, max_length: int | None, max_new_tokens: int | None, sampler: str | None,
+                  temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
+                  seed: int, stop_ids: tuple[int, ...]):
+        from gemmax.generate import SamplingParams
+
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - n_prompt) if max_length is not None else 64
+            if max_length is not None and max_new_tokens < 1:
+                raise ValueError(f"max_length={max_length} leaves no room after a {n_prompt}-token prompt")
+        sampler = sampler or ("random" if (temperature or 0) > 0 else "greedy")
+        if sampler == "greedy":
+            temp, k, p, mp = 0.0, 0, 1.0, 0.0
+        elif sampler in ("random", "sample", "top_k", "top_p", "min_p"):
+            temp = 1.0 if temperature is None else float(temperature)
+            k = int(top_k or (50 if sampler == "top_k" else 0))
+            p = float(top_p if top_p is not None else (0.9 if sampler == "top_p" else 1.0))
+            mp = float(min_p if min_p is not None else (0.05 if sampler == "min_p" else 0.0))
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}: use greedy, random, top_k, top_p or min_p")
+        return SamplingParams(temperature=temp, top_k=k, top_p=p, min_p=mp, seed=seed,
+                              max_new_tokens=int(max_new_tokens), stop_ids=stop_ids)
+
+    def _fit_context(self, ids: list[int], max_new: int, truncate: str | None) -> list[int]:
+        ctx = self.config.max_position_embeddings
+        if len(ids) + max_new <= ctx:
+            return ids
+        if truncate != "left":
+            raise ValueError(
+                f"prompt of {len(ids)} tokens plus {max_new} new tokens exceeds the model's context of {ctx} "
+                "tokens; shorten the prompt, ask for fewer tokens, or pass truncate='left' to drop the oldest "
+                "prompt tokens")
+        keep = ctx - max_new
+        if keep < 2:
+            raise ValueError(f"max_new_tokens={max_new} leaves no room for a prompt in a {ctx}-token context")
+        head = ids[:1] if ids and ids[0] == self.config.bos_token_id else []
+        return head + ids[len(ids) - (keep - len(head)):]
+
+    def generate(self, prompts: Any = None, max_length: int | None = None, max_new_tokens: int | None = None,
+                 sampler: str | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, seed: int = 0,
+                 stop: list[str] | None = None, truncate: str | None = None, chunk: int = 16,
+                 prefix: str | None = None, suffix: str | None = None, add_bos: bool = True) -> Any:
+        """Generate for one prompt or a batch of prompts of different lengths.
+
+        Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
+        as transformers does). ``max_length`` counts the prompt, ``max_new_tokens`` does not. Each row stops
+        at its own ``<eos>``/``<end_of_turn>`` or stop string. ``prefix``/``suffix`` build a CodeGemma
+        fill-in-the-middle prompt and return only the middle.
+        """
+        from gemmax.generate import generate_ids
+
+        fim = prefix is not None or suffix is not None
+        if fim:
+            tok = self._require_tokenizer()
+            prompts = tok.fim_prompt(prefix or "", suffix or "")
+        single = _is_single_prompt(prompts)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given")
+        as_text = isinstance(batch[0], str)
+        if as_text:
+            tok = self._require_tokenizer()
+            ids = [tok.encode(p, add_bos=add_bos) for p in batch]
+            stop_ids = tuple(tok.fim_stop_ids if fim else tok.stop_ids)
+        else:
+            ids = [[int(t) for t in np.asarray(p).reshape(-1)] for p in batch]
+            stop_ids = self.config.eos_ids
+        vocab = self.config.vocab_size
+        for row in ids:
+            if not row:
+                raise ValueError("empty prompt")
+            bad = [t for t in row if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids out of range for a vocabulary of {vocab}: {bad[:5]}")
+        sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
+                              seed + i, stop_ids) for i, r in enumerate(ids)]
+        ids = [self._fit_context(r, sp.max_new_tokens, truncate) for r, sp in zip(ids, sps, strict=True)]
+        stop_check = None
+        if stop:
+            tok = self._require_tokenizer()
+
+            def stop_check(r):
+                return any(s in tok.decode(r.new_ids) for s in stop)
+
+        reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check)
+        outs: list[Any] = []
+        for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
+            new = r.new_ids
+            if as_text:
+                text = self.tokenizer.decode(new)
+                if stop:
+                    cut = [text.index(s) for s in stop if s in text]
+                    text = text[: min(cut)] if cut else text
+                outs.append(text if fim else src + text)
+            else:
+                outs.append(np.asarray(prompt_ids + new, np.int32))
+        return outs[0] if single else outs
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, sampler: str | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               min_p: float | None = None, seed: int = 0, stop: list[str] | None = None, chunk: int = 4,
+               truncate: str | None = None, add_bos: bool = True):
+        """Yield text as it is produced (complete characters only, byte-fallback safe)."""
+        from gemmax.generate import Engine, Request, bucket
+
+        tok = self._require_tokenizer()
+        ids = tok.encode(prompt, add_bos=add_bos)
+        sp = self._sampling(len(ids), None, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
+                            tuple(tok.stop_ids))
+        ids = self._fit_context(ids, sp.max_new_tokens, truncate)
+        eng = Engine(self.params, self.config, max_batch=1,
+                     max_len=min(bucket(len(ids) + sp.max_new_tokens + 1), self.config.max_position_embeddings),
+                     chunk=chunk)
+        req = Request(ids, sp)
+        dec = tok.stream_decoder()
+        text = ""
+        eng.add([req])
+        sent = 0
+        while True:
+            new = req.new_ids[sent:]
+            sent = len(req.new_ids)
+            piece = dec.extend([t for t in new if t not in sp.stop_ids])
+            if piece:
+                if stop:
+                    hit = [(text + piece).find(s) for s in stop if s in text + piece]
+                    if hit:
+                        yield (text + piece)[len(text): min(hit)]
+                        eng.finish(req, "stop")
+                        return
+                text += piece
+                yield piece
+            if req.done:
+                break
+            eng.step()
+        rest = dec.flush()
+        if rest:
+            yield rest
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kw: Any) -> str:
+        """One assistant reply for a list of {"role", "content"} messages, in the model's chat format."""
+        tok = self._require_tokenizer()
+        family = "llama3" if self.config.family == "llama" else "gemma"
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=family)
+        out = self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
+        return out[len(prompt):].strip() if out.startswith(prompt) else out
 
     # ---- inspection ------------------------------------------------------------------------------
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
@@ -264,11 +424,29 @@ class CausalLM:
         return out
 
 
+def _is_single_prompt(prompts: Any) -> bool:
+    """A string, or a flat sequence of token ids, is one prompt; anything else is a batch."""
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    if isinstance(prompts, (list, tuple)) and prompts:
+        return isinstance(prompts[0], (int, np.integer))
+    return False
+
+
+def _peek_model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None  # read_config reports the problem properly
+
+
 def _keypath(kp) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in kp)
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path) -> Any:
     if not ((folder / "tokenizer.model").exists() or (folder / "tokenizer.json").exists()):
         return None
     try:

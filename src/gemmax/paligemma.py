@@ -368,7 +368,7 @@ def parse_detections(text: str, width: int, height: int) -> list[dict[str, Any]]
 def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[PaliGemmaConfig, Params]:
     """(config, params) from a ``PaliGemmaForConditionalGeneration`` safetensors folder, every tensor
     checked (name, shape) before any is read."""
-    from gemmax.api import _current_distribution, place_params
+    from gemmax.api import current_distribution, place_params
 
     folder = Path(folder)
     p = folder / "config.json"
@@ -389,7 +389,7 @@ def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Pa
     lazy.update(lazy_from_table(param_specs(cfg), table, src, src.shape, np_dtype,
                                 ignorable=("language_model", "lm_head", "vision_tower.head", "rotary_emb"),
                                 what="PaliGemma vision tower"))
-    return cfg, unflatten(place_params(lazy, dtype, _current_distribution()))
+    return cfg, unflatten(place_params(lazy, dtype, current_distribution()))
 
 
 class PaliGemma:
@@ -408,9 +408,9 @@ class PaliGemma:
         cfg, params = load_params(Path(os.path.expanduser(str(folder))), _dtype(dtype))
         tok = None
         try:
-            from gemmax.api import _load_tokenizer
+            from gemmax.api import load_tokenizer
 
-            tok = _load_tokenizer(Path(folder))
+            tok = load_tokenizer(Path(folder))
         except Exception:  # optional: ids still work
             tok = None
         return cls(cfg, params, tok, source=str(folder))

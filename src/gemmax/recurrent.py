@@ -888,14 +888,14 @@ def _read_hf_config(folder: Path) -> RecurrentGemmaConfig:
 def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[RecurrentGemmaConfig, Params]:
     """(config, params) from a ``RecurrentGemmaForCausalLM`` safetensors folder, validated first and then
     read weight by weight straight into device memory (with the active distribution, if any)."""
-    from gemmax.api import _current_distribution, place_params
+    from gemmax.api import current_distribution, place_params
 
     folder = Path(folder)
     cfg = _read_hf_config(folder)
     src = open_safetensors_folder(folder)
     lazy = lazy_from_table(param_specs(cfg), _hf_table(cfg), src, src.shape, np.dtype(jnp.dtype(dtype)),
                            what="RecurrentGemma model")
-    return cfg, unflatten(place_params(lazy, dtype, _current_distribution()))
+    return cfg, unflatten(place_params(lazy, dtype, current_distribution()))
 
 
 # ---- the user-facing object ------------------------------------------------------------------------------
@@ -1053,9 +1053,9 @@ def load_recurrent_gemma(folder: str | os.PathLike, dtype: Any = "float32", sour
     cfg, params = load_params(folder, _dtype(dtype))
     tok = None
     try:
-        from gemmax.api import _load_tokenizer
+        from gemmax.api import load_tokenizer
 
-        tok = _load_tokenizer(Path(folder))
+        tok = load_tokenizer(Path(folder))
     except Exception:  # the tokenizer is optional: the model still runs on ids
         tok = None
     return RecurrentGemmaLM(cfg, params, tok, source=source or str(folder))

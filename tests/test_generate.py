@@ -1,0 +1,162 @@
+"""The generation engine: greedy equals step-by-step argmax, parity with transformers, samplers, limits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import hf_model, save_hf
+
+import gemmax
+from gemmax import model as gm
+from gemmax.api import CausalLM
+from gemmax.generate import (
+    Engine,
+    Request,
+    SamplingParams,
+    cache_bytes_per_token,
+    generate_ids,
+    sample_tokens,
+)
+
+
+def _argmax_continuation(params, cfg, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.asarray(gm.forward(params, cfg, jnp.asarray([seq])))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "llama"])
+def test_greedy_equals_stepwise_argmax_mixed_batch(family):
+    cfg = gemmax.tiny_config(family)
+    params = gm.init_params(cfg, jax.random.key(1))
+    rng = np.random.RandomState(0)
+    # lengths 3, 13 and new tokens up to 20: crosses the window of 8 during prefill and during decode
+    prompts = [list(rng.randint(3, cfg.vocab_size, n)) for n in (3, 13, 6)]
+    sps = [SamplingParams(max_new_tokens=m) for m in (20, 12, 17)]
+    reqs = generate_ids(params, cfg, prompts, sps, chunk=4)
+    for p, r, sp in zip(prompts, reqs, sps, strict=True):
+        assert len(r.new_ids) == sp.max_new_tokens
+        assert r.new_ids == _argmax_continuation(params, cfg, p, sp.max_new_tokens)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "llama"])
+def test_greedy_matches_transformers_generate(tmp_path, family):
+    m, cfg = hf_model(family, seed=2)
+    lm = CausalLM.from_preset(str(save_hf(m, tmp_path)))
+    rng = np.random.RandomState(3)
+    for n in (4, 11):
+        ids = rng.randint(3, cfg.vocab_size, (1, n))
+        ref = m.generate(torch.tensor(ids), max_new_tokens=18, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0].numpy()
+        got = lm.generate(ids[0], max_new_tokens=18)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_engine_slots_join_and_leave():
+    """A request added mid-way into a free slot gets the same tokens as when generated alone."""
+    cfg = gemmax.tiny_config("gemma3")
+    params = gm.init_params(cfg, jax.random.key(2))
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    alone = _argmax_continuation(params, cfg, b, 10)
+    eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=3)
+    ra = Request(a, SamplingParams(max_new_tokens=6))
+    eng.add([ra])
+    eng.step()
+    rb = Request(b, SamplingParams(max_new_tokens=10))
+    eng.add([rb])
+    while eng.has_work():
+        eng.step()
+        for r in (ra, rb):
+            if r.done:
+                eng.release(r)
+    assert rb.new_ids == alone
+    assert ra.new_ids == _argmax_continuation(params, cfg, a, 6)
+    assert eng.free_slots() == [0, 1]
+
+
+def test_stop_ids_end_each_row():
+    cfg = gemmax.tiny_config("gemma")
+    params = gm.init_params(cfg, jax.random.key(3))
+    prompt = [4, 5, 6]
+    cont = _argmax_continuation(params, cfg, prompt, 8)
+    stop = cont[4]
+    first = cont.index(stop)
+    (r,) = generate_ids(params, cfg, [prompt], [SamplingParams(max_new_tokens=8, stop_ids=(stop,))], chunk=2)
+    assert r.new_ids == cont[: first + 1] and r.finish_reason == "stop"
+
+
+def test_seeded_sampling_reproducible_and_seed_dependent():
+    cfg = gemmax.tiny_config("gemma2")
+    lm = CausalLM.from_config(cfg, seed=4)
+    p = np.array([3, 4, 5, 6])
+    a = lm.generate(p, max_new_tokens=24, sampler="random", temperature=1.5, seed=11)
+    b = lm.generate(p, max_new_tokens=24, sampler="random", temperature=1.5, seed=11)
+    c = lm.generate(p, max_new_tokens=24, sampler="random", temperature=1.5, seed=12)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # a row samples the same tokens whatever shares its batch
+    batch = lm.generate([p, np.array([7, 8])], max_new_tokens=24, sampler="random", temperature=1.5, seed=11)
+    np.testing.assert_array_equal(batch[0], a)
+
+
+def _draws(logits, n=400, **kw):
+    v = logits.shape[-1]
+    lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, v))
+    keys = jax.random.split(jax.random.key(0), n)
+    args = {k: jnp.full((n,), kw.get(k, d), dt) for k, d, dt in
+            [("temperature", 1.0, jnp.float32), ("top_k", 0, jnp.int32), ("top_p", 1.0, jnp.float32),
+             ("min_p", 0.0, jnp.float32)]}
+    return np.asarray(sample_tokens(lg, keys, args["temperature"], args["top_k"], args["top_p"], args["min_p"],
+                                    n_cand=kw.get("n_cand", 8)))
+
+
+def test_sampler_filters():
+    logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05] + [0.0] * 11) + 1e-12)
+    assert set(_draws(logits, temperature=0.0)) == {0}
+    assert set(_draws(logits, top_k=2)) == {0, 1}
+    assert set(_draws(logits, top_k=1)) == {0}
+    assert set(_draws(logits, top_p=0.65)) == {0, 1}  # 0.4 + 0.3 reaches 0.65
+    assert set(_draws(logits, top_p=0.35)) == {0}
+    assert set(_draws(logits, min_p=0.3)) == {0, 1, 2}  # p >= 0.12
+    assert set(_draws(logits, n_cand=0)) <= {0, 1, 2, 3, 4}
+    freq = np.bincount(_draws(logits, n=4000, n_cand=0), minlength=5)[:5] / 4000
+    np.testing.assert_allclose(freq, [0.4, 0.3, 0.15, 0.1, 0.05], atol=0.03)
+
+
+def test_sampling_params_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_context_overflow_is_an_error_or_truncates_left():
+    cfg = gemmax.tiny_config("gemma", max_position_embeddings=32)
+    lm = CausalLM.from_config(cfg, seed=5)
+    long = np.arange(3, 33)
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+        lm.generate(long, max_new_tokens=8)
+    out = lm.generate(np.concatenate([[2], long]), max_new_tokens=8, truncate="left")
+    assert out[0] == 2 and len(out) == 32
+    with pytest.raises(ValueError, match="leaves no room"):
+        lm.generate(long[:5], max_length=3)
+
+
+def test_max_length_counts_prompt():
+    lm = CausalLM.from_config(gemmax.tiny_config("gemma3"), seed=6)
+    assert len(lm.generate(np.array([3, 4, 5]), max_length=10)) == 10
+
+
+def test_ring_cache_figure():
+    cfg = gemmax.get_preset("gemma3_270m")
+    f = cache_bytes_per_token(cfg, 32768)
+    # 15 of 18 layers keep only 512 slots
+    assert f["full"] == 2 * 256 * 2 * 18
+    assert f["saving"] > 5
+    eng = Engine(gm.init_params(gemmax.tiny_config("gemma3"), jax.random.key(0)), gemmax.tiny_config("gemma3"),
+                 max_batch=1, max_len=256)
+    assert eng.cache["k_local"].shape[2] == 8 and eng.cache["k_global"].shape[2] == 256

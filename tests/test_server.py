@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server: the official client, streaming, continuous batching under concurrent load,
+LoRA adapters by model name, stop strings, bad inputs, disconnects and auth — on a tiny random model served
+by uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import numpy as np
+import pytest
+
+import gemmax
+from gemmax import lora
+from gemmax import model as gm
+from gemmax.api import CausalLM
+from gemmax.server import _held_back, create_app, register_cli
+from gemmax.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sk-test-key"
+MAX_LEN = 128
+LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Gemma is a family of lightweight open models.",
+    "Hello world, hello tokenizer, hello server.",
+    "Continuous batching shares one decode step between many requests.",
+    "Numbers 0123456789 and symbols !?.,;:",
+] * 20
+PROMPTS = ["Hello world", "The quick brown fox", "Gemma is", "Numbers 42", "one decode step", "lazy dog."]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text("\n".join(LINES))
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=160, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    return Tokenizer.from_file(d / "tok.model")
+
+
+@pytest.fixture(scope="module")
+def lm(tok: Tokenizer) -> CausalLM:
+    cfg = gemmax.tiny_config("gemma3", vocab_size=tok.vocab_size)
+    return CausalLM.from_config(cfg, seed=0, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def adapters(lm: CausalLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny LoRA adapters with non-zero B, saved as gemmax adapter folders."""
+    out = {}
+    for i, name in enumerate(("tiny-a", "tiny-b")):
+        p = lora.add_lora(lm.params, lm.config, rank=2, targets=("query", "value"), seed=i)
+        flat = gm.flatten(p)
+        rng = np.random.default_rng(10 + i)
+        for k in flat:
+            if k.endswith("lora_b"):
+                flat[k] = jax.numpy.asarray(rng.normal(0, 0.5, flat[k].shape).astype(np.float32))
+        out[name] = lora.save_adapter(tmp_path_factory.mktemp(name), gm.unflatten(flat), lm.config)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(lm: CausalLM, adapters: dict[str, Path]):
+    app = create_app({"tiny": lm}, api_key=KEY, max_batch=8, chunk=4, max_len=MAX_LEN, adapters=adapters)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and th.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    th.join(30)
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def _expected(lm: CausalLM, prompts: list[str], n: int) -> list[str]:
+    """What CausalLM.generate produces for each prompt, without the prompt; a generated end-of-turn is a
+    stop token, which the server does not show."""
+    outs = lm.generate(prompts, max_new_tokens=n)
+    return [o[len(p):].removesuffix("<end_of_turn>") for p, o in zip(prompts, outs, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def expected(lm: CausalLM) -> dict[str, str]:
+    return dict(zip(PROMPTS, _expected(lm, PROMPTS, 12), strict=True))
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+# ---- the official client ------------------------------------------------------------------------------
+
+
+def test_models_and_health(url: str, client) -> None:
+    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-a", "tiny-b"}
+    h = _stats(url)
+    assert h["status"] == "ok" and h["max_batch"] == 8
+
+
+def test_completion_plain_and_stream(client, lm: CausalLM, tok: Tokenizer, expected: dict[str, str]) -> None:
+    p = PROMPTS[0]
+    r = client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
+    assert r.choices[0].text == expected[p]
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(tok.encode(p))
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected[p]
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_chat_plain_and_stream(client, lm: CausalLM, tok: Tokenizer) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    prompt = tok.apply_chat_template(msgs)
+    want = _expected(lm, [prompt], 10)[0]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_sampling_is_seeded_and_n_choices(client) -> None:
+    kw = dict(model="tiny", prompt="Gemma is", max_tokens=10, temperature=0.9, top_p=0.9, seed=7, n=2)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert [c.index for c in a.choices] == [0, 1]
+    g = client.completions.create(model="tiny", prompt="Gemma is", max_tokens=10, temperature=0, n=3)
+    assert len({c.text for c in g.choices}) == 1
+
+
+def test_stop_strings(client, expected: dict[str, str]) -> None:
+    p = next(p for p in PROMPTS if len(expected[p]) >= 8)
+    full = expected[p]
+    stop = full[3:6]
+    want = full[: full.index(stop)]
+    r = client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0, stop=[stop, "§never§"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_held_back_suffix() -> None:
+    assert _held_back("abc<en", ["<end>"]) == 3
+    assert _held_back("abc", ["<end>"]) == 0
+    assert _held_back("xx", ["xyz", "x"]) == 1
+
+
+def test_lora_adapters_by_model_name(client, lm: CausalLM, adapters: dict[str, Path]) -> None:
+    p = "Hello world"
+    got = {}
+    for name in ("tiny", "tiny-a", "tiny-b"):
+        got[name] = client.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
+    for name, path in adapters.items():
+        merged = CausalLM(lm.config, lora.merge_lora(lora.load_adapter(path, lm.params)), lm.tokenizer)
+        assert got[name] == _expected(merged, [p], 12)[0]
+    assert len(set(got.values())) == 3
+
+
+# ---- continuous batching under load --------------------------------------------------------------------
+
+
+def test_concurrent_load_each_gets_its_own_answer(url: str, expected: dict[str, str]) -> None:
+    """24 requests from 12 threads at once; the batch is shared, and every answer is the one the prompt
+    gets alone."""
+    before = _stats(url)
+    jobs = [(PROMPTS[i % len(PROMPTS)], i % 3 == 0) for i in range(24)]
+
+    def one(job: tuple[str, bool]) -> str:
+        prompt, stream = job
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": stream}
+        with httpx.Client(timeout=30) as c:
+            if not stream:
+                r = c.post(url + "/v1/completions", json=body, headers=_auth())
+                r.raise_for_status()
+                return r.json()["choices"][0]["text"]
+            text = ""
+            with c.stream("POST", url + "/v1/completions", json=body, headers=_auth()) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        text += json.loads(line[6:])["choices"][0]["text"]
+            return text
+
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(12) as ex:
+        futs = [ex.submit(one, j) for j in jobs]
+        results = [f.result(timeout=max(1.0, 30 - (time.time() - t0))) for f in futs]
+    assert time.time() - t0 < 30
+    for (prompt, _), text in zip(jobs, results, strict=True):
+        assert text == expected[prompt], prompt
+    after = _stats(url)
+    assert after["completed"] - before["completed"] == 24
+    assert after["max_live"] > 1  # requests really shared decode steps
+    assert after["live"] == 0 and after["queued"] == 0
+
+
+# ---- robustness ----------------------------------------------------------------------------------------
+
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [10**6]}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": 3, "prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": 5}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "seed": "x"}, 400, "seed"),
+    ("/v1/completions", {"model": "tiny", "prompt": LONG}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages.[0].role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 7}]}, 400,
+     "messages.[0].content"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, param: str | None) -> None:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + path, headers={**_auth(), "Content-Type": "application/json"}, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_still_serving_after_bad_requests(client, expected: dict[str, str]) -> None:
+    p = PROMPTS[1]
+    assert client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text == \
+        expected[p]
+
+
+def test_api_key_required(url: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/models").status_code == 401
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_client_disconnect_frees_slot(url: str, tok: Tokenizer) -> None:
+    before = _stats(url)
+    prompt = "Hello world"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_LEN - len(tok.encode(prompt)), "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/completions", json=body,
+                                                 headers=_auth()) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one event, then hang up
+    deadline = time.time() + 10
+    while True:
+        s = _stats(url)
+        if s["live"] == 0 and s["cancelled"] > before["cancelled"]:
+            break
+        assert time.time() < deadline, s
+        time.sleep(0.05)
+    assert s["completed"] == before["completed"]  # it was cut short, not run to the end
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+
+def test_register_cli() -> None:
+    parser = argparse.ArgumentParser(prog="gemmax")
+    register_cli(parser.add_subparsers(dest="cmd"))
+    a = parser.parse_args(["serve", "--lora", "a=/x", "--lora", "b=/y", "--max-batch", "4"])
+    assert (a.host, a.port, a.model, a.lora, a.max_batch) == ("127.0.0.1", 8000, None, ["a=/x", "b=/y"], 4)
+    assert callable(a.func)

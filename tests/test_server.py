@@ -337,3 +337,13 @@ def test_register_cli() -> None:
     a = parser.parse_args(["serve", "--lora", "a=/x", "--lora", "b=/y", "--max-batch", "4"])
     assert (a.host, a.port, a.model, a.lora, a.max_batch) == ("127.0.0.1", 8000, None, ["a=/x", "b=/y"], 4)
     assert callable(a.func)
+
+
+def test_chunk_adapts_to_step_time() -> None:
+    from gemmax.server import Scheduler
+
+    s = Scheduler({}, chunk=8, max_chunk_s=0.5)
+    assert s._n_steps("m") == 8  # not measured yet
+    for t, n in ((0.001, 8), (0.1, 4), (0.2, 2), (1.0, 1)):
+        s._tok_s["m"] = t
+        assert s._n_steps("m") == n

@@ -145,11 +145,15 @@ class Scheduler:
     """Owns the engines; admits, steps, detokenizes and retires jobs on one background thread."""
 
     def __init__(self, models: Mapping[str, ServedModel], max_batch: int = 8, chunk: int = 8,
-                 max_queue: int = 256):
+                 max_queue: int = 256, warmup: bool = False, max_chunk_s: float = 0.5):
         self.models = dict(models)
         self.max_batch = max_batch
         self.chunk = chunk
         self.max_queue = max_queue
+        self.warmup = warmup
+        self.max_chunk_s = max_chunk_s
+        self._tok_s: dict[str, float] = {}  # seconds per decode step of each engine (moving average)
+        self._compiled: dict[str, set[int]] = {n: set() for n in self.models}
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._waiting: dict[str, deque[Job]] = {n: deque() for n in self.models}
         self._live: dict[str, dict[int, Job]] = {n: {} for n in self.models}
@@ -173,6 +177,8 @@ class Scheduler:
                     for attr in ("_prefill", "_insert", "_chunk", "_first"):
                         if hasattr(twin.engine, attr):
                             setattr(m.engine, attr, getattr(twin.engine, attr))
+                elif self.warmup:
+                    self._warm(m)
             built.append(m)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="gemmax-scheduler", daemon=True)
@@ -186,6 +192,48 @@ class Scheduler:
         err = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         for job in self._drain_all():
             job.emit("error", err)
+
+    def _warm(self, m: ServedModel) -> None:
+        """Compile prefill for every admission-group size (powers of two up to max_batch, 16-token prompts)
+        and the decode chunk now, so the first bursts of traffic do not stall on compilation."""
+        eng = m.engine
+        bos = getattr(m.tokenizer, "bos_id", 2)
+        new = max(1, min(64, m.max_len - 9))
+        b = 1
+        while True:
+            reqs = [Request([bos] * 8, SamplingParams(max_new_tokens=new)) for _ in range(min(b, self.max_batch))]
+            eng.add(reqs)
+            if b == 1:  # every chunk length the scheduler may pick, then time one step
+                for n in self._chunk_sizes():
+                    eng.step(n)
+                    self._compiled[m.name].add(n)
+                t0 = time.perf_counter()
+                eng.step(1)
+                self._tok_s[m.name] = time.perf_counter() - t0
+            for r in reqs:
+                eng.release(r)
+            if b >= self.max_batch:
+                break
+            b *= 2
+
+    def _chunk_sizes(self) -> list[int]:
+        out, n = [], self.chunk
+        while n >= 1:
+            out.append(n)
+            n //= 2
+        return out
+
+    def _n_steps(self, name: str) -> int:
+        """Tokens to decode in the next chunk: ``chunk``, halved while a chunk would take longer than
+        ``max_chunk_s``. A request that arrives mid-chunk waits for the chunk to end, so on a slow machine
+        (or a big batch) short chunks keep time-to-first-token down; on a fast one long chunks amortise the
+        per-dispatch overhead."""
+        t = self._tok_s.get(name)
+        n = self.chunk
+        if t is not None:
+            while n > 1 and n * t > self.max_chunk_s:
+                n //= 2
+        return n
 
     @property
     def running(self) -> bool:
@@ -205,7 +253,7 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         live = sum(len(v) for v in self._live.values())
         return {"max_batch": self.max_batch, "chunk": self.chunk, "live": live, "queued": self._n_queued,
-                **self.counters}
+                "step_ms": {k: round(v * 1000, 2) for k, v in self._tok_s.items()}, **self.counters}
 
     # -- the loop --
     def _run(self) -> None:
@@ -275,8 +323,10 @@ class Scheduler:
                 self._retire(name, m, j, cancelled=True)
         if not m.engine.has_work():
             return
+        n = self._n_steps(name)
+        t0 = time.perf_counter()
         try:
-            m.engine.step()
+            m.engine.step(n)
         except Exception as e:
             log.exception("decode step failed")
             for j in list(live.values()):
@@ -284,6 +334,11 @@ class Scheduler:
                 j.emit("error", APIError(500, f"decode failed: {e}", type="server_error"))
                 self._retire(name, m, j)
             return
+        dt = (time.perf_counter() - t0) / n
+        if n in self._compiled[name]:  # the first call of a chunk length includes its compilation
+            old = self._tok_s.get(name)
+            self._tok_s[name] = dt if old is None else 0.8 * old + 0.2 * dt
+        self._compiled[name].add(n)
         self.counters["steps"] += 1
         for j in list(live.values()):
             self._progress(name, m, j)
@@ -494,8 +549,8 @@ def _messages(body: Mapping) -> list[dict[str, Any]]:
 
 def _default_name(lm: Any) -> str:
     name = getattr(lm.config, "name", "") or ""
-    if name:
-        return name
+    if name:  # ids travel in URLs and JSON: "Gemma 3 270m" -> "gemma-3-270m"
+        return "-".join(name.lower().split())
     src = getattr(lm, "source", "") or ""
     return Path(src).stem if src else lm.config.family
 
@@ -537,14 +592,15 @@ def build_models(lm_or_models: Any, adapters: Mapping[str, Any] | None = None, m
 
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
                max_len: int | None = None, adapters: Mapping[str, Any] | None = None, max_queue: int = 256,
-               model_name: str | None = None) -> FastAPI:
+               model_name: str | None = None, warmup: bool = False) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
 
     ``max_batch`` slots per served model share each decode step; ``chunk`` tokens are decoded per step
     (larger: less Python overhead per token; smaller: new requests join and stop strings act sooner).
+    ``warmup`` compiles every prefill batch size at startup instead of on first use.
     """
     models = build_models(lm_or_models, adapters, max_len, model_name)
-    scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue)
+    scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup)
     default_model = next(iter(models))
 
     @contextlib.asynccontextmanager
@@ -655,8 +711,8 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8
                 try:
                     i, kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                    if await request.is_disconnected():  # nobody will read the answer: free the slots
+                        raise APIError(499, "client closed the request", code="client_closed") from None
                     continue
                 if kind == "delta":
                     texts[i] += payload
@@ -854,7 +910,8 @@ def _parse_lora(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, An
 
 def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
-          max_len: int | None = None, model_name: str | None = None, log_level: str = "info") -> None:
+          max_len: int | None = None, model_name: str | None = None, log_level: str = "info",
+          warmup: bool = True) -> None:
     """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M) and serve
     it until interrupted. Binds to loopback unless told otherwise."""
     import uvicorn
@@ -867,7 +924,7 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
     if model_name is None and isinstance(model, (str, os.PathLike)) and not getattr(lm.config, "name", ""):
         model_name = Path(os.fspath(model)).stem
     app = create_app(lm, api_key=api_key, max_batch=max_batch, chunk=chunk, max_len=max_len,
-                     adapters=_parse_lora(lora), model_name=model_name)
+                     adapters=_parse_lora(lora), model_name=model_name, warmup=warmup)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -889,6 +946,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="slots decoded together per model")
     p.add_argument("--chunk", type=int, default=8, help="tokens decoded per scheduler step")
     p.add_argument("--max-len", type=int, default=None, help=f"context per slot (default {DEFAULT_MAX_LEN})")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip compiling every prefill batch size and chunk length at startup")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_cli)
     return p
@@ -897,7 +956,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     serve(args.model, lora=args.lora, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GEMMAX_API_KEY") or None, max_batch=args.max_batch,
-          chunk=args.chunk, max_len=args.max_len, model_name=args.model_name, log_level=args.log_level)
+          chunk=args.chunk, max_len=args.max_len, model_name=args.model_name, log_level=args.log_level,
+          warmup=args.warmup)
     return 0
 
 

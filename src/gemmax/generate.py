@@ -9,7 +9,7 @@ Design (after gpt-fast and jax-llm-examples):
   finished one between decode chunks (continuous batching) without touching the others.
 - Prefill compiles once per prompt-length bucket (powers of two); decode compiles once per chunk size and
   runs ``chunk`` tokens per Python dispatch inside ``lax.scan``.
-- Layers are scanned; local vs global attention is selected per layer with ``lax.cond`` on data, so compile
+- Layers are scanned; local vs global attention is chosen per layer with ``lax.cond`` on data, so compile
   time stays flat in depth.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from gemmax import model as gm
 from gemmax.config import LOCAL, ModelConfig
-from gemmax.layers import attention_mask, dot_attention
+from gemmax.layers import MASK_VALUE, attention_mask, dot_attention, rms_norm, softcap
 
 Array = jax.Array
 
@@ -40,7 +40,13 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-# ---- cache -----------------------------------------------------------------------------------------
+# ---- cache ---------------------------------------------------------------------------------------
+#
+# Local and global layers keep separate stacks: k/v_local [n_local, B, window, K, hd] (ring buffers indexed
+# by absolute position modulo the window) and k/v_global [n_global, B, max_len, K, hd]. Inside the layer
+# scan the caches are read-only closure constants (each layer dynamic-slices its own entry); the step's new
+# keys/values come out of the scan and are scattered into the donated cache once per step. Carrying the
+# caches through the scan instead makes XLA copy them at every layer (measured: 4x slower decode).
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any) -> dict[s
     lay = CacheLayout.for_config(cfg, max_len)
     nl, ng = max(len(lay.local_layers), 1), max(len(lay.global_layers), 1)
     k, hd = cfg.num_kv_heads, cfg.head_dim
+    s = lay.max_len if lay.global_layers else 1
     return {
         "k_local": jnp.zeros((nl, batch, lay.window, k, hd), dtype),
         "v_local": jnp.zeros((nl, batch, lay.window, k, hd), dtype),
-        "k_global": jnp.zeros((ng, batch, lay.max_len if lay.global_layers else 1, k, hd), dtype),
-        "v_global": jnp.zeros((ng, batch, lay.max_len if lay.global_layers else 1, k, hd), dtype),
+        "k_global": jnp.zeros((ng, batch, s, k, hd), dtype),
+        "v_global": jnp.zeros((ng, batch, s, k, hd), dtype),
     }
 
 
@@ -120,8 +127,6 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, windo
     xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(cfg)), gm.layer_inv_freqs(cfg))
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    from gemmax.layers import rms_norm
-
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     logits = gm.logits_from_hidden(params, cfg, last)[:, 0]
 
@@ -134,13 +139,11 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, windo
     if len(loc):
         # ring slot j holds the latest prompt position p < length with p % window == j
         j = jnp.arange(window)
-        last_pos = lengths[:, None] - 1
-        src = j[None] + window * jnp.floor_divide(last_pos - j[None], window)  # [b, W]
+        src = j[None] + window * jnp.floor_divide(lengths[:, None] - 1 - j[None], window)  # [b, W]
         ok = (src >= 0)[None, :, :, None, None]
-        src = jnp.clip(src, 0, t - 1)
-        gather = lambda a: jnp.take_along_axis(a, src[None, :, :, None, None], axis=2)
-        caches["k_local"] = jnp.where(ok, gather(ks[loc]), 0).astype(ks.dtype)
-        caches["v_local"] = jnp.where(ok, gather(vs[loc]), 0).astype(vs.dtype)
+        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
+        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
+        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
     return logits, caches
 
 
@@ -156,6 +159,25 @@ def insert(cache: dict, new: dict, slots: Array) -> dict:
 # ---- decode -------------------------------------------------------------------------------------------
 
 
+def _attend_cached(q: Array, k_new: Array, v_new: Array, kc: Array, vc: Array, valid: Array,
+                   cap: float | None) -> Array:
+    """One query per row against (read-only cache + the row's own new key). q [B,1,H,hd], k_new [B,1,K,hd],
+    kc [B,S,K,hd], valid [B,S] -> [B,1,H,hd]. Softmax in float32 over both parts jointly."""
+    b, _, h, hd = q.shape
+    kv = kc.shape[2]
+    qg = q.reshape(b, kv, h // kv, hd)
+    lc = jnp.einsum("bkgd,bskd->bkgs", qg, kc, preferred_element_type=jnp.float32)
+    ls = jnp.einsum("bkgd,bkd->bkg", qg, k_new[:, 0], preferred_element_type=jnp.float32)[..., None]
+    lc, ls = softcap(lc, cap), softcap(ls, cap)
+    lc = jnp.where(valid[:, None, None, :], lc, MASK_VALUE)
+    m = jnp.maximum(lc.max(-1, keepdims=True), ls)
+    pc, ps = jnp.exp(lc - m), jnp.exp(ls - m)
+    z = pc.sum(-1, keepdims=True) + ps
+    out = jnp.einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
+    out = out + (ps / z).astype(v_new.dtype) * v_new[:, 0][:, :, None, :]
+    return out.reshape(b, 1, h, hd)
+
+
 def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array) -> tuple[Array, dict]:
     """One token per row: tokens [B] at absolute positions pos [B] -> logits [B, V], updated cache."""
     b = tokens.shape[0]
@@ -163,50 +185,48 @@ def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos:
     x = gm.embed(params, cfg, tokens[:, None])
     positions = pos[:, None]
     is_local, li, gi = _layer_slots(cfg)
-    w = cache["k_local"].shape[2]
-    s = cache["k_global"].shape[2]
+    kl, vl, kg, vg = cache["k_local"], cache["v_local"], cache["k_global"], cache["v_global"]
+    w, s = kl.shape[2], kg.shape[2]
+    # absolute position held by ring slot j: the latest p < pos with p % w == j; valid inside the window
+    pj = pos[:, None] - 1 - jnp.mod(pos[:, None] - 1 - jnp.arange(w)[None], w)
+    local_valid = (pj >= 0) & (pj > pos[:, None] - w)
+    global_valid = jnp.arange(s)[None] < pos[:, None]
+    cap = cfg.attn_logit_softcap
 
-    def body(carry, xs):
-        x, c = carry
+    def body(x, xs):
         p, inv, loc, l_i, g_i = xs
         box = {}
 
         def attend(q, k, v):
-            def local(c):
-                slot = pos % w
-                kc = c["k_local"][l_i].at[rows, slot].set(k[:, 0])
-                vc = c["v_local"][l_i].at[rows, slot].set(v[:, 0])
-                j = jnp.arange(w)[None]
-                pj = pos[:, None] - jnp.mod(pos[:, None] - j, w)  # absolute position held by slot j
-                mask = (pj >= 0)[:, None, :]
-                o = dot_attention(q, kc, vc, mask, cfg.attn_logit_softcap)
-                c = dict(c, k_local=c["k_local"].at[l_i].set(kc), v_local=c["v_local"].at[l_i].set(vc))
-                return o, c
+            box["k"], box["v"] = k[:, 0], v[:, 0]
 
-            def glob(c):
-                kc = c["k_global"][g_i].at[rows, pos].set(k[:, 0])
-                vc = c["v_global"][g_i].at[rows, pos].set(v[:, 0])
-                mask = (jnp.arange(s)[None] <= pos[:, None])[:, None, :]
-                o = dot_attention(q, kc, vc, mask, cfg.attn_logit_softcap)
-                c = dict(c, k_global=c["k_global"].at[g_i].set(kc), v_global=c["v_global"].at[g_i].set(vc))
-                return o, c
+            def local(q, k, v):
+                return _attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid, cap)
+
+            def glob(q, k, v):
+                return _attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid, cap)
 
             if not is_local.any():
-                o, box["c"] = glob(c)
-            elif is_local.all():
-                o, box["c"] = local(c)
-            else:
-                o, box["c"] = jax.lax.cond(loc, local, glob, c)
-            return o
+                return glob(q, k, v)
+            if is_local.all():
+                return local(q, k, v)
+            return jax.lax.cond(loc, local, glob, q, k, v)
 
         x = gm.decoder_layer(p, x, cfg, positions, inv, attend)
-        return (x, box["c"]), None
+        return x, (box["k"], box["v"])
 
     xs = (params["decoder_block"], gm.layer_inv_freqs(cfg), jnp.asarray(is_local), jnp.asarray(li),
           jnp.asarray(gi))
-    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
-    from gemmax.layers import rms_norm
-
+    x, (ks, vs) = jax.lax.scan(body, x, xs)  # [L, B, K, hd]
+    loc_idx, glob_idx = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
+    cache = dict(cache)
+    if len(loc_idx):
+        slot = pos % w
+        cache["k_local"] = kl.at[:, rows, slot].set(ks[loc_idx].astype(kl.dtype))
+        cache["v_local"] = vl.at[:, rows, slot].set(vs[loc_idx].astype(vl.dtype))
+    if len(glob_idx):
+        cache["k_global"] = kg.at[:, rows, pos].set(ks[glob_idx].astype(kg.dtype))
+        cache["v_global"] = vg.at[:, rows, pos].set(vs[glob_idx].astype(vg.dtype))
     x = rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     return gm.logits_from_hidden(params, cfg, x)[:, 0], cache
 

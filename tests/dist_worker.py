@@ -6,6 +6,7 @@ processes. Each mode prints one JSON object on its last stdout line.
 
     python tests/dist_worker.py layouts              # 8 devices: specs on 1x8, 2x4, 8x1; seeds' snippets
     python tests/dist_worker.py train                # 8 devices: sharded step/forward vs one device
+    python tests/dist_worker.py generate             # 8 devices: sharded greedy generation vs one device
     python tests/dist_worker.py multihost PORT PID   # 2 processes x 4 devices, one global 2x4 mesh
 """
 
@@ -210,8 +211,32 @@ def abs_sum(tree: Any, dist: gd.Distribution) -> jax.Array:
                    out_shardings=dist.replicated())(tree)
 
 
+def mode_generate() -> dict[str, Any]:
+    """Greedy generation (the Engine: prefill, ring caches, chunked decode) on one device vs under
+    ModelParallel on 1x8 / 2x4 meshes and FSDP: the same tokens."""
+    from gemmax.api import CausalLM
+
+    lm = CausalLM.from_config(CFG, seed=3)
+    prompts = [np.array([5, 6, 7, 8, 9]), np.array([11, 12, 13])]
+    ref = [a.tolist() for a in lm.generate(prompts, max_new_tokens=14)]
+    base = jax.device_get(lm.params)
+    out: dict[str, Any] = {"reference": ref}
+    for name, shape, fsdp in (("1x8", (1, 8), False), ("2x4", (2, 4), False), ("2x4-fsdp", (2, 4), True)):
+        mesh = gd.DeviceMesh(shape, ["batch", "model"], gd.list_devices())
+        layout = gd.get_layout_map(CFG, mesh, data_axis="batch" if fsdp else None)
+        dist = gd.ModelParallel(mesh, layout, batch_dim_name="batch", fsdp=fsdp)
+        with gd.use_distribution(dist):
+            sharded = CausalLM(CFG, dist.shard_params(base))
+            specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(sharded.params)}
+            got = [a.tolist() for a in sharded.generate(prompts, max_new_tokens=14)]
+        out[name] = {"tokens": got, "specs": sorted(specs)}
+    return out
+
+
 if __name__ == "__main__":
-    if mode == "layouts":
+    if mode == "generate":
+        result = mode_generate()
+    elif mode == "layouts":
         result = mode_layouts()
     elif mode == "train":
         result = mode_train()

@@ -408,3 +408,10 @@ def test_two_process_training_step_matches_single_process(train: dict[str, Any])
         assert abs(r["loss"] - train["ref_loss"]) < 1e-5
         assert abs(r["norm"] - train["2x4"]["norm"]) < 1e-5 * train["2x4"]["norm"]
     assert outs[0]["loss"] == outs[1]["loss"]
+
+
+def test_sharded_generation_matches_one_device() -> None:
+    res = _run_worker("generate")
+    for name in ("1x8", "2x4", "2x4-fsdp"):
+        assert res[name]["tokens"] == res["reference"], name
+        assert any("model" in spec for spec in res[name]["specs"]), name  # really sharded

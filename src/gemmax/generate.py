@@ -360,11 +360,31 @@ class Engine:
             "stop_ids": np.full((max_batch, MAX_STOP), -1, np.int32),
         }
         self.state = {k: jnp.asarray(v) for k, v in self.state.items()}
+        self._place_on_mesh()
         self._prefill = jax.jit(functools.partial(prefill, cfg=cfg, window=self.layout.window))
         self._insert = jax.jit(insert, donate_argnums=(0,))
         self._chunk = jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand"),
                               donate_argnames=("cache",))
         self._first = jax.jit(sample_tokens, static_argnames=("n_cand",))
+
+    def _place_on_mesh(self) -> None:
+        """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too
+        (replicated; XLA SPMD partitions the step by the weights' shardings), so jit sees one device set."""
+        from gemmax.api import current_distribution
+
+        dist = current_distribution()
+        leaf = jax.tree.leaves(self.params)[0]
+        if dist is None or len(getattr(leaf.sharding, "device_set", ())) <= 1:
+            return
+        rep = dist.replicated()
+        self.cache = jax.device_put(self.cache, rep)
+        self.state = jax.device_put(self.state, rep)
+        self._replicated = rep
+
+    def _put_state(self, st: dict) -> dict:
+        state = {k: jnp.asarray(v) for k, v in st.items()}
+        rep = getattr(self, "_replicated", None)
+        return jax.device_put(state, rep) if rep is not None else state
 
     # -- slots --
     def free_slots(self) -> list[int]:
@@ -420,7 +440,7 @@ class Engine:
             st["token"][s] = tok
             r.first_token_time = now
             self._append(r, int(tok), st)
-        self.state = {k: jnp.asarray(v) for k, v in st.items()}
+        self.state = self._put_state(st)
 
     def _append(self, r: Request, tok: int, st: dict) -> None:
         r.new_ids.append(tok)

@@ -620,10 +620,11 @@ def fit(
         bar.write(f"Resumed from {checkpoint_dir} at step {start_step}/{total_steps}")
     bar = _Progress(progress, total_steps, start_step)
 
-    def save(step: int, force: bool = False) -> None:
+    def save(step: int, force: bool = False, data_state: dict[str, int] | None = None) -> None:
         if manager is None:
             return
-        manager.save(step, params=trainable, opt_state=opt_state, rng=rng, data_state=iterator.state(),
+        manager.save(step, params=trainable, opt_state=opt_state, rng=rng,
+                     data_state=data_state or iterator.state(),
                      metrics=({"loss": history.loss[-1]} if history.loss else {}),
                      extra={"history": history.to_dict(), "total_steps": total_steps}, force=force)
 
@@ -641,6 +642,7 @@ def fit(
     last_saved = start_step if manager is not None and start_step else None
     try:
         while step < total_steps:
+            data_before = iterator.state()
             try:
                 batch = next(iterator)
             except StopIteration:  # pragma: no cover - total_steps is derived from the same iterator
@@ -658,7 +660,8 @@ def fit(
                 ckpt = None
                 if manager is not None:
                     if last_saved != step and step > 0:
-                        save(step, force=True)  # the state before the bad step is good: keep it
+                        # the state before the bad step is good: keep it, positioned at the bad batch
+                        save(step, force=True, data_state=data_before)
                     manager.wait_until_finished()
                     good = manager.latest_step()
                     ckpt = str(Path(manager.directory) / str(good)) if good is not None else None

@@ -97,14 +97,14 @@ class CausalLM:
         """A randomly initialised model (a preset name or a ModelConfig)."""
         cfg = get_preset(config) if isinstance(config, str) else config
         dist = current_distribution()
-        init = functools.partial(_model.init_params, cfg, dtype=_dtype(dtype))
+        init = _init_fn(cfg, _dtype(dtype))
         if dist is not None:
             abstract = jax.eval_shape(init, jax.random.key(seed))
             shardings = jax.tree_util.tree_map_with_path(
                 lambda kp, leaf: dist.sharding_for(_keypath(kp), leaf.shape), abstract)
             params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
         else:
-            params = jax.jit(init)(jax.random.key(seed))
+            params = init(jax.random.key(seed))
         return cls(cfg, params, tokenizer, source=f"random:{cfg.name}")
 
     @classmethod
@@ -512,6 +512,17 @@ class CausalLM:
         if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(out)
         return out
+
+
+_INIT_FNS: dict[tuple[str, str], Any] = {}
+
+
+def _init_fn(cfg: ModelConfig, dtype: Any) -> Any:
+    """One jitted initialiser per (config, dtype): building models of the same shape compiles once."""
+    key = (cfg.to_json(), str(jnp.dtype(dtype)))
+    if key not in _INIT_FNS:
+        _INIT_FNS[key] = jax.jit(functools.partial(_model.init_params, cfg, dtype=dtype))
+    return _INIT_FNS[key]
 
 
 def _is_single_prompt(prompts: Any) -> bool:

@@ -1,7 +1,12 @@
-"""gemmax: the Gemma family (and Llama 3) in JAX — load, run, shard, fine-tune, serve."""
+"""gemmax: the Gemma family (and Llama 3) in JAX — load, run, shard, fine-tune, serve.
 
+The public surface is small: ``CausalLM`` (load / generate / fine-tune / export), ``presets()``, the config
+objects, and the ``distribution`` module. Everything else lives in modules named by concern.
+"""
+
+from gemmax.api import CausalLM, presets
 from gemmax.config import PRESETS, ModelConfig, get_preset, tiny_config
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "tiny_config", "__version__"]
+__all__ = ["CausalLM", "ModelConfig", "PRESETS", "get_preset", "presets", "tiny_config", "__version__"]

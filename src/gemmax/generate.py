@@ -338,6 +338,25 @@ class Request:
 MAX_STOP = 8
 
 
+_COMPILED: dict[tuple[str, int], tuple[Any, Any, Any, Any]] = {}
+
+
+def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, Any]:
+    """The engine's jitted (prefill, insert, decode_chunk, first-token sampler), shared by every engine of
+    the same architecture: ``lm.generate`` builds an engine per call, and without this each call would
+    trace and compile again. XLA's own cache then keys on shapes (prompt bucket, batch, chunk)."""
+    key = (cfg.to_json(), window)
+    if key not in _COMPILED:
+        _COMPILED[key] = (
+            jax.jit(functools.partial(prefill, cfg=cfg, window=window)),
+            jax.jit(insert, donate_argnums=(0,)),
+            jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand"),
+                    donate_argnames=("cache",)),
+            jax.jit(sample_tokens, static_argnames=("n_cand",)),
+        )
+    return _COMPILED[key]
+
+
 class Engine:
     """A fixed number of slots over one static cache; requests join and leave between decode chunks."""
 
@@ -361,11 +380,7 @@ class Engine:
         }
         self.state = {k: jnp.asarray(v) for k, v in self.state.items()}
         self._place_on_mesh()
-        self._prefill = jax.jit(functools.partial(prefill, cfg=cfg, window=self.layout.window))
-        self._insert = jax.jit(insert, donate_argnums=(0,))
-        self._chunk = jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand"),
-                              donate_argnames=("cache",))
-        self._first = jax.jit(sample_tokens, static_argnames=("n_cand",))
+        self._prefill, self._insert, self._chunk, self._first = compiled_functions(cfg, self.layout.window)
 
     def _place_on_mesh(self) -> None:
         """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too

@@ -146,6 +146,26 @@ def _parse_mesh(spec: str) -> tuple[int, int]:
     return d, m
 
 
+def _own_module_family(handle: str) -> tuple[Any, Any] | None:
+    """(module, config) when ``handle`` is a RecurrentGemma or PaliGemma preset or HF folder: those families
+    have their own parameter trees and layout rules (``LAYOUT_RULES``) instead of the decoder's."""
+    import json
+    from pathlib import Path
+
+    from gemmax import paligemma, recurrent
+
+    for mod in (recurrent, paligemma):
+        if handle in mod.PRESETS:
+            return mod, mod.PRESETS[handle]
+    path = Path(os.path.expanduser(handle)) / "config.json"
+    if path.is_file():
+        hf = json.loads(path.read_text())
+        mod = {"recurrent_gemma": recurrent, "paligemma": paligemma}.get(hf.get("model_type"))
+        if mod is not None:
+            return mod, mod.from_hf_config(hf)
+    return None
+
+
 def cmd_shard_plan(a: argparse.Namespace) -> int:
     """The sharding table from shapes alone: nothing is loaded, so a 27B plan runs on a laptop."""
     import jax.numpy as jnp
@@ -155,6 +175,22 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     from gemmax.config import PRESETS
     from gemmax.hf import read_config
 
+    own = _own_module_family(a.handle)
+    if own is not None:
+        mod, cfg = own
+        mesh = dist.DeviceMesh.abstract(_parse_mesh(a.mesh), ("batch", "model"))
+        mp = dist.ModelParallel(mesh, mod.layout_map(mesh), batch_dim_name="batch", fsdp=a.fsdp)
+        tree = mod.abstract_params(cfg, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype], a.lora_rank)
+        optimizer = None
+        if not a.no_optimizer:
+            import optax
+
+            from gemmax import optim
+
+            optimizer = (optim.make_optimizer(1e-4, frozen=lambda p: not p.endswith(("lora_a", "lora_b")))
+                         if a.lora_rank else optax.adamw(1e-4))
+        print(dist.describe(tree, mp, optimizer=optimizer))
+        return 0
     if a.handle in PRESETS:
         cfg = PRESETS[a.handle]
     elif a.handle.endswith(".gguf"):
@@ -224,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("shard-plan", help="per-device sharding table from shapes alone (no weights loaded)")
-    s.add_argument("handle", help="preset name, HF folder or GGUF file")
+    s.add_argument("handle", help="preset name, HF folder (also RecurrentGemma / PaliGemma) or GGUF file")
     s.add_argument("--mesh", default="1x8", help="batch x model, e.g. 2x4")
     s.add_argument("--fsdp", action="store_true", help="also shard weights over the batch axis (ZeRO-3)")
     s.add_argument("--lora-rank", type=int, default=0)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +362,98 @@ def parse_detections(text: str, width: int, height: int) -> list[dict[str, Any]]
     return out
 
 
+# ---- fine-tuning: prefix-LM batches and the suffix-only loss ------------------------------------------------
+
+
+def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
+                   length: int | None = None, add_eos: bool = True) -> dict[str, np.ndarray]:
+    """Right-padded ``tokens`` / ``token_type_ids`` / ``loss_mask`` [B, length] for prefix-LM training.
+
+    A row is ``[image] * N <bos> prompt \\n`` (type 0: attends bidirectionally, no loss) then ``suffix <eos>``
+    (type 1: causal, loss on every token) then padding (type 1 too — causal, so no real token can see it —
+    and masked out of the loss), the layout PaliGemma was trained with.
+    """
+    if len(prompts) != len(suffixes):
+        raise ValueError(f"{len(prompts)} prompts but {len(suffixes)} suffixes")
+    rows = []
+    for pr, sf in zip(prompts, suffixes, strict=True):
+        prefix = build_input_ids(cfg, [int(t) for t in pr])
+        suffix = [int(t) for t in sf] + ([cfg.text.eos_ids[0]] if add_eos else [])
+        rows.append((prefix, suffix))
+    need = max(len(a) + len(b) for a, b in rows)
+    if length is None:
+        from gemmax.recurrent import _bucket
+
+        length = _bucket(need)
+    if need > length:
+        raise ValueError(f"an example has {need} tokens, more than length={length}")
+    tokens = np.full((len(rows), length), cfg.text.pad_token_id, np.int32)
+    types = np.ones((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.float32)
+    for i, (a, b) in enumerate(rows):
+        tokens[i, :len(a) + len(b)] = a + b
+        types[i, :len(a)] = 0
+        mask[i, len(a):len(a) + len(b)] = 1.0
+    return {"tokens": tokens, "token_type_ids": types, "loss_mask": mask}
+
+
+def suffix_loss(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixels: Array, token_type_ids: Array,
+                loss_mask: Array) -> Array:
+    """Mean cross-entropy of the suffix tokens only: position t-1 predicts token t wherever ``loss_mask[t]``
+    (the first suffix token is predicted from the ``\\n`` that ends the prefix)."""
+    logits = forward(params, cfg, tokens, pixels, token_type_ids)[:, :-1]
+    tgt = jnp.asarray(tokens, jnp.int32)[:, 1:]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[..., None], -1)[..., 0]
+    w = jnp.asarray(loss_mask, jnp.float32)[:, 1:]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_train_step(cfg: PaliGemmaConfig, optimizer: Any) -> Callable:
+    """Jitted ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``.
+
+    Only ``trainable`` (the adapters, from ``gemmax.lora.split_trainable``) is differentiated, so the vision
+    tower, projector and base decoder are frozen by construction and carry no optimizer state. ``batch``
+    holds ``pixels`` plus :func:`training_batch`'s arrays.
+    """
+    import optax
+
+    from gemmax.lora import merge_trees
+
+    @jax.jit
+    def step(trainable: Params, frozen: Params, opt_state: Any, batch: dict[str, Array]) -> tuple:
+        def loss_fn(t: Params) -> Array:
+            return suffix_loss(merge_trees(t, frozen), cfg, batch["tokens"], batch["pixels"],
+                               batch["token_type_ids"], batch["loss_mask"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+def layout_map(mesh: Any) -> Any:
+    """``LAYOUT_RULES`` as a :class:`gemmax.distribution.LayoutMap` for ``mesh``."""
+    from gemmax.distribution import LayoutMap
+
+    lm = LayoutMap(mesh)
+    for rx, spec in LAYOUT_RULES.items():
+        lm[rx] = spec
+    return lm
+
+
+def abstract_params(cfg: PaliGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
+                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
+    """ShapeDtypeStruct tree of every weight (plus decoder adapters): ``gemmax shard-plan`` input."""
+    from gemmax import lora
+
+    tree = unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
+    if lora_rank:
+        tree = jax.eval_shape(lambda t: lora.add_lora(t, cfg.text, lora_rank, targets=lora_targets, dtype=dtype),
+                              tree)
+    return tree
+
+
 # ---- loading -------------------------------------------------------------------------------------------------
 
 
@@ -393,16 +485,29 @@ def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Pa
 
 
 class PaliGemma:
-    """PaliGemma with the CausalLM-style interface: ``from_preset``, ``logits``, ``generate``, ``summary``."""
+    """PaliGemma with the CausalLM-style interface: ``from_preset``, ``logits``, ``generate``, ``summary``,
+    ``quantize``, ``enable_lora`` / ``finetune``, ``export_hf``."""
 
     def __init__(self, config: PaliGemmaConfig, params: Params, tokenizer: Any = None, source: str = ""):
+        if tokenizer is not None and hasattr(tokenizer, "piece_to_id"):
+            # The prompt separator is the tokenizer's "\n" (108 in Gemma's vocabulary, elsewhere in others).
+            nl = tokenizer.piece_to_id("\n")
+            if 0 <= nl < config.text.vocab_size and nl != config.newline_id:
+                config = replace(config, newline_id=nl)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.source = source
 
     @classmethod
-    def from_preset(cls, folder: str | os.PathLike, dtype: Any = "float32") -> PaliGemma:
+    def from_preset(cls, folder: str | os.PathLike, dtype: Any = "float32", quantize: str | None = None) -> PaliGemma:
+        """A ``PaliGemmaForConditionalGeneration`` folder (tokenizer optional); ``quantize="int8"`` quantizes
+        after loading."""
+        lm = cls._load(folder, dtype)
+        return lm.quantize(quantize) if quantize else lm
+
+    @classmethod
+    def _load(cls, folder: str | os.PathLike, dtype: Any) -> PaliGemma:
         from gemmax.recurrent import _dtype
 
         cfg, params = load_params(Path(os.path.expanduser(str(folder))), _dtype(dtype))
@@ -416,9 +521,11 @@ class PaliGemma:
         return cls(cfg, params, tok, source=str(folder))
 
     @classmethod
-    def from_config(cls, config: PaliGemmaConfig | str, seed: int = 0, dtype: Any = jnp.float32) -> PaliGemma:
+    def from_config(cls, config: PaliGemmaConfig | str, seed: int = 0, dtype: Any = jnp.float32,
+                    tokenizer: Any = None) -> PaliGemma:
         cfg = PRESETS[config] if isinstance(config, str) else config
-        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(seed)))
+        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(seed)), tokenizer,
+                   source=f"random:{cfg.name}")
 
     def pixels(self, images: Any) -> np.ndarray:
         """One image or a list -> float32 [B, S, S, 3] at the checkpoint's resolution."""
@@ -453,8 +560,9 @@ class PaliGemma:
         decoded strings when the prompts were strings."""
         if sampler != "greedy":
             raise ValueError("PaliGemma.generate supports sampler='greedy'")
+        # one prompt: a string or a flat id list (np.isscalar is also true of a str, hence the extra check)
         single = isinstance(prompts, str) or (isinstance(prompts, list | tuple) and prompts and
-                                              np.isscalar(prompts[0]))
+                                              np.isscalar(prompts[0]) and not isinstance(prompts[0], str))
         prompts = [prompts] if single else list(prompts)
         px = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixels(images)
         if len(px) == 1 and len(prompts) > 1:
@@ -479,11 +587,115 @@ class PaliGemma:
             return [self.tokenizer.decode(o.tolist()) for o in outs]
         return outs
 
+    # ---- weight transforms ------------------------------------------------------------------------
+    def quantize(self, mode: str = "int8", group_size: int | None = None) -> PaliGemma:
+        """Weight-only quantization in place: the decoder through ``gemmax.quant.quantize_params`` (same
+        paths as ``CausalLM``; embedding per row) and the SigLIP encoder's dense kernels per output channel
+        (``vision.quantize_params``). Norms, patch/position embeddings and the projector stay float."""
+        from gemmax import quant
+
+        self.params = quant.quantize_params(self.params, self.config.text, mode, group_size)
+        self.params = vision.quantize_params(self.params, mode, group_size)
+        return self
+
+    def enable_lora(self, rank: int = 4, targets: str | Sequence[str] = ("query", "value"),
+                    alpha: float | None = None, seed: int = 0) -> PaliGemma:
+        """Adapters on the *language* side only (``decoder_block/...``, via ``gemmax.lora.add_lora``): the
+        vision tower and projector have none, so ``gemmax.lora.split_trainable`` leaves them frozen."""
+        from gemmax import lora
+
+        self.params = lora.add_lora(self.params, self.config.text, rank, alpha, targets, seed)
+        return self
+
+    def merge_lora(self) -> PaliGemma:
+        from gemmax import lora
+
+        self.params = lora.merge_lora(self.params)
+        return self
+
+    def training_batch(self, images: Any, prompts: Sequence[Any], suffixes: Sequence[Any],
+                       length: int | None = None) -> dict[str, np.ndarray]:
+        """:func:`training_batch` from strings (tokenized without ``<bos>``) or id lists, plus ``pixels``."""
+        batch = training_batch(self.config, [self._encode_prompt(p) for p in prompts],
+                               [self._encode_prompt(s) for s in suffixes], length)
+        px = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixels(images)
+        if len(px) == 1 and len(prompts) > 1:
+            px = np.repeat(px, len(prompts), axis=0)
+        batch["pixels"] = px
+        return batch
+
+    def loss(self, batch: Mapping[str, Any]) -> float:
+        """Suffix-only cross-entropy of a :meth:`training_batch`."""
+        return float(_loss_jit(self.params, self.config, *(jnp.asarray(batch[k]) for k in (
+            "tokens", "pixels", "token_type_ids", "loss_mask"))))
+
+    def finetune(self, images: Any, prompts: Sequence[Any], suffixes: Sequence[Any], steps: int = 10,
+                 learning_rate: float = 1e-3, weight_decay: float = 0.0) -> list[float]:
+        """A few AdamW steps on the adapters (call :meth:`enable_lora` first) over one fixed batch; returns
+        the loss before each step. Meant for small adaptations and tests, not a data pipeline."""
+        import optax
+
+        from gemmax import lora
+
+        trainable, frozen = lora.split_trainable(self.params)
+        if not trainable:
+            raise ValueError("no adapters to train: call enable_lora(rank, targets) first")
+        batch = {k: jnp.asarray(v) for k, v in self.training_batch(images, prompts, suffixes).items()}
+        opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+        state = opt.init(trainable)
+        step = make_train_step(self.config, opt)
+        losses = []
+        for _ in range(steps):
+            trainable, state, loss = step(trainable, frozen, state, batch)
+            losses.append(float(loss))
+        self.params = lora.merge_trees(trainable, frozen)
+        return losses
+
+    # ---- inspection and saving --------------------------------------------------------------------
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
         return [(p, a) for p, a in flatten(self.params).items() if p.startswith(prefix)]
 
     def summary(self, print_fn: Any = print) -> str:
         return summary_table(self.config.name, self.config.family, flatten(self.params), print_fn=print_fn)
+
+    def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
+        """A folder transformers' ``PaliGemmaForConditionalGeneration.from_pretrained`` loads, in the
+        published checkpoints' naming (``language_model.model.*``, ``vision_tower.*``,
+        ``multi_modal_projector.linear.*``). Adapters are merged and int8 kernels dequantized first."""
+        from gemmax import lora, quant
+        from gemmax.hf import params_to_hf, write_safetensors
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        params = vision.dequantize_params(quant.dequantize_params(lora.merge_lora(self.params)))
+        flat = {p: np.asarray(jax.device_get(a), np.float32) for p, a in flatten(params).items()}
+        tensors: dict[str, np.ndarray] = {}
+        for name, arr in params_to_hf(flat, self.config.text):
+            tensors["language_model." + name] = arr
+        table = vision.hf_table(self.config.vision, "vision_tower.")
+        table["multi_modal_projector/kernel"] = ("multi_modal_projector.linear.weight", None, lambda w: w.T)
+        table["multi_modal_projector/bias"] = ("multi_modal_projector.linear.bias", None, lambda w: w)
+        for path_, (names, _, inv) in table.items():
+            a = flat[path_]
+            if isinstance(names, str):
+                tensors[names] = inv(a)
+            else:
+                for i, n in enumerate(names):
+                    tensors[n] = inv(a[i])
+        write_safetensors(out / "model.safetensors",
+                          {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()})
+        hf = to_hf_config(self.config)
+        hf["torch_dtype"] = np.dtype(dtype).name
+        (out / "config.json").write_text(json.dumps(hf, indent=2))
+        tc = self.config.text
+        gen = {"bos_token_id": tc.bos_token_id, "pad_token_id": tc.pad_token_id, "eos_token_id": tc.eos_ids[0]}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(out)
+        return out
+
+
+_loss_jit = jax.jit(suffix_loss, static_argnums=(1,))
 
 
 def load_paligemma(folder: str | os.PathLike, dtype: Any = "float32") -> PaliGemma:

@@ -548,17 +548,32 @@ def run_blocks(params: Params, cfg: RecurrentGemmaConfig, x: Array, caches: dict
     return x, {k: jax.tree.map(lambda *a: jnp.concatenate(a), *v) if v else {} for k, v in parts.items()}
 
 
-def embed(params: Params, cfg: RecurrentGemmaConfig, tokens: Array) -> Array:
+def compute_dtype(params: Params) -> Any:
+    """Activation dtype: the embedding's, or — once it is int8 — the final norm's, which quantization never
+    touches (so a bfloat16 model stays bfloat16 and its decoding cache never becomes int8)."""
     table = params["token_embedding"]["embeddings"]
-    dtype = table.dtype if jnp.issubdtype(table.dtype, jnp.floating) else jnp.float32
-    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if jnp.issubdtype(table.dtype, jnp.floating):
+        return table.dtype
+    return params["final_normalization"]["scale"].dtype
+
+
+def embed(params: Params, cfg: RecurrentGemmaConfig, tokens: Array) -> Array:
+    node = params["token_embedding"]
+    dtype = compute_dtype(params)
+    x = jnp.take(node["embeddings"], tokens, axis=0).astype(dtype)
+    if "scale" in node:  # int8 embedding: one scale per row (token)
+        x = x * jnp.take(node["scale"], tokens, axis=0)[..., None].astype(dtype)
     return x * jnp.asarray(cfg.embed_scale, dtype)
 
 
 def logits_from_hidden(params: Params, cfg: RecurrentGemmaConfig, hidden: Array) -> Array:
-    """Final norm already applied; tied output head, then the 30 * tanh(x / 30) cap (float32)."""
-    w = params["token_embedding"]["embeddings"]
+    """Final norm already applied; tied output head, then the 30 * tanh(x / 30) cap (float32). An int8
+    embedding's per-row scales become per-vocabulary-column scales of the logits."""
+    node = params["token_embedding"]
+    w = node["embeddings"]
     logits = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if "scale" in node:
+        logits = logits * node["scale"].astype(jnp.float32)
     return softcap(logits, cfg.final_logit_softcap)
 
 
@@ -645,8 +660,7 @@ def prefill(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths: A
     b, t = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = attention_mask(idx, idx, cfg.attention_window)
-    dtype = params["token_embedding"]["embeddings"].dtype
-    cache = init_cache(cfg, b, cache_len, dtype)
+    cache = init_cache(cfg, b, cache_len, compute_dtype(params))
 
     def temporal(kind: str, p: Params, h: Array, c: Params) -> tuple[Array, Params]:
         if kind == RECURRENT:
@@ -740,6 +754,208 @@ def _generate(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths:
     n, _, _, out, _, _ = jax.lax.while_loop(
         cond, body, (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool), key))
     return out, n
+
+
+# ---- weight transforms: quantization and LoRA on the dense layers ---------------------------------------
+
+#: The dense (``layers.linear``) nodes of each block kind: path under the kind's prefix -> EQS name. The
+#: RG-LRU gates (block-diagonal einsums in float32), the Conv1D and the norms are not in it: they are small
+#: (a few percent of the weights) and numerically sensitive, so they stay floating point and frozen.
+DENSE_NODES: dict[str, dict[str, str]] = {
+    RECURRENT: {"linear_x": "linear_x", "linear_y": "linear_y", "linear_out": "linear_out"},
+    ATTENTION: {"attention/query": "query", "attention/key": "key", "attention/value": "value",
+                "attention/attention_output": "attention_output"},
+}
+for _kind in DENSE_NODES:
+    DENSE_NODES[_kind].update({"ffw_gating": "ffw_gating", "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"})
+
+#: LoRA target names (EQS names) accepted by :func:`add_lora`, with transformers' module names as aliases.
+LORA_ALIASES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention_output",
+                "gate_proj": "ffw_gating", "up_proj": "ffw_gating_2", "down_proj": "ffw_linear"}
+_LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
+
+
+def dense_paths(cfg: RecurrentGemmaConfig) -> dict[tuple[str, ...], str]:
+    """Tree path (tuple of keys) -> EQS name for every dense node of the block kinds this model has."""
+    out: dict[tuple[str, ...], str] = {}
+    for kind, nodes in DENSE_NODES.items():
+        if cfg.count(kind):
+            for sub, name in nodes.items():
+                out[(KIND_PREFIX[kind], *sub.split("/"))] = name
+    return out
+
+
+def stacked_in_axes(name: str) -> tuple[int, ...]:
+    """Contracted axes of a stacked kernel (layer axis first), read off its einsum so the table above is
+    the single source of truth for shapes."""
+    from gemmax.quant import in_axes_from_eq
+
+    return tuple(1 + a for a in in_axes_from_eq(EQS[name][0]))
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: Params, path: tuple[str, ...], value: Any) -> Params:
+    """Functional update: copies the dicts along ``path``, shares every other leaf."""
+    out = dict(tree)
+    out[path[0]] = value if len(path) == 1 else _set(tree[path[0]], path[1:], value)
+    return out
+
+
+def quantize_params(params: Params, cfg: RecurrentGemmaConfig, mode: str = "int8", group_size: int | None = None,
+                    embedding: bool = True) -> Params:
+    """Weight-only quantization of every dense kernel (and, with ``embedding``, the tied embedding per row).
+
+    Uses :func:`gemmax.quant.quantize_kernel`, so the nodes have exactly ``gemmax.quant``'s layout
+    (``{"kernel": int8, "scale"}`` or grouped ``qkernel``/``qscale``) and ``layers.linear`` — which every
+    Griffin dense layer goes through — applies them; biases and adapters on a node are kept.
+    """
+    from gemmax.quant import is_quantized, quantize_kernel
+
+    for path, name in dense_paths(cfg).items():
+        node = _get(params, path)
+        if is_quantized(node):
+            raise ValueError(f"{'/'.join(path)} is already quantized")
+        q = quantize_kernel(node["kernel"], stacked_in_axes(name), mode, group_size)
+        params = _set(params, path, {**q, **{k: v for k, v in node.items() if k != "kernel"}})
+    node = params["token_embedding"]
+    if embedding and not is_quantized(node):
+        q = quantize_kernel(node["embeddings"], (1,), "int8")
+        params = _set(params, ("token_embedding",), {"embeddings": q["kernel"], "scale": q["scale"]})
+    return params
+
+
+def dequantize_params(params: Params, cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32) -> Params:
+    """Float weights back from :func:`quantize_params` (adapters and biases kept)."""
+    from gemmax.quant import dequantize_kernel, is_quantized
+
+    for path, name in dense_paths(cfg).items():
+        node = _get(params, path)
+        if is_quantized(node):
+            rest = {k: v for k, v in node.items() if k not in ("kernel", "scale", "qkernel", "qscale")}
+            params = _set(params, path, {"kernel": dequantize_kernel(node, stacked_in_axes(name), dtype), **rest})
+    node = params["token_embedding"]
+    if is_quantized(node):
+        params = _set(params, ("token_embedding",), {"embeddings": dequantize_kernel(node, (1,), dtype)})
+    return params
+
+
+def resolve_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    out = tuple(dict.fromkeys(LORA_ALIASES.get(t, t) for t in names))
+    bad = [t for t in out if t not in EQS]
+    if bad or not out:
+        raise ValueError(f"unknown LoRA target(s) {bad}; known: {', '.join(EQS)} (or {', '.join(LORA_ALIASES)})")
+    return out
+
+
+def add_lora(params: Params, cfg: RecurrentGemmaConfig, rank: int = 4, alpha: float | None = None,
+             targets: str | tuple[str, ...] | list[str] = ("query", "value"), seed: int = 0,
+             dtype: Any = jnp.float32) -> Params:
+    """Adapters on every block of each targeted dense layer (attention ``query``/``key``/``value``/
+    ``attention_output``, the MLP's ``ffw_*`` in both block kinds, the recurrent block's ``linear_*``).
+
+    Same convention as :func:`gemmax.lora.add_lora` (``lora_a`` [L, in..., r] uniform in ±1/sqrt(fan_in),
+    ``lora_b`` [L, r, out...] zero, ``lora_scale`` [L] = alpha / rank), so the model is unchanged until
+    training moves B, and ``gemmax.lora.split_trainable`` picks the factors out of the tree.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    names = resolve_lora_targets(targets)
+    scale = float(rank if alpha is None else alpha) / rank
+    rng = np.random.default_rng(seed)
+    hit = False
+    for path, name in dense_paths(cfg).items():
+        if name not in names:
+            continue
+        node = _get(params, path)
+        if "lora_a" in node:
+            raise ValueError(f"{'/'.join(path)} already has LoRA factors")
+        shape = _kernel_shape(node, name)
+        ins = stacked_in_axes(name)
+        in_dims = tuple(shape[i] for i in ins)
+        out_dims = tuple(shape[i] for i in range(1, len(shape)) if i not in ins)
+        bound = 1.0 / math.sqrt(int(np.prod(in_dims)))
+        a = rng.uniform(-bound, bound, (shape[0], *in_dims, rank)).astype(np.float32)
+        params = _set(params, path, dict(node, lora_a=jnp.asarray(a, dtype),
+                                         lora_b=jnp.zeros((shape[0], rank, *out_dims), dtype),
+                                         lora_scale=jnp.full((shape[0],), scale, jnp.float32)))
+        hit = True
+    if not hit:
+        raise ValueError(f"no dense layer of this model matches the LoRA targets {names}")
+    return params
+
+
+def _kernel_shape(node: Params, name: str) -> tuple[int, ...]:
+    if "kernel" in node:
+        return tuple(node["kernel"].shape)
+    q = tuple(node["qkernel"].shape)  # grouped: the last input axis is split into (n_groups, group_size)
+    ax = max(stacked_in_axes(name))
+    return (*q[:ax], q[ax] * q[ax + 1], *q[ax + 2:])
+
+
+def lora_delta(node: Params, name: str) -> Array:
+    """``scale * A @ B`` laid out like the node's stacked kernel (float32)."""
+    a = jnp.asarray(node["lora_a"], jnp.float32)
+    b = jnp.asarray(node["lora_b"], jnp.float32)
+    n, r = a.shape[0], a.shape[-1]
+    delta = jnp.einsum("lir,lro->lio", a.reshape(n, -1, r), b.reshape(n, r, -1))
+    delta = delta * jnp.asarray(node["lora_scale"], jnp.float32).reshape(n, 1, 1)
+    delta = delta.reshape(n, *a.shape[1:-1], *b.shape[2:])
+    ins = stacked_in_axes(name)
+    nd = delta.ndim
+    order = [0, *ins, *[i for i in range(1, nd) if i not in ins]]  # kernel axis held by each delta axis
+    return jnp.transpose(delta, [order.index(i) for i in range(nd)])
+
+
+def merge_lora(params: Params, cfg: RecurrentGemmaConfig) -> Params:
+    """Fold adapters into their kernels (``W + scale * A @ B``; a quantized kernel is dequantized first and
+    the result is float — re-quantize if wanted) and drop the factors."""
+    from gemmax.quant import dequantize_kernel
+
+    for path, name in dense_paths(cfg).items():
+        node = _get(params, path)
+        if "lora_a" not in node:
+            continue
+        dt = node["lora_a"].dtype if ("scale" in node or "qkernel" in node) else node["kernel"].dtype
+        w = dequantize_kernel(node, stacked_in_axes(name), jnp.float32)
+        rest = {k: v for k, v in node.items() if k not in ("kernel", "scale", "qkernel", "qscale", *_LORA_KEYS)}
+        params = _set(params, path, {"kernel": (w + lora_delta(node, name)).astype(dt), **rest})
+    return params
+
+
+def lm_loss(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, weights: Array | None = None) -> Array:
+    """Mean next-token cross-entropy (``weights`` [B, T] on the *target* tokens, e.g. 0 on padding)."""
+    logits = forward(params, cfg, tokens)[:, :-1]
+    tgt = jnp.asarray(tokens)[:, 1:]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[..., None], -1)[..., 0]
+    w = jnp.ones_like(nll) if weights is None else jnp.asarray(weights, jnp.float32)[:, 1:]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def layout_map(mesh: Any) -> Any:
+    """``LAYOUT_RULES`` as a :class:`gemmax.distribution.LayoutMap` for ``mesh`` (LoRA factors and int8
+    scales follow their kernel there)."""
+    from gemmax.distribution import LayoutMap
+
+    lm = LayoutMap(mesh)
+    for rx, spec in LAYOUT_RULES.items():
+        lm[rx] = spec
+    return lm
+
+
+def abstract_params(cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
+                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
+    """ShapeDtypeStruct tree of the weights (plus adapters): what ``gemmax shard-plan`` describes without
+    allocating anything."""
+    tree = unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
+    if lora_rank:
+        tree = jax.eval_shape(lambda t: add_lora(t, cfg, lora_rank, targets=lora_targets, dtype=dtype), tree)
+    return tree
 
 
 # ---- Hugging Face checkpoints ----------------------------------------------------------------------------
@@ -951,8 +1167,14 @@ class RecurrentGemmaLM:
         return cls(cfg, params, source=f"random:{cfg.name}")
 
     @classmethod
-    def from_preset(cls, handle: str, dtype: Any = "float32") -> RecurrentGemmaLM:
-        """A HF folder, ``hf://org/name`` or a preset name whose weights are in the local HF cache."""
+    def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None) -> RecurrentGemmaLM:
+        """A HF folder, ``hf://org/name`` or a preset name whose weights are in the local HF cache;
+        ``quantize="int8"`` quantizes after loading (:meth:`quantize`)."""
+        lm = cls._load(handle, dtype)
+        return lm.quantize(quantize) if quantize else lm
+
+    @classmethod
+    def _load(cls, handle: str, dtype: Any) -> RecurrentGemmaLM:
         from gemmax.hf import resolve_hf_handle
 
         path = Path(os.path.expanduser(handle))
@@ -1015,7 +1237,28 @@ class RecurrentGemmaLM:
 
     @property
     def dtype(self) -> Any:
-        return self.params["token_embedding"]["embeddings"].dtype
+        return compute_dtype(self.params)
+
+    # ---- weight transforms ------------------------------------------------------------------------
+    def quantize(self, mode: str = "int8", group_size: int | None = None, embedding: bool = True) -> RecurrentGemmaLM:
+        """Weight-only quantization in place: every dense kernel per output channel (int8 by default) and the
+        tied embedding per row; the RG-LRU gates, Conv1D and norms stay float (:func:`quantize_params`)."""
+        self.params = quantize_params(self.params, self.config, mode, group_size, embedding)
+        return self
+
+    def enable_lora(self, rank: int = 4, targets: str | tuple[str, ...] | list[str] = ("query", "value"),
+                    alpha: float | None = None, seed: int = 0) -> RecurrentGemmaLM:
+        """Add adapters (:func:`add_lora`); train the ``gemmax.lora.split_trainable`` half of ``params``."""
+        self.params = add_lora(self.params, self.config, rank, alpha, targets, seed)
+        return self
+
+    def merge_lora(self) -> RecurrentGemmaLM:
+        self.params = merge_lora(self.params, self.config)
+        return self
+
+    def loss(self, token_ids: Any, weights: Any = None) -> float:
+        return float(jax.jit(lm_loss, static_argnums=(1,))(self.params, self.config, jnp.asarray(token_ids),
+                                                           None if weights is None else jnp.asarray(weights)))
 
     # ---- inspection and saving --------------------------------------------------------------------
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
@@ -1025,11 +1268,12 @@ class RecurrentGemmaLM:
         return summary_table(self.config.name, self.config.family, flatten(self.params), print_fn=print_fn)
 
     def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
-        """A folder transformers' ``RecurrentGemmaForCausalLM.from_pretrained`` loads."""
+        """A folder transformers' ``RecurrentGemmaForCausalLM.from_pretrained`` loads. Adapters are merged
+        in and quantized kernels dequantized first (transformers has no int8 layout of its own to take)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(self.params).items()
-                if not p.endswith(("lora_a", "lora_b", "lora_scale"))}
+        params = dequantize_params(merge_lora(self.params, self.config), self.config)
+        flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(params).items()}
         tensors = {k: v.astype(dtype) for k, v in params_to_hf(flat, self.config).items()}
         write_safetensors(out / "model.safetensors", tensors)
         hf = to_hf_config(self.config)

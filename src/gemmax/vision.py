@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.layers import dot_attention, gelu_tanh
+from gemmax.layers import dot_attention, gelu_tanh, linear
 from gemmax.model import ParamSpec
 
 Array = jax.Array
@@ -111,7 +111,52 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
 
 
 def _lin(node: Params, x: Array, eq: str) -> Array:
-    return jnp.einsum(eq, x, node["kernel"].astype(x.dtype)) + node["bias"].astype(x.dtype)
+    # Through layers.linear so an int8 node ({"kernel": int8, "scale"}) runs without a dequantized copy.
+    return linear(node, x, eq) + node["bias"].astype(x.dtype)
+
+
+#: The encoder's dense layers (path under ``encoder_block/``) and their einsums: what int8 quantizes.
+LINEARS: dict[str, str] = {
+    "attention/query": "btd,dnh->btnh", "attention/key": "btd,dnh->btnh", "attention/value": "btd,dnh->btnh",
+    "attention/attention_output": "btnh,nhd->btd", "mlp/fc1": "btd,df->btf", "mlp/fc2": "btf,fd->btd",
+}
+
+
+def _stacked_in_axes(eq: str) -> tuple[int, ...]:
+    from gemmax.quant import in_axes_from_eq
+
+    return tuple(1 + a for a in in_axes_from_eq(eq))
+
+
+def quantize_params(params: Params, mode: str = "int8", group_size: int | None = None) -> Params:
+    """Per-output-channel (or grouped) weight-only quantization of the encoder's dense kernels, in
+    ``gemmax.quant``'s node layout; patch/position embeddings and layer norms stay float (they are small and
+    feed every patch)."""
+    from gemmax.quant import quantize_kernel
+
+    blocks = dict(params["vision_encoder"]["encoder_block"])
+    for sub, eq in LINEARS.items():
+        a, b = sub.split("/")
+        node = blocks[a][b]
+        if "kernel" not in node or not jnp.issubdtype(node["kernel"].dtype, jnp.floating):
+            raise ValueError(f"vision_encoder/encoder_block/{sub} is already quantized")
+        q = quantize_kernel(node["kernel"], _stacked_in_axes(eq), mode, group_size)
+        blocks[a] = dict(blocks[a], **{b: {**q, "bias": node["bias"]}})
+    return dict(params, vision_encoder=dict(params["vision_encoder"], encoder_block=blocks))
+
+
+def dequantize_params(params: Params, dtype: Any = jnp.float32) -> Params:
+    """Float encoder kernels back from :func:`quantize_params` (a float tree is returned unchanged)."""
+    from gemmax.quant import dequantize_kernel, is_quantized
+
+    blocks = dict(params["vision_encoder"]["encoder_block"])
+    for sub, eq in LINEARS.items():
+        a, b = sub.split("/")
+        node = blocks[a][b]
+        if is_quantized(node):
+            w = dequantize_kernel(node, _stacked_in_axes(eq), dtype)
+            blocks[a] = dict(blocks[a], **{b: {"kernel": w, "bias": node["bias"]}})
+    return dict(params, vision_encoder=dict(params["vision_encoder"], encoder_block=blocks))
 
 
 def encoder_layer(p: Params, x: Array, cfg: SigLIPConfig) -> Array:

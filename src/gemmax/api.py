@@ -77,6 +77,9 @@ def place_params(lazy: dict[str, LazyWeight | np.ndarray], dtype: Any, dist: Any
             return np.asarray(w[index], dtype=np_dtype)
 
         out[path] = jax.make_array_from_callback(shape, sharding, cb)
+        jax.block_until_ready(out[path])
+        if hasattr(w, "release"):
+            w.release()  # drop the source pages this weight was read from before reading the next
     return out
 
 

@@ -77,6 +77,12 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def release(self) -> None:
+        """Drop this file's pages from memory (they are clean and re-read on demand). Pages read through a
+        memory map otherwise stay resident and count against the process until the map is closed."""
+        if self._mm is not None and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
@@ -136,6 +142,10 @@ class TensorSource(Mapping[str, np.ndarray]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
+
+    def release(self) -> None:
+        for f in set(self._where.values()):
+            f.release()
 
 
 def open_safetensors_folder(folder: Path) -> TensorSource:
@@ -255,9 +265,11 @@ class LazyWeight:
     reads only its own shard from the memory maps — no full copy of the model is ever made on one device.
     """
 
-    def __init__(self, shape: tuple[int, ...], read: Callable[[tuple[slice, ...]], np.ndarray]):
+    def __init__(self, shape: tuple[int, ...], read: Callable[[tuple[slice, ...]], np.ndarray],
+                 release: Callable[[], None] | None = None):
         self.shape = shape
         self._read = read
+        self.release = release or (lambda: None)
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         return self._read(index)
@@ -281,6 +293,7 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
     shape_of = shape_of or (lambda n: tuple(source[n].shape))
     used: set[str] = set()
     problems: list[str] = []
+    release = getattr(source, "release", None)
     out: dict[str, LazyWeight] = {}
     layer_map = _layer_map(cfg)
 
@@ -300,14 +313,14 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
         expect = tuple(np.asarray(inv(np.empty(spec.shape, np.int8))).shape)
         real = check(hf_name, expect)
         if real is not None:
-            out[path] = LazyWeight(spec.shape, _reader_single(source, real, fwd, dtype, spec.shape))
+            out[path] = LazyWeight(spec.shape, _reader_single(source, real, fwd, dtype, spec.shape), release)
     for sub, (tmpl, fwd, inv) in layer_map.items():
         path = "decoder_block/" + sub
         spec = specs[path]
         expect = tuple(np.asarray(inv(np.empty(spec.shape[1:], np.int8))).shape)
         reals = [check(tmpl.format(i=i), expect) for i in range(cfg.num_layers)]
         if all(r is not None for r in reals):
-            out[path] = LazyWeight(spec.shape, _reader_stacked(source, reals, fwd, dtype, spec.shape))
+            out[path] = LazyWeight(spec.shape, _reader_stacked(source, reals, fwd, dtype, spec.shape), release)
     ignorable = ("rotary_emb.inv_freq", "vision_tower", "multi_modal_projector", "lm_head.weight")
     unexpected = [n for n in names.values() if n not in used and not any(s in n for s in ignorable)]
     if cfg.tie_embeddings:
@@ -323,7 +336,8 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
 
 def _reader_single(source, name, fwd, dtype, shape):
     def read(index):
-        return np.asarray(fwd(source[name]))[_full(index, shape)].astype(dtype)
+        # copy=False: an untransposed float32 tensor is handed over as a view of the map, no host copy
+        return np.asarray(fwd(source[name]))[_full(index, shape)].astype(dtype, copy=False)
     return read
 
 
@@ -331,8 +345,11 @@ def _reader_stacked(source, names, fwd, dtype, shape):
     def read(index):
         index = _full(index, shape)
         layers = range(shape[0])[index[0]]
-        parts = [np.asarray(fwd(source[names[i]]))[index[1:]].astype(dtype) for i in layers]
-        return np.stack(parts) if parts else np.empty((0,) + shape[1:], dtype)
+        first = np.asarray(fwd(source[names[layers[0]]]))[index[1:]] if len(layers) else None
+        out = np.empty((len(layers),) + (first.shape if first is not None else shape[1:]), dtype)
+        for j, i in enumerate(layers):  # each layer converted straight into its slot: one host copy
+            out[j] = np.asarray(fwd(source[names[i]]))[index[1:]]
+        return out
     return read
 
 

@@ -524,7 +524,9 @@ class PaliGemma:
     def from_config(cls, config: PaliGemmaConfig | str, seed: int = 0, dtype: Any = jnp.float32,
                     tokenizer: Any = None) -> PaliGemma:
         cfg = PRESETS[config] if isinstance(config, str) else config
-        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(seed)), tokenizer,
+        # rbg key: compiles far faster than threefry for a tree of many weights (see RecurrentGemmaLM)
+        key = jax.random.key(seed, impl="rbg")
+        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, dtype))(key), tokenizer,
                    source=f"random:{cfg.name}")
 
     def pixels(self, images: Any) -> np.ndarray:
@@ -592,10 +594,7 @@ class PaliGemma:
         """Weight-only quantization in place: the decoder through ``gemmax.quant.quantize_params`` (same
         paths as ``CausalLM``; embedding per row) and the SigLIP encoder's dense kernels per output channel
         (``vision.quantize_params``). Norms, patch/position embeddings and the projector stay float."""
-        from gemmax import quant
-
-        self.params = quant.quantize_params(self.params, self.config.text, mode, group_size)
-        self.params = vision.quantize_params(self.params, mode, group_size)
+        self.params = _quantize_jit(self.params, self.config, mode, group_size)
         return self
 
     def enable_lora(self, rank: int = 4, targets: str | Sequence[str] = ("query", "value"),
@@ -696,6 +695,15 @@ class PaliGemma:
 
 
 _loss_jit = jax.jit(suffix_loss, static_argnums=(1,))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_jit(params: Params, cfg: PaliGemmaConfig, mode: str, group_size: int | None) -> Params:
+    """Decoder (``gemmax.quant``) then vision tower, as one compiled program rather than many eager ops."""
+    from gemmax import quant
+
+    params = quant.quantize_params(params, cfg.text, mode, group_size)
+    return vision.quantize_params(params, mode, group_size)
 
 
 def load_paligemma(folder: str | os.PathLike, dtype: Any = "float32") -> PaliGemma:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -133,14 +134,14 @@ def test_csv_parquet_json_array_and_hf_give_same_examples(tmp_path):
         w = csv.DictWriter(f, fieldnames=["prompt", "completion"])
         w.writeheader()
         w.writerows(rows)
-    pa = pytest.importorskip("pyarrow")
+    pa = importlib.import_module("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     _write(tmp_path / "d.json", json.dumps(rows))
     _jsonl(tmp_path / "d.jsonl", rows)
     sources = [tmp_path / "d.csv", tmp_path / "d.parquet", tmp_path / "d.json", tmp_path / "d.jsonl", rows]
-    datasets = pytest.importorskip("datasets")
+    datasets = importlib.import_module("datasets")
     hf = datasets.Dataset.from_list(rows)
     hf.save_to_disk(str(tmp_path / "saved"))
     sources += [hf, tmp_path / "saved", "hf:json", ]

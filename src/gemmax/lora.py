@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.config import ModelConfig
-from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS, flatten, param_specs, unflatten
+from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS, flatten, param_specs, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -50,16 +50,8 @@ HF_MODULES: dict[str, str] = {
     "ffw_linear": "mlp.down_proj",
 }
 
-#: Path of each linear node in the parameter tree.
-NODE_PATHS: dict[str, tuple[str, ...]] = {
-    "query": ("decoder_block", "attention", "query"),
-    "key": ("decoder_block", "attention", "key"),
-    "value": ("decoder_block", "attention", "value"),
-    "attention_output": ("decoder_block", "attention", "attention_output"),
-    "ffw_gating": ("decoder_block", "ffw_gating"),
-    "ffw_gating_2": ("decoder_block", "ffw_gating_2"),
-    "ffw_linear": ("decoder_block", "ffw_linear"),
-}
+#: Path of each linear node in the parameter tree (one table, in gemmax.model).
+NODE_PATHS = LINEAR_NODE_PATHS
 
 #: Module prefix PEFT uses in adapter_model.safetensors for a ``*ForCausalLM`` text model.
 PEFT_PREFIX = "base_model.model.model.layers"

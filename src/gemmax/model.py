@@ -46,6 +46,18 @@ LINEAR_EQS: dict[str, tuple[str, tuple[str, str]]] = {
     "ffw_linear": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd")),
 }
 
+#: Where each linear node sits in the parameter tree (stacked over layers); LoRA and quantization address
+#: kernels through this one table.
+LINEAR_NODE_PATHS: dict[str, tuple[str, ...]] = {
+    "query": ("decoder_block", "attention", "query"),
+    "key": ("decoder_block", "attention", "key"),
+    "value": ("decoder_block", "attention", "value"),
+    "attention_output": ("decoder_block", "attention", "attention_output"),
+    "ffw_gating": ("decoder_block", "ffw_gating"),
+    "ffw_gating_2": ("decoder_block", "ffw_gating_2"),
+    "ffw_linear": ("decoder_block", "ffw_linear"),
+}
+
 #: Number of leading "input" dims of each kernel (after the layer axis); the rest are outputs.
 #: Used by LoRA (factor shapes) and quantization (per-output-channel scales).
 KERNEL_IN_DIMS: dict[str, tuple[int, ...]] = {

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.config import ModelConfig
-from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS
+from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -37,16 +37,8 @@ Params = dict[str, Any]
 MODES = ("int8", "int4", "nf4")
 LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
 
-#: Path of each decoder linear node (stacked over layers).
-LINEAR_PATHS: dict[str, tuple[str, ...]] = {
-    "query": ("decoder_block", "attention", "query"),
-    "key": ("decoder_block", "attention", "key"),
-    "value": ("decoder_block", "attention", "value"),
-    "attention_output": ("decoder_block", "attention", "attention_output"),
-    "ffw_gating": ("decoder_block", "ffw_gating"),
-    "ffw_gating_2": ("decoder_block", "ffw_gating_2"),
-    "ffw_linear": ("decoder_block", "ffw_linear"),
-}
+#: Path of each linear node in the parameter tree (one table, in gemmax.model).
+LINEAR_PATHS = LINEAR_NODE_PATHS
 
 
 def _nf4_table() -> np.ndarray:

@@ -227,14 +227,9 @@ def _manifest(params: Any) -> dict[str, list]:
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        node = out
-        *parents, leaf = k.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+    from gemmax.model import unflatten
+
+    return unflatten(flat)
 
 
 def save_params(path: str | os.PathLike, params: Any, config: ModelConfig, *, overwrite: bool = False) -> Path:

@@ -321,11 +321,9 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
         reals = [check(tmpl.format(i=i), expect) for i in range(cfg.num_layers)]
         if all(r is not None for r in reals):
             out[path] = LazyWeight(spec.shape, _reader_stacked(source, reals, fwd, dtype, spec.shape), release)
+    # a tied model may still ship lm_head.weight (a copy of the embedding): ignored, like rotary buffers
     ignorable = ("rotary_emb.inv_freq", "vision_tower", "multi_modal_projector", "lm_head.weight")
     unexpected = [n for n in names.values() if n not in used and not any(s in n for s in ignorable)]
-    if cfg.tie_embeddings:
-        # A tied model may still ship lm_head.weight equal to the embedding; anything else is unexpected.
-        pass
     if unexpected:
         problems.append(f"unexpected tensors (not part of a {cfg.family} model): {sorted(unexpected)[:8]}"
                         + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))

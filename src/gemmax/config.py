@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,9 +473,3 @@ def describe_size(n: int) -> str:
         if n >= k:
             return f"{n / k:.{1 if n / k < 100 else 0}f}{unit}"
     return str(n)
-
-
-def _check_positive(cfg: ModelConfig) -> None:  # pragma: no cover - tiny guard used by loaders
-    for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "intermediate_size"):
-        if getattr(cfg, k) <= 0 or not math.isfinite(getattr(cfg, k)):
-            raise ValueError(f"config field {k} must be positive, got {getattr(cfg, k)}")

@@ -16,9 +16,8 @@ Design (after gpt-fast and jax-llm-examples):
 from __future__ import annotations
 
 import functools
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -530,20 +529,3 @@ def generate_ids(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]
                 if not r.done and stop_check(r):
                     eng.finish(r, "stop")
     return reqs
-
-
-def stream_ids(engine: Engine, req: Request) -> Iterator[list[int]]:
-    """Yield each chunk of new ids for one request as it is produced."""
-    engine.add([req])
-    yield list(req.new_ids)
-    sent = len(req.new_ids)
-    while not req.done:
-        engine.step()
-        if len(req.new_ids) > sent:
-            yield req.new_ids[sent:]
-            sent = len(req.new_ids)
-    engine.release(req)
-
-
-def tokens_per_second(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else math.inf

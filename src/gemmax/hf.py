@@ -324,12 +324,18 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
     # a tied model may still ship lm_head.weight (a copy of the embedding): ignored, like rotary buffers
     ignorable = ("rotary_emb.inv_freq", "vision_tower", "multi_modal_projector", "lm_head.weight")
     unexpected = [n for n in names.values() if n not in used and not any(s in n for s in ignorable)]
+    raise_on_problems(problems, unexpected, f"{cfg.family} model")
+    return out
+
+
+def raise_on_problems(problems: list[str], unexpected: list[str], what: str) -> None:
+    """One error listing everything wrong with a checkpoint (missing, mis-shaped, unexpected tensors), raised
+    before any weight is read: every loader (decoder, RecurrentGemma, PaliGemma) reports the same way."""
     if unexpected:
-        problems.append(f"unexpected tensors (not part of a {cfg.family} model): {sorted(unexpected)[:8]}"
-                        + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+        problems = problems + [f"unexpected tensors (not part of a {what}): {sorted(unexpected)[:8]}"
+                               + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")]
     if problems:
         raise CheckpointError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
-    return out
 
 
 def _reader_single(source, name, fwd, dtype, shape):

@@ -42,7 +42,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.hf import CheckpointError, LazyWeight, open_safetensors_folder, write_safetensors
+from gemmax.hf import (
+    CheckpointError,
+    LazyWeight,
+    open_safetensors_folder,
+    raise_on_problems,
+    write_safetensors,
+)
 from gemmax.layers import (
     apply_rope,
     attention_mask,
@@ -1056,13 +1062,8 @@ def lazy_from_table(specs: Mapping[str, ParamSpec], table: Mapping[str, tuple[li
             oks = [check(n, expect) for n in names]
             if all(oks):
                 out[path] = LazyWeight(spec.shape, _reader(source, names, fwd, dtype, spec.shape, True))
-    if check_unexpected:
-        unexpected = sorted(n for n in keys - used if not any(s in n for s in ignorable))
-        if unexpected:
-            problems.append(f"unexpected tensors (not part of a {what}): {unexpected[:8]}"
-                            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
-    if problems:
-        raise CheckpointError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
+    unexpected = [n for n in keys - used if not any(s in n for s in ignorable)] if check_unexpected else []
+    raise_on_problems(problems, unexpected, what)
     return out
 
 

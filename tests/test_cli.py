@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sentencepiece as spm
+from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
 from gemmax.api import CausalLM
 from gemmax.cli import build_parser, main
-from gemmax.tokenizer import Tokenizer
 
 LINES = ["The quick brown fox jumps over the lazy dog.", "Gemma is a family of lightweight open models.",
          "Hello world, hello tokenizer."] * 20
@@ -17,14 +16,7 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "Gemma is a family of l
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spm")
-    (d / "corpus.txt").write_text("\n".join(LINES))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=120, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], hard_vocab_limit=False,
-        num_threads=1, minloglevel=2)
-    tok = Tokenizer.from_file(d / "tok.model")
+    tok = train_tiny_sentencepiece(tmp_path_factory.mktemp("spm"), LINES, 120)
     lm = CausalLM.from_config(gemmax.tiny_config("gemma3", vocab_size=tok.vocab_size), seed=0, tokenizer=tok)
     return lm, lm.save(tmp_path_factory.mktemp("model") / "m")
 

@@ -17,6 +17,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
 from gemmax import lora
@@ -42,15 +43,7 @@ PROMPTS = ["Hello world", "The quick brown fox", "Gemma is", "Numbers 42", "one 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    spm = importlib.import_module("sentencepiece")
-    d = tmp_path_factory.mktemp("spm")
-    (d / "corpus.txt").write_text("\n".join(LINES))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=160, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    return Tokenizer.from_file(d / "tok.model")
+    return train_tiny_sentencepiece(tmp_path_factory.mktemp("spm"), LINES, 160, add_dummy_prefix=False)
 
 
 @pytest.fixture(scope="module")

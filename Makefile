@@ -6,10 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# The stamp depends on the Makefile too, so a changed install recipe reaches existing venvs.
+# llama-cpp-cffi is llama.cpp's prebuilt CPU library, the peer of benchmarks/generate.py and
+# tests/test_llamacpp.py; its Python layer pins transformers<5, which we never import: hence --no-deps
+# (its one runtime need, cffi, is in the test extra).
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llama-cpp-cffi==0.4.42
 	touch $(STAMP)
 
 setup: $(STAMP)

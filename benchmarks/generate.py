@@ -1,5 +1,7 @@
 """Generation speed of the real Gemma 3 270M: gemmax (float32, bfloat16, int8) vs transformers (float32,
-bfloat16), same weights (the Q4_K_M GGUF, dequantized by each loader), same prompts, same thread count.
+bfloat16), same weights (the Q4_K_M GGUF, dequantized by each loader), and vs llama.cpp running the GGUF as
+is (Q4_K_M blocks; engine ``llamacpp-q4km``, through llama-cpp-cffi's prebuilt CPU library, see
+``llamacpp_peer.py``); same prompts, same thread count.
 
 Measured, interleaved (each repetition runs every engine once, so a shared machine slows all alike):
 
@@ -7,8 +9,9 @@ Measured, interleaved (each repetition runs every engine once, so a shared machi
   tokens/s over the decode phase only (from the first new token to the last), and the achieved weight
   bandwidth in GB/s (bytes of weights read per token / time per token, as gpt-fast reports it);
 - prefill: one ``--prefill``-token prompt, batch 1, up to the last position's logits (and the KV cache);
+  llama.cpp: one ``llama_decode`` of the whole prompt (n_batch = 512);
 - batch: ``--batch`` prompts of equal length, ``--new`` tokens each, end-to-end tokens/s (gemmax: one
-  ``Engine`` with ``max_batch=--batch``; transformers: one batched ``generate``);
+  ``Engine`` with ``max_batch=--batch``; transformers: one batched ``generate``; not llama.cpp);
 - time to first token of a 20-token prompt after the model is loaded, in fresh subprocesses: cold
   (compilation counted), then with JAX's persistent compilation cache filled by the first subprocess.
 
@@ -16,7 +19,11 @@ Measured, interleaved (each repetition runs every engine once, so a shared machi
     python benchmarks/generate.py --quick         # 1 repetition, fewer engines for slow paths
     python benchmarks/generate.py --out benchmarks/results/generate.txt
 
-llama.cpp is measured only if ``llama_cpp`` is importable; otherwise a reference figure is quoted.
+The decode table has a "vs llama.cpp" column (tokens/s of the engine / llama.cpp's): the goal is gemmax
+int8 within 1.5x of llama.cpp's Q4_K_M, i.e. >= 0.67. llama.cpp's threads spin at every barrier, so on a
+machine with fewer free cores than its threads it slows down far more than the others (the load average is
+printed, with a warning; ``--llamacpp-threads 1`` avoids it); its tokens are chosen by argmax in Python,
+like everyone's, with its default f16 K/V cache.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 TTFT_PROMPT_LEN = 20
@@ -44,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llamacpp-threads", type=int, default=None,
+                    help="llama.cpp's threads (default: --threads); 1 on a busy machine, see above")
     ap.add_argument("--chunk", type=int, default=16, help="gemmax decode steps per dispatch")
-    ap.add_argument("--engines", default="gemmax-f32,gemmax-bf16,gemmax-int8,hf-f32,hf-bf16")
+    ap.add_argument("--engines", default="gemmax-f32,gemmax-bf16,gemmax-int8,hf-f32,hf-bf16,llamacpp-q4km")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: decode,prefill,batch,ttft")
     ap.add_argument("--quick", action="store_true", help="1 repetition; batch and TTFT only for float32")
     ap.add_argument("--out", default=None, help="also write the report to this file")
@@ -245,6 +255,66 @@ class HFRunner:
             self._gen(__import__("torch").tensor(batch_prompts), 4)
 
 
+class LlamaCppRunner:
+    """llama.cpp on the GGUF as is: Q4_K_M blocks (computed with 8-bit activations), default f16 K/V cache,
+    batch 1. Greedy tokens by argmax over its logits buffer in Python (~0.1 ms of a ~20 ms step)."""
+
+    def __init__(self, name: str, path: str, threads: int, n_ctx: int):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from llamacpp_peer import LlamaCpp
+
+        t0 = time.perf_counter()
+        self.peer = LlamaCpp(path, n_ctx=n_ctx, threads=threads, n_batch=512)
+        self.load_s = time.perf_counter() - t0
+        self.name = name
+        self.bytes = self.peer.size_bytes
+        self.compile_s: dict[str, float] = {}
+
+    def decode(self, prompt: list[int], new: int) -> tuple[float, list[int]]:
+        """-> (seconds from the first new token to the last, generated ids): as the other engines."""
+        p = self.peer
+        p.reset()
+        out = [p.next_token(prompt)]  # prefill + first token: not timed
+        t0 = time.perf_counter()
+        while len(out) < new:
+            out.append(p.next_token([out[-1]]))
+        return time.perf_counter() - t0, out
+
+    def prefill(self, prompt: list[int]) -> float:
+        self.peer.reset()
+        t0 = time.perf_counter()
+        self.peer.next_token(prompt)
+        return time.perf_counter() - t0
+
+    def warm(self, prompt: list[int], new: int, prefill_prompt: list[int] | None, batch_prompts: Any) -> None:
+        t0 = time.perf_counter()
+        self.decode(prompt, min(new, 8))
+        self.compile_s["decode"] = time.perf_counter() - t0
+        if prefill_prompt is not None:
+            self.prefill(prefill_prompt)
+
+
+def teacher_forced(lm: Any, prompt: list[int], theirs: list[int]) -> str:
+    """How many of llama.cpp's greedy tokens gemmax-f32 also picks when fed llama.cpp's continuation, and
+    its top-2 margins where not: free-running sequences part at the first near-tie (a random-id prompt
+    makes many), and Q4_K with 8-bit activations moves logits by a few tenths, so only small margins flip."""
+    import numpy as np
+
+    logits = lm.logits(prompt + theirs)[0][len(prompt) - 1:-1]
+    top2 = np.sort(logits, -1)[:, -2:]
+    miss = [i for i, t in enumerate(theirs) if int(np.argmax(logits[i])) != t]
+    margins = ", ".join(f"{top2[i, 1] - top2[i, 0]:.2f}" for i in miss)
+    return (f"teacher-forced on llama.cpp's continuation, gemmax-f32 picks the same token at {len(theirs) - len(miss)}"
+            f" of {len(theirs)} steps" + (f" (elsewhere its top-2 margin is {margins})" if miss else ""))
+
+
+def load_avg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 # ---- time to first token in a fresh process -------------------------------------------------------------
 
 
@@ -327,13 +397,23 @@ def main() -> None:
     path = model_path(args.model)
     specs = {"gemmax-f32": ("gemmax", "float32", None), "gemmax-bf16": ("gemmax", "bfloat16", None),
              "gemmax-int8": ("gemmax", "float32", "int8"), "hf-f32": ("hf", "float32", None),
-             "hf-bf16": ("hf", "bfloat16", None)}
+             "hf-bf16": ("hf", "bfloat16", None), "llamacpp-q4km": ("llamacpp", None, None)}
     names = [n for n in args.engines.split(",") if n]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {unknown}; choose from {', '.join(specs)}")
+    load_start = load_avg()
     runners: dict[str, Any] = {}
     for n in names:
         kind, dtype, q = specs[n]
         print(f"loading {n} ...", file=sys.stderr, flush=True)
-        runners[n] = GemmaxRunner(n, path, dtype, q, args.chunk) if kind == "gemmax" else HFRunner(n, path, dtype)
+        if kind == "gemmax":
+            runners[n] = GemmaxRunner(n, path, dtype, q, args.chunk)
+        elif kind == "hf":
+            runners[n] = HFRunner(n, path, dtype)
+        else:
+            n_ctx = max(args.prefill, args.prompt_len + args.new) + 8
+            runners[n] = LlamaCppRunner(n, path, args.llamacpp_threads or args.threads, n_ctx)
     cfg = runners[names[0]].cfg if isinstance(runners[names[0]], GemmaxRunner) else None
     if cfg is None:
         from gemmax import gguf_io
@@ -344,8 +424,9 @@ def main() -> None:
     long_prompt = prompt_ids(args.prefill, cfg.vocab_size, 1, cfg.bos_token_id)
     batch_prompts = [prompt_ids(args.prompt_len, cfg.vocab_size, 100 + i, cfg.bos_token_id)
                      for i in range(args.batch)]
-    # in --quick mode the batched run is done for the float32 engines only
-    batch_names = [n for n in names if not args.quick or n.endswith("f32")] if "batch" not in skip else []
+    # in --quick mode the batched run is done for the float32 engines only; llama.cpp: batch 1 only
+    batch_names = [n for n in names if (not args.quick or n.endswith("f32")) and not n.startswith("llamacpp")
+                   ] if "batch" not in skip else []
 
     for n, r in runners.items():
         print(f"warming up {n} ...", file=sys.stderr, flush=True)
@@ -368,37 +449,56 @@ def main() -> None:
         for n in batch_names:
             bat[n].append(runners[n].batch(batch_prompts, args.new))
 
+    lthreads = f", llama.cpp threads={args.llamacpp_threads or args.threads}" if "llamacpp-q4km" in runners else ""
     say(f"# generation benchmark: {os.path.basename(path)} ({cfg.name or cfg.family}, "
-        f"{cfg.num_layers} layers, vocab {cfg.vocab_size}), threads={args.threads}")
+        f"{cfg.num_layers} layers, vocab {cfg.vocab_size}), threads={args.threads}{lthreads}")
     say(f"# {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"torch {torch.__version__}; {args.repeats} timed repetition(s), interleaved; medians; machine shared")
-    say(f"# weights: the GGUF's Q4_K_M tensors dequantized at load by each library; gemmax chunk={args.chunk}")
+    say(f"# weights: the GGUF's Q4_K_M tensors dequantized at load by each library (llama.cpp: used as is); "
+        f"gemmax chunk={args.chunk}; 1-min load average {load_start} at start, {load_avg()} at end")
+    lt = args.llamacpp_threads or args.threads
+    if "llamacpp-q4km" in runners and lt > 1 and load_start != "?" \
+            and float(load_start) > (os.cpu_count() or 1) - lt + 0.5:
+        say(f"# WARNING: busy machine (load {load_start}): llama.cpp's {lt} threads spin-wait for each other at "
+            "every graph node, so its figures can collapse many-fold (benchmarks/README.md); rerun on an idle "
+            "machine or with --llamacpp-threads 1")
     say()
     if "decode" not in skip:
         n_dec = args.new - 1  # the first new token comes with the prefill
         say(f"## decode, batch 1, {args.prompt_len}-token prompt, {args.new} greedy tokens (rate over the last "
             f"{n_dec})")
         say(f"{'engine':<14}{'weights MB':>11}{'ms/token':>10}{'tokens/s':>10}{'GB/s':>7}{'vs hf-f32':>11}"
-            f"{'load s':>8}{'warm-up s':>11}")
+            f"{'vs llama.cpp':>14}{'load s':>8}{'warm-up s':>11}")
         base = statistics.median(dec["hf-f32"]) if "hf-f32" in dec else None
+        lcpp = statistics.median(dec["llamacpp-q4km"]) if "llamacpp-q4km" in dec else None
         for n in names:
             m = statistics.median(dec[n]) / n_dec
             r = runners[n]
             rel = f"{base / n_dec / m:.2f}x" if base else "-"
+            rel_l = f"{lcpp / n_dec / m:.2f}x" if lcpp else "-"
             say(f"{n:<14}{r.bytes / 1e6:>11.0f}{m * 1e3:>10.1f}{1 / m:>10.1f}{r.bytes / m / 1e9:>7.1f}{rel:>11}"
-                f"{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
-        if "gemmax-f32" in outs and "hf-f32" in outs:
-            a, b = outs["gemmax-f32"], outs["hf-f32"]
-            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-            say(f"greedy tokens identical gemmax-f32 vs hf-f32: first {same} of {len(a)}")
+                f"{rel_l:>14}{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
+        if lcpp and "gemmax-int8" in dec:
+            ratio = lcpp / statistics.median(dec["gemmax-int8"])
+            say(f"goal: gemmax-int8 decode >= 0.67x llama.cpp Q4_K_M (within 1.5x): {ratio:.2f}x, "
+                f"{'met' if ratio >= 0.67 else 'NOT met'}")
+        for other in ("hf-f32", "llamacpp-q4km"):
+            if "gemmax-f32" in outs and other in outs:
+                a, b = outs["gemmax-f32"], outs[other]
+                same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                say(f"greedy tokens identical gemmax-f32 vs {other}: first {same} of {len(a)}")
+        if "gemmax-f32" in runners and "llamacpp-q4km" in outs:
+            say(teacher_forced(runners["gemmax-f32"].lm, prompt, outs["llamacpp-q4km"]))
         say()
     if "prefill" not in skip:
         say(f"## prefill, batch 1, {args.prefill}-token prompt (to the last position's logits + KV cache)")
-        say(f"{'engine':<14}{'median s':>10}{'tokens/s':>10}{'vs hf-f32':>11}")
+        say(f"{'engine':<14}{'median s':>10}{'tokens/s':>10}{'vs hf-f32':>11}{'vs llama.cpp':>14}")
         base = statistics.median(pre["hf-f32"]) if "hf-f32" in pre else None
+        lcpp = statistics.median(pre["llamacpp-q4km"]) if "llamacpp-q4km" in pre else None
         for n in names:
             m = statistics.median(pre[n])
-            say(f"{n:<14}{m:>10.2f}{args.prefill / m:>10.0f}{(f'{base / m:.2f}x' if base else '-'):>11}")
+            say(f"{n:<14}{m:>10.2f}{args.prefill / m:>10.0f}{(f'{base / m:.2f}x' if base else '-'):>11}"
+                f"{(f'{lcpp / m:.2f}x' if lcpp else '-'):>14}")
         say()
     if batch_names:
         say(f"## batched: {args.batch} prompts x {args.prompt_len} tokens, {args.new} new tokens each, "
@@ -412,14 +512,9 @@ def main() -> None:
             say(f"{n:<14}{m:>10.2f}{speed:>10.1f}{(f'{base / m:.2f}x' if base else '-'):>11}"
                 f"{(f'{speed * one:.1f}x' if one else '-'):>12}")
         say()
-    try:
-        import llama_cpp  # noqa: F401
-
-        say("llama.cpp: importable, but not measured by this script version (add it to --engines)")
-    except ImportError:
-        say("llama.cpp: not installed. Reference only, NOT measured in this run: ~74 tokens/s decode and "
-            "~700 tokens/s prefill for Q4_K_M (figure quoted in the issue, other conditions)")
-    say()
+    if "llamacpp-q4km" not in runners:
+        say("llama.cpp: not measured in this run (engine llamacpp-q4km; `make setup` installs llama-cpp-cffi)")
+        say()
     if "ttft" not in skip:
         del runners  # free memory before the subprocesses
         t = run_ttft(args)

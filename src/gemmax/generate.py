@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax import cpu_kernels
 from gemmax import model as gm
 from gemmax.config import LOCAL, ModelConfig
-from gemmax.layers import MASK_VALUE, attention_mask, dot_attention, rms_norm, softcap
+from gemmax.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
 
 Array = jax.Array
 
@@ -165,20 +166,31 @@ def _attend_cached(q: Array, k_new: Array, v_new: Array, kc: Array, vc: Array, v
     b, _, h, hd = q.shape
     kv = kc.shape[2]
     qg = q.reshape(b, kv, h // kv, hd)
-    lc = jnp.einsum("bkgd,bskd->bkgs", qg, kc, preferred_element_type=jnp.float32)
-    ls = jnp.einsum("bkgd,bkd->bkg", qg, k_new[:, 0], preferred_element_type=jnp.float32)[..., None]
+    lc = einsum("bkgd,bskd->bkgs", qg, kc, jnp.float32)
+    ls = einsum("bkgd,bkd->bkg", qg, k_new[:, 0], jnp.float32)[..., None]
     lc, ls = softcap(lc, cap), softcap(ls, cap)
     lc = jnp.where(valid[:, None, None, :], lc, MASK_VALUE)
     m = jnp.maximum(lc.max(-1, keepdims=True), ls)
     pc, ps = jnp.exp(lc - m), jnp.exp(ls - m)
     z = pc.sum(-1, keepdims=True) + ps
-    out = jnp.einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
+    out = einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
     out = out + (ps / z).astype(v_new.dtype) * v_new[:, 0][:, :, None, :]
     return out.reshape(b, 1, h, hd)
 
 
-def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array) -> tuple[Array, dict]:
-    """One token per row: tokens [B] at absolute positions pos [B] -> logits [B, V], updated cache."""
+def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array,
+                kernels: bool = False) -> tuple[Array, dict]:
+    """One token per row: tokens [B] at absolute positions pos [B] -> logits [B, V], updated cache.
+
+    ``kernels``: run the linears through gemmax's native CPU GEMV (``gemmax.cpu_kernels``); the layer scan
+    then walks layer indices and the kernel reads each stacked weight in place instead of a sliced copy.
+    """
+    with cpu_kernels.decode_kernels(kernels) as on:
+        return _decode_step(params, cfg, cache, tokens, pos, on)
+
+
+def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array,
+                 in_place: bool) -> tuple[Array, dict]:
     b = tokens.shape[0]
     rows = jnp.arange(b)
     x = gm.embed(params, cfg, tokens[:, None])
@@ -192,8 +204,12 @@ def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos:
     global_valid = jnp.arange(s)[None] < pos[:, None]
     cap = cfg.attn_logit_softcap
 
+    blocks = params["decoder_block"]
+
     def body(x, xs):
         p, inv, loc, l_i, g_i = xs
+        if in_place:
+            p = cpu_kernels.layer_view(blocks, p)
         box = {}
 
         def attend(q, k, v):
@@ -214,8 +230,8 @@ def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos:
         x = gm.decoder_layer(p, x, cfg, positions, inv, attend)
         return x, (box["k"], box["v"])
 
-    xs = (params["decoder_block"], gm.layer_inv_freqs(cfg), jnp.asarray(is_local), jnp.asarray(li),
-          jnp.asarray(gi))
+    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, gm.layer_inv_freqs(cfg), jnp.asarray(is_local),
+          jnp.asarray(li), jnp.asarray(gi))
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # [L, B, K, hd]
     loc_idx, glob_idx = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
     cache = dict(cache)
@@ -246,10 +262,17 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, 
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     greedy_tok = jnp.argmax(logits, axis=-1)
+    if n_cand < 0:  # every row greedy: no random numbers, no softmax (a 262k-vocab draw costs ~25 ms on CPU)
+        return greedy_tok.astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     lg = logits / t
-    if n_cand <= 0:
-        sampled = jax.vmap(jax.random.categorical)(keys, lg)
+    if n_cand == 0:
+        # inverse-CDF draw: one uniform per row instead of a Gumbel per vocabulary entry (jax.random.categorical
+        # over 262k logits is ~25 ms of threefry on a CPU; this is ~2 ms). A zero-probability token can
+        # never be picked: the CDF does not rise at it.
+        cdf = jnp.cumsum(jax.nn.softmax(lg, axis=-1), axis=-1)
+        u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
+        sampled = jnp.minimum(jnp.sum(cdf < u, axis=-1), lg.shape[-1] - 1)
     else:
         vals, idx = jax.lax.top_k(lg, n_cand)
         r = jnp.arange(n_cand)[None]
@@ -272,15 +295,15 @@ def row_keys(seeds: Array, pos: Array) -> Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, pos)
 
 
-def decode_chunk(params: dict, cfg: ModelConfig, cache: dict, state: dict, n_steps: int, n_cand: int
-                 ) -> tuple[dict, dict, Array]:
+def decode_chunk(params: dict, cfg: ModelConfig, cache: dict, state: dict, n_steps: int, n_cand: int,
+                 kernels: bool = False) -> tuple[dict, dict, Array]:
     """``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos [B],
     done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S].
     Returns (cache, state, tokens [B, n_steps]) with -1 for rows that were already done."""
 
     def step(carry, _):
         cache, st = carry
-        logits, cache = decode_step(params, cfg, cache, st["token"], st["pos"])
+        logits, cache = decode_step(params, cfg, cache, st["token"], st["pos"], kernels)
         pos = st["pos"] + 1
         nxt = sample_tokens(logits, row_keys(st["seed"], pos), st["temperature"], st["top_k"], st["top_p"],
                             st["min_p"], n_cand)
@@ -349,7 +372,7 @@ def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, An
         _COMPILED[key] = (
             jax.jit(functools.partial(prefill, cfg=cfg, window=window)),
             jax.jit(insert, donate_argnums=(0,)),
-            jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand"),
+            jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand", "kernels"),
                     donate_argnames=("cache",)),
             jax.jit(sample_tokens, static_argnames=("n_cand",)),
         )
@@ -378,8 +401,14 @@ class Engine:
             "stop_ids": np.full((max_batch, MAX_STOP), -1, np.int32),
         }
         self.state = {k: jnp.asarray(v) for k, v in self.state.items()}
+        self._replicated = None
         self._place_on_mesh()
         self._prefill, self._insert, self._chunk, self._first = compiled_functions(cfg, self.layout.window)
+        # the native CPU GEMV: one device only (XLA SPMD cannot split a custom call), and few rows, where
+        # reading the weights once per token is the whole cost
+        leaf = jax.tree.leaves(params)[0]
+        self.kernels = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
+                        and max_batch <= cpu_kernels.MAX_ROWS and cpu_kernels.available())
 
     def _place_on_mesh(self) -> None:
         """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too
@@ -466,7 +495,10 @@ class Engine:
             st["done"][r.slot] = True
 
     def _n_cand(self, reqs: Sequence[Request | None]) -> int:
+        """Static sampling mode of a batch: -1 all greedy, 0 plain sampling, else the candidate count."""
         live = [r.params for r in reqs if r is not None and r.params.temperature > 0]
+        if not live:
+            return -1
         if not any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in live):
             return 0
         k = max([p.top_k for p in live if p.top_k] or [0])
@@ -477,7 +509,8 @@ class Engine:
         """Run one decode chunk for all live slots; returns the requests that got new tokens."""
         n = n_steps or self.chunk
         self.cache, self.state, toks = self._chunk(self.params, cache=self.cache, state=self.state,
-                                                   n_steps=n, n_cand=self._n_cand(self.requests))
+                                                   n_steps=n, n_cand=self._n_cand(self.requests),
+                                                   kernels=self.kernels)
         toks = np.asarray(toks)
         done = np.asarray(self.state["done"])
         touched = []

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gemmax.layers import einsum
+
 __all__ = ["LossSums", "chunked_cross_entropy", "naive_cross_entropy", "output_head", "lm_loss"]
 
 
@@ -36,7 +38,7 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 def _chunk_logits(h: jax.Array, head: jax.Array, head_is_vd: bool, scale: jax.Array | None = None) -> jax.Array:
     # float32 accumulation whatever the compute dtype: log-softmax over 256k entries needs it.
     eq = "nd,vd->nv" if head_is_vd else "nd,dv->nv"
-    logits = jnp.einsum(eq, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = einsum(eq, h, head, jnp.float32)
     return logits if scale is None else logits * scale.astype(jnp.float32)
 
 

@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax import cpu_kernels
 from gemmax.config import LOCAL, ModelConfig
 from gemmax.layers import (
     activation_fn,
     apply_rope,
     attention_mask,
     dot_attention,
+    einsum,
     linear,
     rms_norm,
     rope_inv_freq,
@@ -284,7 +286,9 @@ def output_kernel(params: Params, cfg: ModelConfig) -> tuple[Array, str, Array |
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Array) -> Array:
     """Hidden [B, T, D] -> float32 logits with the final soft-cap (Gemma 2) applied."""
     w, eq, scale = output_kernel(params, cfg)
-    logits = jnp.einsum(eq, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if cpu_kernels.supports(eq, hidden, w):  # decode on CPU: the native GEMV (see gemmax.cpu_kernels)
+        return softcap(cpu_kernels.gemv(eq, hidden, w, scale), cfg.final_logit_softcap)
+    logits = einsum(eq, hidden, w, jnp.float32)
     if scale is not None:
         logits = logits * scale.astype(jnp.float32)
     return softcap(logits, cfg.final_logit_softcap)

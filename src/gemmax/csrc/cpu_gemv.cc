@@ -1,0 +1,219 @@
+// Decode-time matrix-vector products on the CPU for gemmax (an XLA FFI custom call).
+//
+// Why this exists: at batch 1 a decoder is a chain of GEMVs bound by memory bandwidth, and XLA:CPU does not
+// fuse the dtype convert of int8 / bfloat16 weights into its dot (nor the per-layer dynamic slice of a
+// stacked weight inside a scan): it materialises a float32 copy of every weight for every token, so int8
+// and bfloat16 weights decode *slower* than float32. This kernel reads each weight byte once, converts in
+// registers and accumulates in float32, and takes the whole stacked [L, ...] weight plus a layer index so
+// that no slice is copied. Work is split over XLA's own intra-op thread pool.
+//
+// y[b, p, n] = scale[p*N+n] * sum_k x[b, k] * W[layer, p, k, n]   (in_minor = false; W is [L, P, K, N])
+// y[b, n]    = scale[n]     * sum_k x[b, k] * W[layer, n, k]      (in_minor = true;  W is [L, N, K], P = 1)
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
+inline float to_f32(uint16_t bf16_bits) {  // bfloat16 is the top half of a float32
+  uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float to_f32(_Float16 v) { return static_cast<float>(v); }
+
+// Run fn(i) for i in [0, total) on the caller plus the pool's threads. Chunks are claimed from an atomic
+// counter, so the caller never waits on a task that has not started: no deadlock even when the pool is busy
+// or has a single thread. Shared state lives in a shared_ptr because a late task may start after we return.
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::function<void(int64_t)> fn;
+};
+
+void parallel_for(ffi::ThreadPool* pool, int64_t total, std::function<void(int64_t)> fn) {
+  auto job = std::make_shared<Job>();
+  job->total = total;
+  job->fn = std::move(fn);
+  auto work = [](const std::shared_ptr<Job>& j) {
+    for (;;) {
+      int64_t i = j->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= j->total) return;
+      j->fn(i);
+      j->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = pool ? std::min<int64_t>(pool->num_threads(), total) - 1 : 0;
+  for (int64_t t = 0; t < helpers; ++t) pool->Schedule([job, work]() { work(job); });
+  work(job);
+  while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+constexpr int64_t kMaxRows = 16;  // batch rows per pass over the weights
+constexpr int64_t kRowGroup = 4;  // in-minor: weight rows sharing one pass over x (independent FMA chains)
+
+// In-major W[P, K, N]: each task takes a contiguous range of K rows of one P block and streams them in
+// memory order (the hardware prefetcher's best case), accumulating all N outputs in an L1/L2-resident
+// partial sum; partials are added at the end. Splitting over N instead would read one cache line per row
+// with a stride of N bytes, which prefetchers follow poorly.
+template <typename T>
+void in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
+              int64_t N, ffi::ThreadPool* pool) {
+  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);  // ~2 tasks per thread in all
+  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, K / 32));
+  const int64_t kc = (K + chunks - 1) / chunks;
+  std::vector<float> partial(static_cast<size_t>(P * chunks * B * N));
+  parallel_for(pool, P * chunks, [=, &partial](int64_t task) {
+    const int64_t p = task / chunks, c = task % chunks;
+    const int64_t k0 = c * kc, k1 = std::min(K, k0 + kc);
+    float* acc = partial.data() + task * B * N;
+    std::fill(acc, acc + B * N, 0.0f);
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* row = w + (p * K + k) * N;
+      for (int64_t b = 0; b < B; ++b) {
+        const float xv = x[b * K + k];
+        float* a = acc + b * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) a[j] += xv * to_f32(row[j]);
+      }
+    }
+  });
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* out = y + b * P * N + p * N;
+      const float* first = partial.data() + (p * chunks) * B * N + b * N;
+      std::copy(first, first + N, out);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = partial.data() + (p * chunks + c) * B * N + b * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) out[j] += part[j];
+      }
+      if (scale) {
+        const float* s = scale + p * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) out[j] *= s[j];
+      }
+    }
+  }
+}
+
+// In-minor W[N, K] (the tied embedding used as the output head): rows are contiguous, so each task streams
+// a block of rows; four rows share each load of x and give four independent accumulation chains.
+template <typename T>
+void in_minor(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
+              ffi::ThreadPool* pool) {
+  const int64_t block = 512;
+  const int64_t nblocks = (N + block - 1) / block;
+  parallel_for(pool, nblocks, [=](int64_t task) {
+    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+    int64_t r = r0;
+    for (; r + kRowGroup <= r1; r += kRowGroup) {
+      const T* w0 = w + r * K;
+      const T* w1 = w0 + K;
+      const T* w2 = w1 + K;
+      const T* w3 = w2 + K;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + b * K;
+        float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t k = 0; k < K; ++k) {
+          const float xv = xb[k];
+          a0 += to_f32(w0[k]) * xv;
+          a1 += to_f32(w1[k]) * xv;
+          a2 += to_f32(w2[k]) * xv;
+          a3 += to_f32(w3[k]) * xv;
+        }
+        float* out = y + b * N + r;
+        out[0] = scale ? a0 * scale[r] : a0;
+        out[1] = scale ? a1 * scale[r + 1] : a1;
+        out[2] = scale ? a2 * scale[r + 2] : a2;
+        out[3] = scale ? a3 * scale[r + 3] : a3;
+      }
+    }
+    for (; r < r1; ++r) {
+      const T* row = w + r * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + b * K;
+        float a = 0;
+#pragma omp simd reduction(+ : a)
+        for (int64_t k = 0; k < K; ++k) a += to_f32(row[k]) * xb[k];
+        y[b * N + r] = scale ? a * scale[r] : a;
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const float* x, const void* w_all, float* y, const float* scale, int64_t layer, bool in_minor_,
+              int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool) {
+  const T* w = static_cast<const T*>(w_all) + layer * P * K * N;
+  if (in_minor_) {
+    in_minor<T>(x, w, y, scale, B, N, K, pool);
+  } else {
+    in_major<T>(x, w, y, scale, B, P, K, N, pool);
+  }
+}
+
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool in_minor_, bool has_scale,
+                int64_t p, int64_t k, int64_t n) {
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  if (rows * k != static_cast<int64_t>(x.element_count())) {
+    return ffi::Error::InvalidArgument("gemmax gemv: x size is not a multiple of K");
+  }
+  const int64_t per_layer = p * k * n;
+  const int64_t n_layers = static_cast<int64_t>(w.element_count()) / per_layer;
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= n_layers) return ffi::Error::InvalidArgument("gemmax gemv: layer index out of range");
+  const float* s = has_scale ? scale.typed_data() : nullptr;
+  switch (w.element_type()) {
+    case ffi::DataType::S8:
+      dispatch<int8_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool);
+      break;
+    case ffi::DataType::BF16:
+      dispatch<uint16_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
+                         &pool);
+      break;
+    case ffi::DataType::F16:
+      dispatch<_Float16>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
+                         &pool);
+      break;
+    case ffi::DataType::F32:
+      dispatch<float>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("gemmax gemv: weights must be int8, bfloat16, float16 or float32");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("in_minor")
+                                  .Attr<bool>("has_scale")
+                                  .Attr<int64_t>("p")
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("n"));

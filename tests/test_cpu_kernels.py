@@ -1,0 +1,150 @@
+"""The native CPU decode GEMV (gemmax.cpu_kernels) against XLA's einsum, and the engine with it on and off."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemmax import cpu_kernels as ck
+from gemmax import model as gm
+from gemmax import quant
+from gemmax.config import tiny_config
+from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache
+
+EQS = dict(gm.LINEAR_EQS)
+
+
+def test_kernel_builds_here() -> None:
+    """This machine has g++: the kernel must build (a silent fallback would hide a broken kernel)."""
+    assert ck.available()
+
+
+@pytest.mark.parametrize("eq,shape,plan", [
+    ("btd,hdk->bthk", (4, 64, 16), (False, 4, 64, 16)),      # query: contracted axis in the middle
+    ("bthk,hkd->btd", (4, 16, 64), (False, 1, 64, 64)),      # attention output: leading axes contracted
+    ("btd,df->btf", (64, 128), (False, 1, 64, 128)),         # MLP in
+    ("btd,vd->btv", (300, 64), (True, 1, 64, 300)),          # tied head: trailing axis contracted
+    ("btd,dv->btv", (64, 300), (False, 1, 64, 300)),         # untied head
+])
+def test_plan(eq: str, shape: tuple[int, ...], plan: tuple) -> None:
+    assert ck._plan(eq, shape) == plan
+
+
+def test_plan_rejects_what_it_cannot_do() -> None:
+    assert ck._plan("btd,dhk->bkh", (64, 4, 16)) is None  # output order differs from the weight's
+    assert ck._plan("bd,hdk->bhk", (4, 64, 16)) is not None
+    assert ck._plan("bdk,dk->b", (8, 4)) is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btd,vd->btv", (301, 40)),
+             ("btf,fd->btd", (130, 37))]
+    with ck.decode_kernels():
+        for eq, shape in cases:
+            stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
+            w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
+            xs = eq.split(",")[0]
+            ws = eq.split(",")[1].split("->")[0]
+            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
+            scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
+            for layer in (0, 4):
+                got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
+                    x, w, scale, jnp.int32(layer))
+                want = jnp.einsum(eq, x, w[layer].astype(jnp.float32)) * scale
+                assert got.shape == want.shape
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                           atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+            got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, w))(x, w[2])  # a plain (unstacked) weight
+            np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(eq, x, w[2].astype(jnp.float32))),
+                                       rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
+
+
+def test_supports_only_inside_the_switch() -> None:
+    x = jnp.ones((1, 1, 64))
+    w = jnp.ones((64, 128))
+    assert not ck.supports("btd,df->btf", x, w)
+    with ck.decode_kernels():
+        assert ck.supports("btd,df->btf", x, w)
+        assert not ck.supports("btd,df->btf", jnp.ones((ck.MAX_ROWS + 1, 1, 64)), w)
+    with ck.decode_kernels(False):
+        assert not ck.supports("btd,df->btf", x, w)
+
+
+def _params(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    return gm.unflatten({p: jnp.asarray(rng.normal(0, 0.3 if "norm" in p else 1 / np.sqrt(s.shape[-1] if
+                                                  len(s.shape) > 1 else 1), s.shape).astype(np.float32))
+                         for p, s in gm.param_specs(cfg).items()})
+
+
+@pytest.mark.parametrize("family,variant", [("gemma3", "f32"), ("gemma3", "int8"), ("gemma2", "bf16"),
+                                            ("llama", "int8")])
+def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
+    """The same decode step with and without the kernel: logits agree to float32 rounding."""
+    cfg = tiny_config(family)
+    params = _params(cfg)
+    if variant == "int8":
+        params = quant.quantize_params(params, cfg, mode="int8")
+    if variant == "bf16":
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
+    cache = init_cache(cfg, 2, 32, dtype)
+    tokens, pos = jnp.asarray([5, 9]), jnp.asarray([0, 0])
+    step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("kernels",))
+    outs = {}
+    for kern in (False, True):
+        c = cache
+        logits = []
+        for t in range(12):  # walk past the sliding window (8) so ring slots are reused
+            lg, c = step(params, cache=c, tokens=tokens, pos=pos + t, kernels=kern)
+            logits.append(np.asarray(lg, np.float32))
+            tokens = jnp.asarray(np.argmax(logits[-1], -1))
+        outs[kern] = np.stack(logits)
+        tokens = jnp.asarray([5, 9])
+    tol = 3e-2 if variant == "bf16" else 1e-4
+    np.testing.assert_allclose(outs[True], outs[False], atol=tol * float(np.abs(outs[False]).max()))
+
+
+def test_engine_uses_kernel_and_matches_greedy() -> None:
+    cfg = tiny_config("gemma3")
+    params = quant.quantize_params(_params(cfg, 1), cfg, mode="int8")
+    prompts = [[2, 5, 17, 33], [2, 8, 9, 10, 11, 12, 13]]
+    out = {}
+    for flag in ("1", "0"):
+        eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=8)
+        if flag == "0":
+            eng.kernels = False
+        else:
+            assert eng.kernels
+        reqs = [Request(list(p), SamplingParams(max_new_tokens=20)) for p in prompts]
+        eng.add(reqs)
+        while eng.has_work():
+            eng.step()
+        out[flag] = [r.new_ids for r in reqs]
+    assert out["1"] == out["0"]
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+
+
+def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
+    code = "from gemmax import cpu_kernels as ck; print('ON' if ck.available() else 'OFF')"
+    res = _run(code, {"GEMMAX_CPU_KERNELS": "0"})
+    assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
+    # a fresh cache and no usable compiler: one clear warning, then XLA's dot
+    res = _run(code, {"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
+    assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
+    assert "native CPU decode kernel unavailable" in res.stderr

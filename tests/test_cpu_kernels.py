@@ -50,6 +50,9 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btd,vd->btv", (301, 40)),
              ("btf,fd->btd", (130, 37))]
+    # float paths: float32 rounding; int8 x in-minor with VNNI quantizes x to 16 bits per block of 64
+    # (error <= max|x| / 65534 per element: ~1e-4 of the output's scale, 30x below int8 weight rounding)
+    tol = 3e-4 if dtype == "int8" else 1e-5
     with ck.decode_kernels():
         for eq, shape in cases:
             stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
@@ -64,10 +67,10 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
                 want = jnp.einsum(eq, x, w[layer].astype(jnp.float32)) * scale
                 assert got.shape == want.shape
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                           atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+                                           atol=tol * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
             got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, w))(x, w[2])  # a plain (unstacked) weight
             np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(eq, x, w[2].astype(jnp.float32))),
-                                       rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
+                                       rtol=1e-5, atol=tol * float(jnp.abs(got).max()))
 
 
 def test_supports_only_inside_the_switch() -> None:

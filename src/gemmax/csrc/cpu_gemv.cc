@@ -11,6 +11,8 @@
 // y[b, n]    = scale[n]     * sum_k x[b, k] * W[layer, n, k]      (in_minor = true;  W is [L, N, K], P = 1)
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -158,11 +160,102 @@ void in_minor(const float* x, const T* w, float* y, const float* scale, int64_t 
   });
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GEMMAX_VNNI 1
+
+// int8 weights, in-minor, with VNNI: the float path above is bound by converting int8 to float (measured
+// ~6 GB/s a core here, against ~14 GB/s of memory bandwidth). Instead x is quantized to 16 bits per block
+// of 64 (scale = max|x| / 32767: error <= max|x| / 65534, far below the weights' own int8 rounding, so
+// this stays a weight-only int8 product to float32 accuracy) and split into a signed high byte and an
+// unsigned low byte; vpdpbusd then does 64 multiply-adds per instruction:
+//   x_q = 256 * hi + lo,  sum(x_q * w) = 256 * (sum((hi + 128) * w) - 128 * sum(w)) + sum(lo * w).
+struct QuantX {
+  int64_t blocks;
+  std::vector<uint8_t> hi, lo;  // [B, blocks, 64], hi offset by +128 (vpdpbusd's first operand is unsigned)
+  std::vector<float> scale;     // [B, blocks]
+};
+
+QuantX quantize_x(const float* x, int64_t B, int64_t K) {
+  QuantX q;
+  q.blocks = (K + 63) / 64;
+  q.hi.assign(static_cast<size_t>(B * q.blocks * 64), 128);
+  q.lo.assign(static_cast<size_t>(B * q.blocks * 64), 0);
+  q.scale.assign(static_cast<size_t>(B * q.blocks), 0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t blk = 0; blk < q.blocks; ++blk) {
+      const int64_t k0 = blk * 64, k1 = std::min(K, k0 + 64);
+      float m = 0;
+      for (int64_t k = k0; k < k1; ++k) m = std::max(m, std::abs(x[b * K + k]));
+      const float s = m / 32767.0f;
+      q.scale[b * q.blocks + blk] = s;
+      if (s == 0) continue;
+      const float inv = 1.0f / s;
+      uint8_t* hi = q.hi.data() + (b * q.blocks + blk) * 64;
+      uint8_t* lo = q.lo.data() + (b * q.blocks + blk) * 64;
+      for (int64_t k = k0; k < k1; ++k) {
+        int32_t v = static_cast<int32_t>(std::lrint(x[b * K + k] * inv));
+        v = std::min(32767, std::max(-32767, v));
+        const int32_t h = v >> 8;  // arithmetic shift: floor(v / 256), in [-128, 127]
+        hi[k - k0] = static_cast<uint8_t>(h + 128);
+        lo[k - k0] = static_cast<uint8_t>(v - h * 256);
+      }
+    }
+  }
+  return q;
+}
+
+void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* scale, int64_t B, int64_t N,
+                        int64_t K, ffi::ThreadPool* pool) {
+  const QuantX q = quantize_x(x, B, K);
+  const QuantX* qp = &q;
+  const int64_t block = 512;
+  const int64_t nblocks = (N + block - 1) / block;
+  const __mmask64 tail = (K % 64) ? ((~0ULL) >> (64 - K % 64)) : ~0ULL;
+  parallel_for(pool, nblocks, [=](int64_t task) {
+    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t rows = std::min<int64_t>(4, r1 - r);
+      for (int64_t b = 0; b < B; ++b) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t blk = 0; blk < qp->blocks; ++blk) {
+          const __mmask64 m = (blk == qp->blocks - 1) ? tail : ~0ULL;
+          const __m512i hi = _mm512_loadu_si512(qp->hi.data() + (b * qp->blocks + blk) * 64);
+          const __m512i lo = _mm512_loadu_si512(qp->lo.data() + (b * qp->blocks + blk) * 64);
+          const __m512 s = _mm512_set1_ps(qp->scale[b * qp->blocks + blk]);
+          for (int64_t i = 0; i < rows; ++i) {
+            const __m512i wv = _mm512_maskz_loadu_epi8(m, w + (r + i) * K + blk * 64);
+            const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, wv);
+            const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, wv);
+            const __m512i w1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv);
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 8), l),
+                                               _mm512_slli_epi32(w1, 15));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[i]);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          const float v = _mm512_reduce_add_ps(acc[i]);
+          y[b * N + r + i] = scale ? v * scale[r + i] : v;
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void dispatch(const float* x, const void* w_all, float* y, const float* scale, int64_t layer, bool in_minor_,
               int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool) {
   const T* w = static_cast<const T*>(w_all) + layer * P * K * N;
   if (in_minor_) {
+#ifdef GEMMAX_VNNI
+    if constexpr (std::is_same_v<T, int8_t>) {
+      in_minor_int8_vnni(x, w, y, scale, B, N, K, pool);
+      return;
+    }
+#endif
     in_minor<T>(x, w, y, scale, B, N, K, pool);
   } else {
     in_major<T>(x, w, y, scale, B, P, K, N, pool);

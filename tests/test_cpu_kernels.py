@@ -151,3 +151,20 @@ def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
     res = _run(code, {"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
     assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
     assert "native CPU decode kernel unavailable" in res.stderr
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bfloat16_activations(rows: int) -> None:
+    """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) takes the bf16 dot-product path for
+    in-minor weights: products of bfloat16 values are exact in float32, so only the summation order
+    differs from XLA's float32 einsum of the same values."""
+    rng = np.random.default_rng(7)
+    with ck.decode_kernels():
+        for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96))]:
+            w = jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16)
+            k = shape[1] if eq.startswith("btd,vd") else shape[0]
+            x = jnp.asarray(rng.normal(size=(rows, 1, k)), jnp.bfloat16)
+            got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, jnp.int32(1))))(x, w)
+            want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                       atol=1e-5 * float(jnp.abs(want).max()))

@@ -197,7 +197,8 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.A
     s = scale.astype(jnp.float32).reshape(-1) if has_scale else jnp.zeros((1,), jnp.float32)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, p * n), jnp.float32))(
         x.astype(jnp.float32).reshape(rows, k), stacked, s, index,
-        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n))
+        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n),
+        x_bf16=x.dtype == jnp.bfloat16)
     ins, out = eq.replace(" ", "").split("->")
     xs = ins.split(",")[0]
     n_contracted = len(xs) - len([c for c in xs if c in out])

@@ -245,11 +245,67 @@ void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* 
 }
 #endif
 
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GEMMAX_BF16DOT 1
+
+// bfloat16 weights and bfloat16 activations, in-minor, with AVX512-BF16: vdpbf16ps multiplies 32 pairs
+// exactly (a bf16 x bf16 product fits a float32) and accumulates in float32, one instruction per 64 bytes
+// of weights, instead of widening every weight to float32 first. Used only when x was bfloat16 to begin
+// with (x_bf16), so rounding it back to bfloat16 here is exact.
+void in_minor_bf16_dot(const float* x, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
+                       int64_t K, ffi::ThreadPool* pool) {
+  const int64_t kp = (K + 31) / 32 * 32;
+  std::vector<uint16_t> xb(static_cast<size_t>(B * kp), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t u;
+      std::memcpy(&u, x + b * K + k, 4);
+      xb[b * kp + k] = static_cast<uint16_t>(u >> 16);  // exact: x holds bfloat16 values
+    }
+  }
+  const uint16_t* xp = xb.data();
+  const int64_t block = 512;
+  const int64_t nblocks = (N + block - 1) / block;
+  const __mmask32 tail = (K % 32) ? ((~0U) >> (32 - K % 32)) : ~0U;
+  parallel_for(pool, nblocks, [=](int64_t task) {
+    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t rows = std::min<int64_t>(4, r1 - r);
+      for (int64_t b = 0; b < B; ++b) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = 0; k < kp; k += 32) {
+          const __mmask32 m = (k + 32 >= kp) ? tail : ~0U;
+          const __m512i xv = _mm512_loadu_si512(xp + b * kp + k);
+          for (int64_t i = 0; i < rows; ++i) {
+            const __m512i wv = _mm512_maskz_loadu_epi16(m, w + (r + i) * K + k);
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)xv, (__m512bh)wv);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          const float v = _mm512_reduce_add_ps(acc[i]);
+          y[b * N + r + i] = scale ? v * scale[r + i] : v;
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void dispatch(const float* x, const void* w_all, float* y, const float* scale, int64_t layer, bool in_minor_,
-              int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool) {
+              int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool, bool x_bf16) {
   const T* w = static_cast<const T*>(w_all) + layer * P * K * N;
   if (in_minor_) {
+#ifdef GEMMAX_BF16DOT
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (x_bf16) {
+        in_minor_bf16_dot(x, w, y, scale, B, N, K, pool);
+        return;
+      }
+    }
+#endif
 #ifdef GEMMAX_VNNI
     if constexpr (std::is_same_v<T, int8_t>) {
       in_minor_int8_vnni(x, w, y, scale, B, N, K, pool);
@@ -264,7 +320,7 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
 
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool in_minor_, bool has_scale,
-                int64_t p, int64_t k, int64_t n) {
+                int64_t p, int64_t k, int64_t n, bool x_bf16) {
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
   if (rows * k != static_cast<int64_t>(x.element_count())) {
     return ffi::Error::InvalidArgument("gemmax gemv: x size is not a multiple of K");
@@ -276,18 +332,20 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const float* s = has_scale ? scale.typed_data() : nullptr;
   switch (w.element_type()) {
     case ffi::DataType::S8:
-      dispatch<int8_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool);
+      dispatch<int8_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool,
+                       x_bf16);
       break;
     case ffi::DataType::BF16:
       dispatch<uint16_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
-                         &pool);
+                         &pool, x_bf16);
       break;
     case ffi::DataType::F16:
       dispatch<_Float16>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
-                         &pool);
+                         &pool, x_bf16);
       break;
     case ffi::DataType::F32:
-      dispatch<float>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool);
+      dispatch<float>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool,
+                      x_bf16);
       break;
     default:
       return ffi::Error::InvalidArgument("gemmax gemv: weights must be int8, bfloat16, float16 or float32");
@@ -309,4 +367,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
                                   .Attr<bool>("has_scale")
                                   .Attr<int64_t>("p")
                                   .Attr<int64_t>("k")
-                                  .Attr<int64_t>("n"));
+                                  .Attr<int64_t>("n")
+                                  .Attr<bool>("x_bf16"));

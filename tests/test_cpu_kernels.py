@@ -160,9 +160,10 @@ def test_bfloat16_activations(rows: int) -> None:
     differs from XLA's float32 einsum of the same values."""
     rng = np.random.default_rng(7)
     with ck.decode_kernels():
-        for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96))]:
+        for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
+                          ("btd,hdk->bthk", (3, 40, 32))]:
             w = jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16)
-            k = shape[1] if eq.startswith("btd,vd") else shape[0]
+            k = shape[1] if eq.startswith("btd,vd") or eq.startswith("btd,h") else shape[0]
             x = jnp.asarray(rng.normal(size=(rows, 1, k)), jnp.bfloat16)
             got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, jnp.int32(1))))(x, w)
             want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))

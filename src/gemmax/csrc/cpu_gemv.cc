@@ -291,6 +291,67 @@ void in_minor_bf16_dot(const float* x, const uint16_t* w, float* y, const float*
     }
   });
 }
+
+// The same for in-major bfloat16 weights W[P, K, N]: rows k and k+1 are interleaved (vpunpck[lh]wd) so each
+// float32 lane holds the pair (W[k, n], W[k+1, n]) and one vdpbf16ps adds x[k] W[k, n] + x[k+1] W[k+1, n]
+// for 16 columns. Within each 32-column chunk the lanes come out as n = 8 (j / 4) + j % 4 (low half) and
+// 8 (j / 4) + 4 + j % 4 (high half); the final sum puts them back in order. Needs N % 32 == 0.
+void in_major_bf16_dot(const float* x, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t P,
+                       int64_t K, int64_t N, ffi::ThreadPool* pool) {
+  const int64_t pairs = (K + 1) / 2;
+  std::vector<uint32_t> xp(static_cast<size_t>(B * pairs), 0);  // (x[k], x[k+1]) as bfloat16 bit pairs
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t u;
+      std::memcpy(&u, x + b * K + k, 4);
+      xp[b * pairs + k / 2] |= (u >> 16) << (16 * (k % 2));
+    }
+  }
+  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
+  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, pairs / 16));
+  const int64_t pc = (pairs + chunks - 1) / chunks;
+  std::vector<float> partial(static_cast<size_t>(P * chunks * B * N));
+  const uint32_t* xq = xp.data();
+  parallel_for(pool, P * chunks, [=, &partial](int64_t task) {
+    const int64_t p = task / chunks, c = task % chunks;
+    const int64_t q0 = c * pc, q1 = std::min(pairs, q0 + pc);
+    float* acc = partial.data() + task * B * N;
+    std::fill(acc, acc + B * N, 0.0f);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t q = q0; q < q1; ++q) {
+      const uint16_t* r0 = w + (p * K + 2 * q) * N;
+      const bool odd_tail = 2 * q + 1 >= K;
+      const uint16_t* r1 = r0 + N;
+      for (int64_t n = 0; n < N; n += 32) {
+        const __m512i a = _mm512_loadu_si512(r0 + n);
+        const __m512i b1 = odd_tail ? zero : _mm512_loadu_si512(r1 + n);
+        const __m512i lo = _mm512_unpacklo_epi16(a, b1);
+        const __m512i hi = _mm512_unpackhi_epi16(a, b1);
+        for (int64_t b = 0; b < B; ++b) {
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(xq[b * pairs + q]));
+          float* ab = acc + b * N + n;
+          _mm512_storeu_ps(ab, _mm512_dpbf16_ps(_mm512_loadu_ps(ab), (__m512bh)xv, (__m512bh)lo));
+          _mm512_storeu_ps(ab + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(ab + 16), (__m512bh)xv, (__m512bh)hi));
+        }
+      }
+    }
+  });
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* out = y + b * P * N + p * N;
+      for (int64_t n = 0; n < N; n += 32) {
+        for (int64_t j = 0; j < 32; ++j) {
+          float v = 0;
+          for (int64_t c = 0; c < chunks; ++c) v += partial[((p * chunks + c) * B + b) * N + n + j];
+          const int64_t lane = j % 16;
+          const int64_t col = n + 8 * (lane / 4) + (j >= 16 ? 4 : 0) + lane % 4;
+          out[col] = scale ? v * scale[p * N + col] : v;
+        }
+      }
+    }
+  }
+}
 #endif
 
 template <typename T>
@@ -314,6 +375,14 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
 #endif
     in_minor<T>(x, w, y, scale, B, N, K, pool);
   } else {
+#ifdef GEMMAX_BF16DOT
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (x_bf16 && N % 32 == 0) {
+        in_major_bf16_dot(x, w, y, scale, B, P, K, N, pool);
+        return;
+      }
+    }
+#endif
     in_major<T>(x, w, y, scale, B, P, K, N, pool);
   }
 }

@@ -79,11 +79,13 @@ void in_major(const float* x, const T* w, float* y, const float* scale, int64_t 
   const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);  // ~2 tasks per thread in all
   const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, K / 32));
   const int64_t kc = (K + chunks - 1) / chunks;
-  std::vector<float> partial(static_cast<size_t>(P * chunks * B * N));
-  parallel_for(pool, P * chunks, [=, &partial](int64_t task) {
+  static thread_local std::vector<float> partial;
+  partial.resize(static_cast<size_t>(P * chunks * B * N));
+  float* const pbuf = partial.data();  // thread_local names resolve per thread: pass the pointer
+  parallel_for(pool, P * chunks, [=](int64_t task) {
     const int64_t p = task / chunks, c = task % chunks;
     const int64_t k0 = c * kc, k1 = std::min(K, k0 + kc);
-    float* acc = partial.data() + task * B * N;
+    float* acc = pbuf + task * B * N;
     std::fill(acc, acc + B * N, 0.0f);
     for (int64_t k = k0; k < k1; ++k) {
       const T* row = w + (p * K + k) * N;
@@ -177,29 +179,34 @@ struct QuantX {
   std::vector<float> scale;     // [B, blocks]
 };
 
-QuantX quantize_x(const float* x, int64_t B, int64_t K) {
-  QuantX q;
+// Reused per calling thread: a decode step makes ~130 calls, and fresh heap buffers each time showed up.
+const QuantX& quantize_x(const float* x, int64_t B, int64_t K) {
+  static thread_local QuantX q;
   q.blocks = (K + 63) / 64;
   q.hi.assign(static_cast<size_t>(B * q.blocks * 64), 128);
   q.lo.assign(static_cast<size_t>(B * q.blocks * 64), 0);
   q.scale.assign(static_cast<size_t>(B * q.blocks), 0.0f);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t blk = 0; blk < q.blocks; ++blk) {
-      const int64_t k0 = blk * 64, k1 = std::min(K, k0 + 64);
+      const int64_t k0 = blk * 64, n = std::min(K, k0 + 64) - k0;
+      const float* xb = x + b * K + k0;
       float m = 0;
-      for (int64_t k = k0; k < k1; ++k) m = std::max(m, std::abs(x[b * K + k]));
+#pragma omp simd reduction(max : m)
+      for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(xb[k]));
       const float s = m / 32767.0f;
       q.scale[b * q.blocks + blk] = s;
       if (s == 0) continue;
       const float inv = 1.0f / s;
       uint8_t* hi = q.hi.data() + (b * q.blocks + blk) * 64;
       uint8_t* lo = q.lo.data() + (b * q.blocks + blk) * 64;
-      for (int64_t k = k0; k < k1; ++k) {
-        int32_t v = static_cast<int32_t>(std::lrint(x[b * K + k] * inv));
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const float f = xb[k] * inv;
+        int32_t v = static_cast<int32_t>(f + (f >= 0 ? 0.5f : -0.5f));  // round half away from zero
         v = std::min(32767, std::max(-32767, v));
         const int32_t h = v >> 8;  // arithmetic shift: floor(v / 256), in [-128, 127]
-        hi[k - k0] = static_cast<uint8_t>(h + 128);
-        lo[k - k0] = static_cast<uint8_t>(v - h * 256);
+        hi[k] = static_cast<uint8_t>(h + 128);
+        lo[k] = static_cast<uint8_t>(v - h * 256);
       }
     }
   }
@@ -208,7 +215,7 @@ QuantX quantize_x(const float* x, int64_t B, int64_t K) {
 
 void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* scale, int64_t B, int64_t N,
                         int64_t K, ffi::ThreadPool* pool) {
-  const QuantX q = quantize_x(x, B, K);
+  const QuantX& q = quantize_x(x, B, K);
   const QuantX* qp = &q;
   const int64_t block = 512;
   const int64_t nblocks = (N + block - 1) / block;
@@ -242,6 +249,89 @@ void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* 
       }
     }
   });
+}
+// In-major int8 W[P, K, N] with VNNI: per block of 64 rows (one x scale) and 64 columns, groups of 4 rows are
+// interleaved byte-wise (vpunpck[lh]bw, then [lh]wd) so each int32 lane holds W[k..k+3, n]; vpdpbusd with the
+// broadcast 4 bytes of x then adds 4 products per lane. Lanes come out permuted: lane j of vector m is
+// column 16 (j / 4) + 4 m + j % 4 of the 64-column chunk; the final sum puts them back. Needs N % 64 == 0.
+void in_major_int8_vnni(const float* x, const int8_t* w, float* y, const float* scale, int64_t B, int64_t P,
+                        int64_t K, int64_t N, ffi::ThreadPool* pool) {
+  const QuantX& q = quantize_x(x, B, K);
+  const QuantX* qp = &q;
+  const int64_t blocks = q.blocks;
+  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
+  const int64_t chunks = std::min<int64_t>(want, blocks);
+  const int64_t bc = (blocks + chunks - 1) / chunks;
+  static thread_local std::vector<float> partial;
+  partial.assign(static_cast<size_t>(P * chunks * B * N), 0.0f);
+  float* const pbuf = partial.data();  // thread_local names resolve per thread: pass the pointer
+  parallel_for(pool, P * chunks, [=](int64_t task) {
+    const int64_t p = task / chunks, c = task % chunks;
+    float* acc = pbuf + task * B * N;
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i zero = _mm512_setzero_si512();
+    alignas(64) __m512i packed[16][4];
+    for (int64_t blk = c * bc; blk < std::min(blocks, (c + 1) * bc); ++blk) {
+      const int64_t k0 = blk * 64;
+      for (int64_t n = 0; n < N; n += 64) {
+        __m512i w1[4] = {zero, zero, zero, zero};
+        for (int64_t g = 0; g < 16; ++g) {
+          __m512i r[4];
+          for (int64_t i = 0; i < 4; ++i) {
+            const int64_t k = k0 + 4 * g + i;
+            const int8_t* src = w + (p * K + k) * N + n;
+            if (k < K && n + 512 < N) _mm_prefetch(reinterpret_cast<const char*>(src + 512), _MM_HINT_T0);
+            r[i] = k < K ? _mm512_loadu_si512(src) : zero;
+          }
+          const __m512i t0 = _mm512_unpacklo_epi8(r[0], r[1]), t1 = _mm512_unpackhi_epi8(r[0], r[1]);
+          const __m512i t2 = _mm512_unpacklo_epi8(r[2], r[3]), t3 = _mm512_unpackhi_epi8(r[2], r[3]);
+          packed[g][0] = _mm512_unpacklo_epi16(t0, t2);
+          packed[g][1] = _mm512_unpackhi_epi16(t0, t2);
+          packed[g][2] = _mm512_unpacklo_epi16(t1, t3);
+          packed[g][3] = _mm512_unpackhi_epi16(t1, t3);
+          for (int m = 0; m < 4; ++m) w1[m] = _mm512_dpbusd_epi32(w1[m], ones, packed[g][m]);
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const uint8_t* hi = qp->hi.data() + (b * blocks + blk) * 64;
+          const uint8_t* lo = qp->lo.data() + (b * blocks + blk) * 64;
+          __m512i ah[4] = {zero, zero, zero, zero}, al[4] = {zero, zero, zero, zero};
+          for (int64_t g = 0; g < 16; ++g) {
+            uint32_t h4, l4;
+            std::memcpy(&h4, hi + 4 * g, 4);
+            std::memcpy(&l4, lo + 4 * g, 4);
+            const __m512i xh = _mm512_set1_epi32(static_cast<int>(h4)), xl = _mm512_set1_epi32(static_cast<int>(l4));
+            for (int m = 0; m < 4; ++m) {
+              ah[m] = _mm512_dpbusd_epi32(ah[m], xh, packed[g][m]);
+              al[m] = _mm512_dpbusd_epi32(al[m], xl, packed[g][m]);
+            }
+          }
+          const __m512 s = _mm512_set1_ps(qp->scale[b * blocks + blk]);
+          float* ab = acc + b * N + n;
+          for (int m = 0; m < 4; ++m) {
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(ah[m], 8), al[m]),
+                                               _mm512_slli_epi32(w1[m], 15));
+            _mm512_storeu_ps(ab + 16 * m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, _mm512_loadu_ps(ab + 16 * m)));
+          }
+        }
+      }
+    }
+  });
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* out = y + b * P * N + p * N;
+      for (int64_t n = 0; n < N; n += 64) {
+        for (int64_t m = 0; m < 4; ++m) {
+          for (int64_t j = 0; j < 16; ++j) {
+            float v = 0;
+            for (int64_t c = 0; c < chunks; ++c) v += partial[((p * chunks + c) * B + b) * N + n + 16 * m + j];
+            const int64_t col = n + 16 * (j / 4) + 4 * m + j % 4;
+            out[col] = scale ? v * scale[p * N + col] : v;
+          }
+        }
+      }
+    }
+  }
 }
 #endif
 
@@ -311,12 +401,14 @@ void in_major_bf16_dot(const float* x, const uint16_t* w, float* y, const float*
   const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
   const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, pairs / 16));
   const int64_t pc = (pairs + chunks - 1) / chunks;
-  std::vector<float> partial(static_cast<size_t>(P * chunks * B * N));
+  static thread_local std::vector<float> partial;
+  partial.resize(static_cast<size_t>(P * chunks * B * N));
+  float* const pbuf = partial.data();  // thread_local names resolve per thread: pass the pointer
   const uint32_t* xq = xp.data();
-  parallel_for(pool, P * chunks, [=, &partial](int64_t task) {
+  parallel_for(pool, P * chunks, [=](int64_t task) {
     const int64_t p = task / chunks, c = task % chunks;
     const int64_t q0 = c * pc, q1 = std::min(pairs, q0 + pc);
-    float* acc = partial.data() + task * B * N;
+    float* acc = pbuf + task * B * N;
     std::fill(acc, acc + B * N, 0.0f);
     const __m512i zero = _mm512_setzero_si512();
     for (int64_t q = q0; q < q1; ++q) {
@@ -375,6 +467,14 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
 #endif
     in_minor<T>(x, w, y, scale, B, N, K, pool);
   } else {
+#ifdef GEMMAX_VNNI
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (N % 64 == 0) {
+        in_major_int8_vnni(x, w, y, scale, B, P, K, N, pool);
+        return;
+      }
+    }
+#endif
 #ifdef GEMMAX_BF16DOT
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (x_bf16 && N % 32 == 0) {

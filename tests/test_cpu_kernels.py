@@ -170,3 +170,15 @@ def test_bfloat16_activations(rows: int) -> None:
             want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                        atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_take_rows_copies_bytes() -> None:
+    """The decode step's embedding lookup for half-precision tables (XLA:CPU would convert the whole table)."""
+    assert ck.available()
+    rng = np.random.default_rng(3)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        table = jnp.asarray(rng.normal(size=(50, 12)), dtype)
+        ids = jnp.asarray([[3, 49, 0], [7, 7, 1]], jnp.int32)
+        got = jax.jit(ck.take_rows)(table, ids)
+        assert got.dtype == table.dtype and got.shape == (2, 3, 12)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table[ids], np.float32))

@@ -39,6 +39,7 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cc"
 _TARGET = "gemmax_cpu_gemv"
+_TAKE = "gemmax_cpu_take_rows"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 _active = threading.local()
@@ -97,6 +98,7 @@ def available() -> bool:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(_build()))
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.GemmaxGemv), platform="cpu")
+                jax.ffi.register_ffi_target(_TAKE, jax.ffi.pycapsule(lib.GemmaxTakeRows), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -211,3 +213,12 @@ def _out_tail(eq: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:
     xs, ws = ins.split(",")
     dims = dict(zip(ws, w_shape, strict=True))
     return tuple(dims[c] for c in ws if c in out)
+
+
+def take_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``table[tokens]`` (bytes copied) for the decode step: XLA:CPU gathers from a bfloat16 table by
+    converting all of it to float32 first, hoisted out of the decode loop (671 MB written per chunk for
+    Gemma 3 270M's embedding; measured 36 -> 106 ms/token at 4 steps a chunk). Ids must be in range."""
+    out = jax.ffi.ffi_call(_TAKE, jax.ShapeDtypeStruct((tokens.size, table.shape[1]), table.dtype))(
+        table, tokens.reshape(-1).astype(jnp.int32))
+    return out.reshape(*tokens.shape, table.shape[1])

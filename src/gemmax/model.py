@@ -190,13 +190,21 @@ def layer_inv_freqs(cfg: ModelConfig) -> Array:
 # ---- the model -------------------------------------------------------------------------------------
 
 
+def _take_rows(table: Array, tokens: Array) -> Array:
+    """``table[tokens]``; in a CPU decode step a half-precision table goes through the native row copy
+    (see ``cpu_kernels.take_rows``: XLA:CPU would convert the whole table to float32 on every chunk)."""
+    if table.dtype in (jnp.bfloat16, jnp.float16) and cpu_kernels.active():
+        return cpu_kernels.take_rows(table, tokens)
+    return jnp.take(table, tokens, axis=0)
+
+
 def embed(params: Params, cfg: ModelConfig, tokens: Array, dtype: Any | None = None) -> Array:
     """Token embedding lookup, multiplied by sqrt(d_model) cast to the compute dtype first (Gemma):
     in bfloat16 sqrt(3072) is 55.5, and the reference multiplies by that rounded value."""
     node = params["token_embedding"]
     table = node["embeddings"]
     dtype = dtype or (table.dtype if jnp.issubdtype(table.dtype, jnp.floating) else jnp.float32)
-    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    x = _take_rows(table, tokens).astype(dtype)
     if "scale" in node:  # int8 embedding: per-row scales
         x = x * jnp.take(node["scale"], tokens, axis=0)[..., None].astype(dtype)
     if cfg.scale_embeddings:

@@ -246,11 +246,7 @@ class HFRunner:
         return dt
 
     def warm(self, prompt: list[int], new: int, prefill_prompt: list[int] | None, batch_prompts: Any) -> None:
-        t0 = time.perf_counter()
-        self.decode(prompt, min(new, 8))
-        self.compile_s["decode"] = time.perf_counter() - t0
-        if prefill_prompt is not None:
-            self.prefill(prefill_prompt)
+        _warm_decode_prefill(self, prompt, new, prefill_prompt)
         if batch_prompts is not None:
             self._gen(__import__("torch").tensor(batch_prompts), 4)
 
@@ -287,11 +283,16 @@ class LlamaCppRunner:
         return time.perf_counter() - t0
 
     def warm(self, prompt: list[int], new: int, prefill_prompt: list[int] | None, batch_prompts: Any) -> None:
-        t0 = time.perf_counter()
-        self.decode(prompt, min(new, 8))
-        self.compile_s["decode"] = time.perf_counter() - t0
-        if prefill_prompt is not None:
-            self.prefill(prefill_prompt)
+        _warm_decode_prefill(self, prompt, new, prefill_prompt)
+
+
+def _warm_decode_prefill(runner: Any, prompt: list[int], new: int, prefill_prompt: list[int] | None) -> None:
+    """A short decode (timed: the peer's warm-up cost) and one prefill, so timed runs start warm."""
+    t0 = time.perf_counter()
+    runner.decode(prompt, min(new, 8))
+    runner.compile_s["decode"] = time.perf_counter() - t0
+    if prefill_prompt is not None:
+        runner.prefill(prefill_prompt)
 
 
 def teacher_forced(lm: Any, prompt: list[int], theirs: list[int]) -> str:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gemmax import cpu_kernels as ck
+from gemmax import lora, quant
 from gemmax import model as gm
-from gemmax import quant
 from gemmax.config import tiny_config
 from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache
 
@@ -92,13 +92,20 @@ def _params(cfg, seed=0):
 
 
 @pytest.mark.parametrize("family,variant", [("gemma3", "f32"), ("gemma3", "int8"), ("gemma2", "bf16"),
-                                            ("llama", "int8")])
+                                            ("llama", "int8"), ("gemma3", "int8+lora")])
 def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
     """The same decode step with and without the kernel: logits agree to float32 rounding."""
     cfg = tiny_config(family)
     params = _params(cfg)
-    if variant == "int8":
+    if variant.startswith("int8"):
         params = quant.quantize_params(params, cfg, mode="int8")
+    if variant.endswith("lora"):  # LoRA factors stay on XLA's path beside the kernel's base product
+        params = lora.add_lora(params, cfg, rank=4, targets=("query", "ffw_linear"))
+        rng = np.random.default_rng(5)
+        for t in lora.lora_targets(params):
+            node = lora._get_node(params, t)
+            params = lora._set_node(params, t, dict(node, lora_b=jnp.asarray(
+                rng.normal(0, 0.05, node["lora_b"].shape), node["lora_b"].dtype)))
     if variant == "bf16":
         params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
@@ -116,7 +123,7 @@ def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
         outs[kern] = np.stack(logits)
         tokens = jnp.asarray([5, 9])
     # int8: the VNNI paths round x to 16 bits per block of 64 (see test_gemv_equals_einsum), over 12 steps
-    tol = {"bf16": 3e-2, "int8": 1e-3}.get(variant, 1e-4)
+    tol = {"bf16": 3e-2, "int8": 1e-3, "int8+lora": 1e-3}.get(variant, 1e-4)
     np.testing.assert_allclose(outs[True], outs[False], atol=tol * float(np.abs(outs[False]).max()))
 
 

@@ -272,7 +272,7 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, 
         # never be picked: the CDF does not rise at it.
         cdf = jnp.cumsum(jax.nn.softmax(lg, axis=-1), axis=-1)
         u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
-        sampled = jnp.minimum(jnp.sum(cdf < u, axis=-1), lg.shape[-1] - 1)
+        sampled = jnp.minimum(jnp.sum(cdf <= u, axis=-1), lg.shape[-1] - 1)  # first index with cdf > u
     else:
         vals, idx = jax.lax.top_k(lg, n_cand)
         r = jnp.arange(n_cand)[None]

@@ -201,11 +201,9 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.A
         x.astype(jnp.float32).reshape(rows, k), stacked, s, index,
         in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n),
         x_bf16=x.dtype == jnp.bfloat16)
-    ins, out = eq.replace(" ", "").split("->")
-    xs = ins.split(",")[0]
-    n_contracted = len(xs) - len([c for c in xs if c in out])
-    batch_shape = x.shape[: x.ndim - n_contracted]
-    return y.reshape(*batch_shape, *_out_tail(eq, tuple(w.shape)))
+    tail = _out_tail(eq, tuple(w.shape))
+    n_contracted = len(w.shape) - len(tail)  # x's trailing axes (checked by _plan)
+    return y.reshape(*x.shape[: x.ndim - n_contracted], *tail)
 
 
 def _out_tail(eq: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:

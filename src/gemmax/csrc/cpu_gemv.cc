@@ -11,14 +11,14 @@
 // y[b, n]    = scale[n]     * sum_k x[b, k] * W[layer, n, k]      (in_minor = true;  W is [L, N, K], P = 1)
 
 #include <algorithm>
-#include <cmath>
-#include <type_traits>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -65,7 +65,6 @@ void parallel_for(ffi::ThreadPool* pool, int64_t total, std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-constexpr int64_t kMaxRows = 16;  // batch rows per pass over the weights
 constexpr int64_t kRowGroup = 4;  // in-minor: weight rows sharing one pass over x (independent FMA chains)
 
 // In-major W[P, K, N]: each task takes a contiguous range of K rows of one P block and streams them in
@@ -180,6 +179,11 @@ struct QuantX {
 };
 
 // Reused per calling thread: a decode step makes ~130 calls, and fresh heap buffers each time showed up.
+// sum(x_q * w) from the three vpdpbusd sums: 256 * (sum((hi + 128) w) - 128 sum(w)) + sum(lo w).
+inline __m512i combine16(__m512i hi_w, __m512i lo_w, __m512i sum_w) {
+  return _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi_w, 8), lo_w), _mm512_slli_epi32(sum_w, 15));
+}
+
 const QuantX& quantize_x(const float* x, int64_t B, int64_t K) {
   static thread_local QuantX q;
   q.blocks = (K + 63) / 64;
@@ -237,9 +241,7 @@ void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* 
             const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, wv);
             const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, wv);
             const __m512i w1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv);
-            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 8), l),
-                                               _mm512_slli_epi32(w1, 15));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine16(a, l, w1)), s, acc[i]);
           }
         }
         for (int64_t i = 0; i < rows; ++i) {
@@ -309,9 +311,8 @@ void in_major_int8_vnni(const float* x, const int8_t* w, float* y, const float* 
           const __m512 s = _mm512_set1_ps(qp->scale[b * blocks + blk]);
           float* ab = acc + b * N + n;
           for (int m = 0; m < 4; ++m) {
-            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(ah[m], 8), al[m]),
-                                               _mm512_slli_epi32(w1[m], 15));
-            _mm512_storeu_ps(ab + 16 * m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, _mm512_loadu_ps(ab + 16 * m)));
+            const __m512 t = _mm512_cvtepi32_ps(combine16(ah[m], al[m], w1[m]));
+            _mm512_storeu_ps(ab + 16 * m, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(ab + 16 * m)));
           }
         }
       }

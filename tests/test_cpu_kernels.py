@@ -17,7 +17,7 @@ from gemmax import cpu_kernels as ck
 from gemmax import lora, quant
 from gemmax import model as gm
 from gemmax.config import tiny_config
-from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache
+from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache, prefill
 
 EQS = dict(gm.LINEAR_EQS)
 
@@ -73,6 +73,31 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
                                        rtol=1e-5, atol=tol * float(jnp.abs(got).max()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("rows", [33, 70])
+def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
+    """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
+    (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last."""
+    rng = np.random.default_rng(rows)
+    cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
+             ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200))]
+    with ck.decode_kernels(prefill=True):
+        for eq, shape in cases:
+            stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
+            w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
+            xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
+            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
+            assert ck.supports(eq, x, ck.StackedKernel(w, jnp.int32(0)))
+            scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
+            for layer in (0, 4):
+                got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
+                    x, w, scale, jnp.int32(layer))
+                want = jnp.einsum(eq, x, w[layer].astype(jnp.float32)) * scale
+                assert got.shape == want.shape
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                           atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+
+
 def test_supports_only_inside_the_switch() -> None:
     x = jnp.ones((1, 1, 64))
     w = jnp.ones((64, 128))
@@ -82,6 +107,11 @@ def test_supports_only_inside_the_switch() -> None:
         assert not ck.supports("btd,df->btf", jnp.ones((ck.MAX_ROWS + 1, 1, 64)), w)
     with ck.decode_kernels(False):
         assert not ck.supports("btd,df->btf", x, w)
+    many = jnp.ones((ck.MAX_ROWS + 1, 1, 64))
+    with ck.decode_kernels(prefill=True):  # prefill: the GEMM for in-major weights, never the tied head's
+        assert ck.supports("btd,df->btf", many, w)
+        assert not ck.supports("btd,vd->btv", many, jnp.ones((128, 64)))
+        assert not ck.supports("btd,df->btf", jnp.ones((9, 1, 64)), w)  # float32 at 9..32 rows: XLA's GEMM
 
 
 def _params(cfg, seed=0):
@@ -127,17 +157,39 @@ def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
     np.testing.assert_allclose(outs[True], outs[False], atol=tol * float(np.abs(outs[False]).max()))
 
 
+@pytest.mark.parametrize("family,variant", [("gemma3", "f32"), ("gemma3", "bf16"), ("gemma2", "int8"),
+                                            ("llama", "f32")])
+def test_prefill_kernel_vs_xla(family: str, variant: str) -> None:
+    """Prefill of two prompts (96 rows: the GEMM) with and without the kernel: logits and caches agree."""
+    cfg = tiny_config(family)
+    params = _params(cfg, 3)
+    if variant == "int8":
+        params = quant.quantize_params(params, cfg, mode="int8")
+    if variant == "bf16":
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(1, cfg.vocab_size, (2, 48)), jnp.int32)
+    lengths = jnp.asarray([48, 30], jnp.int32)
+    run = jax.jit(functools.partial(prefill, cfg=cfg, window=8), static_argnames=("kernels",))
+    (lg0, c0), (lg1, c1) = (run(params, tokens=tokens, lengths=lengths, kernels=k) for k in (False, True))
+    tol = 3e-2 if variant == "bf16" else 1e-4
+    scale = float(jnp.abs(lg0).max())
+    np.testing.assert_allclose(np.asarray(lg1, np.float32), np.asarray(lg0, np.float32), atol=tol * scale)
+    for name in c0:
+        a, b = np.asarray(c0[name], np.float32), np.asarray(c1[name], np.float32)
+        np.testing.assert_allclose(b, a, atol=tol * max(1.0, float(np.abs(a).max())), err_msg=name)
+
+
 def test_engine_uses_kernel_and_matches_greedy() -> None:
     cfg = tiny_config("gemma3")
     params = quant.quantize_params(_params(cfg, 1), cfg, mode="int8")
-    prompts = [[2, 5, 17, 33], [2, 8, 9, 10, 11, 12, 13]]
+    prompts = [[2, 5, 17, 33], [2, *range(8, 48)]]  # 2 x 64 prefill rows: the prefill GEMM too
     out = {}
     for flag in ("1", "0"):
         eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=8)
         if flag == "0":
-            eng.kernels = False
+            eng.kernels = eng.native = False
         else:
-            assert eng.kernels
+            assert eng.kernels and eng.native
         reqs = [Request(list(p), SamplingParams(max_new_tokens=20)) for p in prompts]
         eng.add(reqs)
         while eng.has_work():

@@ -108,14 +108,18 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def decode_kernels(enabled: bool = True) -> Iterator[bool]:
-    """Trace-time switch: linears traced inside use the native kernel (when available). Yields whether on."""
-    prev = getattr(_active, "on", False)
+def decode_kernels(enabled: bool = True, prefill: bool = False) -> Iterator[bool]:
+    """Trace-time switch: linears traced inside use the native kernel (when available). Yields whether on.
+
+    ``prefill``: also send products with more than ``MAX_ROWS`` rows to the kernel's GEMM (in-major weights
+    only: every decoder linear; the tied head is only ever applied to a few rows)."""
+    prev = getattr(_active, "on", False), getattr(_active, "gemm", False)
     _active.on = bool(enabled) and available()
+    _active.gemm = _active.on and prefill
     try:
         yield _active.on
     finally:
-        _active.on = prev
+        _active.on, _active.gemm = prev
 
 
 def active() -> bool:
@@ -181,8 +185,11 @@ def _plan(eq: str, w_shape: tuple[int, ...]) -> tuple[bool, int, int, int] | Non
 def supports(eq: str, x: jax.Array, w: Any) -> bool:
     """Whether ``einsum(eq, x, w)`` goes to the kernel: switch on, a plan exists, few rows."""
     plan = _plan(eq, tuple(w.shape)) if active() else None
+    if plan is None:
+        return False
+    rows = x.size // plan[2]
     dtype = (w.stacked if isinstance(w, StackedKernel) else w).dtype
-    return plan is not None and x.size // plan[2] <= max_rows(dtype)
+    return rows <= max_rows(dtype) or (getattr(_active, "gemm", False) and not plan[0] and rows > MAX_ROWS)
 
 
 def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.Array:

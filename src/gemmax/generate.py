@@ -99,12 +99,22 @@ def _layer_slots(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---- prefill ----------------------------------------------------------------------------------------
 
 
-def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int) -> tuple[Array, dict]:
+def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
+            kernels: bool = False) -> tuple[Array, dict]:
     """Run prompts [b, T] (right-padded, true lengths [b]) -> (last-token logits [b, V], per-row caches).
 
     The returned caches hold ``T`` slots for global layers and a ``window``-slot ring for local ones, in the
     same layout as ``init_cache`` (batch b), ready to be inserted into an engine's slots.
+
+    ``kernels``: the linears go through gemmax's native CPU GEMM (``gemmax.cpu_kernels``), which reads each
+    stacked weight in place at its own width; the scan then walks layer indices, as in ``decode_step``.
     """
+    with cpu_kernels.decode_kernels(kernels, prefill=True) as on:
+        return _prefill(params, cfg, tokens, lengths, window, on)
+
+
+def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
+             in_place: bool) -> tuple[Array, dict]:
     b, t = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = idx < lengths[:, None]
@@ -112,8 +122,12 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, windo
     x = gm.embed(params, cfg, tokens)
     has_local = LOCAL in cfg.layer_types
 
+    blocks = params["decoder_block"]
+
     def body(x, xs):
         p, w, inv = xs
+        if in_place:
+            p = cpu_kernels.layer_view(blocks, p)
         kv = {}
 
         def attend(q, k, v):
@@ -124,7 +138,8 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, windo
         x = gm.decoder_layer(p, x, cfg, idx, inv, attend)
         return x, (kv["k"], kv["v"])
 
-    xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(cfg)), gm.layer_inv_freqs(cfg))
+    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, jnp.asarray(gm.layer_windows(cfg)),
+          gm.layer_inv_freqs(cfg))
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
@@ -370,7 +385,7 @@ def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, An
     key = (cfg.to_json(), window)
     if key not in _COMPILED:
         _COMPILED[key] = (
-            jax.jit(functools.partial(prefill, cfg=cfg, window=window)),
+            jax.jit(functools.partial(prefill, cfg=cfg, window=window), static_argnames=("kernels",)),
             jax.jit(insert, donate_argnums=(0,)),
             jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand", "kernels"),
                     donate_argnames=("cache",)),
@@ -410,11 +425,13 @@ class Engine:
         self._replicated = None
         self._place_on_mesh()
         self._prefill, self._insert, self._chunk, self._first = compiled_functions(cfg, self.layout.window)
-        # the native CPU GEMV: one device only (XLA SPMD cannot split a custom call), and few rows, where
-        # reading the weights once per token is the whole cost
+        # the native CPU kernels: one device only (XLA SPMD cannot split a custom call). Prefill always (its
+        # GEMM reads the weights in place at their own width); decode with few rows, where reading the
+        # weights once per token is the whole cost
         leaf = jax.tree.leaves(params)[0]
-        self.kernels = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
-                        and max_batch <= cpu_kernels.max_rows(_weight_dtype(params)) and cpu_kernels.available())
+        self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
+                       and cpu_kernels.available())
+        self.kernels = self.native and max_batch <= cpu_kernels.max_rows(_weight_dtype(params))
 
     def _place_on_mesh(self) -> None:
         """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too
@@ -461,7 +478,8 @@ class Engine:
         for i, r in enumerate(reqs):
             toks[i, : len(r.prompt_ids)] = r.prompt_ids
             lens[i] = len(r.prompt_ids)
-        logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens))
+        logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
+                                    kernels=self.native)
         slots = free[:b]
         new = {k: v[:, :b] for k, v in new.items()}
         self.cache = self._insert(self.cache, new, jnp.asarray(slots, jnp.int32))

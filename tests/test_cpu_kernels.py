@@ -98,6 +98,28 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
                                            atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
 
 
+@pytest.mark.parametrize("t,heads,kv,hd,window,cap", [(150, 4, 2, 40, 1 << 30, None), (150, 2, 1, 64, 37, 50.0),
+                                                     (70, 3, 3, 130, 64, None), (5, 2, 1, 16, 3, 30.0)])
+def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd: int, window: int,
+                                                 cap: float | None) -> None:
+    """The blocked kernel against layers.dot_attention with layers.attention_mask (segments = position <
+    length): several query blocks and 64-key panels, partial panels of keys and of head dims, grouped
+    heads, sliding windows, soft-capping, and a padded row whose padding attends only padding."""
+    from gemmax.layers import attention_mask, dot_attention
+
+    rng = np.random.default_rng(t + hd)
+    q = jnp.asarray(rng.normal(size=(2, t, heads, hd)) * 0.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, t, kv, hd)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, t, kv, hd)), jnp.float32)
+    lengths = jnp.asarray([t, max(1, t - 23)], jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+    seg = (idx < lengths[:, None]).astype(jnp.int32)
+    want = dot_attention(q, k, v, attention_mask(idx, idx, window, seg, seg), cap)
+    assert ck.available()
+    got = jax.jit(ck.prefill_attention, static_argnames=("cap",))(q, k, v, lengths, jnp.int32(window), cap=cap)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+
+
 def test_supports_only_inside_the_switch() -> None:
     x = jnp.ones((1, 1, 64))
     w = jnp.ones((64, 128))

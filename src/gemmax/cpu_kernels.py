@@ -40,6 +40,7 @@ import numpy as np
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cc"
 _TARGET = "gemmax_cpu_gemv"
 _TAKE = "gemmax_cpu_take_rows"
+_ATTN = "gemmax_cpu_attention"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 _active = threading.local()
@@ -99,6 +100,7 @@ def available() -> bool:
                 lib = ctypes.cdll.LoadLibrary(str(_build()))
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.GemmaxGemv), platform="cpu")
                 jax.ffi.register_ffi_target(_TAKE, jax.ffi.pycapsule(lib.GemmaxTakeRows), platform="cpu")
+                jax.ffi.register_ffi_target(_ATTN, jax.ffi.pycapsule(lib.GemmaxAttention), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -227,3 +229,18 @@ def take_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
     out = jax.ffi.ffi_call(_TAKE, jax.ShapeDtypeStruct((tokens.size, table.shape[1]), table.dtype))(
         table, tokens.reshape(-1).astype(jnp.int32))
     return out.reshape(*tokens.shape, table.shape[1])
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: jax.Array | int,
+                      cap: float | None) -> jax.Array:
+    """Causal grouped-query attention of whole right-padded prompts, blocked: q [b, T, H, hd] (already
+    scaled), k/v [b, T, K, hd], lengths [b] -> [b, T, H, hd] in v's dtype, float32 inside.
+
+    The same masking as ``layers.attention_mask`` with segments ``position < length`` (prompt positions see
+    ``[i - window + 1, i]``, padding sees only padding) and the same soft-cap; each block of queries meets
+    only the keys it can see (half the work of a dense causal product, O(T x window) on local layers) and no
+    [H, T, T] score tensor is formed."""
+    out = jax.ffi.ffi_call(_ATTN, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lengths.astype(jnp.int32),
+        jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0))
+    return out.astype(v.dtype)

@@ -124,22 +124,26 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
 
     blocks = params["decoder_block"]
 
+    sin, cos, rope_row = gm.rope_tables(cfg, idx)
+
     def body(x, xs):
-        p, w, inv = xs
+        p, w, row = xs
         if in_place:
             p = cpu_kernels.layer_view(blocks, p)
         kv = {}
 
         def attend(q, k, v):
             kv["k"], kv["v"] = k, v
+            if in_place:  # blocked causal attention in the native kernel: no [H, T, T] scores
+                return cpu_kernels.prefill_attention(q, k, v, lengths, w if has_local else gm.NO_WINDOW,
+                                                     cfg.attn_logit_softcap)
             mask = attention_mask(idx, idx, w if has_local else None, seg, seg)
             return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
 
-        x = gm.decoder_layer(p, x, cfg, idx, inv, attend)
+        x = gm.decoder_layer(p, x, cfg, idx, (sin[row], cos[row]), attend)
         return x, (kv["k"], kv["v"])
 
-    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, jnp.asarray(gm.layer_windows(cfg)),
-          gm.layer_inv_freqs(cfg))
+    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, jnp.asarray(gm.layer_windows(cfg)), rope_row)
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)

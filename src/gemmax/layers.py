@@ -42,7 +42,11 @@ def gelu_tanh(x: Array) -> Array:
 
 
 def activation_fn(name: str):
-    return {"gelu_tanh": gelu_tanh, "silu": jax.nn.silu}[name]
+    """The MLP's activation, evaluated in float32 and rounded once to the input's dtype, as torch does for
+    bfloat16 tensors (its "opmath"); op by op in bfloat16 XLA would round after each of gelu's seven steps
+    (less accurate, and on the CPU 4x slower: 33 vs 8 ms of a 270M prefill)."""
+    fn = {"gelu_tanh": gelu_tanh, "silu": jax.nn.silu}[name]
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
 
 
 # ---- rotary embeddings ---------------------------------------------------------------------------
@@ -78,16 +82,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+def rope_sin_cos(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """(sin, cos) of positions [B, T] x inv_freq [rd/2] -> two [B, T, rd/2] float32 arrays."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array | tuple[Array, Array]) -> Array:
     """Rotate-half RoPE (first half / second half, not interleaved) on x [B, T, N, hd].
 
+    ``inv_freq`` may instead be ``rope_sin_cos(positions, inv_freq)`` computed once by the caller: inside a
+    layer scan each layer would otherwise evaluate its own sin and cos (for q and for k) although a model
+    has at most two RoPE bases (40 ms of a 0.75 s Gemma 3 270M prefill of 512 tokens).
     If inv_freq covers fewer than hd/2 frequencies (RecurrentGemma rotates half the head), the remaining
     channels pass through unchanged.
     """
-    rd = 2 * inv_freq.shape[-1]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    sin, cos = inv_freq if isinstance(inv_freq, tuple) else rope_sin_cos(positions, inv_freq)
+    rd = 2 * sin.shape[-1]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     xr = x[..., :rd].astype(jnp.float32)
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

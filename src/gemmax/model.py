@@ -28,6 +28,7 @@ from gemmax.layers import (
     linear,
     rms_norm,
     rope_inv_freq,
+    rope_sin_cos,
     softcap,
 )
 
@@ -187,6 +188,15 @@ def layer_inv_freqs(cfg: ModelConfig) -> Array:
     return jnp.where(is_local, loc, glob)
 
 
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array, Array]:
+    """RoPE for a layer scan: (sin [2, B, T, hd/2], cos [...], per-layer row [L]) with row 0 the global
+    base and row 1 the local one, evaluated once per call instead of once per layer (see ``apply_rope``)."""
+    glob = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    loc = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.local_theta, None))
+    rows = jnp.asarray([int(t == LOCAL) for t in cfg.layer_types], jnp.int32)
+    return jnp.stack([glob[0], loc[0]]), jnp.stack([glob[1], loc[1]]), rows
+
+
 # ---- the model -------------------------------------------------------------------------------------
 
 
@@ -215,7 +225,7 @@ def embed(params: Params, cfg: ModelConfig, tokens: Array, dtype: Any | None = N
 AttendFn = Callable[[Array, Array, Array], Array]
 
 
-def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_freq: Array,
+def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_freq: Array | tuple[Array, Array],
                   attend: AttendFn) -> Array:
     """One block. ``attend(q, k, v)`` does the attention itself (full-sequence or against a KV cache), so
     training, prefill and decode share every other line."""
@@ -261,14 +271,16 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
     x = embed(params, cfg, tokens)
     has_local = LOCAL in cfg.layer_types
 
+    sin, cos, rope_row = rope_tables(cfg, positions)
+
     def body(x: Array, xs: tuple[Params, Array, Array]) -> tuple[Array, None]:
-        p, window, inv_freq = xs
+        p, window, row = xs
 
         def attend(q: Array, k: Array, v: Array) -> Array:
             mask = attention_mask(idx, idx, window if has_local else None, seg, seg)
             return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
 
-        return decoder_layer(p, x, cfg, positions, inv_freq, attend), None
+        return decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend), None
 
     if remat == "full":
         body = jax.checkpoint(body)
@@ -276,7 +288,7 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     elif remat not in (None, "none"):
         raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
-    xs = (params["decoder_block"], jnp.asarray(layer_windows(cfg)), layer_inv_freqs(cfg))
+    xs = (params["decoder_block"], jnp.asarray(layer_windows(cfg)), rope_row)
     x, _ = jax.lax.scan(body, x, xs)
     return rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
 

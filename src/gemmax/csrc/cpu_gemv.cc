@@ -466,15 +466,15 @@ typedef float v16 __attribute__((vector_size(64), aligned(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
 template <int MR>
-inline void gemm_tile(const float* x, int64_t K, const float* panel, const float* scale, float* y, int64_t ldy,
-                      int width) {
+inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel, const float* scale, float* y,
+                      int64_t ldy, int width) {
   v16 acc[MR][4] = {};
   for (int64_t k = 0; k < K; ++k) {
     const v16* bk = reinterpret_cast<const v16*>(panel + k * kNB);
     const v16 b0 = bk[0], b1 = bk[1], b2 = bk[2], b3 = bk[3];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const float a = x[r * K + k];
+      const float a = x[r * ldx + k];
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
       acc[r][2] += a * b2;
@@ -496,13 +496,14 @@ inline void gemm_tile(const float* x, int64_t K, const float* panel, const float
   }
 }
 
+// y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
 template <int MR>
-void gemm_rows(const float* x, int64_t rows, int64_t K, const float* panel, const float* scale, float* y,
-               int64_t ldy, int width) {
+void gemm_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const float* panel, const float* scale,
+               float* y, int64_t ldy, int width) {
   int64_t m = 0;
-  for (; m + MR <= rows; m += MR) gemm_tile<MR>(x + m * K, K, panel, scale, y + m * ldy, ldy, width);
+  for (; m + MR <= rows; m += MR) gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width);
   if constexpr (MR > 1) {
-    if (m < rows) gemm_rows<MR - 1>(x + m * K, rows - m, K, panel, scale, y + m * ldy, ldy, width);
+    if (m < rows) gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width);
   }
 }
 
@@ -538,9 +539,150 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
       for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
     }
     const int64_t r0 = c * chunk, r1 = std::min(B, r0 + chunk);
-    gemm_rows<kMR>(x + r0 * K, r1 - r0, K, panel, scale ? sc : nullptr, y + r0 * P * N + p * N + n0, P * N,
+    gemm_rows<kMR>(x + r0 * K, K, r1 - r0, K, panel, scale ? sc : nullptr, y + r0 * P * N + p * N + n0, P * N,
                    width);
   });
+}
+
+
+// ---- prefill attention ------------------------------------------------------------------------------
+//
+// Causal (optionally sliding-window) grouped-query attention over whole prompts, blocked so that a block of
+// queries only meets the keys it can see: about half the work of a dense [T, T] product for a causal prompt,
+// O(T x window) for local layers, and no [H, T, T] score tensor in memory (XLA's path spends ~150 ms of a
+// 0.63 s Gemma 3 270M prefill of 512 tokens on scores, mask, softmax and their layout copies). Both products
+// run on the GEMM tile above: K is packed once per (row, KV head) as transposed 64-key panels, V as 64-wide
+// column panels. Masking equals gemmax's attention_mask with segment = (position < length): a prompt
+// position attends positions [i - window + 1, i]; a padding position only other padding positions.
+constexpr int64_t kQB = 48;  // query rows per task (8 tiles of kMR)
+
+inline v16 v_exp(v16 x) {  // e^x, float32, ~2 ulp; e^x = 2^n e^r with |r| <= ln2 / 2
+  typedef int32_t v16i __attribute__((vector_size(64)));
+  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+struct AttnDims {
+  int64_t B, T, H, KV, D;
+};
+
+// Softmax over one row of scores s[0, n) (already capped), keys outside [a, b) excluded: s becomes the
+// probabilities, zero where excluded.
+inline void softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
+  float m = -INFINITY;
+  for (int64_t j = a; j < b; ++j) m = std::max(m, s[j]);
+  for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
+  for (int64_t j = b; j < n; ++j) s[j] = 0.0f;
+  float sum = 0.0f;
+  int64_t j = a;
+  for (; j + 16 <= b; j += 16) {
+    v16 v;
+    std::memcpy(&v, s + j, sizeof v);
+    v = v_exp(v - m);
+    std::memcpy(s + j, &v, sizeof v);
+    for (int t = 0; t < 16; ++t) sum += v[t];
+  }
+  for (; j < b; ++j) {
+    v16 v = v16{} + (s[j] - m);
+    s[j] = v_exp(v)[0];
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (j = a; j < b; ++j) s[j] *= inv;
+}
+
+void prefill_attention(const float* q, const float* k, const float* v, const int32_t* lengths, int64_t window,
+                       float cap, float* out, AttnDims d, ffi::ThreadPool* pool) {
+  const int64_t T = d.T, D = d.D, group = d.H / d.KV;
+  const int64_t kpanels = (T + kNB - 1) / kNB, dpanels = (D + kNB - 1) / kNB;
+  // packed K^T: [B, KV, kpanels, D, 64]; packed V: [B, KV, dpanels, T, 64] (zero-padded)
+  static thread_local std::vector<float> kt_buf, v_buf;
+  kt_buf.assign(static_cast<size_t>(d.B * d.KV * kpanels * D * kNB + 16), 0.0f);
+  v_buf.assign(static_cast<size_t>(d.B * d.KV * dpanels * T * kNB + 16), 0.0f);
+  float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data()) + 63) & ~uintptr_t{63});
+  float* vp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v_buf.data()) + 63) & ~uintptr_t{63});
+  parallel_for(pool, d.B * d.KV, [=](int64_t bg) {
+    const int64_t b = bg / d.KV, g = bg % d.KV;
+    float* ktb = kt + bg * kpanels * D * kNB;
+    float* vpb = vp + bg * dpanels * T * kNB;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* kr = k + ((b * T + t) * d.KV + g) * D;
+      const float* vr = v + ((b * T + t) * d.KV + g) * D;
+      float* kd = ktb + (t / kNB) * D * kNB + t % kNB;
+      for (int64_t c = 0; c < D; ++c) kd[c * kNB] = kr[c];
+      for (int64_t c = 0; c < D; ++c) vpb[((c / kNB) * T + t) * kNB + c % kNB] = vr[c];
+    }
+  });
+  const int64_t qblocks = (T + kQB - 1) / kQB;
+  parallel_for(pool, d.B * d.H * qblocks, [=](int64_t task) {
+    // the last query blocks see the most keys: hand them out first so that no thread is left with one
+    const int64_t qb = qblocks - 1 - task / (d.B * d.H), h = task % d.H, b = (task / d.H) % d.B;
+    const int64_t g = h / group, len = lengths[b];
+    const int64_t i0 = qb * kQB, i1 = std::min(T, i0 + kQB), rows = i1 - i0;
+    const int64_t lo = std::max<int64_t>(0, i0 - window + 1);  // the first key any row here may see
+    const int64_t p0 = lo / kNB, p1 = (i1 + kNB - 1) / kNB, j0 = p0 * kNB, nk = (p1 - p0) * kNB;
+    static thread_local std::vector<float> qbuf, sbuf;
+    qbuf.resize(static_cast<size_t>(kQB * D));
+    sbuf.resize(static_cast<size_t>(kQB * nk));
+    float* qm = qbuf.data();
+    float* sm = sbuf.data();
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * D, q + ((b * T + i0 + r) * d.H + h) * D, D * 4);
+    const float* ktb = kt + (b * d.KV + g) * kpanels * D * kNB;
+    for (int64_t pj = p0; pj < p1; ++pj) {
+      gemm_rows<kMR>(qm, D, rows, D, ktb + pj * D * kNB, nullptr, sm + (pj - p0) * kNB, nk, kNB);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      float* srow = sm + r * nk;
+      if (cap > 0.0f) {  // cap * tanh(s / cap), tanh(y) = 1 - 2 / (e^(2y) + 1)
+        for (int64_t j = 0; j + 16 <= nk; j += 16) {
+          v16 x;
+          std::memcpy(&x, srow + j, sizeof x);
+          x = cap - (2.0f * cap) / (v_exp(x * (2.0f / cap)) + 1.0f);
+          std::memcpy(srow + j, &x, sizeof x);
+        }
+      }
+      const int64_t first = std::max<int64_t>(i < len ? 0 : len, i - window + 1);
+      softmax_row(srow, nk, first - j0, i + 1 - j0);
+    }
+    const float* vpb = vp + (b * d.KV + g) * dpanels * T * kNB;
+    for (int64_t c = 0; c < dpanels; ++c) {
+      const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
+      // keys past T are zero in both the packed V (zero-filled) and the probabilities
+      const int64_t kk = std::min(nk, T - j0);
+      gemm_rows<kMR>(sm, nk, rows, kk, vpb + (c * T + j0) * kNB, nullptr,
+                     out + ((b * T + i0) * d.H + h) * D + c * kNB, d.H * D, width);
+    }
+  });
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> window,
+                     ffi::ResultBuffer<ffi::F32> out, float cap) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] ||
+      qd[2] % kd[2] != 0 || lengths.element_count() != static_cast<size_t>(qd[0])) {
+    return ffi::Error::InvalidArgument("gemmax attention: expected q [B,T,H,D], k/v [B,T,KV,D], lengths [B]");
+  }
+  AttnDims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  const int64_t w = std::max<int64_t>(1, window.typed_data()[0]);
+  prefill_attention(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
+                    out->typed_data(), d, &pool);
+  return ffi::Error::Success();
 }
 
 template <typename T>
@@ -662,3 +804,14 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("cap"));

@@ -41,6 +41,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cc"
 _TARGET = "gemmax_cpu_gemv"
 _TAKE = "gemmax_cpu_take_rows"
 _ATTN = "gemmax_cpu_attention"
+_DECODE_ATTN = "gemmax_cpu_decode_attention"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 _active = threading.local()
@@ -101,6 +102,8 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.GemmaxGemv), platform="cpu")
                 jax.ffi.register_ffi_target(_TAKE, jax.ffi.pycapsule(lib.GemmaxTakeRows), platform="cpu")
                 jax.ffi.register_ffi_target(_ATTN, jax.ffi.pycapsule(lib.GemmaxAttention), platform="cpu")
+                jax.ffi.register_ffi_target(_DECODE_ATTN, jax.ffi.pycapsule(lib.GemmaxDecodeAttention),
+                                            platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -244,3 +247,15 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lengths.astype(jnp.int32),
         jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0))
     return out.astype(v.dtype)
+
+
+def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     layer: jax.Array, valid: jax.Array, cap: float | None) -> jax.Array:
+    """``generate._attend_cached`` for layer ``layer`` of stacked caches [L, B, S, K, hd], read in place:
+    q [B, 1, H, hd] (scaled), k_new/v_new [B, 1, K, hd], valid [B, S] -> [B, 1, H, hd] in v_new's dtype."""
+    b, _, h, hd = q.shape
+    out = jax.ffi.ffi_call(_DECODE_ATTN, jax.ShapeDtypeStruct((b, h, hd), jnp.float32))(
+        q.astype(jnp.float32).reshape(b, h, hd), k_new.astype(jnp.float32).reshape(b, -1, hd),
+        v_new.astype(jnp.float32).reshape(b, -1, hd), k_cache, v_cache,
+        jnp.asarray(layer, jnp.int32).reshape(1), valid.astype(jnp.bool_), cap=np.float32(cap or 0.0))
+    return out.reshape(b, 1, h, hd).astype(v_new.dtype)

@@ -120,6 +120,38 @@ def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype,heads,kv,hd,cap", [("float32", 4, 2, 40, None), ("bfloat16", 4, 1, 64, 50.0),
+                                                   ("float16", 3, 3, 16, None)])
+def test_decode_attention_equals_reference(dtype: str, heads: int, kv: int, hd: int, cap: float | None) -> None:
+    """The decode attention kernel reading layer 2 of a stacked cache in place against _attend_cached on the
+    sliced layer: grouped heads, soft-capping, invalid slots skipped (one row with none valid at all)."""
+    from gemmax.generate import _attend_cached
+
+    rng = np.random.default_rng(hd)
+    b, s = 3, 37
+    q = jnp.asarray(rng.normal(size=(b, 1, heads, hd)) * 0.3, jnp.float32)
+    kn = jnp.asarray(rng.normal(size=(b, 1, kv, hd)), jnp.float32)
+    vn = jnp.asarray(rng.normal(size=(b, 1, kv, hd)), jnp.float32)
+    kc = jnp.asarray(rng.normal(size=(4, b, s, kv, hd)), dtype)
+    vc = jnp.asarray(rng.normal(size=(4, b, s, kv, hd)), dtype)
+    valid = jnp.asarray(rng.random((b, s)) < 0.6).at[2].set(False)
+    want = _attend_cached(q, kn, vn, kc[2].astype(jnp.float32), vc[2].astype(jnp.float32), valid, cap)
+    assert ck.available()
+    got = jax.jit(ck.decode_attention, static_argnames=("cap",))(q, kn, vn, kc, vc, jnp.int32(2), valid, cap=cap)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_argmax_is_argmax() -> None:
+    from gemmax.generate import greedy_argmax
+
+    x = np.random.default_rng(0).normal(size=(5, 1000)).astype(np.float32)
+    x[1, [7, 500]] = 9.0  # a tie: the lowest index wins, as jnp.argmax
+    x[2] = -np.inf
+    np.testing.assert_array_equal(np.asarray(greedy_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    x[3, 4] = np.nan
+    assert 0 <= int(greedy_argmax(jnp.asarray(x))[3]) < 1000  # a NaN row still gives a valid token id
+
+
 def test_supports_only_inside_the_switch() -> None:
     x = jnp.ones((1, 1, 64))
     w = jnp.ones((64, 128))

@@ -273,8 +273,8 @@ def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos
 
 
 def greedy_argmax(logits: Array) -> Array:
-    """``argmax`` over the last axis, ties to the lowest index, as ``jnp.argmax``; NaN rows give the last
-    index. As max + first-match it is two plain vectorised reductions: XLA:CPU's variadic (value, index)
+    """``argmax`` over the last axis, ties to the lowest index, as ``jnp.argmax``; a row with NaNs still
+    gives an in-range id. As max + first-match it is two plain vectorised reductions: XLA:CPU's variadic (value, index)
     argmax reduce over a 262k vocabulary took 1.1 ms of every decode step, this 0.3."""
     m = logits.max(axis=-1, keepdims=True)
     n = logits.shape[-1]

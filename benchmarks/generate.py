@@ -309,6 +309,17 @@ def teacher_forced(lm: Any, prompt: list[int], theirs: list[int]) -> str:
             f" of {len(theirs)} steps" + (f" (elsewhere its top-2 margin is {margins})" if miss else ""))
 
 
+def same_precision_goal(times: dict[str, list[float]], goal: float, what: str) -> str:
+    """The issue's goal line: gemmax over transformers at the same precision (float32 vs float32, bfloat16
+    vs bfloat16), from the median times of one interleaved run."""
+    parts = []
+    for g, h in (("gemmax-f32", "hf-f32"), ("gemmax-bf16", "hf-bf16")):
+        if times.get(g) and times.get(h):
+            r = statistics.median(times[h]) / statistics.median(times[g])
+            parts.append(f"{g.split('-')[1]} {r:.2f}x ({'met' if r >= goal else 'NOT met'})")
+    return f"goal: {what} >= {goal:g}x transformers at the same precision: " + (", ".join(parts) or "not measured")
+
+
 def load_avg() -> str:
     try:
         return f"{os.getloadavg()[0]:.1f}"
@@ -479,6 +490,7 @@ def main() -> None:
             rel_l = f"{lcpp / n_dec / m:.2f}x" if lcpp else "-"
             say(f"{n:<14}{r.bytes / 1e6:>11.0f}{m * 1e3:>10.1f}{1 / m:>10.1f}{r.bytes / m / 1e9:>7.1f}{rel:>11}"
                 f"{rel_l:>14}{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
+        say(same_precision_goal(dec, 2.0, "decode"))
         if lcpp and "gemmax-int8" in dec:
             ratio = lcpp / statistics.median(dec["gemmax-int8"])
             say(f"goal: gemmax-int8 decode >= 0.67x llama.cpp Q4_K_M (within 1.5x): {ratio:.2f}x, "
@@ -500,6 +512,7 @@ def main() -> None:
             m = statistics.median(pre[n])
             say(f"{n:<14}{m:>10.2f}{args.prefill / m:>10.0f}{(f'{base / m:.2f}x' if base else '-'):>11}"
                 f"{(f'{lcpp / m:.2f}x' if lcpp else '-'):>14}")
+        say(same_precision_goal(pre, 1.5, "prefill"))
         say()
     if batch_names:
         say(f"## batched: {args.batch} prompts x {args.prompt_len} tokens, {args.new} new tokens each, "

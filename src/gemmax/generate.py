@@ -328,6 +328,9 @@ def row_keys(seeds: Array, pos: Array) -> Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, pos)
 
 
+_row_keys = jax.jit(row_keys)  # for Engine.add: an eager vmap re-traces on every call (~8 ms per prefill)
+
+
 def decode_chunk(params: dict, cfg: ModelConfig, cache: dict, state: dict, n_steps: int, n_cand: int,
                  kernels: bool = False) -> tuple[dict, dict, Array]:
     """``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos [B],
@@ -517,7 +520,7 @@ class Engine:
         # first new token comes from the prefill logits
         rows = np.asarray(slots)
         first = np.asarray(self._first(
-            logits[:b], row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows])),
+            logits[:b], _row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows])),
             jnp.asarray(st["temperature"][rows]), jnp.asarray(st["top_k"][rows]),
             jnp.asarray(st["top_p"][rows]), jnp.asarray(st["min_p"][rows]), n_cand=self._n_cand(reqs)))
         now = time.perf_counter()

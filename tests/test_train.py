@@ -151,8 +151,11 @@ def test_grad_accumulation_equals_big_batch():
         results.append((h.loss, _host(lm.params)))
     for loss, params in results[1:]:
         np.testing.assert_allclose(loss, results[0][0], rtol=1e-5)
+        # Adam moves a weight by up to lr per step whatever its gradient's size, so where a gradient is
+        # near zero the two summation orders (1 x 8 rows vs 4 x 2) can move it differently by a fraction of
+        # lr: the bound is 2.5% of the two steps' maximum move (seen: 2.2e-5 on an AVX2 CPU, 1 of 57344)
         for p, v in params.items():
-            np.testing.assert_allclose(v, results[0][1][p], rtol=2e-4, atol=1e-6, err_msg=p)
+            np.testing.assert_allclose(v, results[0][1][p], rtol=2e-4, atol=0.025 * 2 * 1e-3, err_msg=p)
 
 
 @pytest.mark.parametrize("precision,remat", [("mixed_bfloat16", "dots"), ("bfloat16", "full")])

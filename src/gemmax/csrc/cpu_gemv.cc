@@ -65,6 +65,75 @@ void parallel_for(ffi::ThreadPool* pool, int64_t total, std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
+// Activations quantized to 16 bits per block of 64 for the integer int8 paths (VNNI and AVX2 alike, so
+// both ISAs compute the same products): scale = max|x| / 32767, round half away from zero, so the error
+// is at most max|x| / 65534 of the block, far below the weights' own int8 rounding (a weight-only int8
+// product to float32 accuracy). Reused per calling thread: a decode step makes ~130 calls.
+struct QuantX16 {
+  int64_t blocks;
+  std::vector<int16_t> v;    // [B, blocks * 64], zero past K
+  std::vector<float> scale;  // [B, blocks]
+};
+
+const QuantX16& quantize_x16(const float* x, int64_t B, int64_t K) {
+  static thread_local QuantX16 q;
+  q.blocks = (K + 63) / 64;
+  q.v.assign(static_cast<size_t>(B * q.blocks * 64), 0);
+  q.scale.assign(static_cast<size_t>(B * q.blocks), 0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t blk = 0; blk < q.blocks; ++blk) {
+      const int64_t k0 = blk * 64, n = std::min(K, k0 + 64) - k0;
+      const float* xb = x + b * K + k0;
+      float m = 0;
+#pragma omp simd reduction(max : m)
+      for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(xb[k]));
+      const float s = m / 32767.0f;
+      q.scale[b * q.blocks + blk] = s;
+      if (s == 0) continue;
+      const float inv = 1.0f / s;
+      int16_t* dst = q.v.data() + b * q.blocks * 64 + k0;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const float f = xb[k] * inv;
+        const int32_t v = static_cast<int32_t>(f + (f >= 0 ? 0.5f : -0.5f));
+        dst[k] = static_cast<int16_t>(std::min(32767, std::max(-32767, v)));
+      }
+    }
+  }
+  return q;
+}
+
+// How many chunks of K to split an in-major product of P blocks into: ~2 tasks per thread in all, and no
+// more chunks than `units` (the pieces of K a chunk must hold whole: rows, pairs or blocks).
+int64_t k_chunks(ffi::ThreadPool* pool, int64_t P, int64_t units) {
+  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
+  return std::min<int64_t>(want, std::max<int64_t>(1, units));
+}
+
+// y[b, p*N + n] = scale[p*N + n] * sum_c partial[p, c, b, n]: the K-chunks of an in-major product added up
+// (partial sums in column order; the VNNI / AVX512-BF16 kernels permute columns and reduce on their own).
+void sum_partials(const float* partial, int64_t P, int64_t chunks, int64_t B, int64_t N, float* y,
+                  const float* scale) {
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* out = y + b * P * N + p * N;
+      const float* first = partial + (p * chunks) * B * N + b * N;
+      std::copy(first, first + N, out);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = partial + (p * chunks + c) * B * N + b * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) out[j] += part[j];
+      }
+      if (scale) {
+        const float* s = scale + p * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) out[j] *= s[j];
+      }
+    }
+  }
+}
+
 constexpr int64_t kRowGroup = 4;  // in-minor: weight rows sharing one pass over x (independent FMA chains)
 
 // In-major W[P, K, N]: each task takes a contiguous range of K rows of one P block and streams them in
@@ -74,9 +143,7 @@ constexpr int64_t kRowGroup = 4;  // in-minor: weight rows sharing one pass over
 template <typename T>
 void in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
               int64_t N, ffi::ThreadPool* pool) {
-  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);  // ~2 tasks per thread in all
-  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, K / 32));
+  const int64_t chunks = k_chunks(pool, P, K / 32);
   const int64_t kc = (K + chunks - 1) / chunks;
   static thread_local std::vector<float> partial;
   partial.resize(static_cast<size_t>(P * chunks * B * N));
@@ -113,23 +180,7 @@ void in_major(const float* x, const T* w, float* y, const float* scale, int64_t 
       }
     }
   });
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t b = 0; b < B; ++b) {
-      float* out = y + b * P * N + p * N;
-      const float* first = partial.data() + (p * chunks) * B * N + b * N;
-      std::copy(first, first + N, out);
-      for (int64_t c = 1; c < chunks; ++c) {
-        const float* part = partial.data() + (p * chunks + c) * B * N + b * N;
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) out[j] += part[j];
-      }
-      if (scale) {
-        const float* s = scale + p * N;
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) out[j] *= s[j];
-      }
-    }
-  }
+  sum_partials(partial.data(), P, chunks, B, N, y, scale);
 }
 
 // In-minor W[N, K] (the tied embedding used as the output head): rows are contiguous, so each task streams
@@ -195,41 +246,24 @@ struct QuantX {
   std::vector<float> scale;     // [B, blocks]
 };
 
-// Reused per calling thread: a decode step makes ~130 calls, and fresh heap buffers each time showed up.
 // sum(x_q * w) from the three vpdpbusd sums: 256 * (sum((hi + 128) w) - 128 sum(w)) + sum(lo w).
 inline __m512i combine16(__m512i hi_w, __m512i lo_w, __m512i sum_w) {
   return _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi_w, 8), lo_w), _mm512_slli_epi32(sum_w, 15));
 }
 
+// quantize_x16's values split into bytes: v = 256 * hi + lo, hi = floor(v / 256) in [-128, 127] (+128).
 const QuantX& quantize_x(const float* x, int64_t B, int64_t K) {
+  const QuantX16& q16 = quantize_x16(x, B, K);
   static thread_local QuantX q;
-  q.blocks = (K + 63) / 64;
-  q.hi.assign(static_cast<size_t>(B * q.blocks * 64), 128);
-  q.lo.assign(static_cast<size_t>(B * q.blocks * 64), 0);
-  q.scale.assign(static_cast<size_t>(B * q.blocks), 0.0f);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t blk = 0; blk < q.blocks; ++blk) {
-      const int64_t k0 = blk * 64, n = std::min(K, k0 + 64) - k0;
-      const float* xb = x + b * K + k0;
-      float m = 0;
-#pragma omp simd reduction(max : m)
-      for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(xb[k]));
-      const float s = m / 32767.0f;
-      q.scale[b * q.blocks + blk] = s;
-      if (s == 0) continue;
-      const float inv = 1.0f / s;
-      uint8_t* hi = q.hi.data() + (b * q.blocks + blk) * 64;
-      uint8_t* lo = q.lo.data() + (b * q.blocks + blk) * 64;
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const float f = xb[k] * inv;
-        int32_t v = static_cast<int32_t>(f + (f >= 0 ? 0.5f : -0.5f));  // round half away from zero
-        v = std::min(32767, std::max(-32767, v));
-        const int32_t h = v >> 8;  // arithmetic shift: floor(v / 256), in [-128, 127]
-        hi[k] = static_cast<uint8_t>(h + 128);
-        lo[k] = static_cast<uint8_t>(v - h * 256);
-      }
-    }
+  q.blocks = q16.blocks;
+  q.scale = q16.scale;
+  q.hi.resize(q16.v.size());
+  q.lo.resize(q16.v.size());
+  for (size_t i = 0; i < q16.v.size(); ++i) {
+    const int32_t v = q16.v[i];
+    const int32_t h = v >> 8;  // arithmetic shift: floor(v / 256)
+    q.hi[i] = static_cast<uint8_t>(h + 128);
+    q.lo[i] = static_cast<uint8_t>(v - h * 256);
   }
   return q;
 }
@@ -278,9 +312,7 @@ void in_major_int8_vnni(const float* x, const int8_t* w, float* y, const float* 
   const QuantX& q = quantize_x(x, B, K);
   const QuantX* qp = &q;
   const int64_t blocks = q.blocks;
-  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
-  const int64_t chunks = std::min<int64_t>(want, blocks);
+  const int64_t chunks = k_chunks(pool, P, blocks);
   const int64_t bc = (blocks + chunks - 1) / chunks;
   static thread_local std::vector<float> partial;
   partial.assign(static_cast<size_t>(P * chunks * B * N), 0.0f);
@@ -415,9 +447,7 @@ void in_major_bf16_dot(const float* x, const uint16_t* w, float* y, const float*
       xp[b * pairs + k / 2] |= (u >> 16) << (16 * (k % 2));
     }
   }
-  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
-  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, pairs / 16));
+  const int64_t chunks = k_chunks(pool, P, pairs / 16);
   const int64_t pc = (pairs + chunks - 1) / chunks;
   static thread_local std::vector<float> partial;
   partial.resize(static_cast<size_t>(P * chunks * B * N));
@@ -489,43 +519,9 @@ inline float hsum8(__m256 v) {
 #define GEMMAX_AVX2_INT8 1
 
 // int8 weights on AVX2 (no VNNI, e.g. AMD Zen 3): the generic path converts every weight to float32 and
-// was bound by that (the Gemma 3 270M int8 head at 5-7 GB/s). As with VNNI, x is quantized to 16 bits per
-// block of 64 (same scale and rounding, so both ISAs give the same products: error <= max|x| / 65534 of the
-// block, far below the weights' int8 rounding); weights are sign-extended to 16 bits in registers and
-// vpmaddwd adds two products per int32 lane exactly. Needs K % 16 == 0 (every Gemma width).
-struct QuantX16 {
-  int64_t blocks;
-  std::vector<int16_t> v;    // [B, blocks * 64], zero past K
-  std::vector<float> scale;  // [B, blocks]
-};
-
-const QuantX16& quantize_x16(const float* x, int64_t B, int64_t K) {
-  static thread_local QuantX16 q;
-  q.blocks = (K + 63) / 64;
-  q.v.assign(static_cast<size_t>(B * q.blocks * 64), 0);
-  q.scale.assign(static_cast<size_t>(B * q.blocks), 0.0f);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t blk = 0; blk < q.blocks; ++blk) {
-      const int64_t k0 = blk * 64, n = std::min(K, k0 + 64) - k0;
-      const float* xb = x + b * K + k0;
-      float m = 0;
-#pragma omp simd reduction(max : m)
-      for (int64_t k = 0; k < n; ++k) m = std::max(m, std::fabs(xb[k]));
-      const float s = m / 32767.0f;
-      q.scale[b * q.blocks + blk] = s;
-      if (s == 0) continue;
-      const float inv = 1.0f / s;
-      int16_t* dst = q.v.data() + b * q.blocks * 64 + k0;
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const float f = xb[k] * inv;
-        const int32_t v = static_cast<int32_t>(f + (f >= 0 ? 0.5f : -0.5f));  // round half away from zero
-        dst[k] = static_cast<int16_t>(std::min(32767, std::max(-32767, v)));
-      }
-    }
-  }
-  return q;
-}
+// was bound by that (the Gemma 3 270M int8 head at 5-7 GB/s). x comes from quantize_x16, as for VNNI, so
+// both ISAs give the same products; weights are sign-extended to 16 bits in registers and vpmaddwd adds
+// two products per int32 lane exactly. Needs K % 16 == 0 (every Gemma width).
 
 // In-minor W[N, K] (the tied head): one row at a time (a sequential stream per thread, as the bfloat16
 // kernel below: four rows sharing each load of x were slower here); per block of 64, int32 sums of
@@ -577,9 +573,7 @@ void in_major_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
   const QuantX16& q = quantize_x16(x, B, K);
   const QuantX16* qp = &q;
   const int64_t blocks = q.blocks;
-  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
-  const int64_t chunks = std::min<int64_t>(want, blocks);
+  const int64_t chunks = k_chunks(pool, P, blocks);
   const int64_t bc = (blocks + chunks - 1) / chunks;
   static thread_local std::vector<float> partial;
   partial.assign(static_cast<size_t>(P * chunks * B * N), 0.0f);
@@ -626,16 +620,7 @@ void in_major_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
       }
     }
   });
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t b = 0; b < B; ++b) {
-      float* out = y + b * P * N + p * N;
-      for (int64_t n = 0; n < N; ++n) {
-        float v = 0;
-        for (int64_t c = 0; c < chunks; ++c) v += partial[((p * chunks + c) * B + b) * N + n];
-        out[n] = scale ? v * scale[p * N + n] : v;
-      }
-    }
-  }
+  sum_partials(partial.data(), P, chunks, B, N, y, scale);
 }
 #endif
 

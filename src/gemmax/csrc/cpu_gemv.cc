@@ -153,8 +153,8 @@ void in_major(const float* x, const T* w, float* y, const float* scale, int64_t 
     const int64_t k0 = c * kc, k1 = std::min(K, k0 + kc);
     float* acc = pbuf + task * B * N;
     std::fill(acc, acc + B * N, 0.0f);
-    // four rows per pass over the partial sums: one load and store of acc serves four weight rows (one a
-    // row, the first version was bound by that load/store chain: bfloat16 down-projection 5.8 GB/s)
+    // four rows per pass over the partial sums: one load and store of acc serves four weight rows (the
+    // first version, one row a pass, was bound by that load/store chain: bfloat16 down-projection 5.8 GB/s)
     int64_t k = k0;
     for (; k + 4 <= k1; k += 4) {
       const T* r0 = w + (p * K + k) * N;
@@ -541,7 +541,7 @@ void in_minor_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
         const float* xs = qp->scale.data() + b * qp->blocks;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
         int64_t blk = 0;
-        auto block = [&](int64_t bi, int64_t groups) {  // int32 sums of one block of 64, as float32
+        auto block_sums = [&](int64_t bi, int64_t groups) {  // int32 sums of one block of 64, as float32
           __m256i sum = _mm256_setzero_si256();
           for (int64_t g = 0; g < groups; ++g) {
             const __m128i b8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wi + bi * 64 + 16 * g));
@@ -552,11 +552,13 @@ void in_minor_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
         };
         const int64_t full = K / 64;
         for (; blk + 2 <= full; blk += 2) {  // two blocks in flight: two FMA chains
-          a0 = _mm256_fmadd_ps(block(blk, 4), _mm256_set1_ps(xs[blk]), a0);
-          a1 = _mm256_fmadd_ps(block(blk + 1, 4), _mm256_set1_ps(xs[blk + 1]), a1);
+          a0 = _mm256_fmadd_ps(block_sums(blk, 4), _mm256_set1_ps(xs[blk]), a0);
+          a1 = _mm256_fmadd_ps(block_sums(blk + 1, 4), _mm256_set1_ps(xs[blk + 1]), a1);
         }
-        for (; blk < full; ++blk) a0 = _mm256_fmadd_ps(block(blk, 4), _mm256_set1_ps(xs[blk]), a0);
-        if (full < qp->blocks) a1 = _mm256_fmadd_ps(block(full, (K - full * 64) / 16), _mm256_set1_ps(xs[full]), a1);
+        for (; blk < full; ++blk) a0 = _mm256_fmadd_ps(block_sums(blk, 4), _mm256_set1_ps(xs[blk]), a0);
+        if (full < qp->blocks) {
+          a1 = _mm256_fmadd_ps(block_sums(full, (K - full * 64) / 16), _mm256_set1_ps(xs[full]), a1);
+        }
         const float v = hsum8(_mm256_add_ps(a0, a1));
         y[b * N + r] = scale ? v * scale[r] : v;
       }

@@ -126,26 +126,44 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
 
     sin, cos, rope_row = gm.rope_tables(cfg, idx)
 
-    def body(x, xs):
-        p, w, row = xs
+    windows = jnp.asarray(gm.layer_windows(cfg))
+    n_layers = cfg.num_layers
+    last_pos = (lengths - 1)[:, None]  # [b, 1]
+
+    def layer(i, x, q_rows=None):
+        """Layer ``i`` (traced index) -> (x, k, v). Weights are indexed in place (the scan over layer indices
+        slices each layer as a scan over the stacked weights would, or the native kernel reads it in place)."""
         if in_place:
-            p = cpu_kernels.layer_view(blocks, p)
+            p = cpu_kernels.layer_view(blocks, i)
+        else:
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), blocks)
+        w, row = windows[i], rope_row[i]
         kv = {}
 
         def attend(q, k, v):
             kv["k"], kv["v"] = k, v
+            if q_rows is not None:  # the last layer: one query per row, against every key of its prompt
+                mask = attention_mask(q_rows, idx, w if has_local else None, jnp.ones_like(q_rows), seg)
+                return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
             if in_place:  # blocked causal attention in the native kernel: no [H, T, T] scores
                 return cpu_kernels.prefill_attention(q, k, v, lengths, w if has_local else gm.NO_WINDOW,
                                                      cfg.attn_logit_softcap)
             mask = attention_mask(idx, idx, w if has_local else None, seg, seg)
             return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
 
-        x = gm.decoder_layer(p, x, cfg, idx, (sin[row], cos[row]), attend)
-        return x, (kv["k"], kv["v"])
+        x = gm.decoder_layer(p, x, cfg, idx, (sin[row], cos[row]), attend, q_rows=q_rows)
+        return x, kv["k"], kv["v"]
 
-    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, jnp.asarray(gm.layer_windows(cfg)), rope_row)
-    x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    def body(x, i):
+        x, k, v = layer(i, x)
+        return x, (k, v)
+
+    # every layer but the last over all positions; the last one needs keys and values everywhere but its
+    # output only at each prompt's last position (decoder_layer's q_rows)
+    x, (ks, vs) = jax.lax.scan(body, x, jnp.arange(n_layers - 1))  # ks: [L-1, b, T, K, hd]
+    last, k_last, v_last = layer(jnp.asarray(n_layers - 1), x, q_rows=last_pos)
+    ks = jnp.concatenate([ks, k_last[None].astype(ks.dtype)])
+    vs = jnp.concatenate([vs, v_last[None].astype(vs.dtype)])
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     logits = gm.logits_from_hidden(params, cfg, last)[:, 0]
 

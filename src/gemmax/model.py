@@ -225,20 +225,36 @@ def embed(params: Params, cfg: ModelConfig, tokens: Array, dtype: Any | None = N
 AttendFn = Callable[[Array, Array, Array], Array]
 
 
+def _take_positions(a: Array, rows: Array) -> Array:
+    """``a[b, rows[b, r], ...]`` for a [B, T, ...] array and int rows [B, R]."""
+    idx = rows.reshape(rows.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, idx, axis=1)
+
+
 def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_freq: Array | tuple[Array, Array],
-                  attend: AttendFn) -> Array:
+                  attend: AttendFn, q_rows: Array | None = None) -> Array:
     """One block. ``attend(q, k, v)`` does the attention itself (full-sequence or against a KV cache), so
-    training, prefill and decode share every other line."""
+    training, prefill and decode share every other line.
+
+    ``q_rows`` (int [B, R]): keys and values come from every position, but queries, the attention output and
+    the MLP only from these rows, and the result is [B, R, D]. A prefill's last layer needs nothing more
+    (the next token is read at each prompt's last position): 1/L of the prefill's work saved.
+    """
     eps, off = cfg.norm_eps, cfg.norm_offset
     a = p["attention"]
     h = rms_norm(x, p["pre_attention_norm"]["scale"], eps, off)
-    q = linear(a["query"], h, *LINEAR_EQS["query"])
     k = linear(a["key"], h, *LINEAR_EQS["key"])
     v = linear(a["value"], h, *LINEAR_EQS["value"])
+    q_pos, q_freq = positions, inv_freq
+    if q_rows is not None:
+        x, h, q_pos = _take_positions(x, q_rows), _take_positions(h, q_rows), _take_positions(positions, q_rows)
+        if isinstance(inv_freq, tuple):
+            q_freq = (_take_positions(inv_freq[0], q_rows), _take_positions(inv_freq[1], q_rows))
+    q = linear(a["query"], h, *LINEAR_EQS["query"])
     if cfg.use_qk_norm:
         q = rms_norm(q, a["query_norm"]["scale"], eps, off)
         k = rms_norm(k, a["key_norm"]["scale"], eps, off)
-    q = apply_rope(q, positions, inv_freq)
+    q = apply_rope(q, q_pos, q_freq)
     k = apply_rope(k, positions, inv_freq)
     q = q * jnp.asarray(cfg.query_scale, q.dtype)
     o = attend(q, k, v)

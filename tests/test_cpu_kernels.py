@@ -80,10 +80,11 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
 @pytest.mark.parametrize("rows", [33, 70])
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
-    (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last."""
+    (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
+    and a K long enough (> 1024) to be summed in K blocks."""
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
-             ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200))]
+             ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70))]
     with ck.decode_kernels(prefill=True):
         for eq, shape in cases:
             stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)

@@ -700,6 +700,11 @@ void in_minor_bf16_avx2(const float* x, const uint16_t* w, float* y, const float
 // Float32 accumulation in k order.
 constexpr int kNB = 64;
 constexpr int64_t kGemvMaxRows = 32;  // above this (prefill), in-major products take the GEMM below
+// K blocking: a panel of kc rows x 64 columns must stay in L2 (512 KB a core on Zen 3, 1-2 MB on recent
+// Intel) while the rows of x stream over it. Whole K up to 1024 (256 KB); longer K (the 270M down-projection,
+// 2048) in near-equal blocks of at most 384 rows, partial sums kept in y: 77 -> 85 GFLOP/s a core there,
+// while splitting K = 640 cost ~3% (y re-read per block), so shorter K stays whole.
+constexpr int64_t kKCWhole = 1024, kKC = 384;
 constexpr int kMR = 6;
 #if defined(__AVX512F__)
 constexpr int kVL = 16, kNV = 4;
@@ -715,9 +720,22 @@ static_assert(kNB % (kVL * kNV) == 0, "the panel must split into whole sub-tiles
 
 template <int MR>
 inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel, const float* scale, float* y,
-                      int64_t ldy, int width) {
+                      int64_t ldy, int width, bool accumulate) {
   for (int j0 = 0; j0 < kNB && j0 < width; j0 += kVL * kNV) {
+    const int w = std::min(width - j0, kVL * kNV);
     vnat acc[MR][kNV] = {};
+    if (accumulate) {  // a later K block: continue the sums already in y
+      for (int r = 0; r < MR; ++r) {
+        const float* src = y + r * ldy + j0;
+        if (w == kVL * kNV) {
+          for (int v = 0; v < kNV; ++v) acc[r][v] = *reinterpret_cast<const vnatu*>(src + kVL * v);
+        } else {
+          alignas(64) float tmp[kVL * kNV] = {};
+          std::memcpy(tmp, src, static_cast<size_t>(w) * sizeof(float));
+          for (int v = 0; v < kNV; ++v) acc[r][v] = reinterpret_cast<const vnat*>(tmp)[v];
+        }
+      }
+    }
     for (int64_t k = 0; k < K; ++k) {
       const vnat* bk = reinterpret_cast<const vnat*>(panel + k * kNB + j0);
       vnat b[kNV];
@@ -728,7 +746,6 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
         for (int v = 0; v < kNV; ++v) acc[r][v] += a * b[v];
       }
     }
-    const int w = std::min(width - j0, kVL * kNV);
     for (int r = 0; r < MR; ++r) {
       if (scale) {
         const vnat* sc = reinterpret_cast<const vnat*>(scale + j0);
@@ -749,11 +766,15 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
 // y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
 template <int MR>
 void gemm_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const float* panel, const float* scale,
-               float* y, int64_t ldy, int width) {
+               float* y, int64_t ldy, int width, bool accumulate = false) {
   int64_t m = 0;
-  for (; m + MR <= rows; m += MR) gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width);
+  for (; m + MR <= rows; m += MR) {
+    gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+  }
   if constexpr (MR > 1) {
-    if (m < rows) gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width);
+    if (m < rows) {
+      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+    }
   }
 }
 
@@ -773,24 +794,30 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
     const int64_t c = task % chunks, pj = (task / chunks) % panels, p = task / (chunks * panels);
     const int64_t n0 = pj * kNB;
     const int width = static_cast<int>(std::min<int64_t>(kNB, N - n0));
+    const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
+    const int64_t kc_max = (K + kblocks - 1) / kblocks;
     static thread_local std::vector<float> buf;
-    buf.resize(static_cast<size_t>((K + 1) * kNB + 16));
+    buf.resize(static_cast<size_t>((kc_max + 1) * kNB + 16));
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
-    float* sc = panel + K * kNB;
-    const T* src = w + p * K * N + n0;
-    for (int64_t k = 0; k < K; ++k) {
-      float* dst = panel + k * kNB;
-      const T* row = src + k * N;
-#pragma omp simd
-      for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
-      for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
-    }
+    float* sc = panel + kc_max * kNB;
     if (scale) {
       for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
     }
     const int64_t r0 = c * chunk, r1 = std::min(B, r0 + chunk);
-    gemm_rows<kMR>(x + r0 * K, K, r1 - r0, K, panel, scale ? sc : nullptr, y + r0 * P * N + p * N + n0, P * N,
-                   width);
+    for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, K - k0);
+      const T* src = w + p * K * N + k0 * N + n0;
+      for (int64_t k = 0; k < kc; ++k) {
+        float* dst = panel + k * kNB;
+        const T* row = src + k * N;
+#pragma omp simd
+        for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
+        for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
+      }
+      const bool last = k0 + kc == K;
+      gemm_rows<kMR>(x + r0 * K + k0, K, r1 - r0, kc, panel, scale && last ? sc : nullptr,
+                     y + r0 * P * N + p * N + n0, P * N, width, k0 > 0);
+    }
   });
 }
 
@@ -806,22 +833,23 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
 // position attends positions [i - window + 1, i]; a padding position only other padding positions.
 constexpr int64_t kQB = 48;  // query rows per task (8 tiles of kMR)
 
-inline v16 v_exp(v16 x) {  // e^x, float32, ~2 ulp; e^x = 2^n e^r with |r| <= ln2 / 2
-  typedef int32_t v16i __attribute__((vector_size(64)));
-  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
+template <typename V>
+inline V v_exp(V x) {  // e^x, float32, ~2 ulp; e^x = 2^n e^r with |r| <= ln2 / 2
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16 scale;
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &e, sizeof scale);
   return p * scale;
 }
@@ -830,29 +858,52 @@ struct AttnDims {
   int64_t B, T, H, KV, D;
 };
 
-// Softmax over one row of scores s[0, n) (already capped), keys outside [a, b) excluded: s becomes the
-// probabilities, zero where excluded.
-inline void softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
-  float m = -INFINITY;
-  for (int64_t j = a; j < b; ++j) m = std::max(m, s[j]);
-  for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
-  for (int64_t j = b; j < n; ++j) s[j] = 0.0f;
-  float sum = 0.0f;
+// Unnormalised softmax over one row of scores s[0, n) (already capped), keys outside [a, b) excluded: s
+// becomes e^(s - max), zero where excluded; returns 1 / sum, which the caller applies to the row's output
+// (one pass over D values instead of one over the n probabilities). Vector max, exp and sum; the tail is
+// padded to a whole vector with -inf (e^-inf = 0).
+inline vnat lane_index() {
+  vnat v;
+  for (int t = 0; t < kVL; ++t) v[t] = static_cast<float>(t);
+  return v;
+}
+
+inline float softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
+  constexpr int L = kVL;
+  vnat mv = vnat{} - INFINITY;
   int64_t j = a;
-  for (; j + 16 <= b; j += 16) {
-    v16 v;
+  for (; j + L <= b; j += L) {
+    vnat v;
+    std::memcpy(&v, s + j, sizeof v);
+    mv = v > mv ? v : mv;
+  }
+  float m = -INFINITY;
+  for (int t = 0; t < L; ++t) m = std::max(m, mv[t]);
+  for (int64_t t = j; t < b; ++t) m = std::max(m, s[t]);
+  std::fill(s, s + a, 0.0f);
+  std::fill(s + b, s + n, 0.0f);
+  vnat sv = {};
+  for (j = a; j + L <= b; j += L) {
+    vnat v;
     std::memcpy(&v, s + j, sizeof v);
     v = v_exp(v - m);
     std::memcpy(s + j, &v, sizeof v);
-    for (int t = 0; t < 16; ++t) sum += v[t];
+    sv += v;
   }
-  for (; j < b; ++j) {
-    v16 v = v16{} + (s[j] - m);
-    s[j] = v_exp(v)[0];
-    sum += s[j];
+  if (j < b) {
+    alignas(64) float tail[L];
+    for (int t = 0; t < L; ++t) tail[t] = j + t < b ? s[j + t] - m : -INFINITY;
+    vnat v;
+    std::memcpy(&v, tail, sizeof v);
+    v = v_exp(v);
+    v = static_cast<float>(j) + lane_index() < static_cast<float>(b) ? v : vnat{};
+    std::memcpy(tail, &v, sizeof v);
+    std::memcpy(s + j, tail, static_cast<size_t>(b - j) * sizeof(float));
+    sv += v;
   }
-  const float inv = 1.0f / sum;
-  for (j = a; j < b; ++j) s[j] *= inv;
+  float sum = 0.0f;
+  for (int t = 0; t < L; ++t) sum += sv[t];
+  return 1.0f / sum;
 }
 
 void prefill_attention(const float* q, const float* k, const float* v, const int32_t* lengths, int64_t window,
@@ -865,11 +916,11 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
   v_buf.assign(static_cast<size_t>(d.B * d.KV * dpanels * T * kNB + 16), 0.0f);
   float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data()) + 63) & ~uintptr_t{63});
   float* vp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v_buf.data()) + 63) & ~uintptr_t{63});
-  parallel_for(pool, d.B * d.KV, [=](int64_t bg) {
-    const int64_t b = bg / d.KV, g = bg % d.KV;
+  parallel_for(pool, d.B * d.KV * kpanels, [=](int64_t task) {  // one 64-key panel of one (row, KV head)
+    const int64_t bg = task / kpanels, b = bg / d.KV, g = bg % d.KV, t0 = (task % kpanels) * kNB;
     float* ktb = kt + bg * kpanels * D * kNB;
     float* vpb = vp + bg * dpanels * T * kNB;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = t0; t < std::min(T, t0 + kNB); ++t) {
       const float* kr = k + ((b * T + t) * d.KV + g) * D;
       const float* vr = v + ((b * T + t) * d.KV + g) * D;
       float* kd = ktb + (t / kNB) * D * kNB + t % kNB;
@@ -892,30 +943,46 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
     float* sm = sbuf.data();
     for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * D, q + ((b * T + i0 + r) * d.H + h) * D, D * 4);
     const float* ktb = kt + (b * d.KV + g) * kpanels * D * kNB;
-    for (int64_t pj = p0; pj < p1; ++pj) {
-      gemm_rows<kMR>(qm, D, rows, D, ktb + pj * D * kNB, nullptr, sm + (pj - p0) * kNB, nk, kNB);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      float* srow = sm + r * nk;
-      if (cap > 0.0f) {  // cap * tanh(s / cap), tanh(y) = 1 - 2 / (e^(2y) + 1)
-        for (int64_t j = 0; j + 16 <= nk; j += 16) {
-          v16 x;
-          std::memcpy(&x, srow + j, sizeof x);
-          x = cap - (2.0f * cap) / (v_exp(x * (2.0f / cap)) + 1.0f);
-          std::memcpy(srow + j, &x, sizeof x);
-        }
-      }
-      const int64_t first = std::max<int64_t>(i < len ? 0 : len, i - window + 1);
-      softmax_row(srow, nk, first - j0, i + 1 - j0);
-    }
     const float* vpb = vp + (b * d.KV + g) * dpanels * T * kNB;
-    for (int64_t c = 0; c < dpanels; ++c) {
-      const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
-      // keys past T are zero in both the packed V (zero-filled) and the probabilities
-      const int64_t kk = std::min(nk, T - j0);
-      gemm_rows<kMR>(sm, nk, rows, kk, vpb + (c * T + j0) * kNB, nullptr,
-                     out + ((b * T + i0) * d.H + h) * D + c * kNB, d.H * D, width);
+    // Tiles of kMR query rows; each meets only the keys up to its own last row (the causal bound), so the
+    // diagonal blocks compute no more than a tile's triangle beyond the useful products.
+    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+      const int64_t tr = std::min<int64_t>(kMR, rows - r0);
+      const int64_t nt = i0 + r0 + tr - j0;  // keys j0 .. i0 + r0 + tr - 1
+      float* st = sm + r0 * nk;
+      for (int64_t pj = p0; (pj - p0) * kNB < nt; ++pj) {
+        const int width = static_cast<int>(std::min<int64_t>(kNB, nt - (pj - p0) * kNB));
+        gemm_rows<kMR>(qm + r0 * D, D, tr, D, ktb + pj * D * kNB, nullptr, st + (pj - p0) * kNB, nk, width);
+      }
+      float inv[kMR];
+      for (int64_t r = 0; r < tr; ++r) {
+        const int64_t i = i0 + r0 + r;
+        float* srow = st + r * nk;
+        if (cap > 0.0f) {  // cap * tanh(s / cap), tanh(y) = 1 - 2 / (e^(2y) + 1)
+          for (int64_t j = 0; j < nt; j += 16) {
+            alignas(64) float tmp[16] = {};
+            const int64_t m = std::min<int64_t>(16, nt - j);
+            std::memcpy(tmp, srow + j, m * 4);
+            v16 x;
+            std::memcpy(&x, tmp, sizeof x);
+            x = cap - (2.0f * cap) / (v_exp(x * (2.0f / cap)) + 1.0f);
+            std::memcpy(tmp, &x, sizeof x);
+            std::memcpy(srow + j, tmp, m * 4);
+          }
+        }
+        const int64_t first = std::max<int64_t>(i < len ? 0 : len, i - window + 1);
+        inv[r] = softmax_row(srow, nt, first - j0, i + 1 - j0);
+      }
+      float* ot = out + ((b * T + i0 + r0) * d.H + h) * D;
+      for (int64_t c = 0; c < dpanels; ++c) {
+        const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
+        gemm_rows<kMR>(st, nk, tr, nt, vpb + (c * T + j0) * kNB, nullptr, ot + c * kNB, d.H * D, width);
+      }
+      for (int64_t r = 0; r < tr; ++r) {
+        float* orow = ot + r * d.H * D;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) orow[c] *= inv[r];
+      }
     }
   });
 }

@@ -45,8 +45,10 @@ def test_plan_rejects_what_it_cannot_do() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+@pytest.mark.parametrize("rows", [1, 3, 6, 8, 17])
 def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
+    """Decode-step rows: the GEMV kernels below 8 rows, the GEMM paths (in-major and the in-minor head) from
+    8 on; a stacked weight read in place at layer 0 and the last, and a plain one."""
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btd,vd->btv", (301, 40)),
              ("btf,fd->btd", (130, 37)), ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (130, 128)),
@@ -169,7 +171,9 @@ def test_supports_only_inside_the_switch() -> None:
     with ck.decode_kernels(prefill=True):  # prefill: the GEMM for in-major weights, never the tied head's
         assert ck.supports("btd,df->btf", many, w)
         assert not ck.supports("btd,vd->btv", many, jnp.ones((128, 64)))
-        assert not ck.supports("btd,df->btf", jnp.ones((9, 1, 64)), w)  # float32 at 9..32 rows: XLA's GEMM
+    with ck.decode_kernels():  # float32 weights at 9..32 rows too: the kernel's own GEMM paths
+        assert ck.supports("btd,df->btf", jnp.ones((9, 1, 64)), w)
+        assert ck.supports("btd,vd->btv", jnp.ones((ck.MAX_ROWS, 1, 64)), jnp.ones((128, 64)))
 
 
 def _params(cfg, seed=0):

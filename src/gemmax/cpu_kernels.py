@@ -46,15 +46,11 @@ _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 _active = threading.local()
 
-#: batch rows up to which the kernel beats XLA's GEMM, measured on Gemma 3 270M decode steps: float32
-#: weights 52 vs 70 ms at 1 row, 78 vs 90 at 4, but 226 vs 186 at 16 (XLA's GEMM reuses float32 weights
-#: from registers better); int8/bfloat16 weights win at 16 too (XLA materialises their float32 copy).
+#: batch rows up to which decode-step products go to the kernel. From 8 rows on the kernel itself switches
+#: to register-blocked GEMM paths (``kSkinnyRows`` in csrc/cpu_gemv.cc), so float32 weights stay in place
+#: too: XLA's dot first slices a float32 copy of each stacked layer and ran the 270M head at 16 rows in
+#: ~100 ms (the kernel: ~50).
 MAX_ROWS = 32
-MAX_ROWS_FLOAT32 = 8
-
-
-def max_rows(dtype: Any) -> int:
-    return MAX_ROWS_FLOAT32 if jnp.dtype(dtype) == jnp.float32 else MAX_ROWS
 
 
 def _cpu_id() -> str:
@@ -193,8 +189,7 @@ def supports(eq: str, x: jax.Array, w: Any) -> bool:
     if plan is None:
         return False
     rows = x.size // plan[2]
-    dtype = (w.stacked if isinstance(w, StackedKernel) else w).dtype
-    return rows <= max_rows(dtype) or (getattr(_active, "gemm", False) and not plan[0] and rows > MAX_ROWS)
+    return rows <= MAX_ROWS or (getattr(_active, "gemm", False) and not plan[0] and rows > MAX_ROWS)
 
 
 def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.Array:

@@ -433,11 +433,6 @@ def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, An
     return _COMPILED[key]
 
 
-def _weight_dtype(params: dict) -> Any:
-    """The dtype of the bulk of the weights (the embedding: the largest tensor and, tied, the head)."""
-    emb = params.get("token_embedding", {}).get("embeddings")
-    return emb.dtype if emb is not None else jax.tree.leaves(params)[0].dtype
-
 
 class Engine:
     """A fixed number of slots over one static cache; requests join and leave between decode chunks."""
@@ -470,7 +465,7 @@ class Engine:
         leaf = jax.tree.leaves(params)[0]
         self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
                        and cpu_kernels.available())
-        self.kernels = self.native and max_batch <= cpu_kernels.max_rows(_weight_dtype(params))
+        self.kernels = self.native and max_batch <= cpu_kernels.MAX_ROWS
 
     def _place_on_mesh(self) -> None:
         """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too

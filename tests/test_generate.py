@@ -160,3 +160,28 @@ def test_ring_cache_figure():
     tiny = gemmax.tiny_config("gemma3")
     eng = Engine(gm.init_params(tiny, jax.random.key(0)), tiny, max_batch=1, max_len=256)
     assert eng.cache["k_local"].shape[:3] == (6, 1, 8) and eng.cache["k_global"].shape[:3] == (1, 1, 256)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "llama"])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
+    """The prefill's last layer runs queries, attention output and MLP at each prompt's last position only
+    (decoder_layer's q_rows): its logits must equal the full forward's at that position, per row of a
+    mixed-length batch longer than the sliding window (its keys and values are checked by the greedy
+    decode tests, which attend to them). Random non-zero norm scales, so (1 + w) norms are exercised."""
+    from gemmax.generate import prefill
+
+    cfg = gemmax.tiny_config(family)
+    rng = np.random.default_rng(7)
+    params = gm.unflatten({p: jnp.asarray(rng.normal(0, 0.3 if "norm" in p else 1 / np.sqrt(s.shape[-1]),
+                                                     s.shape), jnp.float32)
+                           for p, s in gm.param_specs(cfg).items()})
+    lengths = [40, 13, 1]
+    tokens = np.zeros((3, 40), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(3, cfg.vocab_size, n)
+    logits, _ = jax.jit(lambda p, t, n: prefill(p, cfg, t, n, cfg.sliding_window or 8, kernels=kernels))(
+        params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
+    for i, n in enumerate(lengths):
+        want = np.asarray(gm.forward(params, cfg, jnp.asarray(tokens[i:i + 1, :n])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())

@@ -835,6 +835,7 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
 // as prefill; in-minor: in_minor_gemm) instead of the GEMV kernels, whose cost grows with every row.
 // Measured on Zen 3, one thread, float32 weights streamed from memory, GEMM / GEMV time: at 8 rows 0.78-1.03
 // (in-major), 0.93 (head); at 16 rows 0.60-0.76 and 0.59; at 32 rows 0.43-0.53.
+// (The head with AVX-512 waits for 32 rows: see dispatch. Not measured there: no such CPU in this session.)
 constexpr int64_t kSkinnyRows = 8;
 constexpr int64_t kHeadRows = 48;  // weight rows per tile pass (8 tiles of kMR), converted to float32 once
 
@@ -1180,7 +1181,9 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
     gemm_in_major<T>(x, w, y, scale, B, P, K, N, pool);
     return;
   }
-  if (in_minor_ && B >= kSkinnyRows && B <= kNB) {
+  // the head's skinny GEMM puts the rows of x in the tile's vector lanes: a sub-tile is kVL * kNV columns
+  // (16 with AVX2, 64 with AVX-512), so it waits until at most half of them would multiply padding
+  if (in_minor_ && B >= kSkinnyRows && 2 * B >= kVL * kNV && B <= kNB) {
     in_minor_gemm<T>(x, w, y, scale, B, N, K, pool);
     return;
   }

@@ -189,7 +189,7 @@ def supports(eq: str, x: jax.Array, w: Any) -> bool:
     if plan is None:
         return False
     rows = x.size // plan[2]
-    return rows <= MAX_ROWS or (getattr(_active, "gemm", False) and not plan[0] and rows > MAX_ROWS)
+    return rows <= MAX_ROWS or (getattr(_active, "gemm", False) and not plan[0])
 
 
 def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.Array:

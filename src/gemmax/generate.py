@@ -433,7 +433,6 @@ def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, An
     return _COMPILED[key]
 
 
-
 class Engine:
     """A fixed number of slots over one static cache; requests join and leave between decode chunks."""
 

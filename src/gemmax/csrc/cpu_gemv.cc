@@ -714,7 +714,6 @@ constexpr int kVL = 4, kNV = 2;
 #endif
 typedef float vnat __attribute__((vector_size(4 * kVL), aligned(4 * kVL)));
 typedef float vnatu __attribute__((vector_size(4 * kVL), aligned(4)));
-typedef float v16 __attribute__((vector_size(64), aligned(64)));  // v_exp's width (element-wise only)
 static_assert(kNB % (kVL * kNV) == 0, "the panel must split into whole sub-tiles");
 
 template <int MR>
@@ -789,12 +788,12 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
     chunk = ((chunk / 2 + kMR - 1) / kMR) * kMR;
   }
   const int64_t chunks = (B + chunk - 1) / chunk;
+  const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
+  const int64_t kc_max = (K + kblocks - 1) / kblocks;
   parallel_for(pool, P * panels * chunks, [=](int64_t task) {
     const int64_t c = task % chunks, pj = (task / chunks) % panels, p = task / (chunks * panels);
     const int64_t n0 = pj * kNB;
     const int width = static_cast<int>(std::min<int64_t>(kNB, N - n0));
-    const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
-    const int64_t kc_max = (K + kblocks - 1) / kblocks;
     static thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>((kc_max + 1) * kNB + 16));
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
@@ -915,8 +914,8 @@ struct AttnDims {
 
 // Unnormalised softmax over one row of scores s[0, n) (already capped), keys outside [a, b) excluded: s
 // becomes e^(s - max), zero where excluded; returns 1 / sum, which the caller applies to the row's output
-// (one pass over D values instead of one over the n probabilities). Vector max, exp and sum; the tail is
-// padded to a whole vector with -inf (e^-inf = 0).
+// (one pass over D values instead of one over the n probabilities). Vector max, exp and sum on native
+// vectors; the tail is padded to a whole vector and its extra lanes zeroed after the exp (v_exp clamps).
 inline vnat lane_index() {
   vnat v;
   for (int t = 0; t < kVL; ++t) v[t] = static_cast<float>(t);
@@ -1014,11 +1013,11 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
         const int64_t i = i0 + r0 + r;
         float* srow = st + r * nk;
         if (cap > 0.0f) {  // cap * tanh(s / cap), tanh(y) = 1 - 2 / (e^(2y) + 1)
-          for (int64_t j = 0; j < nt; j += 16) {
-            alignas(64) float tmp[16] = {};
-            const int64_t m = std::min<int64_t>(16, nt - j);
+          for (int64_t j = 0; j < nt; j += kVL) {
+            alignas(64) float tmp[kVL] = {};
+            const int64_t m = std::min<int64_t>(kVL, nt - j);
             std::memcpy(tmp, srow + j, m * 4);
-            v16 x;
+            vnat x;
             std::memcpy(&x, tmp, sizeof x);
             x = cap - (2.0f * cap) / (v_exp(x * (2.0f / cap)) + 1.0f);
             std::memcpy(tmp, &x, sizeof x);

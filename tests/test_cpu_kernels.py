@@ -83,10 +83,13 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
     (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
-    and a K long enough (> 1024) to be summed in K blocks."""
+    and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a task
+    walks several in turn, prefetching the next (panel, K block) while one computes, across heads and K
+    blocks and ending on a partial panel."""
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
-             ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70))]
+             ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
+             ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040))]
     with ck.decode_kernels(prefill=True):
         for eq, shape in cases:
             stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)

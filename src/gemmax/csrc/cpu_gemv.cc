@@ -817,7 +817,8 @@ struct BlockPrefetch {
 // is a latency-bound walk the hardware prefetcher does not follow, and it stalled the arithmetic each time
 // (Gemma 3 270M float32 prefill GEMMs, 2 threads: 155-178 GFLOP/s with the weights in cache, 106-137 cold).
 // So each task walks its panels in order, and while a panel computes, the next (panel, K block) of the
-// group is prefetched a few rows per row tile.
+// group is prefetched a few rows per row tile: packing time -30-40%, float32 prefill of 512 tokens 1042 ->
+// 937 ms (medians of six interleaved runs; the VM's noise is +-10%).
 template <typename T>
 void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
                    int64_t N, ffi::ThreadPool* pool) {

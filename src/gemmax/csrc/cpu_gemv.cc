@@ -845,16 +845,16 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
     // the task's steps: (panel, K block) in order
     const int64_t pj0 = g * group, pj1 = std::min(panels, pj0 + group);
     const int64_t steps = (pj1 - pj0) * kblocks;
-    auto block_of = [&](int64_t step, int64_t* n0, int* width, int64_t* k0, int64_t* kc) {
-      *n0 = (pj0 + step / kblocks) * kNB;
-      *width = static_cast<int>(std::min<int64_t>(kNB, N - *n0));
-      *k0 = (step % kblocks) * kc_max;
-      *kc = std::min(kc_max, K - *k0);
-    };
-    for (int64_t step = 0; step < steps; ++step) {
+    struct Block {
       int64_t n0, k0, kc;
       int width;
-      block_of(step, &n0, &width, &k0, &kc);
+    };
+    auto block_of = [&](int64_t step) {
+      const int64_t n0 = (pj0 + step / kblocks) * kNB, k0 = (step % kblocks) * kc_max;
+      return Block{n0, k0, std::min(kc_max, K - k0), static_cast<int>(std::min<int64_t>(kNB, N - n0))};
+    };
+    for (int64_t step = 0; step < steps; ++step) {
+      const auto [n0, k0, kc, width] = block_of(step);
       if (scale && k0 == 0) {
         for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
       }
@@ -868,11 +868,9 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
       }
       BlockPrefetch pf;
       if (step + 1 < steps) {
-        int64_t nn0, nk0, nkc;
-        int nwidth;
-        block_of(step + 1, &nn0, &nwidth, &nk0, &nkc);
-        pf = {reinterpret_cast<const char*>(w + p * K * N + nk0 * N + nn0),
-              N * static_cast<int64_t>(sizeof(T)), nkc, nwidth * static_cast<int64_t>(sizeof(T))};
+        const Block next = block_of(step + 1);
+        pf = {reinterpret_cast<const char*>(w + p * K * N + next.k0 * N + next.n0),
+              N * static_cast<int64_t>(sizeof(T)), next.kc, next.width * static_cast<int64_t>(sizeof(T))};
       }
       const bool last = k0 + kc == K;
       const float* s = scale && last ? sc : nullptr;

@@ -811,14 +811,17 @@ struct BlockPrefetch {
   }
 };
 
-// y[b, p*N + n] = scale[p*N + n] * sum_k x[b, k] W[p, k, n]. Tasks are (p, row chunk, group of consecutive
-// 64-column panels); row chunks only split the rows when there are too few panels to keep every thread
-// busy (each repacks). Packing a panel reads 64 columns of each of K weight rows, N apart: from memory a
-// latency-bound walk the hardware prefetcher does not follow (Gemma 3 270M float32 prefill GEMMs, 2
-// threads: 155-178 GFLOP/s with the weights in cache, 106-137 cold; packing 5-8% of the threads' time).
-// So each task walks its panels in order, and while a panel computes, the next (panel, K block) of the
-// group is prefetched a few rows per row tile: packing time -30-40%, float32 prefill of 512 tokens 1042 ->
-// 937 ms (medians of six interleaved runs; the VM's noise is +-10%).
+// y[b, p*N + n] = scale[p*N + n] * sum_k x[b, k] W[p, k, n]. Work items are (p, row chunk, 64-column
+// panel); row chunks only split the rows when there are too few panels to keep every thread busy (each
+// repacks). Packing a panel reads 64 columns of each of K weight rows, N apart: from memory a latency-bound
+// walk the hardware prefetcher does not follow (Gemma 3 270M float32 prefill GEMMs, 2 threads: 155-178
+// GFLOP/s with the weights in cache, 106-137 cold; packing 5-8% of the threads' time). So while one
+// (panel, K block) computes, the next one is prefetched a few rows per row tile: packing time -30-40%,
+// float32 prefill of 512 tokens 1042 -> 937 ms. Each thread claims items one at a time, always one ahead
+// (the item it will do next is known, so it can be prefetched): a thread that starts late or runs slower
+// (XLA's pool wakes its workers; this VM's cores are shared) leaves at most one panel for the other to wait
+// on. Groups of four panels per task had left up to a quarter of a thread's share: one process, old and new
+// alternated call by call, 20 pairs: 1067 -> 1016 ms a prefill, faster in 13 of 20 pairs.
 template <typename T>
 void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
                    int64_t N, ffi::ThreadPool* pool) {
@@ -829,61 +832,63 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
     chunk = ((chunk / 2 + kMR - 1) / kMR) * kMR;
   }
   const int64_t chunks = (B + chunk - 1) / chunk;
-  // about four tasks per thread, each as many consecutive panels as that leaves
-  const int64_t group = std::max<int64_t>(1, P * panels * chunks / (4 * threads));
-  const int64_t groups = (panels + group - 1) / group;
+  const int64_t items = P * chunks * panels;  // (p, row chunk, panel), panel fastest
   const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
   const int64_t kc_max = (K + kblocks - 1) / kblocks;
-  parallel_for(pool, P * chunks * groups, [=](int64_t task) {
-    const int64_t g = task % groups, c = (task / groups) % chunks, p = task / (groups * chunks);
+  struct Block {
+    int64_t p, r0, r1, n0, k0, kc;
+    int width;
+  };
+  auto block_of = [=](int64_t item, int64_t kb) {
+    const int64_t pj = item % panels, c = (item / panels) % chunks, p = item / (panels * chunks);
+    const int64_t n0 = pj * kNB, k0 = kb * kc_max, r0 = c * chunk;
+    return Block{p, r0, std::min(B, r0 + chunk), n0, k0, std::min(kc_max, K - k0),
+                 static_cast<int>(std::min<int64_t>(kNB, N - n0))};
+  };
+  std::atomic<int64_t> next{0};
+  parallel_for(pool, std::min(threads, items), [&](int64_t) {
     static thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>((kc_max + 1) * kNB + 16));
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
     float* sc = panel + kc_max * kNB;
-    const int64_t r0 = c * chunk, r1 = std::min(B, r0 + chunk);
-    const int64_t tiles = (r1 - r0 + kMR - 1) / kMR;
-    // the task's steps: (panel, K block) in order
-    const int64_t pj0 = g * group, pj1 = std::min(panels, pj0 + group);
-    const int64_t steps = (pj1 - pj0) * kblocks;
-    struct Block {
-      int64_t n0, k0, kc;
-      int width;
-    };
-    auto block_of = [&](int64_t step) {
-      const int64_t n0 = (pj0 + step / kblocks) * kNB, k0 = (step % kblocks) * kc_max;
-      return Block{n0, k0, std::min(kc_max, K - k0), static_cast<int>(std::min<int64_t>(kNB, N - n0))};
-    };
-    for (int64_t step = 0; step < steps; ++step) {
-      const auto [n0, k0, kc, width] = block_of(step);
-      if (scale && k0 == 0) {
-        for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
-      }
-      const T* src = w + p * K * N + k0 * N + n0;
-      for (int64_t k = 0; k < kc; ++k) {
-        float* dst = panel + k * kNB;
-        const T* row = src + k * N;
-#pragma omp simd
-        for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
-        for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
-      }
-      BlockPrefetch pf;
-      if (step + 1 < steps) {
-        const Block next = block_of(step + 1);
-        pf = {reinterpret_cast<const char*>(w + p * K * N + next.k0 * N + next.n0),
-              N * static_cast<int64_t>(sizeof(T)), next.kc, next.width * static_cast<int64_t>(sizeof(T))};
-      }
-      const bool last = k0 + kc == K;
-      const float* s = scale && last ? sc : nullptr;
-      float* yb = y + p * N + n0;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
-        if (rows == kMR) {
-          gemm_tile<kMR>(x + m * K + k0, K, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
-        } else {
-          gemm_rows<kMR - 1>(x + m * K + k0, K, rows, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
+    int64_t item = next.fetch_add(1, std::memory_order_relaxed);
+    while (item < items) {
+      // claimed one item ahead, so its first block can be prefetched while this item computes
+      const int64_t ahead = next.fetch_add(1, std::memory_order_relaxed);
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const auto [p, r0, r1, n0, k0, kc, width] = block_of(item, kb);
+        if (scale && k0 == 0) {
+          for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
         }
-        pf.upto(pf.rows * (t + 1) / tiles);
+        const T* src = w + p * K * N + k0 * N + n0;
+        for (int64_t k = 0; k < kc; ++k) {
+          float* dst = panel + k * kNB;
+          const T* row = src + k * N;
+#pragma omp simd
+          for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
+          for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
+        }
+        BlockPrefetch pf;
+        if (kb + 1 < kblocks || ahead < items) {
+          const Block nb = kb + 1 < kblocks ? block_of(item, kb + 1) : block_of(ahead, 0);
+          pf = {reinterpret_cast<const char*>(w + nb.p * K * N + nb.k0 * N + nb.n0),
+                N * static_cast<int64_t>(sizeof(T)), nb.kc, nb.width * static_cast<int64_t>(sizeof(T))};
+        }
+        const bool last = k0 + kc == K;
+        const float* s = scale && last ? sc : nullptr;
+        float* yb = y + p * N + n0;
+        const int64_t tiles = (r1 - r0 + kMR - 1) / kMR;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
+          if (rows == kMR) {
+            gemm_tile<kMR>(x + m * K + k0, K, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
+          } else {
+            gemm_rows<kMR - 1>(x + m * K + k0, K, rows, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
+          }
+          pf.upto(pf.rows * (t + 1) / tiles);
+        }
       }
+      item = ahead;
     }
   });
 }

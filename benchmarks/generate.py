@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions of each measurement")
+    ap.add_argument("--prefill-repeats", type=int, default=3,
+                    help="prefill rounds (every engine once each, interleaved) per repetition: a prefill is ~1 s, "
+                         "and on a shared machine one reading per repetition is too few")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llamacpp-threads", type=int, default=None,
                     help="llama.cpp's threads (default: --threads); 1 on a busy machine, see above")
@@ -311,12 +314,18 @@ def teacher_forced(lm: Any, prompt: list[int], theirs: list[int]) -> str:
 
 def same_precision_goal(times: dict[str, list[float]], goal: float, what: str) -> str:
     """The issue's goal line: gemmax over transformers at the same precision (float32 vs float32, bfloat16
-    vs bfloat16), from the median times of one interleaved run."""
+    vs bfloat16), from the median times of one interleaved run. Where every round timed both (entry i of
+    each list), the median of the per-round ratios is printed too: the machine's slow phases last seconds
+    and hit both engines of a round alike, so the paired figure moves less from run to run."""
     parts = []
     for g, h in (("gemmax-f32", "hf-f32"), ("gemmax-bf16", "hf-bf16")):
         if times.get(g) and times.get(h):
             r = statistics.median(times[h]) / statistics.median(times[g])
-            parts.append(f"{g.split('-')[1]} {r:.2f}x ({'met' if r >= goal else 'NOT met'})")
+            paired = ""
+            if len(times[g]) == len(times[h]) > 1:
+                pr = statistics.median(b / a for a, b in zip(times[g], times[h], strict=True))
+                paired = f", per-round median {pr:.2f}x over {len(times[g])} rounds"
+            parts.append(f"{g.split('-')[1]} {r:.2f}x ({'met' if r >= goal else 'NOT met'}{paired})")
     return f"goal: {what} >= {goal:g}x transformers at the same precision: " + (", ".join(parts) or "not measured")
 
 
@@ -456,8 +465,10 @@ def main() -> None:
                 dt, ids = r.decode(prompt, args.new)
                 dec[n].append(dt)
                 outs[n] = ids
-            if "prefill" not in skip:
-                pre[n].append(r.prefill(long_prompt))
+        if "prefill" not in skip:  # rounds of every engine in turn: entry i of each list is one round
+            for _ in range(args.prefill_repeats):
+                for n, r in runners.items():
+                    pre[n].append(r.prefill(long_prompt))
         for n in batch_names:
             bat[n].append(runners[n].batch(batch_prompts, args.new))
 
@@ -465,7 +476,8 @@ def main() -> None:
     say(f"# generation benchmark: {os.path.basename(path)} ({cfg.name or cfg.family}, "
         f"{cfg.num_layers} layers, vocab {cfg.vocab_size}), threads={args.threads}{lthreads}")
     say(f"# {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
-        f"torch {torch.__version__}; {args.repeats} timed repetition(s), interleaved; medians; machine shared")
+        f"torch {torch.__version__}; {args.repeats} timed repetition(s) ({args.repeats * args.prefill_repeats} prefill "
+        "rounds), interleaved; medians; machine shared")
     say(f"# weights: the GGUF's Q4_K_M tensors dequantized at load by each library (llama.cpp: used as is); "
         f"gemmax chunk={args.chunk}; 1-min load average {load_start} at start, {load_avg()} at end")
     lt = args.llamacpp_threads or args.threads

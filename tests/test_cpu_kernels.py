@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gemmax import cpu_kernels as ck
-from gemmax import lora, quant
+from gemmax import layers, lora, quant
 from gemmax import model as gm
 from gemmax.config import tiny_config
 from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache, prefill
@@ -105,6 +105,34 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
                 assert got.shape == want.shape
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                            atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+
+
+@pytest.mark.parametrize("norm,offset,rot,mult", [(True, 1.0, 1.0, 0.0625), (True, 0.0, 1.0, None),
+                                                   (False, 1.0, 1.0, 0.125), (True, 1.0, 0.5, 0.25)])
+def test_norm_rope_equals_xla(norm: bool, offset: float, rot: float, mult: float | None) -> None:
+    """The prefill's native q/k pass (RMSNorm with a random non-zero scale, rotate-half RoPE from sin/cos
+    tables, the query scale) against rms_norm + apply_rope + multiply in XLA: Gemma (offset 1) and Llama
+    (offset 0) norms, no norm (Gemma 1/2), a table covering half the head (the rest passes through), rows
+    that split over several tasks."""
+    rng = np.random.default_rng(11)
+    b, t, h, d = 2, 90, 3, 64
+    x = jnp.asarray(rng.normal(size=(b, t, h, d)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.normal(size=d), jnp.float32) if norm else None
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    inv = layers.rope_inv_freq(int(d * rot), 10_000.0)
+    sincos = layers.rope_sin_cos(pos, inv)
+    want = x if scale is None else layers.rms_norm(x, scale, 1e-6, offset)
+    want = layers.apply_rope(want, pos, sincos)
+    want = want if mult is None else want * mult
+    with ck.decode_kernels(prefill=True):
+        assert ck.supports_norm_rope(x, sincos)
+        assert not ck.supports_norm_rope(x, inv)  # RoPE as frequencies: the XLA path
+        assert not ck.supports_norm_rope(x.astype(jnp.bfloat16), sincos)
+        got = jax.jit(lambda x: layers.norm_rope(x, scale, 1e-6, offset, pos, sincos, mult))(x)
+    assert not ck.supports_norm_rope(x, sincos)  # switch off
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if rot < 1:  # channels past the table pass through (normalised, scaled)
+        np.testing.assert_allclose(np.asarray(got)[..., d // 2:], np.asarray(want)[..., d // 2:], rtol=1e-6)
 
 
 @pytest.mark.parametrize("t,heads,kv,hd,window,cap", [(150, 4, 2, 40, 1 << 30, None), (150, 2, 1, 64, 37, 50.0),

@@ -42,6 +42,7 @@ _TARGET = "gemmax_cpu_gemv"
 _TAKE = "gemmax_cpu_take_rows"
 _ATTN = "gemmax_cpu_attention"
 _DECODE_ATTN = "gemmax_cpu_decode_attention"
+_NORM_ROPE = "gemmax_cpu_norm_rope"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 _active = threading.local()
@@ -100,6 +101,7 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(_ATTN, jax.ffi.pycapsule(lib.GemmaxAttention), platform="cpu")
                 jax.ffi.register_ffi_target(_DECODE_ATTN, jax.ffi.pycapsule(lib.GemmaxDecodeAttention),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(_NORM_ROPE, jax.ffi.pycapsule(lib.GemmaxNormRope), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -211,6 +213,26 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.A
     tail = _out_tail(eq, tuple(w.shape))
     n_contracted = len(w.shape) - len(tail)  # x's trailing axes (checked by _plan)
     return y.reshape(*x.shape[: x.ndim - n_contracted], *tail)
+
+
+def supports_norm_rope(x: jax.Array, sincos: Any) -> bool:
+    """Whether a prefill's q/k normalisation + RoPE (``layers.norm_rope``) goes to the kernel: the GEMM
+    switch on (prefill), float32 x [B, T, H, hd] with more than ``MAX_ROWS`` positions, and RoPE given as
+    precomputed (sin, cos) tables."""
+    return (getattr(_active, "gemm", False) and active() and x.dtype == jnp.float32 and x.ndim == 4
+            and x.shape[0] * x.shape[1] > MAX_ROWS and isinstance(sincos, tuple))
+
+
+def norm_rope(x: jax.Array, scale: jax.Array | None, eps: float, offset: float, sincos: tuple[jax.Array, jax.Array],
+              mult: float | None) -> jax.Array:
+    """``rms_norm`` (when ``scale`` is given), then rotate-half RoPE with tables ``sincos`` ([B, T, rd/2]),
+    then ``* mult``, in one native pass over x [B, T, H, hd] (float32)."""
+    b, t, h, d = x.shape
+    sin, cos = (jnp.broadcast_to(a, (b, t, a.shape[-1])).astype(jnp.float32) for a in sincos)
+    w = scale.astype(jnp.float32).reshape(-1) if scale is not None else jnp.zeros((1,), jnp.float32)
+    return jax.ffi.ffi_call(_NORM_ROPE, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x, w, sin, cos, heads=np.int64(h), dim=np.int64(d), has_norm=scale is not None, eps=np.float32(eps),
+        offset=np.float32(offset), mult=np.float32(1.0 if mult is None else mult))
 
 
 def _out_tail(eq: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -108,6 +108,20 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array | tuple[Array, Array]
     return jnp.concatenate([out, x[..., rd:]], axis=-1)
 
 
+def norm_rope(x: Array, scale: Array | None, eps: float, offset: float, positions: Array,
+              inv_freq: Array | tuple[Array, Array], mult: float | None = None) -> Array:
+    """A layer's query or key after its projection: ``rms_norm`` (Gemma 3's q/k norm, when ``scale`` is
+    given), then ``apply_rope``, then ``* mult`` (the query scale). A prefill on the CPU kernel path does the
+    three in one native pass (``cpu_kernels.norm_rope``): XLA re-read the input for each half of the rotation
+    and concatenated them."""
+    if cpu_kernels.supports_norm_rope(x, inv_freq):
+        return cpu_kernels.norm_rope(x, scale, eps, offset, inv_freq, mult)
+    if scale is not None:
+        x = rms_norm(x, scale, eps, offset)
+    x = apply_rope(x, positions, inv_freq)
+    return x if mult is None else x * jnp.asarray(mult, x.dtype)
+
+
 # ---- linear maps: plain, quantized, LoRA --------------------------------------------------------
 
 

@@ -21,11 +21,11 @@ from gemmax import cpu_kernels
 from gemmax.config import LOCAL, ModelConfig
 from gemmax.layers import (
     activation_fn,
-    apply_rope,
     attention_mask,
     dot_attention,
     einsum,
     linear,
+    norm_rope,
     rms_norm,
     rope_inv_freq,
     rope_sin_cos,
@@ -251,12 +251,9 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
         if isinstance(inv_freq, tuple):
             q_freq = (_take_positions(inv_freq[0], q_rows), _take_positions(inv_freq[1], q_rows))
     q = linear(a["query"], h, *LINEAR_EQS["query"])
-    if cfg.use_qk_norm:
-        q = rms_norm(q, a["query_norm"]["scale"], eps, off)
-        k = rms_norm(k, a["key_norm"]["scale"], eps, off)
-    q = apply_rope(q, q_pos, q_freq)
-    k = apply_rope(k, positions, inv_freq)
-    q = q * jnp.asarray(cfg.query_scale, q.dtype)
+    qn, kn = (a["query_norm"]["scale"], a["key_norm"]["scale"]) if cfg.use_qk_norm else (None, None)
+    q = norm_rope(q, qn, eps, off, q_pos, q_freq, cfg.query_scale)
+    k = norm_rope(k, kn, eps, off, positions, inv_freq)
     o = attend(q, k, v)
     o = linear(a["attention_output"], o, *LINEAR_EQS["attention_output"])
     if cfg.use_post_norms:

@@ -1356,6 +1356,70 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+// ---- q / k normalisation and RoPE (prefill) ------------------------------------------------------------
+//
+// y[r, h, :] = rope(rmsnorm(x[r, h, :])) * mult, one pass per head row: Gemma 3's q/k RMSNorm, then rotate-
+// half RoPE on the first 2 * rh channels (the rest pass through), then the query scale. XLA:CPU computed it
+// as two half-width fusions per tensor, each re-reading the input and the norm, plus a concatenate: ~30 ms
+// of a ~0.95 s Gemma 3 270M float32 prefill of 512 tokens. Float32, in the order of layers.rms_norm and
+// layers.apply_rope: (x * 1/sqrt(mean(x^2) + eps)) * (offset + w), then x1 cos - x2 sin | x2 cos + x1 sin.
+void norm_rope(const float* x, const float* w, const float* sin, const float* cos, float* y, int64_t R,
+               int64_t H, int64_t D, int64_t rh, bool has_norm, float eps, float offset, float mult,
+               ffi::ThreadPool* pool) {
+  constexpr int64_t kRows = 64;  // head rows per task
+  const int64_t rows = R * H;
+  parallel_for(pool, (rows + kRows - 1) / kRows, [=](int64_t task) {
+    alignas(64) float n[1024];
+    std::vector<float> big;
+    float* t = n;
+    if (D > 1024) {
+      big.resize(static_cast<size_t>(D));
+      t = big.data();
+    }
+    for (int64_t i = task * kRows; i < std::min(rows, (task + 1) * kRows); ++i) {
+      const float* xr = x + i * D;
+      float* yr = y + i * D;
+      const int64_t r = i / H;
+      if (has_norm) {
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < D; ++c) ss += xr[c] * xr[c];
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) t[c] = (xr[c] * inv) * (offset + w[c]);
+      } else {
+        std::memcpy(t, xr, static_cast<size_t>(D) * sizeof(float));
+      }
+      const float* sr = sin + r * rh;
+      const float* cr = cos + r * rh;
+#pragma omp simd
+      for (int64_t c = 0; c < rh; ++c) {
+        yr[c] = (t[c] * cr[c] - t[c + rh] * sr[c]) * mult;
+        yr[c + rh] = (t[c + rh] * cr[c] + t[c] * sr[c]) * mult;
+      }
+      for (int64_t c = 2 * rh; c < D; ++c) yr[c] = t[c] * mult;
+    }
+  });
+}
+
+ffi::Error NormRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos, ffi::ResultBuffer<ffi::F32> y,
+                    int64_t heads, int64_t dim, bool has_norm, float eps, float offset, float mult) {
+  const int64_t total = static_cast<int64_t>(x.element_count());
+  if (heads <= 0 || dim <= 0 || total % (heads * dim) != 0) {
+    return ffi::Error::InvalidArgument("gemmax norm_rope: x is not [rows, heads, dim]");
+  }
+  const int64_t R = total / (heads * dim);
+  const int64_t tab = static_cast<int64_t>(sin.element_count());
+  if (tab != static_cast<int64_t>(cos.element_count()) || tab % R != 0 || 2 * (tab / R) > dim ||
+      (has_norm && static_cast<int64_t>(w.element_count()) != dim)) {
+    return ffi::Error::InvalidArgument("gemmax norm_rope: sin/cos must be [rows, <= dim/2], scale [dim]");
+  }
+  norm_rope(x.typed_data(), w.typed_data(), sin.typed_data(), cos.typed_data(), y->typed_data(), R, heads, dim,
+            tab / R, has_norm, eps, offset, mult, &pool);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
@@ -1392,6 +1456,21 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
   return ffi::Error::Success();
 }
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxNormRope, NormRope,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("dim")
+                                  .Attr<bool>("has_norm")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("offset")
+                                  .Attr<float>("mult"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>());

@@ -1360,9 +1360,10 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 //
 // y[r, h, :] = rope(rmsnorm(x[r, h, :])) * mult, one pass per head row: Gemma 3's q/k RMSNorm, then rotate-
 // half RoPE on the first 2 * rh channels (the rest pass through), then the query scale. XLA:CPU computed it
-// as two half-width fusions per tensor, each re-reading the input and the norm, plus a concatenate: ~30 ms
-// of a ~0.95 s Gemma 3 270M float32 prefill of 512 tokens. Float32, in the order of layers.rms_norm and
-// layers.apply_rope: (x * 1/sqrt(mean(x^2) + eps)) * (offset + w), then x1 cos - x2 sin | x2 cos + x1 sin.
+// as two half-width fusions per tensor, each re-reading the input and the norm, plus a concatenate. Gemma 3
+// 270M float32 prefill of 512 tokens, profiled both ways in one process: XLA's element-wise time 62 -> 32
+// ms, this pass 6 ms (q 4.4, k 1.3). Float32, in the order of layers.rms_norm and layers.apply_rope:
+// (x * 1/sqrt(mean(x^2) + eps)) * (offset + w), then x1 cos - x2 sin | x2 cos + x1 sin.
 void norm_rope(const float* x, const float* w, const float* sin, const float* cos, float* y, int64_t R,
                int64_t H, int64_t D, int64_t rh, bool has_norm, float eps, float offset, float mult,
                ffi::ThreadPool* pool) {

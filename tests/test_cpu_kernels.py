@@ -79,13 +79,14 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("rows", [33, 70])
+@pytest.mark.parametrize("rows", [33, 70, 150])
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
     (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
     and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a task
     walks several in turn, prefetching the next (panel, K block) while one computes, across heads and K
-    blocks and ending on a partial panel."""
+    blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
+    48 + 48 + 54: whole 6-row tiles, the remainder in the last slice)."""
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),

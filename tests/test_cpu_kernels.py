@@ -83,8 +83,8 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
     (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
-    and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a task
-    walks several in turn, prefetching the next (panel, K block) while one computes, across heads and K
+    and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a thread
+    claims several in turn, prefetching the next (panel, K block) while one computes, across heads and K
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
     48 + 48 + 54: whole 6-row tiles, the remainder in the last slice)."""
     rng = np.random.default_rng(rows)

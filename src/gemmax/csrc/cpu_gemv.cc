@@ -1384,26 +1384,22 @@ void norm_rope(const float* x, const float* w, const float* sin, const float* co
   constexpr int64_t kRows = 64;  // head rows per task
   const int64_t rows = R * H;
   parallel_for(pool, (rows + kRows - 1) / kRows, [=](int64_t task) {
-    alignas(64) float n[1024];
-    std::vector<float> big;
-    float* t = n;
-    if (D > 1024) {
-      big.resize(static_cast<size_t>(D));
-      t = big.data();
-    }
+    static thread_local std::vector<float> normed;
+    normed.resize(static_cast<size_t>(D));
     for (int64_t i = task * kRows; i < std::min(rows, (task + 1) * kRows); ++i) {
       const float* xr = x + i * D;
       float* yr = y + i * D;
       const int64_t r = i / H;
+      const float* t = xr;  // the row the rotation reads: x itself, or its normalised copy
       if (has_norm) {
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
         for (int64_t c = 0; c < D; ++c) ss += xr[c] * xr[c];
         const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+        float* nr = normed.data();
 #pragma omp simd
-        for (int64_t c = 0; c < D; ++c) t[c] = (xr[c] * inv) * (offset + w[c]);
-      } else {
-        std::memcpy(t, xr, static_cast<size_t>(D) * sizeof(float));
+        for (int64_t c = 0; c < D; ++c) nr[c] = (xr[c] * inv) * (offset + w[c]);
+        t = nr;
       }
       const float* sr = sin + r * rh;
       const float* cr = cos + r * rh;

@@ -757,6 +757,14 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
     }
     for (int64_t k = 0; k < K; ++k) {
       const vnat* bk = reinterpret_cast<const vnat*>(panel + k * kNB + j0);
+      // Panel rows are 256 bytes apart and a sub-tile reads one line of each on AVX2 (K x 64 bytes: 40 KB
+      // at K = 640, more than L1 holds beside x); the L1 prefetcher does not keep up with that stride, so
+      // the sub-tile's line 8 rows ahead is fetched while this row computes. Float32 prefill of 512 tokens,
+      // both ways in one process alternated call by call, 24 pairs twice: median ratios 0.899 and 0.903
+      // (faster in 23 and 21 of 24). Integer address arithmetic: the line may lie past the panel (a
+      // prefetch never faults; a pointer past the array would be undefined).
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(bk) + 8 * kNB * sizeof(float);
+      for (int o = 0; o < kVL * kNV * 4; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
       vnat b[kNV];
       for (int v = 0; v < kNV; ++v) b[v] = bk[v];
 #pragma GCC unroll 8

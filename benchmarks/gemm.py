@@ -98,8 +98,16 @@ def main() -> None:
             return jnp.einsum(eq, x_, jax.lax.dynamic_index_in_dim(ws, i, keepdims=False))
 
         f_ours, f_xla = scan_of(ours), scan_of(xla)
+        x_axes, w_axes = eq.split("->")[0].split(",")
+        contracted = x_axes[1:]
+        kept = "".join(a for a in w_axes if a not in contracted)
+        # the same matrices as torch stores an nn.Linear's: [N, K], contracted axes last
+        tw = torch.from_numpy(np.ascontiguousarray(
+            np.einsum(f"l{w_axes}->l{kept}{contracted}", w).reshape(layers, n, k)))
         tx = torch.from_numpy(x.reshape(args.rows, k))
-        tw = torch.from_numpy(np.ascontiguousarray(w.reshape(layers, k, n).transpose(0, 2, 1)))  # [N, K]
+        t_ref = (tx @ tw[0].T).numpy()
+        if not np.allclose(t_ref, np.einsum(eq, x, w[0]).reshape(args.rows, n), rtol=1e-4, atol=1e-3):
+            raise SystemExit(f"{name}: torch's matrix is not the same product")
         ref = np.einsum(eq, x, w[0])
         got = np.asarray(f_ours(wj)[0])
         if not np.allclose(got, ref, rtol=1e-4, atol=1e-3):

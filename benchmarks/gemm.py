@@ -19,7 +19,6 @@ another, so those sums are paired only product by product).
 from __future__ import annotations
 
 import argparse
-import builtins
 import statistics
 import time
 from collections.abc import Callable
@@ -64,13 +63,20 @@ def main() -> None:
     rs = np.random.RandomState(0)
     lines: list[str] = []
 
-    def print(s: str) -> None:  # noqa: A001 - the table goes to stdout and, with --out, to a file
+    def say(s: str) -> None:  # the table goes to stdout and, with --out, to a file
         lines.append(s)
-        builtins.print(s, flush=True)
+        print(s, flush=True)
 
-    print(f"# {args.preset}: {args.rows} rows, {layers} distinct weights per product, {args.rounds} interleaved "
+    def report(label: str, shape: str, times: dict[str, list[float]], flops: float) -> None:
+        rate = {e: flops / statistics.median(t) / 1e9 for e, t in times.items()}
+        vs = {e: statistics.median(b / a for a, b in zip(times["gemmax"], times[e], strict=True))
+              for e in ("torch", "xla")}
+        say(f"{label:18s} {shape:>12s} {rate['gemmax']:8.0f} {rate['torch']:8.0f} {rate['xla']:8.0f}   "
+            f"gemmax/torch {vs['torch']:.2f}x, gemmax/xla {vs['xla']:.2f}x")
+
+    say(f"# {args.preset}: {args.rows} rows, {layers} distinct weights per product, {args.rounds} interleaved "
           f"rounds; jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads); float32")
-    print(f"{'product':18s} {'K x N':>12s} {'gemmax':>8s} {'torch':>8s} {'xla':>8s}   GFLOP/s medians; "
+    say(f"{'product':18s} {'K x N':>12s} {'gemmax':>8s} {'torch':>8s} {'xla':>8s}   GFLOP/s medians; "
           "gemmax/torch, gemmax/xla: median per-round speed ratio")
     totals: dict[str, list[float]] = {"gemmax": [0.0] * args.rounds, "torch": [0.0] * args.rounds,
                                       "xla": [0.0] * args.rounds}
@@ -105,10 +111,9 @@ def main() -> None:
         tw = torch.from_numpy(np.ascontiguousarray(
             np.einsum(f"l{w_axes}->l{kept}{contracted}", w).reshape(layers, n, k)))
         tx = torch.from_numpy(x.reshape(args.rows, k))
-        t_ref = (tx @ tw[0].T).numpy()
-        if not np.allclose(t_ref, np.einsum(eq, x, w[0]).reshape(args.rows, n), rtol=1e-4, atol=1e-3):
-            raise SystemExit(f"{name}: torch's matrix is not the same product")
         ref = np.einsum(eq, x, w[0])
+        if not np.allclose((tx @ tw[0].T).numpy(), ref.reshape(args.rows, n), rtol=1e-4, atol=1e-3):
+            raise SystemExit(f"{name}: torch's matrix is not the same product")
         got = np.asarray(f_ours(wj)[0])
         if not np.allclose(got, ref, rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: gemmax's product differs from numpy's (max |diff| "
@@ -133,16 +138,8 @@ def main() -> None:
                 totals[e][r] += dt
         flops = 2.0 * args.rows * k * n * layers
         flops_all += flops
-        rate = {e: flops / statistics.median(t) / 1e9 for e, t in times.items()}
-        vs_t = statistics.median(b / a for a, b in zip(times["gemmax"], times["torch"], strict=True))
-        vs_x = statistics.median(b / a for a, b in zip(times["gemmax"], times["xla"], strict=True))
-        print(f"{name:18s} {f'{k} x {n}':>12s} {rate['gemmax']:8.0f} {rate['torch']:8.0f} {rate['xla']:8.0f}   "
-              f"gemmax/torch {vs_t:.2f}x, gemmax/xla {vs_x:.2f}x")
-    rate = {e: flops_all / statistics.median(t) / 1e9 for e, t in totals.items()}
-    vs_t = statistics.median(b / a for a, b in zip(totals["gemmax"], totals["torch"], strict=True))
-    vs_x = statistics.median(b / a for a, b in zip(totals["gemmax"], totals["xla"], strict=True))
-    print(f"{'all (one block)':18s} {'':>12s} {rate['gemmax']:8.0f} {rate['torch']:8.0f} {rate['xla']:8.0f}   "
-          f"gemmax/torch {vs_t:.2f}x, gemmax/xla {vs_x:.2f}x")
+        report(name, f"{k} x {n}", times, flops)
+    report("all (one block)", "", totals, flops_all)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -764,7 +764,7 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
       // (faster in 23 and 21 of 24). Integer address arithmetic: the line may lie past the panel (a
       // prefetch never faults; a pointer past the array would be undefined).
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(bk) + 8 * kNB * sizeof(float);
-      for (int o = 0; o < kVL * kNV * 4; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+      for (size_t o = 0; o < kNV * sizeof(vnat); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
       vnat b[kNV];
       for (int v = 0; v < kNV; ++v) b[v] = bk[v];
 #pragma GCC unroll 8

@@ -1,24 +1,30 @@
-"""A prefill's products alone: gemmax's native float32 GEMM vs torch (what transformers' ``nn.Linear`` runs)
-vs XLA's own dot, on every linear of a preset's decoder block (default Gemma 3 270M) at ``--rows`` rows.
+"""A prefill's products alone: gemmax's native float32 GEMM vs torch (what transformers' ``nn.Linear`` runs,
+MKL) vs numpy's bundled OpenBLAS vs XLA's own dot, on every linear of a preset's decoder block (default
+Gemma 3 270M) at ``--rows`` rows.
 
 Why this exists: float32 prefill is GEMM-bound (~90% of a 512-token Gemma 3 270M prefill is these products
 plus attention), so its ratio to transformers is bounded by how our GEMM compares with torch's on the same
 machine. Each engine multiplies the same activations by ``--layers`` distinct weight matrices in turn
 (cold weights, as a prefill streams its layers), in each library's own weight layout: gemmax's in-major
-``[K, N]`` through the model's einsum equations, torch ``F.linear`` on ``[N, K]``, XLA ``jnp.einsum``
-inside a ``lax.scan`` over the stacked weights. Rounds are interleaved (each round times every engine
-once), so a shared machine slows all alike; medians and the median of per-round ratios are printed.
+``[K, N]`` through the model's einsum equations, torch ``F.linear`` on ``[N, K]``, numpy ``x @ W`` on
+``[K, N]``, XLA ``jnp.einsum`` inside a ``lax.scan`` over the stacked weights. OpenBLAS's threads spin
+after each call and would steal the next engine's cores, so the script sets ``OPENBLAS_THREAD_TIMEOUT=4``
+(they sleep almost at once) and ``OPENBLAS_NUM_THREADS`` to ``--threads`` before numpy loads. Rounds are
+interleaved (each round times every engine once), so a shared machine slows all alike; medians and the
+median of per-round ratios are printed.
 
     python benchmarks/gemm.py                      # Gemma 3 270M, 512 rows, 18 layers, 9 rounds
     python benchmarks/gemm.py --rows 128 --rounds 15 --out benchmarks/results/gemm.txt
 
 The ``all (one block)`` line sums each engine's round r over the products (the products run one after
-another, so those sums are paired only product by product).
+another, so those sums are paired only product by product). The scans keep only the last layer's product
+(each replaces the carry), so no engine pays for stacking outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +45,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # read when numpy (via jax) first loads
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -67,19 +75,21 @@ def main() -> None:
         lines.append(s)
         print(s, flush=True)
 
+    names = ("gemmax", "torch", "numpy", "xla")
+    peers = names[1:]
+
     def report(label: str, shape: str, times: dict[str, list[float]], flops: float) -> None:
         rate = {e: flops / statistics.median(t) / 1e9 for e, t in times.items()}
-        vs = {e: statistics.median(b / a for a, b in zip(times["gemmax"], times[e], strict=True))
-              for e in ("torch", "xla")}
-        say(f"{label:18s} {shape:>12s} {rate['gemmax']:8.0f} {rate['torch']:8.0f} {rate['xla']:8.0f}   "
-            f"gemmax/torch {vs['torch']:.2f}x, gemmax/xla {vs['xla']:.2f}x")
+        vs = {e: statistics.median(b / a for a, b in zip(times["gemmax"], times[e], strict=True)) for e in peers}
+        say(f"{label:18s} {shape:>12s} " + "".join(f"{rate[e]:8.0f}" for e in names) + "   "
+            + ", ".join(f"gemmax/{e} {vs[e]:.2f}x" for e in peers))
 
     say(f"# {args.preset}: {args.rows} rows, {layers} distinct weights per product, {args.rounds} interleaved "
-          f"rounds; jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads); float32")
-    say(f"{'product':18s} {'K x N':>12s} {'gemmax':>8s} {'torch':>8s} {'xla':>8s}   GFLOP/s medians; "
-          "gemmax/torch, gemmax/xla: median per-round speed ratio")
-    totals: dict[str, list[float]] = {"gemmax": [0.0] * args.rounds, "torch": [0.0] * args.rounds,
-                                      "xla": [0.0] * args.rounds}
+          f"rounds; jax {jax.__version__}, torch {torch.__version__}, numpy {np.__version__} ({args.threads} "
+          "threads); float32")
+    say(f"{'product':18s} {'K x N':>12s} " + "".join(f"{e:>8s}" for e in names)
+        + "   GFLOP/s medians; gemmax/peer: median per-round speed ratio")
+    totals: dict[str, list[float]] = {e: [0.0] * args.rounds for e in names}
     flops_all = 0.0
     for name, (w_shape, x_tail) in shapes.items():
         eq = LINEAR_EQS[name][0].replace("bt", "b")  # one row axis
@@ -90,10 +100,13 @@ def main() -> None:
         xj, wj = jnp.asarray(x), jnp.asarray(w)
 
         def scan_of(product: Callable, xj=xj) -> Callable:
+            # each layer's product replaces the carry (the scan returns the last one): no stacked [L, ...]
+            # output to copy into, which torch's and numpy's lists of products do not pay either
             def run(ws):
                 def body(c, i):
-                    return c, product(xj, ws, i)
-                return jax.lax.scan(body, 0, jnp.arange(layers))[1]
+                    return product(xj, ws, i), None
+                out = jax.eval_shape(product, xj, ws, 0)
+                return jax.lax.scan(body, jnp.zeros(out.shape, out.dtype), jnp.arange(layers))[0]
             return jax.jit(run)
 
         def ours(x_, ws, i, eq=eq):
@@ -111,20 +124,28 @@ def main() -> None:
         tw = torch.from_numpy(np.ascontiguousarray(
             np.einsum(f"l{w_axes}->l{kept}{contracted}", w).reshape(layers, n, k)))
         tx = torch.from_numpy(x.reshape(args.rows, k))
-        ref = np.einsum(eq, x, w[0])
-        if not np.allclose((tx @ tw[0].T).numpy(), ref.reshape(args.rows, n), rtol=1e-4, atol=1e-3):
+        ref = np.einsum(eq, x, w[-1])  # the last layer's product: what the scans return
+        if not np.allclose((tx @ tw[-1].T).numpy(), ref.reshape(args.rows, n), rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: torch's matrix is not the same product")
-        got = np.asarray(f_ours(wj)[0])
+        got = np.asarray(f_ours(wj))
         if not np.allclose(got, ref, rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: gemmax's product differs from numpy's (max |diff| "
                              f"{float(np.abs(got - ref).max()):.3g})")
+
+        # numpy: the same matrices as [K, N], contracted axes first
+        nx = x.reshape(args.rows, k)
+        nw = [np.ascontiguousarray(np.einsum(f"{w_axes}->{contracted}{kept}", w[li]).reshape(k, n))
+              for li in range(layers)]
+        if not np.allclose(nx @ nw[-1], ref.reshape(args.rows, n), rtol=1e-4, atol=1e-3):
+            raise SystemExit(f"{name}: numpy's matrix is not the same product")
 
         def torch_run(tx=tx, tw=tw):
             with torch.inference_mode():
                 return [torch.nn.functional.linear(tx, tw[i]) for i in range(layers)]
 
         engines = {"gemmax": lambda f_ours=f_ours, wj=wj: f_ours(wj).block_until_ready(),
-                   "torch": torch_run, "xla": lambda f_xla=f_xla, wj=wj: f_xla(wj).block_until_ready()}
+                   "torch": torch_run, "numpy": lambda nx=nx, nw=nw: [nx @ m for m in nw],
+                   "xla": lambda f_xla=f_xla, wj=wj: f_xla(wj).block_until_ready()}
         for fn in engines.values():  # compile and warm
             fn()
         times: dict[str, list[float]] = {e: [] for e in engines}

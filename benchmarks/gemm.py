@@ -127,10 +127,11 @@ def main() -> None:
         ref = np.einsum(eq, x, w[-1])  # the last layer's product: what the scans return
         if not np.allclose((tx @ tw[-1].T).numpy(), ref.reshape(args.rows, n), rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: torch's matrix is not the same product")
-        got = np.asarray(f_ours(wj))
-        if not np.allclose(got, ref, rtol=1e-4, atol=1e-3):
-            raise SystemExit(f"{name}: gemmax's product differs from numpy's (max |diff| "
-                             f"{float(np.abs(got - ref).max()):.3g})")
+        for engine, f in (("gemmax", f_ours), ("xla", f_xla)):
+            got = np.asarray(f(wj))
+            if not np.allclose(got, ref, rtol=1e-4, atol=1e-3):
+                raise SystemExit(f"{name}: {engine}'s product differs from numpy's einsum (max |diff| "
+                                 f"{float(np.abs(got - ref).max()):.3g})")
 
         # numpy: the same matrices as [K, N], contracted axes first
         nx = x.reshape(args.rows, k)

@@ -530,6 +530,37 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of 512 per task, one row at a time
+// (one sequential stream per thread), four accumulators over 4 * kStep columns, then the tail kStep at a
+// time. step(row, xb, k, acc) returns acc plus the kStep products of row and xb at column k (read as the
+// kernel's own layout needs: x may be permuted for it). Needs K % kStep == 0.
+template <int kStep, typename T, typename Step>
+void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
+               ffi::ThreadPool* pool, Step step) {
+  const int64_t block = 512;
+  const int64_t nblocks = (N + block - 1) / block;
+  parallel_for(pool, nblocks, [=](int64_t task) {
+    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* wi = w + r * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + b * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 4 * kStep <= K; k += 4 * kStep) {
+          a0 = step(wi, xb, k, a0);
+          a1 = step(wi, xb, k + kStep, a1);
+          a2 = step(wi, xb, k + 2 * kStep, a2);
+          a3 = step(wi, xb, k + 3 * kStep, a3);
+        }
+        for (; k < K; k += kStep) a0 = step(wi, xb, k, a0);
+        const float v = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        y[b * N + r] = scale ? v * scale[r] : v;
+      }
+    }
+  });
+}
+
 #endif
 
 #if defined(__AVX2__) && !defined(GEMMAX_VNNI)
@@ -660,8 +691,8 @@ inline __m256 bf16_odd(__m256i v) {
   return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// In-minor W[N, K] (the tied head), one row at a time with four accumulators over 64 columns, so each
-// thread reads one sequential stream. Measured on Zen 3 for the 270M head (335 MB): four rows sharing
+// In-minor W[N, K] (the tied head) on head_rows: one row at a time with four accumulators over 64 columns,
+// so each thread reads one sequential stream. Measured on Zen 3 for the 270M head (335 MB): four rows sharing
 // each load of x (the portable path's shape, and this one's first version) ~20 ms; this ~14.5 ms, about
 // the 24 GB/s that a bare two-thread shift-and-FMA loop reaches on this machine. Needs K % 16 == 0.
 void in_minor_bf16_avx2(const float* x, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
@@ -672,32 +703,10 @@ void in_minor_bf16_avx2(const float* x, const uint16_t* w, float* y, const float
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t k = 0; k < K; ++k) xr[b * K + (k / 16) * 16 + (k % 2) * 8 + (k % 16) / 2] = x[b * K + k];
   }
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* wi = w + r * K;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* xb = xr + b * K;
-        auto step = [&](int64_t k, __m256 acc) {  // acc + the 16 products at k
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + k));
-          acc = _mm256_fmadd_ps(bf16_even(v), _mm256_loadu_ps(xb + k), acc);
-          return _mm256_fmadd_ps(bf16_odd(v), _mm256_loadu_ps(xb + k + 8), acc);
-        };
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64) {
-          a0 = step(k, a0);
-          a1 = step(k + 16, a1);
-          a2 = step(k + 32, a2);
-          a3 = step(k + 48, a3);
-        }
-        for (; k < K; k += 16) a0 = step(k, a0);
-        const float v = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        y[b * N + r] = scale ? v * scale[r] : v;
-      }
-    }
+  head_rows<16>(xr, w, y, scale, B, N, K, pool, [](const uint16_t* wi, const float* xb, int64_t k, __m256 acc) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wi + k));
+    acc = _mm256_fmadd_ps(bf16_even(v), _mm256_loadu_ps(xb + k), acc);
+    return _mm256_fmadd_ps(bf16_odd(v), _mm256_loadu_ps(xb + k + 8), acc);
   });
 }
 #endif
@@ -705,35 +714,16 @@ void in_minor_bf16_avx2(const float* x, const uint16_t* w, float* y, const float
 #if defined(__AVX2__) && defined(__FMA__)
 #define GEMMAX_AVX2_F32 1
 
-// float32 in-minor W[N, K] (the tied head), one row at a time with four accumulators over 32 columns: one
-// sequential stream per thread, as the bfloat16 kernel above, where the portable path reads four rows at
+// float32 in-minor W[N, K] (the tied head) on head_rows: one row at a time, four accumulators over 32
+// columns, one sequential stream per thread, as the bfloat16 kernel above, where the portable path reads four rows at
 // once (four streams). Gemma 3 270M float32 head (671 MB), both kernels alternated in one process, 30
 // pairs: 28.7 -> 26.8 ms (23.3 -> 25.0 GB/s) and 39.5 -> 34.9 ms in a slower spell; float32 decode, 12
 // pairs twice: median ratios 0.919 and 0.971. A software prefetch 4 rows ahead gained nothing. Needs
 // K % 8 == 0.
 void in_minor_f32_avx2(const float* x, const float* w, float* y, const float* scale, int64_t B, int64_t N,
                        int64_t K, ffi::ThreadPool* pool) {
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* wi = w + r * K;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* xb = x + b * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t k = 0;
-        for (; k + 32 <= K; k += 32) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + k), _mm256_loadu_ps(xb + k), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + k + 8), _mm256_loadu_ps(xb + k + 8), a1);
-          a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + k + 16), _mm256_loadu_ps(xb + k + 16), a2);
-          a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + k + 24), _mm256_loadu_ps(xb + k + 24), a3);
-        }
-        for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wi + k), _mm256_loadu_ps(xb + k), a0);
-        const float v = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        y[b * N + r] = scale ? v * scale[r] : v;
-      }
-    }
+  head_rows<8>(x, w, y, scale, B, N, K, pool, [](const float* wi, const float* xb, int64_t k, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(wi + k), _mm256_loadu_ps(xb + k), acc);
   });
 }
 #endif

@@ -72,7 +72,7 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
             for layer in (0, 4):
                 got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
                     x, w, scale, jnp.int32(layer))
-                want = jnp.einsum(eq, x, w[layer].astype(jnp.float32)) * scale
+                want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
                 assert got.shape == want.shape
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                            atol=tol * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
@@ -81,7 +81,7 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
                                        rtol=1e-5, atol=tol * float(jnp.abs(got).max()))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-x", "float16", "int8"])
 @pytest.mark.parametrize("rows", [33, 70, 150])
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
@@ -89,7 +89,11 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a thread
     claims several in turn, prefetching the next (panel, K block) while one computes, across heads and K
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
-    48 + 48 + 54: whole 6-row tiles, the remainder in the last slice)."""
+    48 + 48 + 54: whole 6-row tiles, the remainder in the last slice). "bfloat16-x": bfloat16 activations
+    too (the bfloat16 model's prefill), which on AVX512-BF16 takes the row-pair tile (vdpbf16ps), with an
+    odd K (33) and K blocks that must start on even rows (1100 in blocks of 368)."""
+    x_dtype = jnp.bfloat16 if dtype == "bfloat16-x" else jnp.float32
+    dtype = dtype.removesuffix("-x")
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
@@ -99,13 +103,13 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
             stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
             w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
             xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
-            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
+            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), x_dtype)
             assert ck.supports(eq, x, ck.StackedKernel(w, jnp.int32(0)))
             scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
             for layer in (0, 4):
                 got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
                     x, w, scale, jnp.int32(layer))
-                want = jnp.einsum(eq, x, w[layer].astype(jnp.float32)) * scale
+                want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
                 assert got.shape == want.shape
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                            atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")

@@ -247,277 +247,10 @@ void in_minor(const float* x, const T* w, float* y, const float* scale, int64_t 
 }
 
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define GEMMAX_VNNI 1
-
-// int8 weights, in-minor, with VNNI: the float path above is bound by converting int8 to float (measured
-// ~6 GB/s a core here, against ~14 GB/s of memory bandwidth). Instead x is quantized to 16 bits per block
-// of 64 (scale = max|x| / 32767: error <= max|x| / 65534, far below the weights' own int8 rounding, so
-// this stays a weight-only int8 product to float32 accuracy) and split into a signed high byte and an
-// unsigned low byte; vpdpbusd then does 64 multiply-adds per instruction:
-//   x_q = 256 * hi + lo,  sum(x_q * w) = 256 * (sum((hi + 128) * w) - 128 * sum(w)) + sum(lo * w).
-struct QuantX {
-  int64_t blocks;
-  std::vector<uint8_t> hi, lo;  // [B, blocks, 64], hi offset by +128 (vpdpbusd's first operand is unsigned)
-  std::vector<float> scale;     // [B, blocks]
-};
-
-// sum(x_q * w) from the three vpdpbusd sums: 256 * (sum((hi + 128) w) - 128 sum(w)) + sum(lo w).
-inline __m512i combine16(__m512i hi_w, __m512i lo_w, __m512i sum_w) {
-  return _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi_w, 8), lo_w), _mm512_slli_epi32(sum_w, 15));
-}
-
-// quantize_x16's values split into bytes: v = 256 * hi + lo, hi = floor(v / 256) in [-128, 127] (+128).
-const QuantX& quantize_x(const float* x, int64_t B, int64_t K) {
-  const QuantX16& q16 = quantize_x16(x, B, K);
-  static thread_local QuantX q;
-  q.blocks = q16.blocks;
-  q.scale = q16.scale;
-  q.hi.resize(q16.v.size());
-  q.lo.resize(q16.v.size());
-  for (size_t i = 0; i < q16.v.size(); ++i) {
-    const int32_t v = q16.v[i];
-    const int32_t h = v >> 8;  // arithmetic shift: floor(v / 256)
-    q.hi[i] = static_cast<uint8_t>(h + 128);
-    q.lo[i] = static_cast<uint8_t>(v - h * 256);
-  }
-  return q;
-}
-
-void in_minor_int8_vnni(const float* x, const int8_t* w, float* y, const float* scale, int64_t B, int64_t N,
-                        int64_t K, ffi::ThreadPool* pool) {
-  const QuantX& q = quantize_x(x, B, K);
-  const QuantX* qp = &q;
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  const __mmask64 tail = (K % 64) ? ((~0ULL) >> (64 - K % 64)) : ~0ULL;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
-    const __m512i ones = _mm512_set1_epi8(1);
-    for (int64_t r = r0; r < r1; r += 4) {
-      const int64_t rows = std::min<int64_t>(4, r1 - r);
-      for (int64_t b = 0; b < B; ++b) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t blk = 0; blk < qp->blocks; ++blk) {
-          const __mmask64 m = (blk == qp->blocks - 1) ? tail : ~0ULL;
-          const __m512i hi = _mm512_loadu_si512(qp->hi.data() + (b * qp->blocks + blk) * 64);
-          const __m512i lo = _mm512_loadu_si512(qp->lo.data() + (b * qp->blocks + blk) * 64);
-          const __m512 s = _mm512_set1_ps(qp->scale[b * qp->blocks + blk]);
-          for (int64_t i = 0; i < rows; ++i) {
-            const __m512i wv = _mm512_maskz_loadu_epi8(m, w + (r + i) * K + blk * 64);
-            const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, wv);
-            const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, wv);
-            const __m512i w1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv);
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine16(a, l, w1)), s, acc[i]);
-          }
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          const float v = _mm512_reduce_add_ps(acc[i]);
-          y[b * N + r + i] = scale ? v * scale[r + i] : v;
-        }
-      }
-    }
-  });
-}
-// In-major int8 W[P, K, N] with VNNI: per block of 64 rows (one x scale) and 64 columns, groups of 4 rows are
-// interleaved byte-wise (vpunpck[lh]bw, then [lh]wd) so each int32 lane holds W[k..k+3, n]; vpdpbusd with the
-// broadcast 4 bytes of x then adds 4 products per lane. Lanes come out permuted: lane j of vector m is
-// column 16 (j / 4) + 4 m + j % 4 of the 64-column chunk; the final sum puts them back. Needs N % 64 == 0.
-void in_major_int8_vnni(const float* x, const int8_t* w, float* y, const float* scale, int64_t B, int64_t P,
-                        int64_t K, int64_t N, ffi::ThreadPool* pool) {
-  const QuantX& q = quantize_x(x, B, K);
-  const QuantX* qp = &q;
-  const int64_t blocks = q.blocks;
-  const int64_t chunks = k_chunks(pool, P, blocks);
-  const int64_t bc = (blocks + chunks - 1) / chunks;
-  static thread_local std::vector<float> partial;
-  partial.assign(static_cast<size_t>(P * chunks * B * N), 0.0f);
-  float* const pbuf = partial.data();  // thread_local names resolve per thread: pass the pointer
-  parallel_for(pool, P * chunks, [=](int64_t task) {
-    const int64_t p = task / chunks, c = task % chunks;
-    float* acc = pbuf + task * B * N;
-    const __m512i ones = _mm512_set1_epi8(1);
-    const __m512i zero = _mm512_setzero_si512();
-    alignas(64) __m512i packed[16][4];
-    for (int64_t blk = c * bc; blk < std::min(blocks, (c + 1) * bc); ++blk) {
-      const int64_t k0 = blk * 64;
-      for (int64_t n = 0; n < N; n += 64) {
-        __m512i w1[4] = {zero, zero, zero, zero};
-        for (int64_t g = 0; g < 16; ++g) {
-          __m512i r[4];
-          for (int64_t i = 0; i < 4; ++i) {
-            const int64_t k = k0 + 4 * g + i;
-            const int8_t* src = w + (p * K + k) * N + n;
-            if (k < K && n + 512 < N) _mm_prefetch(reinterpret_cast<const char*>(src + 512), _MM_HINT_T0);
-            r[i] = k < K ? _mm512_loadu_si512(src) : zero;
-          }
-          const __m512i t0 = _mm512_unpacklo_epi8(r[0], r[1]), t1 = _mm512_unpackhi_epi8(r[0], r[1]);
-          const __m512i t2 = _mm512_unpacklo_epi8(r[2], r[3]), t3 = _mm512_unpackhi_epi8(r[2], r[3]);
-          packed[g][0] = _mm512_unpacklo_epi16(t0, t2);
-          packed[g][1] = _mm512_unpackhi_epi16(t0, t2);
-          packed[g][2] = _mm512_unpacklo_epi16(t1, t3);
-          packed[g][3] = _mm512_unpackhi_epi16(t1, t3);
-          for (int m = 0; m < 4; ++m) w1[m] = _mm512_dpbusd_epi32(w1[m], ones, packed[g][m]);
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          const uint8_t* hi = qp->hi.data() + (b * blocks + blk) * 64;
-          const uint8_t* lo = qp->lo.data() + (b * blocks + blk) * 64;
-          __m512i ah[4] = {zero, zero, zero, zero}, al[4] = {zero, zero, zero, zero};
-          for (int64_t g = 0; g < 16; ++g) {
-            uint32_t h4, l4;
-            std::memcpy(&h4, hi + 4 * g, 4);
-            std::memcpy(&l4, lo + 4 * g, 4);
-            const __m512i xh = _mm512_set1_epi32(static_cast<int>(h4)), xl = _mm512_set1_epi32(static_cast<int>(l4));
-            for (int m = 0; m < 4; ++m) {
-              ah[m] = _mm512_dpbusd_epi32(ah[m], xh, packed[g][m]);
-              al[m] = _mm512_dpbusd_epi32(al[m], xl, packed[g][m]);
-            }
-          }
-          const __m512 s = _mm512_set1_ps(qp->scale[b * blocks + blk]);
-          float* ab = acc + b * N + n;
-          for (int m = 0; m < 4; ++m) {
-            const __m512 t = _mm512_cvtepi32_ps(combine16(ah[m], al[m], w1[m]));
-            _mm512_storeu_ps(ab + 16 * m, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(ab + 16 * m)));
-          }
-        }
-      }
-    }
-  });
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t b = 0; b < B; ++b) {
-      float* out = y + b * P * N + p * N;
-      for (int64_t n = 0; n < N; n += 64) {
-        for (int64_t m = 0; m < 4; ++m) {
-          for (int64_t j = 0; j < 16; ++j) {
-            float v = 0;
-            for (int64_t c = 0; c < chunks; ++c) v += partial[((p * chunks + c) * B + b) * N + n + 16 * m + j];
-            const int64_t col = n + 16 * (j / 4) + 4 * m + j % 4;
-            out[col] = scale ? v * scale[p * N + col] : v;
-          }
-        }
-      }
-    }
-  }
-}
-#endif
-
-
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GEMMAX_BF16DOT 1
 
-// bfloat16 weights and bfloat16 activations, in-minor, with AVX512-BF16: vdpbf16ps multiplies 32 pairs
-// exactly (a bf16 x bf16 product fits a float32) and accumulates in float32, one instruction per 64 bytes
-// of weights, instead of widening every weight to float32 first. Used only when x was bfloat16 to begin
-// with (x_bf16), so rounding it back to bfloat16 here is exact.
-void in_minor_bf16_dot(const float* x, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
-                       int64_t K, ffi::ThreadPool* pool) {
-  const int64_t kp = (K + 31) / 32 * 32;
-  std::vector<uint16_t> xb(static_cast<size_t>(B * kp), 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < K; ++k) {
-      uint32_t u;
-      std::memcpy(&u, x + b * K + k, 4);
-      xb[b * kp + k] = static_cast<uint16_t>(u >> 16);  // exact: x holds bfloat16 values
-    }
-  }
-  const uint16_t* xp = xb.data();
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  const __mmask32 tail = (K % 32) ? ((~0U) >> (32 - K % 32)) : ~0U;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
-    for (int64_t r = r0; r < r1; r += 4) {
-      const int64_t rows = std::min<int64_t>(4, r1 - r);
-      for (int64_t b = 0; b < B; ++b) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < kp; k += 32) {
-          const __mmask32 m = (k + 32 >= kp) ? tail : ~0U;
-          const __m512i xv = _mm512_loadu_si512(xp + b * kp + k);
-          for (int64_t i = 0; i < rows; ++i) {
-            const __m512i wv = _mm512_maskz_loadu_epi16(m, w + (r + i) * K + k);
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)xv, (__m512bh)wv);
-          }
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          const float v = _mm512_reduce_add_ps(acc[i]);
-          y[b * N + r + i] = scale ? v * scale[r + i] : v;
-        }
-      }
-    }
-  });
-}
-
-// The same for in-major bfloat16 weights W[P, K, N]: rows k and k+1 are interleaved (vpunpck[lh]wd) so each
-// float32 lane holds the pair (W[k, n], W[k+1, n]) and one vdpbf16ps adds x[k] W[k, n] + x[k+1] W[k+1, n]
-// for 16 columns. Within each 32-column chunk the lanes come out as n = 8 (j / 4) + j % 4 (low half) and
-// 8 (j / 4) + 4 + j % 4 (high half); the final sum puts them back in order. Needs N % 32 == 0.
-void in_major_bf16_dot(const float* x, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t P,
-                       int64_t K, int64_t N, ffi::ThreadPool* pool) {
-  const int64_t pairs = (K + 1) / 2;
-  std::vector<uint32_t> xp(static_cast<size_t>(B * pairs), 0);  // (x[k], x[k+1]) as bfloat16 bit pairs
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < K; ++k) {
-      uint32_t u;
-      std::memcpy(&u, x + b * K + k, 4);
-      xp[b * pairs + k / 2] |= (u >> 16) << (16 * (k % 2));
-    }
-  }
-  const int64_t chunks = k_chunks(pool, P, pairs / 16);
-  const int64_t pc = (pairs + chunks - 1) / chunks;
-  static thread_local std::vector<float> partial;
-  partial.resize(static_cast<size_t>(P * chunks * B * N));
-  float* const pbuf = partial.data();  // thread_local names resolve per thread: pass the pointer
-  const uint32_t* xq = xp.data();
-  parallel_for(pool, P * chunks, [=](int64_t task) {
-    const int64_t p = task / chunks, c = task % chunks;
-    const int64_t q0 = c * pc, q1 = std::min(pairs, q0 + pc);
-    float* acc = pbuf + task * B * N;
-    std::fill(acc, acc + B * N, 0.0f);
-    const __m512i zero = _mm512_setzero_si512();
-    // kPairs row pairs per pass over the columns: the partial sums go through memory once per pass, not
-    // once per pair (at N = 256 that load/store chain held the q/k/v products to ~12 GB/s)
-    constexpr int64_t kPairs = 4;
-    for (int64_t q = q0; q < q1; q += kPairs) {
-      const int64_t np = std::min(kPairs, q1 - q);
-      const uint16_t* r0 = w + (p * K + 2 * q) * N;
-      for (int64_t b = 0; b < B; ++b) {
-        __m512i xv[kPairs];
-        for (int64_t i = 0; i < kPairs; ++i) {
-          xv[i] = _mm512_set1_epi32(i < np ? static_cast<int>(xq[b * pairs + q + i]) : 0);
-        }
-        for (int64_t n = 0; n < N; n += 32) {
-          float* ab = acc + b * N + n;
-          __m512 s0 = _mm512_loadu_ps(ab), s1 = _mm512_loadu_ps(ab + 16);
-          for (int64_t i = 0; i < np; ++i) {
-            const uint16_t* ra = r0 + 2 * i * N + n;
-            const __m512i a = _mm512_loadu_si512(ra);
-            const __m512i b1 = 2 * (q + i) + 1 >= K ? zero : _mm512_loadu_si512(ra + N);
-            s0 = _mm512_dpbf16_ps(s0, (__m512bh)xv[i], (__m512bh)_mm512_unpacklo_epi16(a, b1));
-            s1 = _mm512_dpbf16_ps(s1, (__m512bh)xv[i], (__m512bh)_mm512_unpackhi_epi16(a, b1));
-          }
-          _mm512_storeu_ps(ab, s0);
-          _mm512_storeu_ps(ab + 16, s1);
-        }
-      }
-    }
-  });
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t b = 0; b < B; ++b) {
-      float* out = y + b * P * N + p * N;
-      for (int64_t n = 0; n < N; n += 32) {
-        for (int64_t j = 0; j < 32; ++j) {
-          float v = 0;
-          for (int64_t c = 0; c < chunks; ++c) v += partial[((p * chunks + c) * B + b) * N + n + j];
-          const int64_t lane = j % 16;
-          const int64_t col = n + 8 * (lane / 4) + (j >= 16 ? 4 : 0) + lane % 4;
-          out[col] = scale ? v * scale[p * N + col] : v;
-        }
-      }
-    }
-  }
-}
 #endif
 
 #if defined(__AVX2__)
@@ -563,7 +296,7 @@ void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t
 
 #endif
 
-#if defined(__AVX2__) && !defined(GEMMAX_VNNI)
+#if defined(__AVX2__)
 #define GEMMAX_AVX2_INT8 1
 
 // int8 weights on AVX2 (no VNNI, e.g. AMD Zen 3): the generic path converts every weight to float32 and
@@ -678,7 +411,7 @@ void in_major_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
 }
 #endif
 
-#if defined(__AVX2__) && !defined(GEMMAX_BF16DOT)
+#if defined(__AVX2__)
 #define GEMMAX_AVX2_BF16 1
 
 // bfloat16 weights on AVX2 (no AVX512-BF16): a bfloat16 is the top half of a float32, so one 256-bit load
@@ -831,6 +564,61 @@ void gemm_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const float
   }
 }
 
+#ifdef GEMMAX_BF16DOT
+// The same tile for bfloat16 weights and activations on AVX512-BF16 (prefill of a bfloat16 model): the
+// panel holds row pairs, panel[kp, n] = (W[2kp, n], W[2kp+1, n]) as two bfloat16 in one 32-bit lane, x
+// likewise (xq[r, kp] = (x[r, 2kp], x[r, 2kp+1])), and one vdpbf16ps adds x[2kp] W[2kp, n] + x[2kp+1]
+// W[2kp+1, n] for 16 columns: twice the products of a float32 FMA per instruction. The products are exact
+// (bfloat16 x bfloat16 fits a float32) and accumulate in float32, so this differs from the float32 tile on
+// the converted weights only in summation order. 6 rows x 4 zmm, the whole 64-column panel per k pair.
+template <int MR>
+inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const uint32_t* panel, const float* scale,
+                           float* y, int64_t ldy, int width, bool accumulate) {
+  __mmask16 mask[4];
+  for (int v = 0; v < 4; ++v) {
+    const int n = std::clamp(width - 16 * v, 0, 16);
+    mask[v] = static_cast<__mmask16>((1u << n) - 1u);
+  }
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < 4; ++v) {
+      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * ldy + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const uint32_t* bk = panel + kp * kNB;
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(bk) + 8 * kNB * sizeof(uint32_t);  // as gemm_tile
+    for (size_t o = 0; o < kNB * sizeof(uint32_t); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+    __m512bh b[4];
+    for (int v = 0; v < 4; ++v) b[v] = (__m512bh)_mm512_load_si512(bk + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xq[r * ldx + kp]));
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < 4; ++v) {
+      __m512 o = acc[r][v];
+      if (scale) o = _mm512_mul_ps(o, _mm512_loadu_ps(scale + 16 * v));
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask[v], o);
+    }
+  }
+}
+
+template <int MR>
+void gemm_rows_bf16(const uint32_t* xq, int64_t ldx, int64_t rows, int64_t KP, const uint32_t* panel,
+                    const float* scale, float* y, int64_t ldy, int width, bool accumulate) {
+  int64_t m = 0;
+  for (; m + MR <= rows; m += MR) gemm_tile_bf16<MR>(xq + m * ldx, ldx, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+  if constexpr (MR > 1) {
+    if (m < rows) {
+      gemm_rows_bf16<MR - 1>(xq + m * ldx, ldx, rows - m, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+    }
+  }
+}
+#endif
+
 // Spreads software prefetches of a weight block (rows of `bytes` at `stride`) over the tiles of the block
 // being computed, so the next panel's rows arrive while this one's arithmetic runs.
 struct BlockPrefetch {
@@ -857,10 +645,30 @@ struct BlockPrefetch {
 // on. Groups of four panels per task had left up to a quarter of a thread's share: one process, old and new
 // alternated call by call, 20 pairs: 1067 -> 1016 ms a prefill, faster in 13 of 20 pairs. The last items
 // are also split into row slices (below): two A/Bs of 24 pairs, median ratios 0.967 and 0.949.
-template <typename T>
+//
+// kPairs (bfloat16 weights and activations on AVX512-BF16): x is first packed into bfloat16 pairs and each
+// panel holds row pairs for gemm_tile_bf16; K blocks then start on even rows.
+template <typename T, bool kPairs = false>
 void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
                    int64_t N, ffi::ThreadPool* pool) {
   const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t KP = (K + 1) / 2;  // x's row length in pairs (kPairs)
+  static thread_local std::vector<uint32_t> xq_buf;
+  if constexpr (kPairs) {  // xq[b, kp] = (x[b, 2kp], x[b, 2kp + 1]) as bfloat16 bits; x holds bfloat16 values
+    xq_buf.resize(static_cast<size_t>(B * KP));
+    uint32_t* xq = xq_buf.data();
+    constexpr int64_t kPackRows = 64;
+    parallel_for(pool, (B + kPackRows - 1) / kPackRows, [=](int64_t task) {
+      for (int64_t b = task * kPackRows; b < std::min(B, (task + 1) * kPackRows); ++b) {
+        const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + b * K);
+        uint32_t* dst = xq + b * KP;
+#pragma omp simd
+        for (int64_t kp = 0; kp < K / 2; ++kp) dst[kp] = (xr[2 * kp] >> 16) | (xr[2 * kp + 1] & 0xFFFF0000u);
+        if (K % 2) dst[KP - 1] = xr[K - 1] >> 16;
+      }
+    });
+  }
+  const uint32_t* xq = xq_buf.data();  // thread_local names resolve per thread: the workers get the pointer
   const int64_t panels = (N + kNB - 1) / kNB;
   int64_t chunk = B;
   while (P * panels * ((B + chunk - 1) / chunk) < 4 * threads && chunk > 8 * kMR) {
@@ -875,7 +683,7 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
   const int64_t tail = chunk >= kTailSplit * 4 * kMR ? std::min(threads, whole) : 0;
   const int64_t items = whole - tail + tail * kTailSplit;
   const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
-  const int64_t kc_max = (K + kblocks - 1) / kblocks;
+  const int64_t kc_max = kPairs ? ((K + kblocks - 1) / kblocks + 1) / 2 * 2 : (K + kblocks - 1) / kblocks;
   struct Block {
     int64_t p, r0, r1, n0, k0, kc;
     int width;
@@ -909,12 +717,28 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
           for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
         }
         const T* src = w + p * K * N + k0 * N + n0;
-        for (int64_t k = 0; k < kc; ++k) {
-          float* dst = panel + k * kNB;
-          const T* row = src + k * N;
+        if constexpr (kPairs) {
+          uint32_t* pp = reinterpret_cast<uint32_t*>(panel);
+          for (int64_t k = 0; k < kc; k += 2) {
+            uint32_t* dst = pp + (k / 2) * kNB;
+            const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + k * N);
+            if (k + 1 < kc) {
+              const uint16_t* r1 = r0 + N;
 #pragma omp simd
-          for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
-          for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
+              for (int j = 0; j < width; ++j) dst[j] = r0[j] | (static_cast<uint32_t>(r1[j]) << 16);
+            } else {  // odd K: the pair's second row is zero
+              for (int j = 0; j < width; ++j) dst[j] = r0[j];
+            }
+            for (int j = width; j < kNB; ++j) dst[j] = 0;
+          }
+        } else {
+          for (int64_t k = 0; k < kc; ++k) {
+            float* dst = panel + k * kNB;
+            const T* row = src + k * N;
+#pragma omp simd
+            for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
+            for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
+          }
         }
         BlockPrefetch pf;
         if (kb + 1 < kblocks || ahead < items) {
@@ -928,7 +752,12 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
         const int64_t tiles = (r1 - r0 + kMR - 1) / kMR;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
-          if (rows == kMR) {
+          if constexpr (kPairs) {
+#ifdef GEMMAX_BF16DOT
+            gemm_rows_bf16<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2,
+                                reinterpret_cast<const uint32_t*>(panel), s, yb + m * P * N, P * N, width, k0 > 0);
+#endif
+          } else if (rows == kMR) {
             gemm_tile<kMR>(x + m * K + k0, K, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
           } else {
             gemm_rows<kMR - 1>(x + m * K + k0, K, rows, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
@@ -1299,6 +1128,14 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
               int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool, bool x_bf16) {
   const T* w = static_cast<const T*>(w_all) + layer * P * K * N;
   if (!in_minor_ && B >= kSkinnyRows) {
+#ifdef GEMMAX_BF16DOT
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (x_bf16) {
+        gemm_in_major<T, true>(x, w, y, scale, B, P, K, N, pool);
+        return;
+      }
+    }
+#endif
     gemm_in_major<T>(x, w, y, scale, B, P, K, N, pool);
     return;
   }
@@ -1309,20 +1146,6 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
     return;
   }
   if (in_minor_) {
-#ifdef GEMMAX_BF16DOT
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (x_bf16) {
-        in_minor_bf16_dot(x, w, y, scale, B, N, K, pool);
-        return;
-      }
-    }
-#endif
-#ifdef GEMMAX_VNNI
-    if constexpr (std::is_same_v<T, int8_t>) {
-      in_minor_int8_vnni(x, w, y, scale, B, N, K, pool);
-      return;
-    }
-#endif
 #ifdef GEMMAX_AVX2_INT8
     if constexpr (std::is_same_v<T, int8_t>) {
       if (K % 16 == 0) {
@@ -1349,26 +1172,10 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
 #endif
     in_minor<T>(x, w, y, scale, B, N, K, pool);
   } else {
-#ifdef GEMMAX_VNNI
-    if constexpr (std::is_same_v<T, int8_t>) {
-      if (N % 64 == 0) {
-        in_major_int8_vnni(x, w, y, scale, B, P, K, N, pool);
-        return;
-      }
-    }
-#endif
 #ifdef GEMMAX_AVX2_INT8
     if constexpr (std::is_same_v<T, int8_t>) {
       if (N % 16 == 0 && K % 16 == 0) {
         in_major_int8_avx2(x, w, y, scale, B, P, K, N, pool);
-        return;
-      }
-    }
-#endif
-#ifdef GEMMAX_BF16DOT
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (x_bf16 && N % 32 == 0) {
-        in_major_bf16_dot(x, w, y, scale, B, P, K, N, pool);
         return;
       }
     }

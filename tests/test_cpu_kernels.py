@@ -58,7 +58,7 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
              # the float32 AVX2 head kernel needs K % 8 == 0 (40, 80 and 128 above: 32-wide steps and the
              # 8-wide tail); K = 36 takes the portable one
              ("btd,vd->btv", (45, 36))]
-    # float paths: float32 rounding; int8 x in-minor with VNNI quantizes x to 16 bits per block of 64
+    # float paths: float32 rounding; the int8 paths quantize x to 16 bits per block of 64
     # (error <= max|x| / 65534 per element: ~1e-4 of the output's scale, 30x below int8 weight rounding)
     tol = 3e-4 if dtype == "int8" else 1e-5
     with ck.decode_kernels():
@@ -253,7 +253,7 @@ def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
             tokens = jnp.asarray(np.argmax(logits[-1], -1))
         outs[kern] = np.stack(logits)
         tokens = jnp.asarray([5, 9])
-    # int8: the VNNI paths round x to 16 bits per block of 64 (see test_gemv_equals_einsum), over 12 steps
+    # int8: the int8 paths round x to 16 bits per block of 64 (see test_gemv_equals_einsum), over 12 steps
     tol = {"bf16": 3e-2, "int8": 1e-3, "int8+lora": 1e-3}.get(variant, 1e-4)
     np.testing.assert_allclose(outs[True], outs[False], atol=tol * float(np.abs(outs[False]).max()))
 
@@ -316,9 +316,9 @@ def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_bfloat16_activations(rows: int) -> None:
-    """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) takes the bf16 dot-product path for
-    in-minor weights: products of bfloat16 values are exact in float32, so only the summation order
-    differs from XLA's float32 einsum of the same values."""
+    """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths: products of
+    bfloat16 values are exact in float32, so only the summation order differs from XLA's float32 einsum of
+    the same values."""
     rng = np.random.default_rng(7)
     with ck.decode_kernels():
         for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),

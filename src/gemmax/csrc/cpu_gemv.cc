@@ -65,10 +65,9 @@ void parallel_for(ffi::ThreadPool* pool, int64_t total, std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-// Activations quantized to 16 bits per block of 64 for the integer int8 paths (VNNI and AVX2 alike, so
-// both ISAs compute the same products): scale = max|x| / 32767, round half away from zero, so the error
-// is at most max|x| / 65534 of the block, far below the weights' own int8 rounding (a weight-only int8
-// product to float32 accuracy). Reused per calling thread: a decode step makes ~130 calls.
+// Activations quantized to 16 bits per block of 64 for the integer int8 paths: scale = max|x| / 32767,
+// round half away from zero, so the error is at most max|x| / 65534 of the block, far below the weights'
+// own int8 rounding (a weight-only int8 product to float32 accuracy). Reused per calling thread: a decode step makes ~130 calls.
 struct QuantX16 {
   int64_t blocks;
   std::vector<int16_t> v;    // [B, blocks * 64], zero past K
@@ -112,7 +111,7 @@ int64_t k_chunks(ffi::ThreadPool* pool, int64_t P, int64_t units) {
 }
 
 // y[b, p*N + n] = scale[p*N + n] * sum_c partial[p, c, b, n]: the K-chunks of an in-major product added up
-// (partial sums in column order; the VNNI / AVX512-BF16 kernels permute columns and reduce on their own).
+// (partial sums in column order).
 void sum_partials(const float* partial, int64_t P, int64_t chunks, int64_t B, int64_t N, float* y,
                   const float* scale) {
   for (int64_t p = 0; p < P; ++p) {
@@ -299,9 +298,9 @@ void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t
 #if defined(__AVX2__)
 #define GEMMAX_AVX2_INT8 1
 
-// int8 weights on AVX2 (no VNNI, e.g. AMD Zen 3): the generic path converts every weight to float32 and
-// was bound by that (the Gemma 3 270M int8 head at 5-7 GB/s). x comes from quantize_x16, as for VNNI, so
-// both ISAs give the same products; weights are sign-extended to 16 bits in registers and vpmaddwd adds
+// int8 weights on AVX2, on every AVX2 CPU (on Zen 4 this beat a VNNI kernel: docs/architecture.md): the
+// generic path converts every weight to float32 and was bound by that (the Gemma 3 270M int8 head at 5-7
+// GB/s). x comes from quantize_x16; weights are sign-extended to 16 bits in registers and vpmaddwd adds
 // two products per int32 lane exactly. Needs K % 16 == 0 (every Gemma width).
 
 // In-minor W[N, K] (the tied head): one row at a time (a sequential stream per thread, as the bfloat16
@@ -588,7 +587,9 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
   for (int64_t kp = 0; kp < KP; ++kp) {
     const uint32_t* bk = panel + kp * kNB;
     const uintptr_t ahead = reinterpret_cast<uintptr_t>(bk) + 8 * kNB * sizeof(uint32_t);  // as gemm_tile
-    for (size_t o = 0; o < kNB * sizeof(uint32_t); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+    for (size_t o = 0; o < kNB * sizeof(uint32_t); o += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+    }
     __m512bh b[4];
     for (int v = 0; v < 4; ++v) b[v] = (__m512bh)_mm512_load_si512(bk + 16 * v);
 #pragma GCC unroll 8
@@ -610,7 +611,9 @@ template <int MR>
 void gemm_rows_bf16(const uint32_t* xq, int64_t ldx, int64_t rows, int64_t KP, const uint32_t* panel,
                     const float* scale, float* y, int64_t ldy, int width, bool accumulate) {
   int64_t m = 0;
-  for (; m + MR <= rows; m += MR) gemm_tile_bf16<MR>(xq + m * ldx, ldx, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+  for (; m + MR <= rows; m += MR) {
+    gemm_tile_bf16<MR>(xq + m * ldx, ldx, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+  }
   if constexpr (MR > 1) {
     if (m < rows) {
       gemm_rows_bf16<MR - 1>(xq + m * ldx, ldx, rows - m, KP, panel, scale, y + m * ldy, ldy, width, accumulate);

@@ -548,21 +548,6 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
   }
 }
 
-// y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
-template <int MR>
-void gemm_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const float* panel, const float* scale,
-               float* y, int64_t ldy, int width, bool accumulate = false) {
-  int64_t m = 0;
-  for (; m + MR <= rows; m += MR) {
-    gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
-  }
-  if constexpr (MR > 1) {
-    if (m < rows) {
-      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate);
-    }
-  }
-}
-
 #ifdef GEMMAX_BF16DOT
 // The same tile for bfloat16 weights and activations on AVX512-BF16 (prefill of a bfloat16 model): the
 // panel holds row pairs, panel[kp, n] = (W[2kp, n], W[2kp+1, n]) as two bfloat16 in one 32-bit lane, x
@@ -607,20 +592,31 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
   }
 }
 
-template <int MR>
-void gemm_rows_bf16(const uint32_t* xq, int64_t ldx, int64_t rows, int64_t KP, const uint32_t* panel,
-                    const float* scale, float* y, int64_t ldy, int width, bool accumulate) {
+#endif
+
+// y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
+// X = uint32_t: bfloat16 row pairs for gemm_tile_bf16 (K and ldx counted in pairs).
+template <int MR, typename X, typename Pan>
+void gemm_rows(const X* x, int64_t ldx, int64_t rows, int64_t K, const Pan* panel, const float* scale,
+               float* y, int64_t ldy, int width, bool accumulate = false) {
   int64_t m = 0;
   for (; m + MR <= rows; m += MR) {
-    gemm_tile_bf16<MR>(xq + m * ldx, ldx, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+#ifdef GEMMAX_BF16DOT
+    if constexpr (std::is_same_v<X, uint32_t>) {
+      gemm_tile_bf16<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+      continue;
+    }
+#endif
+    if constexpr (std::is_same_v<X, float>) {
+      gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+    }
   }
   if constexpr (MR > 1) {
     if (m < rows) {
-      gemm_rows_bf16<MR - 1>(xq + m * ldx, ldx, rows - m, KP, panel, scale, y + m * ldy, ldy, width, accumulate);
+      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate);
     }
   }
 }
-#endif
 
 // Spreads software prefetches of a weight block (rows of `bytes` at `stride`) over the tiles of the block
 // being computed, so the next panel's rows arrive while this one's arithmetic runs.
@@ -757,7 +753,7 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
           const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
           if constexpr (kPairs) {
 #ifdef GEMMAX_BF16DOT
-            gemm_rows_bf16<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2,
+            gemm_rows<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2,
                                 reinterpret_cast<const uint32_t*>(panel), s, yb + m * P * N, P * N, width, k0 > 0);
 #endif
           } else if (rows == kMR) {

@@ -136,9 +136,12 @@ def test_packing_masks_end_to_end():
     h2 = train.fit(lm2, single, steps=1, batch_size=10, learning_rate=1e-3, progress=False)
     assert h1.target_tokens == h2.target_tokens == [a["tokens"]]
     assert h1.loss[0] == pytest.approx(a["loss"], rel=1e-5) and h2.loss[0] == pytest.approx(a["loss"], rel=1e-5)
+    # atol 1% of one Adam step (lr 1e-3): Adam divides by sqrt(v), so a weight whose gradient is near zero
+    # moves by a step-sized amount that the two summation orders can change in its last digits (seen on
+    # Zen 4: 5.3e-6 on one of 57344 elements); a leak across documents would move weights by whole steps.
     p1, p2 = _host(lm1.params), _host(lm2.params)
     for p in p1:
-        np.testing.assert_allclose(p1[p], p2[p], rtol=1e-4, atol=1e-6, err_msg=p)
+        np.testing.assert_allclose(p1[p], p2[p], rtol=1e-4, atol=1e-5, err_msg=p)
 
 
 def test_grad_accumulation_equals_big_batch():

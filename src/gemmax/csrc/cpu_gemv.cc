@@ -67,7 +67,8 @@ void parallel_for(ffi::ThreadPool* pool, int64_t total, std::function<void(int64
 
 // Activations quantized to 16 bits per block of 64 for the integer int8 paths: scale = max|x| / 32767,
 // round half away from zero, so the error is at most max|x| / 65534 of the block, far below the weights'
-// own int8 rounding (a weight-only int8 product to float32 accuracy). Reused per calling thread: a decode step makes ~130 calls.
+// own int8 rounding (a weight-only int8 product to float32 accuracy). Reused per calling thread: a decode
+// step makes ~130 calls.
 struct QuantX16 {
   int64_t blocks;
   std::vector<int16_t> v;    // [B, blocks * 64], zero past K
@@ -103,7 +104,7 @@ const QuantX16& quantize_x16(const float* x, int64_t B, int64_t K) {
 }
 
 // How many chunks of K to split an in-major product of P blocks into: ~2 tasks per thread in all, and no
-// more chunks than `units` (the pieces of K a chunk must hold whole: rows, pairs or blocks).
+// more chunks than `units` (the pieces of K a chunk must hold whole: rows or blocks).
 int64_t k_chunks(ffi::ThreadPool* pool, int64_t P, int64_t units) {
   const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
   const int64_t want = std::max<int64_t>(1, (2 * threads + P - 1) / P);
@@ -246,6 +247,7 @@ void in_minor(const float* x, const T* w, float* y, const float* scale, int64_t 
 }
 
 
+// AVX512-BF16: the bfloat16 prefill GEMM's row-pair tile (gemm_tile_bf16, below).
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GEMMAX_BF16DOT 1
@@ -753,8 +755,8 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
           const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
           if constexpr (kPairs) {
 #ifdef GEMMAX_BF16DOT
-            gemm_rows<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2,
-                                reinterpret_cast<const uint32_t*>(panel), s, yb + m * P * N, P * N, width, k0 > 0);
+            gemm_rows<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2, reinterpret_cast<const uint32_t*>(panel), s,
+                           yb + m * P * N, P * N, width, k0 > 0);
 #endif
           } else if (rows == kMR) {
             gemm_tile<kMR>(x + m * K + k0, K, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);

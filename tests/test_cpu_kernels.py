@@ -115,16 +115,18 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
                                            atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
 
 
-@pytest.mark.parametrize("norm,offset,rot,mult", [(True, 1.0, 1.0, 0.0625), (True, 0.0, 1.0, None),
-                                                   (False, 1.0, 1.0, 0.125), (True, 1.0, 0.5, 0.25)])
-def test_norm_rope_equals_xla(norm: bool, offset: float, rot: float, mult: float | None) -> None:
+@pytest.mark.parametrize("norm,offset,rot,mult,dtype", [
+    (True, 1.0, 1.0, 0.0625, "float32"), (True, 0.0, 1.0, None, "float32"), (False, 1.0, 1.0, 0.125, "float32"),
+    (True, 1.0, 0.5, 0.25, "float32"), (True, 1.0, 1.0, 0.0625, "bfloat16"), (False, 1.0, 0.5, None, "bfloat16")])
+def test_norm_rope_equals_xla(norm: bool, offset: float, rot: float, mult: float | None, dtype: str) -> None:
     """The prefill's native q/k pass (RMSNorm with a random non-zero scale, rotate-half RoPE from sin/cos
     tables, the query scale) against rms_norm + apply_rope + multiply in XLA: Gemma (offset 1) and Llama
     (offset 0) norms, no norm (Gemma 1/2), a table covering half the head (the rest passes through), rows
-    that split over several tasks."""
+    that split over several tasks. bfloat16 x: float32 inside, one rounding at the end, so within half a
+    bfloat16 ulp of XLA's float32 result on the same input."""
     rng = np.random.default_rng(11)
     b, t, h, d = 2, 90, 3, 64
-    x = jnp.asarray(rng.normal(size=(b, t, h, d)) * 3, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(b, t, h, d)) * 3, dtype).astype(jnp.float32)
     scale = jnp.asarray(rng.normal(size=d), jnp.float32) if norm else None
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv = layers.rope_inv_freq(int(d * rot), 10_000.0)
@@ -132,37 +134,55 @@ def test_norm_rope_equals_xla(norm: bool, offset: float, rot: float, mult: float
     want = x if scale is None else layers.rms_norm(x, scale, 1e-6, offset)
     want = layers.apply_rope(want, pos, sincos)
     want = want if mult is None else want * mult
+    xin = x.astype(dtype)
     with ck.decode_kernels(prefill=True):
-        assert ck.supports_norm_rope(x, sincos)
-        assert not ck.supports_norm_rope(x, inv)  # RoPE as frequencies: the XLA path
-        assert not ck.supports_norm_rope(x.astype(jnp.bfloat16), sincos)
-        got = jax.jit(lambda x: layers.norm_rope(x, scale, 1e-6, offset, pos, sincos, mult))(x)
-    assert not ck.supports_norm_rope(x, sincos)  # switch off
+        assert ck.supports_norm_rope(xin, sincos)
+        assert not ck.supports_norm_rope(xin, inv)  # RoPE as frequencies: the XLA path
+        assert not ck.supports_norm_rope(xin.astype(jnp.float16), sincos)
+        got = jax.jit(lambda x: layers.norm_rope(x, scale, 1e-6, offset, pos, sincos, mult))(xin)
+    assert not ck.supports_norm_rope(xin, sincos)  # switch off
+    assert got.dtype == xin.dtype
+    if dtype == "bfloat16":
+        g, w = np.asarray(got, np.float32), np.asarray(want)
+        np.testing.assert_allclose(g, w, rtol=2.0**-8 * 1.001, atol=1e-6)  # half an ulp: one rounding
+        assert (g == np.asarray(want.astype(jnp.bfloat16), np.float32)).mean() > 0.99
+        return
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     if rot < 1:  # channels past the table pass through (normalised, scaled)
         np.testing.assert_allclose(np.asarray(got)[..., d // 2:], np.asarray(want)[..., d // 2:], rtol=1e-6)
 
 
-@pytest.mark.parametrize("t,heads,kv,hd,window,cap", [(150, 4, 2, 40, 1 << 30, None), (150, 2, 1, 64, 37, 50.0),
-                                                     (70, 3, 3, 130, 64, None), (5, 2, 1, 16, 3, 30.0)])
+@pytest.mark.parametrize("t,heads,kv,hd,window,cap,dtype", [
+    (150, 4, 2, 40, 1 << 30, None, "float32"), (150, 2, 1, 64, 37, 50.0, "float32"),
+    (70, 3, 3, 130, 64, None, "float32"), (5, 2, 1, 16, 3, 30.0, "float32"),
+    (151, 4, 2, 40, 1 << 30, None, "bfloat16"), (133, 2, 1, 130, 37, 50.0, "bfloat16"),
+    (9, 2, 2, 15, 4, None, "bfloat16")])
 def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd: int, window: int,
-                                                 cap: float | None) -> None:
+                                                 cap: float | None, dtype: str) -> None:
     """The blocked kernel against layers.dot_attention with layers.attention_mask (segments = position <
     length): several query blocks and 64-key panels, partial panels of keys and of head dims, grouped
-    heads, sliding windows, soft-capping, and a padded row whose padding attends only padding."""
+    heads, sliding windows, soft-capping, and a padded row whose padding attends only padding. bfloat16
+    (the row-pair products on AVX512-BF16: odd key counts, an odd head dim that falls back to float32):
+    against float32 attention on the same values, within the rounding of the probabilities and the output
+    to bfloat16."""
     from gemmax.layers import attention_mask, dot_attention
 
     rng = np.random.default_rng(t + hd)
-    q = jnp.asarray(rng.normal(size=(2, t, heads, hd)) * 0.5, jnp.float32)
-    k = jnp.asarray(rng.normal(size=(2, t, kv, hd)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(2, t, kv, hd)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, t, heads, hd)) * 0.5, dtype)
+    k = jnp.asarray(rng.normal(size=(2, t, kv, hd)), dtype)
+    v = jnp.asarray(rng.normal(size=(2, t, kv, hd)), dtype)
     lengths = jnp.asarray([t, max(1, t - 23)], jnp.int32)
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
     seg = (idx < lengths[:, None]).astype(jnp.int32)
-    want = dot_attention(q, k, v, attention_mask(idx, idx, window, seg, seg), cap)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want = dot_attention(*f32, attention_mask(idx, idx, window, seg, seg), cap)
     assert ck.available()
     got = jax.jit(ck.prefill_attention, static_argnames=("cap",))(q, k, v, lengths, jnp.int32(window), cap=cap)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+    assert got.dtype == q.dtype
+    if dtype == "float32":
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+    else:  # probabilities to 2^-9 relative; the output's own rounding to half an ulp (2^-8 relative)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2.0**-8 * 1.001, atol=5e-3)
 
 
 @pytest.mark.parametrize("dtype,heads,kv,hd,cap", [("float32", 4, 2, 40, None), ("bfloat16", 4, 1, 64, 50.0),

@@ -217,22 +217,24 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.A
 
 def supports_norm_rope(x: jax.Array, sincos: Any) -> bool:
     """Whether a prefill's q/k normalisation + RoPE (``layers.norm_rope``) goes to the kernel: the GEMM
-    switch on (prefill), float32 x [B, T, H, hd] with more than ``MAX_ROWS`` positions, and RoPE given as
-    precomputed (sin, cos) tables."""
-    return (getattr(_active, "gemm", False) and active() and x.dtype == jnp.float32 and x.ndim == 4
-            and x.shape[0] * x.shape[1] > MAX_ROWS and isinstance(sincos, tuple))
+    switch on (prefill), float32 or bfloat16 x [B, T, H, hd] with more than ``MAX_ROWS`` positions, and RoPE
+    given as precomputed (sin, cos) tables."""
+    return (getattr(_active, "gemm", False) and active() and x.dtype in (jnp.float32, jnp.bfloat16)
+            and x.ndim == 4 and x.shape[0] * x.shape[1] > MAX_ROWS and isinstance(sincos, tuple))
 
 
 def norm_rope(x: jax.Array, scale: jax.Array | None, eps: float, offset: float, sincos: tuple[jax.Array, jax.Array],
               mult: float | None) -> jax.Array:
     """``rms_norm`` (when ``scale`` is given), then rotate-half RoPE with tables ``sincos`` ([B, T, rd/2]),
-    then ``* mult``, in one native pass over x [B, T, H, hd] (float32)."""
+    then ``* mult``, in one native pass over x [B, T, H, hd], float32 inside and rounded once to x's dtype
+    (XLA's bfloat16 path rounds after the norm, the rotation and the scale)."""
     b, t, h, d = x.shape
     sin, cos = (jnp.broadcast_to(a, (b, t, a.shape[-1])).astype(jnp.float32) for a in sincos)
     w = scale.astype(jnp.float32).reshape(-1) if scale is not None else jnp.zeros((1,), jnp.float32)
     return jax.ffi.ffi_call(_NORM_ROPE, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-        x, w, sin, cos, heads=np.int64(h), dim=np.int64(d), has_norm=scale is not None, eps=np.float32(eps),
-        offset=np.float32(offset), mult=np.float32(1.0 if mult is None else mult))
+        x.astype(jnp.float32), w, sin, cos, heads=np.int64(h), dim=np.int64(d), has_norm=scale is not None,
+        eps=np.float32(eps), offset=np.float32(offset), mult=np.float32(1.0 if mult is None else mult)
+    ).astype(x.dtype)
 
 
 def _out_tail(eq: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -259,10 +261,13 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
     The same masking as ``layers.attention_mask`` with segments ``position < length`` (prompt positions see
     ``[i - window + 1, i]``, padding sees only padding) and the same soft-cap; each block of queries meets
     only the keys it can see (half the work of a dense causal product, O(T x window) on local layers) and no
-    [H, T, T] score tensor is formed."""
+    [H, T, T] score tensor is formed. bfloat16 q, k and v on a CPU with AVX512-BF16: both products in
+    bfloat16 with float32 sums, the probabilities rounded to bfloat16 for the product with v (as torch's
+    bfloat16 attention), softmax in float32."""
+    bf16 = q.dtype == k.dtype == v.dtype == jnp.bfloat16  # values exact in bfloat16: vdpbf16ps where present
     out = jax.ffi.ffi_call(_ATTN, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lengths.astype(jnp.int32),
-        jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0))
+        jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0), bf16=bool(bf16))
     return out.astype(v.dtype)
 
 

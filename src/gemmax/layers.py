@@ -114,7 +114,8 @@ def norm_rope(x: Array, scale: Array | None, eps: float, offset: float, position
     given), then ``apply_rope``, then ``* mult`` (the query scale). A prefill on the CPU kernel path does the
     three in one native pass (``cpu_kernels.norm_rope``): XLA re-read the input for each half of the rotation
     and concatenated them."""
-    if cpu_kernels.supports_norm_rope(x, inv_freq):
+    # (a bfloat16 norm without offset, Llama's order, rounds before its weight: left to XLA)
+    if cpu_kernels.supports_norm_rope(x, inv_freq) and (x.dtype == jnp.float32 or scale is None or offset):
         return cpu_kernels.norm_rope(x, scale, eps, offset, inv_freq, mult)
     if scale is not None:
         x = rms_norm(x, scale, eps, offset)

@@ -912,26 +912,66 @@ inline float softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
   return 1.0f / sum;
 }
 
+// bfloat16 bits of a float32 that holds a bfloat16 value exactly (its top half)
+inline uint32_t bf16_hi(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u >> 16;
+}
+
+// Probabilities [0, n) of one score row rounded to bfloat16 (nearest, ties to even), n even, as n / 2 pairs.
+inline void probs_to_pairs(const float* s, int64_t n, uint32_t* dst) {
+  auto* d16 = reinterpret_cast<uint16_t*>(dst);
+  int64_t j = 0;
+#ifdef GEMMAX_BF16DOT
+  for (; j + 16 <= n; j += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+  }
+#endif
+  for (; j < n; ++j) {  // finite, non-negative: no NaN case
+    uint32_t u;
+    std::memcpy(&u, s + j, 4);
+    d16[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// kPairs (bfloat16 q, k and v on AVX512-BF16, even head dim): both products take the row-pair tile
+// (gemm_tile_bf16). Q K^T is then exact products in float32 sums, as the float32 path on the same values;
+// the probabilities are rounded to bfloat16 for P V (what torch's bfloat16 flash attention does too) while
+// the softmax, its sum and the output stay float32. K^T panels hold head-dim pairs [D/2, 64], V panels key
+// pairs [T/2, 64]: key blocks start at multiples of 64, so a block's pairs never straddle two panels.
+template <bool kPairs>
 void prefill_attention(const float* q, const float* k, const float* v, const int32_t* lengths, int64_t window,
                        float cap, float* out, AttnDims d, ffi::ThreadPool* pool) {
   const int64_t T = d.T, D = d.D, group = d.H / d.KV;
   const int64_t kpanels = (T + kNB - 1) / kNB, dpanels = (D + kNB - 1) / kNB;
-  // packed K^T: [B, KV, kpanels, D, 64]; packed V: [B, KV, dpanels, T, 64] (zero-padded)
+  // float32: K^T [B, KV, kpanels, D, 64] and V [B, KV, dpanels, T, 64]; pairs: K^T [.., kpanels, D/2, 64]
+  // and V [.., dpanels, T/2 (rounded up), 64] of 32-bit pairs. Zero-padded either way.
+  const int64_t KD = kPairs ? D / 2 : D, TV = kPairs ? (T + 1) / 2 : T;
   static thread_local std::vector<float> kt_buf, v_buf;
-  kt_buf.assign(static_cast<size_t>(d.B * d.KV * kpanels * D * kNB + 16), 0.0f);
-  v_buf.assign(static_cast<size_t>(d.B * d.KV * dpanels * T * kNB + 16), 0.0f);
+  kt_buf.assign(static_cast<size_t>(d.B * d.KV * kpanels * KD * kNB + 16), 0.0f);
+  v_buf.assign(static_cast<size_t>(d.B * d.KV * dpanels * TV * kNB + 16), 0.0f);
   float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kt_buf.data()) + 63) & ~uintptr_t{63});
   float* vp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v_buf.data()) + 63) & ~uintptr_t{63});
   parallel_for(pool, d.B * d.KV * kpanels, [=](int64_t task) {  // one 64-key panel of one (row, KV head)
     const int64_t bg = task / kpanels, b = bg / d.KV, g = bg % d.KV, t0 = (task % kpanels) * kNB;
-    float* ktb = kt + bg * kpanels * D * kNB;
-    float* vpb = vp + bg * dpanels * T * kNB;
+    float* ktb = kt + bg * kpanels * KD * kNB;
+    float* vpb = vp + bg * dpanels * TV * kNB;
     for (int64_t t = t0; t < std::min(T, t0 + kNB); ++t) {
       const float* kr = k + ((b * T + t) * d.KV + g) * D;
       const float* vr = v + ((b * T + t) * d.KV + g) * D;
-      float* kd = ktb + (t / kNB) * D * kNB + t % kNB;
-      for (int64_t c = 0; c < D; ++c) kd[c * kNB] = kr[c];
-      for (int64_t c = 0; c < D; ++c) vpb[((c / kNB) * T + t) * kNB + c % kNB] = vr[c];
+      float* kd = ktb + (t / kNB) * KD * kNB + t % kNB;
+      if constexpr (kPairs) {
+        auto* kq = reinterpret_cast<uint32_t*>(kd);
+        for (int64_t c = 0; c < KD; ++c) kq[c * kNB] = bf16_hi(kr[2 * c]) | (bf16_hi(kr[2 * c + 1]) << 16);
+        auto* v16 = reinterpret_cast<uint16_t*>(vpb);
+        for (int64_t c = 0; c < D; ++c) {
+          v16[(((c / kNB) * TV + t / 2) * kNB + c % kNB) * 2 + t % 2] = static_cast<uint16_t>(bf16_hi(vr[c]));
+        }
+      } else {
+        for (int64_t c = 0; c < D; ++c) kd[c * kNB] = kr[c];
+        for (int64_t c = 0; c < D; ++c) vpb[((c / kNB) * T + t) * kNB + c % kNB] = vr[c];
+      }
     }
   });
   const int64_t qblocks = (T + kQB - 1) / kQB;
@@ -943,13 +983,23 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
     const int64_t lo = std::max<int64_t>(0, i0 - window + 1);  // the first key any row here may see
     const int64_t p0 = lo / kNB, p1 = (i1 + kNB - 1) / kNB, j0 = p0 * kNB, nk = (p1 - p0) * kNB;
     static thread_local std::vector<float> qbuf, sbuf;
+    static thread_local std::vector<uint32_t> pbuf;
     qbuf.resize(static_cast<size_t>(kQB * D));
     sbuf.resize(static_cast<size_t>(kQB * nk));
     float* qm = qbuf.data();
     float* sm = sbuf.data();
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * D, q + ((b * T + i0 + r) * d.H + h) * D, D * 4);
-    const float* ktb = kt + (b * d.KV + g) * kpanels * D * kNB;
-    const float* vpb = vp + (b * d.KV + g) * dpanels * T * kNB;
+    if constexpr (kPairs) {
+      pbuf.resize(static_cast<size_t>(kMR * nk / 2));
+      auto* qq = reinterpret_cast<uint32_t*>(qm);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* qr = q + ((b * T + i0 + r) * d.H + h) * D;
+        for (int64_t c = 0; c < KD; ++c) qq[r * KD + c] = bf16_hi(qr[2 * c]) | (bf16_hi(qr[2 * c + 1]) << 16);
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * D, q + ((b * T + i0 + r) * d.H + h) * D, D * 4);
+    }
+    const float* ktb = kt + (b * d.KV + g) * kpanels * KD * kNB;
+    const float* vpb = vp + (b * d.KV + g) * dpanels * TV * kNB;
     // Tiles of kMR query rows; each meets only the keys up to its own last row (the causal bound), so the
     // diagonal blocks compute no more than a tile's triangle beyond the useful products.
     for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
@@ -958,7 +1008,13 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
       float* st = sm + r0 * nk;
       for (int64_t pj = p0; (pj - p0) * kNB < nt; ++pj) {
         const int width = static_cast<int>(std::min<int64_t>(kNB, nt - (pj - p0) * kNB));
-        gemm_rows<kMR>(qm + r0 * D, D, tr, D, ktb + pj * D * kNB, nullptr, st + (pj - p0) * kNB, nk, width);
+        if constexpr (kPairs) {
+          gemm_rows<kMR>(reinterpret_cast<const uint32_t*>(qm) + r0 * KD, KD, tr, KD,
+                         reinterpret_cast<const uint32_t*>(ktb) + pj * KD * kNB, nullptr, st + (pj - p0) * kNB,
+                         nk, width);
+        } else {
+          gemm_rows<kMR>(qm + r0 * D, D, tr, D, ktb + pj * D * kNB, nullptr, st + (pj - p0) * kNB, nk, width);
+        }
       }
       float inv[kMR];
       for (int64_t r = 0; r < tr; ++r) {
@@ -980,9 +1036,25 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
         inv[r] = softmax_row(srow, nt, first - j0, i + 1 - j0);
       }
       float* ot = out + ((b * T + i0 + r0) * d.H + h) * D;
-      for (int64_t c = 0; c < dpanels; ++c) {
-        const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
-        gemm_rows<kMR>(st, nk, tr, nt, vpb + (c * T + j0) * kNB, nullptr, ot + c * kNB, d.H * D, width);
+      if constexpr (kPairs) {
+        const int64_t np = (nt + 1) / 2;  // key pairs; an odd count's last pair ends in a zero probability
+        uint32_t* pq = pbuf.data();
+        for (int64_t r = 0; r < tr; ++r) {
+          float* srow = st + r * nk;
+          if (nt % 2) srow[nt] = 0.0f;  // nk is a multiple of 64: the slot exists
+          probs_to_pairs(srow, 2 * np, pq + r * (nk / 2));
+        }
+        for (int64_t c = 0; c < dpanels; ++c) {
+          const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
+          gemm_rows<kMR>(static_cast<const uint32_t*>(pq), nk / 2, tr, np,
+                         reinterpret_cast<const uint32_t*>(vpb) + (c * TV + j0 / 2) * kNB, nullptr,
+                         ot + c * kNB, d.H * D, width);
+        }
+      } else {
+        for (int64_t c = 0; c < dpanels; ++c) {
+          const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
+          gemm_rows<kMR>(st, nk, tr, nt, vpb + (c * T + j0) * kNB, nullptr, ot + c * kNB, d.H * D, width);
+        }
       }
       for (int64_t r = 0; r < tr; ++r) {
         float* orow = ot + r * d.H * D;
@@ -995,7 +1067,7 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> window,
-                     ffi::ResultBuffer<ffi::F32> out, float cap) {
+                     ffi::ResultBuffer<ffi::F32> out, float cap, bool bf16) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] ||
       qd[2] % kd[2] != 0 || lengths.element_count() != static_cast<size_t>(qd[0])) {
@@ -1003,8 +1075,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   }
   AttnDims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
   const int64_t w = std::max<int64_t>(1, window.typed_data()[0]);
-  prefill_attention(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
-                    out->typed_data(), d, &pool);
+#ifdef GEMMAX_BF16DOT
+  if (bf16 && d.D % 2 == 0) {
+    prefill_attention<true>(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
+                            out->typed_data(), d, &pool);
+    return ffi::Error::Success();
+  }
+#endif
+  prefill_attention<false>(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
+                           out->typed_data(), d, &pool);
   return ffi::Error::Success();
 }
 
@@ -1345,7 +1424,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("cap"));
+                                  .Attr<float>("cap")
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

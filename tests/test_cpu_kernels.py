@@ -113,6 +113,13 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
                 assert got.shape == want.shape
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                            atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+                # bfloat16 out (the bfloat16 model's linears): each finished tile rounded to nearest even in
+                # the kernel, bit for bit XLA's convert of the float32 result
+                got16 = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s,
+                                                                  out_dtype=jnp.bfloat16))(x, w, scale,
+                                                                                           jnp.int32(layer))
+                np.testing.assert_array_equal(np.asarray(got16, np.float32),
+                                              np.asarray(got.astype(jnp.bfloat16), np.float32), err_msg=f"{eq}")
 
 
 @pytest.mark.parametrize("norm,offset,rot,mult,dtype", [
@@ -350,6 +357,12 @@ def test_bfloat16_activations(rows: int) -> None:
             want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                        atol=1e-5 * float(jnp.abs(want).max()))
+            # a bfloat16 result is the kernel's float32 one rounded to nearest even, as XLA's convert
+            got16 = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, jnp.int32(1)),
+                                                        out_dtype=jnp.bfloat16))(x, w)
+            assert got16.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(got16, np.float32),
+                                          np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
 def test_take_rows_copies_bytes() -> None:

@@ -194,8 +194,14 @@ def supports(eq: str, x: jax.Array, w: Any) -> bool:
     return rows <= MAX_ROWS or (getattr(_active, "gemm", False) and not plan[0])
 
 
-def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.Array:
-    """``einsum(eq, x, w) * scale`` in float32 by the native kernel; ``w`` a plain array or StackedKernel."""
+def _io(x: jax.Array) -> jax.Array:
+    """A kernel operand: bfloat16 as it is (the kernels read it), anything else as float32."""
+    return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+
+
+def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtype: Any = jnp.float32) -> jax.Array:
+    """``einsum(eq, x, w) * scale`` by the native kernel, float32 sums; ``w`` a plain array or StackedKernel.
+    ``out_dtype`` float32 or bfloat16 (rounded by the kernel, as XLA's convert of the float32 result)."""
     if isinstance(w, StackedKernel):
         stacked, index = w.stacked, jnp.asarray(w.index, jnp.int32).reshape(1)
     else:
@@ -206,10 +212,9 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None) -> jax.A
     rows = x.size // k
     has_scale = scale is not None
     s = scale.astype(jnp.float32).reshape(-1) if has_scale else jnp.zeros((1,), jnp.float32)
-    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, p * n), jnp.float32))(
-        x.astype(jnp.float32).reshape(rows, k), stacked, s, index,
-        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n),
-        x_bf16=x.dtype == jnp.bfloat16)
+    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, p * n), out_dtype))(
+        _io(x).reshape(rows, k), stacked, s, index,
+        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n))
     tail = _out_tail(eq, tuple(w.shape))
     n_contracted = len(w.shape) - len(tail)  # x's trailing axes (checked by _plan)
     return y.reshape(*x.shape[: x.ndim - n_contracted], *tail)
@@ -231,8 +236,9 @@ def norm_rope(x: jax.Array, scale: jax.Array | None, eps: float, offset: float, 
     b, t, h, d = x.shape
     sin, cos = (jnp.broadcast_to(a, (b, t, a.shape[-1])).astype(jnp.float32) for a in sincos)
     w = scale.astype(jnp.float32).reshape(-1) if scale is not None else jnp.zeros((1,), jnp.float32)
-    return jax.ffi.ffi_call(_NORM_ROPE, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-        x.astype(jnp.float32), w, sin, cos, heads=np.int64(h), dim=np.int64(d), has_norm=scale is not None,
+    xin = _io(x)
+    return jax.ffi.ffi_call(_NORM_ROPE, jax.ShapeDtypeStruct(x.shape, xin.dtype))(
+        xin, w, sin, cos, heads=np.int64(h), dim=np.int64(d), has_norm=scale is not None,
         eps=np.float32(eps), offset=np.float32(offset), mult=np.float32(1.0 if mult is None else mult)
     ).astype(x.dtype)
 
@@ -264,11 +270,12 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
     [H, T, T] score tensor is formed. bfloat16 q, k and v on a CPU with AVX512-BF16: both products in
     bfloat16 with float32 sums, the probabilities rounded to bfloat16 for the product with v (as torch's
     bfloat16 attention), softmax in float32."""
-    bf16 = q.dtype == k.dtype == v.dtype == jnp.bfloat16  # values exact in bfloat16: vdpbf16ps where present
-    out = jax.ffi.ffi_call(_ATTN, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lengths.astype(jnp.int32),
-        jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0), bf16=bool(bf16))
-    return out.astype(v.dtype)
+    dtype = v.dtype
+    if not q.dtype == k.dtype == v.dtype == jnp.bfloat16:
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    out = jax.ffi.ffi_call(_ATTN, jax.ShapeDtypeStruct(q.shape, v.dtype))(
+        q, k, v, lengths.astype(jnp.int32), jnp.asarray(window, jnp.int32).reshape(1), cap=np.float32(cap or 0.0))
+    return out.astype(dtype)
 
 
 def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

@@ -99,6 +99,17 @@ def _layer_slots(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---- prefill ----------------------------------------------------------------------------------------
 
 
+def _as_bits(a: Array) -> Array:
+    """A 16-bit float array as uint16 for a scan's stacked output: XLA:CPU updates a bfloat16 stack by
+    converting all of it to float32 and back on every iteration (a 512-token Gemma 3 270M bfloat16 prefill:
+    2 x 4.4 MB a layer, 5 ms), an integer one in place. Free: a bitcast."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype in (jnp.bfloat16, jnp.float16) else a
+
+
+def _from_bits(a: Array, dtype: Any) -> Array:
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
+
+
 def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
             kernels: bool = False) -> tuple[Array, dict]:
     """Run prompts [b, T] (right-padded, true lengths [b]) -> (last-token logits [b, V], per-row caches).
@@ -156,12 +167,13 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
 
     def body(x, i):
         x, k, v = layer(i, x)
-        return x, (k, v)
+        return x, (_as_bits(k), _as_bits(v))
 
     # every layer but the last over all positions; the last one needs keys and values everywhere but its
     # output only at each prompt's last position (decoder_layer's q_rows)
     x, (ks, vs) = jax.lax.scan(body, x, jnp.arange(n_layers - 1))  # ks: [L-1, b, T, K, hd]
     last, k_last, v_last = layer(jnp.asarray(n_layers - 1), x, q_rows=last_pos)
+    ks, vs = _from_bits(ks, k_last.dtype), _from_bits(vs, v_last.dtype)
     ks = jnp.concatenate([ks, k_last[None].astype(ks.dtype)])
     vs = jnp.concatenate([vs, v_last[None].astype(vs.dtype)])
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)

@@ -166,6 +166,8 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
     w = node["kernel"]
     dt = dot_dtype(x.dtype)
     if cpu_kernels.supports(eq, x, w):  # decode on CPU: the native GEMV (see gemmax.cpu_kernels)
+        if x.dtype == jnp.bfloat16 and "lora_a" not in node:  # rounded by the kernel, as below
+            return cpu_kernels.gemv(eq, x, w, node.get("scale"), out_dtype=x.dtype)
         y = cpu_kernels.gemv(eq, x, w, node.get("scale")).astype(dt)
     else:
         y = einsum(eq, x, cpu_kernels.unstack(w), dt)

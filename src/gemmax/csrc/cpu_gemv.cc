@@ -248,11 +248,38 @@ void in_minor(const float* x, const T* w, float* y, const float* scale, int64_t 
 
 
 // AVX512-BF16: the bfloat16 prefill GEMM's row-pair tile (gemm_tile_bf16, below).
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define GEMMAX_BF16DOT 1
 
 #endif
+
+// float32 -> bfloat16 bits, round to nearest even (as XLA's convert), NaN kept a NaN.
+inline uint16_t bf16_round(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// bfloat16 in and out of the kernels (a bfloat16 model's prefill): the kernels read bfloat16 activations and
+// write bfloat16 results themselves, where XLA had converted each GEMM's, norm's and attention's input to
+// float32 and its float32 output back, one pass over memory each (Gemma 3 270M bfloat16 prefill of 512
+// tokens: ~12 ms of ~315).
+inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t j = 0;
+#ifdef GEMMAX_BF16DOT
+  for (; j + 16 <= n; j += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = bf16_round(src[j]);
+}
+
+inline void from_bf16(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_f32(src[j]);
+}
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -557,9 +584,12 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
 // W[2kp+1, n] for 16 columns: twice the products of a float32 FMA per instruction. The products are exact
 // (bfloat16 x bfloat16 fits a float32) and accumulate in float32, so this differs from the float32 tile on
 // the converted weights only in summation order. 6 rows x 4 zmm, the whole 64-column panel per k pair.
+// yh (a bfloat16 result, last K block): the sums are rounded to bfloat16 from the registers and y is not
+// written; rounding a tile after storing it to y cost 4% of the GEMM (a masked store does not forward to
+// the load that follows it).
 template <int MR>
 inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const uint32_t* panel, const float* scale,
-                           float* y, int64_t ldy, int width, bool accumulate) {
+                           float* y, int64_t ldy, int width, bool accumulate, uint16_t* yh, int64_t ldyh) {
   __mmask16 mask[4];
   for (int v = 0; v < 4; ++v) {
     const int n = std::clamp(width - 16 * v, 0, 16);
@@ -589,7 +619,11 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
     for (int v = 0; v < 4; ++v) {
       __m512 o = acc[r][v];
       if (scale) o = _mm512_mul_ps(o, _mm512_loadu_ps(scale + 16 * v));
-      _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask[v], o);
+      if (yh) {
+        _mm256_mask_storeu_epi16(yh + r * ldyh + 16 * v, mask[v], (__m256i)_mm512_cvtneps_pbh(o));
+      } else {
+        _mm512_mask_storeu_ps(y + r * ldy + 16 * v, mask[v], o);
+      }
     }
   }
 }
@@ -598,14 +632,17 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
 
 // y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
 // X = uint32_t: bfloat16 row pairs for gemm_tile_bf16 (K and ldx counted in pairs).
+// yh (pair tiles only): the result rounded to bfloat16 instead of y, row stride ldyh.
 template <int MR, typename X, typename Pan>
 void gemm_rows(const X* x, int64_t ldx, int64_t rows, int64_t K, const Pan* panel, const float* scale,
-               float* y, int64_t ldy, int width, bool accumulate = false) {
+               float* y, int64_t ldy, int width, bool accumulate = false, uint16_t* yh = nullptr,
+               int64_t ldyh = 0) {
   int64_t m = 0;
   for (; m + MR <= rows; m += MR) {
 #ifdef GEMMAX_BF16DOT
     if constexpr (std::is_same_v<X, uint32_t>) {
-      gemm_tile_bf16<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+      gemm_tile_bf16<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate,
+                         yh ? yh + m * ldyh : nullptr, ldyh);
       continue;
     }
 #endif
@@ -615,7 +652,8 @@ void gemm_rows(const X* x, int64_t ldx, int64_t rows, int64_t K, const Pan* pane
   }
   if constexpr (MR > 1) {
     if (m < rows) {
-      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate,
+                        yh ? yh + m * ldyh : nullptr, ldyh);
     }
   }
 }
@@ -649,27 +687,26 @@ struct BlockPrefetch {
 //
 // kPairs (bfloat16 weights and activations on AVX512-BF16): x is first packed into bfloat16 pairs and each
 // panel holds row pairs for gemm_tile_bf16; K blocks then start on even rows.
+//
+// xh (kPairs): x as bfloat16 [B, K]; with K even its rows already are the pairs. yh: y is then float32
+// scratch and each finished tile is also rounded to bfloat16 into yh, while it is still in L1.
 template <typename T, bool kPairs = false>
-void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t P, int64_t K,
-                   int64_t N, ffi::ThreadPool* pool) {
+void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uint16_t* yh, const float* scale,
+                   int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool) {
   const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
   const int64_t KP = (K + 1) / 2;  // x's row length in pairs (kPairs)
   static thread_local std::vector<uint32_t> xq_buf;
-  if constexpr (kPairs) {  // xq[b, kp] = (x[b, 2kp], x[b, 2kp + 1]) as bfloat16 bits; x holds bfloat16 values
-    xq_buf.resize(static_cast<size_t>(B * KP));
-    uint32_t* xq = xq_buf.data();
-    constexpr int64_t kPackRows = 64;
-    parallel_for(pool, (B + kPackRows - 1) / kPackRows, [=](int64_t task) {
-      for (int64_t b = task * kPackRows; b < std::min(B, (task + 1) * kPackRows); ++b) {
-        const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + b * K);
-        uint32_t* dst = xq + b * KP;
-#pragma omp simd
-        for (int64_t kp = 0; kp < K / 2; ++kp) dst[kp] = (xr[2 * kp] >> 16) | (xr[2 * kp + 1] & 0xFFFF0000u);
-        if (K % 2) dst[KP - 1] = xr[K - 1] >> 16;
-      }
-    });
+  const uint32_t* xq = nullptr;
+  if constexpr (kPairs) {  // xq[b, kp] = (x[b, 2kp], x[b, 2kp + 1]) as bfloat16 bits
+    if (K % 2 == 0) {
+      xq = reinterpret_cast<const uint32_t*>(xh);
+    } else {
+      xq_buf.assign(static_cast<size_t>(B * KP), 0u);
+      uint32_t* dst = xq_buf.data();
+      for (int64_t b = 0; b < B; ++b) std::memcpy(dst + b * KP, xh + b * K, static_cast<size_t>(K) * 2);
+      xq = dst;  // thread_local names resolve per thread: the workers get the pointer
+    }
   }
-  const uint32_t* xq = xq_buf.data();  // thread_local names resolve per thread: the workers get the pointer
   const int64_t panels = (N + kNB - 1) / kNB;
   int64_t chunk = B;
   while (P * panels * ((B + chunk - 1) / chunk) < 4 * threads && chunk > 8 * kMR) {
@@ -753,16 +790,23 @@ void gemm_in_major(const float* x, const T* w, float* y, const float* scale, int
         const int64_t tiles = (r1 - r0 + kMR - 1) / kMR;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
+          auto round_tile = [&] {  // the float32 tile's bfloat16 result (the pair tile rounds its own)
+            if (!kPairs && yh && last) {
+              for (int64_t r = m; r < m + rows; ++r) to_bf16(yb + r * P * N, yh + r * P * N + p * N + n0, width);
+            }
+          };
           if constexpr (kPairs) {
 #ifdef GEMMAX_BF16DOT
             gemm_rows<kMR>(xq + m * KP + k0 / 2, KP, rows, (kc + 1) / 2, reinterpret_cast<const uint32_t*>(panel), s,
-                           yb + m * P * N, P * N, width, k0 > 0);
+                           yb + m * P * N, P * N, width, k0 > 0, yh && last ? yh + m * P * N + p * N + n0 : nullptr,
+                           P * N);
 #endif
           } else if (rows == kMR) {
             gemm_tile<kMR>(x + m * K + k0, K, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
           } else {
             gemm_rows<kMR - 1>(x + m * K + k0, K, rows, kc, panel, s, yb + m * P * N, P * N, width, k0 > 0);
           }
+          round_tile();
           pf.upto(pf.rows * (t + 1) / tiles);
         }
       }
@@ -912,37 +956,15 @@ inline float softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
   return 1.0f / sum;
 }
 
-// bfloat16 bits of a float32 that holds a bfloat16 value exactly (its top half)
-inline uint32_t bf16_hi(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u >> 16;
-}
-
-// Probabilities [0, n) of one score row rounded to bfloat16 (nearest, ties to even), n even, as n / 2 pairs.
-inline void probs_to_pairs(const float* s, int64_t n, uint32_t* dst) {
-  auto* d16 = reinterpret_cast<uint16_t*>(dst);
-  int64_t j = 0;
-#ifdef GEMMAX_BF16DOT
-  for (; j + 16 <= n; j += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
-  }
-#endif
-  for (; j < n; ++j) {  // finite, non-negative: no NaN case
-    uint32_t u;
-    std::memcpy(&u, s + j, 4);
-    d16[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
 // kPairs (bfloat16 q, k and v on AVX512-BF16, even head dim): both products take the row-pair tile
 // (gemm_tile_bf16). Q K^T is then exact products in float32 sums, as the float32 path on the same values;
 // the probabilities are rounded to bfloat16 for P V (what torch's bfloat16 flash attention does too) while
 // the softmax, its sum and the output stay float32. K^T panels hold head-dim pairs [D/2, 64], V panels key
 // pairs [T/2, 64]: key blocks start at multiples of 64, so a block's pairs never straddle two panels.
-template <bool kPairs>
-void prefill_attention(const float* q, const float* k, const float* v, const int32_t* lengths, int64_t window,
-                       float cap, float* out, AttnDims d, ffi::ThreadPool* pool) {
+// In = uint16_t (bfloat16 q/k/v) for kPairs, float otherwise; out: float32, or (out16) rounded to bfloat16.
+template <bool kPairs, typename In = std::conditional_t<kPairs, uint16_t, float>>
+void prefill_attention(const In* q, const In* k, const In* v, const int32_t* lengths, int64_t window,
+                       float cap, float* out, uint16_t* out16, AttnDims d, ffi::ThreadPool* pool) {
   const int64_t T = d.T, D = d.D, group = d.H / d.KV;
   const int64_t kpanels = (T + kNB - 1) / kNB, dpanels = (D + kNB - 1) / kNB;
   // float32: K^T [B, KV, kpanels, D, 64] and V [B, KV, dpanels, T, 64]; pairs: K^T [.., kpanels, D/2, 64]
@@ -958,16 +980,15 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
     float* ktb = kt + bg * kpanels * KD * kNB;
     float* vpb = vp + bg * dpanels * TV * kNB;
     for (int64_t t = t0; t < std::min(T, t0 + kNB); ++t) {
-      const float* kr = k + ((b * T + t) * d.KV + g) * D;
-      const float* vr = v + ((b * T + t) * d.KV + g) * D;
+      const In* kr = k + ((b * T + t) * d.KV + g) * D;
+      const In* vr = v + ((b * T + t) * d.KV + g) * D;
       float* kd = ktb + (t / kNB) * KD * kNB + t % kNB;
       if constexpr (kPairs) {
         auto* kq = reinterpret_cast<uint32_t*>(kd);
-        for (int64_t c = 0; c < KD; ++c) kq[c * kNB] = bf16_hi(kr[2 * c]) | (bf16_hi(kr[2 * c + 1]) << 16);
+        const auto* kr2 = reinterpret_cast<const uint32_t*>(kr);  // D even: the row is D / 2 pairs
+        for (int64_t c = 0; c < KD; ++c) kq[c * kNB] = kr2[c];
         auto* v16 = reinterpret_cast<uint16_t*>(vpb);
-        for (int64_t c = 0; c < D; ++c) {
-          v16[(((c / kNB) * TV + t / 2) * kNB + c % kNB) * 2 + t % 2] = static_cast<uint16_t>(bf16_hi(vr[c]));
-        }
+        for (int64_t c = 0; c < D; ++c) v16[(((c / kNB) * TV + t / 2) * kNB + c % kNB) * 2 + t % 2] = vr[c];
       } else {
         for (int64_t c = 0; c < D; ++c) kd[c * kNB] = kr[c];
         for (int64_t c = 0; c < D; ++c) vpb[((c / kNB) * T + t) * kNB + c % kNB] = vr[c];
@@ -982,19 +1003,16 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
     const int64_t i0 = qb * kQB, i1 = std::min(T, i0 + kQB), rows = i1 - i0;
     const int64_t lo = std::max<int64_t>(0, i0 - window + 1);  // the first key any row here may see
     const int64_t p0 = lo / kNB, p1 = (i1 + kNB - 1) / kNB, j0 = p0 * kNB, nk = (p1 - p0) * kNB;
-    static thread_local std::vector<float> qbuf, sbuf;
+    static thread_local std::vector<float> qbuf, sbuf, obuf;
     static thread_local std::vector<uint32_t> pbuf;
     qbuf.resize(static_cast<size_t>(kQB * D));
     sbuf.resize(static_cast<size_t>(kQB * nk));
+    if (out16) obuf.resize(static_cast<size_t>(kMR * D));
     float* qm = qbuf.data();
     float* sm = sbuf.data();
     if constexpr (kPairs) {
       pbuf.resize(static_cast<size_t>(kMR * nk / 2));
-      auto* qq = reinterpret_cast<uint32_t*>(qm);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* qr = q + ((b * T + i0 + r) * d.H + h) * D;
-        for (int64_t c = 0; c < KD; ++c) qq[r * KD + c] = bf16_hi(qr[2 * c]) | (bf16_hi(qr[2 * c + 1]) << 16);
-      }
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * KD, q + ((b * T + i0 + r) * d.H + h) * D, D * 2);
     } else {
       for (int64_t r = 0; r < rows; ++r) std::memcpy(qm + r * D, q + ((b * T + i0 + r) * d.H + h) * D, D * 4);
     }
@@ -1035,55 +1053,77 @@ void prefill_attention(const float* q, const float* k, const float* v, const int
         const int64_t first = std::max<int64_t>(i < len ? 0 : len, i - window + 1);
         inv[r] = softmax_row(srow, nt, first - j0, i + 1 - j0);
       }
-      float* ot = out + ((b * T + i0 + r0) * d.H + h) * D;
+      // the output tile: in place, or float32 scratch rounded to bfloat16 at the end
+      float* ot = out16 ? obuf.data() : out + ((b * T + i0 + r0) * d.H + h) * D;
+      const int64_t ldo = out16 ? D : d.H * D;
       if constexpr (kPairs) {
         const int64_t np = (nt + 1) / 2;  // key pairs; an odd count's last pair ends in a zero probability
         uint32_t* pq = pbuf.data();
         for (int64_t r = 0; r < tr; ++r) {
           float* srow = st + r * nk;
           if (nt % 2) srow[nt] = 0.0f;  // nk is a multiple of 64: the slot exists
-          probs_to_pairs(srow, 2 * np, pq + r * (nk / 2));
+          to_bf16(srow, reinterpret_cast<uint16_t*>(pq + r * (nk / 2)), 2 * np);
         }
         for (int64_t c = 0; c < dpanels; ++c) {
           const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
           gemm_rows<kMR>(static_cast<const uint32_t*>(pq), nk / 2, tr, np,
                          reinterpret_cast<const uint32_t*>(vpb) + (c * TV + j0 / 2) * kNB, nullptr,
-                         ot + c * kNB, d.H * D, width);
+                         ot + c * kNB, ldo, width);
         }
       } else {
         for (int64_t c = 0; c < dpanels; ++c) {
           const int width = static_cast<int>(std::min<int64_t>(kNB, D - c * kNB));
-          gemm_rows<kMR>(st, nk, tr, nt, vpb + (c * T + j0) * kNB, nullptr, ot + c * kNB, d.H * D, width);
+          gemm_rows<kMR>(st, nk, tr, nt, vpb + (c * T + j0) * kNB, nullptr, ot + c * kNB, ldo, width);
         }
       }
       for (int64_t r = 0; r < tr; ++r) {
-        float* orow = ot + r * d.H * D;
+        float* orow = ot + r * ldo;
 #pragma omp simd
         for (int64_t c = 0; c < D; ++c) orow[c] *= inv[r];
+        if (out16) to_bf16(orow, out16 + ((b * T + i0 + r0 + r) * d.H + h) * D, D);
       }
     }
   });
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> window,
-                     ffi::ResultBuffer<ffi::F32> out, float cap, bool bf16) {
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> window, ffi::Result<ffi::AnyBuffer> out,
+                     float cap) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] ||
-      qd[2] % kd[2] != 0 || lengths.element_count() != static_cast<size_t>(qd[0])) {
+      qd[2] % kd[2] != 0 || lengths.element_count() != static_cast<size_t>(qd[0]) ||
+      v.element_count() != k.element_count()) {
     return ffi::Error::InvalidArgument("gemmax attention: expected q [B,T,H,D], k/v [B,T,KV,D], lengths [B]");
+  }
+  const auto t = q.element_type();
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::BF16) || k.element_type() != t || v.element_type() != t ||
+      (out->element_type() != ffi::DataType::F32 && out->element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("gemmax attention: q, k, v both float32 or bfloat16; out float32 or bfloat16");
   }
   AttnDims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
   const int64_t w = std::max<int64_t>(1, window.typed_data()[0]);
+  const bool o16 = out->element_type() == ffi::DataType::BF16;
+  float* of = o16 ? nullptr : static_cast<float*>(out->untyped_data());
+  uint16_t* oh = o16 ? static_cast<uint16_t*>(out->untyped_data()) : nullptr;
+  if (t == ffi::DataType::BF16) {
+    const auto *qh = static_cast<const uint16_t*>(q.untyped_data()), *kh = static_cast<const uint16_t*>(k.untyped_data()),
+               *vh = static_cast<const uint16_t*>(v.untyped_data());
 #ifdef GEMMAX_BF16DOT
-  if (bf16 && d.D % 2 == 0) {
-    prefill_attention<true>(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
-                            out->typed_data(), d, &pool);
+    if (d.D % 2 == 0) {
+      prefill_attention<true>(qh, kh, vh, lengths.typed_data(), w, cap, of, oh, d, &pool);
+      return ffi::Error::Success();
+    }
+#endif
+    std::vector<float> qf(q.element_count()), kf(k.element_count()), vf(v.element_count());
+    from_bf16(qh, qf.data(), static_cast<int64_t>(qf.size()));
+    from_bf16(kh, kf.data(), static_cast<int64_t>(kf.size()));
+    from_bf16(vh, vf.data(), static_cast<int64_t>(vf.size()));
+    prefill_attention<false>(qf.data(), kf.data(), vf.data(), lengths.typed_data(), w, cap, of, oh, d, &pool);
     return ffi::Error::Success();
   }
-#endif
-  prefill_attention<false>(q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(), w, cap,
-                           out->typed_data(), d, &pool);
+  prefill_attention<false>(static_cast<const float*>(q.untyped_data()), static_cast<const float*>(k.untyped_data()),
+                           static_cast<const float*>(v.untyped_data()), lengths.typed_data(), w, cap, of, oh, d,
+                           &pool);
   return ffi::Error::Success();
 }
 
@@ -1204,21 +1244,39 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 }
 
 template <typename T>
-void dispatch(const float* x, const void* w_all, float* y, const float* scale, int64_t layer, bool in_minor_,
-              int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool, bool x_bf16) {
+void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool in_minor_, int64_t B, int64_t P,
+                  int64_t K, int64_t N, ffi::ThreadPool* pool);
+
+// x: float32 or (xh) bfloat16; y: float32, or float32 scratch plus (yh) its bfloat16 rounding.
+template <typename T>
+void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, uint16_t* yh, const float* scale,
+              int64_t layer, bool in_minor_, int64_t B, int64_t P, int64_t K, int64_t N, ffi::ThreadPool* pool) {
   const T* w = static_cast<const T*>(w_all) + layer * P * K * N;
-  if (!in_minor_ && B >= kSkinnyRows) {
 #ifdef GEMMAX_BF16DOT
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (x_bf16) {
-        gemm_in_major<T, true>(x, w, y, scale, B, P, K, N, pool);
-        return;
-      }
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (xh && !in_minor_ && B >= kSkinnyRows) {
+      gemm_in_major<T, true>(nullptr, xh, w, y, yh, scale, B, P, K, N, pool);
+      return;
     }
+  }
 #endif
-    gemm_in_major<T>(x, w, y, scale, B, P, K, N, pool);
+  static thread_local std::vector<float> xs;
+  if (xh) {
+    xs.resize(static_cast<size_t>(B * K));
+    from_bf16(xh, xs.data(), B * K);
+    x = xs.data();
+  }
+  if (!in_minor_ && B >= kSkinnyRows) {
+    gemm_in_major<T>(x, nullptr, w, y, yh, scale, B, P, K, N, pool);
     return;
   }
+  dispatch_f32<T>(x, w, y, scale, in_minor_, B, P, K, N, pool);
+  if (yh) to_bf16(y, yh, B * P * N);
+}
+
+template <typename T>
+void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool in_minor_, int64_t B, int64_t P,
+                  int64_t K, int64_t N, ffi::ThreadPool* pool) {
   // the head's skinny GEMM puts the rows of x in the tile's vector lanes: a sub-tile is kVL * kNV columns
   // (16 with AVX2, 64 with AVX-512), so it waits until at most half of them would multiply padding
   if (in_minor_ && B >= kSkinnyRows && 2 * B >= kVL * kNV && B <= kNB) {
@@ -1264,13 +1322,24 @@ void dispatch(const float* x, const void* w_all, float* y, const float* scale, i
   }
 }
 
-ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool in_minor_, bool has_scale,
-                int64_t p, int64_t k, int64_t n, bool x_bf16) {
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> y, bool in_minor_, bool has_scale,
+                int64_t p, int64_t k, int64_t n) {
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
   if (rows * k != static_cast<int64_t>(x.element_count())) {
     return ffi::Error::InvalidArgument("gemmax gemv: x size is not a multiple of K");
   }
+  const auto xt = x.element_type(), yt = y->element_type();
+  if ((xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
+      (yt != ffi::DataType::F32 && yt != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("gemmax gemv: x and y must be float32 or bfloat16");
+  }
+  const float* xf = xt == ffi::DataType::F32 ? static_cast<const float*>(x.untyped_data()) : nullptr;
+  const uint16_t* xh = xf ? nullptr : static_cast<const uint16_t*>(x.untyped_data());
+  static thread_local std::vector<float> ys;
+  uint16_t* yh = yt == ffi::DataType::BF16 ? static_cast<uint16_t*>(y->untyped_data()) : nullptr;
+  if (yh) ys.resize(static_cast<size_t>(rows * p * n));
+  float* yf = yh ? ys.data() : static_cast<float*>(y->untyped_data());
   const int64_t per_layer = p * k * n;
   const int64_t n_layers = static_cast<int64_t>(w.element_count()) / per_layer;
   const int64_t l = layer.typed_data()[0];
@@ -1278,20 +1347,16 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const float* s = has_scale ? scale.typed_data() : nullptr;
   switch (w.element_type()) {
     case ffi::DataType::S8:
-      dispatch<int8_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool,
-                       x_bf16);
+      dispatch<int8_t>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool);
       break;
     case ffi::DataType::BF16:
-      dispatch<uint16_t>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
-                         &pool, x_bf16);
+      dispatch<uint16_t>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool);
       break;
     case ffi::DataType::F16:
-      dispatch<_Float16>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n,
-                         &pool, x_bf16);
+      dispatch<_Float16>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool);
       break;
     case ffi::DataType::F32:
-      dispatch<float>(x.typed_data(), w.untyped_data(), y->typed_data(), s, l, in_minor_, rows, p, k, n, &pool,
-                      x_bf16);
+      dispatch<float>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool);
       break;
     default:
       return ffi::Error::InvalidArgument("gemmax gemv: weights must be int8, bfloat16, float16 or float32");
@@ -1307,17 +1372,21 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // 270M float32 prefill of 512 tokens, profiled both ways in one process: XLA's element-wise time 62 -> 32
 // ms, this pass 6 ms (q 4.4, k 1.3). Float32, in the order of layers.rms_norm and layers.apply_rope:
 // (x * 1/sqrt(mean(x^2) + eps)) * (offset + w), then x1 cos - x2 sin | x2 cos + x1 sin.
-void norm_rope(const float* x, const float* w, const float* sin, const float* cos, float* y, int64_t R,
-               int64_t H, int64_t D, int64_t rh, bool has_norm, float eps, float offset, float mult,
-               ffi::ThreadPool* pool) {
+// bfloat16 x (xh) and y (yh): each row converted on the way in and rounded once on the way out.
+void norm_rope(const float* x, const uint16_t* xh, const float* w, const float* sin, const float* cos, float* y,
+               uint16_t* yh, int64_t R, int64_t H, int64_t D, int64_t rh, bool has_norm, float eps, float offset,
+               float mult, ffi::ThreadPool* pool) {
   constexpr int64_t kRows = 64;  // head rows per task
   const int64_t rows = R * H;
   parallel_for(pool, (rows + kRows - 1) / kRows, [=](int64_t task) {
-    static thread_local std::vector<float> normed;
+    static thread_local std::vector<float> normed, xin, yout;
     normed.resize(static_cast<size_t>(D));
+    xin.resize(static_cast<size_t>(D));
+    yout.resize(static_cast<size_t>(D));
     for (int64_t i = task * kRows; i < std::min(rows, (task + 1) * kRows); ++i) {
-      const float* xr = x + i * D;
-      float* yr = y + i * D;
+      const float* xr = x ? x + i * D : xin.data();
+      if (!x) from_bf16(xh + i * D, xin.data(), D);
+      float* yr = yh ? yout.data() : y + i * D;
       const int64_t r = i / H;
       const float* t = xr;  // the row the rotation reads: x itself, or its normalised copy
       if (has_norm) {
@@ -1338,14 +1407,20 @@ void norm_rope(const float* x, const float* w, const float* sin, const float* co
         yr[c + rh] = (t[c + rh] * cr[c] + t[c] * sr[c]) * mult;
       }
       for (int64_t c = 2 * rh; c < D; ++c) yr[c] = t[c] * mult;
+      if (yh) to_bf16(yr, yh + i * D, D);
     }
   });
 }
 
-ffi::Error NormRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos, ffi::ResultBuffer<ffi::F32> y,
-                    int64_t heads, int64_t dim, bool has_norm, float eps, float offset, float mult) {
+ffi::Error NormRope(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> sin,
+                    ffi::Buffer<ffi::F32> cos, ffi::Result<ffi::AnyBuffer> y, int64_t heads, int64_t dim,
+                    bool has_norm, float eps, float offset, float mult) {
   const int64_t total = static_cast<int64_t>(x.element_count());
+  const auto xt = x.element_type();
+  if ((xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) || y->element_type() != xt) {
+    return ffi::Error::InvalidArgument("gemmax norm_rope: x and y must both be float32 or bfloat16");
+  }
+  const bool h16 = xt == ffi::DataType::BF16;
   if (heads <= 0 || dim <= 0 || total % (heads * dim) != 0) {
     return ffi::Error::InvalidArgument("gemmax norm_rope: x is not [rows, heads, dim]");
   }
@@ -1355,8 +1430,11 @@ ffi::Error NormRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       (has_norm && static_cast<int64_t>(w.element_count()) != dim)) {
     return ffi::Error::InvalidArgument("gemmax norm_rope: sin/cos must be [rows, <= dim/2], scale [dim]");
   }
-  norm_rope(x.typed_data(), w.typed_data(), sin.typed_data(), cos.typed_data(), y->typed_data(), R, heads, dim,
-            tab / R, has_norm, eps, offset, mult, &pool);
+  norm_rope(h16 ? nullptr : static_cast<const float*>(x.untyped_data()),
+            h16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr, w.typed_data(), sin.typed_data(),
+            cos.typed_data(), h16 ? nullptr : static_cast<float*>(y->untyped_data()),
+            h16 ? static_cast<uint16_t*>(y->untyped_data()) : nullptr, R, heads, dim, tab / R, has_norm, eps, offset,
+            mult, &pool);
   return ffi::Error::Success();
 }
 
@@ -1365,17 +1443,16 @@ ffi::Error NormRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("in_minor")
                                   .Attr<bool>("has_scale")
                                   .Attr<int64_t>("p")
                                   .Attr<int64_t>("k")
-                                  .Attr<int64_t>("n")
-                                  .Attr<bool>("x_bf16"));
+                                  .Attr<int64_t>("n"));
 
 // Embedding rows for a decode step: out[i] = table[ids[i]], any dtype, bytes copied. XLA:CPU gathers
 // bfloat16 by converting the *whole* table to float32 (and hoists that out of the decode loop: 671 MB
@@ -1400,11 +1477,11 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxNormRope, NormRope,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("dim")
                                   .Attr<bool>("has_norm")
@@ -1418,14 +1495,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("cap")
-                                  .Attr<bool>("bf16"));
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

@@ -199,9 +199,17 @@ def _io(x: jax.Array) -> jax.Array:
     return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
 
 
-def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtype: Any = jnp.float32) -> jax.Array:
+ACTIVATIONS = {"gelu_tanh": 1, "silu": 2}  # the kernel's epilogue codes
+
+
+def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtype: Any = jnp.float32,
+         act: str | None = None, mul: jax.Array | None = None) -> jax.Array:
     """``einsum(eq, x, w) * scale`` by the native kernel, float32 sums; ``w`` a plain array or StackedKernel.
-    ``out_dtype`` float32 or bfloat16 (rounded by the kernel, as XLA's convert of the float32 result)."""
+    ``out_dtype`` float32 or bfloat16 (rounded by the kernel, as XLA's convert of the float32 result).
+
+    The gated MLP's element-wise step rides along on each finished tile: ``act`` (a name in ``ACTIVATIONS``)
+    returns ``act(y)``, ``mul`` (y's shape) returns ``y * mul``; with a bfloat16 result y is rounded first, as
+    ``layers.activation_fn`` and a bfloat16 multiply would see it."""
     if isinstance(w, StackedKernel):
         stacked, index = w.stacked, jnp.asarray(w.index, jnp.int32).reshape(1)
     else:
@@ -212,9 +220,11 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtyp
     rows = x.size // k
     has_scale = scale is not None
     s = scale.astype(jnp.float32).reshape(-1) if has_scale else jnp.zeros((1,), jnp.float32)
+    m = mul.astype(out_dtype).reshape(rows, p * n) if mul is not None else jnp.zeros((1,), out_dtype)
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, p * n), out_dtype))(
-        _io(x).reshape(rows, k), stacked, s, index,
-        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n))
+        _io(x).reshape(rows, k), stacked, s, index, m,
+        in_minor=bool(in_minor), has_scale=has_scale, p=np.int64(p), k=np.int64(k), n=np.int64(n),
+        act=np.int64(ACTIVATIONS[act] if act else 0), has_mul=mul is not None)
     tail = _out_tail(eq, tuple(w.shape))
     n_contracted = len(w.shape) - len(tail)  # x's trailing axes (checked by _plan)
     return y.reshape(*x.shape[: x.ndim - n_contracted], *tail)

@@ -182,6 +182,20 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
     return y.astype(x.dtype)
 
 
+def gated_linear(gate: Params, up: Params, x: Array, activation: str, eq: str,
+                 lora_eqs: tuple[str, str] | None = None) -> Array:
+    """``activation_fn(activation)(linear(gate, x)) * linear(up, x)``: the gated MLP's input to its down
+    projection. On the CPU kernel path (plain or int8 weights, no LoRA, float32 or bfloat16 x) the activation
+    and the product are applied by the GEMM to each finished tile (``cpu_kernels.gemv``'s ``act``/``mul``),
+    in the same order and roundings, instead of an XLA fusion that re-reads both products from memory."""
+    plain = all(set(n) <= {"kernel", "scale"} for n in (gate, up))
+    if (plain and x.dtype in (jnp.float32, jnp.bfloat16) and activation in cpu_kernels.ACTIVATIONS
+            and cpu_kernels.supports(eq, x, gate["kernel"]) and cpu_kernels.supports(eq, x, up["kernel"])):
+        g = cpu_kernels.gemv(eq, x, gate["kernel"], gate.get("scale"), out_dtype=x.dtype, act=activation)
+        return cpu_kernels.gemv(eq, x, up["kernel"], up.get("scale"), out_dtype=x.dtype, mul=g)
+    return activation_fn(activation)(linear(gate, x, eq, lora_eqs)) * linear(up, x, eq, lora_eqs)
+
+
 def softcap(x: Array, cap: float | None) -> Array:
     if not cap:
         return x

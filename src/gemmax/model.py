@@ -20,10 +20,10 @@ import numpy as np
 from gemmax import cpu_kernels
 from gemmax.config import LOCAL, ModelConfig
 from gemmax.layers import (
-    activation_fn,
     attention_mask,
     dot_attention,
     einsum,
+    gated_linear,
     linear,
     norm_rope,
     rms_norm,
@@ -260,9 +260,8 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
         o = rms_norm(o, p["post_attention_norm"]["scale"], eps, off)
     x = x + o
     h = rms_norm(x, p["pre_ffw_norm"]["scale"], eps, off)
-    gate = activation_fn(cfg.activation)(linear(p["ffw_gating"], h, *LINEAR_EQS["ffw_gating"]))
-    up = linear(p["ffw_gating_2"], h, *LINEAR_EQS["ffw_gating_2"])
-    m = linear(p["ffw_linear"], gate * up, *LINEAR_EQS["ffw_linear"])
+    gated = gated_linear(p["ffw_gating"], p["ffw_gating_2"], h, cfg.activation, *LINEAR_EQS["ffw_gating"])
+    m = linear(p["ffw_linear"], gated, *LINEAR_EQS["ffw_linear"])
     if cfg.use_post_norms:
         m = rms_norm(m, p["post_ffw_norm"]["scale"], eps, off)
     return x + m

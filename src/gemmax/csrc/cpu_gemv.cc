@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <unistd.h>
 #include <type_traits>
 #include <vector>
 
@@ -510,8 +511,18 @@ constexpr int kNB = 64;
 // K blocking: a panel of kc rows x 64 columns must stay in L2 (512 KB a core on Zen 3, 1-2 MB on recent
 // Intel) while the rows of x stream over it. Whole K up to 1024 (256 KB); longer K (the 270M down-projection,
 // 2048) in near-equal blocks of at most 384 rows, partial sums kept in y: 77 -> 85 GFLOP/s a core there,
-// while splitting K = 640 cost ~3% (y re-read per block), so shorter K stays whole.
-constexpr int64_t kKCWhole = 1024, kKC = 384;
+// while splitting K = 640 cost ~3% (y re-read per block), so shorter K stays whole. The whole-K limit is
+// the panel filling half of this core's L2: 1024 float32 rows on Zen 3, 2048 on Zen 4 (1 MB), where the
+// 270M down-projection (K = 2048) kept whole ran 2-6% faster, float32 and bfloat16 pairs, one thread.
+constexpr int64_t kKC = 384;
+
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
 constexpr int kMR = 6;
 #if defined(__AVX512F__)
 constexpr int kVL = 16, kNV = 4;
@@ -847,7 +858,8 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
   constexpr int64_t kTailSplit = 3;
   const int64_t tail = chunk >= kTailSplit * 4 * kMR ? std::min(threads, whole) : 0;
   const int64_t items = whole - tail + tail * kTailSplit;
-  const int64_t kblocks = K <= kKCWhole ? 1 : (K + kKC - 1) / kKC;
+  const int64_t panel_bytes = K * kNB * (kPairs ? 2 : 4);  // float32 rows, or bfloat16 row pairs
+  const int64_t kblocks = 2 * panel_bytes <= l2_bytes() || K <= 1024 ? 1 : (K + kKC - 1) / kKC;
   const int64_t kc_max = kPairs ? ((K + kblocks - 1) / kblocks + 1) / 2 * 2 : (K + kblocks - 1) / kblocks;
   struct Block {
     int64_t p, r0, r1, n0, k0, kc;

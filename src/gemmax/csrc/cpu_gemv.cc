@@ -938,6 +938,15 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
           const bool local = kblocks == 1 && yh && !tile_rounds;
           float* yt = local ? tile : yb + m * P * N;
           const int64_t ldt = local ? kNB : P * N;
+          if (last && (ep.mul || ep.mulh)) {  // the tile's rows of mul, fetched while its products run
+            const int64_t esz = ep.mul ? 4 : 2;
+            const char* base = ep.mul ? reinterpret_cast<const char*>(ep.mul) : reinterpret_cast<const char*>(ep.mulh);
+            for (int64_t r = m; r < m + rows; ++r) {
+              const char* row = base + (r * P * N + p * N + n0) * esz;
+              for (int64_t o = 0; o < width * esz; o += 64) __builtin_prefetch(row + o);
+              __builtin_prefetch(row + width * esz - 1);
+            }
+          }
           auto round_tile = [&] {
             if (!last) return;
             for (int64_t r = 0; r < rows; ++r) {

@@ -341,11 +341,13 @@ def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
     assert "native CPU decode kernel unavailable" in res.stderr
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 9, 16, 17, 40, 64])
 def test_bfloat16_activations(rows: int) -> None:
-    """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths: products of
-    bfloat16 values are exact in float32, so only the summation order differs from XLA's float32 einsum of
-    the same values."""
+    """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths and, from 8 rows,
+    the GEMM paths (batched decode): the in-major pair GEMM and the head's pair tile as wide as the rows of x
+    (1 to 4 zmm: 9-16, 17, 40 and 64 rows; 1000 weight rows leave a remainder of every tile height).
+    Products of bfloat16 values are exact in float32, so only the summation order differs from XLA's
+    float32 einsum of the same values."""
     rng = np.random.default_rng(7)
     with ck.decode_kernels():
         for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),

@@ -104,11 +104,11 @@ def param_bytes_torch(model: Any) -> int:
 class GemmaxRunner:
     """One loaded gemmax model; engines are built once and reused (each Engine compiles its own jits)."""
 
-    def __init__(self, name: str, path: str, dtype: str, quantize: str | None, chunk: int):
+    def __init__(self, name: str, path: str, dtype: str, quantize: str | None, chunk: int, lm: Any = None):
         from gemmax.api import CausalLM
 
         t0 = time.perf_counter()
-        self.lm = CausalLM.from_preset(path, dtype=dtype, quantize=quantize)
+        self.lm = lm if lm is not None else CausalLM.from_preset(path, dtype=dtype, quantize=quantize)
         self.load_s = time.perf_counter() - t0
         self.name, self.chunk = name, chunk
         self.cfg = self.lm.config
@@ -184,15 +184,20 @@ def _max_len(prompt: int, new: int) -> int:
 
 
 class HFRunner:
-    def __init__(self, name: str, path: str, dtype: str):
+    """transformers' eager ``generate`` (sdpa attention, dynamic cache): from a GGUF file, or from a
+    Hugging Face folder when ``path`` is one; ``device="cuda"`` for the GPU comparison (gpu_generate.py)."""
+
+    def __init__(self, name: str, path: str, dtype: str, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
         tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=tdtype, attn_implementation="sdpa"
-        ).eval()
+        where = ({"pretrained_model_name_or_path": path} if os.path.isdir(path) else
+                 {"pretrained_model_name_or_path": os.path.dirname(path), "gguf_file": os.path.basename(path)})
+        self.model = AutoModelForCausalLM.from_pretrained(**where, dtype=tdtype, attn_implementation="sdpa"
+                                                          ).to(device).eval()
+        self.device = device
         self.load_s = time.perf_counter() - t0
         self.name = name
         self.bytes = param_bytes_torch(self.model)
@@ -223,7 +228,7 @@ class HFRunner:
                 self.times.append(time.perf_counter())
 
         clock = Clock()
-        out = self._gen(torch.tensor([prompt]), new, clock)
+        out = self._gen(torch.tensor([prompt], device=self.device), new, clock)
         new_ids = out[0, len(prompt):].tolist()
         assert len(new_ids) == new, len(new_ids)
         return clock.times[-2] - clock.times[1], new_ids  # first new token -> last new token
@@ -231,7 +236,7 @@ class HFRunner:
     def prefill(self, prompt: list[int]) -> float:
         import torch
 
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -241,7 +246,7 @@ class HFRunner:
     def batch(self, prompts: list[list[int]], new: int) -> float:
         import torch
 
-        ids = torch.tensor(prompts)  # equal lengths: no padding needed
+        ids = torch.tensor(prompts, device=self.device)  # equal lengths: no padding needed
         t0 = time.perf_counter()
         out = self._gen(ids, new)
         dt = time.perf_counter() - t0
@@ -251,7 +256,7 @@ class HFRunner:
     def warm(self, prompt: list[int], new: int, prefill_prompt: list[int] | None, batch_prompts: Any) -> None:
         _warm_decode_prefill(self, prompt, new, prefill_prompt)
         if batch_prompts is not None:
-            self._gen(__import__("torch").tensor(batch_prompts), 4)
+            self._gen(__import__("torch").tensor(batch_prompts, device=self.device), 4)
 
 
 class LlamaCppRunner:

@@ -662,21 +662,22 @@ inline void epilogue_row(const Epilogue& ep, const float* src, int64_t n, int64_
 }
 #endif
 
-template <int MR>
+// NV < kNV: sub-tiles of kVL * NV columns (the batched head's few rows of x, in_minor_gemm).
+template <int MR, int NV = kNV>
 inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel, const float* scale, float* y,
                       int64_t ldy, int width, bool accumulate) {
-  for (int j0 = 0; j0 < kNB && j0 < width; j0 += kVL * kNV) {
-    const int w = std::min(width - j0, kVL * kNV);
-    vnat acc[MR][kNV] = {};
+  for (int j0 = 0; j0 < kNB && j0 < width; j0 += kVL * NV) {
+    const int w = std::min(width - j0, kVL * NV);
+    vnat acc[MR][NV] = {};
     if (accumulate) {  // a later K block: continue the sums already in y
       for (int r = 0; r < MR; ++r) {
         const float* src = y + r * ldy + j0;
-        if (w == kVL * kNV) {
-          for (int v = 0; v < kNV; ++v) acc[r][v] = *reinterpret_cast<const vnatu*>(src + kVL * v);
+        if (w == kVL * NV) {
+          for (int v = 0; v < NV; ++v) acc[r][v] = *reinterpret_cast<const vnatu*>(src + kVL * v);
         } else {
-          alignas(64) float tmp[kVL * kNV] = {};
+          alignas(64) float tmp[kVL * NV] = {};
           std::memcpy(tmp, src, static_cast<size_t>(w) * sizeof(float));
-          for (int v = 0; v < kNV; ++v) acc[r][v] = reinterpret_cast<const vnat*>(tmp)[v];
+          for (int v = 0; v < NV; ++v) acc[r][v] = reinterpret_cast<const vnat*>(tmp)[v];
         }
       }
     }
@@ -689,26 +690,26 @@ inline void gemm_tile(const float* x, int64_t ldx, int64_t K, const float* panel
       // (faster in 23 and 21 of 24). Integer address arithmetic: the line may lie past the panel (a
       // prefetch never faults; a pointer past the array would be undefined).
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(bk) + 8 * kNB * sizeof(float);
-      for (size_t o = 0; o < kNV * sizeof(vnat); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
-      vnat b[kNV];
-      for (int v = 0; v < kNV; ++v) b[v] = bk[v];
-#pragma GCC unroll 8
+      for (size_t o = 0; o < NV * sizeof(vnat); o += 64) __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+      vnat b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = bk[v];
+#pragma GCC unroll 24
       for (int r = 0; r < MR; ++r) {
         const float a = x[r * ldx + k];
-        for (int v = 0; v < kNV; ++v) acc[r][v] += a * b[v];
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
       }
     }
     for (int r = 0; r < MR; ++r) {
       if (scale) {
         const vnat* sc = reinterpret_cast<const vnat*>(scale + j0);
-        for (int v = 0; v < kNV; ++v) acc[r][v] *= sc[v];
+        for (int v = 0; v < NV; ++v) acc[r][v] *= sc[v];
       }
       float* dst = y + r * ldy + j0;
-      if (w == kVL * kNV) {
-        for (int v = 0; v < kNV; ++v) *reinterpret_cast<vnatu*>(dst + kVL * v) = acc[r][v];
+      if (w == kVL * NV) {
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<vnatu*>(dst + kVL * v) = acc[r][v];
       } else {
-        alignas(64) float tmp[kVL * kNV];
-        for (int v = 0; v < kNV; ++v) reinterpret_cast<vnat*>(tmp)[v] = acc[r][v];
+        alignas(64) float tmp[kVL * NV];
+        for (int v = 0; v < NV; ++v) reinterpret_cast<vnat*>(tmp)[v] = acc[r][v];
         std::memcpy(dst, tmp, static_cast<size_t>(w) * sizeof(float));
       }
     }
@@ -999,7 +1000,18 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
 constexpr int64_t kSkinnyRows = 8;
 constexpr int64_t kHeadRows = 48;  // weight rows per tile pass (8 tiles of kMR), converted to float32 once
 
-template <typename T>
+// Weight rows through a tile of MR rows x NV vectors (the default 6 x kNV, or on AVX-512 with fewer than
+// 32 rows of x 24 x 1 / 12 x 2: as wide as the rows of x, 24 accumulators), the remainder row by row down.
+template <int MR, int NV>
+void head_rows_f32(const float* a, int64_t K, int64_t rows, const float* xt, float* out, int width) {
+  int64_t m = 0;
+  for (; m + MR <= rows; m += MR) gemm_tile<MR, NV>(a + m * K, K, K, xt, nullptr, out + m * kNB, kNB, width, false);
+  if constexpr (MR > 1) {
+    if (m < rows) head_rows_f32<MR - 1, NV>(a + m * K, K, rows - m, xt, out + m * kNB, width);
+  }
+}
+
+template <typename T, int NV = kNV>
 void in_minor_gemm(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
                    ffi::ThreadPool* pool) {
   static thread_local std::vector<float> xt_buf;
@@ -1027,7 +1039,11 @@ void in_minor_gemm(const float* x, const T* w, float* y, const float* scale, int
         for (int64_t i = 0; i < n * K; ++i) rows_buf[i] = to_f32(src[i]);
         a = rows_buf.data();
       }
-      gemm_rows<kMR>(a, K, n, K, xt, nullptr, out, kNB, width);
+      if constexpr (NV == kNV) {
+        gemm_rows<kMR>(a, K, n, K, xt, nullptr, out, kNB, width);
+      } else {
+        head_rows_f32<24 / NV, NV>(a, K, n, xt, out, width);
+      }
       for (int64_t b = 0; b < B; ++b) {
         float* dst = y + b * N + s0;
         for (int64_t i = 0; i < n; ++i) dst[i] = out[i * kNB + b] * (scale ? scale[s0 + i] : 1.0f);
@@ -1492,6 +1508,16 @@ void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool
   if (in_minor_ && B >= kSkinnyRows && 2 * B >= kVL * kNV && B <= kNB) {
     in_minor_gemm<T>(x, w, y, scale, B, N, K, pool);
     return;
+  }
+  if constexpr (kVL == 16) {  // AVX-512, 8-31 rows: the narrow tile (16 or 32 columns)
+    if (in_minor_ && B >= kSkinnyRows && B < 32) {
+      if (B <= 16) {
+        in_minor_gemm<T, 1>(x, w, y, scale, B, N, K, pool);
+      } else {
+        in_minor_gemm<T, 2>(x, w, y, scale, B, N, K, pool);
+      }
+      return;
+    }
   }
   if (in_minor_) {
 #ifdef GEMMAX_AVX2_INT8

@@ -86,7 +86,9 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
 def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
     (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
-    and a K long enough (> 1024) to be summed in K blocks; enough panels (on a few threads) that a thread
+    and a K long enough (> 1024; 2100: also where a 1 MB L2 holds a whole 1100-row panel) to be summed in K
+    blocks; float32 weights packed by each block's first row tile (full panels) or ahead of it (partial
+    ones); enough panels (on a few threads) that a thread
     claims several in turn, prefetching the next (panel, K block) while one computes, across heads and K
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
     48 + 48 + 54: whole 6-row tiles, the remainder in the last slice). "bfloat16-x": bfloat16 activations
@@ -97,7 +99,7 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
-             ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040))]
+             ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040)), ("btf,fd->btd", (2100, 130))]
     with ck.decode_kernels(prefill=True):
         for eq, shape in cases:
             stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)

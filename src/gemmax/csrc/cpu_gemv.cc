@@ -788,7 +788,8 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
 // y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
 // X = uint32_t: bfloat16 row pairs for gemm_tile_bf16 (K and ldx counted in pairs).
 // yh (pair tiles only): the result rounded to bfloat16 instead of y, row stride ldyh.
-template <int MR, typename X, typename Pan>
+// NV (float32 tiles): vectors per sub-tile, as gemm_tile's.
+template <int MR, int NV = kNV, typename X, typename Pan>
 void gemm_rows(const X* x, int64_t ldx, int64_t rows, int64_t K, const Pan* panel, const float* scale,
                float* y, int64_t ldy, int width, bool accumulate = false, uint16_t* yh = nullptr,
                int64_t ldyh = 0) {
@@ -802,12 +803,12 @@ void gemm_rows(const X* x, int64_t ldx, int64_t rows, int64_t K, const Pan* pane
     }
 #endif
     if constexpr (std::is_same_v<X, float>) {
-      gemm_tile<MR>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
+      gemm_tile<MR, NV>(x + m * ldx, ldx, K, panel, scale, y + m * ldy, ldy, width, accumulate);
     }
   }
   if constexpr (MR > 1) {
     if (m < rows) {
-      gemm_rows<MR - 1>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate,
+      gemm_rows<MR - 1, NV>(x + m * ldx, ldx, rows - m, K, panel, scale, y + m * ldy, ldy, width, accumulate,
                         yh ? yh + m * ldyh : nullptr, ldyh);
     }
   }
@@ -1264,7 +1265,25 @@ void prefill_attention(const In* q, const In* k, const In* v, const int32_t* len
                          reinterpret_cast<const uint32_t*>(ktb) + pj * KD * kNB, nullptr, st + (pj - p0) * kNB,
                          nk, width);
         } else {
-          gemm_rows<kMR>(qm + r0 * D, D, tr, D, ktb + pj * D * kNB, nullptr, st + (pj - p0) * kNB, nk, width);
+          const float* kp = ktb + pj * D * kNB;
+          float* sp = st + (pj - p0) * kNB;
+          // A partial last panel of keys on AVX-512 (one 64-column sub-tile): a tile only as wide as the keys
+          // left, not all 64 (a causal row block's last panel is on average half empty).
+          // (AVX2 and narrower ISAs already skip the panel's sub-tiles past the width.)
+          const int nv = (width + kVL - 1) / kVL;
+          if constexpr (kVL == 16 && kNV == 4) {
+            if (nv == 1) {
+              gemm_rows<kMR, 1>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
+            } else if (nv == 2) {
+              gemm_rows<kMR, 2>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
+            } else if (nv == 3) {
+              gemm_rows<kMR, 3>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
+            } else {
+              gemm_rows<kMR>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
+            }
+          } else {
+            gemm_rows<kMR>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
+          }
         }
       }
       float inv[kMR];

@@ -87,8 +87,8 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     """More than MAX_ROWS rows of an in-major weight take the GEMM (prefill): every row-tile remainder
     (rows % 6), partial 64-column panels, several heads (P > 1), a per-column scale, layer 0 and the last,
     and a K long enough (> 1024; 2100: also where a 1 MB L2 holds a whole 1100-row panel) to be summed in K
-    blocks; float32 weights packed by each block's first row tile (full panels) or ahead of it (partial
-    ones); enough panels (on a few threads) that a thread
+    blocks; float32 weights, and bfloat16 pairs with bfloat16 x, packed by each block's first row tile (full
+    panels, whole pairs) or ahead of it (partial panels, odd K); enough panels (on a few threads) that a thread
     claims several in turn, prefetching the next (panel, K block) while one computes, across heads and K
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
     48 + 48 + 54: whole 6-row tiles, the remainder in the last slice). "bfloat16-x": bfloat16 activations

@@ -89,12 +89,10 @@ def main() -> None:
         say(f"model: {args.preset} with random weights ({cfg.param_count()['total'] / 1e9:.2f} B parameters),"
             f" built + exported + loaded in {time.perf_counter() - t0:.0f} s")
         say(parity(f32, hf32.model, prompt_ids(64, cfg.vocab_size, 3, cfg.bos_token_id)))
-        del hf32
         if args.dtype == "float32":
-            lm = f32
-            hf = HFRunner("hf-f32", tmp, "float32", device=device)
+            lm, hf = f32, hf32
         else:
-            del f32
+            del f32, hf32
             lm = CausalLM.from_config(args.preset, seed=0, dtype=args.dtype)
             lm.export_hf(tmp, dtype=ml_dtypes.bfloat16)
             hf = HFRunner(f"hf-{args.dtype}", tmp, args.dtype, device=device)

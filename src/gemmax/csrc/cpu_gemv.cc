@@ -949,7 +949,9 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
           for (int j = 0; j < kNB; ++j) sc[j] = j < width ? scale[p * N + n0 + j] : 0.0f;
         }
         const T* src = w + p * K * N + k0 * N + n0;
-        if (pair_pack && kc % 2 == 0 && width == kNB && r1 - r0 >= kMR) {
+        // whole panel, whole pairs, at least one whole row tile: the block's first tile packs (t == 0 below)
+        const bool tile_packs = (fused_pack || (pair_pack && kc % 2 == 0)) && width == kNB && r1 - r0 >= kMR;
+        if (tile_packs) {
           // packed by the block's first row tile, below
         } else if constexpr (kPairs) {
           uint32_t* pp = reinterpret_cast<uint32_t*>(panel);
@@ -965,8 +967,6 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
             }
             for (int j = width; j < kNB; ++j) dst[j] = 0;
           }
-        } else if (fused_pack && width == kNB && r1 - r0 >= kMR) {
-          // packed by the block's first row tile, below
         } else {
           for (int64_t k = 0; k < kc; ++k) {
             float* dst = panel + k * kNB;
@@ -1019,7 +1019,7 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
           };
           if constexpr (kPairs) {
 #ifdef GEMMAX_BF16DOT
-            if (pair_pack && kc % 2 == 0 && width == kNB && t == 0 && rows == kMR) {
+            if (tile_packs && t == 0) {
               if constexpr (std::is_same_v<T, uint16_t>) {
                 gemm_tile_bf16<kMR, 4, true>(xq + m * KP + k0 / 2, KP, kc / 2, reinterpret_cast<const uint32_t*>(panel),
                                              s, yt, ldt, width, k0 > 0,
@@ -1032,7 +1032,7 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
                              P * N);
             }
 #endif
-          } else if (rows == kMR && t == 0 && fused_pack && width == kNB) {
+          } else if (tile_packs && t == 0) {
             if constexpr (std::is_same_v<T, float>) {
               gemm_tile<kMR, kNV, true>(x + m * K + k0, K, kc, panel, s, yt, ldt, width, k0 > 0, src, N);
             }
@@ -1069,17 +1069,8 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
 constexpr int64_t kSkinnyRows = 8;
 constexpr int64_t kHeadRows = 48;  // weight rows per tile pass (8 tiles of kMR), converted to float32 once
 
-// Weight rows through a tile of MR rows x NV vectors (the default 6 x kNV, or on AVX-512 with fewer than
-// 32 rows of x 24 x 1 / 12 x 2: as wide as the rows of x, 24 accumulators), the remainder row by row down.
-template <int MR, int NV>
-void head_rows_f32(const float* a, int64_t K, int64_t rows, const float* xt, float* out, int width) {
-  int64_t m = 0;
-  for (; m + MR <= rows; m += MR) gemm_tile<MR, NV>(a + m * K, K, K, xt, nullptr, out + m * kNB, kNB, width, false);
-  if constexpr (MR > 1) {
-    if (m < rows) head_rows_f32<MR - 1, NV>(a + m * K, K, rows - m, xt, out + m * kNB, width);
-  }
-}
-
+// NV < kNV (AVX-512 with fewer than 32 rows of x): the weight rows go through a tile as wide as the rows of
+// x, 24 / NV weight rows x NV vectors (24 accumulators), instead of 6 x kNV.
 template <typename T, int NV = kNV>
 void in_minor_gemm(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
                    ffi::ThreadPool* pool) {
@@ -1108,11 +1099,7 @@ void in_minor_gemm(const float* x, const T* w, float* y, const float* scale, int
         for (int64_t i = 0; i < n * K; ++i) rows_buf[i] = to_f32(src[i]);
         a = rows_buf.data();
       }
-      if constexpr (NV == kNV) {
-        gemm_rows<kMR>(a, K, n, K, xt, nullptr, out, kNB, width);
-      } else {
-        head_rows_f32<24 / NV, NV>(a, K, n, xt, out, width);
-      }
+      gemm_rows<NV == kNV ? kMR : 24 / NV, NV>(a, K, n, K, xt, nullptr, out, kNB, width);
       for (int64_t b = 0; b < B; ++b) {
         float* dst = y + b * N + s0;
         for (int64_t i = 0; i < n; ++i) dst[i] = out[i * kNB + b] * (scale ? scale[s0 + i] : 1.0f);
@@ -1312,8 +1299,8 @@ void prefill_attention(const In* q, const In* k, const In* v, const int32_t* len
           // A partial last panel of keys on AVX-512 (one 64-column sub-tile): a tile only as wide as the keys
           // left, not all 64 (a causal row block's last panel is on average half empty).
           // (AVX2 and narrower ISAs already skip the panel's sub-tiles past the width.)
-          const int nv = (width + kVL - 1) / kVL;
-          if constexpr (kVL == 16 && kNV == 4) {
+          if constexpr (kVL == 16) {
+            const int nv = (width + kVL - 1) / kVL;
             if (nv == 1) {
               gemm_rows<kMR, 1>(qm + r0 * D, D, tr, D, kp, nullptr, sp, nk, width);
             } else if (nv == 2) {

@@ -47,9 +47,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import gemmax
-    from gemmax import model as gmodel
     from gemmax.api import CausalLM
-    from gemmax.config import to_hf_config
+    from gemmax.models.gemma import model as gmodel
+    from gemmax.models.gemma.config import to_hf_config
 
     torch.set_num_threads(args.threads)
     lines: list[str] = []

@@ -52,9 +52,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from gemmax import cpu_kernels
-    from gemmax.config import get_preset
-    from gemmax.model import LINEAR_EQS
+    from gemmax.kernels import cpu as cpu_kernels
+    from gemmax.models.gemma.config import get_preset
+    from gemmax.models.gemma.model import LINEAR_EQS
 
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)

@@ -117,7 +117,7 @@ class GemmaxRunner:
         self.compile_s: dict[str, float] = {}
 
     def engine(self, batch: int, max_len: int):
-        from gemmax.generate import Engine
+        from gemmax.engine.generate import Engine
 
         key = (batch, max_len)
         if key not in self._engines:
@@ -127,7 +127,7 @@ class GemmaxRunner:
 
     def _run(self, prompts: list[list[int]], new: int, max_len: int) -> tuple[list[Any], float, float]:
         """-> (requests, seconds to first token, seconds for the whole run)."""
-        from gemmax.generate import Request, SamplingParams
+        from gemmax.engine.generate import Request, SamplingParams
 
         eng = self.engine(len(prompts), max_len)
         reqs = [Request(list(p), SamplingParams(max_new_tokens=new, stop_ids=())) for p in prompts]
@@ -148,7 +148,7 @@ class GemmaxRunner:
         return total - ttft, reqs[0].new_ids
 
     def prefill(self, prompt: list[int]) -> float:
-        from gemmax.generate import Request, SamplingParams
+        from gemmax.engine.generate import Request, SamplingParams
 
         eng = self.engine(1, _max_len(len(prompt), 1))
         r = Request(list(prompt), SamplingParams(max_new_tokens=1, stop_ids=()))
@@ -178,7 +178,7 @@ class GemmaxRunner:
 
 
 def _max_len(prompt: int, new: int) -> int:
-    from gemmax.generate import bucket
+    from gemmax.engine.generate import bucket
 
     return bucket(prompt + new + 1)
 
@@ -355,7 +355,7 @@ def ttft_child(args: argparse.Namespace) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from gemmax.api import CausalLM
-    from gemmax.generate import Engine, Request, SamplingParams
+    from gemmax.engine.generate import Engine, Request, SamplingParams
 
     path = model_path(args.model)
     t0 = time.perf_counter()
@@ -442,8 +442,8 @@ def main() -> None:
             runners[n] = LlamaCppRunner(n, path, args.llamacpp_threads or args.threads, n_ctx)
     cfg = runners[names[0]].cfg if isinstance(runners[names[0]], GemmaxRunner) else None
     if cfg is None:
-        from gemmax import gguf_io
-        from gemmax.config import from_hf_config
+        from gemmax.io import gguf as gguf_io
+        from gemmax.models.gemma.config import from_hf_config
 
         cfg = from_hf_config(gguf_io.read_gguf(path).hf_config)
     prompt = prompt_ids(args.prompt_len, cfg.vocab_size, 0, cfg.bos_token_id)

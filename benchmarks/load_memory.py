@@ -54,8 +54,8 @@ def make_checkpoint(args: argparse.Namespace) -> None:
     """Write random float32 weights of the config's shapes as a Hugging Face folder (no jax arrays)."""
     import numpy as np
 
-    from gemmax import model as gm
-    from gemmax.hf import export_hf_folder
+    from gemmax.io.hf import export_hf_folder
+    from gemmax.models.gemma import model as gm
 
     cfg = _config(args)
     rng = np.random.default_rng(0)

@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "gemmax.server", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "gemmax.serve.server", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max_batch), "--chunk", str(args.chunk), "--max-len", str(args.max_len),
            "--log-level", "warning"]
     if args.model:

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from gemmax import distribution as gd  # noqa: E402
-from gemmax import model  # noqa: E402
-from gemmax.config import tiny_config  # noqa: E402
+from gemmax.models.gemma import model  # noqa: E402
+from gemmax.models.gemma.config import tiny_config  # noqa: E402
 
 
 def loss_fn(params, cfg, tokens):

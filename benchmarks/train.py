@@ -5,9 +5,9 @@
 
 Each configuration runs in its own subprocess (so peak RSS — ``ru_maxrss`` — is that configuration's alone):
 
-* ``gemmax-lora`` / ``gemmax-full``: ``gemmax.train.fit`` on a ``gemmax.get_preset(preset)`` model with random
+* ``gemmax-lora`` / ``gemmax-full``: ``gemmax.train.trainer.fit`` on a ``gemmax.get_preset(preset)`` model with random
   weights (LoRA rank ``--rank`` on q,v), float32, chunked cross-entropy;
-* ``torch-lora`` / ``torch-full``: ``Gemma3ForCausalLM`` built from ``gemmax.config.to_hf_config`` of the same
+* ``torch-lora`` / ``torch-full``: ``Gemma3ForCausalLM`` built from ``to_hf_config`` of the same
   preset (random weights), PEFT ``LoraConfig(r, target_modules=[q_proj, v_proj])``, ``torch.optim.AdamW``,
   float32, eager attention, ``labels=`` loss (transformers' standard path).
 
@@ -37,9 +37,10 @@ def _peak_rss_mb() -> float:
 def run_gemmax(args: argparse.Namespace, lora: bool) -> dict:
     import numpy as np
 
-    from gemmax import get_preset, train
+    from gemmax import get_preset
     from gemmax.api import CausalLM
-    from gemmax.data import Dataset, Document
+    from gemmax.train import trainer as train
+    from gemmax.train.data import Dataset, Document
 
     cfg = get_preset(args.preset)
     lm = CausalLM.from_config(cfg)
@@ -62,7 +63,7 @@ def run_torch(args: argparse.Namespace, lora: bool) -> dict:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from gemmax import get_preset
-    from gemmax.config import to_hf_config
+    from gemmax.models.gemma.config import to_hf_config
 
     torch.manual_seed(0)
     hf = to_hf_config(get_preset(args.preset))

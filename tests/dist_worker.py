@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from gemmax import distribution as gd  # noqa: E402
-from gemmax import model  # noqa: E402
-from gemmax.config import get_preset, tiny_config  # noqa: E402
+from gemmax.models.gemma import model  # noqa: E402
+from gemmax.models.gemma.config import get_preset, tiny_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gemmax.config import tiny_config, to_hf_config
+from gemmax.models.gemma.config import tiny_config, to_hf_config
 
 
 def hf_model(family: str, seed: int = 0, **overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from gemmax.tokenizer import Tokenizer
+from gemmax.io.tokenizer import Tokenizer
 
 
 def train_tiny_sentencepiece(folder: Path, lines: Sequence[str], vocab_size: int,

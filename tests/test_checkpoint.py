@@ -19,9 +19,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemmax.checkpoint import CheckpointError, CheckpointManager, abstract_tree, load_params, save_params
-from gemmax.config import tiny_config
-from gemmax.optim import make_optimizer
+from gemmax.models.gemma.config import tiny_config
+from gemmax.train.checkpoint import CheckpointError, CheckpointManager, abstract_tree, load_params, save_params
+from gemmax.train.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_keep_last_n_and_interval(tmp_path):
 
 _CRASH_CHILD = textwrap.dedent("""
     import sys, numpy as np
-    from gemmax.checkpoint import CheckpointManager
+    from gemmax.train.checkpoint import CheckpointManager
     mgr = CheckpointManager(sys.argv[1], keep=3, async_save={async_save})
     mgr.save(1, params={{"w": np.full((4,), 1.0, np.float32)}}, data_state={{"epoch": 0, "batch": 1}})
     mgr.wait_until_finished()
@@ -155,7 +155,7 @@ def test_sharded_save_restore_single_device(tmp_path):
 _SHARDED_CHILD = textwrap.dedent("""
     import sys, numpy as np, jax, jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from gemmax.checkpoint import CheckpointManager, abstract_tree
+    from gemmax.train.checkpoint import CheckpointManager, abstract_tree
     assert len(jax.devices()) == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
     w = jnp.arange(8 * 8, dtype=jnp.float32).reshape(8, 8)

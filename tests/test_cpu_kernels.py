@@ -1,4 +1,4 @@
-"""The native CPU decode GEMV (gemmax.cpu_kernels) against XLA's einsum, and the engine with it on and off."""
+"""The native CPU decode GEMV (gemmax.kernels.cpu) against XLA's einsum, and the engine with it on and off."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmax import cpu_kernels as ck
-from gemmax import layers, lora, quant
-from gemmax import model as gm
-from gemmax.config import tiny_config
-from gemmax.generate import Engine, Request, SamplingParams, decode_step, init_cache, prefill
+from gemmax.engine.generate import Engine, Request, SamplingParams, decode_step, init_cache, prefill
+from gemmax.kernels import cpu as ck
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import tiny_config
+from gemmax.nn import layers, lora, quant
 
 EQS = dict(gm.LINEAR_EQS)
 
@@ -174,7 +174,7 @@ def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd
     (the row-pair products on AVX512-BF16: odd key counts, an odd head dim that falls back to float32):
     against float32 attention on the same values, within the rounding of the probabilities and the output
     to bfloat16."""
-    from gemmax.layers import attention_mask, dot_attention
+    from gemmax.nn.layers import attention_mask, dot_attention
 
     rng = np.random.default_rng(t + hd)
     q = jnp.asarray(rng.normal(size=(2, t, heads, hd)) * 0.5, dtype)
@@ -199,7 +199,7 @@ def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd
 def test_decode_attention_equals_reference(dtype: str, heads: int, kv: int, hd: int, cap: float | None) -> None:
     """The decode attention kernel reading layer 2 of a stacked cache in place against _attend_cached on the
     sliced layer: grouped heads, soft-capping, invalid slots skipped (one row with none valid at all)."""
-    from gemmax.generate import _attend_cached
+    from gemmax.engine.generate import _attend_cached
 
     rng = np.random.default_rng(hd)
     b, s = 3, 37
@@ -216,7 +216,7 @@ def test_decode_attention_equals_reference(dtype: str, heads: int, kv: int, hd: 
 
 
 def test_greedy_argmax_is_argmax() -> None:
-    from gemmax.generate import greedy_argmax
+    from gemmax.engine.generate import greedy_argmax
 
     x = np.random.default_rng(0).normal(size=(5, 1000)).astype(np.float32)
     x[1, [7, 500]] = 9.0  # a tie: the lowest index wins, as jnp.argmax
@@ -334,7 +334,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
-    code = "from gemmax import cpu_kernels as ck; print('ON' if ck.available() else 'OFF')"
+    code = "from gemmax.kernels import cpu as ck; print('ON' if ck.available() else 'OFF')"
     res = _run(code, {"GEMMAX_CPU_KERNELS": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
     # a fresh cache and no usable compiler: one clear warning, then XLA's dot

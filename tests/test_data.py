@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemmax.data import (
+from gemmax.train.data import (
     Batch,
     DataError,
     Dataset,

@@ -22,8 +22,8 @@ import optax
 import pytest
 
 from gemmax import distribution as gd
-from gemmax import model
-from gemmax.config import get_preset, tiny_config
+from gemmax.models.gemma import model
+from gemmax.models.gemma.config import get_preset, tiny_config
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 #: Generous bound per subprocess: the suite may share two cores with other jobs.

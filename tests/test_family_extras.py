@@ -17,12 +17,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from gemmax import paligemma as pg
-from gemmax import recurrent as rg
 from gemmax.cli import main
-from gemmax.lora import merge_trees, split_trainable
-from gemmax.model import flatten
-from gemmax.tokenizer import Tokenizer
+from gemmax.io.tokenizer import Tokenizer
+from gemmax.models import paligemma as pg
+from gemmax.models import recurrent_gemma as rg
+from gemmax.models.gemma.model import flatten
+from gemmax.nn.lora import merge_trees, split_trainable
 
 CAPTION = "a red square"
 

@@ -10,9 +10,8 @@ import torch
 from hf_fixtures import hf_model, save_hf
 
 import gemmax
-from gemmax import model as gm
 from gemmax.api import CausalLM
-from gemmax.generate import (
+from gemmax.engine.generate import (
     Engine,
     Request,
     SamplingParams,
@@ -20,6 +19,7 @@ from gemmax.generate import (
     generate_ids,
     sample_tokens,
 )
+from gemmax.models.gemma import model as gm
 
 
 def _argmax_continuation(params, cfg, prompt, n):
@@ -169,7 +169,7 @@ def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
     (decoder_layer's q_rows): its logits must equal the full forward's at that position, per row of a
     mixed-length batch longer than the sliding window (its keys and values are checked by the greedy
     decode tests, which attend to them). Random non-zero norm scales, so (1 + w) norms are exercised."""
-    from gemmax.generate import prefill
+    from gemmax.engine.generate import prefill
 
     cfg = gemmax.tiny_config(family)
     rng = np.random.default_rng(7)

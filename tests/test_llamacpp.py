@@ -41,11 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmax import lora
-from gemmax import model as gm
 from gemmax.api import CausalLM
-from gemmax.config import ModelConfig, tiny_config
-from gemmax.generate import SamplingParams, generate_ids
+from gemmax.engine.generate import SamplingParams, generate_ids
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import ModelConfig, tiny_config
+from gemmax.nn import lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from llamacpp_peer import LlamaCpp  # noqa: E402

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hf_fixtures import hf_model, save_hf
 
-from gemmax import lora
-from gemmax import model as gm
 from gemmax.api import CausalLM
-from gemmax.config import get_preset, tiny_config
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import get_preset, tiny_config
+from gemmax.nn import lora
 
 ALL = tuple(gm.LINEAR_EQS)
 PEFT_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmax.losses import LossSums, chunked_cross_entropy, lm_loss, naive_cross_entropy, output_head
+from gemmax.train.losses import LossSums, chunked_cross_entropy, lm_loss, naive_cross_entropy, output_head
 
 
 def _inputs(b: int = 2, t: int = 13, d: int = 16, v: int = 97, seed: int = 0):
@@ -116,8 +116,8 @@ def test_lm_loss_picks_head_and_softcap():
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_matches_model_logits(family):
     """lm_loss on forward_hidden equals cross-entropy on the model's own logits (head, soft-cap)."""
-    model = importlib.import_module("gemmax.model")
-    from gemmax.config import tiny_config
+    model = importlib.import_module("gemmax.models.gemma.model")
+    from gemmax.models.gemma.config import tiny_config
 
     cfg = tiny_config(family, num_layers=2)
     params = model.init_params(cfg, jax.random.key(0))

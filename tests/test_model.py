@@ -12,10 +12,10 @@ import torch
 from hf_fixtures import hf_model, save_hf
 
 import gemmax
-from gemmax import model as gm
 from gemmax.api import CausalLM
-from gemmax.config import from_hf_config, to_hf_config
-from gemmax.hf import CheckpointError
+from gemmax.io.hf import CheckpointError
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import from_hf_config, to_hf_config
 
 FAMILIES = ["gemma", "gemma2", "gemma3", "llama"]
 # 21 tokens: longer than the tiny sliding window (8), so local layers really mask.
@@ -182,7 +182,7 @@ def _copy(folder, tmp_path):
 
 
 def _rewrite(dst, fn):
-    from gemmax.hf import SafetensorsFile, write_safetensors
+    from gemmax.io.hf import SafetensorsFile, write_safetensors
 
     f = SafetensorsFile(dst / "model.safetensors")
     tensors = {k: np.array(f.get(k)) for k in f.keys()}
@@ -256,7 +256,7 @@ def test_refuses_pickles(tmp_path):
         torch.save(m.state_dict(), tmp_path / "p" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="never unpickles"):
         CausalLM.from_preset(str(tmp_path / "p"))
-    from gemmax.hf import convert_pickle_checkpoint
+    from gemmax.io.hf import convert_pickle_checkpoint
 
     convert_pickle_checkpoint(tmp_path / "p")
     lm = CausalLM.from_preset(str(tmp_path / "p"))

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from gemmax.optim import (
+from gemmax.train.optim import (
     Precision,
     accumulate_gradients,
     cast_floating,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemmax import paligemma as pg
-from gemmax.hf import CheckpointError
+from gemmax.io.hf import CheckpointError
+from gemmax.models import paligemma as pg
 
 IMG_TOKEN = 299
 

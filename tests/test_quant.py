@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from gemmax import lora, quant
-from gemmax import model as gm
-from gemmax.config import get_preset, tiny_config
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import get_preset, tiny_config
+from gemmax.nn import lora, quant
 
 T = 40
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemmax import recurrent as rg
-from gemmax.hf import CheckpointError, SafetensorsFile, write_safetensors
+from gemmax.io.hf import CheckpointError, SafetensorsFile, write_safetensors
+from gemmax.models import recurrent_gemma as rg
 
 SEQ = 21
 

@@ -20,11 +20,11 @@ import pytest
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
-from gemmax import lora
-from gemmax import model as gm
 from gemmax.api import CausalLM
-from gemmax.server import _held_back, create_app, register_cli
-from gemmax.tokenizer import Tokenizer
+from gemmax.io.tokenizer import Tokenizer
+from gemmax.models.gemma import model as gm
+from gemmax.nn import lora
+from gemmax.serve.server import _held_back, create_app, register_cli
 
 openai = importlib.import_module("openai")
 uvicorn = importlib.import_module("uvicorn")
@@ -334,7 +334,7 @@ def test_register_cli() -> None:
 
 
 def test_chunk_adapts_to_step_time() -> None:
-    from gemmax.server import Scheduler
+    from gemmax.serve.server import Scheduler
 
     s = Scheduler({}, chunk=8, max_chunk_s=0.5)
     assert s._n_steps("m") == 8  # not measured yet

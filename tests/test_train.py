@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import gemmax
-from gemmax import train
 from gemmax.api import CausalLM
-from gemmax.checkpoint import CheckpointManager
-from gemmax.data import Dataset
-from gemmax.lora import split_trainable
-from gemmax.model import flatten
+from gemmax.models.gemma.model import flatten
+from gemmax.nn.lora import split_trainable
+from gemmax.train import trainer as train
+from gemmax.train.checkpoint import CheckpointManager
+from gemmax.train.data import Dataset
 
 
 class ByteTokenizer:
@@ -247,7 +247,8 @@ _DIST_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     import gemmax
-    from gemmax import distribution as D, train
+    from gemmax import distribution as D
+    from gemmax.train import trainer as train
     from gemmax.api import CausalLM
     sys.path.insert(0, sys.argv[1])
     from test_train import TEXTS, TOK

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import gemmax
-from gemmax import train
 from gemmax.api import CausalLM
+from gemmax.train import trainer as train
 
 LINES = [f"I loved movie number {i}! Ten out of ten, would watch again!" for i in range(30)]
 
@@ -20,7 +20,7 @@ LINES = [f"I loved movie number {i}! Ten out of ten, would watch again!" for i i
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spm = importlib.import_module("sentencepiece")
-    from gemmax.tokenizer import Tokenizer
+    from gemmax.io.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("tiny_model")
     (d / "corpus.txt").write_text("\n".join(LINES * 3))
@@ -83,7 +83,7 @@ def test_finetune_lora_end_to_end(model_dir, data_file, tmp_path, capsys):
     assert samples["before"].startswith("I loved") and samples["after"].startswith("I loved")
 
     # the adapter loads back onto the base and reproduces the fine-tuned model's output
-    from gemmax.lora import load_adapter
+    from gemmax.nn.lora import load_adapter
 
     lm = CausalLM.from_preset(str(model_dir))
     lm.params = load_adapter(out / "adapter", lm.params)

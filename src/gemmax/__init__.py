@@ -5,7 +5,7 @@ objects, and the ``distribution`` module. Everything else lives in modules named
 """
 
 from gemmax.api import CausalLM, presets
-from gemmax.config import PRESETS, ModelConfig, get_preset, tiny_config
+from gemmax.models.gemma.config import PRESETS, ModelConfig, get_preset, tiny_config
 
 __version__ = "0.1.0"
 

@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax import model as _model
-from gemmax.config import PRESET_HF_REPOS, PRESETS, ModelConfig, describe_size, get_preset
-from gemmax.hf import (
+from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
     export_hf_folder,
@@ -27,6 +25,8 @@ from gemmax.hf import (
     read_config,
     resolve_hf_handle,
 )
+from gemmax.models.gemma import model as _model
+from gemmax.models.gemma.config import PRESET_HF_REPOS, PRESETS, ModelConfig, describe_size, get_preset
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -148,11 +148,11 @@ class CausalLM:
     def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> Any:
         model_type = _peek_model_type(folder)
         if model_type == "recurrent_gemma":
-            from gemmax.recurrent import load_recurrent_gemma
+            from gemmax.models.recurrent_gemma import load_recurrent_gemma
 
             return load_recurrent_gemma(folder, dtype, source=source)
         if model_type == "paligemma":
-            from gemmax.paligemma import load_paligemma
+            from gemmax.models.paligemma import load_paligemma
 
             return load_paligemma(folder, dtype)
         cfg, _ = read_config(folder)
@@ -163,8 +163,8 @@ class CausalLM:
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
-        from gemmax import gguf_io
-        from gemmax.config import from_hf_config
+        from gemmax.io import gguf as gguf_io
+        from gemmax.models.gemma.config import from_hf_config
 
         contents = gguf_io.read_gguf(path)
         cfg = from_hf_config(contents.hf_config)
@@ -173,7 +173,7 @@ class CausalLM:
         params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
         try:
-            from gemmax.tokenizer import Tokenizer
+            from gemmax.io.tokenizer import Tokenizer
 
             tok = Tokenizer.from_gguf(contents)
         except Exception:  # a GGUF without a usable vocabulary still runs on token ids
@@ -182,7 +182,7 @@ class CausalLM:
 
     @classmethod
     def _from_gemmax_folder(cls, folder: Path, dtype: Any) -> CausalLM:
-        from gemmax.hf import SafetensorsFile
+        from gemmax.io.hf import SafetensorsFile
 
         meta = json.loads((folder / "gemmax.json").read_text())
         cfg = ModelConfig.from_dict(meta["config"])
@@ -233,7 +233,7 @@ class CausalLM:
     def _sampling(self, n_prompt: int, max_length: int | None, max_new_tokens: int | None, sampler: str | None,
                   temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
                   seed: int, stop_ids: tuple[int, ...]):
-        from gemmax.generate import SamplingParams
+        from gemmax.engine.generate import SamplingParams
 
         if max_new_tokens is None:
             max_new_tokens = (max_length - n_prompt) if max_length is not None else 64
@@ -279,7 +279,7 @@ class CausalLM:
         at its own ``<eos>``/``<end_of_turn>`` or stop string. ``prefix``/``suffix`` build a CodeGemma
         fill-in-the-middle prompt and return only the middle.
         """
-        from gemmax.generate import generate_ids
+        from gemmax.engine.generate import generate_ids
 
         fim = prefix is not None or suffix is not None
         if fim:
@@ -333,7 +333,7 @@ class CausalLM:
                min_p: float | None = None, seed: int = 0, stop: list[str] | None = None, chunk: int = 4,
                truncate: str | None = None, add_bos: bool = True):
         """Yield text as it is produced (complete characters only, byte-fallback safe)."""
-        from gemmax.generate import Engine, Request, bucket
+        from gemmax.engine.generate import Engine, Request, bucket
 
         tok = self._require_tokenizer()
         ids = tok.encode(prompt, add_bos=add_bos)
@@ -380,7 +380,7 @@ class CausalLM:
     def enable_lora(self, rank: int = 4, alpha: float | None = None, targets: Any = ("query", "value"),
                     seed: int = 0, dtype: Any = "float32", verbose: bool = True) -> CausalLM:
         """Freeze the base and add low-rank adapters (PEFT's factorisation) on every layer of ``targets``."""
-        from gemmax import lora
+        from gemmax.nn import lora
 
         self.params = lora.add_lora(self.params, self.config, rank=rank, alpha=alpha, targets=targets,
                                     seed=seed, dtype=_dtype(dtype))
@@ -399,33 +399,33 @@ class CausalLM:
 
     def merge_lora(self) -> CausalLM:
         """Fold the adapters into the base weights (for export or faster inference)."""
-        from gemmax import lora
+        from gemmax.nn import lora
 
         self.params = lora.merge_lora(self.params)
         return self
 
     def save_adapter(self, path: str | os.PathLike, **kw: Any) -> Any:
-        from gemmax import lora
+        from gemmax.nn import lora
 
         return lora.save_adapter(path, self.params, self.config, **kw)
 
     def load_adapter(self, path: str | os.PathLike) -> CausalLM:
-        from gemmax import lora
+        from gemmax.nn import lora
 
         self.params = lora.load_adapter(path, self.params)
         return self
 
     def export_peft(self, path: str | os.PathLike, **kw: Any) -> Any:
         """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-        from gemmax import lora
+        from gemmax.nn import lora
 
         return lora.export_peft(path, self.params, self.config, **kw)
 
     def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
-        from gemmax import gguf_io
-        from gemmax.config import to_hf_config
-        from gemmax.hf import params_to_hf
+        from gemmax.io import gguf as gguf_io
+        from gemmax.io.hf import params_to_hf
+        from gemmax.models.gemma.config import to_hf_config
 
         flat = self._host_flat(merge=True)
         tensors = dict(params_to_hf(flat, self.config))
@@ -433,20 +433,20 @@ class CausalLM:
 
     def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
         """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""
-        from gemmax import quant
+        from gemmax.nn import quant
 
         self.params = quant.quantize_params(self.params, self.config, mode=mode, **kw)
         self.__dict__.pop("_logits_fn", None)
         return self
 
     def fit(self, data: Any, **kw: Any) -> Any:
-        """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.fit`` for the options."""
-        from gemmax import train
+        """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.trainer.fit`` for the options."""
+        from gemmax.train import trainer as train
 
         return train.fit(self, data, **kw)
 
     def evaluate(self, data: Any, **kw: Any) -> dict[str, float]:
-        from gemmax import train
+        from gemmax.train import trainer as train
 
         return train.evaluate(self, data, **kw)
 
@@ -490,7 +490,7 @@ class CausalLM:
         params = self.params
         flat = _model.flatten(params)
         if any(p.endswith(("lora_a", "qkernel")) or p.endswith("/scale") and "norm" not in p for p in flat):
-            from gemmax import lora, quant
+            from gemmax.nn import lora, quant
 
             params = quant.dequantize_params(lora.merge_lora(params) if merge else lora.strip_lora(params))
             flat = _model.flatten(params)
@@ -499,7 +499,7 @@ class CausalLM:
     def save(self, path: str | os.PathLike) -> Path:
         """gemmax's own format: ``gemmax.json`` (config) + ``params.safetensors`` keyed by weight path,
         memory-mappable for fast streamed loading; the tokenizer is saved beside it."""
-        from gemmax.hf import write_safetensors
+        from gemmax.io.hf import write_safetensors
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -554,7 +554,7 @@ def load_tokenizer(folder: Path) -> Any:
     if not ((folder / "tokenizer.model").exists() or (folder / "tokenizer.json").exists()):
         return None
     try:
-        from gemmax.tokenizer import Tokenizer
+        from gemmax.io.tokenizer import Tokenizer
 
         return Tokenizer.from_pretrained(folder)
     except ImportError:

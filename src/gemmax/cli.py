@@ -111,7 +111,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from gemmax.config import PRESETS
+    from gemmax.models.gemma.config import PRESETS
 
     if a.handle in PRESETS and not os.path.exists(a.handle):
         cfg = PRESETS[a.handle]
@@ -152,7 +152,8 @@ def _own_module_family(handle: str) -> tuple[Any, Any] | None:
     import json
     from pathlib import Path
 
-    from gemmax import paligemma, recurrent
+    from gemmax.models import paligemma
+    from gemmax.models import recurrent_gemma as recurrent
 
     for mod in (recurrent, paligemma):
         if handle in mod.PRESETS:
@@ -171,9 +172,9 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from gemmax import distribution as dist
-    from gemmax import model as gm
-    from gemmax.config import PRESETS
-    from gemmax.hf import read_config
+    from gemmax.io.hf import read_config
+    from gemmax.models.gemma import model as gm
+    from gemmax.models.gemma.config import PRESETS
 
     own = _own_module_family(a.handle)
     if own is not None:
@@ -185,7 +186,7 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
         if not a.no_optimizer:
             import optax
 
-            from gemmax import optim
+            from gemmax.train import optim
 
             optimizer = (optim.make_optimizer(1e-4, frozen=lambda p: not p.endswith(("lora_a", "lora_b")))
                          if a.lora_rank else optax.adamw(1e-4))
@@ -194,7 +195,7 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     if a.handle in PRESETS:
         cfg = PRESETS[a.handle]
     elif a.handle.endswith(".gguf"):
-        from gemmax.gguf_io import read_gguf
+        from gemmax.io.gguf import read_gguf
 
         cfg = read_gguf(a.handle).config
     else:
@@ -212,13 +213,13 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     tree = gm.unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in specs.items()})
     optimizer = None
     if a.lora_rank:
-        from gemmax import lora
+        from gemmax.nn import lora
 
         tree = jax.eval_shape(lambda t: lora.add_lora(t, cfg, rank=a.lora_rank, dtype=dtype), tree)
     if not a.no_optimizer:
         import optax
 
-        from gemmax import optim
+        from gemmax.train import optim
 
         frozen = (lambda p: not p.endswith(("lora_a", "lora_b"))) if a.lora_rank else None
         optimizer = optim.make_optimizer(1e-4, frozen=frozen) if frozen else optax.adamw(1e-4)
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-optimizer", action="store_true", help="weights only, no AdamW states")
     s.set_defaults(func=cmd_shard_plan)
 
-    for mod in ("train", "server"):
+    for mod in ("train.trainer", "serve.server"):
         try:
             __import__(f"gemmax.{mod}", fromlist=["register_cli"]).register_cli(sub)
         except ImportError as e:  # pragma: no cover - optional dependencies missing

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def main(out_dir: str = "out/demo") -> int:
     from gemmax.cli import load_model
-    from gemmax.train import demo_settings, plot_loss
+    from gemmax.train.trainer import demo_settings, plot_loss
 
     s = demo_settings()
     out = Path(out_dir)

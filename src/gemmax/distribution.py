@@ -67,7 +67,7 @@ LAYER_PREFIX = "decoder_block/"
 #: scales. They follow the sharding of their main weight so the matmuls they feed need no resharding.
 _MAIN_WEIGHTS = ("kernel", "embeddings")
 _DERIVED = ("lora_a", "lora_b", "scale", "kernel_scale", "lora_scale")
-#: Group-quantized nodes (gemmax.quant): ``qkernel`` is the kernel with its last input axis cut into
+#: Group-quantized nodes (gemmax.nn.quant): ``qkernel`` is the kernel with its last input axis cut into
 #: ``[n_groups, group_size]``; ``qscale`` has the same rank with a 1 for ``group_size``. Rules written for the
 #: kernel match them with a rank one too small; they are adapted instead of rejected.
 _GROUPED = ("qkernel", "qscale")
@@ -849,7 +849,7 @@ def _shard_bytes(shape: tuple[int, ...], spec: PartitionSpec, mesh: DeviceMesh, 
 def _abstract_tree(params_or_specs: Any, param_dtype: Any) -> Any:
     """Params / ParamSpecs / ShapeDtypeStructs / a ModelConfig -> a tree of ShapeDtypeStructs."""
     if hasattr(params_or_specs, "num_layers") and hasattr(params_or_specs, "vocab_size"):
-        from gemmax import model  # a ModelConfig: its declared weights
+        from gemmax.models.gemma import model  # a ModelConfig: its declared weights
 
         params_or_specs = model.param_specs(params_or_specs)
 

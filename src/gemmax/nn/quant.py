@@ -4,7 +4,7 @@ Two representations:
 
 * **Per-output-channel** (``int8``, and ``int4`` without groups): the node becomes
   ``{"kernel": int8|int4 [..], "scale": float [L, out...]}``. The scale has the shape of the linear's output
-  trailing dims, so ``gemmax.layers.linear`` computes ``einsum(x, kernel) * scale`` with no change, the
+  trailing dims, so ``gemmax.nn.layers.linear`` computes ``einsum(x, kernel) * scale`` with no change, the
   embedding gets a per-row scale ``[V]`` (``model.embed`` / ``logits_from_hidden`` apply it), and the forward
   never holds a dequantized copy of a weight. Symmetric: ``scale = max|w| / 127`` (``/ 7`` for int4) over
   the kernel's input dims.
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.config import ModelConfig
-from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS
+from gemmax.models.gemma.config import ModelConfig
+from gemmax.models.gemma.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -37,7 +37,7 @@ Params = dict[str, Any]
 MODES = ("int8", "int4", "nf4")
 LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
 
-#: Path of each linear node in the parameter tree (one table, in gemmax.model).
+#: Path of each linear node in the parameter tree (one table, in gemmax.models.gemma.model).
 LINEAR_PATHS = LINEAR_NODE_PATHS
 
 
@@ -282,8 +282,8 @@ def estimate_bytes(config: ModelConfig, mode: str | None = "int8", group_size: i
     ``mode=None`` gives the unquantized tree in ``dtype``; ``lora_rank`` adds adapters (QLoRA when a mode
     is set). Used for the figures in docs/lora_quant.md.
     """
-    from gemmax.lora import add_lora
-    from gemmax.model import init_params
+    from gemmax.models.gemma.model import init_params
+    from gemmax.nn.lora import add_lora
 
     def build(key: Array) -> Params:
         p = init_params(config, key, dtype)

@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from gemmax.config import ModelConfig, from_hf_config, to_hf_config
+from gemmax.models.gemma.config import ModelConfig, from_hf_config, to_hf_config
 
 _ST_DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -168,7 +168,7 @@ def open_safetensors_folder(folder: Path) -> TensorSource:
                 raise CheckpointError(
                     f"{folder} holds only PyTorch pickles ({', '.join(pickles)}). gemmax never unpickles "
                     "files (a pickle can run arbitrary code). Convert once with torch's weights-only loader: "
-                    "`gemmax.hf.convert_pickle_checkpoint(folder)` (needs torch), or use the safetensors "
+                    "`gemmax.io.hf.convert_pickle_checkpoint(folder)` (needs torch), or use the safetensors "
                     "revision of the model.")
             raise CheckpointError(f"{folder}: no *.safetensors weights found")
         files = [SafetensorsFile(p) for p in paths]
@@ -286,7 +286,7 @@ def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtyp
 
     ``source`` maps HF names to arrays (read on access); ``shape_of`` gives shapes without reading.
     """
-    from gemmax.model import param_specs
+    from gemmax.models.gemma.model import param_specs
 
     specs = param_specs(cfg)
     names = _strip_prefix(list(source.keys()))

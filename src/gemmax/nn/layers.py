@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gemmax import cpu_kernels
+from gemmax.kernels import cpu as cpu_kernels
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -159,13 +159,13 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
     """
     if "qkernel" in node:
         # grouped 4-bit (int4 / NF4): dequantize this one kernel inside the layer, never the whole model
-        from gemmax.quant import dequantize_kernel, in_axes_from_eq
+        from gemmax.nn.quant import dequantize_kernel, in_axes_from_eq
 
         rest = {k: v for k, v in node.items() if k not in ("qkernel", "qscale")}
         node = dict(rest, kernel=dequantize_kernel(node, in_axes_from_eq(eq), x.dtype))
     w = node["kernel"]
     dt = dot_dtype(x.dtype)
-    if cpu_kernels.supports(eq, x, w):  # decode on CPU: the native GEMV (see gemmax.cpu_kernels)
+    if cpu_kernels.supports(eq, x, w):  # decode on CPU: the native GEMV (see gemmax.kernels.cpu)
         if x.dtype == jnp.bfloat16 and "lora_a" not in node:  # rounded by the kernel, as below
             return cpu_kernels.gemv(eq, x, w, node.get("scale"), out_dtype=x.dtype)
         y = cpu_kernels.gemv(eq, x, w, node.get("scale")).astype(dt)

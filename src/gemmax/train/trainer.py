@@ -2,7 +2,7 @@
 
 ``fit`` assembles the fine-tuning building blocks into one loop:
 
-* data: ``gemmax.data.Dataset`` (packed rows, loss masks, a resumable ``BatchIterator``);
+* data: ``gemmax.train.data.Dataset`` (packed rows, loss masks, a resumable ``BatchIterator``);
 * the step: ``model.forward_hidden`` (optionally rematerialised) + ``losses.lm_loss`` (chunked cross-entropy,
   so [B, T, V] logits never exist) + ``optim.accumulate_gradients`` (token-weighted mean over micro-batches)
   + AdamW from ``optim.make_optimizer``, compiled once with the trainable weights and optimizer state
@@ -41,11 +41,11 @@ import numpy as np
 import optax
 
 from gemmax import distribution as _dist
-from gemmax.data import DataError, Dataset
-from gemmax.lora import add_lora, merge_trees, split_trainable
-from gemmax.losses import lm_loss
-from gemmax.model import forward_hidden
-from gemmax.optim import Precision, accumulate_gradients, make_optimizer, make_schedule
+from gemmax.models.gemma.model import forward_hidden
+from gemmax.nn.lora import add_lora, merge_trees, split_trainable
+from gemmax.train.data import DataError, Dataset
+from gemmax.train.losses import lm_loss
+from gemmax.train.optim import Precision, accumulate_gradients, make_optimizer, make_schedule
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -250,7 +250,7 @@ def enable_lora(lm: Any, rank: int = 4, alpha: float | None = None,
 
     Adapters are created with the params' sharding when a distribution is active (they follow their kernel).
     """
-    from gemmax.lora import count_trainable
+    from gemmax.nn.lora import count_trainable
 
     params = add_lora(lm.params, lm.config, rank=rank, alpha=alpha, targets=targets, seed=seed)
     dist = _dist.distribution()
@@ -342,7 +342,7 @@ def _as_dataset(lm: Any, data: Any, sequence_length: int, format: str) -> Datase
     if isinstance(data, Dataset):
         return data
     if lm.tokenizer is None:
-        raise DataError("this model has no tokenizer: pass a gemmax.data.Dataset built with one")
+        raise DataError("this model has no tokenizer: pass a gemmax.train.data.Dataset built with one")
     return Dataset.from_source(data, lm.tokenizer, sequence_length, format=format)
 
 
@@ -491,7 +491,7 @@ def fit(
 ) -> History:
     """Train ``lm.params`` in place on ``data`` and return the per-step ``History``.
 
-    ``data``: a path, a list of records/strings, or a ``gemmax.data.Dataset`` (see ``Dataset.from_source``;
+    ``data``: a path, a list of records/strings, or a ``gemmax.train.data.Dataset`` (see ``Dataset.from_source``;
     ``format`` picks text / prompt_completion / chat). Give ``steps`` (optimizer steps) or ``epochs``
     (default 1 epoch). ``batch_size`` rows of ``sequence_length`` tokens per optimizer step, split into
     ``grad_accum`` micro-batches whose gradients are combined as the mean over all their target tokens.
@@ -510,7 +510,7 @@ def fit(
     Raises ``NonFiniteLossError`` when a loss or gradient is NaN/inf: the failing update is not applied,
     ``lm.params`` keep the last good weights and (with ``checkpoint_dir``) the last good state is saved.
     """
-    from gemmax.checkpoint import CheckpointManager
+    from gemmax.train.checkpoint import CheckpointManager
 
     if steps is not None and epochs is not None:
         raise ValueError("give steps= or epochs=, not both")
@@ -1002,7 +1002,7 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
                   title=f"{lm.config.name or lm.config.family}: training loss")
     if status == 0:
         if o["lora_rank"]:
-            from gemmax.lora import export_peft, save_adapter
+            from gemmax.nn.lora import export_peft, save_adapter
 
             save_adapter(out / "adapter", lm.params, lm.config)
             if o["export_peft"]:
@@ -1023,7 +1023,7 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gemmax.train finetune ...`` (the same command as ``gemmax finetune``)."""
+    """``python -m gemmax.train.trainer finetune ...`` (the same command as ``gemmax finetune``)."""
     parser = argparse.ArgumentParser(prog="gemmax")
     sub = parser.add_subparsers(dest="command", required=True)
     register_cli(sub)

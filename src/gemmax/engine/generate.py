@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax import cpu_kernels
-from gemmax import model as gm
-from gemmax.config import LOCAL, ModelConfig
-from gemmax.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
+from gemmax.kernels import cpu as cpu_kernels
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import LOCAL, ModelConfig
+from gemmax.nn.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
 
 Array = jax.Array
 
@@ -117,7 +117,7 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, windo
     The returned caches hold ``T`` slots for global layers and a ``window``-slot ring for local ones, in the
     same layout as ``init_cache`` (batch b), ready to be inserted into an engine's slots.
 
-    ``kernels``: the linears go through gemmax's native CPU GEMM (``gemmax.cpu_kernels``), which reads each
+    ``kernels``: the linears go through gemmax's native CPU GEMM (``gemmax.kernels.cpu``), which reads each
     stacked weight in place at its own width; the scan then walks layer indices, as in ``decode_step``.
     """
     with cpu_kernels.decode_kernels(kernels, prefill=True) as on:
@@ -231,7 +231,7 @@ def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos:
                 kernels: bool = False) -> tuple[Array, dict]:
     """One token per row: tokens [B] at absolute positions pos [B] -> logits [B, V], updated cache.
 
-    ``kernels``: run the linears through gemmax's native CPU GEMV (``gemmax.cpu_kernels``); the layer scan
+    ``kernels``: run the linears through gemmax's native CPU GEMV (``gemmax.kernels.cpu``); the layer scan
     then walks layer indices and the kernel reads each stacked weight in place instead of a sliced copy.
     """
     with cpu_kernels.decode_kernels(kernels) as on:

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gemmax.config import GLOBAL, LOCAL, ModelConfig, from_hf_config, to_hf_config
+from gemmax.models.gemma.config import GLOBAL, LOCAL, ModelConfig, from_hf_config, to_hf_config
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gemmax.tokenizer import Tokenizer
+    from gemmax.io.tokenizer import Tokenizer
 
 __all__ = [
     "GGUFContents",
@@ -653,7 +653,7 @@ def write_gguf(
 ) -> Path:
     """Write HF-named tensors and a transformers config as a GGUF file llama.cpp can load.
 
-    ``tokenizer`` (a :class:`gemmax.tokenizer.Tokenizer` or a tokenizer.model path) is embedded as
+    ``tokenizer`` (a :class:`gemmax.io.tokenizer.Tokenizer` or a tokenizer.model path) is embedded as
     ``tokenizer.ggml.*``; without one a placeholder vocabulary is written so the file still loads.
     ``dtype`` picks the type of 2-D weights: "f32", "f16" or "q8_0" (norms stay F32).
     """
@@ -742,7 +742,7 @@ def write_gguf(
 def _add_tokenizer(w: Any, cfg: ModelConfig, tokenizer: Any, chat_template: str | None) -> None:
     """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model)."""
     if tokenizer is not None and not hasattr(tokenizer, "gguf_vocab"):
-        from gemmax.tokenizer import Tokenizer
+        from gemmax.io.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_file(tokenizer)
     if tokenizer is not None:

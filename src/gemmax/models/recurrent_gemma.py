@@ -42,14 +42,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.hf import (
+from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
     open_safetensors_folder,
     raise_on_problems,
     write_safetensors,
 )
-from gemmax.layers import (
+from gemmax.models.gemma.model import ParamSpec, flatten, unflatten
+from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
     dot_attention,
@@ -59,7 +60,6 @@ from gemmax.layers import (
     rope_inv_freq,
     softcap,
 )
-from gemmax.model import ParamSpec, flatten, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -794,7 +794,7 @@ def dense_paths(cfg: RecurrentGemmaConfig) -> dict[tuple[str, ...], str]:
 def stacked_in_axes(name: str) -> tuple[int, ...]:
     """Contracted axes of a stacked kernel (layer axis first), read off its einsum so the table above is
     the single source of truth for shapes."""
-    from gemmax.quant import in_axes_from_eq
+    from gemmax.nn.quant import in_axes_from_eq
 
     return tuple(1 + a for a in in_axes_from_eq(EQS[name][0]))
 
@@ -816,11 +816,11 @@ def quantize_params(params: Params, cfg: RecurrentGemmaConfig, mode: str = "int8
                     embedding: bool = True) -> Params:
     """Weight-only quantization of every dense kernel (and, with ``embedding``, the tied embedding per row).
 
-    Uses :func:`gemmax.quant.quantize_kernel`, so the nodes have exactly ``gemmax.quant``'s layout
+    Uses :func:`gemmax.nn.quant.quantize_kernel`, so the nodes have exactly ``gemmax.nn.quant``'s layout
     (``{"kernel": int8, "scale"}`` or grouped ``qkernel``/``qscale``) and ``layers.linear`` — which every
     Griffin dense layer goes through — applies them; biases and adapters on a node are kept.
     """
-    from gemmax.quant import is_quantized, quantize_kernel
+    from gemmax.nn.quant import is_quantized, quantize_kernel
 
     for path, name in dense_paths(cfg).items():
         node = _get(params, path)
@@ -837,7 +837,7 @@ def quantize_params(params: Params, cfg: RecurrentGemmaConfig, mode: str = "int8
 
 def dequantize_params(params: Params, cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32) -> Params:
     """Float weights back from :func:`quantize_params` (adapters and biases kept)."""
-    from gemmax.quant import dequantize_kernel, is_quantized
+    from gemmax.nn.quant import dequantize_kernel, is_quantized
 
     for path, name in dense_paths(cfg).items():
         node = _get(params, path)
@@ -865,9 +865,9 @@ def add_lora(params: Params, cfg: RecurrentGemmaConfig, rank: int = 4, alpha: fl
     """Adapters on every block of each targeted dense layer (attention ``query``/``key``/``value``/
     ``attention_output``, the MLP's ``ffw_*`` in both block kinds, the recurrent block's ``linear_*``).
 
-    Same convention as :func:`gemmax.lora.add_lora` (``lora_a`` [L, in..., r] uniform in ±1/sqrt(fan_in),
+    Same convention as :func:`gemmax.nn.lora.add_lora` (``lora_a`` [L, in..., r] uniform in ±1/sqrt(fan_in),
     ``lora_b`` [L, r, out...] zero, ``lora_scale`` [L] = alpha / rank), so the model is unchanged until
-    training moves B, and ``gemmax.lora.split_trainable`` picks the factors out of the tree.
+    training moves B, and ``gemmax.nn.lora.split_trainable`` picks the factors out of the tree.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -921,7 +921,7 @@ def lora_delta(node: Params, name: str) -> Array:
 def merge_lora(params: Params, cfg: RecurrentGemmaConfig) -> Params:
     """Fold adapters into their kernels (``W + scale * A @ B``; a quantized kernel is dequantized first and
     the result is float — re-quantize if wanted) and drop the factors."""
-    from gemmax.quant import dequantize_kernel
+    from gemmax.nn.quant import dequantize_kernel
 
     for path, name in dense_paths(cfg).items():
         node = _get(params, path)
@@ -1128,7 +1128,7 @@ def _bucket(n: int, minimum: int = 16) -> int:
 def summary_table(name: str, family: str, flat: Mapping[str, Any], embed_prefixes: tuple[str, ...] = (
         "token_embedding",), print_fn: Any = print) -> str:
     """A Keras-like table of weights (path, shape, dtype, count) with totals; shared by the model classes
-    of this module and :mod:`gemmax.paligemma`."""
+    of this module and :mod:`gemmax.models.paligemma`."""
     w = max(len(p) for p in flat) + 2
     lines = [f'Model: "{name or family}" ({family})', f"{'Weight path':<{w}}{'Shape':<24}{'Dtype':<10}{'Params':>14}",
              "-" * (w + 48)]
@@ -1139,7 +1139,7 @@ def summary_table(name: str, family: str, flat: Mapping[str, Any], embed_prefixe
         if p.startswith(embed_prefixes):
             emb += n
         lines.append(f"{p:<{w}}{str(tuple(a.shape)):<24}{str(a.dtype):<10}{n:>14,}")
-    from gemmax.config import describe_size
+    from gemmax.models.gemma.config import describe_size
 
     lines += ["-" * (w + 48), f"Total params: {total:,} ({describe_size(total)})",
               f"Embedding params: {emb:,} ({describe_size(emb)})",
@@ -1178,7 +1178,7 @@ class RecurrentGemmaLM:
 
     @classmethod
     def _load(cls, handle: str, dtype: Any) -> RecurrentGemmaLM:
-        from gemmax.hf import resolve_hf_handle
+        from gemmax.io.hf import resolve_hf_handle
 
         path = Path(os.path.expanduser(handle))
         if handle.startswith("hf://"):
@@ -1253,7 +1253,7 @@ class RecurrentGemmaLM:
 
     def enable_lora(self, rank: int = 4, targets: str | tuple[str, ...] | list[str] = ("query", "value"),
                     alpha: float | None = None, seed: int = 0) -> RecurrentGemmaLM:
-        """Add adapters (:func:`add_lora`); train the ``gemmax.lora.split_trainable`` half of ``params``."""
+        """Add adapters (:func:`add_lora`); train the ``gemmax.nn.lora.split_trainable`` half of ``params``."""
         self.params = add_lora(self.params, self.config, rank, alpha, targets, seed)
         return self
 

@@ -67,7 +67,7 @@ class DataError(ValueError):
 
 
 class TokenizerLike(Protocol):
-    """What the pipeline needs from a tokenizer (gemmax.tokenizer.Tokenizer satisfies it)."""
+    """What the pipeline needs from a tokenizer (gemmax.io.tokenizer.Tokenizer satisfies it)."""
 
     bos_id: int
     eos_id: int

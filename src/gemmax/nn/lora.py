@@ -2,7 +2,7 @@
 
 A targeted linear node ``{"kernel": W}`` gains ``lora_a`` ``[L, in..., r]``, ``lora_b`` ``[L, r, out...]``
 and ``lora_scale`` ``[L]`` (stacked over layers like every decoder weight, so the layer scan slices them
-with the kernel). ``gemmax.layers.linear`` already applies them, so no model code changes, and the same
+with the kernel). ``gemmax.nn.layers.linear`` already applies them, so no model code changes, and the same
 functions work on a quantized base (QLoRA: ``{"kernel": int8, "scale": ...}`` plus adapters).
 
 The factorisation is PEFT's: one ``A [in, r]`` / ``B [r, out]`` pair per torch ``nn.Linear`` (the heads of
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.config import ModelConfig
-from gemmax.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS, flatten, param_specs, unflatten
+from gemmax.models.gemma.config import ModelConfig
+from gemmax.models.gemma.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS, flatten, param_specs, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -50,7 +50,7 @@ HF_MODULES: dict[str, str] = {
     "ffw_linear": "mlp.down_proj",
 }
 
-#: Path of each linear node in the parameter tree (one table, in gemmax.model).
+#: Path of each linear node in the parameter tree (one table, in gemmax.models.gemma.model).
 NODE_PATHS = LINEAR_NODE_PATHS
 
 #: Module prefix PEFT uses in adapter_model.safetensors for a ``*ForCausalLM`` text model.
@@ -255,9 +255,9 @@ def merge_lora(params: Params, dtype: Any = None) -> Params:
     """Fold every adapter into its kernel (``W + scale * A @ B``) and drop the factors.
 
     A quantized base is dequantized first and the merged kernel stays floating point (``dtype``, default
-    the adapters' dtype): re-quantize with ``gemmax.quant.quantize_params`` if wanted.
+    the adapters' dtype): re-quantize with ``gemmax.nn.quant.quantize_params`` if wanted.
     """
-    from gemmax.quant import dequantize_node
+    from gemmax.nn.quant import dequantize_node
 
     for t in lora_targets(params):
         node = _get_node(params, t)
@@ -314,7 +314,7 @@ def save_adapter(path: str | os.PathLike, params: Params, config: ModelConfig,
     Only the adapters are saved (megabytes, not the base); ``targets``/``rank``/``alpha`` default to what
     the params carry and, when given, are checked against them.
     """
-    from gemmax.hf import write_safetensors
+    from gemmax.io.hf import write_safetensors
 
     meta = _adapter_meta(params)
     if targets is not None and set(resolve_targets(targets)) != set(meta["targets"]):
@@ -335,7 +335,7 @@ def save_adapter(path: str | os.PathLike, params: Params, config: ModelConfig,
 
 def load_adapter(path: str | os.PathLike, params: Params, dtype: Any = None) -> Params:
     """Put adapters saved by ``save_adapter`` onto ``params`` (replacing any present), shape-checked."""
-    from gemmax.hf import SafetensorsFile
+    from gemmax.io.hf import SafetensorsFile
 
     folder = Path(path)
     meta = json.loads((folder / ADAPTER_JSON).read_text())
@@ -387,7 +387,7 @@ def export_peft(path: str | os.PathLike, params: Params, config: ModelConfig,
     differ). ``prefix`` is the module path of the decoder layers (``base_model.model.model.layers`` for
     ``*ForCausalLM``; a multimodal Gemma 3 wrapper uses ``base_model.model.model.language_model.layers``).
     """
-    from gemmax.hf import write_safetensors
+    from gemmax.io.hf import write_safetensors
 
     meta = _adapter_meta(params)
     targets = meta["targets"]
@@ -430,7 +430,7 @@ def import_peft(path: str | os.PathLike, params: Params, config: ModelConfig, dt
     DoRA, LoRA biases and adapters on embeddings or the LM head are refused with a message: gemmax's
     linear does not implement them.
     """
-    from gemmax.hf import SafetensorsFile
+    from gemmax.io.hf import SafetensorsFile
 
     folder = Path(path)
     cfg = json.loads((folder / "adapter_config.json").read_text())

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax import cpu_kernels
-from gemmax.config import LOCAL, ModelConfig
-from gemmax.layers import (
+from gemmax.kernels import cpu as cpu_kernels
+from gemmax.models.gemma.config import LOCAL, ModelConfig
+from gemmax.nn.layers import (
     attention_mask,
     dot_attention,
     einsum,
@@ -318,7 +318,7 @@ def output_kernel(params: Params, cfg: ModelConfig) -> tuple[Array, str, Array |
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Array) -> Array:
     """Hidden [B, T, D] -> float32 logits with the final soft-cap (Gemma 2) applied."""
     w, eq, scale = output_kernel(params, cfg)
-    if cpu_kernels.supports(eq, hidden, w):  # decode on CPU: the native GEMV (see gemmax.cpu_kernels)
+    if cpu_kernels.supports(eq, hidden, w):  # decode on CPU: the native GEMV (see gemmax.kernels.cpu)
         return softcap(cpu_kernels.gemv(eq, hidden, w, scale), cfg.final_logit_softcap)
     logits = einsum(eq, hidden, w, jnp.float32)
     if scale is not None:

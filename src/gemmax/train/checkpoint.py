@@ -22,7 +22,7 @@ after a newer one is committed, so ``keep`` never drops the last good checkpoint
 path, shape and dtype) and ``weights/`` — an Orbax checkpoint rather than safetensors because it (a) saves
 and restores *sharded* arrays directly under a mesh (a 27B model never has to fit on one host), (b) keeps
 bfloat16 and int8 as they are, and (c) is already atomic. Exporting to safetensors for other tools is
-``gemmax.hf``'s job.
+``gemmax.io.hf``'s job.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gemmax.config import ModelConfig
+from gemmax.models.gemma.config import ModelConfig
 
 __all__ = ["CheckpointError", "CheckpointManager", "abstract_tree", "load_params", "save_params"]
 
@@ -220,14 +220,14 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest(params: Any) -> dict[str, list]:
-    from gemmax.optim import path_str  # local import: optim pulls optax, not needed otherwise
+    from gemmax.train.optim import path_str  # local import: optim pulls optax, not needed otherwise
 
     return {path_str(kp): [list(np.shape(x)), str(x.dtype)]
             for kp, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    from gemmax.model import unflatten
+    from gemmax.models.gemma.model import unflatten
 
     return unflatten(flat)
 
@@ -307,7 +307,7 @@ def load_params(path: str | os.PathLike, *, target: Any = None, dtype: Any = Non
     except Exception as e:  # noqa: BLE001 - surface any orbax/tensorstore failure as a corrupt folder
         raise CheckpointError(f"{weights}: weights are missing or corrupt ({type(e).__name__}: {e})") from e
     if dtype is not None:
-        from gemmax.optim import cast_floating
+        from gemmax.train.optim import cast_floating
 
         params = cast_floating(params, dtype)
     return params, config

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gemmax.gguf_io import GGUFContents
+    from gemmax.io.gguf import GGUFContents
 
 __all__ = [
     "Tokenizer",
@@ -136,7 +136,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | GGUFContents) -> Tokenizer:
         """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata."""
-        from gemmax.gguf_io import GGUFContents, read_gguf
+        from gemmax.io.gguf import GGUFContents, read_gguf
 
         contents = source if isinstance(source, GGUFContents) else read_gguf(source)
         meta = contents.tokenizer_metadata

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server with continuous batching over :class:`gemmax.generate.Engine`.
+"""An OpenAI-compatible HTTP server with continuous batching over :class:`gemmax.engine.generate.Engine`.
 
 Design (docs/serving.md):
 
@@ -40,9 +40,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gemmax.generate import Engine, Request, SamplingParams
+from gemmax.engine.generate import Engine, Request, SamplingParams
 
-log = logging.getLogger("gemmax.server")
+log = logging.getLogger("gemmax.serve.server")
 
 DEFAULT_MAX_LEN = 2048  # cache length per slot; attention cost and cache memory grow with it
 MAX_N = 16  # choices per request
@@ -558,7 +558,7 @@ def _default_name(lm: Any) -> str:
 def _adapter_params(base_params: dict, adapter: Any) -> dict:
     """A LoRA adapter (a saved adapter folder, or params carrying factors) merged into the base kernels.
     Only the targeted kernels are new arrays; every other leaf is the base's own."""
-    from gemmax import lora
+    from gemmax.nn import lora
 
     if isinstance(adapter, (str, os.PathLike)):
         adapter = lora.load_adapter(adapter, base_params)
@@ -962,7 +962,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemmax.server")
+    parser = argparse.ArgumentParser(prog="python -m gemmax.serve.server")
     sub = parser.add_subparsers(dest="command", required=True)
     register_cli(sub)
     args = parser.parse_args(["serve", *(argv if argv is not None else __import__("sys").argv[1:])])

@@ -6,7 +6,7 @@ by sqrt(d) (the reference scales inside the embedding lookup). Attention is full
 prompt: "token type" 0) and causal over the suffix and everything generated (type 1); RoPE positions start
 at 1, as in transformers (``position_ids + 1``).
 
-The decoder is :func:`gemmax.model.decoder_layer` over the same parameter paths as ``CausalLM``
+The decoder is :func:`gemmax.models.gemma.model.decoder_layer` over the same parameter paths as ``CausalLM``
 (``token_embedding/``, ``decoder_block/``, ``final_normalization/``), so Gemma layout maps, LoRA and
 quantization transforms apply unchanged; only the attention mask (``attend``) differs. PaliGemma 2 is the
 same code with a Gemma 2 decoder (soft-caps, sandwich norms, alternating sliding windows).
@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax import model as gm
-from gemmax import vision
-from gemmax.config import ModelConfig
-from gemmax.config import from_hf_config as text_from_hf
-from gemmax.config import to_hf_config as text_to_hf
-from gemmax.hf import CheckpointError, lazy_params_from_hf, open_safetensors_folder
-from gemmax.layers import dot_attention
-from gemmax.model import ParamSpec, flatten, unflatten
-from gemmax.recurrent import lazy_from_table, summary_table
+from gemmax.io.hf import CheckpointError, lazy_params_from_hf, open_safetensors_folder
+from gemmax.models import siglip as vision
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import ModelConfig
+from gemmax.models.gemma.config import from_hf_config as text_from_hf
+from gemmax.models.gemma.config import to_hf_config as text_to_hf
+from gemmax.models.gemma.model import ParamSpec, flatten, unflatten
+from gemmax.models.recurrent_gemma import lazy_from_table, summary_table
+from gemmax.nn.layers import dot_attention
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -382,7 +382,7 @@ def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffi
         rows.append((prefix, suffix))
     need = max(len(a) + len(b) for a, b in rows)
     if length is None:
-        from gemmax.recurrent import _bucket
+        from gemmax.models.recurrent_gemma import _bucket
 
         length = _bucket(need)
     if need > length:
@@ -411,13 +411,13 @@ def suffix_loss(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixels: Arr
 def make_train_step(cfg: PaliGemmaConfig, optimizer: Any) -> Callable:
     """Jitted ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``.
 
-    Only ``trainable`` (the adapters, from ``gemmax.lora.split_trainable``) is differentiated, so the vision
+    Only ``trainable`` (the adapters, from ``gemmax.nn.lora.split_trainable``) is differentiated, so the vision
     tower, projector and base decoder are frozen by construction and carry no optimizer state. ``batch``
     holds ``pixels`` plus :func:`training_batch`'s arrays.
     """
     import optax
 
-    from gemmax.lora import merge_trees
+    from gemmax.nn.lora import merge_trees
 
     @jax.jit
     def step(trainable: Params, frozen: Params, opt_state: Any, batch: dict[str, Array]) -> tuple:
@@ -445,7 +445,7 @@ def layout_map(mesh: Any) -> Any:
 def abstract_params(cfg: PaliGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
                     lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
     """ShapeDtypeStruct tree of every weight (plus decoder adapters): ``gemmax shard-plan`` input."""
-    from gemmax import lora
+    from gemmax.nn import lora
 
     tree = unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
     if lora_rank:
@@ -508,7 +508,7 @@ class PaliGemma:
 
     @classmethod
     def _load(cls, folder: str | os.PathLike, dtype: Any) -> PaliGemma:
-        from gemmax.recurrent import _dtype
+        from gemmax.models.recurrent_gemma import _dtype
 
         cfg, params = load_params(Path(os.path.expanduser(str(folder))), _dtype(dtype))
         tok = None
@@ -571,7 +571,7 @@ class PaliGemma:
             px = np.repeat(px, len(prompts), axis=0)
         rows = [build_input_ids(self.config, self._encode_prompt(p)) for p in prompts]
         lengths = np.array([len(r) for r in rows], np.int32)
-        from gemmax.recurrent import _bucket
+        from gemmax.models.recurrent_gemma import _bucket
 
         t = _bucket(int(lengths.max()))
         ids = np.full((len(rows), t), self.config.text.pad_token_id, np.int32)
@@ -591,7 +591,7 @@ class PaliGemma:
 
     # ---- weight transforms ------------------------------------------------------------------------
     def quantize(self, mode: str = "int8", group_size: int | None = None) -> PaliGemma:
-        """Weight-only quantization in place: the decoder through ``gemmax.quant.quantize_params`` (same
+        """Weight-only quantization in place: the decoder through ``gemmax.nn.quant.quantize_params`` (same
         paths as ``CausalLM``; embedding per row) and the SigLIP encoder's dense kernels per output channel
         (``vision.quantize_params``). Norms, patch/position embeddings and the projector stay float."""
         self.params = _quantize_jit(self.params, self.config, mode, group_size)
@@ -599,15 +599,15 @@ class PaliGemma:
 
     def enable_lora(self, rank: int = 4, targets: str | Sequence[str] = ("query", "value"),
                     alpha: float | None = None, seed: int = 0) -> PaliGemma:
-        """Adapters on the *language* side only (``decoder_block/...``, via ``gemmax.lora.add_lora``): the
-        vision tower and projector have none, so ``gemmax.lora.split_trainable`` leaves them frozen."""
-        from gemmax import lora
+        """Adapters on the *language* side only (``decoder_block/...``, via ``gemmax.nn.lora.add_lora``): the
+        vision tower and projector have none, so ``gemmax.nn.lora.split_trainable`` leaves them frozen."""
+        from gemmax.nn import lora
 
         self.params = lora.add_lora(self.params, self.config.text, rank, alpha, targets, seed)
         return self
 
     def merge_lora(self) -> PaliGemma:
-        from gemmax import lora
+        from gemmax.nn import lora
 
         self.params = lora.merge_lora(self.params)
         return self
@@ -634,7 +634,7 @@ class PaliGemma:
         the loss before each step. Meant for small adaptations and tests, not a data pipeline."""
         import optax
 
-        from gemmax import lora
+        from gemmax.nn import lora
 
         trainable, frozen = lora.split_trainable(self.params)
         if not trainable:
@@ -661,8 +661,8 @@ class PaliGemma:
         """A folder transformers' ``PaliGemmaForConditionalGeneration.from_pretrained`` loads, in the
         published checkpoints' naming (``language_model.model.*``, ``vision_tower.*``,
         ``multi_modal_projector.linear.*``). Adapters are merged and int8 kernels dequantized first."""
-        from gemmax import lora, quant
-        from gemmax.hf import params_to_hf, write_safetensors
+        from gemmax.io.hf import params_to_hf, write_safetensors
+        from gemmax.nn import lora, quant
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -699,8 +699,8 @@ _loss_jit = jax.jit(suffix_loss, static_argnums=(1,))
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _quantize_jit(params: Params, cfg: PaliGemmaConfig, mode: str, group_size: int | None) -> Params:
-    """Decoder (``gemmax.quant``) then vision tower, as one compiled program rather than many eager ops."""
-    from gemmax import quant
+    """Decoder (``gemmax.nn.quant``) then vision tower, as one compiled program rather than many eager ops."""
+    from gemmax.nn import quant
 
     params = quant.quantize_params(params, cfg.text, mode, group_size)
     return vision.quantize_params(params, mode, group_size)

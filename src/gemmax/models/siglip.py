@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.layers import dot_attention, gelu_tanh, linear
-from gemmax.model import ParamSpec
+from gemmax.models.gemma.model import ParamSpec
+from gemmax.nn.layers import dot_attention, gelu_tanh, linear
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -123,16 +123,16 @@ LINEARS: dict[str, str] = {
 
 
 def _stacked_in_axes(eq: str) -> tuple[int, ...]:
-    from gemmax.quant import in_axes_from_eq
+    from gemmax.nn.quant import in_axes_from_eq
 
     return tuple(1 + a for a in in_axes_from_eq(eq))
 
 
 def quantize_params(params: Params, mode: str = "int8", group_size: int | None = None) -> Params:
     """Per-output-channel (or grouped) weight-only quantization of the encoder's dense kernels, in
-    ``gemmax.quant``'s node layout; patch/position embeddings and layer norms stay float (they are small and
+    ``gemmax.nn.quant``'s node layout; patch/position embeddings and layer norms stay float (they are small and
     feed every patch)."""
-    from gemmax.quant import quantize_kernel
+    from gemmax.nn.quant import quantize_kernel
 
     blocks = dict(params["vision_encoder"]["encoder_block"])
     for sub, eq in LINEARS.items():
@@ -147,7 +147,7 @@ def quantize_params(params: Params, mode: str = "int8", group_size: int | None =
 
 def dequantize_params(params: Params, dtype: Any = jnp.float32) -> Params:
     """Float encoder kernels back from :func:`quantize_params` (a float tree is returned unchanged)."""
-    from gemmax.quant import dequantize_kernel, is_quantized
+    from gemmax.nn.quant import dequantize_kernel, is_quantized
 
     blocks = dict(params["vision_encoder"]["encoder_block"])
     for sub, eq in LINEARS.items():

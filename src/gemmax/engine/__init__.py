@@ -1,0 +1,1 @@
+"""Generation: the engine, its cache slots and the sampler, for every family."""

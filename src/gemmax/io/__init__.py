@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints and tokenizers: safetensors, Hugging Face, GGUF, SentencePiece."""

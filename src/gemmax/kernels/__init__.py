@@ -1,0 +1,1 @@
+"""Native compute kernels, chosen explicitly at the edge by the engine."""

@@ -1,0 +1,144 @@
+"""The family interface: what every model family provides, and the registry that finds a family.
+
+Everything above ``gemmax.models`` (``CausalLM``, the engine and sampler, the trainer, LoRA and quantization,
+the server and the command line) talks to a model only through a :class:`Family`: one record of pure
+functions over a config and a parameter pytree. A new family is one module that builds its ``Family`` and
+calls :func:`register`; nothing else is edited.
+
+The functions, by stage:
+
+- **declaration**: ``param_specs(cfg)`` (shape, logical axes, init of every weight), ``linear_nodes(cfg)``
+  (the linear layers LoRA and quantization may touch), ``hf_table(cfg)`` (Hugging Face tensor names of every
+  weight and the transforms between layouts; the published Hub names are the ones written on export, and
+  ``hf_aliases`` maps other published prefixes onto them).
+- **model**: ``forward_hidden(params, cfg, tokens, positions=None, segment_ids=None, remat=None, **inputs)``
+  -> final-normed hidden states ``[B, T, D]``; ``logits_from_hidden(params, cfg, hidden)`` -> float32
+  logits. ``inputs`` carries what a family reads besides tokens (PaliGemma: ``pixel_values``,
+  ``token_type_ids``); a family rejects inputs it does not know.
+- **generation**: ``init_cache(cfg, batch, max_len, dtype)``; ``prefill(params, cfg, tokens, lengths,
+  max_len, backend, **inputs)`` -> (last-token logits ``[b, V]``, per-row caches); ``insert(cache, rows,
+  slots)``; ``decode_step(params, cfg, cache, tokens, pos, backend)`` -> (logits ``[B, V]``, cache). Rows of
+  the cache are independent slots, so one engine batches requests continuously for every family.
+  ``backend`` is an explicit value (``"xla"`` or ``"cpu"``, the native CPU kernels) chosen by the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gemmax.nn.params import LinearNode, ParamSpec
+
+#: Backends a family's prefill / decode step accept: XLA everywhere, or gemmax's native CPU kernels.
+XLA = "xla"
+CPU = "cpu"
+BACKENDS = (XLA, CPU)
+
+#: One Hugging Face name-table entry: HF name (or one name per stacked layer), then the transforms
+#: HF layout -> gemmax layout and back, applied to one layer's array.
+HFEntry = tuple[str | list[str], Callable[[Any], Any], Callable[[Any], Any]]
+
+
+class FamilyConfig(Protocol):
+    """What the layers above a family read from any family's config."""
+
+    name: str
+    vocab_size: int
+    max_position_embeddings: int
+    bos_token_id: int
+    pad_token_id: int
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def param_count(self) -> dict[str, int]: ...
+
+
+class UnsupportedError(NotImplementedError):
+    """A public method that cannot apply to this family; the message says why."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its config type, declarations and pure functions (see the module docstring)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    config_type: type
+    from_hf_config: Callable[[Mapping[str, Any]], Any]
+    to_hf_config: Callable[[Any], dict[str, Any]]
+    config_from_dict: Callable[[Mapping[str, Any]], Any]
+    param_specs: Callable[[Any], dict[str, ParamSpec]]
+    init_params: Callable[..., Any]
+    linear_nodes: Callable[[Any], dict[str, LinearNode]]
+    hf_table: Callable[[Any], dict[str, HFEntry]]
+    forward_hidden: Callable[..., Any]
+    logits_from_hidden: Callable[..., Any]
+    init_cache: Callable[..., Any]
+    prefill: Callable[..., Any]
+    insert: Callable[..., Any]
+    decode_step: Callable[..., Any]
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    preset_repos: Mapping[str, str] = field(default_factory=dict)
+    #: published prefixes of other Hub layouts -> the prefix ``hf_table`` uses, tried in order
+    hf_aliases: tuple[tuple[str, str], ...] = ()
+    #: HF tensor names (substrings) that a checkpoint may carry and the family does not use
+    hf_ignorable: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    #: transformers' ``architectures`` entry written on export
+    hf_architecture: str = ""
+    #: GGUF architecture of a config, or None with the reason llama.cpp cannot run it
+    gguf_arch: Callable[[Any], str | None] = lambda cfg: None
+    #: "gemma" or "llama3": the chat turn format
+    chat_format: Callable[[Any], str] = lambda cfg: "gemma"
+    #: inputs besides tokens that forward / prefill accept (e.g. pixel_values)
+    extra_inputs: tuple[str, ...] = ()
+    #: backends whose prefill / decode step this family implements
+    backends: tuple[str, ...] = (XLA,)
+    #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
+    tiny_config: Callable[..., Any] | None = None
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make a family known by its name and by every ``model_type`` it loads."""
+    _REGISTRY[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name (importing ``gemmax.models`` registers the built-in ones)."""
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def for_model_type(model_type: str | None) -> Family:
+    """The family that loads a Hugging Face ``config.json`` with this ``model_type``."""
+    for fam in _REGISTRY.values():
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for f in _REGISTRY.values() for t in f.model_types)
+    raise KeyError(f"model_type {model_type!r} is not supported; supported: {', '.join(known)}")
+
+
+def for_config(cfg: Any) -> Family:
+    """The family of a config object (by its type)."""
+    for fam in _REGISTRY.values():
+        if isinstance(cfg, fam.config_type):
+            return fam
+    raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family")
+
+
+def all_presets() -> dict[str, tuple[Family, Any]]:
+    """Every preset name of every family -> (family, config)."""
+    return {n: (f, c) for f in _REGISTRY.values() for n, c in f.presets.items()}

@@ -1,0 +1,1 @@
+"""Model-independent building blocks: parameters, layers, LoRA, quantization."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: data pipeline, losses, optimizers, checkpoints and the trainer."""

@@ -1,0 +1,351 @@
+"""Tiny random checkpoints of every family, written by transformers in each family's published Hub key layout,
+for the acceptance matrix (tests/test_matrix.py) and its multi-device worker (tests/matrix_worker.py).
+
+Each family is built from a transformers config (tiny sizes, eager attention), every norm weight is set to
+random non-zero values (Gemma's ``(1 + w)`` RMSNorms would hide a lost or doubled offset at zero), the other
+weights to ``randn * 0.08``, then ``save_pretrained`` writes the folder and the safetensors keys are rewritten
+where transformers 5 writes them differently from the checkpoints published on the Hub:
+
+* Gemma 1/2/3 text, Llama 3: ``model.layers.*``, ``model.embed_tokens.weight``, ``model.norm.weight``
+  (+ ``lm_head.weight`` for the untied Llama): transformers 5 writes exactly that; Gemma 2 is saved in
+  shards (``model.safetensors.index.json``).
+* RecurrentGemma (google/recurrentgemma-2b): ``model.layers.*.temporal_block.*``, ``model.final_norm.weight``,
+  ``model.embed_tokens.weight``: as transformers writes it (the Hub port uses transformers' names).
+* PaliGemma (google/paligemma-3b-pt-224, paligemma2-*): ``language_model.model.*``,
+  ``vision_tower.vision_model.*``, ``multi_modal_projector.linear.*`` and no ``lm_head`` (tied). transformers
+  5.x saves ``language_model.model.*`` / ``vision_tower.*`` / ``multi_modal_projector.*`` (its legacy
+  mapping reversed), so the vision keys gain the ``vision_model.`` level the published repos have.
+
+The reference transformers model of a family is the one ``from_pretrained`` reads back from the rewritten
+folder (checked against the in-memory model), so transformers' own conversion of the published layout is
+covered too. A tiny SentencePiece tokenizer (Gemma's special ids; ``"\\n"`` and ``<image>`` single tokens)
+sized to the vocabulary is saved as ``tokenizer.model`` in every folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FAMILIES = ("gemma_mqa", "gemma_mha", "gemma2", "gemma3", "llama3", "recurrent_gemma", "paligemma")
+
+PAD, EOS, BOS = 0, 1, 2
+SYMBOLS = ("<start_of_turn>", "<end_of_turn>", "\n", "<image>")
+VOCAB = 320  # asked of SentencePiece; the models take the size it really gives
+#: (embedding scale, other weights' scale, seed) per family, picked so that each random model's greedy
+#: continuation is not one token repeated (a tied embedding echoes the last token when the blocks are weak),
+#: its top two logits stay apart at every greedy step (no float32 rounding flips a choice) and int8 stays
+#: within the cell's bounds (strong blocks amplify the rounding).
+TUNING: dict[str, tuple[float, float, int]] = {
+    "gemma_mqa": (0.06, 0.2, 1),
+    "gemma_mha": (0.04, 0.15, 1),
+    "gemma2": (0.04, 0.25, 0),
+    "gemma3": (0.06, 0.15, 2),
+    "llama3": (0.04, 0.25, 3),
+    "recurrent_gemma": (0.06, 0.2, 4),
+    "paligemma": (0.05, 0.18, 8),
+}
+
+#: The tokenizer corpus and the fine-tuning data: short English lines, some of them repeated.
+LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Gemma is a family of lightweight open models.",
+    "Hello world, hello tokenizer, hello matrix.",
+    "A red square sits on a blue background.",
+    "Every family runs through the same interface.",
+    "Small models train fast on two cores.",
+    "The cat sat on the mat and looked at the dog.",
+    "Numbers 0123456789 and symbols !?.,;:",
+    "One decode step is shared by many requests.",
+    "Low rank adapters learn a small update to the weights.",
+]
+TRAIN_TEXTS = [
+    "the cat sat on the mat. the cat sat on the mat. the cat sat on the mat.",
+    "hello world, hello world, hello world, hello world, hello world.",
+    "a red square on a blue background. a red square on a blue background.",
+    "the quick brown fox jumps over the lazy dog. the quick brown fox jumps.",
+]
+
+
+def train_tokenizer(folder: Path) -> Any:
+    """The shared tiny SentencePiece model (``folder/tok.model``): pad 0, eos 1, bos 2, unk 3, then
+    ``<start_of_turn>``, ``<end_of_turn>``, ``"\\n"``, ``<image>``."""
+    from spm_fixtures import train_tiny_sentencepiece
+
+    tok = train_tiny_sentencepiece(folder, LINES * 20, VOCAB, symbols=SYMBOLS)
+    assert [tok.piece_to_id(s) for s in SYMBOLS] == [4, 5, 6, 7]
+    return tok
+
+
+# ---- transformers configs ------------------------------------------------------------------------------
+
+
+def _gemma_text(vocab: int, kv: int, hidden: int, head_dim: int) -> dict[str, Any]:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=256,
+                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, bos_token_id=BOS, eos_token_id=EOS,
+                pad_token_id=PAD, tie_word_embeddings=True)
+
+
+def hf_config(family: str, vocab: int, eot: int, image_token: int) -> Any:
+    """The transformers config of ``family`` (tiny; sliding windows of 8, shorter than the test sequences)."""
+    import transformers as tf
+
+    if family == "gemma_mqa":  # Gemma 1 2B: one KV head
+        return tf.GemmaConfig(**_gemma_text(vocab, 1, 32, 8))
+    if family == "gemma_mha":  # Gemma 1 7B: as many KV heads as query heads
+        return tf.GemmaConfig(**_gemma_text(vocab, 4, 48, 12))
+    if family == "gemma2":
+        return tf.Gemma2Config(**{**_gemma_text(vocab, 2, 32, 8), "eos_token_id": [EOS, eot]},
+                               sliding_window=8, query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
+                               final_logit_softcapping=30.0,
+                               layer_types=["sliding_attention", "full_attention"])
+    if family == "gemma3":  # text-only Gemma3ForCausalLM: qk norm, local/global rope, sliding pattern
+        return tf.Gemma3TextConfig(**{**_gemma_text(vocab, 2, 32, 8), "num_hidden_layers": 3,
+                                      "eos_token_id": [EOS, eot]},
+                                   sliding_window=8, query_pre_attn_scalar=8,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                   rope_parameters={
+                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                          "rope_theta": 1_000_000.0},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    if family == "llama3":  # untied head, GQA, llama3 rope scaling
+        return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                              rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=BOS, eos_token_id=EOS,
+                              pad_token_id=PAD, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16})
+    if family == "recurrent_gemma":  # one period: recurrent, recurrent, attention
+        return tf.RecurrentGemmaConfig(vocab_size=vocab, hidden_size=32, lru_width=32, intermediate_size=96,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                       attention_window_size=8, conv1d_width=4, logits_soft_cap=30.0,
+                                       block_types=["recurrent", "recurrent", "attention"], rms_norm_eps=1e-6,
+                                       hidden_activation="gelu_pytorch_tanh", bos_token_id=BOS,
+                                       eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
+    if family == "paligemma":  # PaliGemma 1: SigLIP (28 px, 7 px patches: 16 image tokens) + Gemma 1 MQA
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=28, patch_size=7, vision_use_head=False)
+        text = {**_gemma_text(vocab, 1, 32, 8), "model_type": "gemma"}
+        return tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                                  projection_dim=32)
+    raise ValueError(family)
+
+
+def _randomize(model: torch.nn.Module, seed: int, embed_scale: float, scale: float) -> None:
+    """Norm weights random non-zero; embeddings randn * embed_scale, other weights randn * scale. RecurrentGemma's ``recurrent_param`` keeps
+    Griffin's init (decays in [0.9, 0.999]); SigLIP's LayerNorm scales are ``1 + randn * 0.3``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("recurrent_param"):
+                continue
+            if "vision" in name and ("layer_norm" in name or "layernorm" in name):
+                p.copy_(1 + r * 0.3 if name.endswith("weight") else r * 0.08)
+            elif "norm" in name:
+                p.copy_(r * 0.5)
+            elif "embed_tokens" in name:
+                p.copy_(r * embed_scale)
+            else:
+                p.copy_(r * scale)
+
+
+# ---- published key layouts -----------------------------------------------------------------------------
+
+
+def _paligemma_published(key: str) -> str | None:
+    """transformers 5 save key -> google/paligemma-* key (None: drop it)."""
+    if key == "lm_head.weight" or key == "language_model.lm_head.weight":
+        return None  # tied to the embedding; the published repos have no head
+    for new, old in (("model.language_model.", "language_model.model."),
+                     ("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def _text_published(key: str) -> str | None:
+    return key
+
+
+LAYOUTS: dict[str, Callable[[str], str | None]] = {f: _text_published for f in FAMILIES}
+LAYOUTS["paligemma"] = _paligemma_published
+
+#: Published key prefixes every checkpoint must hold after the rewrite (checked, so a transformers upgrade
+#: that changes what it writes cannot silently test another layout).
+EXPECTED_PREFIXES = {
+    "gemma_mqa": ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"),
+    "gemma_mha": ("model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight", "model.norm.weight"),
+    "gemma2": ("model.layers.1.pre_feedforward_layernorm.weight", "model.embed_tokens.weight",
+               "model.norm.weight"),
+    "gemma3": ("model.layers.2.self_attn.q_norm.weight", "model.embed_tokens.weight", "model.norm.weight"),
+    "llama3": ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
+               "lm_head.weight"),
+    "recurrent_gemma": ("model.layers.0.temporal_block.rg_lru.recurrent_param",
+                        "model.layers.2.temporal_block.q_proj.weight", "model.embed_tokens.weight",
+                        "model.final_norm.weight"),
+    "paligemma": ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
+                  "language_model.model.norm.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight",
+                  "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+                  "vision_tower.vision_model.post_layernorm.weight", "multi_modal_projector.linear.weight"),
+}
+SHARDED = {"gemma2", "paligemma"}
+
+
+def rewrite_keys(folder: Path, fn: Callable[[str], str | None]) -> list[str]:
+    """Rename (or drop, fn -> None) the tensors of every safetensors file in ``folder`` and its index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    keys: list[str] = []
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            meta = s.metadata() or {}
+            tensors = {k: s.get_tensor(k) for k in s.keys()}
+        out = {}
+        for k, v in tensors.items():
+            new = fn(k)
+            if new is not None:
+                out[new] = v.contiguous()
+        save_file(out, str(f), metadata={**meta, "format": "pt"})
+        keys += list(out)
+    if index is not None:
+        index["weight_map"] = {fn(k): v for k, v in index["weight_map"].items() if fn(k) is not None}
+        index_path.write_text(json.dumps(index, indent=2))
+    return sorted(keys)
+
+
+# ---- one family's checkpoint ------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    family: str
+    folder: Path
+    hf: Any  # the transformers model read back from ``folder`` (float32, eval)
+    vocab: int
+    multimodal: bool
+    logits_ids: np.ndarray  # [2, T] int32
+    prompt: np.ndarray  # [T0] int32, the generation prompt
+    pixel_values: np.ndarray | None = None  # [n, 3, H, W] float32 (PaliGemma)
+    token_type_ids: np.ndarray | None = None  # [2, T] (PaliGemma: 0 prefix, 1 suffix)
+    eos_ids: tuple[int, ...] = (EOS,)
+    keys: list[str] = field(default_factory=list)
+    greedy_margin: float = float("nan")
+
+    @property
+    def logits_kwargs(self) -> dict[str, Any]:
+        """The extra arguments of ``lm.logits`` for ``logits_ids`` (the image and the prefix for PaliGemma)."""
+        if not self.multimodal:
+            return {}
+        return {"pixel_values": np.repeat(self.pixel_values, 2, axis=0), "token_type_ids": self.token_type_ids}
+
+    @property
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The extra arguments of ``lm.generate`` for ``prompt`` (PaliGemma: its image)."""
+        return {"pixel_values": self.pixel_values} if self.multimodal else {}
+
+    def hf_logits(self, model: Any = None, ids: np.ndarray | None = None) -> np.ndarray:
+        """float32 logits of a transformers model (default: the reference) on ``logits_ids``."""
+        model = self.hf if model is None else model
+        ids = self.logits_ids if ids is None else ids
+        kw = {}
+        if self.multimodal:
+            kw = {"pixel_values": torch.tensor(np.repeat(self.pixel_values, len(ids), axis=0)),
+                  "token_type_ids": torch.tensor(self.token_type_ids[:len(ids)], dtype=torch.long)}
+        with torch.no_grad():
+            return model(input_ids=torch.tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+
+    def hf_greedy(self, max_new_tokens: int = 8) -> np.ndarray:
+        """transformers' greedy ``generate`` on ``prompt``: prompt + new tokens."""
+        ids = torch.tensor(self.prompt[None], dtype=torch.long)
+        kw: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
+        if self.multimodal:
+            kw.update(pixel_values=torch.tensor(self.pixel_values), token_type_ids=torch.zeros_like(ids))
+        with torch.no_grad():
+            out = self.hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
+                                   output_logits=True, return_dict_in_generate=True, **kw)
+        top2 = np.sort(np.stack([x[0].float().numpy() for x in out.logits]), -1)[:, -2:]
+        self.greedy_margin = float((top2[:, 1] - top2[:, 0]).min())  # how far each pick is from a tie
+        return out.sequences[0].numpy().astype(np.int32)
+
+
+def _inputs(family: str, cfg: Any, vocab: int, image_token: int, newline: int, seed: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    rng = np.random.RandomState(1000 * seed + 1)
+    first = len(SYMBOLS) + 4  # ordinary pieces only: no special ids inside prompts
+    if family != "paligemma":
+        ids = np.concatenate([np.full((2, 1), BOS), rng.randint(first, vocab, (2, 19))], 1).astype(np.int32)
+        prompt = np.concatenate([[BOS], rng.randint(first, vocab, 11)]).astype(np.int32)
+        return ids, prompt, None, None
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    text = rng.randint(first, vocab, 6)
+    prompt = np.concatenate([[image_token] * n_img, [BOS], text, [newline]]).astype(np.int32)  # the prefix
+    suffix = rng.randint(first, vocab, (2, 5))
+    ids = np.concatenate([np.stack([prompt, prompt]), suffix], 1).astype(np.int32)
+    ids[1, n_img + 1:n_img + 7] = rng.randint(first, vocab, 6)  # a second prompt text, same image
+    types = np.concatenate([np.zeros((2, len(prompt))), np.ones((2, 5))], 1).astype(np.int32)
+    size = cfg.vision_config.image_size
+    pixels = rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32)  # already normalized as SigLIP's
+    return ids, prompt, pixels, types
+
+
+def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any) -> Checkpoint:
+    """Write ``family``'s tiny checkpoint into ``folder`` in the published layout and return its description
+    (with the transformers model read back from it)."""
+    import transformers
+
+    vocab = tok.vocab_size
+    eot = tok.piece_to_id("<end_of_turn>")
+    image_token = tok.piece_to_id("<image>")
+    newline = tok.piece_to_id("\n")
+    cfg = hf_config(family, vocab, eot, image_token)
+    if family == "paligemma":
+        cls = transformers.PaliGemmaForConditionalGeneration
+        model = cls(cfg)
+    else:
+        cls = transformers.AutoModelForCausalLM
+        model = cls.from_config(cfg, attn_implementation="eager")
+    model.config._attn_implementation = "eager"
+    embed_scale, scale, seed = TUNING[family]
+    _randomize(model, 1000 * seed + FAMILIES.index(family), embed_scale, scale)
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_kw = {"max_shard_size": "20KB"} if family in SHARDED else {}
+    model.save_pretrained(folder, **save_kw)
+    keys = rewrite_keys(folder, LAYOUTS[family])
+    missing = [k for k in EXPECTED_PREFIXES[family] if k not in keys]
+    assert not missing, f"{family}: the rewritten checkpoint lacks published keys {missing}; it has {keys[:8]}..."
+    if family in SHARDED:
+        assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 1
+    shutil.copy(tokenizer_model, folder / "tokenizer.model")
+
+    ids, prompt, pixels, types = _inputs(family, cfg, vocab, image_token, newline, seed)
+    eos = cfg.get_text_config().eos_token_id
+    ck = Checkpoint(family, folder, None, vocab, family == "paligemma", ids, prompt, pixels, types,
+                    tuple(eos) if isinstance(eos, list) else (eos,), keys)
+    # transformers reads the published layout back (converting it where it must) to the same model
+    loaded = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    want, got = ck.hf_logits(model), ck.hf_logits(loaded)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), f"{family}: transformers' reload differs"
+    ck.hf = loaded
+    return ck
+
+
+def write_jsonl(path: Path, texts: list[str] = TRAIN_TEXTS) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path

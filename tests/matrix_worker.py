@@ -1,0 +1,61 @@
+"""Subprocess of tests/test_matrix.py: greedy generation of every family on 8 fake CPU devices (mesh 2x4,
+axes ("batch", "model")) next to the same generation on one device.
+
+The device count must be fixed before jax is imported, hence a fresh process. It reads a JSON spec (a list of
+{"family", "folder", "prompts", "pixel_values"}) and writes a JSON result per family: the one-device and the
+sharded tokens and the sharding specs of the loaded weights, or the error (type and message) that stopped it.
+
+    python tests/matrix_worker.py SPEC.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gemmax import CausalLM  # noqa: E402
+from gemmax import distribution as gd  # noqa: E402
+
+
+def run_family(spec: dict[str, Any]) -> dict[str, Any]:
+    prompts = [np.asarray(p, np.int32) for p in spec["prompts"]]
+    kw: dict[str, Any] = {}
+    if spec.get("pixel_values") is not None:
+        kw["pixel_values"] = np.asarray(spec["pixel_values"], np.float32)
+    lm = CausalLM.from_preset(spec["folder"])
+    reference = [np.asarray(a).tolist() for a in lm.generate(prompts, max_new_tokens=8, **kw)]
+    mesh = gd.DeviceMesh((2, 4), ("batch", "model"), gd.list_devices())
+    layout = gd.get_layout_map(lm.config, mesh)
+    dist = gd.ModelParallel(mesh, layout, batch_dim_name="batch")
+    with gd.use_distribution(dist):
+        sharded = CausalLM.from_preset(spec["folder"])  # each device reads its shard while loading
+        specs = sorted({f"{path}: {leaf.sharding.spec}" for path, leaf in sharded.weights()})
+        got = [np.asarray(a).tolist() for a in sharded.generate(prompts, max_new_tokens=8, **kw)]
+    return {"reference": reference, "sharded": got, "specs": specs, "devices": len(jax.devices())}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    specs = json.loads(open(spec_path).read())
+    results: dict[str, Any] = {}
+    for spec in specs:
+        try:
+            results[spec["family"]] = run_family(spec)
+        except Exception as e:  # noqa: BLE001 - reported per family to the test
+            results[spec["family"]] = {"error": f"{type(e).__name__}: {e}",
+                                       "traceback": traceback.format_exc()[-3000:]}
+        with open(out_path, "w") as f:  # after each family, so a timeout still reports the finished ones
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import sentencepiece as spm
 import torch
@@ -20,83 +19,10 @@ import torch
 from gemmax.cli import main
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import paligemma as pg
-from gemmax.models import recurrent_gemma as rg
 from gemmax.models.gemma.model import flatten
 from gemmax.nn.lora import merge_trees, split_trainable
 
 CAPTION = "a red square"
-
-
-# ---- RecurrentGemma ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rg_lm():
-    return rg.RecurrentGemmaLM.from_config(rg.tiny_config(num_layers=3), seed=0)
-
-
-def _ids(vocab: int, b: int = 2, t: int = 13, seed: int = 0) -> np.ndarray:
-    return np.random.RandomState(seed).randint(3, vocab, (b, t))
-
-
-def test_recurrent_int8_close_to_float(rg_lm, tmp_path):
-    from gemmax.api import CausalLM
-
-    ids = _ids(rg_lm.config.vocab_size)
-    ref = rg_lm.logits(ids)
-    folder = rg_lm.export_hf(tmp_path / "rg")
-    q = CausalLM.from_preset(str(folder), quantize="int8")  # dispatch + quantize-after-load
-    assert isinstance(q, rg.RecurrentGemmaLM) and q.dtype == jnp.float32
-    flat = flatten(q.params)
-    assert flat["recurrent_block/linear_x/kernel"].dtype == jnp.int8
-    assert flat["attention_block/attention/query/kernel"].dtype == jnp.int8
-    assert flat["token_embedding/embeddings"].dtype == jnp.int8
-    assert flat["recurrent_block/rg_lru/a_gate/kernel"].dtype == jnp.float32  # the LRU gates stay float
-    got = q.logits(ids)
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-    # int8 decoding (its cache must stay float although the embedding is int8): each greedy token is mostly
-    # the one the float model picks after the same prefix (13 + 3 new = one length bucket: no recompile)
-    seq = q.generate(ids, max_new_tokens=3)
-    assert seq.shape == (2, 16)
-    float_pick = rg_lm.logits(seq)[:, ids.shape[1] - 1:-1].argmax(-1)
-    assert (float_pick == seq[:, ids.shape[1]:]).mean() >= 0.75
-    assert "int8" in q.summary(print_fn=None)
-
-
-def test_recurrent_lora_trains_only_adapters_and_merges(rg_lm, tmp_path):
-    cfg = rg_lm.config
-    lm = rg.RecurrentGemmaLM(cfg, rg_lm.params).enable_lora(4, ("query", "value", "ffw_gating", "linear_x"))
-    ids = jnp.asarray(_ids(cfg.vocab_size, seed=1))
-    np.testing.assert_allclose(lm.logits(ids), rg_lm.logits(ids), atol=1e-6)  # B = 0: unchanged
-    trainable, frozen = split_trainable(lm.params)
-    paths = sorted(flatten(trainable))
-    assert paths and all(p.endswith(("lora_a", "lora_b")) for p in paths)
-    assert "recurrent_block/linear_x/lora_b" in paths and "attention_block/attention/query/lora_b" in paths
-
-    opt = optax.adam(2e-2)
-
-    @jax.jit
-    def step(t, s):
-        loss, g = jax.value_and_grad(lambda t: rg.lm_loss(merge_trees(t, frozen), cfg, ids))(t)
-        u, s = opt.update(g, s, t)
-        return optax.apply_updates(t, u), s, loss, g
-
-    state = opt.init(trainable)
-    losses = []
-    for i in range(4):
-        trainable, state, loss, grads = step(trainable, state)
-        if i == 0:
-            assert all(float(jnp.abs(v).max()) > 0 for p, v in flatten(grads).items() if p.endswith("lora_b"))
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-    lm.params = merge_trees(trainable, frozen)
-    tuned = lm.logits(ids)
-    merged = rg.RecurrentGemmaLM(cfg, rg.merge_lora(lm.params, cfg))
-    assert not any(p.endswith("lora_a") for p in flatten(merged.params))
-    np.testing.assert_allclose(merged.logits(ids), tuned, atol=1e-4)
-    # export merges the adapters: the reloaded plain model computes the tuned function
-    np.testing.assert_allclose(rg.load_recurrent_gemma(lm.export_hf(tmp_path / "x")).logits(ids), tuned, atol=1e-4)
 
 
 # ---- PaliGemma -------------------------------------------------------------------------------------------
@@ -219,7 +145,7 @@ def test_paligemma_int8(merged):
     assert q.generate([_picture()], ["caption en"], max_new_tokens=8) == [CAPTION]
 
 
-def test_cli_generate_with_image_and_shard_plans(tuned, merged, rg_lm, tmp_path, capsys):
+def test_cli_generate_with_image_and_shard_plans(tuned, merged, tmp_path, capsys):
     from PIL import Image
 
     m = merged
@@ -238,15 +164,7 @@ def test_cli_generate_with_image_and_shard_plans(tuned, merged, rg_lm, tmp_path,
                 "multi_modal_projector/kernel", "adamw/mu/vision_encoder/"):
         assert row in out, row
     assert "P(None, None, 'model')" in out and "per device" in out
-    rg_folder = rg_lm.export_hf(tmp_path / "rg")
-    assert main(["shard-plan", str(rg_folder), "--mesh", "2x4", "--lora-rank", "2"]) == 0
-    out = capsys.readouterr().out
-    for row in ("recurrent_block/rg_lru/a_gate/kernel", "recurrent_block/linear_x/kernel",
-                "attention_block/attention/query/kernel", "attention_block/attention/query/lora_a"):
-        assert row in out, row
-    assert main(["shard-plan", "recurrent_gemma_9b_en", "--mesh", "2x4", "--no-optimizer"]) == 0
-    assert "recurrent_block/ffw_linear/kernel" in capsys.readouterr().out
     assert main(["shard-plan", "paligemma2_3b_pt_224", "--mesh", "1x8", "--fsdp", "--no-optimizer"]) == 0
     assert "vision_encoder/encoder_block/attention/query/kernel" in capsys.readouterr().out
-    text = m.summary(print_fn=None) + rg_lm.summary(print_fn=None)
-    assert "vision_encoder/encoder_block/mlp/fc1/kernel" in text and "recurrent_block/linear_x/kernel" in text
+    text = m.summary(print_fn=None)
+    assert "vision_encoder/encoder_block/mlp/fc1/kernel" in text

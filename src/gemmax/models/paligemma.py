@@ -1,41 +1,47 @@
-"""PaliGemma 1 and 2: SigLIP image tokens + a Gemma (1 or 2) decoder with prefix-LM attention.
+"""PaliGemma 1 and 2 as a registered :class:`~gemmax.models.base.Family`: SigLIP image tokens + a Gemma
+(1 or 2) decoder with prefix-LM attention.
 
-The input is ``[image tokens] <bos> prompt \\n [suffix]``, as transformers' ``PaliGemmaProcessor`` builds it.
-Image positions hold the projected SigLIP features *unscaled*, text positions the token embeddings scaled
-by sqrt(d) (the reference scales inside the embedding lookup). Attention is full over the prefix (image +
-prompt: "token type" 0) and causal over the suffix and everything generated (type 1); RoPE positions start
-at 1, as in transformers (``position_ids + 1``).
+The input is ``[image tokens] <bos> prompt \\n [suffix]``, as transformers' ``PaliGemmaProcessor`` builds it
+(:func:`build_input_ids`). Image positions hold the projected SigLIP features *unscaled*, text positions the
+token embeddings scaled by sqrt(d) (the reference scales inside the embedding lookup). Attention is full over
+the prefix (image + prompt: ``token_type_ids`` 0) and causal over the suffix and everything generated (type
+1); RoPE positions start at 1, as in transformers (``position_ids + 1``).
 
-The decoder is :func:`gemmax.models.gemma.model.decoder_layer` over the same parameter paths as ``CausalLM``
-(``token_embedding/``, ``decoder_block/``, ``final_normalization/``), so Gemma layout maps, LoRA and
-quantization transforms apply unchanged; only the attention mask (``attend``) differs. PaliGemma 2 is the
-same code with a Gemma 2 decoder (soft-caps, sandwich norms, alternating sliding windows).
+Extra inputs, as transformers takes them: ``pixel_values`` ``[n_images, 3, H, W]`` already preprocessed
+(:func:`preprocess_image`), one row per image in order of appearance (image tokens are filled across the
+whole batch in reading order), and ``token_type_ids`` ``[B, T]``.
+
+The decoder is :func:`gemmax.models.gemma.model.decoder_layer` over the same parameter paths as the Gemma
+family (``token_embedding/``, ``decoder_block/``, ``final_normalization/``), so Gemma layout rules, LoRA and
+quantization nodes apply unchanged; only the attention mask and the input embeddings differ. Generation
+prefills with the prefix mask into the Gemma family's cache layout and then decodes with the Gemma family's
+``decode_step`` (RoPE is relative, so its 0-based positions give the same attention as transformers'
+1-based ones). PaliGemma 2 is the same code with a Gemma 2 decoder (soft-caps, sandwich norms, alternating
+sliding windows).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
+import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.io.hf import CheckpointError, lazy_params_from_hf, open_safetensors_folder
 from gemmax.models import siglip as vision
+from gemmax.models.base import CPU, XLA, Family, register
+from gemmax.models.gemma import decode as gdecode
+from gemmax.models.gemma import hf as gemma_hf
 from gemmax.models.gemma import model as gm
-from gemmax.models.gemma.config import ModelConfig
+from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
-from gemmax.models.gemma.model import ParamSpec, flatten, unflatten
-from gemmax.models.recurrent_gemma import lazy_from_table, summary_table
-from gemmax.nn.layers import dot_attention
+from gemmax.nn.layers import dot_attention, rms_norm
+from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -48,6 +54,9 @@ RESOLUTIONS = {224: 256, 448: 1024, 896: 4096}
 
 @dataclass(frozen=True)
 class PaliGemmaConfig:
+    """A Gemma decoder config (``text``), a SigLIP tower config (``vision``) and the image token. The fields
+    every family's config exposes (vocabulary, special ids, context) delegate to the decoder."""
+
     text: ModelConfig
     vision: vision.SigLIPConfig
     image_token_id: int = 257152
@@ -60,10 +69,66 @@ class PaliGemmaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.text.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.text.pad_token_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.text.eos_ids
+
+    # read by the trainer's chunked loss
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.text.tie_embeddings
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        return self.text.final_logit_softcap
+
+    def replace(self, **kw: Any) -> PaliGemmaConfig:
+        return dataclasses.replace(self, **kw)
+
     def param_count(self) -> dict[str, int]:
         total = sum(s.size for s in param_specs(self).values())
         embed = self.text.vocab_size * self.text.hidden_size
         return {"total": total, "embedding": embed, "non_embedding": total - embed}
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """The decoder's FLOPs per token (the tower runs once per image, not per token)."""
+        return self.text.flops_per_token(seq_len, training)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "name": self.name, "image_token_id": self.image_token_id,
+                "newline_id": self.newline_id, "text": self.text.to_dict(),
+                "vision": dataclasses.asdict(self.vision)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PaliGemmaConfig:
+        d = dict(d)
+        unknown = set(d) - {"family", "name", "image_token_id", "newline_id", "text", "vision", "extra"}
+        if unknown:
+            raise ValueError(f"unknown PaliGemma config fields: {sorted(unknown)}")
+        return cls(text=ModelConfig.from_dict(d["text"]), vision=vision.SigLIPConfig(**d["vision"]),
+                   image_token_id=int(d.get("image_token_id", 257152)),
+                   newline_id=int(d.get("newline_id", NEWLINE_ID)), name=d.get("name", ""),
+                   family=d.get("family", "paligemma"))
 
 
 # ---- presets and HF configs -------------------------------------------------------------------------------
@@ -98,19 +163,23 @@ def from_hf_config(hf: Mapping[str, Any]) -> PaliGemmaConfig:
     text = dict(_TEXT_DEFAULTS[mt], **tc)
     vc = dict(hf.get("vision_config") or {})
     img = int(hf.get("image_token_id", hf.get("image_token_index", 257152)))
-    return PaliGemmaConfig(text=text_from_hf(text), vision=vision.from_hf_vision_config(vc),
-                           image_token_id=img, name=hf.get("_name_or_path", "") or "")
+    name = hf.get("_name_or_path", "") or ""
+    return PaliGemmaConfig(text=text_from_hf(text).replace(name=name), vision=vision.from_hf_vision_config(vc),
+                           image_token_id=img, name=name)
 
 
 def to_hf_config(cfg: PaliGemmaConfig) -> dict[str, Any]:
+    """The published checkpoints' ``config.json`` (``image_token_index``, nested text and vision configs)."""
     text = text_to_hf(cfg.text)
     text.pop("architectures", None)
     vc = vision.to_hf_vision_config(cfg.vision)
     vc["projection_dim"] = cfg.text.hidden_size
     return {"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
-            "text_config": text, "vision_config": vc, "image_token_id": cfg.image_token_id,
+            "text_config": text, "vision_config": vc, "image_token_index": cfg.image_token_id,
             "projection_dim": cfg.text.hidden_size, "hidden_size": cfg.text.hidden_size,
-            "vocab_size": cfg.text.vocab_size, "tie_word_embeddings": True}
+            "vocab_size": cfg.text.vocab_size, "bos_token_id": cfg.text.bos_token_id,
+            "eos_token_id": cfg.text.eos_ids[0], "pad_token_id": cfg.text.pad_token_id,
+            "tie_word_embeddings": True}
 
 
 def _preset(name: str, text: dict[str, Any], size: int) -> PaliGemmaConfig:
@@ -122,54 +191,125 @@ def _preset(name: str, text: dict[str, Any], size: int) -> PaliGemmaConfig:
 
 
 PRESETS: dict[str, PaliGemmaConfig] = {}
+PRESET_REPOS: dict[str, str] = {}
 for _s in (224, 448, 896):
     PRESETS[f"paligemma_3b_pt_{_s}"] = _preset(f"paligemma_3b_pt_{_s}", {}, _s)
+    PRESET_REPOS[f"paligemma_3b_pt_{_s}"] = f"google/paligemma-3b-pt-{_s}"
     for _k, _t in _PG2_TEXT.items():
         _n = {"2b": "3b", "9b": "10b", "27b": "28b"}[_k]
         PRESETS[f"paligemma2_{_n}_pt_{_s}"] = _preset(f"paligemma2_{_n}_pt_{_s}", dict(_t, model_type="gemma2"), _s)
+        PRESET_REPOS[f"paligemma2_{_n}_pt_{_s}"] = f"google/paligemma2-{_n}-pt-{_s}"
 PRESETS["paligemma_3b_mix_224"] = _preset("paligemma_3b_mix_224", {}, 224)
+PRESET_REPOS["paligemma_3b_mix_224"] = "google/paligemma-3b-mix-224"
+
+
+def tiny_config(text: str = "gemma", **overrides: Any) -> PaliGemmaConfig:
+    """A tiny random PaliGemma for tests and examples: 2+2 layers, 28 px images of 16 patches of 7 px,
+    ``text`` "gemma" (PaliGemma 1) or "gemma2" (PaliGemma 2: window 8, soft-caps). ``overrides`` go to
+    the config (``image_token_id``, ``newline_id``, ``name``) or, prefixed ``text_`` / ``vision_``, to
+    the decoder's config.json keys / the tower's."""
+    tc = dict(model_type=text, vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=12)
+    if text == "gemma2":
+        tc.update(sliding_window=8, query_pre_attn_scalar=12, attn_logit_softcapping=50.0,
+                  final_logit_softcapping=30.0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+              patch_size=7)
+    top: dict[str, Any] = {"image_token_id": 299}
+    for k, v in overrides.items():
+        if k.startswith("text_"):
+            tc[k[5:]] = v
+        elif k.startswith("vision_"):
+            vc[k[7:]] = v
+        else:
+            top[k] = v
+    name = top.pop("name", f"tiny_paligemma_{text}")
+    cfg = from_hf_config({"model_type": "paligemma", "text_config": tc, "vision_config": vc, **top})
+    return cfg.replace(name=name, text=cfg.text.replace(name=name), **{k: v for k, v in top.items()
+                                                                       if k == "newline_id"})
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------
 
+PROJECTOR = "multi_modal_projector"
+
 
 def param_specs(cfg: PaliGemmaConfig) -> dict[str, ParamSpec]:
+    """The decoder's weights (Gemma family), the SigLIP tower's and the projector, with logical axes."""
     s = vision.param_specs(cfg.vision)
-    s["multi_modal_projector/kernel"] = ParamSpec((cfg.vision.width, cfg.text.hidden_size), (None, "embed"))
-    s["multi_modal_projector/bias"] = ParamSpec((cfg.text.hidden_size,), ("embed",), "zeros")
+    s[PROJECTOR + "/kernel"] = ParamSpec((cfg.vision.width, cfg.text.hidden_size), ("vision_embed", "embed"),
+                                         fan_in_axis=0)
+    s[PROJECTOR + "/bias"] = ParamSpec((cfg.text.hidden_size,), ("embed",), "zeros")
     s.update(gm.param_specs(cfg.text))
     return s
 
 
-#: Default sharding rules (regex -> spec; stacked weights carry their layer axis): the Gemma decoder's
-#: recommended layout plus the SigLIP tower's (heads / MLP on "model").
-LAYOUT_RULES: dict[str, tuple[str | None, ...]] = {
-    r"token_embedding/embeddings": ("model", None),
-    r"decoder_block.*attention.*(query|key|value).kernel": (None, "model", None, None),
-    r"decoder_block.*attention_output.kernel": (None, "model", None, None),
-    r"decoder_block.*ffw_gating.*kernel": (None, None, "model"),
-    r"decoder_block.*ffw_linear.kernel": (None, "model", None),
-    r"multi_modal_projector/kernel": (None, "model"),
-    **vision.LAYOUT_RULES,
-}
-
-
 def init_params(cfg: PaliGemmaConfig, key: Array, dtype: Any = jnp.float32) -> Params:
-    k1, k2, k3 = jax.random.split(key, 3)
+    """The decoder as the Gemma family initialises it; the tower and projector from their specs."""
+    k1, k2 = jax.random.split(key)
     flat = flatten(gm.init_params(cfg.text, k1, dtype))
-    flat.update(vision.init_params(cfg.vision, k2, dtype))
-    flat["multi_modal_projector/kernel"] = (jax.random.normal(k3, (cfg.vision.width, cfg.text.hidden_size))
-                                            / np.sqrt(cfg.vision.width)).astype(dtype)
-    flat["multi_modal_projector/bias"] = jnp.zeros((cfg.text.hidden_size,), dtype)
+    specs = {p: s for p, s in param_specs(cfg).items() if p.startswith((vision.PREFIX, PROJECTOR + "/"))}
+    flat.update(flatten(init_from_specs(specs, k2, dtype)))
     return unflatten(flat)
+
+
+#: transformers (5) module prefixes of the two layer lists, as PEFT names adapters on
+#: ``PaliGemmaForConditionalGeneration`` (``base_model.model.model.language_model.layers.{i}.self_attn.q_proj``).
+TEXT_LAYERS = "model.language_model.layers"
+VISION_LAYERS = "model.vision_tower.encoder.layers"
+
+
+def linear_nodes(cfg: PaliGemmaConfig) -> dict[str, LinearNode]:
+    """The decoder's linears under their Gemma names (``query``, ``ffw_linear``...: LoRA's default targets
+    reach the language model only) and the tower's under names of their own (``vision_query``...,
+    ``vision_fc1``): quantizable, and trainable only when named. The projector is left out (small, float)."""
+    nodes = dict(gm.linear_nodes(cfg.text, layers=TEXT_LAYERS))
+    nodes.update(vision.linear_nodes(cfg.vision, layers=VISION_LAYERS))
+    return nodes
+
+
+# ---- Hugging Face names ----------------------------------------------------------------------------------
+
+#: Other layouts' prefixes -> the published one's (what ``hf_table`` names), first match wins per tensor:
+#: published repos (kept as they are), transformers 4.5x saves (``model.vision_tower.vision_model.``),
+#: transformers 5's module names (``model.language_model.``, ``model.vision_tower.``) and its
+#: ``save_pretrained`` (``vision_tower.`` without ``vision_model.``).
+HF_ALIASES: tuple[tuple[str, str], ...] = (
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("model.language_model.", "language_model.model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+#: Tensors a checkpoint may carry and the model does not use: rotary buffers, the tied head's copy of the
+#: embedding (``lm_head.weight`` / ``language_model.lm_head.weight``), SigLIP's pooling head.
+HF_IGNORABLE = ("rotary_emb.inv_freq", "lm_head.weight", "vision_model.head.")
+
+
+def _text_name(name: str) -> str:
+    """A Gemma decoder tensor name (``model.layers.0...``) as the published PaliGemma repos nest it."""
+    return "language_model." + name
+
+
+def hf_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """gemmax path -> (published HF name, or one per layer; HF -> gemmax; gemmax -> HF) for every weight."""
+    t: dict[str, tuple[str | list[str], Any, Any]] = {}
+    for path, (names, f, g) in gemma_hf.hf_table(cfg.text).items():
+        t[path] = (_text_name(names) if isinstance(names, str) else [_text_name(n) for n in names], f, g)
+    t.update(vision.hf_table(cfg.vision, "vision_tower.vision_model."))
+    t[PROJECTOR + "/kernel"] = ("multi_modal_projector.linear.weight", lambda w: w.T, lambda w: w.T)
+    t[PROJECTOR + "/bias"] = ("multi_modal_projector.linear.bias", lambda w: w, lambda w: w)
+    return t
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
 
 
 def prefix_lm_mask(q_idx: Array, k_idx: Array, q_type: Array, k_type: Array, window: Array | int | None,
-                   k_valid: Array | None = None) -> Array:
-    """[B, T, S]: causal (within ``window``) OR both tokens in the prefix (type 0), over valid keys.
+                   q_seg: Array | None = None, k_seg: Array | None = None, k_valid: Array | None = None) -> Array:
+    """[B, T, S]: causal (within ``window``) OR both tokens in the prefix (type 0); inside the same packed
+    segment and over valid keys.
 
     The prefix block overrides the window, as in transformers (``or`` of the sliding-causal and block
     masks).
@@ -179,143 +319,186 @@ def prefix_lm_mask(q_idx: Array, k_idx: Array, q_type: Array, k_type: Array, win
     if window is not None:
         m = m & (q - k < window)
     m = m | ((q_type == 0)[:, :, None] & (k_type == 0)[:, None, :])
+    if q_seg is not None and k_seg is not None:
+        m = m & (q_seg[:, :, None] == k_seg[:, None, :])
     if k_valid is not None:
         m = m & k_valid[:, None, :]
     return m
 
 
-def embed_inputs(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixels: Array | None) -> Array:
+def image_features(params: Params, cfg: PaliGemmaConfig, pixel_values: Array, dtype: Any) -> Array:
+    """``pixel_values`` [n, 3, H, W] -> projected SigLIP features [n, patches, D] (not scaled)."""
+    feats = vision.encode(params, cfg.vision, pixel_values, dtype)
+    proj = params[PROJECTOR]
+    return (feats @ proj["kernel"].astype(dtype) + proj["bias"].astype(dtype)).astype(dtype)
+
+
+def embed_inputs(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixel_values: Array | None) -> Array:
     """Token embeddings (scaled by sqrt(d)) with image-token positions replaced by projected SigLIP
-    features (not scaled). Each row's image tokens take that row's image patches in order."""
+    features (not scaled). Image tokens take the images' patches in reading order over the whole batch
+    (transformers' ``masked_scatter``): with one image per row, row i's tokens hold image i."""
     tokens = jnp.asarray(tokens, jnp.int32)
     is_img = tokens == cfg.image_token_id
     safe = jnp.where(is_img & (cfg.image_token_id >= cfg.text.vocab_size), 0, tokens)
     x = gm.embed(params, cfg.text, safe)
-    if pixels is None:
+    if pixel_values is None:
         return x
-    feats = vision.encode(params, cfg.vision, pixels, x.dtype)
-    proj = params["multi_modal_projector"]
-    feats = (feats @ proj["kernel"].astype(x.dtype) + proj["bias"].astype(x.dtype)).astype(x.dtype)
-    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
-    placed = jnp.take_along_axis(feats, idx[..., None], axis=1)
-    return jnp.where(is_img[..., None], placed, x)
+    feats = image_features(params, cfg, pixel_values, x.dtype)
+    flat = feats.reshape(-1, feats.shape[-1])
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(tokens.shape)
+    return jnp.where(is_img[..., None], jnp.take(flat, idx, axis=0), x)
 
 
-def _layer_data(cfg: PaliGemmaConfig) -> tuple[Array, Array]:
-    return jnp.asarray(gm.layer_windows(cfg.text)), gm.layer_inv_freqs(cfg.text)
+def _remat(body: Any, remat: str | None) -> Any:
+    if remat == "full":
+        return jax.checkpoint(body)
+    if remat == "dots":
+        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if remat not in (None, "none"):
+        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
+    return body
 
 
-def forward(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixels: Array | None = None,
-            token_type_ids: Array | None = None, positions: Array | None = None) -> Array:
-    """Float32 logits [B, T, V]. ``token_type_ids`` 0 = prefix (bidirectional), 1 = suffix (causal);
-    None means all causal (as transformers without token types). Positions default to 1..T."""
-    x = embed_inputs(params, cfg, tokens, pixels)
+def forward_hidden(params: Params, cfg: PaliGemmaConfig, tokens: Array, positions: Array | None = None,
+                   segment_ids: Array | None = None, remat: str | None = None, pixel_values: Array | None = None,
+                   token_type_ids: Array | None = None) -> Array:
+    """Final-normed hidden states [B, T, D], as ``PaliGemmaForConditionalGeneration``.
+
+    ``token_type_ids`` 0 = prefix (bidirectional), 1 = suffix (causal); None means all causal (as
+    transformers without token types: text-only training is plain causal LM). ``positions`` default to
+    1..T (transformers' ``position_ids + 1``). ``segment_ids`` keep packed documents apart.
+    """
+    tc = cfg.text
+    x = embed_inputs(params, cfg, tokens, pixel_values)
     b, t = x.shape[:2]
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = idx + 1 if positions is None else jnp.asarray(positions, jnp.int32)
-    types = jnp.ones((b, t), jnp.int32) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
-    has_local = any(k == "local" for k in cfg.text.layer_types)
+    types = (jnp.ones((b, t), jnp.int32) if token_type_ids is None
+             else jnp.broadcast_to(jnp.asarray(token_type_ids, jnp.int32).reshape(-1, t), (b, t)))
+    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    has_local = LOCAL in tc.layer_types
+    sin, cos, rope_row = gm.rope_tables(tc, positions)
 
     def body(x: Array, xs: tuple) -> tuple[Array, None]:
-        p, window, inv = xs
+        p, window, row = xs
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            mask = prefix_lm_mask(idx, idx, types, types, window if has_local else None)
-            return dot_attention(q, k, v, mask, cfg.text.attn_logit_softcap)
+            mask = prefix_lm_mask(idx, idx, types, types, window if has_local else None, seg, seg)
+            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
 
-        return gm.decoder_layer(p, x, cfg.text, positions, inv, attend), None
+        return gm.decoder_layer(p, x, tc, positions, (sin[row], cos[row]), attend), None
 
-    x, _ = jax.lax.scan(body, x, (params["decoder_block"], *_layer_data(cfg)))
-    h = gm.rms_norm(x, params["final_normalization"]["scale"], cfg.text.norm_eps, cfg.text.norm_offset)
-    return gm.logits_from_hidden(params, cfg.text, h)
-
-
-_forward_jit = jax.jit(forward, static_argnums=(1,))
+    xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
+    x, _ = jax.lax.scan(_remat(body, remat), x, xs)
+    return rms_norm(x, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
 
 
-# ---- generation with a KV cache ------------------------------------------------------------------------------
+def logits_from_hidden(params: Params, cfg: PaliGemmaConfig, hidden: Array) -> Array:
+    """Float32 logits through the tied embedding (Gemma's head and final soft-cap)."""
+    return gm.logits_from_hidden(params, cfg.text, hidden)
 
 
-def _run_cached(params: Params, cfg: PaliGemmaConfig, x: Array, positions: Array,
-                attend_fn: Callable[[Array, Array, Array, Array, Array, Array], tuple[Array, Array, Array]],
-                kc: Array, vc: Array) -> tuple[Array, Array, Array]:
-    """Scan the decoder layers with per-layer caches ``kc``/``vc`` [L, B, S, K, hd]; ``attend_fn(q, k, v,
-    window, k_cache, v_cache) -> (out, new k_cache, new v_cache)``."""
-
-    def body(x: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
-        p, window, inv, kl, vl = xs
-        new: list[Array] = []
-
-        def attend(q: Array, k: Array, v: Array) -> Array:
-            o, k2, v2 = attend_fn(q, k, v, window, kl, vl)
-            new.extend([k2, v2])
-            return o
-
-        x = gm.decoder_layer(p, x, cfg.text, positions, inv, attend)
-        return x, (new[0], new[1])
-
-    x, (kc, vc) = jax.lax.scan(body, x, (params["decoder_block"], *_layer_data(cfg), kc, vc))
-    h = gm.rms_norm(x, params["final_normalization"]["scale"], cfg.text.norm_eps, cfg.text.norm_offset)
-    return h, kc, vc
+def forward(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixel_values: Array | None = None,
+            token_type_ids: Array | None = None, positions: Array | None = None) -> Array:
+    """Float32 logits [B, T, V] (see :func:`forward_hidden`)."""
+    h = forward_hidden(params, cfg, tokens, positions, pixel_values=pixel_values, token_type_ids=token_type_ids)
+    return logits_from_hidden(params, cfg, h)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 5, 6))
-def _generate(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array, pixels: Array,
-              max_new: int, cache_len: int, stop_ids: Array, limit: Array) -> tuple[Array, Array]:
-    """Greedy: prefill the right-padded prompts (all prefix), then decode one token per step."""
+# ---- generation: prefix-LM prefill into the Gemma family's cache, Gemma's decode step -------------------------
+
+
+def init_cache(cfg: PaliGemmaConfig, batch: int, max_len: int, dtype: Any) -> dict[str, Array]:
+    return gdecode.init_cache(cfg.text, batch, max_len, dtype)
+
+
+def insert(cache: dict, rows: dict, slots: Array) -> dict:
+    return gdecode.insert(cache, rows, slots)
+
+
+def decode_step(params: Params, cfg: PaliGemmaConfig, cache: dict, tokens: Array, pos: Array,
+                backend: str = XLA) -> tuple[Array, dict]:
+    """After the prompt everything is causal text: the Gemma family's step over the decoder."""
+    return gdecode.decode_step(params, cfg.text, cache, tokens, pos, backend)
+
+
+def _prompt_types(token_type_ids: Any, b: int, t: int) -> Array:
+    """A request's ``token_type_ids`` ([T'] or [b, T'], unpadded) padded with 1 (suffix) to [b, T]."""
+    tt = jnp.asarray(token_type_ids, jnp.int32)
+    tt = tt.reshape(1, -1) if tt.ndim == 1 else tt
+    if tt.shape[1] > t:
+        raise ValueError(f"token_type_ids has {tt.shape[1]} entries, the prompt {t} tokens")
+    tt = jnp.pad(tt, ((0, 0), (0, t - tt.shape[1])), constant_values=1)
+    return jnp.broadcast_to(tt, (b, t))
+
+
+def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array, max_len: int,
+            backend: str = XLA, pixel_values: Array | None = None,
+            token_type_ids: Array | None = None) -> tuple[Array, dict]:
+    """Prompts [b, T] (right-padded, true lengths [b]) -> (float32 logits [b, V] at each row's last real token,
+    per-row caches in the Gemma family's layout for ``insert``).
+
+    The prompt attends as a prefix-LM: tokens of type 0 bidirectionally among themselves, type 1 causally.
+    Without ``token_type_ids`` the whole prompt is the prefix (image + ``<bos> prompt \\n``, what
+    ``PaliGemmaProcessor`` marks 0). Runs XLA for either ``backend`` (the decode step takes the native CPU
+    kernels). Positions are 0-based, as the Gemma decode step continues them (RoPE is relative: transformers'
+    1-based positions give the same attention).
+    """
+    del backend
     tc = cfg.text
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
     b, t = tokens.shape
-    L, K, hd = tc.num_layers, tc.num_kv_heads, tc.head_dim
-    x = embed_inputs(params, cfg, tokens, pixels)
-    dtype = x.dtype
-    kc = jnp.zeros((L, b, cache_len, K, hd), dtype)
-    vc = jnp.zeros((L, b, cache_len, K, hd), dtype)
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = idx < lengths[:, None]
-    types = jnp.where(valid, 0, 1)  # padding is "suffix": causal, so no real token ever sees it
+    types = jnp.zeros((b, t), jnp.int32) if token_type_ids is None else _prompt_types(token_type_ids, b, t)
+    types = jnp.where(valid, types, 1)  # padding is "suffix" (causal) and masked as a key: nothing sees it
+    x = embed_inputs(params, cfg, tokens, pixel_values)
+    has_local = LOCAL in tc.layer_types
+    sin, cos, rope_row = gm.rope_tables(tc, idx)
 
-    def prefill_attend(q, k, v, window, kl, vl):
-        o = dot_attention(q, k, v, prefix_lm_mask(idx, idx, types, types, window, valid), tc.attn_logit_softcap)
-        return o, kl.at[:, :t].set(k.astype(dtype)), vl.at[:, :t].set(v.astype(dtype))
+    def body(x: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
+        p, window, row = xs
+        kv: dict[str, Array] = {}
 
-    h, kc, vc = _run_cached(params, cfg, x, idx + 1, prefill_attend, kc, vc)
-    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+        def attend(q: Array, k: Array, v: Array) -> Array:
+            kv["k"], kv["v"] = k, v
+            mask = prefix_lm_mask(idx, idx, types, types, window if has_local else None, k_valid=valid)
+            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
+
+        x = gm.decoder_layer(p, x, tc, idx, (sin[row], cos[row]), attend)
+        return x, (kv["k"], kv["v"])
+
+    xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
+    x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    last = rms_norm(last, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
     logits = gm.logits_from_hidden(params, tc, last)[:, 0]
-    slots = jnp.arange(cache_len, dtype=jnp.int32)[None]
-    out = jnp.full((b, max_new), tc.pad_token_id, jnp.int32)
 
-    def cond(s):
-        return (s[0] < jnp.minimum(limit, max_new)) & ~jnp.all(s[5])
-
-    def body(s):
-        i, logits, kc, vc, out, done = s
-        tok = jnp.where(done, tc.pad_token_id, jnp.argmax(logits, -1).astype(jnp.int32))
-        out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, stop_ids)
-        cur = lengths + i  # cache slot of this token
-        hit = slots == cur[:, None]
-
-        def step_attend(q, k, v, window, kl, vl):
-            kl = jnp.where(hit[:, :, None, None], k.astype(dtype), kl)
-            vl = jnp.where(hit[:, :, None, None], v.astype(dtype), vl)
-            m = (slots <= cur[:, None]) & (cur[:, None] - slots < window)
-            return dot_attention(q, kl, vl, m[:, None, :], tc.attn_logit_softcap), kl, vl
-
-        xt = gm.embed(params, tc, tok[:, None])
-        h, kc, vc = _run_cached(params, cfg, xt, (cur + 1)[:, None], step_attend, kc, vc)
-        return i + 1, gm.logits_from_hidden(params, tc, h)[:, 0], kc, vc, out, done
-
-    n, _, _, _, out, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), logits, kc, vc, out, jnp.zeros((b,), bool)))
-    return out, n
+    is_local = np.array([lt == LOCAL for lt in tc.layer_types])
+    loc, glob = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
+    caches = {}
+    if len(glob):
+        caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
+    if len(loc):
+        # ring slot j holds the latest prompt position p < length with p % window == j
+        window = gdecode.CacheLayout.for_config(tc, max_len).window
+        j = jnp.arange(window)
+        src = j[None] + window * jnp.floor_divide(lengths[:, None] - 1 - j[None], window)  # [b, W]
+        ok = (src >= 0)[None, :, :, None, None]
+        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
+        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
+        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
+    return logits, caches
 
 
 # ---- images, prompts, detections -----------------------------------------------------------------------------
 
 
 def preprocess_image(image: Any, size: int = 224) -> np.ndarray:
-    """PIL image / array -> float32 [size, size, 3] in [-1, 1]: RGB, bicubic resize to a square, then
-    ``(x / 255 - 0.5) / 0.5`` — SigLIP's normalisation (mean 0.5, std 0.5)."""
+    """PIL image / array -> float32 ``[3, size, size]`` in [-1, 1] (one row of transformers'
+    ``pixel_values``): RGB, bicubic resize to a square, then ``(x / 255 - 0.5) / 0.5`` — SigLIP's
+    normalisation (mean 0.5, std 0.5)."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
@@ -325,7 +508,17 @@ def preprocess_image(image: Any, size: int = 224) -> np.ndarray:
         image = Image.fromarray(arr)
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     x = np.asarray(image, np.float32) / 255.0
-    return (x - 0.5) / 0.5
+    return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def pixel_values(cfg: PaliGemmaConfig, images: Any) -> np.ndarray:
+    """One image or a list (PIL / arrays) -> float32 ``pixel_values`` [n, 3, S, S] at the config's size; an
+    array already shaped [n, 3, S, S] is returned as is."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return images.astype(np.float32, copy=False)
+    if not isinstance(images, list | tuple):
+        images = [images]
+    return np.stack([preprocess_image(im, cfg.vision.image_size) for im in images])
 
 
 def task_prompt(task: str, arg: str = "", lang: str = "en") -> str:
@@ -341,9 +534,46 @@ def task_prompt(task: str, arg: str = "", lang: str = "en") -> str:
     raise ValueError(f"unknown task {task!r} (caption, answer, detect, segment, ocr)")
 
 
-def build_input_ids(cfg: PaliGemmaConfig, prompt_ids: Sequence[int]) -> list[int]:
+def newline_id(cfg: PaliGemmaConfig, tokenizer: Any = None) -> int:
+    """The prompt separator: the tokenizer's "\\n" (108 in Gemma's vocabulary, elsewhere in others)."""
+    if tokenizer is not None and hasattr(tokenizer, "piece_to_id"):
+        nl = tokenizer.piece_to_id("\n")
+        if 0 <= nl < cfg.text.vocab_size:
+            return int(nl)
+    return cfg.newline_id
+
+
+def build_input_ids(cfg: PaliGemmaConfig, prompt_ids: Sequence[int], newline: int | None = None,
+                    num_images: int = 1) -> list[int]:
     """``[image] * N + <bos> + prompt + "\\n"`` as PaliGemmaProcessor lays it out."""
-    return [cfg.image_token_id] * cfg.num_image_tokens + [cfg.text.bos_token_id, *prompt_ids, cfg.newline_id]
+    nl = cfg.newline_id if newline is None else newline
+    return ([cfg.image_token_id] * (cfg.num_image_tokens * num_images)
+            + [cfg.text.bos_token_id, *[int(t) for t in prompt_ids], nl])
+
+
+def encode_text(cfg: PaliGemmaConfig, tokenizer: Any, text: str | Sequence[int]) -> list[int]:
+    """A prompt or answer as ids without ``<bos>`` (ids pass through)."""
+    if not isinstance(text, str):
+        return [int(t) for t in text]
+    if tokenizer is None:
+        raise ValueError("text prompts need a tokenizer; pass token ids instead")
+    try:
+        ids = list(tokenizer.encode(text, add_bos=False))
+    except TypeError:
+        ids = list(tokenizer.encode(text))
+    return ids[1:] if ids and ids[0] == cfg.text.bos_token_id else ids
+
+
+def encode_prompt(cfg: PaliGemmaConfig, tokenizer: Any, prompt: str | Sequence[int], images: Any,
+                  add_bos: bool = True) -> tuple[list[int], dict[str, np.ndarray]]:
+    """One request as the engine takes it (``Family.encode_prompt``): (ids ``[image]*N <bos> prompt \\n``,
+    ``{"pixel_values", "token_type_ids"}``), the whole prompt the prefix. ``add_bos=False`` leaves out
+    ``<bos>`` (PaliGemmaProcessor always writes it)."""
+    px = pixel_values(cfg, images)
+    ids = build_input_ids(cfg, encode_text(cfg, tokenizer, prompt), newline_id(cfg, tokenizer), len(px))
+    if not add_bos:
+        del ids[cfg.num_image_tokens * len(px)]
+    return ids, {"pixel_values": px, "token_type_ids": np.zeros((len(ids),), np.int32)}
 
 
 _LOC = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*)")
@@ -362,29 +592,36 @@ def parse_detections(text: str, width: int, height: int) -> list[dict[str, Any]]
     return out
 
 
-# ---- fine-tuning: prefix-LM batches and the suffix-only loss ------------------------------------------------
+# ---- fine-tuning batches --------------------------------------------------------------------------------------
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
 
 
 def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                   length: int | None = None, add_eos: bool = True) -> dict[str, np.ndarray]:
-    """Right-padded ``tokens`` / ``token_type_ids`` / ``loss_mask`` [B, length] for prefix-LM training.
+                   length: int | None = None, add_eos: bool = True, images: Any = None,
+                   newline: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded ``tokens`` / ``token_type_ids`` / ``loss_mask`` [B, length] for prefix-LM training, plus
+    ``pixel_values`` [B, 3, S, S] when ``images`` (one per example, or one for all) are given.
 
     A row is ``[image] * N <bos> prompt \\n`` (type 0: attends bidirectionally, no loss) then ``suffix <eos>``
     (type 1: causal, loss on every token) then padding (type 1 too — causal, so no real token can see it —
-    and masked out of the loss), the layout PaliGemma was trained with.
+    and masked out of the loss), the layout PaliGemma was trained with. ``loss_mask[t]`` marks the tokens
+    to predict (position t-1 predicts token t).
     """
     if len(prompts) != len(suffixes):
         raise ValueError(f"{len(prompts)} prompts but {len(suffixes)} suffixes")
     rows = []
     for pr, sf in zip(prompts, suffixes, strict=True):
-        prefix = build_input_ids(cfg, [int(t) for t in pr])
+        prefix = build_input_ids(cfg, [int(t) for t in pr], newline)
         suffix = [int(t) for t in sf] + ([cfg.text.eos_ids[0]] if add_eos else [])
         rows.append((prefix, suffix))
     need = max(len(a) + len(b) for a, b in rows)
-    if length is None:
-        from gemmax.models.recurrent_gemma import _bucket
-
-        length = _bucket(need)
+    length = _bucket(need) if length is None else length
     if need > length:
         raise ValueError(f"an example has {need} tokens, more than length={length}")
     tokens = np.full((len(rows), length), cfg.text.pad_token_id, np.int32)
@@ -394,318 +631,44 @@ def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffi
         tokens[i, :len(a) + len(b)] = a + b
         types[i, :len(a)] = 0
         mask[i, len(a):len(a) + len(b)] = 1.0
-    return {"tokens": tokens, "token_type_ids": types, "loss_mask": mask}
+    batch = {"tokens": tokens, "token_type_ids": types, "loss_mask": mask}
+    if images is not None:
+        px = pixel_values(cfg, images)
+        if len(px) == 1 and len(rows) > 1:
+            px = np.repeat(px, len(rows), axis=0)
+        if len(px) != len(rows):
+            raise ValueError(f"{len(px)} images for {len(rows)} examples")
+        batch["pixel_values"] = px
+    return batch
 
 
-def suffix_loss(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixels: Array, token_type_ids: Array,
-                loss_mask: Array) -> Array:
-    """Mean cross-entropy of the suffix tokens only: position t-1 predicts token t wherever ``loss_mask[t]``
-    (the first suffix token is predicted from the ``\\n`` that ends the prefix)."""
-    logits = forward(params, cfg, tokens, pixels, token_type_ids)[:, :-1]
-    tgt = jnp.asarray(tokens, jnp.int32)[:, 1:]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[..., None], -1)[..., 0]
-    w = jnp.asarray(loss_mask, jnp.float32)[:, 1:]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+# ---- the family ----------------------------------------------------------------------------------------------
 
-
-def make_train_step(cfg: PaliGemmaConfig, optimizer: Any) -> Callable:
-    """Jitted ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``.
-
-    Only ``trainable`` (the adapters, from ``gemmax.nn.lora.split_trainable``) is differentiated, so the vision
-    tower, projector and base decoder are frozen by construction and carry no optimizer state. ``batch``
-    holds ``pixels`` plus :func:`training_batch`'s arrays.
-    """
-    import optax
-
-    from gemmax.nn.lora import merge_trees
-
-    @jax.jit
-    def step(trainable: Params, frozen: Params, opt_state: Any, batch: dict[str, Array]) -> tuple:
-        def loss_fn(t: Params) -> Array:
-            return suffix_loss(merge_trees(t, frozen), cfg, batch["tokens"], batch["pixels"],
-                               batch["token_type_ids"], batch["loss_mask"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
-
-
-def layout_map(mesh: Any) -> Any:
-    """``LAYOUT_RULES`` as a :class:`gemmax.distribution.LayoutMap` for ``mesh``."""
-    from gemmax.distribution import LayoutMap
-
-    lm = LayoutMap(mesh)
-    for rx, spec in LAYOUT_RULES.items():
-        lm[rx] = spec
-    return lm
-
-
-def abstract_params(cfg: PaliGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
-                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
-    """ShapeDtypeStruct tree of every weight (plus decoder adapters): ``gemmax shard-plan`` input."""
-    from gemmax.nn import lora
-
-    tree = unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
-    if lora_rank:
-        tree = jax.eval_shape(lambda t: lora.add_lora(t, cfg.text, lora_rank, targets=lora_targets, dtype=dtype),
-                              tree)
-    return tree
-
-
-# ---- loading -------------------------------------------------------------------------------------------------
-
-
-def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[PaliGemmaConfig, Params]:
-    """(config, params) from a ``PaliGemmaForConditionalGeneration`` safetensors folder, every tensor
-    checked (name, shape) before any is read."""
-    from gemmax.api import current_distribution, place_params
-
-    folder = Path(folder)
-    p = folder / "config.json"
-    if not p.exists():
-        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        cfg = from_hf_config(json.loads(p.read_text()))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: not a usable PaliGemma config ({e})") from None
-    src = open_safetensors_folder(folder)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    lazy = dict(lazy_params_from_hf(cfg.text, src, np_dtype, shape_of=src.shape))
-    pre = "model." if any(k.startswith("model.vision_tower.") for k in src) else ""
-    table = vision.hf_table(cfg.vision, pre + "vision_tower.")
-    ident = (lambda w: w, lambda w: w)
-    table["multi_modal_projector/kernel"] = (pre + "multi_modal_projector.linear.weight", lambda w: w.T, lambda w: w.T)
-    table["multi_modal_projector/bias"] = (pre + "multi_modal_projector.linear.bias", *ident)
-    lazy.update(lazy_from_table(param_specs(cfg), table, src, src.shape, np_dtype,
-                                ignorable=("language_model", "lm_head", "vision_tower.head", "rotary_emb"),
-                                what="PaliGemma vision tower"))
-    return cfg, unflatten(place_params(lazy, dtype, current_distribution()))
-
-
-class PaliGemma:
-    """PaliGemma with the CausalLM-style interface: ``from_preset``, ``logits``, ``generate``, ``summary``,
-    ``quantize``, ``enable_lora`` / ``finetune``, ``export_hf``."""
-
-    def __init__(self, config: PaliGemmaConfig, params: Params, tokenizer: Any = None, source: str = ""):
-        if tokenizer is not None and hasattr(tokenizer, "piece_to_id"):
-            # The prompt separator is the tokenizer's "\n" (108 in Gemma's vocabulary, elsewhere in others).
-            nl = tokenizer.piece_to_id("\n")
-            if 0 <= nl < config.text.vocab_size and nl != config.newline_id:
-                config = replace(config, newline_id=nl)
-        self.config = config
-        self.params = params
-        self.tokenizer = tokenizer
-        self.source = source
-
-    @classmethod
-    def from_preset(cls, folder: str | os.PathLike, dtype: Any = "float32", quantize: str | None = None) -> PaliGemma:
-        """A ``PaliGemmaForConditionalGeneration`` folder (tokenizer optional); ``quantize="int8"`` quantizes
-        after loading."""
-        lm = cls._load(folder, dtype)
-        return lm.quantize(quantize) if quantize else lm
-
-    @classmethod
-    def _load(cls, folder: str | os.PathLike, dtype: Any) -> PaliGemma:
-        from gemmax.models.recurrent_gemma import _dtype
-
-        cfg, params = load_params(Path(os.path.expanduser(str(folder))), _dtype(dtype))
-        tok = None
-        try:
-            from gemmax.api import load_tokenizer
-
-            tok = load_tokenizer(Path(folder))
-        except Exception:  # optional: ids still work
-            tok = None
-        return cls(cfg, params, tok, source=str(folder))
-
-    @classmethod
-    def from_config(cls, config: PaliGemmaConfig | str, seed: int = 0, dtype: Any = jnp.float32,
-                    tokenizer: Any = None) -> PaliGemma:
-        cfg = PRESETS[config] if isinstance(config, str) else config
-        # rbg key: compiles far faster than threefry for a tree of many weights (see RecurrentGemmaLM)
-        key = jax.random.key(seed, impl="rbg")
-        return cls(cfg, jax.jit(lambda k: init_params(cfg, k, dtype))(key), tokenizer,
-                   source=f"random:{cfg.name}")
-
-    def pixels(self, images: Any) -> np.ndarray:
-        """One image or a list -> float32 [B, S, S, 3] at the checkpoint's resolution."""
-        if not isinstance(images, list | tuple):
-            images = [images]
-        return np.stack([preprocess_image(im, self.config.vision.image_size) for im in images])
-
-    def logits(self, token_ids: Any, images: Any = None, token_type_ids: Any = None) -> np.ndarray:
-        ids = np.asarray(token_ids, np.int32)
-        ids = ids[None] if ids.ndim == 1 else ids
-        px = None if images is None else (images if isinstance(images, np.ndarray) and images.ndim == 4
-                                          else self.pixels(images))
-        tt = None if token_type_ids is None else jnp.asarray(np.asarray(token_type_ids).reshape(ids.shape))
-        return np.asarray(_forward_jit(self.params, self.config, jnp.asarray(ids),
-                                       None if px is None else jnp.asarray(px), tt))
-
-    def _encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; pass token ids instead")
-        try:
-            ids = list(self.tokenizer.encode(prompt, add_bos=False))
-        except TypeError:
-            ids = list(self.tokenizer.encode(prompt))
-        return ids[1:] if ids and ids[0] == self.config.text.bos_token_id else ids
-
-    def generate(self, images: Any, prompts: Any, max_new_tokens: int = 32,
-                 sampler: str = "greedy") -> list[np.ndarray] | list[str]:
-        """Greedy answers for image/prompt pairs. Prompts are strings (needs a tokenizer) or id lists; the
-        result is the generated ids (without the prompt, up to and excluding the end token) per row, or
-        decoded strings when the prompts were strings."""
-        if sampler != "greedy":
-            raise ValueError("PaliGemma.generate supports sampler='greedy'")
-        # one prompt: a string or a flat id list (np.isscalar is also true of a str, hence the extra check)
-        single = isinstance(prompts, str) or (isinstance(prompts, list | tuple) and prompts and
-                                              np.isscalar(prompts[0]) and not isinstance(prompts[0], str))
-        prompts = [prompts] if single else list(prompts)
-        px = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixels(images)
-        if len(px) == 1 and len(prompts) > 1:
-            px = np.repeat(px, len(prompts), axis=0)
-        rows = [build_input_ids(self.config, self._encode_prompt(p)) for p in prompts]
-        lengths = np.array([len(r) for r in rows], np.int32)
-        from gemmax.models.recurrent_gemma import _bucket
-
-        t = _bucket(int(lengths.max()))
-        ids = np.full((len(rows), t), self.config.text.pad_token_id, np.int32)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = r
-        stops = jnp.asarray(self.config.text.eos_ids, jnp.int32)
-        new, n = _generate(self.params, self.config, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(px),
-                           _bucket(max_new_tokens, 1), _bucket(t + max_new_tokens), stops, jnp.int32(max_new_tokens))
-        new = np.asarray(new)[:, :min(int(n), max_new_tokens)]
-        outs = []
-        for r in new:
-            stop = [i for i, tok in enumerate(r) if tok in self.config.text.eos_ids]
-            outs.append(r[:stop[0]] if stop else r)
-        if isinstance(prompts[0], str) and self.tokenizer is not None:
-            return [self.tokenizer.decode(o.tolist()) for o in outs]
-        return outs
-
-    # ---- weight transforms ------------------------------------------------------------------------
-    def quantize(self, mode: str = "int8", group_size: int | None = None) -> PaliGemma:
-        """Weight-only quantization in place: the decoder through ``gemmax.nn.quant.quantize_params`` (same
-        paths as ``CausalLM``; embedding per row) and the SigLIP encoder's dense kernels per output channel
-        (``vision.quantize_params``). Norms, patch/position embeddings and the projector stay float."""
-        self.params = _quantize_jit(self.params, self.config, mode, group_size)
-        return self
-
-    def enable_lora(self, rank: int = 4, targets: str | Sequence[str] = ("query", "value"),
-                    alpha: float | None = None, seed: int = 0) -> PaliGemma:
-        """Adapters on the *language* side only (``decoder_block/...``, via ``gemmax.nn.lora.add_lora``): the
-        vision tower and projector have none, so ``gemmax.nn.lora.split_trainable`` leaves them frozen."""
-        from gemmax.nn import lora
-
-        self.params = lora.add_lora(self.params, self.config.text, rank, alpha, targets, seed)
-        return self
-
-    def merge_lora(self) -> PaliGemma:
-        from gemmax.nn import lora
-
-        self.params = lora.merge_lora(self.params)
-        return self
-
-    def training_batch(self, images: Any, prompts: Sequence[Any], suffixes: Sequence[Any],
-                       length: int | None = None) -> dict[str, np.ndarray]:
-        """:func:`training_batch` from strings (tokenized without ``<bos>``) or id lists, plus ``pixels``."""
-        batch = training_batch(self.config, [self._encode_prompt(p) for p in prompts],
-                               [self._encode_prompt(s) for s in suffixes], length)
-        px = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixels(images)
-        if len(px) == 1 and len(prompts) > 1:
-            px = np.repeat(px, len(prompts), axis=0)
-        batch["pixels"] = px
-        return batch
-
-    def loss(self, batch: Mapping[str, Any]) -> float:
-        """Suffix-only cross-entropy of a :meth:`training_batch`."""
-        return float(_loss_jit(self.params, self.config, *(jnp.asarray(batch[k]) for k in (
-            "tokens", "pixels", "token_type_ids", "loss_mask"))))
-
-    def finetune(self, images: Any, prompts: Sequence[Any], suffixes: Sequence[Any], steps: int = 10,
-                 learning_rate: float = 1e-3, weight_decay: float = 0.0) -> list[float]:
-        """A few AdamW steps on the adapters (call :meth:`enable_lora` first) over one fixed batch; returns
-        the loss before each step. Meant for small adaptations and tests, not a data pipeline."""
-        import optax
-
-        from gemmax.nn import lora
-
-        trainable, frozen = lora.split_trainable(self.params)
-        if not trainable:
-            raise ValueError("no adapters to train: call enable_lora(rank, targets) first")
-        batch = {k: jnp.asarray(v) for k, v in self.training_batch(images, prompts, suffixes).items()}
-        opt = optax.adamw(learning_rate, weight_decay=weight_decay)
-        state = opt.init(trainable)
-        step = make_train_step(self.config, opt)
-        losses = []
-        for _ in range(steps):
-            trainable, state, loss = step(trainable, frozen, state, batch)
-            losses.append(float(loss))
-        self.params = lora.merge_trees(trainable, frozen)
-        return losses
-
-    # ---- inspection and saving --------------------------------------------------------------------
-    def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
-        return [(p, a) for p, a in flatten(self.params).items() if p.startswith(prefix)]
-
-    def summary(self, print_fn: Any = print) -> str:
-        return summary_table(self.config.name, self.config.family, flatten(self.params), print_fn=print_fn)
-
-    def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
-        """A folder transformers' ``PaliGemmaForConditionalGeneration.from_pretrained`` loads, in the
-        published checkpoints' naming (``language_model.model.*``, ``vision_tower.*``,
-        ``multi_modal_projector.linear.*``). Adapters are merged and int8 kernels dequantized first."""
-        from gemmax.io.hf import params_to_hf, write_safetensors
-        from gemmax.nn import lora, quant
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        params = vision.dequantize_params(quant.dequantize_params(lora.merge_lora(self.params)))
-        flat = {p: np.asarray(jax.device_get(a), np.float32) for p, a in flatten(params).items()}
-        tensors: dict[str, np.ndarray] = {}
-        for name, arr in params_to_hf(flat, self.config.text):
-            tensors["language_model." + name] = arr
-        table = vision.hf_table(self.config.vision, "vision_tower.")
-        table["multi_modal_projector/kernel"] = ("multi_modal_projector.linear.weight", None, lambda w: w.T)
-        table["multi_modal_projector/bias"] = ("multi_modal_projector.linear.bias", None, lambda w: w)
-        for path_, (names, _, inv) in table.items():
-            a = flat[path_]
-            if isinstance(names, str):
-                tensors[names] = inv(a)
-            else:
-                for i, n in enumerate(names):
-                    tensors[n] = inv(a[i])
-        write_safetensors(out / "model.safetensors",
-                          {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()})
-        hf = to_hf_config(self.config)
-        hf["torch_dtype"] = np.dtype(dtype).name
-        (out / "config.json").write_text(json.dumps(hf, indent=2))
-        tc = self.config.text
-        gen = {"bos_token_id": tc.bos_token_id, "pad_token_id": tc.pad_token_id, "eos_token_id": tc.eos_ids[0]}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(out)
-        return out
-
-
-_loss_jit = jax.jit(suffix_loss, static_argnums=(1,))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _quantize_jit(params: Params, cfg: PaliGemmaConfig, mode: str, group_size: int | None) -> Params:
-    """Decoder (``gemmax.nn.quant``) then vision tower, as one compiled program rather than many eager ops."""
-    from gemmax.nn import quant
-
-    params = quant.quantize_params(params, cfg.text, mode, group_size)
-    return vision.quantize_params(params, mode, group_size)
-
-
-def load_paligemma(folder: str | os.PathLike, dtype: Any = "float32") -> PaliGemma:
-    """Entry point for ``CausalLM.from_preset`` dispatch on ``model_type == "paligemma"``."""
-    return PaliGemma.from_preset(folder, dtype)
+FAMILY = register(Family(
+    name="paligemma",
+    model_types=("paligemma",),
+    config_type=PaliGemmaConfig,
+    from_hf_config=from_hf_config,
+    to_hf_config=to_hf_config,
+    config_from_dict=PaliGemmaConfig.from_dict,
+    param_specs=param_specs,
+    init_params=init_params,
+    linear_nodes=linear_nodes,
+    hf_table=hf_table,
+    forward_hidden=forward_hidden,
+    logits_from_hidden=logits_from_hidden,
+    init_cache=init_cache,
+    prefill=prefill,
+    insert=insert,
+    decode_step=decode_step,
+    presets=PRESETS,
+    preset_repos=PRESET_REPOS,
+    hf_aliases=HF_ALIASES,
+    hf_ignorable=HF_IGNORABLE,
+    hf_architecture="PaliGemmaForConditionalGeneration",
+    gguf_arch=lambda cfg: None,
+    extra_inputs=("pixel_values", "token_type_ids"),
+    backends=(XLA, CPU),
+    tiny_config=tiny_config,
+    encode_prompt=encode_prompt,
+))

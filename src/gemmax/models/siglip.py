@@ -3,6 +3,10 @@
 Weights live under ``vision_encoder/`` with the transformer layers stacked on a leading axis
 (``vision_encoder/encoder_block/...``) and run under ``lax.scan``, like the text decoder, so compile time does
 not grow with the 27 layers of So400m. Layer norms, attention logits and softmax run in float32.
+
+Images come in transformers' layout, ``pixel_values`` ``[N, C, H, W]`` already normalised to [-1, 1]. Every
+dense layer is a ``gemmax.nn.layers.linear`` node declared in :func:`linear_nodes`, so the generic LoRA and
+quantization walks reach the tower without knowing it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gemmax.models.gemma.model import ParamSpec
 from gemmax.nn.layers import dot_attention, gelu_tanh, linear
+from gemmax.nn.params import LinearNode, ParamSpec, init_from_specs
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -68,38 +71,42 @@ def to_hf_vision_config(cfg: SigLIPConfig) -> dict[str, Any]:
 
 
 def param_specs(cfg: SigLIPConfig) -> dict[str, ParamSpec]:
+    """Every weight of the tower with its logical axes: ``vision_embed`` (the tower's width), ``heads`` /
+    ``head_dim`` / ``mlp`` as in the decoder (so heads and MLP shard on the model axis by default),
+    ``patch`` / ``channels`` (the patch kernel's pixels) and ``patches`` (positions)."""
     L, W, F, H, hd, p = cfg.depth, cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.head_dim, cfg.patch_size
     b = PREFIX + "encoder_block/"
     s = {
-        PREFIX + "patch_embedding/kernel": ParamSpec((p, p, cfg.channels, W), (None, None, None, "embed")),
-        PREFIX + "patch_embedding/bias": ParamSpec((W,), ("embed",), "zeros"),
-        PREFIX + "position_embedding/embeddings": ParamSpec((cfg.num_patches, W), (None, "embed"), "embedding"),
-        b + "layer_norm1/scale": ParamSpec((L, W), ("layers", "embed"), "ones"),
-        b + "layer_norm1/bias": ParamSpec((L, W), ("layers", "embed"), "zeros"),
-        b + "layer_norm2/scale": ParamSpec((L, W), ("layers", "embed"), "ones"),
-        b + "layer_norm2/bias": ParamSpec((L, W), ("layers", "embed"), "zeros"),
-        b + "mlp/fc1/kernel": ParamSpec((L, W, F), ("layers", "embed", "mlp")),
+        PREFIX + "patch_embedding/kernel": ParamSpec((p, p, cfg.channels, W), ("patch", "patch", "channels",
+                                                                                 "vision_embed"),
+                                                     std=1.0 / math.sqrt(p * p * cfg.channels)),
+        PREFIX + "patch_embedding/bias": ParamSpec((W,), ("vision_embed",), "zeros"),
+        PREFIX + "position_embedding/embeddings": ParamSpec((cfg.num_patches, W), ("patches", "vision_embed"),
+                                                            "embedding", std=1.0 / math.sqrt(W)),
+        b + "layer_norm1/scale": ParamSpec((L, W), ("layers", "vision_embed"), "ones"),
+        b + "layer_norm1/bias": ParamSpec((L, W), ("layers", "vision_embed"), "zeros"),
+        b + "layer_norm2/scale": ParamSpec((L, W), ("layers", "vision_embed"), "ones"),
+        b + "layer_norm2/bias": ParamSpec((L, W), ("layers", "vision_embed"), "zeros"),
+        b + "mlp/fc1/kernel": ParamSpec((L, W, F), ("layers", "vision_embed", "mlp"), fan_in_axis=1),
         b + "mlp/fc1/bias": ParamSpec((L, F), ("layers", "mlp"), "zeros"),
-        b + "mlp/fc2/kernel": ParamSpec((L, F, W), ("layers", "mlp", "embed")),
-        b + "mlp/fc2/bias": ParamSpec((L, W), ("layers", "embed"), "zeros"),
-        b + "attention/attention_output/kernel": ParamSpec((L, H, hd, W), ("layers", "heads", "head_dim", "embed")),
-        b + "attention/attention_output/bias": ParamSpec((L, W), ("layers", "embed"), "zeros"),
-        PREFIX + "post_layernorm/scale": ParamSpec((W,), ("embed",), "ones"),
-        PREFIX + "post_layernorm/bias": ParamSpec((W,), ("embed",), "zeros"),
+        b + "mlp/fc2/kernel": ParamSpec((L, F, W), ("layers", "mlp", "vision_embed"), fan_in_axis=1),
+        b + "mlp/fc2/bias": ParamSpec((L, W), ("layers", "vision_embed"), "zeros"),
+        b + "attention/attention_output/kernel": ParamSpec(
+            (L, H, hd, W), ("layers", "heads", "head_dim", "vision_embed"), std=1.0 / math.sqrt(H * hd)),
+        b + "attention/attention_output/bias": ParamSpec((L, W), ("layers", "vision_embed"), "zeros"),
+        PREFIX + "post_layernorm/scale": ParamSpec((W,), ("vision_embed",), "ones"),
+        PREFIX + "post_layernorm/bias": ParamSpec((W,), ("vision_embed",), "zeros"),
     }
     for n in ("query", "key", "value"):
-        s[b + f"attention/{n}/kernel"] = ParamSpec((L, W, H, hd), ("layers", "embed", "heads", "head_dim"))
+        s[b + f"attention/{n}/kernel"] = ParamSpec((L, W, H, hd), ("layers", "vision_embed", "heads", "head_dim"),
+                                                   fan_in_axis=1)
         s[b + f"attention/{n}/bias"] = ParamSpec((L, H, hd), ("layers", "heads", "head_dim"), "zeros")
     return s
 
 
-#: Stacked-weight sharding rules (layer axis first): heads and MLP width on "model".
-LAYOUT_RULES: dict[str, tuple[str | None, ...]] = {
-    r"vision_encoder/encoder_block/attention/(query|key|value)/kernel": (None, None, "model", None),
-    r"vision_encoder/encoder_block/attention/attention_output/kernel": (None, "model", None, None),
-    r"vision_encoder/encoder_block/mlp/fc1/kernel": (None, None, "model"),
-    r"vision_encoder/encoder_block/mlp/fc2/kernel": (None, "model", None),
-}
+def init_params(cfg: SigLIPConfig, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Fan-in-scaled normals, layer norms at identity (nested, under ``vision_encoder/``)."""
+    return init_from_specs(param_specs(cfg), key, dtype)
 
 
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
@@ -110,83 +117,70 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def _lin(node: Params, x: Array, eq: str) -> Array:
-    # Through layers.linear so an int8 node ({"kernel": int8, "scale"}) runs without a dequantized copy.
-    return linear(node, x, eq) + node["bias"].astype(x.dtype)
-
-
-#: The encoder's dense layers (path under ``encoder_block/``) and their einsums: what int8 quantizes.
-LINEARS: dict[str, str] = {
-    "attention/query": "btd,dnh->btnh", "attention/key": "btd,dnh->btnh", "attention/value": "btd,dnh->btnh",
-    "attention/attention_output": "btnh,nhd->btd", "mlp/fc1": "btd,df->btf", "mlp/fc2": "btf,fd->btd",
+#: The encoder's dense layers: path under ``encoder_block/`` -> (einsum, LoRA einsums, kernel input dims of
+#: one layer, LoRA target name, transformers module under ``encoder.layers.{i}``).
+LINEARS: dict[str, tuple[str, tuple[str, str], tuple[int, ...], str, str]] = {
+    "attention/query": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_query",
+                        "self_attn.q_proj"),
+    "attention/key": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_key", "self_attn.k_proj"),
+    "attention/value": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_value",
+                        "self_attn.v_proj"),
+    "attention/attention_output": ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"), (0, 1),
+                                   "vision_attention_output", "self_attn.out_proj"),
+    "mlp/fc1": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "vision_fc1", "mlp.fc1"),
+    "mlp/fc2": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "vision_fc2", "mlp.fc2"),
 }
 
 
-def _stacked_in_axes(eq: str) -> tuple[int, ...]:
-    from gemmax.nn.quant import in_axes_from_eq
-
-    return tuple(1 + a for a in in_axes_from_eq(eq))
-
-
-def quantize_params(params: Params, mode: str = "int8", group_size: int | None = None) -> Params:
-    """Per-output-channel (or grouped) weight-only quantization of the encoder's dense kernels, in
-    ``gemmax.nn.quant``'s node layout; patch/position embeddings and layer norms stay float (they are small and
-    feed every patch)."""
-    from gemmax.nn.quant import quantize_kernel
-
-    blocks = dict(params["vision_encoder"]["encoder_block"])
-    for sub, eq in LINEARS.items():
-        a, b = sub.split("/")
-        node = blocks[a][b]
-        if "kernel" not in node or not jnp.issubdtype(node["kernel"].dtype, jnp.floating):
-            raise ValueError(f"vision_encoder/encoder_block/{sub} is already quantized")
-        q = quantize_kernel(node["kernel"], _stacked_in_axes(eq), mode, group_size)
-        blocks[a] = dict(blocks[a], **{b: {**q, "bias": node["bias"]}})
-    return dict(params, vision_encoder=dict(params["vision_encoder"], encoder_block=blocks))
+def linear_nodes(cfg: SigLIPConfig, layers: str = "vision_model.encoder.layers") -> dict[str, LinearNode]:
+    """The tower's dense layers as LoRA / quantization nodes, under target names of their own
+    (``vision_query``...), so a decoder target such as ``"query"`` never reaches the tower. ``layers`` is the
+    transformers prefix of the encoder's layer list."""
+    ids = tuple(range(cfg.depth))
+    return {t: LinearNode(path=("vision_encoder", "encoder_block", *sub.split("/")), eq=eq, lora_eqs=leq,
+                          in_dims=ind, target=t, peft=hf.split(".")[-1], hf_module=hf, layers=layers, layer_ids=ids)
+            for sub, (eq, leq, ind, t, hf) in LINEARS.items()}
 
 
-def dequantize_params(params: Params, dtype: Any = jnp.float32) -> Params:
-    """Float encoder kernels back from :func:`quantize_params` (a float tree is returned unchanged)."""
-    from gemmax.nn.quant import dequantize_kernel, is_quantized
-
-    blocks = dict(params["vision_encoder"]["encoder_block"])
-    for sub, eq in LINEARS.items():
-        a, b = sub.split("/")
-        node = blocks[a][b]
-        if is_quantized(node):
-            w = dequantize_kernel(node, _stacked_in_axes(eq), dtype)
-            blocks[a] = dict(blocks[a], **{b: {"kernel": w, "bias": node["bias"]}})
-    return dict(params, vision_encoder=dict(params["vision_encoder"], encoder_block=blocks))
+def _lin(node: Params, x: Array, sub: str) -> Array:
+    # Through layers.linear so an int8 node ({"kernel": int8, "scale"}) or one with adapters runs as is.
+    eq, leq = LINEARS[sub][:2]
+    return linear(node, x, eq, leq) + node["bias"].astype(x.dtype)
 
 
 def encoder_layer(p: Params, x: Array, cfg: SigLIPConfig) -> Array:
     """Pre-LN transformer layer, bidirectional attention over all patches."""
     h = layer_norm(x, p["layer_norm1"]["scale"], p["layer_norm1"]["bias"], cfg.norm_eps)
     a = p["attention"]
-    q = _lin(a["query"], h, "btd,dnh->btnh") * jnp.asarray(cfg.head_dim ** -0.5, h.dtype)
-    k = _lin(a["key"], h, "btd,dnh->btnh")
-    v = _lin(a["value"], h, "btd,dnh->btnh")
+    q = _lin(a["query"], h, "attention/query") * jnp.asarray(cfg.head_dim ** -0.5, h.dtype)
+    k = _lin(a["key"], h, "attention/key")
+    v = _lin(a["value"], h, "attention/value")
     b, t = x.shape[:2]
     o = dot_attention(q, k, v, jnp.ones((b, t, t), bool))
-    x = x + _lin(a["attention_output"], o, "btnh,nhd->btd")
+    x = x + _lin(a["attention_output"], o, "attention/attention_output")
     h = layer_norm(x, p["layer_norm2"]["scale"], p["layer_norm2"]["bias"], cfg.norm_eps)
-    h = gelu_tanh(_lin(p["mlp"]["fc1"], h, "btd,df->btf"))
-    return x + _lin(p["mlp"]["fc2"], h, "btf,fd->btd")
+    h = gelu_tanh(_lin(p["mlp"]["fc1"], h, "mlp/fc1"))
+    return x + _lin(p["mlp"]["fc2"], h, "mlp/fc2")
 
 
-def encode(params: Params, cfg: SigLIPConfig, pixels: Array, dtype: Any | None = None) -> Array:
-    """Images [B, H, W, C] (already normalised to [-1, 1]) -> patch features [B, N, width] after the final LN.
+def encode(params: Params, cfg: SigLIPConfig, pixel_values: Array, dtype: Any | None = None) -> Array:
+    """Images ``[N, C, H, W]`` (transformers' ``pixel_values``, normalised to [-1, 1]) -> patch features
+    ``[N, patches, width]`` after the final LN.
 
     Patches are flattened (row, column, channel), the order of a ``[p, p, C, width]`` (HWIO) conv kernel, so
     the patch embedding is one matmul.
     """
     v = params["vision_encoder"]
     dtype = dtype or v["patch_embedding"]["kernel"].dtype
-    b = pixels.shape[0]
+    pixel_values = jnp.asarray(pixel_values, dtype)
+    n, c = pixel_values.shape[:2]
     g, p = cfg.grid, cfg.patch_size
-    x = jnp.asarray(pixels, dtype).reshape(b, g, p, g, p, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, g * g, p * p * cfg.channels)
-    kern = v["patch_embedding"]["kernel"].reshape(p * p * cfg.channels, cfg.width).astype(dtype)
+    if c != cfg.channels or pixel_values.shape[2:] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"pixel_values must be [N, {cfg.channels}, {cfg.image_size}, {cfg.image_size}] "
+                         f"(channels first, as transformers), got {tuple(pixel_values.shape)}")
+    x = pixel_values.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 3, 5, 1)  # [N, gy, gx, py, px, C]
+    x = x.reshape(n, g * g, p * p * c)
+    kern = v["patch_embedding"]["kernel"].reshape(p * p * c, cfg.width).astype(dtype)
     x = x @ kern + v["patch_embedding"]["bias"].astype(dtype)
     x = x + v["position_embedding"]["embeddings"].astype(dtype)[None]
 
@@ -197,8 +191,10 @@ def encode(params: Params, cfg: SigLIPConfig, pixels: Array, dtype: Any | None =
     return layer_norm(x, v["post_layernorm"]["scale"], v["post_layernorm"]["bias"], cfg.norm_eps)
 
 
-def hf_table(cfg: SigLIPConfig, prefix: str = "vision_tower.") -> dict[str, tuple[Any, Callable, Callable]]:
-    """gemmax path -> (HF name or per-layer names, HF -> gemmax, gemmax -> HF) for a SiglipVisionModel."""
+def hf_table(cfg: SigLIPConfig,
+             prefix: str = "vision_tower.vision_model.") -> dict[str, tuple[Any, Callable, Callable]]:
+    """gemmax path -> (HF name or per-layer names, HF -> gemmax, gemmax -> HF) for a SiglipVisionModel under
+    ``prefix`` (the published PaliGemma checkpoints' ``vision_tower.vision_model.``)."""
     H, hd, W = cfg.num_heads, cfg.head_dim, cfg.width
     ident = (lambda w: w, lambda w: w)
     tr = (lambda w: w.T, lambda w: w.T)
@@ -227,19 +223,3 @@ def hf_table(cfg: SigLIPConfig, prefix: str = "vision_tower.") -> dict[str, tupl
     for path, (hf, f, g) in per.items():
         t[PREFIX + "encoder_block/" + path] = ([f"{prefix}encoder.layers.{i}.{hf}" for i in range(cfg.depth)], f, g)
     return t
-
-
-def init_params(cfg: SigLIPConfig, key: Array, dtype: Any = jnp.float32) -> dict[str, Array]:
-    """Flat {path: array}: fan-in-scaled normals, LN at identity."""
-    specs = param_specs(cfg)
-    out = {}
-    for k, (path, s) in zip(jax.random.split(key, len(specs)), sorted(specs.items()), strict=True):
-        if s.init in ("zeros", "ones"):
-            out[path] = (jnp.zeros if s.init == "zeros" else jnp.ones)(s.shape, dtype)
-        else:
-            fan_in = {4: s.shape[1] if "attention_output" not in path else s.shape[1] * s.shape[2]}.get(
-                len(s.shape), s.shape[-2] if len(s.shape) >= 2 else 1)
-            if "patch_embedding" in path:
-                fan_in = int(np.prod(s.shape[:3]))
-            out[path] = (jax.random.normal(k, s.shape) / math.sqrt(max(fan_in, 1))).astype(dtype)
-    return out

@@ -1,5 +1,8 @@
 """RecurrentGemma (Griffin): residual blocks of RG-LRU recurrence and local multi-query attention.
 
+A registered :class:`~gemmax.models.base.Family` (``FAMILY`` at the bottom): ``CausalLM``, the engine,
+the trainer, LoRA, quantization and the Hugging Face loader/exporter reach this model only through it.
+
 Layout of the computation
 -------------------------
 Blocks follow a fixed period (``recurrent, recurrent, attention``). Weights are stacked *by kind*
@@ -20,21 +23,19 @@ Numerics (pinned to transformers' ``modeling_recurrent_gemma.py``)
   position is 0 (document start). The recurrence runs in float32 whatever the activation dtype.
 
 Training and prefill evaluate the recurrence with ``jax.lax.associative_scan`` (log-depth, parallel over
-time); decoding carries an O(1) state per recurrent block (float32 ``h`` plus the last 3 Conv1D inputs)
-and a ring buffer of at most ``attention_window`` keys/values per attention block, so generation memory does
-not grow with the generated length (:func:`cache_bytes`).
+time). The decoding cache has one independent row per engine slot: per recurrent block an O(1) state
+(float32 ``h`` plus the last 3 Conv1D inputs), per attention block a ring of ``min(max_len,
+attention_window)`` keys/values whose slot ``s`` holds the latest position ``p`` with ``p % ring == s``.
+The ring's positions are implied by each row's position, so the cache holds arrays only and generation
+memory does not grow with the generated length (:func:`cache_bytes`).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import jax
@@ -42,14 +43,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.io.hf import (
-    CheckpointError,
-    LazyWeight,
-    open_safetensors_folder,
-    raise_on_problems,
-    write_safetensors,
-)
-from gemmax.models.gemma.model import ParamSpec, flatten, unflatten
+from gemmax.io.hf import LazyWeight, raise_on_problems
+from gemmax.models.base import Family, HFEntry, register
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -60,6 +55,7 @@ from gemmax.nn.layers import (
     rope_inv_freq,
     softcap,
 )
+from gemmax.nn.params import LinearNode, ParamSpec, abstract_from_specs, flatten, init_from_specs, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -68,6 +64,8 @@ RECURRENT = "recurrent"
 ATTENTION = "attention"
 #: Where each block kind's stacked weights live in the parameter tree.
 KIND_PREFIX = {RECURRENT: "recurrent_block", ATTENTION: "attention_block"}
+#: transformers' prefix of the layer list.
+HF_LAYERS = "model.layers"
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -76,7 +74,11 @@ KIND_PREFIX = {RECURRENT: "recurrent_block", ATTENTION: "attention_block"}
 @dataclass(frozen=True)
 class RecurrentGemmaConfig:
     """Hyper-parameters of a Griffin model. ``mlp_width`` is the width of *each* GeGLU branch (HF's
-    ``intermediate_size`` is twice that: the reference halves it)."""
+    ``intermediate_size`` is twice that: the reference halves it).
+
+    ``max_position_embeddings`` is not a limit of the architecture (the recurrence has no context length and
+    attention is local): it is the default per-request context of the engine, the 8192 tokens the published
+    models were trained on."""
 
     vocab_size: int = 256000
     width: int = 2560
@@ -92,6 +94,7 @@ class RecurrentGemmaConfig:
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
     block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
+    max_position_embeddings: int = 8192
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
     pad_token_id: int = 0
@@ -124,6 +127,10 @@ class RecurrentGemmaConfig:
     def count(self, kind: str) -> int:
         return sum(k == kind for k in self.layer_kinds)
 
+    def layer_ids(self, kind: str) -> tuple[int, ...]:
+        """transformers' layer index of each stacked entry of ``kind``."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == kind)
+
     @property
     def eos_ids(self) -> tuple[int, ...]:
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
@@ -142,11 +149,30 @@ class RecurrentGemmaConfig:
         return {"total": total, "embedding": embed, "non_embedding": total - embed}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; :meth:`from_dict` inverts it."""
         d = asdict(self)
         d["block_types"] = list(self.block_types)
         d["eos_token_id"] = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_ids[0]
         d.pop("extra")
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RecurrentGemmaConfig:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RecurrentGemma config field(s) {unknown}")
+        kw = dict(d)
+        if "block_types" in kw:
+            kw["block_types"] = tuple(kw["block_types"])
+        eos = kw.get("eos_token_id")
+        if isinstance(eos, list | tuple):
+            kw["eos_token_id"] = tuple(int(e) for e in eos) if len(eos) > 1 else int(eos[0])
+        return cls(**kw)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> RecurrentGemmaConfig:
+    return RecurrentGemmaConfig.from_dict(d)
 
 
 def _preset(name: str, width: int, layers: int, heads: int) -> RecurrentGemmaConfig:
@@ -175,7 +201,8 @@ PRESET_HF_REPOS: dict[str, str] = {
 def tiny_config(**overrides: Any) -> RecurrentGemmaConfig:
     """A few-kilobyte Griffin for tests: 5 blocks (one full period plus a leftover pair), window 8."""
     base: dict[str, Any] = dict(vocab_size=256, width=48, num_layers=5, num_heads=4, num_kv_heads=1,
-                                lru_width=48, mlp_width=96, attention_window=8, name="tiny_recurrent_gemma")
+                                lru_width=48, mlp_width=96, attention_window=8, max_position_embeddings=256,
+                                name="tiny_recurrent_gemma")
     base.update(overrides)
     return RecurrentGemmaConfig(**base)
 
@@ -197,6 +224,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
         block_types=tuple(hf.get("block_types") or (RECURRENT, RECURRENT, ATTENTION)),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 8192),
         bos_token_id=int(hf.get("bos_token_id", 2)),
         eos_token_id=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else (eos[0] if isinstance(eos, list)
                                                                                 else int(eos)),
@@ -205,9 +233,10 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
 
 
 def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
-    """The config.json transformers needs to rebuild the same model."""
+    """The config.json transformers needs to rebuild the same model (``max_position_embeddings`` only when
+    it is not the default: transformers' RecurrentGemma has no such field)."""
     eos = list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0]
-    return {
+    out = {
         "model_type": "recurrent_gemma", "architectures": ["RecurrentGemmaForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "intermediate_size": 2 * cfg.mlp_width,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -221,6 +250,9 @@ def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
         "head_dim": cfg.head_dim, "torch_dtype": "float32",
     }
+    if cfg.max_position_embeddings != RecurrentGemmaConfig.max_position_embeddings:
+        out["max_position_embeddings"] = cfg.max_position_embeddings
+    return out
 
 
 # ---- parameters ------------------------------------------------------------------------------------------
@@ -232,43 +264,54 @@ def _block_specs(cfg: RecurrentGemmaConfig, kind: str, n: int) -> dict[str, Para
     s: dict[str, ParamSpec] = {"temporal_pre_norm/scale": ParamSpec((n, D), ("layers", "embed"), "zeros")}
     if kind == RECURRENT:
         s.update({
-            "linear_x/kernel": ParamSpec((n, D, R), ("layers", "embed", "lru")),
+            "linear_x/kernel": ParamSpec((n, D, R), ("layers", "embed", "lru"), fan_in_axis=1),
             "linear_x/bias": ParamSpec((n, R), ("layers", "lru"), "zeros"),
-            "linear_y/kernel": ParamSpec((n, D, R), ("layers", "embed", "lru")),
+            "linear_y/kernel": ParamSpec((n, D, R), ("layers", "embed", "lru"), fan_in_axis=1),
             "linear_y/bias": ParamSpec((n, R), ("layers", "lru"), "zeros"),
-            "conv_1d/kernel": ParamSpec((n, cfg.conv_width, R), ("layers", "conv", "lru")),
+            "conv_1d/kernel": ParamSpec((n, cfg.conv_width, R), ("layers", "conv", "lru"), fan_in_axis=1),
             "conv_1d/bias": ParamSpec((n, R), ("layers", "lru"), "zeros"),
-            "rg_lru/input_gate/kernel": ParamSpec((n, H, bw, bw), ("layers", "heads", "lru_block", "lru_block")),
-            "rg_lru/input_gate/bias": ParamSpec((n, H, bw), ("layers", "heads", "lru_block"), "zeros"),
-            "rg_lru/a_gate/kernel": ParamSpec((n, H, bw, bw), ("layers", "heads", "lru_block", "lru_block")),
-            "rg_lru/a_gate/bias": ParamSpec((n, H, bw), ("layers", "heads", "lru_block"), "zeros"),
+            # block-diagonal gates: one [bw, bw] block per head of the LRU width ("heads" shards like "lru")
+            "rg_lru/input_gate/kernel": ParamSpec((n, H, bw, bw), ("layers", "heads", "lru_in", "lru_out"),
+                                                  fan_in_axis=2),
+            "rg_lru/input_gate/bias": ParamSpec((n, H, bw), ("layers", "heads", "lru_out"), "zeros"),
+            "rg_lru/a_gate/kernel": ParamSpec((n, H, bw, bw), ("layers", "heads", "lru_in", "lru_out"),
+                                              fan_in_axis=2),
+            "rg_lru/a_gate/bias": ParamSpec((n, H, bw), ("layers", "heads", "lru_out"), "zeros"),
             "rg_lru/a_param": ParamSpec((n, R), ("layers", "lru"), "a_param"),
-            "linear_out/kernel": ParamSpec((n, R, D), ("layers", "lru", "embed")),
+            "linear_out/kernel": ParamSpec((n, R, D), ("layers", "lru", "embed"), fan_in_axis=1),
             "linear_out/bias": ParamSpec((n, D), ("layers", "embed"), "zeros"),
         })
     else:
         s.update({
-            "attention/query/kernel": ParamSpec((n, H, D, hd), ("layers", "heads", "embed", "head_dim")),
-            "attention/key/kernel": ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim")),
-            "attention/value/kernel": ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim")),
-            "attention/attention_output/kernel": ParamSpec((n, H, hd, D), ("layers", "heads", "head_dim", "embed")),
+            "attention/query/kernel": ParamSpec((n, H, D, hd), ("layers", "heads", "embed", "head_dim"),
+                                                fan_in_axis=2),
+            "attention/key/kernel": ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim"),
+                                              fan_in_axis=2),
+            "attention/value/kernel": ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim"),
+                                                fan_in_axis=2),
+            "attention/attention_output/kernel": ParamSpec((n, H, hd, D), ("layers", "heads", "head_dim", "embed"),
+                                                           std=1.0 / math.sqrt(H * hd)),
             "attention/attention_output/bias": ParamSpec((n, D), ("layers", "embed"), "zeros"),
         })
     s.update({
         "channel_pre_norm/scale": ParamSpec((n, D), ("layers", "embed"), "zeros"),
-        "ffw_gating/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp")),
+        "ffw_gating/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp"), fan_in_axis=1),
         "ffw_gating/bias": ParamSpec((n, F), ("layers", "mlp"), "zeros"),
-        "ffw_gating_2/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp")),
+        "ffw_gating_2/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp"), fan_in_axis=1),
         "ffw_gating_2/bias": ParamSpec((n, F), ("layers", "mlp"), "zeros"),
-        "ffw_linear/kernel": ParamSpec((n, F, D), ("layers", "mlp", "embed")),
+        "ffw_linear/kernel": ParamSpec((n, F, D), ("layers", "mlp", "embed"), fan_in_axis=1),
         "ffw_linear/bias": ParamSpec((n, D), ("layers", "embed"), "zeros"),
     })
     return {f"{KIND_PREFIX[kind]}/{k}": v for k, v in s.items()}
 
 
 def param_specs(cfg: RecurrentGemmaConfig) -> dict[str, ParamSpec]:
-    """Every weight with its shape and logical axes, keyed by ``/``-joined path (stacked by block kind)."""
-    specs = {"token_embedding/embeddings": ParamSpec((cfg.vocab_size, cfg.width), ("vocab", "embed"), "embedding")}
+    """Every weight with its shape and logical axes, keyed by ``/``-joined path (stacked by block kind).
+
+    Logical axes drive the default sharding: ``vocab``, ``heads``, ``kv_heads``, ``mlp`` and ``lru`` (the
+    recurrent width, and with it the RG-LRU gates' ``heads`` blocks) go on the model axis."""
+    specs = {"token_embedding/embeddings": ParamSpec((cfg.vocab_size, cfg.width), ("vocab", "embed"),
+                                                     "embedding", std=1.0 / math.sqrt(cfg.width))}
     for kind in (RECURRENT, ATTENTION):
         if cfg.count(kind):
             specs.update(_block_specs(cfg, kind, cfg.count(kind)))
@@ -276,77 +319,107 @@ def param_specs(cfg: RecurrentGemmaConfig) -> dict[str, ParamSpec]:
     return specs
 
 
-#: Default sharding rules (regex over weight paths -> partition spec of the *stacked* weight, layer axis
-#: first), in the spirit of ``gemmax.distribution.get_layout_map``: heads / LRU / MLP width on "model".
-LAYOUT_RULES: dict[str, tuple[str | None, ...]] = {
-    r"token_embedding/embeddings": ("model", None),
-    r"attention_block/attention/query/kernel": (None, "model", None, None),
-    r"attention_block/attention/(key|value)/kernel": (None, None, None, None),  # one KV head: replicate
-    r"attention_block/attention/attention_output/kernel": (None, "model", None, None),
-    r"recurrent_block/linear_(x|y)/kernel": (None, None, "model"),
-    r"recurrent_block/linear_(x|y)/bias": (None, "model"),
-    r"recurrent_block/conv_1d/kernel": (None, None, "model"),
-    r"recurrent_block/conv_1d/bias": (None, "model"),
-    r"recurrent_block/rg_lru/(input_gate|a_gate)/kernel": (None, "model", None, None),
-    r"recurrent_block/rg_lru/(input_gate|a_gate)/bias": (None, "model", None),
-    r"recurrent_block/rg_lru/a_param": (None, "model"),
-    r"recurrent_block/linear_out/kernel": (None, "model", None),
-    r".*_block/ffw_gating(_2)?/kernel": (None, None, "model"),
-    r".*_block/ffw_gating(_2)?/bias": (None, "model"),
-    r".*_block/ffw_linear/kernel": (None, "model", None),
-}
-
-
-def layout_spec(path: str) -> tuple[str | None, ...] | None:
-    """The first LAYOUT_RULES spec whose regex matches ``path`` (None: replicate)."""
-    for rx, spec in LAYOUT_RULES.items():
-        if re.search(rx, path):
-            return spec
-    return None
-
-
 def init_params(cfg: RecurrentGemmaConfig, key: Array, dtype: Any = jnp.float32) -> Params:
-    """Random init: fan-in-scaled normals, zero biases and norms, and ``a_param`` such that a = sigmoid-free
-    decay a^c lies in [0.9, 0.999] as Griffin initialises it (a slowly forgetting recurrence)."""
+    """Random init: fan-in-scaled normals, zero biases and norms (RMSNorm is ``1 + scale``), and ``a_param``
+    such that the decay a lies in [0.9, 0.999] as Griffin initialises it (a slowly forgetting recurrence)."""
     specs = param_specs(cfg)
-    keys = jax.random.split(key, len(specs))
-    flat = {}
-    for k, (path, s) in zip(keys, sorted(specs.items()), strict=True):
-        if s.init == "zeros":
-            flat[path] = jnp.zeros(s.shape, dtype)
-        elif s.init == "a_param":
+    params = init_from_specs(specs, key, dtype)
+    flat = flatten(params)
+    for i, (path, s) in enumerate(sorted(specs.items())):
+        if s.init == "a_param":
+            k = jax.random.fold_in(key, i)
             a = jax.random.uniform(k, s.shape, jnp.float32, 0.9 ** 2, 0.999 ** 2)
             # softplus(a_param) = -0.5 log a  <=>  a_param = log(exp(-0.5 log a) - 1)
             flat[path] = jnp.log(jnp.expm1(-0.5 * jnp.log(a))).astype(dtype)
-        else:
-            fan_in = cfg.width if s.init == "embedding" else (
-                s.shape[-2] if len(s.shape) >= 3 else s.shape[-1])
-            if path.endswith("attention_output/kernel"):
-                fan_in = cfg.num_heads * cfg.head_dim
-            flat[path] = (jax.random.normal(k, s.shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
     return unflatten(flat)
+
+
+#: Logical axes that go on the model axis of a mesh (the default sharding the logical axes drive).
+MODEL_AXES = ("vocab", "heads", "kv_heads", "mlp", "lru")
+
+
+def layout_map(mesh: Any) -> Any:
+    """The default sharding as a :class:`gemmax.distribution.LayoutMap`: every weight's logical axes in
+    ``MODEL_AXES`` on "model", the rest replicated (LoRA factors and int8 scales follow their kernel).
+    Paths and axes are the same for every config of the family. (Kept for ``gemmax shard-plan`` until it
+    reads ``param_specs`` axes for every family.)"""
+    from gemmax.distribution import LayoutMap
+
+    lm = LayoutMap(mesh)
+    for path, spec in param_specs(PRESETS["recurrent_gemma_2b_en"]).items():
+        lm[re.escape(path)] = tuple("model" if a in MODEL_AXES else None for a in spec.axes)
+    return lm
+
+
+def abstract_params(cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
+                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
+    """ShapeDtypeStruct tree of the weights (plus adapters): what ``gemmax shard-plan`` describes without
+    allocating anything."""
+    from gemmax.nn.lora import add_lora
+
+    tree = abstract_from_specs(param_specs(cfg), dtype)
+    if lora_rank:
+        tree = jax.eval_shape(lambda t: add_lora(t, linear_nodes(cfg), lora_rank, targets=lora_targets,
+                                                 dtype=dtype), tree)
+    return tree
+
+
+# ---- the linear layers (LoRA, quantization, PEFT export) -------------------------------------------------
+
+#: Every dense layer of a block: target name -> (path under the block, einsum, LoRA einsums, input axes of
+#: one layer's kernel, transformers module under ``model.layers.{i}``). The RG-LRU gates (block-diagonal
+#: float32 einsums), the Conv1D and the norms are not linear nodes: they are small (a few percent of the
+#: weights) and numerically sensitive, so they stay floating point and frozen.
+LINEARS: dict[str, tuple[tuple[str, ...], str, tuple[str, str], tuple[int, ...], str]] = {
+    "query": (("attention", "query"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
+              "temporal_block.q_proj"),
+    "key": (("attention", "key"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
+            "temporal_block.k_proj"),
+    "value": (("attention", "value"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
+              "temporal_block.v_proj"),
+    "attention_output": (("attention", "attention_output"), "btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"),
+                         (0, 1), "temporal_block.o_proj"),
+    "linear_x": (("linear_x",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_x"),
+    "linear_y": (("linear_y",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_y"),
+    "linear_out": (("linear_out",), "btr,rd->btd", ("btr,rk->btk", "btk,kd->btd"), (0,),
+                   "temporal_block.linear_out"),
+    "ffw_gating": (("ffw_gating",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "mlp_block.gate_proj"),
+    "ffw_gating_2": (("ffw_gating_2",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
+                     "mlp_block.up_proj"),
+    "ffw_linear": (("ffw_linear",), "btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "mlp_block.down_proj"),
+}
+
+#: The linear targets of each block kind (the MLP is in both).
+KIND_LINEARS: dict[str, tuple[str, ...]] = {
+    RECURRENT: ("linear_x", "linear_y", "linear_out", "ffw_gating", "ffw_gating_2", "ffw_linear"),
+    ATTENTION: ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"),
+}
+
+
+def linear_nodes(cfg: RecurrentGemmaConfig) -> dict[str, LinearNode]:
+    """Every dense node, keyed by its path (``recurrent_block/ffw_gating``: the MLP targets name two nodes,
+    one per block kind), with transformers' module names so PEFT adapters and merged exports line up."""
+    out: dict[str, LinearNode] = {}
+    for kind, names in KIND_LINEARS.items():
+        ids = cfg.layer_ids(kind)
+        if not ids:
+            continue
+        for name in names:
+            sub, eq, lora_eqs, in_dims, hf_module = LINEARS[name]
+            node = LinearNode(path=(KIND_PREFIX[kind], *sub), eq=eq, lora_eqs=lora_eqs, in_dims=in_dims,
+                              target=name, peft=hf_module.rsplit(".", 1)[-1], hf_module=hf_module,
+                              layers=HF_LAYERS, layer_ids=ids)
+            out[node.key] = node
+    return out
 
 
 # ---- building blocks -------------------------------------------------------------------------------------
 
-#: einsum equations (main, LoRA pair) of each dense layer of a block.
-EQS: dict[str, tuple[str, tuple[str, str]]] = {
-    "linear_x": ("btd,dr->btr", ("btd,dk->btk", "btk,kr->btr")),
-    "linear_y": ("btd,dr->btr", ("btd,dk->btk", "btk,kr->btr")),
-    "linear_out": ("btr,rd->btd", ("btr,rk->btk", "btk,kd->btd")),
-    "ffw_gating": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf")),
-    "ffw_gating_2": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf")),
-    "ffw_linear": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd")),
-    "query": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
-    "key": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
-    "value": ("btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh")),
-    "attention_output": ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd")),
-}
-
 
 def dense(node: Params, x: Array, name: str) -> Array:
     """``layers.linear`` (plain / quantized / LoRA) plus the bias the Griffin layers carry."""
-    y = linear(node, x, *EQS[name])
+    _, eq, lora_eqs, _, _ = LINEARS[name]
+    y = linear(node, x, eq, lora_eqs)
     if "bias" in node:
         y = y + node["bias"].astype(y.dtype)
     return y
@@ -520,12 +593,14 @@ def _apply_runs(kinds: tuple[str, ...], trees: dict[str, tuple[Params, Params]],
 
 def run_blocks(params: Params, cfg: RecurrentGemmaConfig, x: Array, caches: dict[str, Params],
                block: Callable[[str, Params, Array, Params], tuple[Array, Params]],
-               remat: bool = False) -> tuple[Array, dict[str, Params]]:
+               remat: str | bool | None = None) -> tuple[Array, dict[str, Params]]:
     """Apply every block in order with a scan over whole periods of ``block_types``.
 
     Weights and caches are stacked per kind; the first ``n_periods * count_in_period`` entries of each are
     reshaped to [n_periods, count, ...] and scanned, the remainder (the incomplete last period) runs once
-    after. Compile time is flat in depth. ``block(kind, p, x, cache) -> (x, new cache)``.
+    after. Compile time is flat in depth. ``block(kind, p, x, cache) -> (x, new cache)``. ``remat``
+    ("full" or True | "dots" | None) rematerialises each period in the backward pass (all of it, or all
+    but the matmul outputs).
     """
     pattern = cfg.block_types
     P, L = len(pattern), cfg.num_layers
@@ -540,8 +615,12 @@ def run_blocks(params: Params, cfg: RecurrentGemmaConfig, x: Array, caches: dict
     def body(x: Array, xs: dict[str, tuple[Params, Params]]) -> tuple[Array, dict[str, Params]]:
         return _apply_runs(pattern, xs, x, block)
 
-    if remat:
+    if remat in ("full", True):
         body = jax.checkpoint(body)
+    elif remat == "dots":
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat not in (None, False, "none"):
+        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
     parts: dict[str, list[Params]] = {k: [] for k in kinds}
     if n:
         x, new_heads = jax.lax.scan(body, x, heads)
@@ -587,10 +666,12 @@ def logits_from_hidden(params: Params, cfg: RecurrentGemmaConfig, hidden: Array)
 
 
 def forward_hidden(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, positions: Array | None = None,
-                   segment_ids: Array | None = None, remat: bool = False,
-                   scan: Callable = linear_scan) -> Array:
+                   segment_ids: Array | None = None, remat: str | None = None, *, scan: Callable = linear_scan,
+                   **inputs: Any) -> Array:
     """Hidden states [B, T, D] after the final norm. ``positions`` restarting at 0 reset the recurrence
-    (and the Conv1D taps) at document starts; ``segment_ids`` keep attention inside each document."""
+    (and the Conv1D taps) at document starts; ``segment_ids`` keep attention inside each document.
+    ``scan``: :func:`linear_scan` (log-depth) or :func:`sequential_scan` (the step-by-step reference)."""
+    _no_inputs(inputs)
     tokens = jnp.asarray(tokens)
     b, t = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -617,25 +698,35 @@ def forward(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, positions:
     return logits_from_hidden(params, cfg, forward_hidden(params, cfg, tokens, positions, segment_ids, scan=scan))
 
 
-#: One compiled forward per (config, shapes), shared by every model object.
+#: One compiled forward per (config, shapes), shared by every caller.
 _forward_jit = jax.jit(forward, static_argnums=(1,), static_argnames=("scan",))
 
 
-# ---- generation: O(1) recurrent state + ring-buffer attention cache --------------------------------------
+def _no_inputs(inputs: Mapping[str, Any]) -> None:
+    if inputs:
+        raise TypeError(f"RecurrentGemma models take no {', '.join(sorted(inputs))} (text only)")
 
 
-def init_cache(cfg: RecurrentGemmaConfig, batch: int, cache_len: int, dtype: Any) -> Params:
-    """Zeroed decoding state. ``cache_len`` (<= attention_window) is the ring size of the attention cache."""
-    R, K, hd = cfg.lru_width, cfg.num_kv_heads, cfg.head_dim
-    c: Params = {"pos": jnp.zeros((batch,), jnp.int32), "slot_pos": jnp.full((batch, cache_len), -1, jnp.int32)}
+# ---- generation: rows of O(1) recurrent state + ring-buffer attention cache ------------------------------
+
+
+def ring_len(cfg: RecurrentGemmaConfig, max_len: int) -> int:
+    """Keys/values an attention block keeps per row: the window, or the whole context when shorter."""
+    return max(1, min(int(max_len), cfg.attention_window))
+
+
+def init_cache(cfg: RecurrentGemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Params:
+    """Zeroed decoding state of ``batch`` independent rows for contexts of up to ``max_len`` tokens; every
+    leaf has the row (slot) axis second, after the per-kind layer axis."""
+    R, K, hd, C = cfg.lru_width, cfg.num_kv_heads, cfg.head_dim, ring_len(cfg, max_len)
+    c: Params = {}
     if cfg.count(RECURRENT):
         n = cfg.count(RECURRENT)
         c[RECURRENT] = {"conv": jnp.zeros((n, batch, cfg.conv_width - 1, R), dtype),
                         "h": jnp.zeros((n, batch, R), jnp.float32)}
     if cfg.count(ATTENTION):
         n = cfg.count(ATTENTION)
-        c[ATTENTION] = {"k": jnp.zeros((n, batch, cache_len, K, hd), dtype),
-                        "v": jnp.zeros((n, batch, cache_len, K, hd), dtype)}
+        c[ATTENTION] = {"k": jnp.zeros((n, batch, C, K, hd), dtype), "v": jnp.zeros((n, batch, C, K, hd), dtype)}
     return c
 
 
@@ -645,7 +736,7 @@ def cache_bytes(cfg: RecurrentGemmaConfig, batch: int = 1, length: int = 1, dtyp
     It grows with the length only until the attention window is full (the ring holds min(length, window)
     keys/values) and is constant after that: the recurrent state is O(1).
     """
-    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, min(length, cfg.attention_window), dtype))
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, length, dtype))
     return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes)))
 
 
@@ -659,45 +750,55 @@ def _ring_from_prompt(k: Array, lengths: Array, cache_len: int) -> tuple[Array, 
     return gathered, jnp.where(t >= 0, t, -1)
 
 
-def prefill(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths: Array,
-            cache_len: int) -> tuple[Array, Params]:
-    """Run right-padded prompts (real lengths ``lengths``) and return (float32 logits of each row's last
-    real token [B, V], decoding state)."""
+def prefill(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths: Array, max_len: int,
+            backend: str = "xla", **inputs: Any) -> tuple[Array, Params]:
+    """Run right-padded prompts (real lengths ``lengths``) -> (float32 logits of each row's last real token
+    [b, V], cache rows for :func:`insert`). ``max_len`` (static) sizes the attention ring as
+    :func:`init_cache` does; ``backend`` is accepted for the engine and XLA runs either way."""
+    _no_inputs(inputs)
+    tokens = jnp.asarray(tokens)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    C = ring_len(cfg, max_len)
     b, t = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = attention_mask(idx, idx, cfg.attention_window)
-    cache = init_cache(cfg, b, cache_len, compute_dtype(params))
 
-    def temporal(kind: str, p: Params, h: Array, c: Params) -> tuple[Array, Params]:
+    def temporal(kind: str, p: Params, h: Array) -> tuple[Array, Params]:
         if kind == RECURRENT:
             return recurrent_temporal(p, h, idx, None, lengths)
         q, k, v = attention_qkv(p, h, cfg, idx)
         out = attention_out(p, dot_attention(q, k, v, mask))
-        return out, {"k": _ring_from_prompt(k, lengths, cache_len)[0].astype(c["k"].dtype),
-                     "v": _ring_from_prompt(v, lengths, cache_len)[0].astype(c["v"].dtype)}
+        return out, {"k": _ring_from_prompt(k, lengths, C)[0], "v": _ring_from_prompt(v, lengths, C)[0]}
 
     def block(kind: str, p: Params, x: Array, c: Params) -> tuple[Array, Params]:
-        return residual_block(kind, p, x, cfg, lambda kd, pp, h: temporal(kd, pp, h, c))
+        return residual_block(kind, p, x, cfg, temporal)
 
-    caches = {k: cache[k] for k in (RECURRENT, ATTENTION) if k in cache}
-    x, new = run_blocks(params, cfg, embed(params, cfg, tokens), caches, block)
+    x, rows = run_blocks(params, cfg, embed(params, cfg, tokens), {}, block)
     h = rms_norm(_last(x, lengths), params["final_normalization"]["scale"], cfg.norm_eps)
-    cache.update(new)
-    cache["pos"] = lengths.astype(jnp.int32)
-    cache["slot_pos"] = _ring_from_prompt(idx[..., None], lengths, cache_len)[1]
-    return logits_from_hidden(params, cfg, h), cache
+    return logits_from_hidden(params, cfg, h), rows
 
 
-def decode_step(params: Params, cfg: RecurrentGemmaConfig, cache: Params, token: Array) -> tuple[Array, Params]:
-    """One token per row at position ``cache["pos"]`` -> (float32 logits [B, V], new state)."""
-    b = token.shape[0]
-    pos = cache["pos"]
+def insert(cache: Params, rows: Params, slots: Array) -> Params:
+    """Write prefilled ``rows`` (row i) into engine slots ``slots[i]``; an out-of-range slot drops its row."""
+    slots = jnp.asarray(slots, jnp.int32)
+    return jax.tree.map(lambda c, r: c.at[:, slots].set(r.astype(c.dtype), mode="drop"), cache, rows)
+
+
+def decode_step(params: Params, cfg: RecurrentGemmaConfig, cache: Params, tokens: Array, pos: Array,
+                backend: str = "xla") -> tuple[Array, Params]:
+    """One token per row at absolute position ``pos`` (the number of tokens before it) -> (float32 logits
+    [B, V], new cache). Rows are independent; the ring slot of each cached key follows from ``pos``."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    pos = jnp.asarray(pos, jnp.int32)
+    b = tokens.shape[0]
     positions = pos[:, None]
-    cache_len = cache["slot_pos"].shape[1]
-    slot_hit = jnp.arange(cache_len, dtype=jnp.int32)[None] == (pos % cache_len)[:, None]  # [B, C]
-    slot_pos = jnp.where(slot_hit, pos[:, None], cache["slot_pos"])
-    valid = (slot_pos >= 0) & (slot_pos <= positions) & (positions - slot_pos < cfg.attention_window)
     ones = jnp.ones((b,), jnp.int32)
+    if ATTENTION in cache:
+        C = cache[ATTENTION]["k"].shape[2]
+        s = jnp.arange(C, dtype=jnp.int32)[None]
+        slot_hit = s == (pos % C)[:, None]  # [B, C]: where this token's key goes
+        slot_pos = positions - jnp.mod(positions - s, C)  # latest position <= pos held by each slot
+        valid = (slot_pos >= 0) & (positions - slot_pos < cfg.attention_window)
 
     def temporal(kind: str, p: Params, h: Array, c: Params) -> tuple[Array, Params]:
         if kind == RECURRENT:
@@ -711,263 +812,17 @@ def decode_step(params: Params, cfg: RecurrentGemmaConfig, cache: Params, token:
     def block(kind: str, p: Params, x: Array, c: Params) -> tuple[Array, Params]:
         return residual_block(kind, p, x, cfg, lambda kd, pp, h: temporal(kd, pp, h, c))
 
-    caches = {k: cache[k] for k in (RECURRENT, ATTENTION) if k in cache}
-    x, new = run_blocks(params, cfg, embed(params, cfg, token[:, None]), caches, block)
+    x, new = run_blocks(params, cfg, embed(params, cfg, tokens[:, None]), cache, block)
     h = rms_norm(x[:, 0], params["final_normalization"]["scale"], cfg.norm_eps)
-    out = dict(cache, **new)
-    out["pos"] = pos + 1
-    out["slot_pos"] = slot_pos
-    return logits_from_hidden(params, cfg, h), out
-
-
-def sample_token(logits: Array, key: Array, sampler: str, temperature: float, top_k: int | None) -> Array:
-    """Greedy argmax, or a draw from softmax(logits / temperature) restricted to the top k."""
-    if sampler == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if sampler != "random":
-        raise ValueError(f"unknown sampler {sampler!r} (use 'greedy' or 'random')")
-    logits = logits / max(temperature, 1e-6)
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7, 8))
-def _generate(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths: Array, max_new: int,
-              cache_len: int, sampler: str, temperature: float, top_k: int | None, key: Array,
-              stop_ids: Array, limit: Array) -> tuple[Array, Array]:
-    """Prefill then a ``while_loop`` of decode steps; ``max_new`` (static) sizes the output buffer and the
-    dynamic ``limit`` ends the loop, so nearby lengths share one compilation."""
-    logits, cache = prefill(params, cfg, tokens, lengths, cache_len)
-    b = tokens.shape[0]
-    out = jnp.full((b, max_new), cfg.pad_token_id, jnp.int32)
-
-    def cond(s: tuple) -> Array:
-        i, _, _, _, done, _ = s
-        return (i < jnp.minimum(limit, max_new)) & ~jnp.all(done)
-
-    def body(s: tuple) -> tuple:
-        i, logits, cache, out, done, key = s
-        key, sub = jax.random.split(key)
-        tok = sample_token(logits, sub, sampler, temperature, top_k)
-        tok = jnp.where(done, cfg.pad_token_id, tok)
-        out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, stop_ids)
-        logits, cache = decode_step(params, cfg, cache, tok)
-        return i + 1, logits, cache, out, done, key
-
-    n, _, _, out, _, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool), key))
-    return out, n
-
-
-# ---- weight transforms: quantization and LoRA on the dense layers ---------------------------------------
-
-#: The dense (``layers.linear``) nodes of each block kind: path under the kind's prefix -> EQS name. The
-#: RG-LRU gates (block-diagonal einsums in float32), the Conv1D and the norms are not in it: they are small
-#: (a few percent of the weights) and numerically sensitive, so they stay floating point and frozen.
-DENSE_NODES: dict[str, dict[str, str]] = {
-    RECURRENT: {"linear_x": "linear_x", "linear_y": "linear_y", "linear_out": "linear_out"},
-    ATTENTION: {"attention/query": "query", "attention/key": "key", "attention/value": "value",
-                "attention/attention_output": "attention_output"},
-}
-for _kind in DENSE_NODES:
-    DENSE_NODES[_kind].update({"ffw_gating": "ffw_gating", "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"})
-
-#: LoRA target names (EQS names) accepted by :func:`add_lora`, with transformers' module names as aliases.
-LORA_ALIASES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention_output",
-                "gate_proj": "ffw_gating", "up_proj": "ffw_gating_2", "down_proj": "ffw_linear"}
-_LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
-
-
-def dense_paths(cfg: RecurrentGemmaConfig) -> dict[tuple[str, ...], str]:
-    """Tree path (tuple of keys) -> EQS name for every dense node of the block kinds this model has."""
-    out: dict[tuple[str, ...], str] = {}
-    for kind, nodes in DENSE_NODES.items():
-        if cfg.count(kind):
-            for sub, name in nodes.items():
-                out[(KIND_PREFIX[kind], *sub.split("/"))] = name
-    return out
-
-
-def stacked_in_axes(name: str) -> tuple[int, ...]:
-    """Contracted axes of a stacked kernel (layer axis first), read off its einsum so the table above is
-    the single source of truth for shapes."""
-    from gemmax.nn.quant import in_axes_from_eq
-
-    return tuple(1 + a for a in in_axes_from_eq(EQS[name][0]))
-
-
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: Params, path: tuple[str, ...], value: Any) -> Params:
-    """Functional update: copies the dicts along ``path``, shares every other leaf."""
-    out = dict(tree)
-    out[path[0]] = value if len(path) == 1 else _set(tree[path[0]], path[1:], value)
-    return out
-
-
-def quantize_params(params: Params, cfg: RecurrentGemmaConfig, mode: str = "int8", group_size: int | None = None,
-                    embedding: bool = True) -> Params:
-    """Weight-only quantization of every dense kernel (and, with ``embedding``, the tied embedding per row).
-
-    Uses :func:`gemmax.nn.quant.quantize_kernel`, so the nodes have exactly ``gemmax.nn.quant``'s layout
-    (``{"kernel": int8, "scale"}`` or grouped ``qkernel``/``qscale``) and ``layers.linear`` — which every
-    Griffin dense layer goes through — applies them; biases and adapters on a node are kept.
-    """
-    from gemmax.nn.quant import is_quantized, quantize_kernel
-
-    for path, name in dense_paths(cfg).items():
-        node = _get(params, path)
-        if is_quantized(node):
-            raise ValueError(f"{'/'.join(path)} is already quantized")
-        q = quantize_kernel(node["kernel"], stacked_in_axes(name), mode, group_size)
-        params = _set(params, path, {**q, **{k: v for k, v in node.items() if k != "kernel"}})
-    node = params["token_embedding"]
-    if embedding and not is_quantized(node):
-        q = quantize_kernel(node["embeddings"], (1,), "int8")
-        params = _set(params, ("token_embedding",), {"embeddings": q["kernel"], "scale": q["scale"]})
-    return params
-
-
-def dequantize_params(params: Params, cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32) -> Params:
-    """Float weights back from :func:`quantize_params` (adapters and biases kept)."""
-    from gemmax.nn.quant import dequantize_kernel, is_quantized
-
-    for path, name in dense_paths(cfg).items():
-        node = _get(params, path)
-        if is_quantized(node):
-            rest = {k: v for k, v in node.items() if k not in ("kernel", "scale", "qkernel", "qscale")}
-            params = _set(params, path, {"kernel": dequantize_kernel(node, stacked_in_axes(name), dtype), **rest})
-    node = params["token_embedding"]
-    if is_quantized(node):
-        params = _set(params, ("token_embedding",), {"embeddings": dequantize_kernel(node, (1,), dtype)})
-    return params
-
-
-def resolve_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    names = (targets,) if isinstance(targets, str) else tuple(targets)
-    out = tuple(dict.fromkeys(LORA_ALIASES.get(t, t) for t in names))
-    bad = [t for t in out if t not in EQS]
-    if bad or not out:
-        raise ValueError(f"unknown LoRA target(s) {bad}; known: {', '.join(EQS)} (or {', '.join(LORA_ALIASES)})")
-    return out
-
-
-def add_lora(params: Params, cfg: RecurrentGemmaConfig, rank: int = 4, alpha: float | None = None,
-             targets: str | tuple[str, ...] | list[str] = ("query", "value"), seed: int = 0,
-             dtype: Any = jnp.float32) -> Params:
-    """Adapters on every block of each targeted dense layer (attention ``query``/``key``/``value``/
-    ``attention_output``, the MLP's ``ffw_*`` in both block kinds, the recurrent block's ``linear_*``).
-
-    Same convention as :func:`gemmax.nn.lora.add_lora` (``lora_a`` [L, in..., r] uniform in ±1/sqrt(fan_in),
-    ``lora_b`` [L, r, out...] zero, ``lora_scale`` [L] = alpha / rank), so the model is unchanged until
-    training moves B, and ``gemmax.nn.lora.split_trainable`` picks the factors out of the tree.
-    """
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    names = resolve_lora_targets(targets)
-    scale = float(rank if alpha is None else alpha) / rank
-    rng = np.random.default_rng(seed)
-    hit = False
-    for path, name in dense_paths(cfg).items():
-        if name not in names:
-            continue
-        node = _get(params, path)
-        if "lora_a" in node:
-            raise ValueError(f"{'/'.join(path)} already has LoRA factors")
-        shape = _kernel_shape(node, name)
-        ins = stacked_in_axes(name)
-        in_dims = tuple(shape[i] for i in ins)
-        out_dims = tuple(shape[i] for i in range(1, len(shape)) if i not in ins)
-        bound = 1.0 / math.sqrt(int(np.prod(in_dims)))
-        a = rng.uniform(-bound, bound, (shape[0], *in_dims, rank)).astype(np.float32)
-        params = _set(params, path, dict(node, lora_a=jnp.asarray(a, dtype),
-                                         lora_b=jnp.zeros((shape[0], rank, *out_dims), dtype),
-                                         lora_scale=jnp.full((shape[0],), scale, jnp.float32)))
-        hit = True
-    if not hit:
-        raise ValueError(f"no dense layer of this model matches the LoRA targets {names}")
-    return params
-
-
-def _kernel_shape(node: Params, name: str) -> tuple[int, ...]:
-    if "kernel" in node:
-        return tuple(node["kernel"].shape)
-    q = tuple(node["qkernel"].shape)  # grouped: the last input axis is split into (n_groups, group_size)
-    ax = max(stacked_in_axes(name))
-    return (*q[:ax], q[ax] * q[ax + 1], *q[ax + 2:])
-
-
-def lora_delta(node: Params, name: str) -> Array:
-    """``scale * A @ B`` laid out like the node's stacked kernel (float32)."""
-    a = jnp.asarray(node["lora_a"], jnp.float32)
-    b = jnp.asarray(node["lora_b"], jnp.float32)
-    n, r = a.shape[0], a.shape[-1]
-    delta = jnp.einsum("lir,lro->lio", a.reshape(n, -1, r), b.reshape(n, r, -1))
-    delta = delta * jnp.asarray(node["lora_scale"], jnp.float32).reshape(n, 1, 1)
-    delta = delta.reshape(n, *a.shape[1:-1], *b.shape[2:])
-    ins = stacked_in_axes(name)
-    nd = delta.ndim
-    order = [0, *ins, *[i for i in range(1, nd) if i not in ins]]  # kernel axis held by each delta axis
-    return jnp.transpose(delta, [order.index(i) for i in range(nd)])
-
-
-def merge_lora(params: Params, cfg: RecurrentGemmaConfig) -> Params:
-    """Fold adapters into their kernels (``W + scale * A @ B``; a quantized kernel is dequantized first and
-    the result is float — re-quantize if wanted) and drop the factors."""
-    from gemmax.nn.quant import dequantize_kernel
-
-    for path, name in dense_paths(cfg).items():
-        node = _get(params, path)
-        if "lora_a" not in node:
-            continue
-        dt = node["lora_a"].dtype if ("scale" in node or "qkernel" in node) else node["kernel"].dtype
-        w = dequantize_kernel(node, stacked_in_axes(name), jnp.float32)
-        rest = {k: v for k, v in node.items() if k not in ("kernel", "scale", "qkernel", "qscale", *_LORA_KEYS)}
-        params = _set(params, path, {"kernel": (w + lora_delta(node, name)).astype(dt), **rest})
-    return params
-
-
-def lm_loss(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, weights: Array | None = None) -> Array:
-    """Mean next-token cross-entropy (``weights`` [B, T] on the *target* tokens, e.g. 0 on padding)."""
-    logits = forward(params, cfg, tokens)[:, :-1]
-    tgt = jnp.asarray(tokens)[:, 1:]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[..., None], -1)[..., 0]
-    w = jnp.ones_like(nll) if weights is None else jnp.asarray(weights, jnp.float32)[:, 1:]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def layout_map(mesh: Any) -> Any:
-    """``LAYOUT_RULES`` as a :class:`gemmax.distribution.LayoutMap` for ``mesh`` (LoRA factors and int8
-    scales follow their kernel there)."""
-    from gemmax.distribution import LayoutMap
-
-    lm = LayoutMap(mesh)
-    for rx, spec in LAYOUT_RULES.items():
-        lm[rx] = spec
-    return lm
-
-
-def abstract_params(cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
-                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
-    """ShapeDtypeStruct tree of the weights (plus adapters): what ``gemmax shard-plan`` describes without
-    allocating anything."""
-    tree = unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
-    if lora_rank:
-        tree = jax.eval_shape(lambda t: add_lora(t, cfg, lora_rank, targets=lora_targets, dtype=dtype), tree)
-    return tree
+    # the state keeps the cache's dtypes (the engine may hold a narrower cache than the activations)
+    new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, cache)
+    return logits_from_hidden(params, cfg, h), new
 
 
 # ---- Hugging Face checkpoints ----------------------------------------------------------------------------
 
 
-def _hf_table(cfg: RecurrentGemmaConfig) -> dict[str, tuple[list[str] | str, Callable, Callable]]:
+def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
     """gemmax path -> (HF name, or per-layer names for stacked weights; HF -> gemmax; gemmax -> HF)."""
     H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     ident = (lambda w: w, lambda w: w)
@@ -1013,17 +868,21 @@ def _hf_table(cfg: RecurrentGemmaConfig) -> dict[str, tuple[list[str] | str, Cal
             "attention/attention_output/bias": ("temporal_block.o_proj.bias", *ident),
         },
     }
-    table: dict[str, tuple[list[str] | str, Callable, Callable]] = {
+    table: dict[str, HFEntry] = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", *ident),
         "final_normalization/scale": ("model.final_norm.weight", *ident),
     }
     for kind, sub in per_kind.items():
-        layers = [i for i, k in enumerate(cfg.layer_kinds) if k == kind]
+        layers = cfg.layer_ids(kind)
         if not layers:
             continue
         for name, (hf, f, g) in {**sub, **common}.items():
-            table[f"{KIND_PREFIX[kind]}/{name}"] = ([f"model.layers.{i}.{hf}" for i in layers], f, g)
+            table[f"{KIND_PREFIX[kind]}/{name}"] = ([f"{HF_LAYERS}.{i}.{hf}" for i in layers], f, g)
     return table
+
+
+# ---- transitional: still imported by gemmax.models.paligemma until the generic loader (gemmax.io.hf) and
+# the generic summary land; not part of the family ----------------------------------------------------------
 
 
 def lazy_from_table(specs: Mapping[str, ParamSpec], table: Mapping[str, tuple[list[str] | str, Callable, Callable]],
@@ -1079,45 +938,6 @@ def _reader(source: Mapping[str, np.ndarray], names: list[str], fwd: Callable, d
     return read
 
 
-def params_to_hf(flat: Mapping[str, np.ndarray], cfg: RecurrentGemmaConfig) -> dict[str, np.ndarray]:
-    """HF name -> array in transformers' layout, for every weight."""
-    out: dict[str, np.ndarray] = {}
-    for path, (names, _, inv) in _hf_table(cfg).items():
-        a = np.asarray(flat[path])
-        if isinstance(names, str):
-            out[names] = np.ascontiguousarray(inv(a))
-        else:
-            for i, n in enumerate(names):
-                out[n] = np.ascontiguousarray(inv(a[i]))
-    return out
-
-
-def _read_hf_config(folder: Path) -> RecurrentGemmaConfig:
-    p = folder / "config.json"
-    if not p.exists():
-        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        return from_hf_config(json.loads(p.read_text()))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: not a usable RecurrentGemma config ({e})") from None
-
-
-def load_params(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[RecurrentGemmaConfig, Params]:
-    """(config, params) from a ``RecurrentGemmaForCausalLM`` safetensors folder, validated first and then
-    read weight by weight straight into device memory (with the active distribution, if any)."""
-    from gemmax.api import current_distribution, place_params
-
-    folder = Path(folder)
-    cfg = _read_hf_config(folder)
-    src = open_safetensors_folder(folder)
-    lazy = lazy_from_table(param_specs(cfg), _hf_table(cfg), src, src.shape, np.dtype(jnp.dtype(dtype)),
-                           what="RecurrentGemma model")
-    return cfg, unflatten(place_params(lazy, dtype, current_distribution()))
-
-
-# ---- the user-facing object ------------------------------------------------------------------------------
-
-
 def _bucket(n: int, minimum: int = 16) -> int:
     b = minimum
     while b < n:
@@ -1150,161 +970,36 @@ def summary_table(name: str, family: str, flat: Mapping[str, Any], embed_prefixe
     return text
 
 
-class RecurrentGemmaLM:
-    """RecurrentGemma with the ``CausalLM`` interface: ``from_preset``, ``logits``, ``generate``,
-    ``summary``, ``export_hf``."""
-
-    def __init__(self, config: RecurrentGemmaConfig, params: Params, tokenizer: Any = None, source: str = ""):
-        self.config = config
-        self.params = params
-        self.tokenizer = tokenizer
-        self.source = source
-
-    @classmethod
-    def from_config(cls, config: RecurrentGemmaConfig | str, seed: int = 0, dtype: Any = "float32") -> RecurrentGemmaLM:
-        cfg = PRESETS[config] if isinstance(config, str) else config
-        dt = _dtype(dtype)
-        # An RngBitGenerator key: threefry's hash is unrolled per weight and dominates compile time
-        # (about 4x here); random init needs no cross-backend bit-exactness.
-        params = jax.jit(lambda k: init_params(cfg, k, dt))(jax.random.key(seed, impl="rbg"))
-        return cls(cfg, params, source=f"random:{cfg.name}")
-
-    @classmethod
-    def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None) -> RecurrentGemmaLM:
-        """A HF folder, ``hf://org/name`` or a preset name whose weights are in the local HF cache;
-        ``quantize="int8"`` quantizes after loading (:meth:`quantize`)."""
-        lm = cls._load(handle, dtype)
-        return lm.quantize(quantize) if quantize else lm
-
-    @classmethod
-    def _load(cls, handle: str, dtype: Any) -> RecurrentGemmaLM:
-        from gemmax.io.hf import resolve_hf_handle
-
-        path = Path(os.path.expanduser(handle))
-        if handle.startswith("hf://"):
-            path = resolve_hf_handle(handle)
-        elif not path.is_dir() and handle in PRESET_HF_REPOS:
-            path = resolve_hf_handle("hf://" + PRESET_HF_REPOS[handle])
-        elif not path.is_dir():
-            raise CheckpointError(f"cannot load {handle!r}: not a folder, an hf:// handle or a RecurrentGemma "
-                                  f"preset ({', '.join(PRESETS)})")
-        return load_recurrent_gemma(path, dtype, source=handle)
-
-    # ---- running ----------------------------------------------------------------------------------
-    def logits(self, token_ids: Any) -> np.ndarray:
-        """Float32 logits [batch, seq, vocab]; lengths are bucketed (padding at the end, unseen by a causal
-        model) so nearby lengths share one compilation."""
-        ids = np.asarray(token_ids, np.int32)
-        ids = ids[None] if ids.ndim == 1 else ids
-        b, t = ids.shape
-        padded = np.zeros((b, _bucket(t)), np.int32)
-        padded[:, :t] = ids
-        return np.asarray(_forward_jit(self.params, self.config, jnp.asarray(padded)))[:, :t]
-
-    def generate(self, token_ids: Any, max_new_tokens: int = 32, sampler: str = "greedy",
-                 temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                 stop_token_ids: tuple[int, ...] | None = None) -> np.ndarray | list[np.ndarray]:
-        """Prompt + generated ids. Stops a row at an end token (later slots hold the pad id) and stops
-        when every row has; a batch of equal-length prompts comes back as one [B, T + n] array, unequal
-        ones as a list. Prompts are 1-D, a list of lists, or a 2-D array."""
-        if isinstance(token_ids, np.ndarray | jax.Array) or (
-                isinstance(token_ids, list | tuple) and token_ids and np.isscalar(token_ids[0])):
-            arr = np.asarray(token_ids, np.int32)
-            single = arr.ndim == 1
-            rows = [arr] if single else list(arr)
-        else:
-            single = False
-            rows = [np.asarray(r, np.int32) for r in token_ids]
-        lengths = np.array([len(r) for r in rows], np.int32)
-        if lengths.min() < 1:
-            raise ValueError("every prompt needs at least one token")
-        tb = _bucket(int(lengths.max()))
-        padded = np.full((len(rows), tb), self.config.pad_token_id, np.int32)
-        for i, r in enumerate(rows):
-            padded[i, :len(r)] = r
-        total = int(lengths.max()) + max_new_tokens
-        cache_len = min(self.config.attention_window, _bucket(total))
-        stops = jnp.asarray(stop_token_ids if stop_token_ids is not None else self.config.eos_ids, jnp.int32)
-        new, n = _generate(self.params, self.config, jnp.asarray(padded), jnp.asarray(lengths),
-                           _bucket(max_new_tokens, 1), cache_len, sampler, float(temperature), top_k,
-                           jax.random.key(seed), stops, jnp.int32(max_new_tokens))
-        new = np.asarray(new)[:, :min(int(n), max_new_tokens)]
-        outs = [np.concatenate([r, new[i]]) for i, r in enumerate(rows)]
-        if single:
-            return outs[0]
-        return np.stack(outs) if len(set(lengths.tolist())) == 1 else outs
-
-    def cache_bytes(self, length: int, batch: int = 1) -> int:
-        """Decoding-state bytes for ``length`` tokens in this model's dtype (see :func:`cache_bytes`)."""
-        return cache_bytes(self.config, batch, length, self.dtype)
-
-    @property
-    def dtype(self) -> Any:
-        return compute_dtype(self.params)
-
-    # ---- weight transforms ------------------------------------------------------------------------
-    def quantize(self, mode: str = "int8", group_size: int | None = None, embedding: bool = True) -> RecurrentGemmaLM:
-        """Weight-only quantization in place: every dense kernel per output channel (int8 by default) and the
-        tied embedding per row; the RG-LRU gates, Conv1D and norms stay float (:func:`quantize_params`)."""
-        # one jitted program instead of a few dozen eagerly dispatched (and individually compiled) ops
-        self.params = jax.jit(quantize_params, static_argnums=(1, 2, 3, 4))(
-            self.params, self.config, mode, group_size, embedding)
-        return self
-
-    def enable_lora(self, rank: int = 4, targets: str | tuple[str, ...] | list[str] = ("query", "value"),
-                    alpha: float | None = None, seed: int = 0) -> RecurrentGemmaLM:
-        """Add adapters (:func:`add_lora`); train the ``gemmax.nn.lora.split_trainable`` half of ``params``."""
-        self.params = add_lora(self.params, self.config, rank, alpha, targets, seed)
-        return self
-
-    def merge_lora(self) -> RecurrentGemmaLM:
-        self.params = merge_lora(self.params, self.config)
-        return self
-
-    def loss(self, token_ids: Any, weights: Any = None) -> float:
-        return float(jax.jit(lm_loss, static_argnums=(1,))(self.params, self.config, jnp.asarray(token_ids),
-                                                           None if weights is None else jnp.asarray(weights)))
-
-    # ---- inspection and saving --------------------------------------------------------------------
-    def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
-        return [(p, a) for p, a in flatten(self.params).items() if p.startswith(prefix)]
-
-    def summary(self, print_fn: Any = print) -> str:
-        return summary_table(self.config.name, self.config.family, flatten(self.params), print_fn=print_fn)
-
-    def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
-        """A folder transformers' ``RecurrentGemmaForCausalLM.from_pretrained`` loads. Adapters are merged
-        in and quantized kernels dequantized first (transformers has no int8 layout of its own to take)."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        params = dequantize_params(merge_lora(self.params, self.config), self.config)
-        flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(params).items()}
-        tensors = {k: v.astype(dtype) for k, v in params_to_hf(flat, self.config).items()}
-        write_safetensors(out / "model.safetensors", tensors)
-        hf = to_hf_config(self.config)
-        hf["torch_dtype"] = np.dtype(dtype).name
-        (out / "config.json").write_text(json.dumps(hf, indent=2))
-        gen = {"bos_token_id": self.config.bos_token_id, "pad_token_id": self.config.pad_token_id,
-               "eos_token_id": self.config.eos_ids[0] if len(self.config.eos_ids) == 1 else list(self.config.eos_ids)}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(out)
-        return out
-
-
 def _dtype(d: Any) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(d, d) if isinstance(
         d, str) else d
 
 
-def load_recurrent_gemma(folder: str | os.PathLike, dtype: Any = "float32", source: str = "") -> RecurrentGemmaLM:
-    """Entry point for ``CausalLM.from_preset`` dispatch: a ``RecurrentGemmaForCausalLM`` folder -> model."""
-    cfg, params = load_params(folder, _dtype(dtype))
-    tok = None
-    try:
-        from gemmax.api import load_tokenizer
+# ---- the family ------------------------------------------------------------------------------------------
 
-        tok = load_tokenizer(Path(folder))
-    except Exception:  # the tokenizer is optional: the model still runs on ids
-        tok = None
-    return RecurrentGemmaLM(cfg, params, tok, source=source or str(folder))
+FAMILY = register(Family(
+    name="recurrent_gemma",
+    model_types=("recurrent_gemma",),
+    config_type=RecurrentGemmaConfig,
+    from_hf_config=from_hf_config,
+    to_hf_config=to_hf_config,
+    config_from_dict=config_from_dict,
+    param_specs=param_specs,
+    init_params=init_params,
+    linear_nodes=linear_nodes,
+    hf_table=hf_table,
+    forward_hidden=forward_hidden,
+    logits_from_hidden=logits_from_hidden,
+    init_cache=init_cache,
+    prefill=prefill,
+    insert=insert,
+    decode_step=decode_step,
+    presets=PRESETS,
+    preset_repos=PRESET_HF_REPOS,
+    # the output head is tied to the embedding; a checkpoint that also stores it loses nothing
+    hf_ignorable=("rotary_emb.inv_freq", "lm_head.weight"),
+    hf_architecture="RecurrentGemmaForCausalLM",
+    gguf_arch=lambda cfg: None,  # llama.cpp has no RecurrentGemma architecture
+    chat_format=lambda cfg: "gemma",
+    tiny_config=tiny_config,
+))

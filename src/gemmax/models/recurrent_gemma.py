@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.io.hf import LazyWeight, raise_on_problems
 from gemmax.models.base import Family, HFEntry, register
 from gemmax.nn.layers import (
     apply_rope,
@@ -879,100 +878,6 @@ def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
         for name, (hf, f, g) in {**sub, **common}.items():
             table[f"{KIND_PREFIX[kind]}/{name}"] = ([f"{HF_LAYERS}.{i}.{hf}" for i in layers], f, g)
     return table
-
-
-# ---- transitional: still imported by gemmax.models.paligemma until the generic loader (gemmax.io.hf) and
-# the generic summary land; not part of the family ----------------------------------------------------------
-
-
-def lazy_from_table(specs: Mapping[str, ParamSpec], table: Mapping[str, tuple[list[str] | str, Callable, Callable]],
-                    source: Mapping[str, np.ndarray], shape_of: Callable[[str], tuple[int, ...]], dtype: Any,
-                    ignorable: tuple[str, ...] = ("rotary_emb.inv_freq", "lm_head.weight"),
-                    what: str = "model", check_unexpected: bool = True) -> dict[str, LazyWeight]:
-    """Validate a checkpoint against a name table and return lazy weights.
-
-    Every missing or misshaped tensor is reported together (by its HF name and expected shape), plus any
-    tensor the model would silently ignore, before a single weight is read.
-    """
-    used: set[str] = set()
-    problems: list[str] = []
-    out: dict[str, LazyWeight] = {}
-    keys = set(source.keys())
-
-    def check(name: str, expect: tuple[int, ...]) -> bool:
-        if name not in keys:
-            problems.append(f"missing tensor {name} (expected shape {expect})")
-            return False
-        used.add(name)
-        got = tuple(shape_of(name))
-        if got != tuple(expect):
-            problems.append(f"tensor {name} has shape {got}, expected {tuple(expect)}")
-            return False
-        return True
-
-    for path, (names, fwd, inv) in table.items():
-        spec = specs[path]
-        if isinstance(names, str):
-            expect = tuple(np.asarray(inv(np.empty(spec.shape, np.int8))).shape)
-            if check(names, expect):
-                out[path] = LazyWeight(spec.shape, _reader(source, [names], fwd, dtype, spec.shape, False))
-        else:
-            expect = tuple(np.asarray(inv(np.empty(spec.shape[1:], np.int8))).shape)
-            oks = [check(n, expect) for n in names]
-            if all(oks):
-                out[path] = LazyWeight(spec.shape, _reader(source, names, fwd, dtype, spec.shape, True))
-    unexpected = [n for n in keys - used if not any(s in n for s in ignorable)] if check_unexpected else []
-    raise_on_problems(problems, unexpected, what)
-    return out
-
-
-def _reader(source: Mapping[str, np.ndarray], names: list[str], fwd: Callable, dtype: Any,
-            shape: tuple[int, ...], stacked: bool) -> Callable:
-    def read(index: Any) -> np.ndarray:
-        index = index if isinstance(index, tuple) else (index,)
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        if not stacked:
-            return np.asarray(fwd(source[names[0]]))[index].astype(dtype)
-        parts = [np.asarray(fwd(source[names[i]]))[index[1:]].astype(dtype) for i in range(shape[0])[index[0]]]
-        return np.stack(parts) if parts else np.empty((0,) + tuple(shape[1:]), dtype)
-    return read
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
-def summary_table(name: str, family: str, flat: Mapping[str, Any], embed_prefixes: tuple[str, ...] = (
-        "token_embedding",), print_fn: Any = print) -> str:
-    """A Keras-like table of weights (path, shape, dtype, count) with totals; shared by the model classes
-    of this module and :mod:`gemmax.models.paligemma`."""
-    w = max(len(p) for p in flat) + 2
-    lines = [f'Model: "{name or family}" ({family})', f"{'Weight path':<{w}}{'Shape':<24}{'Dtype':<10}{'Params':>14}",
-             "-" * (w + 48)]
-    total = emb = 0
-    for p, a in flat.items():
-        n = int(np.prod(a.shape))
-        total += n
-        if p.startswith(embed_prefixes):
-            emb += n
-        lines.append(f"{p:<{w}}{str(tuple(a.shape)):<24}{str(a.dtype):<10}{n:>14,}")
-    from gemmax.models.gemma.config import describe_size
-
-    lines += ["-" * (w + 48), f"Total params: {total:,} ({describe_size(total)})",
-              f"Embedding params: {emb:,} ({describe_size(emb)})",
-              f"Non-embedding params: {total - emb:,} ({describe_size(total - emb)})"]
-    text = "\n".join(lines)
-    if print_fn:
-        print_fn(text)
-    return text
-
-
-def _dtype(d: Any) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(d, d) if isinstance(
-        d, str) else d
 
 
 # ---- the family ------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from gemmax import CausalLM
 from gemmax.io.hf import CheckpointError, SafetensorsFile, write_safetensors
 from gemmax.models import base
 from gemmax.models import recurrent_gemma as rg
-from gemmax.nn.lora import merge_trees, split_trainable
-from gemmax.nn.params import flatten
+from gemmax.nn.lora import import_peft, merge_trees, split_trainable
+from gemmax.nn.params import flatten, unflatten
 from gemmax.train.losses import lm_loss
 
 SEQ = 21
@@ -223,6 +223,37 @@ def test_slots_prefill_insert_decode_equal_full_forward(lm, max_len):
                 checked[slot] += 1
         pos += 1
     assert checked[2] == n - len_a and checked[0] == n - len_b
+
+
+def test_peft_adapters_load_in_transformers(tmp_path, checkpoint, lm):
+    """Adapters on nodes of both block kinds export under transformers' module names: PEFT applies them
+    to RecurrentGemmaForCausalLM with the same logits, and import_peft reads them back."""
+    import copy
+
+    import peft
+
+    m, cfg, folder = checkpoint
+    tuned = CausalLM(lm.config, lm.params).enable_lora(2, alpha=4.0, targets=("q_proj", "linear_x", "ffw_linear"),
+                                                       verbose=False)
+    rng = np.random.RandomState(0)
+    flat = {p: (jnp.asarray(rng.randn(*a.shape) * 0.2, a.dtype) if p.endswith("lora_b") else a)
+            for p, a in flatten(tuned.params).items()}
+    tuned.params = unflatten(flat)
+    ids = _ids(cfg, seed=8)
+    want = tuned.logits(ids)
+    assert np.abs(want - lm.logits(ids)).max() > 1e-2  # the adapters matter
+    out = tuned.export_peft(tmp_path / "peft")
+    names = SafetensorsFile(out / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.2.temporal_block.q_proj.lora_A.weight" in names
+    assert "base_model.model.model.layers.4.temporal_block.linear_x.lora_B.weight" in names
+    assert "base_model.model.model.layers.3.mlp_block.down_proj.lora_A.weight" in names
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(m), str(out)).eval()
+    with torch.no_grad():
+        got = ref(torch.tensor(ids), use_cache=False).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    back = CausalLM.from_preset(str(folder))
+    back.params = import_peft(out, back.params, back.linear_nodes)
+    np.testing.assert_allclose(back.logits(ids), want, atol=1e-5)
 
 
 def test_packed_documents_are_independent(lm):

@@ -49,7 +49,7 @@ TUNING: dict[str, tuple[float, float, int]] = {
     "gemma2": (0.04, 0.25, 0),
     "gemma3": (0.06, 0.15, 2),
     "llama3": (0.04, 0.25, 3),
-    "recurrent_gemma": (0.06, 0.2, 4),
+    "recurrent_gemma": (0.06, 0.15, 2),
     "paligemma": (0.05, 0.18, 8),
 }
 
@@ -314,6 +314,8 @@ def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any)
     image_token = tok.piece_to_id("<image>")
     newline = tok.piece_to_id("\n")
     cfg = hf_config(family, vocab, eot, image_token)
+    embed_scale, scale, seed = TUNING[family]
+    torch.manual_seed(1000 * seed + FAMILIES.index(family))  # the weights _randomize keeps (recurrent_param)
     if family == "paligemma":
         cls = transformers.PaliGemmaForConditionalGeneration
         model = cls(cfg)
@@ -321,7 +323,6 @@ def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any)
         cls = transformers.AutoModelForCausalLM
         model = cls.from_config(cfg, attn_implementation="eager")
     model.config._attn_implementation = "eager"
-    embed_scale, scale, seed = TUNING[family]
     _randomize(model, 1000 * seed + FAMILIES.index(family), embed_scale, scale)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)

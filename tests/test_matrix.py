@@ -39,6 +39,7 @@ import pytest
 import torch
 from matrix_fixtures import FAMILIES, Checkpoint, build_checkpoint, train_tokenizer, write_jsonl
 
+import gemmax
 from gemmax import CausalLM
 
 WORKER = Path(__file__).with_name("matrix_worker.py")
@@ -76,8 +77,8 @@ def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
-                                                      str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    src = str(Path(gemmax.__file__).parents[1])  # the worker imports the gemmax this process tests
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(Path(__file__).parent), env.get("PYTHONPATH")]))
     return env
 
 

@@ -428,7 +428,8 @@ def _caption(lm: CausalLM, max_new: int = 8) -> list[int]:
     return [t for t in out if t not in lm.config.eos_ids]
 
 
-def test_export_hf_matches_transformers(tuned, merged, tmp_path):
+def test_export_hf_matches_transformers(base_lm, tuned, merged, tmp_path):
+    import peft
     import transformers
 
     out = tuned[0].export_hf(tmp_path / "pg")  # adapters merged on the way out
@@ -447,6 +448,31 @@ def test_export_hf_matches_transformers(tuned, merged, tmp_path):
     back = CausalLM.from_preset(str(out))  # and gemmax reads its own export
     np.testing.assert_allclose(back.logits(batch["tokens"], pixel_values=batch["pixel_values"],
                                            token_type_ids=batch["token_type_ids"]), got, atol=1e-5)
+    # the adapters alone, as PEFT files, on the exported base model: peft names them on the language model
+    adapter = tuned[0].export_peft(tmp_path / "adapter")
+    keys = list(load_file(str(adapter / "adapter_model.safetensors")))
+    assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    plain = transformers.PaliGemmaForConditionalGeneration.from_pretrained(base_lm.export_hf(tmp_path / "b")).eval()
+    with_adapter = peft.PeftModel.from_pretrained(plain, adapter).eval()
+    want2 = _torch_logits(with_adapter, batch["tokens"].astype(np.int64), batch["pixel_values"],
+                          batch["token_type_ids"].astype(np.int64))
+    assert np.abs(got[:, :n] - want2[:, :n]).max() <= 1e-4 * np.abs(want2).max()
+
+
+@pytest.mark.xfail(strict=True, reason="nn.lora.export_peft writes short target_modules (q_proj, v_proj...), "
+                   "which peft also matches in the SigLIP tower; it needs the exported modules' full names")
+def test_peft_adapter_targets_only_the_language_model(tuned, tmp_path):
+    import peft
+    import transformers
+
+    adapter = tuned[0].export_peft(tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    hf = transformers.PaliGemmaConfig(**{k: v for k, v in pg.to_hf_config(tuned[0].config).items()
+                                         if k not in ("architectures", "model_type")})
+    model = peft.get_peft_model(transformers.PaliGemmaForConditionalGeneration(hf),
+                                peft.LoraConfig(r=cfg["r"], target_modules=cfg["target_modules"]))
+    wrapped = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    assert wrapped and all(".language_model." in n for n in wrapped), wrapped[:4]
 
 
 def test_int8(merged):

@@ -215,7 +215,7 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     if a.lora_rank:
         from gemmax.nn import lora
 
-        tree = jax.eval_shape(lambda t: lora.add_lora(t, cfg, rank=a.lora_rank, dtype=dtype), tree)
+        tree = jax.eval_shape(lambda t: lora.add_lora(t, gm.linear_nodes(cfg), rank=a.lora_rank, dtype=dtype), tree)
     if not a.no_optimizer:
         import optax
 

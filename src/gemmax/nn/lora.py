@@ -1,19 +1,27 @@
 """Low-rank adapters (LoRA) as pytree transforms, interchangeable with Hugging Face PEFT.
 
-A targeted linear node ``{"kernel": W}`` gains ``lora_a`` ``[L, in..., r]``, ``lora_b`` ``[L, r, out...]``
-and ``lora_scale`` ``[L]`` (stacked over layers like every decoder weight, so the layer scan slices them
-with the kernel). ``gemmax.nn.layers.linear`` already applies them, so no model code changes, and the same
-functions work on a quantized base (QLoRA: ``{"kernel": int8, "scale": ...}`` plus adapters).
+Every function walks the :class:`~gemmax.nn.params.LinearNode` declarations a family makes
+(``family.linear_nodes(cfg)``), so nothing here knows any model. A targeted linear node ``{"kernel": W}``
+gains ``lora_a`` ``[L, in..., r]``, ``lora_b`` ``[L, r, out...]`` and ``lora_scale`` ``[L]`` (stacked over
+layers like the kernel, so the layer scan slices them with it; a node with ``stacked=False`` gets
+``[in..., r]``, ``[r, out...]`` and a scalar scale). ``gemmax.nn.layers.linear`` already applies them, so
+no model code changes, and the same functions work on a quantized base (QLoRA: ``{"kernel": int8,
+"scale": ...}`` plus adapters).
 
 The factorisation is PEFT's: one ``A [in, r]`` / ``B [r, out]`` pair per torch ``nn.Linear`` (the heads of
 q/k/v/o are flattened into the in/out features), not Keras' per-head factorisation of EinsumDense kernels.
 That is what makes adapters exchangeable with PEFT (``export_peft`` / ``import_peft``) and what makes the
 trainable-parameter count equal PEFT's ``get_nb_trainable_parameters()``; ``count_lora_params`` also gives
 the Keras figure for comparison (docs/lora_quant.md).
+
+Targets are the names users write: a node's ``target`` (``"query"``) or its PEFT name (``"q_proj"``); one
+name selects every node that carries it (e.g. ``"query"`` in several block kinds). Functions that report
+adapters (``lora_targets``, adapter files) name nodes by their key in the ``nodes`` mapping.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,35 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.models.gemma.config import ModelConfig
-from gemmax.models.gemma.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS, flatten, param_specs, unflatten
+from gemmax.nn import quant
+from gemmax.nn.params import LinearNode, flatten, get_node, has_node, set_node, unflatten
+from gemmax.nn.quant import check_nodes, kernel_in_axes
 
 Array = jax.Array
 Params = dict[str, Any]
+Nodes = Mapping[str, LinearNode]
 
 #: Keys a LoRA-carrying linear node adds; ``lora_a``/``lora_b`` are the trainable ones.
 LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
 TRAINABLE_KEYS = ("lora_a", "lora_b")
+#: Keys that hold the base weight (float, per-channel quantized or grouped); merging replaces them.
+_BASE_KEYS = ("kernel", "scale", "qkernel", "qscale")
 
-#: PEFT / transformers module names -> gemmax linear names.
-PEFT_TO_GEMMAX: dict[str, str] = {
-    "q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention_output",
-    "gate_proj": "ffw_gating", "up_proj": "ffw_gating_2", "down_proj": "ffw_linear",
-}
-GEMMAX_TO_PEFT = {v: k for k, v in PEFT_TO_GEMMAX.items()}
-
-#: Where each linear sits in the transformers module tree, under ``model.layers.{i}``.
-HF_MODULES: dict[str, str] = {
-    "query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
-    "attention_output": "self_attn.o_proj", "ffw_gating": "mlp.gate_proj", "ffw_gating_2": "mlp.up_proj",
-    "ffw_linear": "mlp.down_proj",
-}
-
-#: Path of each linear node in the parameter tree (one table, in gemmax.models.gemma.model).
-NODE_PATHS = LINEAR_NODE_PATHS
-
-#: Module prefix PEFT uses in adapter_model.safetensors for a ``*ForCausalLM`` text model.
-PEFT_PREFIX = "base_model.model.model.layers"
+#: PEFT adds this in front of the transformers module path of every adapter tensor.
+PEFT_MODEL_PREFIX = "base_model.model"
 
 ADAPTER_JSON = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -63,115 +58,135 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 # ---- names and shapes ------------------------------------------------------------------------------
 
 
-def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Normalise target names (gemmax or PEFT spelling) to gemmax names, order kept, duplicates dropped."""
-    if isinstance(targets, str):
-        targets = (targets,)
-    out: list[str] = []
-    for t in targets:
-        name = PEFT_TO_GEMMAX.get(t, t)
-        if name not in LINEAR_EQS:
-            known = sorted(LINEAR_EQS) + sorted(PEFT_TO_GEMMAX)
-            raise ValueError(f"unknown LoRA target {t!r}; known: {', '.join(known)}")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise ValueError("no LoRA targets given")
+def resolve_targets(targets: str | Iterable[str], nodes: Nodes, kind: str = "LoRA") -> tuple[str, ...]:
+    """Keys of the nodes the target names select: a name matches every node whose ``target`` or ``peft``
+    equals it (the node's key is accepted too). In the order the names are given (a name's nodes in the order
+    of ``nodes``), duplicates dropped."""
+    check_nodes(nodes)
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not names:
+        raise ValueError(f"no {kind} targets given")
+    out: dict[str, None] = {}
+    for t in names:
+        keys = [k for k, n in nodes.items() if t in (n.target, n.peft, k)]
+        if not keys:
+            known = sorted({n.target for n in nodes.values()} | {n.peft for n in nodes.values()})
+            raise ValueError(f"unknown {kind} target {t!r}; known: {', '.join(known)}")
+        out.update(dict.fromkeys(keys))
     return tuple(out)
 
 
-def split_kernel_dims(target: str, layer_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def split_kernel_dims(in_dims: tuple[int, ...], layer_shape: tuple[int, ...]
+                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input dims, output dims) of one layer's kernel, in the order the LoRA equations use them."""
-    ins = KERNEL_IN_DIMS[target]
-    return (tuple(layer_shape[i] for i in ins),
-            tuple(layer_shape[i] for i in range(len(layer_shape)) if i not in ins))
+    return (tuple(layer_shape[i] for i in in_dims),
+            tuple(layer_shape[i] for i in range(len(layer_shape)) if i not in in_dims))
 
 
-def lora_shapes(target: str, kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of ``lora_a`` and ``lora_b`` for a stacked kernel ``[L, ...]``."""
-    n_layers, *layer_shape = kernel_shape
-    ins, outs = split_kernel_dims(target, tuple(layer_shape))
-    return (n_layers, *ins, rank), (n_layers, rank, *outs)
+def lora_shapes(node: LinearNode, kernel_shape: tuple[int, ...], rank: int
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``lora_a`` and ``lora_b`` for the node's kernel (``[L, ...]`` when stacked)."""
+    lead = tuple(kernel_shape[:1]) if node.stacked else ()
+    ins, outs = split_kernel_dims(node.in_dims, tuple(kernel_shape[len(lead):]))
+    return (*lead, *ins, rank), (*lead, rank, *outs)
 
 
-def _kernel_shape(node: Params, target: str) -> tuple[int, ...]:
-    """Stacked kernel shape of a float, per-channel quantized or grouped-quantized node."""
-    if "kernel" in node:
-        return tuple(node["kernel"].shape)
-    q = tuple(node["qkernel"].shape)  # the grouped input axis is split into (n_groups, group_size)
-    ax = 1 + max(KERNEL_IN_DIMS[target])
+def kernel_shape(tree_node: Params, node: LinearNode) -> tuple[int, ...]:
+    """Kernel shape of a float, per-channel quantized or grouped-quantized node (from ``qkernel``, whose
+    last input axis is split into ``(n_groups, group_size)``)."""
+    if "kernel" in tree_node:
+        return tuple(tree_node["kernel"].shape)
+    q = tuple(tree_node["qkernel"].shape)
+    ax = max(kernel_in_axes(node))
     return (*q[:ax], q[ax] * q[ax + 1], *q[ax + 2:])
 
 
-def _get_node(params: Params, target: str) -> Params:
-    node: Any = params
-    for k in NODE_PATHS[target]:
-        node = node[k]
-    return node
+def _tree_node(params: Params, node: LinearNode) -> Params:
+    if not has_node(params, node.path):
+        raise ValueError(f"the params have no linear {node.key!r}")
+    return get_node(params, node.path)
 
 
-def _set_node(params: Params, target: str, new: Params) -> Params:
-    """Functional update: copies the dicts along the path, shares every other leaf."""
-    path = NODE_PATHS[target]
-
-    def rec(tree: Params, depth: int) -> Params:
-        out = dict(tree)
-        out[path[depth]] = new if depth == len(path) - 1 else rec(tree[path[depth]], depth + 1)
-        return out
-
-    return rec(params, 0)
+def lora_targets(params: Params, nodes: Nodes) -> tuple[str, ...]:
+    """Keys of the nodes that currently carry adapters."""
+    return tuple(k for k, n in check_nodes(nodes).items()
+                 if has_node(params, n.path) and "lora_a" in get_node(params, n.path))
 
 
-def lora_targets(params: Params) -> tuple[str, ...]:
-    """Names of the linears that currently carry adapters."""
-    return tuple(t for t in NODE_PATHS if _has_node(params, t) and "lora_a" in _get_node(params, t))
+def _adapter_nodes(params: Params) -> dict[str, Params]:
+    """Every node of the tree that carries adapters, by path (no declarations needed)."""
+    out: dict[str, Params] = {}
+
+    def walk(tree: Params, prefix: tuple[str, ...]) -> None:
+        if "lora_a" in tree:
+            out["/".join(prefix)] = tree
+            return
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, (*prefix, k))
+
+    walk(params, ())
+    return out
 
 
-def _has_node(params: Params, target: str) -> bool:
-    node: Any = params
-    for k in NODE_PATHS[target]:
-        if not isinstance(node, dict) or k not in node:
-            return False
-        node = node[k]
-    return True
+def _infer_node(path: str, tree_node: Params) -> LinearNode:
+    """The LinearNode of an adapter-carrying node read off its shapes (``merge_lora`` without ``nodes``):
+    the factors give the input and output dims, the kernel their order. Refuses ambiguous layouts."""
+    stacked = jnp.ndim(tree_node.get("lora_scale", 0.0)) == 1
+    lead = int(stacked)
+    a, b = tuple(tree_node["lora_a"].shape), tuple(tree_node["lora_b"].shape)
+    ins, outs = a[lead:-1], b[lead + 1:]
+    if "kernel" in tree_node:
+        shape = tuple(tree_node["kernel"].shape)
+    else:  # grouped: the input axis split into (n_groups, group_size)
+        q, ax = tuple(tree_node["qkernel"].shape), max(quant.infer_in_axes(tree_node, path))
+        shape = (*q[:ax], q[ax] * q[ax + 1], *q[ax + 2:])
+    layer = shape[lead:]
+    found = {p for p in itertools.combinations(range(len(layer)), len(ins))
+             if split_kernel_dims(p, layer) == (ins, outs)}
+    if len(found) != 1:
+        raise ValueError(f"{path}: cannot tell the input axes of kernel {shape} from its LoRA factors "
+                         f"{a}/{b}; pass the model's linear nodes")
+    return LinearNode(path=tuple(path.split("/")), eq="", lora_eqs=("", ""), in_dims=found.pop(), target="",
+                      peft="", hf_module="", stacked=stacked)
 
 
 # ---- adding, counting, splitting -------------------------------------------------------------------
 
 
-def add_lora(params: Params, config: ModelConfig, rank: int = 4, alpha: float | None = None,
+def add_lora(params: Params, nodes: Nodes, rank: int = 4, alpha: float | None = None,
              targets: str | Iterable[str] = ("query", "value"), seed: int = 0, dtype: Any = jnp.float32,
              use_rslora: bool = False) -> Params:
-    """Return params with fresh adapters on every layer of each target linear.
+    """Return params with fresh adapters on every layer of each targeted linear.
 
     ``lora_scale = alpha / rank`` as in PEFT (``alpha / sqrt(rank)`` with ``use_rslora``); ``alpha``
     defaults to ``rank`` (scale 1.0; note PEFT's ``LoraConfig`` defaults to ``lora_alpha=8``).
     ``lora_b`` starts at zero and ``lora_a`` is uniform in ``±1/sqrt(fan_in)`` (what PEFT's
     ``kaiming_uniform_(a=sqrt(5))`` gives), so the model's outputs are unchanged until training moves B.
-    Works on float and quantized bases alike.
+    Works on float and quantized bases alike, and on abstract (``jax.eval_shape``) trees.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-    specs = param_specs(config)
     # Host RNG: adapters are small, and a jax.random call per shape would compile a kernel for each.
     rng = np.random.default_rng(seed)
-    for t in resolve_targets(targets):
-        node = _get_node(params, t)
+    for k in resolve_targets(targets, nodes):
+        n = nodes[k]
+        node = _tree_node(params, n)
         if "lora_a" in node:
-            raise ValueError(f"{'/'.join(NODE_PATHS[t])} already has LoRA factors (merge_lora or strip first)")
-        shape = specs["/".join(NODE_PATHS[t]) + "/kernel"].shape
-        if "kernel" in node and tuple(node["kernel"].shape) != shape:  # a grouped-quantized node has qkernel
-            raise ValueError(f"{t} kernel has shape {tuple(node['kernel'].shape)}, config {config.name!r} "
-                             f"says {shape}")
-        a_shape, b_shape = lora_shapes(t, shape, rank)
-        fan_in = int(np.prod(a_shape[1:-1]))
+            raise ValueError(f"{n.key} already has LoRA factors (merge_lora or strip first)")
+        shape = kernel_shape(node, n)
+        n_kernel_axes = len(n.eq.split("->")[0].split(",")[1]) if n.eq else len(shape) - int(n.stacked)
+        if len(shape) != n_kernel_axes + int(n.stacked):
+            raise ValueError(f"{n.key}: kernel has shape {shape}, its einsum {n.eq!r} needs {n_kernel_axes} axes"
+                             + (" after the layer axis" if n.stacked else ""))
+        a_shape, b_shape = lora_shapes(n, shape, rank)
+        fan_in = int(np.prod(a_shape[int(n.stacked):-1]))
         bound = 1.0 / math.sqrt(fan_in)
         a = jnp.asarray(rng.uniform(-bound, bound, a_shape).astype(np.float32), dtype)
-        new = dict(node, lora_a=a, lora_b=jnp.zeros(b_shape, dtype),
-                   lora_scale=jnp.full((shape[0],), scale, jnp.float32))
-        params = _set_node(params, t, new)
+        s = jnp.full((shape[0],), scale, jnp.float32) if n.stacked else jnp.asarray(scale, jnp.float32)
+        params = set_node(params, n.path, dict(node, lora_a=a, lora_b=jnp.zeros(b_shape, dtype), lora_scale=s))
     return params
 
 
@@ -208,27 +223,28 @@ def count_trainable(params: Params) -> int:
     return sum(int(np.prod(v.shape)) for p, v in flatten(params).items() if _is_trainable_path(p))
 
 
-def count_lora_params(config: ModelConfig, rank: int = 4, targets: str | Iterable[str] = ("query", "value"),
-                      factorisation: str = "standard") -> int:
-    """Adapter parameter count from shapes alone.
+def count_lora_params(params: Params, nodes: Nodes, rank: int = 4,
+                      targets: str | Iterable[str] = ("query", "value"), factorisation: str = "standard") -> int:
+    """Adapter parameter count from the kernels' shapes alone (``params`` may be an abstract tree of
+    ``jax.ShapeDtypeStruct``, e.g. ``nn.params.abstract_from_specs(family.param_specs(cfg))``).
 
     ``"standard"`` is gemmax/PEFT (one A/B per linear: ``r * (in + out)`` per layer); ``"keras"`` is
     Keras' EinsumDense LoRA, which factors only the last kernel axis (``A = kernel.shape[:-1] + (r,)``,
     ``B = (r, kernel.shape[-1])``): for a query kernel ``[H, D, hd]`` that is ``H*D*r + r*hd``, i.e. a
     separate A per head, hence roughly ``H`` times more parameters on attention.
     """
-    specs = param_specs(config)
+    if factorisation not in ("standard", "keras"):
+        raise ValueError(f"unknown factorisation {factorisation!r} (use 'standard' or 'keras')")
     total = 0
-    for t in resolve_targets(targets):
-        shape = specs["/".join(NODE_PATHS[t]) + "/kernel"].shape
-        n_layers, *layer_shape = shape
+    for k in resolve_targets(targets, nodes):
+        n = nodes[k]
+        shape = kernel_shape(_tree_node(params, n), n)
+        n_layers, layer_shape = (shape[0], shape[1:]) if n.stacked else (1, shape)
         if factorisation == "standard":
-            ins, outs = split_kernel_dims(t, tuple(layer_shape))
+            ins, outs = split_kernel_dims(n.in_dims, tuple(layer_shape))
             per = rank * (int(np.prod(ins)) + int(np.prod(outs)))
-        elif factorisation == "keras":
-            per = int(np.prod(layer_shape[:-1])) * rank + rank * layer_shape[-1]
         else:
-            raise ValueError(f"unknown factorisation {factorisation!r} (use 'standard' or 'keras')")
+            per = int(np.prod(layer_shape[:-1])) * rank + rank * layer_shape[-1]
         total += n_layers * per
     return total
 
@@ -236,47 +252,53 @@ def count_lora_params(config: ModelConfig, rank: int = 4, targets: str | Iterabl
 # ---- merging ---------------------------------------------------------------------------------------
 
 
-def lora_delta(target: str, node: Params) -> Array:
-    """``scale * A @ B`` laid out like the node's stacked kernel, in float32."""
-    a = jnp.asarray(node["lora_a"], jnp.float32)
-    b = jnp.asarray(node["lora_b"], jnp.float32)
+def lora_delta(tree_node: Params, node: LinearNode) -> Array:
+    """``scale * A @ B`` laid out like the node's kernel (stacked or not), in float32."""
+    a = jnp.asarray(tree_node["lora_a"], jnp.float32)
+    b = jnp.asarray(tree_node["lora_b"], jnp.float32)
+    scale = jnp.asarray(tree_node.get("lora_scale", 1.0), jnp.float32)
+    if not node.stacked:  # one layer: give it the layer axis the stacked case has, then drop it
+        a, b, scale = a[None], b[None], scale.reshape(1)
     n_layers, rank = a.shape[0], a.shape[-1]
     ins, outs = a.shape[1:-1], b.shape[2:]
     delta = jnp.einsum("lir,lro->lio", a.reshape(n_layers, -1, rank), b.reshape(n_layers, rank, -1))
-    scale = jnp.asarray(node.get("lora_scale", jnp.ones((n_layers,))), jnp.float32)
-    delta = (delta * scale.reshape(n_layers, 1, 1)).reshape(n_layers, *ins, *outs)
-    in_dims = KERNEL_IN_DIMS[target]
+    delta = (delta * jnp.broadcast_to(scale, (n_layers,)).reshape(n_layers, 1, 1)).reshape(n_layers, *ins, *outs)
     n = len(ins) + len(outs)
-    order = list(in_dims) + [j for j in range(n) if j not in in_dims]  # kernel axis held by each delta axis
-    return jnp.transpose(delta, [0] + [1 + order.index(j) for j in range(n)])
+    order = list(node.in_dims) + [j for j in range(n) if j not in node.in_dims]  # kernel axis of each delta axis
+    delta = jnp.transpose(delta, [0] + [1 + order.index(j) for j in range(n)])
+    return delta if node.stacked else delta[0]
 
 
-def merge_lora(params: Params, dtype: Any = None) -> Params:
+def merge_lora(params: Params, nodes: Nodes | None = None, dtype: Any = None) -> Params:
     """Fold every adapter into its kernel (``W + scale * A @ B``) and drop the factors.
 
     A quantized base is dequantized first and the merged kernel stays floating point (``dtype``, default
-    the adapters' dtype): re-quantize with ``gemmax.nn.quant.quantize_params`` if wanted.
+    the adapters' dtype): re-quantize with ``gemmax.nn.quant.quantize_params`` if wanted. Without ``nodes``
+    every adapter-carrying node of the tree is merged, its layout read off the shapes (refused when
+    ambiguous). Other keys of a node (a bias) are kept.
     """
-    from gemmax.nn.quant import dequantize_node
-
-    for t in lora_targets(params):
-        node = _get_node(params, t)
-        if "scale" in node or "qkernel" in node:
+    if nodes is None:
+        found = {p: _infer_node(p, t) for p, t in _adapter_nodes(params).items()}
+    else:
+        found = {k: nodes[k] for k in lora_targets(params, nodes)}  # (checks nodes)
+    for n in found.values():
+        node = get_node(params, n.path)
+        if quant.is_quantized(node):
             out_dtype = dtype or node["lora_a"].dtype
-            w = dequantize_node(node, t, jnp.float32)
+            w = quant.dequantize_kernel(node, kernel_in_axes(n), jnp.float32)
         else:
             out_dtype = dtype or node["kernel"].dtype
             w = jnp.asarray(node["kernel"], jnp.float32)
-        merged = (w + lora_delta(t, node)).astype(out_dtype)
-        params = _set_node(params, t, {"kernel": merged})
+        merged = (w + lora_delta(node, n)).astype(out_dtype)
+        rest = {k: v for k, v in node.items() if k not in _BASE_KEYS + LORA_KEYS}
+        params = set_node(params, n.path, {"kernel": merged, **rest})
     return params
 
 
 def strip_lora(params: Params) -> Params:
     """The base params without adapters (what the model was before ``add_lora``)."""
-    for t in lora_targets(params):
-        node = _get_node(params, t)
-        params = _set_node(params, t, {k: v for k, v in node.items() if k not in LORA_KEYS})
+    for path, node in _adapter_nodes(params).items():
+        params = set_node(params, tuple(path.split("/")), {k: v for k, v in node.items() if k not in LORA_KEYS})
     return params
 
 
@@ -288,14 +310,14 @@ def lora_state(params: Params) -> dict[str, Array]:
     return {p: v for p, v in flatten(params).items() if p.rsplit("/", 1)[-1] in LORA_KEYS}
 
 
-def _adapter_meta(params: Params) -> dict[str, Any]:
-    targets = lora_targets(params)
+def _adapter_meta(params: Params, nodes: Nodes) -> dict[str, Any]:
+    targets = lora_targets(params, nodes)
     if not targets:
         raise ValueError("params carry no LoRA adapters")
-    ranks = {t: int(_get_node(params, t)["lora_a"].shape[-1]) for t in targets}
+    ranks = {t: int(get_node(params, nodes[t].path)["lora_a"].shape[-1]) for t in targets}
     alphas = {}
     for t in targets:
-        s = np.asarray(jax.device_get(_get_node(params, t)["lora_scale"]), np.float64)
+        s = np.atleast_1d(np.asarray(jax.device_get(get_node(params, nodes[t].path)["lora_scale"]), np.float64))
         if not np.allclose(s, s[0]):
             raise ValueError(f"{t}: lora_scale differs between layers; cannot describe it with one alpha")
         alphas[t] = float(s[0]) * ranks[t]
@@ -306,18 +328,19 @@ def _to_numpy(a: Any) -> np.ndarray:
     return np.asarray(jax.device_get(a))
 
 
-def save_adapter(path: str | os.PathLike, params: Params, config: ModelConfig,
-                 targets: Iterable[str] | None = None, rank: int | None = None,
-                 alpha: float | None = None) -> Path:
+def save_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, targets: Iterable[str] | None = None,
+                 rank: int | None = None, alpha: float | None = None,
+                 model_info: Mapping[str, Any] | None = None) -> Path:
     """Write ``adapter.json`` + ``adapter.safetensors`` (keyed by parameter path) into folder ``path``.
 
     Only the adapters are saved (megabytes, not the base); ``targets``/``rank``/``alpha`` default to what
-    the params carry and, when given, are checked against them.
+    the params carry and, when given, are checked against them. ``model_info`` (e.g. ``{"model": cfg.name,
+    "family": ..., "num_layers": ...}``) is recorded in ``adapter.json`` for the reader; loading ignores it.
     """
     from gemmax.io.hf import write_safetensors
 
-    meta = _adapter_meta(params)
-    if targets is not None and set(resolve_targets(targets)) != set(meta["targets"]):
+    meta = _adapter_meta(params, nodes)
+    if targets is not None and set(resolve_targets(targets, nodes)) != set(meta["targets"]):
         raise ValueError(f"targets {list(targets)} differ from the adapters present {meta['targets']}")
     if rank is not None and any(r != rank for r in meta["ranks"].values()):
         raise ValueError(f"rank {rank} differs from the adapters' ranks {meta['ranks']}")
@@ -327,13 +350,12 @@ def save_adapter(path: str | os.PathLike, params: Params, config: ModelConfig,
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / ADAPTER_WEIGHTS, {p: _to_numpy(v) for p, v in lora_state(params).items()},
                       {"format": "gemmax-lora"})
-    doc = {"format": "gemmax-lora", "version": 1, "model": config.name, "family": config.family,
-           "num_layers": config.num_layers, **meta}
+    doc = {"format": "gemmax-lora", "version": 1, **dict(model_info or {}), **meta}
     (out / ADAPTER_JSON).write_text(json.dumps(doc, indent=2))
     return out
 
 
-def load_adapter(path: str | os.PathLike, params: Params, dtype: Any = None) -> Params:
+def load_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: Any = None) -> Params:
     """Put adapters saved by ``save_adapter`` onto ``params`` (replacing any present), shape-checked."""
     from gemmax.io.hf import SafetensorsFile
 
@@ -342,77 +364,111 @@ def load_adapter(path: str | os.PathLike, params: Params, dtype: Any = None) -> 
     if meta.get("format") != "gemmax-lora":
         raise ValueError(f"{folder}: not a gemmax adapter (format {meta.get('format')!r})")
     f = SafetensorsFile(folder / ADAPTER_WEIGHTS)
+    names = set(f.keys())
     params = strip_lora(params)
-    for t in resolve_targets(meta["targets"]):
-        node = _get_node(params, t)
-        base = "/".join(NODE_PATHS[t])
-        arrays = {k: f.get(f"{base}/{k}") for k in LORA_KEYS}
-        a_shape, b_shape = lora_shapes(t, _kernel_shape(node, t), arrays["lora_a"].shape[-1])
+    for k, n in check_nodes(nodes).items():
+        if f"{n.key}/lora_a" not in names:
+            continue
+        node = _tree_node(params, n)
+        arrays = {key: f.get(f"{n.key}/{key}") for key in LORA_KEYS}
+        names -= {f"{n.key}/{key}" for key in LORA_KEYS}
+        a_shape, b_shape = lora_shapes(n, kernel_shape(node, n), arrays["lora_a"].shape[-1])
         if arrays["lora_a"].shape != a_shape or arrays["lora_b"].shape != b_shape:
-            raise ValueError(f"{folder}: adapter for {t} has shapes {arrays['lora_a'].shape}/"
+            raise ValueError(f"{folder}: adapter for {k} has shapes {arrays['lora_a'].shape}/"
                              f"{arrays['lora_b'].shape}, the model needs {a_shape}/{b_shape}")
         new = dict(node)
-        for k, v in arrays.items():
-            new[k] = jnp.asarray(v, jnp.float32 if k == "lora_scale" else (dtype or v.dtype))
-        params = _set_node(params, t, new)
+        for key, v in arrays.items():
+            new[key] = jnp.asarray(v, jnp.float32 if key == "lora_scale" else (dtype or v.dtype))
+        params = set_node(params, n.path, new)
+    if names:
+        raise ValueError(f"{folder}: adapter tensors for linears this model does not declare: {sorted(names)}")
     return params
 
 
 # ---- PEFT interchange ------------------------------------------------------------------------------
 
 
-def peft_tensors(params: Params, prefix: str = PEFT_PREFIX, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Adapters as PEFT names them: ``{prefix}.{i}.self_attn.q_proj.lora_A.weight`` ``[r, in]`` and
-    ``...lora_B.weight`` ``[out, r]``, heads flattened in transformers' (head, head_dim) order."""
+def hf_module_names(node: LinearNode, n_entries: int) -> list[str]:
+    """transformers module path of each entry of the node's kernel (each stacked layer, or the one kernel):
+    ``{layers}.{layer_id}.{hf_module}`` (``layer_ids`` default to ``0..L-1``)."""
+    ids = node.layer_ids or tuple(range(n_entries))
+    if len(ids) != n_entries:
+        raise ValueError(f"{node.key}: {n_entries} stacked layers but {len(ids)} layer_ids")
+    return [".".join(p for p in (node.layers, str(i), node.hf_module) if p) for i in ids]
+
+
+def _module_names(node: LinearNode, shape: tuple[int, ...]) -> list[str]:
+    """``hf_module_names`` of a node with this kernel shape (a lone kernel with no layer id: one name)."""
+    if not node.stacked and not node.layer_ids:
+        return [".".join(p for p in (node.layers, node.hf_module) if p)]
+    return hf_module_names(node, shape[0] if node.stacked else 1)
+
+
+def peft_tensors(params: Params, nodes: Nodes, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Adapters as PEFT names them: ``base_model.model.{layers}.{i}.{hf_module}.lora_A.weight`` ``[r, in]``
+    and ``...lora_B.weight`` ``[out, r]``, heads flattened in transformers' (head, head_dim) order."""
     out: dict[str, np.ndarray] = {}
-    for t in lora_targets(params):
-        node = _get_node(params, t)
+    for k in lora_targets(params, nodes):
+        n = nodes[k]
+        node = get_node(params, n.path)
         a = _to_numpy(node["lora_a"]).astype(np.float32)
         b = _to_numpy(node["lora_b"]).astype(np.float32)
-        n_layers, rank = a.shape[0], a.shape[-1]
-        for i in range(n_layers):
-            name = f"{prefix}.{i}.{HF_MODULES[t]}"
+        if not n.stacked:
+            a, b = a[None], b[None]
+        rank = a.shape[-1]
+        for i, module in enumerate(_module_names(n, kernel_shape(node, n))):
+            name = f"{PEFT_MODEL_PREFIX}.{module}"
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, rank).T).astype(dtype)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T).astype(dtype)
     return out
 
 
-def export_peft(path: str | os.PathLike, params: Params, config: ModelConfig,
-                base_model_name_or_path: str | None = None, dtype: Any = np.float32,
-                prefix: str = PEFT_PREFIX) -> Path:
+def _by_peft_name(values: Mapping[str, Any], nodes: Nodes, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        name = nodes[k].peft
+        if name in out and out[name] != v:
+            raise ValueError(f"nodes named {name!r} in PEFT carry different {what}s ({out[name]} and {v})")
+        out[name] = v
+    return out
+
+
+def export_peft(path: str | os.PathLike, params: Params, nodes: Nodes, base_model_name_or_path: str | None = None,
+                dtype: Any = np.float32) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that
     ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads.
 
     One alpha per target is exported as ``lora_alpha`` (+ ``alpha_pattern``/``rank_pattern`` when targets
-    differ). ``prefix`` is the module path of the decoder layers (``base_model.model.model.layers`` for
-    ``*ForCausalLM``; a multimodal Gemma 3 wrapper uses ``base_model.model.model.language_model.layers``).
+    differ). Module names come from the nodes (``layers``, ``layer_ids``, ``hf_module``, ``peft``): a
+    multimodal wrapper declares its decoder's nodes under its own ``layers`` prefix.
     """
     from gemmax.io.hf import write_safetensors
 
-    meta = _adapter_meta(params)
+    meta = _adapter_meta(params, nodes)
     targets = meta["targets"]
     rank = meta["ranks"][targets[0]]
     alpha = meta["alphas"][targets[0]]
-    rank_pattern = {GEMMAX_TO_PEFT[t]: r for t, r in meta["ranks"].items() if r != rank}
-    alpha_pattern = {GEMMAX_TO_PEFT[t]: a for t, a in meta["alphas"].items() if not math.isclose(a, alpha)}
+    ranks = _by_peft_name(meta["ranks"], nodes, "rank")
+    alphas = _by_peft_name(meta["alphas"], nodes, "alpha")
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": alpha, "target_modules": [GEMMAX_TO_PEFT[t] for t in targets],
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "lora_dropout": 0.0, "bias": "none",
+        "r": rank, "lora_alpha": alpha, "target_modules": list(ranks),
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: a for m, a in alphas.items() if not math.isclose(a, alpha)},
+        "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "revision": None,
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = peft_tensors(params, prefix, dtype)
+    tensors = peft_tensors(params, nodes, dtype)
     write_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 
-_PEFT_NAME = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_PEFT_NAME = re.compile(r"^(.+)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -423,12 +479,41 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any
     return default
 
 
-def import_peft(path: str | os.PathLike, params: Params, config: ModelConfig, dtype: Any = jnp.float32) -> Params:
-    """Load a PEFT LoRA adapter folder onto gemmax params (replacing any adapters present).
+def _module_table(params: Params, nodes: Nodes) -> tuple[dict[str, tuple[str, int]], dict[str, list]]:
+    """transformers module path -> (node key, entry) for every declared linear present in ``params``, and
+    the same by the path from the layer list's last name on (``layers.3.self_attn.q_proj``), which
+    accepts an adapter saved under another wrapper prefix (a multimodal model's text decoder)."""
+    check_nodes(nodes)
+    exact: dict[str, tuple[str, int]] = {}
+    tails: dict[str, list[tuple[str, int]]] = {}
+    for k, n in nodes.items():
+        if not has_node(params, n.path):
+            continue
+        names = _module_names(n, kernel_shape(get_node(params, n.path), n))
+        cut = len(n.layers.rsplit(".", 1)[0]) + 1 if "." in n.layers else 0
+        for i, m in enumerate(names):
+            exact[m] = (k, i)
+            tails.setdefault(m[cut:], []).append((k, i))
+    return exact, tails
+
+
+def _find_module(module: str, exact: dict, tails: dict) -> tuple[str, int] | None:
+    if module in exact:
+        return exact[module]
+    parts = module.split(".")
+    for j in range(len(parts)):
+        hits = tails.get(".".join(parts[j:]))
+        if hits:
+            return hits[0] if len(hits) == 1 else None
+    return None
+
+
+def import_peft(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: Any = jnp.float32) -> Params:
+    """Load a PEFT LoRA adapter folder onto params (replacing any adapters present).
 
     Layers the adapter does not cover (``layers_to_transform``) get zero factors, which contribute nothing.
-    DoRA, LoRA biases and adapters on embeddings or the LM head are refused with a message: gemmax's
-    linear does not implement them.
+    DoRA, LoRA biases and adapters on modules the nodes do not declare (embeddings, the LM head) are
+    refused with a message: gemmax's linear does not implement them.
     """
     from gemmax.io.hf import SafetensorsFile
 
@@ -444,46 +529,53 @@ def import_peft(path: str | os.PathLike, params: Params, config: ModelConfig, dt
     if not weights.exists():
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (pickled adapter_model.bin is not read)")
     f = SafetensorsFile(weights)
+    exact, tails = _module_table(params, nodes)
     found: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name in f.keys():
-        m = _PEFT_NAME.search(name)
-        if m is None:
-            raise ValueError(f"{folder}: tensor {name!r} is not a LoRA factor of a decoder linear gemmax knows")
-        layer, _, module, ab = m.groups()
-        if module not in PEFT_TO_GEMMAX:
-            raise ValueError(f"{folder}: LoRA on module {module!r} is not supported")
-        found.setdefault((PEFT_TO_GEMMAX[module], ab), {})[int(layer)] = f.get(name)
+        m = _PEFT_NAME.match(name)
+        hit = None if m is None else _find_module(m.group(1).removeprefix(PEFT_MODEL_PREFIX + "."), exact, tails)
+        if hit is None:
+            known = sorted({n.peft for n in nodes.values()})
+            raise ValueError(f"{folder}: tensor {name!r} is not a LoRA factor of a linear this model declares "
+                             f"(modules: {', '.join(known)})")
+        k, i = hit
+        found.setdefault((k, m.group(2)), {})[i] = f.get(name)
     params = strip_lora(params)
     r0, alpha0 = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
-    for t in [t for t in NODE_PATHS if (t, "A") in found]:
-        node = _get_node(params, t)
-        shape = _kernel_shape(node, t)
-        n_layers = shape[0]
-        module = f"model.layers.0.{HF_MODULES[t]}"
+    for k in [k for k in nodes if (k, "A") in found]:
+        n = nodes[k]
+        node = get_node(params, n.path)
+        shape = kernel_shape(node, n)
+        module = next(m for m, v in exact.items() if v == (k, 0))
         rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r0))
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))
-        a_shape, b_shape = lora_shapes(t, shape, rank)
+        a_shape, b_shape = lora_shapes(n, shape, rank)
+        if not n.stacked:
+            a_shape, b_shape = (1, *a_shape), (1, *b_shape)
         a = np.zeros(a_shape, np.float32)
         b = np.zeros(b_shape, np.float32)
-        for i, w in found[(t, "A")].items():
-            if i >= n_layers or w.shape != (rank, int(np.prod(a_shape[1:-1]))):
-                raise ValueError(f"{folder}: layer {i} {t} lora_A has shape {w.shape}, expected "
-                                 f"{(rank, int(np.prod(a_shape[1:-1])))} (model has {n_layers} layers)")
+        n_in, n_out = int(np.prod(a_shape[1:-1])), int(np.prod(b_shape[2:]))
+        for i, w in found[(k, "A")].items():
+            if w.shape != (rank, n_in):
+                raise ValueError(f"{folder}: layer {i} {k} lora_A has shape {w.shape}, expected {(rank, n_in)}")
             a[i] = np.asarray(w, np.float32).T.reshape(a_shape[1:])
-        for i, w in found.get((t, "B"), {}).items():
-            if i >= n_layers or w.shape != (int(np.prod(b_shape[2:])), rank):
-                raise ValueError(f"{folder}: layer {i} {t} lora_B has shape {w.shape}, expected "
-                                 f"{(int(np.prod(b_shape[2:])), rank)}")
+        for i, w in found.get((k, "B"), {}).items():
+            if w.shape != (n_out, rank):
+                raise ValueError(f"{folder}: layer {i} {k} lora_B has shape {w.shape}, expected {(n_out, rank)}")
             b[i] = np.asarray(w, np.float32).T.reshape(b_shape[1:])
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-        new = dict(node, lora_a=jnp.asarray(a, dtype), lora_b=jnp.asarray(b, dtype),
-                   lora_scale=jnp.full((n_layers,), scale, jnp.float32))
-        params = _set_node(params, t, new)
+        if n.stacked:
+            s = jnp.full((shape[0],), scale, jnp.float32)
+        else:
+            a, b, s = a[0], b[0], jnp.asarray(scale, jnp.float32)
+        params = set_node(params, n.path, dict(node, lora_a=jnp.asarray(a, dtype), lora_b=jnp.asarray(b, dtype),
+                                               lora_scale=s))
     return params
 
 
 __all__ = [
-    "add_lora", "count_lora_params", "count_trainable", "export_peft", "import_peft", "load_adapter",
-    "lora_delta", "lora_shapes", "lora_state", "lora_targets", "merge_lora", "merge_trees", "peft_tensors",
-    "resolve_targets", "save_adapter", "split_trainable", "strip_lora", "trainable_mask",
+    "add_lora", "count_lora_params", "count_trainable", "export_peft", "hf_module_names", "import_peft",
+    "kernel_in_axes", "kernel_shape", "load_adapter", "lora_delta", "lora_shapes", "lora_state", "lora_targets",
+    "merge_lora", "merge_trees", "peft_tensors", "resolve_targets", "save_adapter", "split_trainable",
+    "strip_lora", "trainable_mask",
 ]

@@ -21,24 +21,24 @@ NF4 codes (``uint4``) index the NormalFloat-4 table: the 16 levels are quantiles
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.models.gemma.config import ModelConfig
-from gemmax.models.gemma.model import KERNEL_IN_DIMS, LINEAR_EQS, LINEAR_NODE_PATHS
+from gemmax.nn.params import LinearNode, get_node, has_node, set_node
 
 Array = jax.Array
 Params = dict[str, Any]
+Nodes = Mapping[str, LinearNode]
 
 MODES = ("int8", "int4", "nf4")
 LORA_KEYS = ("lora_a", "lora_b", "lora_scale")
-
-#: Path of each linear node in the parameter tree (one table, in gemmax.models.gemma.model).
-LINEAR_PATHS = LINEAR_NODE_PATHS
+#: Keys that hold a linear's weight in one of the representations; every other key of a node is kept.
+WEIGHT_KEYS = ("kernel", "scale", "qkernel", "qscale")
 
 
 def _nf4_table() -> np.ndarray:
@@ -67,13 +67,24 @@ def in_axes_from_eq(eq: str) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(k_sub) if c in x_sub)
 
 
-def stacked_in_axes(name: str) -> tuple[int, ...]:
-    """Input axes of a stacked decoder kernel (layer axis first), or of the embedding / LM head."""
-    if name == "embedding":
-        return (1,)  # [V, D]: one scale per row (token)
-    if name == "lm_head":
-        return (0,)  # [D, V]: one scale per vocabulary column
-    return tuple(1 + i for i in KERNEL_IN_DIMS[name])
+def check_nodes(nodes: Any) -> Nodes:
+    """``nodes`` as the walks need it: ``{name: LinearNode}`` (``family.linear_nodes(cfg)``). A config passed
+    where the nodes go (the signature before families) fails here with a message, not deep inside."""
+    if not isinstance(nodes, Mapping) or not all(isinstance(n, LinearNode) for n in nodes.values()):
+        raise TypeError(f"expected the model's linear nodes ({{name: LinearNode}}, family.linear_nodes(cfg)), "
+                        f"got {type(nodes).__name__}")
+    return nodes
+
+
+def kernel_in_axes(node: LinearNode) -> tuple[int, ...]:
+    """Input axes of a linear node's whole kernel (after the layer axis when it is stacked)."""
+    return tuple(i + int(node.stacked) for i in node.in_dims)
+
+
+#: Input axes of the embedding ``[V, D]`` (one scale per row, i.e. per token) and of an untied LM head
+#: ``[D, V]`` (one scale per vocabulary column).
+EMBEDDING_IN_AXES = (1,)
+HEAD_IN_AXES = (0,)
 
 
 # ---- quantize / dequantize one kernel ----------------------------------------------------------------
@@ -139,9 +150,31 @@ def dequantize_kernel(node: Params, in_axes: tuple[int, ...], dtype: Any = jnp.f
     return (w.astype(jnp.float32) * _expand(s, in_axes, w.ndim)).astype(dtype)
 
 
-def dequantize_node(node: Params, name: str, dtype: Any = jnp.float32) -> Array:
-    """Float kernel of the named stacked node (a decoder linear name, "embedding" or "lm_head")."""
-    return dequantize_kernel(node, stacked_in_axes(name), dtype)
+def infer_in_axes(node: Params, where: str = "") -> tuple[int, ...]:
+    """Input axes of a quantized node read off its shapes, for callers with no declaration at hand: a
+    per-channel scale has the kernel's shape less its input axes; a grouped ``qscale`` is 1 on the group axis
+    (only the last input axis is returned then, which is all ``dequantize_kernel`` needs). An embedding
+    (``"embeddings"``) is per row. Ambiguous shapes are refused."""
+    if "qkernel" in node:
+        q, s = tuple(node["qkernel"].shape), tuple(node["qscale"].shape)
+        found = [(i - 1,) for i in range(1, len(q))
+                 if s[i] == 1 and s[:i] + s[i + 1:] == q[:i] + q[i + 1:] and q[i] != 1]
+    elif "embeddings" in node:
+        return EMBEDDING_IN_AXES
+    else:
+        k, s = tuple(node["kernel"].shape), tuple(node["scale"].shape)
+        found = [c for n in range(1, len(k)) for c in itertools.combinations(range(len(k)), n)
+                 if tuple(d for i, d in enumerate(k) if i not in c) == s]
+    if len(found) != 1:
+        raise ValueError(f"{where or 'node'}: cannot tell the input axes of a quantized kernel from its shapes; "
+                         "pass the model's linear nodes")
+    return found[0]
+
+
+def dequantize_node(node: Params, linear: LinearNode | None = None, dtype: Any = jnp.float32) -> Array:
+    """Float kernel of a linear node (``linear`` gives its input axes; without it they are read off the
+    shapes, see ``infer_in_axes``) or of the embedding."""
+    return dequantize_kernel(node, kernel_in_axes(linear) if linear is not None else infer_in_axes(node), dtype)
 
 
 def is_quantized(node: Any) -> bool:
@@ -157,78 +190,108 @@ def is_quantized(node: Any) -> bool:
 # ---- whole trees -------------------------------------------------------------------------------------
 
 
-def _get(params: Params, path: tuple[str, ...]) -> Params:
-    node: Any = params
-    for k in path:
-        node = node[k]
-    return node
+def _path(name: str | bool | None, default: str) -> tuple[str, ...] | None:
+    """A ``"a/b"`` path argument (``True`` = the default, ``False``/``None`` = none)."""
+    if name is True:
+        name = default
+    return tuple(name.split("/")) if name else None
 
 
-def _set(params: Params, path: tuple[str, ...], new: Params) -> Params:
-    if not path:
-        return new
-    out = dict(params)
-    out[path[0]] = _set(params[path[0]], path[1:], new)
-    return out
-
-
-def quantize_params(params: Params, config: ModelConfig, mode: str = "int8", group_size: int | None = None,
-                    targets: Iterable[str] | None = None, embedding: bool = True, embedding_mode: str = "int8",
+def quantize_params(params: Params, nodes: Nodes, mode: str = "int8", group_size: int | None = None,
+                    targets: Iterable[str] | None = None, embedding: str | bool | None = "token_embedding",
+                    embedding_mode: str = "int8", head: str | None = "lm_head",
                     scale_dtype: Any = jnp.float32) -> Params:
-    """Quantize every decoder kernel (or ``targets``) and, with ``embedding``, the token embedding
-    (per-row, ``embedding_mode`` "int8" or "int4") and an untied LM head (per vocab column, int8).
+    """Quantize every declared linear (or those ``targets`` select, by ``target``/``peft`` name) and, with
+    ``embedding`` (its path; ``None`` for none), the token embedding per row (``embedding_mode`` "int8" or
+    "int4") and an untied LM head at ``head`` per vocab column (int8), each when present.
 
     ``mode``: "int8" (per-output-channel, default), "int4" (per-channel, or grouped with ``group_size``),
     "nf4" (grouped, ``group_size`` default 64). Norm scales stay floating point (tiny, and sensitive).
-    Adapters already on a node are kept, so ``quantize_params(add_lora(p))`` and
-    ``add_lora(quantize_params(p))`` both give a QLoRA tree.
+    Adapters (and any other key, e.g. a bias) already on a node are kept, so
+    ``quantize_params(add_lora(p))`` and ``add_lora(quantize_params(p))`` both give a QLoRA tree.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
     if mode == "nf4" and group_size is None:
         group_size = 64
-    names = tuple(LINEAR_EQS) if targets is None else tuple(targets)
-    for name in names:
-        if name not in LINEAR_PATHS:
-            raise ValueError(f"unknown quantization target {name!r}; known: {', '.join(LINEAR_PATHS)}")
-        node = _get(params, LINEAR_PATHS[name])
+    check_nodes(nodes)
+    if targets is None:
+        keys = tuple(nodes)
+    else:
+        from gemmax.nn.lora import resolve_targets
+
+        keys = resolve_targets(targets, nodes, "quantization")
+    for k in keys:
+        n = nodes[k]
+        if not has_node(params, n.path):
+            raise ValueError(f"the params have no linear {n.key!r}")
+        node = get_node(params, n.path)
         if is_quantized(node):
-            raise ValueError(f"{'/'.join(LINEAR_PATHS[name])} is already quantized")
-        q = quantize_kernel(node["kernel"], stacked_in_axes(name), mode, group_size, scale_dtype)
-        extra = {k: v for k, v in node.items() if k in LORA_KEYS}
-        params = _set(params, LINEAR_PATHS[name], {**q, **extra})
-    if embedding:
+            raise ValueError(f"{n.key} is already quantized")
+        q = quantize_kernel(node["kernel"], kernel_in_axes(n), mode, group_size, scale_dtype)
+        params = set_node(params, n.path, {**q, **{x: v for x, v in node.items() if x != "kernel"}})
+    emb = _path(embedding, "token_embedding")
+    if emb is not None:
         if embedding_mode not in ("int8", "int4"):
             raise ValueError("embedding_mode must be 'int8' or 'int4' (model.embed applies per-row scales only)")
-        node = params["token_embedding"]
-        if not is_quantized(node):
-            q = quantize_kernel(node["embeddings"], stacked_in_axes("embedding"), embedding_mode, None, scale_dtype)
-            params = _set(params, ("token_embedding",), {"embeddings": q["kernel"], "scale": q["scale"]})
-        if not config.tie_embeddings and "lm_head" in params and not is_quantized(params["lm_head"]):
-            q = quantize_kernel(params["lm_head"]["kernel"], stacked_in_axes("lm_head"), "int8", None, scale_dtype)
-            params = _set(params, ("lm_head",), q)
+        if has_node(params, emb) and not is_quantized(node := get_node(params, emb)):
+            q = quantize_kernel(node["embeddings"], EMBEDDING_IN_AXES, embedding_mode, None, scale_dtype)
+            params = set_node(params, emb, {"embeddings": q["kernel"], "scale": q["scale"]})
+        hp = _path(head, "lm_head")
+        if hp is not None and has_node(params, hp) and not is_quantized(node := get_node(params, hp)):
+            q = quantize_kernel(node["kernel"], HEAD_IN_AXES, "int8", None, scale_dtype)
+            params = set_node(params, hp, {**q, **{x: v for x, v in node.items() if x != "kernel"}})
     return params
 
 
-def dequantize_params(params: Params, dtype: Any = jnp.float32, grouped_only: bool = False) -> Params:
-    """Float params back from a quantized tree (adapters kept).
+def _quantized_nodes(params: Params, skip: set[tuple[str, ...]]) -> dict[tuple[str, ...], Params]:
+    out: dict[tuple[str, ...], Params] = {}
 
-    ``grouped_only=True`` expands only grouped nodes (which ``layers.linear`` cannot apply) and leaves
-    per-channel int8/int4 nodes as they are: the pre-step to run a grouped int4/NF4 tree through
-    ``model.forward``. Call it inside the jitted function so the float copy is a transient of the step.
+    def walk(tree: Params, prefix: tuple[str, ...]) -> None:
+        for k, v in tree.items():
+            if not isinstance(v, dict) or (*prefix, k) in skip:
+                continue
+            if is_quantized(v):
+                out[(*prefix, k)] = v
+            else:
+                walk(v, (*prefix, k))
+
+    walk(params, ())
+    return out
+
+
+def dequantize_params(params: Params, nodes: Nodes | None = None, dtype: Any = jnp.float32,
+                      grouped_only: bool = False, embedding: str | None = "token_embedding",
+                      head: str | None = "lm_head") -> Params:
+    """Float params back from a quantized tree (adapters and other keys kept).
+
+    Without ``nodes`` every quantized node of the tree is expanded, its input axes read off the shapes
+    (``infer_in_axes``; ambiguous ones are refused). ``grouped_only=True`` expands only grouped nodes (which
+    ``layers.linear`` would otherwise dequantize per call) and leaves per-channel int8/int4 nodes, the
+    embedding and the head as they are. Call it inside the jitted function so the float copy is a transient
+    of the step.
     """
-    for name, path in LINEAR_PATHS.items():
-        node = _get(params, path)
-        if not is_quantized(node) or (grouped_only and "qkernel" not in node):
+    emb, hp = _path(embedding, "token_embedding"), _path(head, "lm_head")
+    if nodes is None:
+        found: dict[tuple[str, ...], tuple[int, ...] | None] = dict.fromkeys(
+            _quantized_nodes(params, {p for p in (emb, hp) if p}))
+    else:
+        found = {n.path: kernel_in_axes(n) for n in check_nodes(nodes).values()
+                 if has_node(params, n.path) and is_quantized(get_node(params, n.path))}
+    for path, axes in found.items():
+        node = get_node(params, path)
+        if grouped_only and "qkernel" not in node:
             continue
-        extra = {k: v for k, v in node.items() if k in LORA_KEYS}
-        params = _set(params, path, {"kernel": dequantize_node(node, name, dtype), **extra})
+        axes = axes if axes is not None else infer_in_axes(node, "/".join(path))
+        rest = {k: v for k, v in node.items() if k not in WEIGHT_KEYS}
+        params = set_node(params, path, {"kernel": dequantize_kernel(node, axes, dtype), **rest})
     if not grouped_only:
-        node = params["token_embedding"]
-        if is_quantized(node):
-            params = _set(params, ("token_embedding",), {"embeddings": dequantize_node(node, "embedding", dtype)})
-        if "lm_head" in params and is_quantized(params["lm_head"]):
-            params = _set(params, ("lm_head",), {"kernel": dequantize_node(params["lm_head"], "lm_head", dtype)})
+        if emb is not None and has_node(params, emb) and is_quantized(node := get_node(params, emb)):
+            rest = {k: v for k, v in node.items() if k not in ("embeddings", "scale")}
+            params = set_node(params, emb, {"embeddings": dequantize_kernel(node, EMBEDDING_IN_AXES, dtype), **rest})
+        if hp is not None and has_node(params, hp) and is_quantized(node := get_node(params, hp)):
+            rest = {k: v for k, v in node.items() if k not in WEIGHT_KEYS}
+            params = set_node(params, hp, {"kernel": dequantize_kernel(node, HEAD_IN_AXES, dtype), **rest})
     return params
 
 
@@ -273,31 +336,32 @@ def quantized_bytes(params: Params, baseline_dtype: Any = jnp.bfloat16) -> dict[
             "saved_fraction": (baseline - actual) / baseline if baseline else 0.0}
 
 
-def estimate_bytes(config: ModelConfig, mode: str | None = "int8", group_size: int | None = None,
+def estimate_bytes(params: Params, nodes: Nodes, mode: str | None = "int8", group_size: int | None = None,
                    dtype: Any = jnp.bfloat16, lora_rank: int | None = None,
                    lora_targets: Iterable[str] = ("query", "value"), lora_dtype: Any = jnp.bfloat16,
-                   embedding: bool = True) -> dict[str, float]:
-    """``quantized_bytes`` of a preset computed from shapes only (``jax.eval_shape``: no weights made).
+                   embedding: str | None = "token_embedding") -> dict[str, float]:
+    """``quantized_bytes`` of a model computed from shapes only (``jax.eval_shape``: no weights made).
 
-    ``mode=None`` gives the unquantized tree in ``dtype``; ``lora_rank`` adds adapters (QLoRA when a mode
-    is set). Used for the figures in docs/lora_quant.md.
+    ``params`` may be abstract (``nn.params.abstract_from_specs(family.param_specs(cfg))``); every leaf is
+    taken in ``dtype``. ``mode=None`` gives the unquantized tree; ``lora_rank`` adds adapters (QLoRA when a
+    mode is set). Used for the figures in docs/lora_quant.md.
     """
-    from gemmax.models.gemma.model import init_params
     from gemmax.nn.lora import add_lora
 
-    def build(key: Array) -> Params:
-        p = init_params(config, key, dtype)
+    tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params)
+
+    def build(p: Params) -> Params:
         if mode is not None:
-            p = quantize_params(p, config, mode, group_size, embedding=embedding)
+            p = quantize_params(p, nodes, mode, group_size, embedding=embedding)
         if lora_rank:
-            p = add_lora(p, config, lora_rank, targets=lora_targets, dtype=lora_dtype)
+            p = add_lora(p, nodes, lora_rank, targets=lora_targets, dtype=lora_dtype)
         return p
 
-    abstract = jax.eval_shape(build, jax.random.key(0))
-    return quantized_bytes(abstract, dtype)
+    return quantized_bytes(jax.eval_shape(build, tree), dtype)
 
 
 __all__ = [
-    "NF4_TABLE", "dequantize_kernel", "dequantize_node", "dequantize_params", "estimate_bytes",
-    "in_axes_from_eq", "is_quantized", "quantize_kernel", "quantize_params", "quantized_bytes",
+    "NF4_TABLE", "check_nodes", "dequantize_kernel", "dequantize_node", "dequantize_params", "estimate_bytes",
+    "in_axes_from_eq", "infer_in_axes", "is_quantized", "kernel_in_axes", "quantize_kernel", "quantize_params",
+    "quantized_bytes",
 ]

@@ -555,15 +555,17 @@ def _default_name(lm: Any) -> str:
     return Path(src).stem if src else lm.config.family
 
 
-def _adapter_params(base_params: dict, adapter: Any) -> dict:
+def _adapter_params(base_params: dict, adapter: Any, config: Any) -> dict:
     """A LoRA adapter (a saved adapter folder, or params carrying factors) merged into the base kernels.
     Only the targeted kernels are new arrays; every other leaf is the base's own."""
+    from gemmax.models.base import for_config
     from gemmax.nn import lora
 
+    nodes = for_config(config).linear_nodes(config)
     if isinstance(adapter, (str, os.PathLike)):
-        adapter = lora.load_adapter(adapter, base_params)
-    if lora.lora_targets(adapter):
-        adapter = lora.merge_lora(adapter)
+        adapter = lora.load_adapter(adapter, base_params, nodes)
+    if lora.lora_targets(adapter, nodes):
+        adapter = lora.merge_lora(adapter, nodes)
     return adapter
 
 
@@ -585,7 +587,7 @@ def build_models(lm_or_models: Any, adapters: Mapping[str, Any] | None = None, m
     for name, ad in (adapters or {}).items():
         if name in models:
             raise ValueError(f"adapter name {name!r} is already a model name")
-        models[name] = ServedModel(name, _adapter_params(base.params, ad), base.config, base.tokenizer,
+        models[name] = ServedModel(name, _adapter_params(base.params, ad, base.config), base.config, base.tokenizer,
                                    base.max_len, base=base.name)
     return models
 

@@ -252,7 +252,7 @@ def enable_lora(lm: Any, rank: int = 4, alpha: float | None = None,
     """
     from gemmax.nn.lora import count_trainable
 
-    params = add_lora(lm.params, lm.config, rank=rank, alpha=alpha, targets=targets, seed=seed)
+    params = add_lora(lm.params, lm.linear_nodes, rank=rank, alpha=alpha, targets=targets, seed=seed)
     dist = _dist.distribution()
     if dist is not None:
         shardings = dist.param_shardings(params)
@@ -1004,9 +1004,12 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
         if o["lora_rank"]:
             from gemmax.nn.lora import export_peft, save_adapter
 
-            save_adapter(out / "adapter", lm.params, lm.config)
+            c = lm.config
+            save_adapter(out / "adapter", lm.params, lm.linear_nodes, model_info={
+                "model": c.name, "family": getattr(c, "family", lm.family.name),
+                "num_layers": getattr(c, "num_layers", None)})
             if o["export_peft"]:
-                export_peft(out / "adapter_peft", lm.params, lm.config, base_model_name_or_path=o["model"])
+                export_peft(out / "adapter_peft", lm.params, lm.linear_nodes, base_model_name_or_path=o["model"])
             saved = out / "adapter"
         else:
             saved = lm.save(out / "model")

@@ -33,7 +33,6 @@ memory does not grow with the generated length (:func:`cache_bytes`).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -333,21 +332,13 @@ def init_params(cfg: RecurrentGemmaConfig, key: Array, dtype: Any = jnp.float32)
     return unflatten(flat)
 
 
-#: Logical axes that go on the model axis of a mesh (the default sharding the logical axes drive).
-MODEL_AXES = ("vocab", "heads", "kv_heads", "mlp", "lru")
-
-
 def layout_map(mesh: Any) -> Any:
-    """The default sharding as a :class:`gemmax.distribution.LayoutMap`: every weight's logical axes in
-    ``MODEL_AXES`` on "model", the rest replicated (LoRA factors and int8 scales follow their kernel).
-    Paths and axes are the same for every config of the family. (Kept for ``gemmax shard-plan`` until it
-    reads ``param_specs`` axes for every family.)"""
-    from gemmax.distribution import LayoutMap
+    """The default sharding (:func:`gemmax.distribution.layout_from_specs` over the logical axes of
+    ``param_specs``: vocab, heads, kv_heads, mlp and lru on "model"). Paths and axes are the same for every
+    config of the family. Kept for ``gemmax shard-plan`` until it calls ``get_layout_map`` for every family."""
+    from gemmax.distribution import layout_from_specs
 
-    lm = LayoutMap(mesh)
-    for path, spec in param_specs(PRESETS["recurrent_gemma_2b_en"]).items():
-        lm[re.escape(path)] = tuple("model" if a in MODEL_AXES else None for a in spec.axes)
-    return lm
+    return layout_from_specs(param_specs(PRESETS["recurrent_gemma_2b_en"]), mesh)
 
 
 def abstract_params(cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,

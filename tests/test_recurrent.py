@@ -339,7 +339,7 @@ def test_bad_checkpoints_named(tmp_path, checkpoint):
     with pytest.raises(CheckpointError, match="not a usable recurrent_gemma config.*mamba"):
         CausalLM.from_preset(str(dst))
     (dst / "config.json").write_text(json.dumps(dict(c, model_type="griffin")))
-    with pytest.raises(CheckpointError, match="'griffin' is not supported.*recurrent_gemma"):
+    with pytest.raises(base.UnsupportedModelType, match="model_type 'griffin'.*recurrent_gemma"):
         CausalLM.from_preset(str(dst))
 
 

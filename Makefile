@@ -24,10 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	cd src && ../$(BIN)/lint-imports --config ../pyproject.toml
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	cd src && ../$(BIN)/lint-imports --config ../pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -442,7 +442,7 @@ def main() -> None:
             runners[n] = LlamaCppRunner(n, path, args.llamacpp_threads or args.threads, n_ctx)
     cfg = runners[names[0]].cfg if isinstance(runners[names[0]], GemmaxRunner) else None
     if cfg is None:
-        from gemmax.io import gguf as gguf_io
+        from gemmax.models.gemma import gguf as gguf_io
         from gemmax.models.gemma.config import from_hf_config
 
         cfg = from_hf_config(gguf_io.read_gguf(path).hf_config)

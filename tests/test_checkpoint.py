@@ -191,7 +191,7 @@ def test_save_and_load_params(tmp_path):
     cfg = tiny_config("gemma2")
     params = _params()
     folder = save_params(tmp_path / "model", params, cfg)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "gemmax.json", "weights"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "gemmax_params.json", "weights"]
     assert json.loads((folder / "config.json").read_text())["family"] == "gemma2"
     loaded, cfg2 = load_params(folder)
     assert cfg2 == cfg
@@ -221,7 +221,7 @@ def test_load_params_errors(tmp_path):
     with pytest.raises(CheckpointError, match="invalid model config"):
         load_params(folder)
     folder = save_params(tmp_path / "m2", _params(), tiny_config("gemma"))
-    (folder / "gemmax.json").write_text("{not json")
+    (folder / "gemmax_params.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt manifest"):
         load_params(folder)
     folder = save_params(tmp_path / "m3", _params(), tiny_config("gemma"))

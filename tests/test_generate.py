@@ -15,11 +15,11 @@ from gemmax.engine.generate import (
     Engine,
     Request,
     SamplingParams,
-    cache_bytes_per_token,
     generate_ids,
     sample_tokens,
 )
 from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.decode import cache_bytes_per_token
 
 
 def _argmax_continuation(params, cfg, prompt, n):
@@ -169,7 +169,7 @@ def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
     (decoder_layer's q_rows): its logits must equal the full forward's at that position, per row of a
     mixed-length batch longer than the sliding window (its keys and values are checked by the greedy
     decode tests, which attend to them). Random non-zero norm scales, so (1 + w) norms are exercised."""
-    from gemmax.engine.generate import prefill
+    from gemmax.models.gemma.decode import prefill
 
     cfg = gemmax.tiny_config(family)
     rng = np.random.default_rng(7)
@@ -180,7 +180,9 @@ def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
     tokens = np.zeros((3, 40), np.int32)
     for i, n in enumerate(lengths):
         tokens[i, :n] = rng.integers(3, cfg.vocab_size, n)
-    logits, _ = jax.jit(lambda p, t, n: prefill(p, cfg, t, n, cfg.sliding_window or 8, kernels=kernels))(
+    max_len = cfg.sliding_window or 64  # the local layers' ring is the window (an engine's is min(window, max_len))
+    backend = "cpu" if kernels else "xla"
+    logits, _ = jax.jit(lambda p, t, n: prefill(p, cfg, t, n, max_len, backend))(
         params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
     for i, n in enumerate(lengths):
         want = np.asarray(gm.forward(params, cfg, jnp.asarray(tokens[i:i + 1, :n])))[0, -1]

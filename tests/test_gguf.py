@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemmax.io.gguf import gguf_to_hf_name, hf_to_gguf_name, read_gguf, write_gguf
 from gemmax.models.gemma.config import from_hf_config, get_preset, tiny_config, to_hf_config
+from gemmax.models.gemma.gguf import gguf_to_hf_name, hf_to_gguf_name, read_gguf, write_gguf
 
 ARCH_FIELDS = [
     "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

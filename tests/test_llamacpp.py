@@ -46,6 +46,7 @@ from gemmax.engine.generate import SamplingParams, generate_ids
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import ModelConfig, tiny_config
 from gemmax.nn import lora
+from gemmax.nn.params import get_node, set_node
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from llamacpp_peer import LlamaCpp  # noqa: E402
@@ -87,11 +88,11 @@ def _params(cfg: ModelConfig, seed: int = 0) -> dict:
 def _with_lora(lm: CausalLM, seed: int = 1) -> CausalLM:
     lm.enable_lora(rank=4, targets=("query", "value", "ffw_linear"), verbose=False)
     rng = np.random.default_rng(seed)
-    params = lm.params
-    for t in lora.lora_targets(params):
-        node = lora._get_node(params, t)
+    params, nodes = lm.params, lm.linear_nodes
+    for t in lora.lora_targets(params, nodes):
+        node = get_node(params, nodes[t].path)
         node = dict(node, lora_b=jnp.asarray(rng.normal(0, 0.05, node["lora_b"].shape), node["lora_b"].dtype))
-        params = lora._set_node(params, t, node)
+        params = set_node(params, nodes[t].path, node)
     lm.params = params
     return lm
 

@@ -163,11 +163,11 @@ def test_preset_memory_figures():
     """Shapes-only figures used in docs/lora_quant.md (bfloat16 baseline, int8 embedding)."""
     g7 = get_preset("gemma_7b_en")
     shapes, nodes = abstract_from_specs(gm.param_specs(g7)), gm.linear_nodes(g7)
-    bf16 = quant.estimate_bytes(shapes, nodes, None)
-    int8 = quant.estimate_bytes(shapes, nodes, "int8")
+    bf16 = lora.estimate_bytes(shapes, nodes, None)
+    int8 = lora.estimate_bytes(shapes, nodes, "int8")
     assert bf16["bytes"] == 2 * g7.param_count()["total"]
     assert 0.499 < int8["saved_fraction"] < 0.5
-    qlora = quant.estimate_bytes(shapes, nodes, "int8", lora_rank=4)
+    qlora = lora.estimate_bytes(shapes, nodes, "int8", lora_rank=4)
     # bf16 adapters plus a float32 lora_scale per layer and target
     assert qlora["bytes"] - int8["bytes"] == 2 * lora.count_lora_params(shapes, nodes, 4) + 2 * 4 * g7.num_layers
 

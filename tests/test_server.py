@@ -57,13 +57,13 @@ def adapters(lm: CausalLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """Two tiny LoRA adapters with non-zero B, saved as gemmax adapter folders."""
     out = {}
     for i, name in enumerate(("tiny-a", "tiny-b")):
-        p = lora.add_lora(lm.params, lm.config, rank=2, targets=("query", "value"), seed=i)
+        p = lora.add_lora(lm.params, lm.linear_nodes, rank=2, targets=("query", "value"), seed=i)
         flat = gm.flatten(p)
         rng = np.random.default_rng(10 + i)
         for k in flat:
             if k.endswith("lora_b"):
                 flat[k] = jax.numpy.asarray(rng.normal(0, 0.5, flat[k].shape).astype(np.float32))
-        out[name] = lora.save_adapter(tmp_path_factory.mktemp(name), gm.unflatten(flat), lm.config)
+        out[name] = lora.save_adapter(tmp_path_factory.mktemp(name), gm.unflatten(flat), lm.linear_nodes)
     return out
 
 
@@ -195,7 +195,8 @@ def test_lora_adapters_by_model_name(client, lm: CausalLM, adapters: dict[str, P
     for name in ("tiny", "tiny-a", "tiny-b"):
         got[name] = client.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
     for name, path in adapters.items():
-        merged = CausalLM(lm.config, lora.merge_lora(lora.load_adapter(path, lm.params)), lm.tokenizer)
+        nodes = lm.linear_nodes
+        merged = CausalLM(lm.config, lora.merge_lora(lora.load_adapter(path, lm.params, nodes), nodes), lm.tokenizer)
         assert got[name] == _expected(merged, [p], 12)[0]
     assert len(set(got.values())) == 3
 

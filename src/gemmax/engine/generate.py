@@ -1,21 +1,20 @@
-"""Text generation: a static KV cache, compiled prefill and chunked decode, on-device sampling.
+"""The generation engine and sampler, one for every family: compiled prefill, chunked decode, on-device
+sampling, slots that requests join and leave.
 
 Design (after gpt-fast and jax-llm-examples):
-- The cache is a pytree of fixed shape, donated to the decode step. Global layers hold ``max_len`` slots;
-  sliding-window layers hold a ring buffer of ``window`` slots indexed by absolute position modulo the
-  window, so Gemma 2/3 keep far less cache at long context (``cache_bytes_per_token``).
+- The cache is the family's pytree of fixed shape (``Family.init_cache``), donated to the decode step.
 - Every row (slot) of the batch carries its own position, length limit, sampling parameters, RNG key and
   stop ids, so rows are independent: a server can prefill a new request into a free slot and retire a
   finished one between decode chunks (continuous batching) without touching the others.
 - Prefill compiles once per prompt-length bucket (powers of two); decode compiles once per chunk size and
   runs ``chunk`` tokens per Python dispatch inside ``lax.scan``.
-- Layers are scanned; local vs global attention is chosen per layer with ``lax.cond`` on data, so compile
-  time stays flat in depth.
+- The backend (native CPU kernels or XLA) is chosen here and passed to the family as a value.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax import distribution as _dist
 from gemmax.kernels import cpu as cpu_kernels
-from gemmax.models.gemma import model as gm
-from gemmax.models.gemma.config import LOCAL, ModelConfig
-from gemmax.nn.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
+from gemmax.models import base
+from gemmax.models.base import CPU, XLA, Family
 
 Array = jax.Array
 
@@ -38,265 +37,6 @@ def bucket(n: int, minimum: int = 16) -> int:
     while b < n:
         b *= 2
     return b
-
-
-# ---- cache ---------------------------------------------------------------------------------------
-#
-# Local and global layers keep separate stacks: k/v_local [n_local, B, window, K, hd] (ring buffers indexed
-# by absolute position modulo the window) and k/v_global [n_global, B, max_len, K, hd]. Inside the layer
-# scan the caches are read-only closure constants (each layer dynamic-slices its own entry); the step's new
-# keys/values come out of the scan and are scattered into the donated cache once per step. Carrying the
-# caches through the scan instead makes XLA copy them at every layer (measured: 4x slower decode).
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """Static description of a cache: which layers are local, their ring width, the global length."""
-
-    local_layers: tuple[int, ...]
-    global_layers: tuple[int, ...]
-    window: int  # ring width of local layers
-    max_len: int  # slots of global layers
-
-    @classmethod
-    def for_config(cls, cfg: ModelConfig, max_len: int) -> CacheLayout:
-        loc = tuple(i for i, t in enumerate(cfg.layer_types) if t == LOCAL)
-        glob = tuple(i for i, t in enumerate(cfg.layer_types) if t != LOCAL)
-        window = min(cfg.sliding_window or max_len, max_len) if loc else 1
-        return cls(loc, glob, window, max_len)
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any) -> dict[str, Array]:
-    lay = CacheLayout.for_config(cfg, max_len)
-    nl, ng = max(len(lay.local_layers), 1), max(len(lay.global_layers), 1)
-    k, hd = cfg.num_kv_heads, cfg.head_dim
-    s = lay.max_len if lay.global_layers else 1
-    return {
-        "k_local": jnp.zeros((nl, batch, lay.window, k, hd), dtype),
-        "v_local": jnp.zeros((nl, batch, lay.window, k, hd), dtype),
-        "k_global": jnp.zeros((ng, batch, s, k, hd), dtype),
-        "v_global": jnp.zeros((ng, batch, s, k, hd), dtype),
-    }
-
-
-def cache_bytes_per_token(cfg: ModelConfig, context: int, dtype_bytes: int = 2) -> dict[str, float]:
-    """KV-cache bytes per token of context, with ring buffers for local layers and without."""
-    per_layer_tok = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-    full = per_layer_tok * cfg.num_layers
-    n_local = sum(t == LOCAL for t in cfg.layer_types)
-    w = min(cfg.sliding_window or context, context)
-    ring = (per_layer_tok * (cfg.num_layers - n_local) * context + per_layer_tok * n_local * w) / context
-    return {"full": float(full), "ring": float(ring), "saving": float(full / ring)}
-
-
-def _layer_slots(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    is_local = np.array([t == LOCAL for t in cfg.layer_types])
-    li = np.cumsum(is_local) - 1
-    gi = np.cumsum(~is_local) - 1
-    return is_local, np.maximum(li, 0).astype(np.int32), np.maximum(gi, 0).astype(np.int32)
-
-
-# ---- prefill ----------------------------------------------------------------------------------------
-
-
-def _as_bits(a: Array) -> Array:
-    """A 16-bit float array as uint16 for a scan's stacked output: XLA:CPU updates a bfloat16 stack by
-    converting all of it to float32 and back on every iteration (a 512-token Gemma 3 270M bfloat16 prefill:
-    2 x 4.4 MB a layer, 5 ms), an integer one in place. Free: a bitcast."""
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype in (jnp.bfloat16, jnp.float16) else a
-
-
-def _from_bits(a: Array, dtype: Any) -> Array:
-    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
-
-
-def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
-            kernels: bool = False) -> tuple[Array, dict]:
-    """Run prompts [b, T] (right-padded, true lengths [b]) -> (last-token logits [b, V], per-row caches).
-
-    The returned caches hold ``T`` slots for global layers and a ``window``-slot ring for local ones, in the
-    same layout as ``init_cache`` (batch b), ready to be inserted into an engine's slots.
-
-    ``kernels``: the linears go through gemmax's native CPU GEMM (``gemmax.kernels.cpu``), which reads each
-    stacked weight in place at its own width; the scan then walks layer indices, as in ``decode_step``.
-    """
-    with cpu_kernels.decode_kernels(kernels, prefill=True) as on:
-        return _prefill(params, cfg, tokens, lengths, window, on)
-
-
-def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
-             in_place: bool) -> tuple[Array, dict]:
-    b, t = tokens.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = idx < lengths[:, None]
-    seg = valid.astype(jnp.int32)  # padding is segment 0: it never attends to or from the prompt
-    x = gm.embed(params, cfg, tokens)
-    has_local = LOCAL in cfg.layer_types
-
-    blocks = params["decoder_block"]
-
-    sin, cos, rope_row = gm.rope_tables(cfg, idx)
-
-    windows = jnp.asarray(gm.layer_windows(cfg))
-    n_layers = cfg.num_layers
-    last_pos = (lengths - 1)[:, None]  # [b, 1]
-
-    def layer(i, x, q_rows=None):
-        """Layer ``i`` (traced index) -> (x, k, v). Weights are indexed in place (the scan over layer indices
-        slices each layer as a scan over the stacked weights would, or the native kernel reads it in place)."""
-        if in_place:
-            p = cpu_kernels.layer_view(blocks, i)
-        else:
-            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), blocks)
-        w, row = windows[i], rope_row[i]
-        kv = {}
-
-        def attend(q, k, v):
-            kv["k"], kv["v"] = k, v
-            if q_rows is not None:  # the last layer: one query per row, against every key of its prompt
-                mask = attention_mask(q_rows, idx, w if has_local else None, jnp.ones_like(q_rows), seg)
-                return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
-            if in_place:  # blocked causal attention in the native kernel: no [H, T, T] scores
-                return cpu_kernels.prefill_attention(q, k, v, lengths, w if has_local else gm.NO_WINDOW,
-                                                     cfg.attn_logit_softcap)
-            mask = attention_mask(idx, idx, w if has_local else None, seg, seg)
-            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
-
-        x = gm.decoder_layer(p, x, cfg, idx, (sin[row], cos[row]), attend, q_rows=q_rows)
-        return x, kv["k"], kv["v"]
-
-    def body(x, i):
-        x, k, v = layer(i, x)
-        return x, (_as_bits(k), _as_bits(v))
-
-    # every layer but the last over all positions; the last one needs keys and values everywhere but its
-    # output only at each prompt's last position (decoder_layer's q_rows)
-    x, (ks, vs) = jax.lax.scan(body, x, jnp.arange(n_layers - 1))  # ks: [L-1, b, T, K, hd]
-    last, k_last, v_last = layer(jnp.asarray(n_layers - 1), x, q_rows=last_pos)
-    ks, vs = _from_bits(ks, k_last.dtype), _from_bits(vs, v_last.dtype)
-    ks = jnp.concatenate([ks, k_last[None].astype(ks.dtype)])
-    vs = jnp.concatenate([vs, v_last[None].astype(vs.dtype)])
-    last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
-    logits = gm.logits_from_hidden(params, cfg, last)[:, 0]
-
-    is_local, _, _ = _layer_slots(cfg)
-    loc = np.nonzero(is_local)[0]
-    glob = np.nonzero(~is_local)[0]
-    caches = {}
-    if len(glob):
-        caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
-    if len(loc):
-        # ring slot j holds the latest prompt position p < length with p % window == j
-        j = jnp.arange(window)
-        src = j[None] + window * jnp.floor_divide(lengths[:, None] - 1 - j[None], window)  # [b, W]
-        ok = (src >= 0)[None, :, :, None, None]
-        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
-        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
-        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
-    return logits, caches
-
-
-def insert(cache: dict, new: dict, slots: Array) -> dict:
-    """Write prefilled per-row caches into engine slots (rows) of the big cache."""
-    out = dict(cache)
-    for name, arr in new.items():
-        t = arr.shape[2]
-        out[name] = cache[name].at[:, slots, :t].set(arr.astype(cache[name].dtype))
-    return out
-
-
-# ---- decode -------------------------------------------------------------------------------------------
-
-
-def _attend_cached(q: Array, k_new: Array, v_new: Array, kc: Array, vc: Array, valid: Array,
-                   cap: float | None) -> Array:
-    """One query per row against (read-only cache + the row's own new key). q [B,1,H,hd], k_new [B,1,K,hd],
-    kc [B,S,K,hd], valid [B,S] -> [B,1,H,hd]. Softmax in float32 over both parts jointly."""
-    b, _, h, hd = q.shape
-    kv = kc.shape[2]
-    qg = q.reshape(b, kv, h // kv, hd)
-    lc = einsum("bkgd,bskd->bkgs", qg, kc, jnp.float32)
-    ls = einsum("bkgd,bkd->bkg", qg, k_new[:, 0], jnp.float32)[..., None]
-    lc, ls = softcap(lc, cap), softcap(ls, cap)
-    lc = jnp.where(valid[:, None, None, :], lc, MASK_VALUE)
-    m = jnp.maximum(lc.max(-1, keepdims=True), ls)
-    pc, ps = jnp.exp(lc - m), jnp.exp(ls - m)
-    z = pc.sum(-1, keepdims=True) + ps
-    out = einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
-    out = out + (ps / z).astype(v_new.dtype) * v_new[:, 0][:, :, None, :]
-    return out.reshape(b, 1, h, hd)
-
-
-def decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array,
-                kernels: bool = False) -> tuple[Array, dict]:
-    """One token per row: tokens [B] at absolute positions pos [B] -> logits [B, V], updated cache.
-
-    ``kernels``: run the linears through gemmax's native CPU GEMV (``gemmax.kernels.cpu``); the layer scan
-    then walks layer indices and the kernel reads each stacked weight in place instead of a sliced copy.
-    """
-    with cpu_kernels.decode_kernels(kernels) as on:
-        return _decode_step(params, cfg, cache, tokens, pos, on)
-
-
-def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Array,
-                 in_place: bool) -> tuple[Array, dict]:
-    b = tokens.shape[0]
-    rows = jnp.arange(b)
-    x = gm.embed(params, cfg, tokens[:, None])
-    positions = pos[:, None]
-    is_local, li, gi = _layer_slots(cfg)
-    kl, vl, kg, vg = cache["k_local"], cache["v_local"], cache["k_global"], cache["v_global"]
-    w, s = kl.shape[2], kg.shape[2]
-    # absolute position held by ring slot j: the latest p < pos with p % w == j; valid inside the window
-    pj = pos[:, None] - 1 - jnp.mod(pos[:, None] - 1 - jnp.arange(w)[None], w)
-    local_valid = (pj >= 0) & (pj > pos[:, None] - w)
-    global_valid = jnp.arange(s)[None] < pos[:, None]
-    cap = cfg.attn_logit_softcap
-
-    blocks = params["decoder_block"]
-
-    def body(x, xs):
-        p, inv, loc, l_i, g_i = xs
-        if in_place:
-            p = cpu_kernels.layer_view(blocks, p)
-        box = {}
-
-        def attend(q, k, v):
-            box["k"], box["v"] = k[:, 0], v[:, 0]
-
-            def local(q, k, v):
-                if in_place:  # the native kernel reads the stacked cache in place
-                    return cpu_kernels.decode_attention(q, k, v, kl, vl, l_i, local_valid, cap)
-                return _attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid, cap)
-
-            def glob(q, k, v):
-                if in_place:
-                    return cpu_kernels.decode_attention(q, k, v, kg, vg, g_i, global_valid, cap)
-                return _attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid, cap)
-
-            if not is_local.any():
-                return glob(q, k, v)
-            if is_local.all():
-                return local(q, k, v)
-            return jax.lax.cond(loc, local, glob, q, k, v)
-
-        x = gm.decoder_layer(p, x, cfg, positions, inv, attend)
-        return x, (box["k"], box["v"])
-
-    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, gm.layer_inv_freqs(cfg), jnp.asarray(is_local),
-          jnp.asarray(li), jnp.asarray(gi))
-    x, (ks, vs) = jax.lax.scan(body, x, xs)  # [L, B, K, hd]
-    loc_idx, glob_idx = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
-    cache = dict(cache)
-    if len(loc_idx):
-        slot = pos % w
-        cache["k_local"] = kl.at[:, rows, slot].set(ks[loc_idx].astype(kl.dtype))
-        cache["v_local"] = vl.at[:, rows, slot].set(vs[loc_idx].astype(vl.dtype))
-    if len(glob_idx):
-        cache["k_global"] = kg.at[:, rows, pos].set(ks[glob_idx].astype(kg.dtype))
-        cache["v_global"] = vg.at[:, rows, pos].set(vs[glob_idx].astype(vg.dtype))
-    x = rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
-    return gm.logits_from_hidden(params, cfg, x)[:, 0], cache
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -361,15 +101,15 @@ def row_keys(seeds: Array, pos: Array) -> Array:
 _row_keys = jax.jit(row_keys)  # for Engine.add: an eager vmap re-traces on every call (~8 ms per prefill)
 
 
-def decode_chunk(params: dict, cfg: ModelConfig, cache: dict, state: dict, n_steps: int, n_cand: int,
-                 kernels: bool = False) -> tuple[dict, dict, Array]:
+def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dict, n_steps: int, n_cand: int,
+                 backend: str = XLA) -> tuple[dict, dict, Array]:
     """``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos [B],
     done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S].
     Returns (cache, state, tokens [B, n_steps]) with -1 for rows that were already done."""
 
     def step(carry, _):
         cache, st = carry
-        logits, cache = decode_step(params, cfg, cache, st["token"], st["pos"], kernels)
+        logits, cache = family.decode_step(params, cfg, cache, st["token"], st["pos"], backend)
         pos = st["pos"] + 1
         nxt = sample_tokens(logits, row_keys(st["seed"], pos), st["temperature"], st["top_k"], st["top_p"],
                             st["min_p"], n_cand)
@@ -421,43 +161,49 @@ class Request:
     done: bool = False
     finish_reason: str | None = None
     first_token_time: float | None = None
+    #: inputs besides tokens for the family's prefill (e.g. ``pixel_values``), as the user gave them
+    inputs: dict[str, Any] | None = None
 
 
 MAX_STOP = 8
 
 
-_COMPILED: dict[tuple[str, int], tuple[Any, Any, Any, Any]] = {}
+_COMPILED: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
 
 
-def compiled_functions(cfg: ModelConfig, window: int) -> tuple[Any, Any, Any, Any]:
+def compiled_functions(family: Family, cfg: Any, max_len: int) -> tuple[Any, Any, Any, Any]:
     """The engine's jitted (prefill, insert, decode_chunk, first-token sampler), shared by every engine of
     the same architecture: ``lm.generate`` builds an engine per call, and without this each call would
     trace and compile again. XLA's own cache then keys on shapes (prompt bucket, batch, chunk)."""
-    key = (cfg.to_json(), window)
+    key = (family.name, json.dumps(cfg.to_dict(), sort_keys=True, default=str), max_len)
     if key not in _COMPILED:
         _COMPILED[key] = (
-            jax.jit(functools.partial(prefill, cfg=cfg, window=window), static_argnames=("kernels",)),
-            jax.jit(insert, donate_argnums=(0,)),
-            jax.jit(functools.partial(decode_chunk, cfg=cfg), static_argnames=("n_steps", "n_cand", "kernels"),
-                    donate_argnames=("cache",)),
+            jax.jit(functools.partial(family.prefill, cfg=cfg, max_len=max_len), static_argnames=("backend",)),
+            jax.jit(family.insert, donate_argnums=(0,)),
+            jax.jit(functools.partial(decode_chunk, family=family, cfg=cfg),
+                    static_argnames=("n_steps", "n_cand", "backend"), donate_argnames=("cache",)),
             jax.jit(sample_tokens, static_argnames=("n_cand",)),
         )
     return _COMPILED[key]
 
 
 class Engine:
-    """A fixed number of slots over one static cache; requests join and leave between decode chunks."""
+    """A fixed number of slots over one static cache; requests join and leave between decode chunks.
 
-    def __init__(self, params: dict, cfg: ModelConfig, max_batch: int = 1, max_len: int | None = None,
-                 dtype: Any = None, chunk: int = 16):
+    It serves every family through its :class:`~gemmax.models.base.Family` functions (cache, prefill,
+    insert, decode step) and samples for all of them. The backend is chosen here, once: the native CPU
+    kernels where they pay and the family has them, XLA otherwise."""
+
+    def __init__(self, params: dict, cfg: Any, max_batch: int = 1, max_len: int | None = None,
+                 dtype: Any = None, chunk: int = 16, family: Family | None = None):
         self.params = params
         self.cfg = cfg
+        self.family = family or base.for_config(cfg)
         self.max_batch = max_batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.dtype = dtype or _compute_dtype(params)
         self.chunk = chunk
-        self.layout = CacheLayout.for_config(cfg, self.max_len)
-        self.cache = init_cache(cfg, max_batch, self.max_len, self.dtype)
+        self.cache = self.family.init_cache(cfg, max_batch, self.max_len, self.dtype)
         self.requests: list[Request | None] = [None] * max_batch
         zeros_i = np.zeros(max_batch, np.int32)
         self.state = {
@@ -469,21 +215,30 @@ class Engine:
         self.state = {k: jnp.asarray(v) for k, v in self.state.items()}
         self._replicated = None
         self._place_on_mesh()
-        self._prefill, self._insert, self._chunk, self._first = compiled_functions(cfg, self.layout.window)
+        self._prefill, self._insert, self._chunk, self._first = compiled_functions(self.family, cfg, self.max_len)
         # the native CPU kernels: one device only (XLA SPMD cannot split a custom call). Prefill always (its
         # GEMM reads the weights in place at their own width); decode with few rows, where reading the
         # weights once per token is the whole cost
         leaf = jax.tree.leaves(params)[0]
         self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
-                       and cpu_kernels.available())
+                       and CPU in self.family.backends and cpu_kernels.available())
         self.kernels = self.native and max_batch <= cpu_kernels.MAX_ROWS
+
+    @property
+    def prefill_backend(self) -> str:
+        """Prefill always takes the native kernels when the engine may use them (its GEMM reads the weights
+        in place at their own width)."""
+        return CPU if self.native else XLA
+
+    @property
+    def decode_backend(self) -> str:
+        """Decode takes them with few rows, where reading the weights once per token is the whole cost."""
+        return CPU if self.kernels else XLA
 
     def _place_on_mesh(self) -> None:
         """Under a gemmax distribution the weights live on a mesh: put the cache and per-row state there too
         (replicated; XLA SPMD partitions the step by the weights' shardings), so jit sees one device set."""
-        from gemmax.api import current_distribution
-
-        dist = current_distribution()
+        dist = _dist.distribution()
         leaf = jax.tree.leaves(self.params)[0]
         if dist is None or len(getattr(leaf.sharding, "device_set", ())) <= 1:
             return
@@ -505,7 +260,8 @@ class Engine:
         return any(r is not None and not r.done for r in self.requests)
 
     def add(self, reqs: Sequence[Request]) -> None:
-        """Prefill new requests (one compiled call per length bucket) into free slots."""
+        """Prefill new requests (one compiled call per length bucket) into free slots. Requests that carry
+        inputs besides tokens (images) are prefilled one at a time, each with its own inputs."""
         free = self.free_slots()
         if len(reqs) > len(free):
             raise RuntimeError(f"{len(reqs)} requests but only {len(free)} free slots")
@@ -515,6 +271,18 @@ class Engine:
                 raise ValueError("empty prompt")
             if n + 1 > self.max_len:
                 raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_len} tokens")
+            unknown = set(r.inputs or ()) - set(self.family.extra_inputs)
+            if unknown:
+                raise ValueError(f"{self.family.name} models take no {', '.join(sorted(unknown))}")
+        plain = [r for r in reqs if not r.inputs]
+        if plain:
+            self._add_group(plain)
+        for r in reqs:
+            if r.inputs:
+                self._add_group([r], r.inputs)
+
+    def _add_group(self, reqs: Sequence[Request], inputs: dict[str, Any] | None = None) -> None:
+        free = self.free_slots()
         t = min(bucket(max(len(r.prompt_ids) for r in reqs)), self.max_len)
         b = len(reqs)
         bb = bucket(b, 1)
@@ -524,10 +292,12 @@ class Engine:
             toks[i, : len(r.prompt_ids)] = r.prompt_ids
             lens[i] = len(r.prompt_ids)
         logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
-                                    kernels=self.native)
+                                    backend=self.prefill_backend, **(inputs or {}))
         slots = free[:b]
-        new = {k: v[:, :b] for k, v in new.items()}
-        self.cache = self._insert(self.cache, new, jnp.asarray(slots, jnp.int32))
+        # padding rows of the prefill batch go to slot index max_batch: out of range, so insert drops them
+        padded_slots = np.full(bb, self.max_batch, np.int32)
+        padded_slots[:b] = slots
+        self.cache = self._insert(self.cache, new, jnp.asarray(padded_slots))
         st = {k: np.array(v) for k, v in self.state.items()}
         for r, s in zip(reqs, slots, strict=True):
             r.slot = s
@@ -579,7 +349,7 @@ class Engine:
         n = n_steps or self.chunk
         self.cache, self.state, toks = self._chunk(self.params, cache=self.cache, state=self.state,
                                                    n_steps=n, n_cand=self._n_cand(self.requests),
-                                                   kernels=self.kernels)
+                                                   backend=self.decode_backend)
         toks = np.asarray(toks)
         done = np.asarray(self.state["done"])
         touched = []
@@ -609,6 +379,7 @@ class Engine:
 
 
 def _compute_dtype(params: dict) -> Any:
+    """The activations' dtype: the embedding table's, or bfloat16 under an integer (quantized) table."""
     d = params["token_embedding"]["embeddings"].dtype
     return d if jnp.issubdtype(d, jnp.floating) else jnp.bfloat16
 
@@ -616,13 +387,16 @@ def _compute_dtype(params: dict) -> Any:
 # ---- convenience over the engine ---------------------------------------------------------------------
 
 
-def generate_ids(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sp: Sequence[SamplingParams],
-                 chunk: int = 16, stop_check: Any = None) -> list[Request]:
-    """Generate for a batch of token-id prompts; one engine sized to the batch and the longest request."""
+def generate_ids(params: dict, cfg: Any, prompts: Sequence[Sequence[int]], sp: Sequence[SamplingParams],
+                 chunk: int = 16, stop_check: Any = None, inputs: Sequence[dict[str, Any] | None] | None = None,
+                 family: Family | None = None) -> list[Request]:
+    """Generate for a batch of token-id prompts; one engine sized to the batch and the longest request.
+    ``inputs``: per prompt, the family's inputs besides tokens (e.g. ``pixel_values``) or None."""
     need = max(len(p) + s.max_new_tokens for p, s in zip(prompts, sp, strict=True))
     max_len = min(bucket(need + 1), cfg.max_position_embeddings)
-    eng = Engine(params, cfg, max_batch=bucket(len(prompts), 1), max_len=max_len, chunk=chunk)
-    reqs = [Request(list(p), s) for p, s in zip(prompts, sp, strict=True)]
+    eng = Engine(params, cfg, max_batch=bucket(len(prompts), 1), max_len=max_len, chunk=chunk, family=family)
+    inputs = inputs or [None] * len(prompts)
+    reqs = [Request(list(p), s, inputs=x) for p, s, x in zip(prompts, sp, inputs, strict=True)]
     eng.add(reqs)
     while eng.has_work():
         eng.step()

@@ -13,14 +13,12 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
-
-from gemmax.models.gemma.config import ModelConfig, from_hf_config, to_hf_config
 
 _ST_DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -191,71 +189,7 @@ def convert_pickle_checkpoint(folder: str | os.PathLike) -> Path:
     return target
 
 
-# ---- HF names <-> gemmax paths ---------------------------------------------------------------------
-
-# Each stacked gemmax weight: (HF name template for layer i, function HF array -> per-layer gemmax array,
-# inverse). Kernels are transposed from torch's [out, in]; q/k/v/o are split into heads.
-
-
-def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    ident = (lambda w: w, lambda w: w)
-
-    def heads_in(n: int):  # [n*hd, D] -> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0),
-                lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
-    tr = (lambda w: w.T, lambda w: w.T)
-    p = "model.layers.{i}."
-    m: dict[str, tuple[str, Callable, Callable]] = {
-        "pre_attention_norm/scale": (p + "input_layernorm.weight", *ident),
-        "attention/query/kernel": (p + "self_attn.q_proj.weight", *heads_in(H)),
-        "attention/key/kernel": (p + "self_attn.k_proj.weight", *heads_in(K)),
-        "attention/value/kernel": (p + "self_attn.v_proj.weight", *heads_in(K)),
-        "attention/attention_output/kernel": (p + "self_attn.o_proj.weight", *out_proj),
-        "ffw_gating/kernel": (p + "mlp.gate_proj.weight", *tr),
-        "ffw_gating_2/kernel": (p + "mlp.up_proj.weight", *tr),
-        "ffw_linear/kernel": (p + "mlp.down_proj.weight", *tr),
-    }
-    if cfg.use_qk_norm:
-        m["attention/query_norm/scale"] = (p + "self_attn.q_norm.weight", *ident)
-        m["attention/key_norm/scale"] = (p + "self_attn.k_norm.weight", *ident)
-    if cfg.use_post_norms:
-        # Gemma 2/3: "post_attention_layernorm" really is after attention; the MLP has its own pre-norm.
-        m["post_attention_norm/scale"] = (p + "post_attention_layernorm.weight", *ident)
-        m["pre_ffw_norm/scale"] = (p + "pre_feedforward_layernorm.weight", *ident)
-        m["post_ffw_norm/scale"] = (p + "post_feedforward_layernorm.weight", *ident)
-    else:
-        # Gemma 1 / Llama: HF calls the pre-MLP norm "post_attention_layernorm".
-        m["pre_ffw_norm/scale"] = (p + "post_attention_layernorm.weight", *ident)
-    return m
-
-
-def _top_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    ident = (lambda w: w, lambda w: w)
-    m = {
-        "token_embedding/embeddings": ("model.embed_tokens.weight", *ident),
-        "final_normalization/scale": ("model.norm.weight", *ident),
-    }
-    if not cfg.tie_embeddings:
-        m["lm_head/kernel"] = ("lm_head.weight", lambda w: w.T, lambda w: w.T)
-    return m
-
-
-def _strip_prefix(names: list[str]) -> dict[str, str]:
-    """Map canonical names ("model.layers...") to what the file uses (multimodal wrappers add
-    "language_model." or "model.language_model.")."""
-    out = {}
-    for n in names:
-        c = n
-        for pre in ("model.language_model.", "language_model.model.", "language_model."):
-            if n.startswith(pre):
-                c = "model." + n[len(pre):] if not n.startswith("language_model.lm_head") else n[len(pre):]
-                break
-        out[c] = n
-    return out
+# ---- lazy weights and name tables ---------------------------------------------------------------
 
 
 class LazyWeight:
@@ -280,54 +214,6 @@ def _full(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(index) + (slice(None),) * (len(shape) - len(index))
 
 
-def lazy_params_from_hf(cfg: ModelConfig, source: Mapping[str, np.ndarray], dtype: Any,
-                        shape_of: Callable[[str], tuple[int, ...]] | None = None) -> dict[str, LazyWeight]:
-    """Check every tensor (presence, shape, nothing unexpected) and return lazy gemmax weights.
-
-    ``source`` maps HF names to arrays (read on access); ``shape_of`` gives shapes without reading.
-    """
-    from gemmax.models.gemma.model import param_specs
-
-    specs = param_specs(cfg)
-    names = _strip_prefix(list(source.keys()))
-    shape_of = shape_of or (lambda n: tuple(source[n].shape))
-    used: set[str] = set()
-    problems: list[str] = []
-    release = getattr(source, "release", None)
-    out: dict[str, LazyWeight] = {}
-    layer_map = _layer_map(cfg)
-
-    def check(hf_name: str, expect: tuple[int, ...]) -> str | None:
-        real = names.get(hf_name)
-        if real is None:
-            problems.append(f"missing tensor {hf_name} (expected shape {expect})")
-            return None
-        got = shape_of(real)
-        if tuple(got) != tuple(expect):
-            problems.append(f"tensor {hf_name} has shape {tuple(got)}, expected {tuple(expect)}")
-        used.add(real)
-        return real
-
-    for path, (hf_name, fwd, inv) in _top_map(cfg).items():
-        spec = specs[path]
-        expect = tuple(np.asarray(inv(np.empty(spec.shape, np.int8))).shape)
-        real = check(hf_name, expect)
-        if real is not None:
-            out[path] = LazyWeight(spec.shape, _reader_single(source, real, fwd, dtype, spec.shape), release)
-    for sub, (tmpl, fwd, inv) in layer_map.items():
-        path = "decoder_block/" + sub
-        spec = specs[path]
-        expect = tuple(np.asarray(inv(np.empty(spec.shape[1:], np.int8))).shape)
-        reals = [check(tmpl.format(i=i), expect) for i in range(cfg.num_layers)]
-        if all(r is not None for r in reals):
-            out[path] = LazyWeight(spec.shape, _reader_stacked(source, reals, fwd, dtype, spec.shape), release)
-    # a tied model may still ship lm_head.weight (a copy of the embedding): ignored, like rotary buffers
-    ignorable = ("rotary_emb.inv_freq", "vision_tower", "multi_modal_projector", "lm_head.weight")
-    unexpected = [n for n in names.values() if n not in used and not any(s in n for s in ignorable)]
-    raise_on_problems(problems, unexpected, f"{cfg.family} model")
-    return out
-
-
 def raise_on_problems(problems: list[str], unexpected: list[str], what: str) -> None:
     """One error listing everything wrong with a checkpoint (missing, mis-shaped, unexpected tensors), raised
     before any weight is read: every loader (decoder, RecurrentGemma, PaliGemma) reports the same way."""
@@ -336,6 +222,79 @@ def raise_on_problems(problems: list[str], unexpected: list[str], what: str) -> 
                                + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")]
     if problems:
         raise CheckpointError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
+
+
+def canonical_names(names: Iterable[str], aliases: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """Map each tensor name to the name a family's table uses: the first alias prefix that matches is
+    replaced (``("language_model.model.", "model.")`` reads a multimodal wrapper's decoder). Returns
+    canonical -> name in the file."""
+    out: dict[str, str] = {}
+    for n in names:
+        c = n
+        for pre, to in aliases:
+            if n.startswith(pre):
+                c = to + n[len(pre):]
+                break
+        out.setdefault(c, n)
+    return out
+
+
+def lazy_from_table(specs: Mapping[str, Any], table: Mapping[str, tuple[list[str] | str, Callable, Callable]],
+                    source: Mapping[str, np.ndarray], dtype: Any,
+                    shape_of: Callable[[str], tuple[int, ...]] | None = None,
+                    aliases: Sequence[tuple[str, str]] = (), ignorable: Sequence[str] = ("rotary_emb.inv_freq",),
+                    what: str = "model") -> dict[str, LazyWeight]:
+    """Validate a checkpoint against a family's name table and return lazy weights.
+
+    ``table``: gemmax path -> (HF name, or one HF name per stacked layer; HF array -> gemmax array; inverse).
+    Every missing or misshaped tensor is reported together (by its HF name and expected shape), plus any
+    tensor the model would silently ignore (unless ``ignorable`` names it), before a single weight is read.
+    """
+    real = canonical_names(source.keys(), aliases)
+    shape_of = shape_of or (lambda n: tuple(source[n].shape))
+    release = getattr(source, "release", None)
+    used: set[str] = set()
+    problems: list[str] = []
+    out: dict[str, LazyWeight] = {}
+
+    def check(name: str, expect: tuple[int, ...]) -> str | None:
+        r = real.get(name)
+        if r is None:
+            problems.append(f"missing tensor {name} (expected shape {expect})")
+            return None
+        used.add(r)
+        got = tuple(shape_of(r))
+        if got != tuple(expect):
+            problems.append(f"tensor {name} has shape {got}, expected {tuple(expect)}")
+            return None
+        return r
+
+    for path, (names, fwd, inv) in table.items():
+        shape = tuple(specs[path].shape)
+        if isinstance(names, str):
+            r = check(names, tuple(np.asarray(inv(np.empty(shape, np.int8))).shape))
+            if r is not None:
+                out[path] = LazyWeight(shape, _reader_single(source, r, fwd, dtype, shape), release)
+        else:
+            expect = tuple(np.asarray(inv(np.empty(shape[1:], np.int8))).shape)
+            rs = [check(n, expect) for n in names]
+            if all(r is not None for r in rs):
+                out[path] = LazyWeight(shape, _reader_stacked(source, rs, fwd, dtype, shape), release)
+    unexpected = [n for n in source.keys() if n not in used and not any(s in n for s in ignorable)]
+    raise_on_problems(problems, unexpected, what)
+    return out
+
+
+def table_to_hf(params_flat: Mapping[str, np.ndarray],
+                table: Mapping[str, tuple[list[str] | str, Callable, Callable]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, array) for every weight of a name table, in transformers' layouts."""
+    for path, (names, _fwd, inv) in table.items():
+        arr = np.asarray(params_flat[path])
+        if isinstance(names, str):
+            yield names, np.ascontiguousarray(inv(arr))
+        else:
+            for i, n in enumerate(names):
+                yield n, np.ascontiguousarray(inv(arr[i]))
 
 
 def _reader_single(source, name, fwd, dtype, shape):
@@ -357,31 +316,18 @@ def _reader_stacked(source, names, fwd, dtype, shape):
     return read
 
 
-def params_to_hf(params_flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array) for every weight, in transformers' layouts."""
-    for path, (hf_name, _fwd, inv) in _top_map(cfg).items():
-        yield hf_name, np.ascontiguousarray(inv(np.asarray(params_flat[path])))
-    for sub, (tmpl, _fwd, inv) in _layer_map(cfg).items():
-        stacked = np.asarray(params_flat["decoder_block/" + sub])
-        for i in range(cfg.num_layers):
-            yield tmpl.format(i=i), np.ascontiguousarray(inv(stacked[i]))
-
-
 # ---- folders and handles -------------------------------------------------------------------------
 
 
-def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_json_config(folder: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face folder as a dict; a clear error when it is missing or invalid."""
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     try:
-        hf = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    try:
-        return from_hf_config(hf), hf
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path}: config lacks a required field ({e})") from None
 
 
 def resolve_hf_handle(handle: str) -> Path:
@@ -407,17 +353,19 @@ def resolve_hf_handle(handle: str) -> Path:
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and the Hub could not be reached.") from None
 
 
-def export_hf_folder(path: str | os.PathLike, params_flat: Mapping[str, np.ndarray], cfg: ModelConfig,
-                     dtype: Any = np.float32, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``)."""
+def export_hf_folder(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict[str, Any],
+                     generation_config: dict[str, Any] | None = None, dtype: Any = np.float32,
+                     max_shard_bytes: int = 4 << 30) -> Path:
+    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) from (HF name,
+    array) pairs, e.g. :func:`table_to_hf` of a family's name table."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    hf_cfg = to_hf_config(cfg)
+    hf_cfg = dict(hf_config)
     hf_cfg["torch_dtype"] = np.dtype(dtype).name if dtype != ml_dtypes.bfloat16 else "bfloat16"
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for name, arr in params_to_hf(params_flat, cfg):
+    for name, arr in tensors:
         arr = arr.astype(dtype)
         if size and size + arr.nbytes > max_shard_bytes:
             shards.append({})
@@ -433,7 +381,6 @@ def export_hf_folder(path: str | os.PathLike, params_flat: Mapping[str, np.ndarr
             write_safetensors(out / fname, shard)
             weight_map.update({k: fname for k in shard})
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
-           "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0]}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if generation_config:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     return out

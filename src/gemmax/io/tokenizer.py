@@ -20,12 +20,9 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gemmax.io.gguf import GGUFContents
 
 __all__ = [
     "Tokenizer",
@@ -134,19 +131,22 @@ class Tokenizer:
         return cls(sp=sp, chat_template=chat_template, gguf_types=gguf_types)
 
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | GGUFContents) -> Tokenizer:
-        """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata."""
-        from gemmax.io.gguf import GGUFContents, read_gguf
+    def from_gguf(cls, source: Any) -> Tokenizer:
+        """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata (a path, or a parsed
+        file with ``arch`` and ``tokenizer_metadata``)."""
+        from gemmax.io.gguf import read_metadata
 
-        contents = source if isinstance(source, GGUFContents) else read_gguf(source)
-        meta = contents.tokenizer_metadata
+        if hasattr(source, "tokenizer_metadata"):  # an already parsed file
+            arch, meta = source.arch, source.tokenizer_metadata
+        else:
+            arch, _, meta = read_metadata(source)
         model = meta.get("tokenizer.ggml.model")
         if model not in ("llama", None):
             raise ValueError(
                 f"GGUF tokenizer type {model!r} is not SentencePiece; load that model's tokenizer.json "
                 "with Tokenizer.from_pretrained instead"
             )
-        proto = _proto_from_gguf(meta, contents.arch)
+        proto = _proto_from_gguf(meta, arch)
         return cls.from_proto(proto, chat_template=meta.get("tokenizer.chat_template"),
                               gguf_types=meta.get("tokenizer.ggml.token_type"))
 

@@ -52,9 +52,19 @@ class FamilyConfig(Protocol):
     @property
     def eos_ids(self) -> tuple[int, ...]: ...
 
+    # read by the trainer's chunked loss (the head and its soft-cap without building all logits):
+    # ``tie_embeddings`` (head = token_embedding^T, else lm_head/kernel) and ``final_logit_softcap``
+
     def to_dict(self) -> dict[str, Any]: ...
 
     def param_count(self) -> dict[str, int]: ...
+
+
+class UnsupportedModelType(KeyError, ValueError):
+    """A checkpoint whose ``model_type`` no registered family loads."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class UnsupportedError(NotImplementedError):
@@ -97,6 +107,9 @@ class Family:
     extra_inputs: tuple[str, ...] = ()
     #: backends whose prefill / decode step this family implements
     backends: tuple[str, ...] = (XLA,)
+    #: text + images -> (prompt token ids, inputs) for families that read images:
+    #: ``encode_prompt(cfg, tokenizer, text, images, add_bos)``; None for text-only families
+    encode_prompt: Callable[..., tuple[list[int], dict[str, Any]]] | None = None
     #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
     tiny_config: Callable[..., Any] | None = None
 
@@ -128,7 +141,7 @@ def for_model_type(model_type: str | None) -> Family:
         if model_type in fam.model_types:
             return fam
     known = sorted(t for f in _REGISTRY.values() for t in f.model_types)
-    raise KeyError(f"model_type {model_type!r} is not supported; supported: {', '.join(known)}")
+    raise UnsupportedModelType(f"unsupported model_type {model_type!r}; gemmax loads {', '.join(known)}")
 
 
 def for_config(cfg: Any) -> Family:

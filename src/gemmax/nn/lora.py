@@ -36,7 +36,7 @@ import numpy as np
 
 from gemmax.nn import quant
 from gemmax.nn.params import LinearNode, flatten, get_node, has_node, set_node, unflatten
-from gemmax.nn.quant import check_nodes, kernel_in_axes
+from gemmax.nn.quant import check_nodes, kernel_in_axes, resolve_targets
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -56,24 +56,6 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 # ---- names and shapes ------------------------------------------------------------------------------
-
-
-def resolve_targets(targets: str | Iterable[str], nodes: Nodes, kind: str = "LoRA") -> tuple[str, ...]:
-    """Keys of the nodes the target names select: a name matches every node whose ``target`` or ``peft``
-    equals it (the node's key is accepted too). In the order the names are given (a name's nodes in the order
-    of ``nodes``), duplicates dropped."""
-    check_nodes(nodes)
-    names = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not names:
-        raise ValueError(f"no {kind} targets given")
-    out: dict[str, None] = {}
-    for t in names:
-        keys = [k for k, n in nodes.items() if t in (n.target, n.peft, k)]
-        if not keys:
-            known = sorted({n.target for n in nodes.values()} | {n.peft for n in nodes.values()})
-            raise ValueError(f"unknown {kind} target {t!r}; known: {', '.join(known)}")
-        out.update(dict.fromkeys(keys))
-    return tuple(out)
 
 
 def split_kernel_dims(in_dims: tuple[int, ...], layer_shape: tuple[int, ...]
@@ -452,7 +434,7 @@ def export_peft(path: str | os.PathLike, params: Params, nodes: Nodes, base_mode
     alphas = _by_peft_name(meta["alphas"], nodes, "alpha")
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": alpha, "target_modules": list(ranks),
+        "r": rank, "lora_alpha": alpha, "target_modules": _peft_target_modules(targets, nodes, list(ranks)),
         "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {m: a for m, a in alphas.items() if not math.isclose(a, alpha)},
         "lora_dropout": 0.0, "bias": "none",
@@ -466,6 +448,17 @@ def export_peft(path: str | os.PathLike, params: Params, nodes: Nodes, base_mode
     write_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def _peft_target_modules(targets: list[str], nodes: Nodes, short: list[str]) -> list[str] | str:
+    """PEFT's ``target_modules``: the short names (``q_proj``) when they select exactly the adapted modules,
+    else one regex over the adapted modules' full paths. PEFT wraps every module whose name ends with a short
+    name, so on a model with a vision tower ``q_proj`` would also wrap the tower's projections."""
+    chosen = set(targets)
+    if not any(n.peft in short for k, n in nodes.items() if k not in chosen):
+        return short
+    alts = sorted({rf"{re.escape(nodes[k].layers)}\.\d+\.{re.escape(nodes[k].hf_module)}" for k in targets})
+    return "^(" + "|".join(alts) + ")$"
 
 
 _PEFT_NAME = re.compile(r"^(.+)\.lora_([AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
@@ -573,8 +566,31 @@ def import_peft(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: An
     return params
 
 
+def estimate_bytes(params: Params, nodes: Nodes, mode: str | None = "int8", group_size: int | None = None,
+                   dtype: Any = jnp.bfloat16, lora_rank: int | None = None,
+                   lora_targets: Iterable[str] = ("query", "value"), lora_dtype: Any = jnp.bfloat16,
+                   embedding: str | None = "token_embedding") -> dict[str, float]:
+    """``quantized_bytes`` of a model computed from shapes only (``jax.eval_shape``: no weights made).
+
+    ``params`` may be abstract (``nn.params.abstract_from_specs(family.param_specs(cfg))``); every leaf is
+    taken in ``dtype``. ``mode=None`` gives the unquantized tree; ``lora_rank`` adds adapters (QLoRA when a
+    mode is set). Used for the figures in docs/lora_quant.md.
+    """
+    tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params)
+
+    def build(p: Params) -> Params:
+        if mode is not None:
+            p = quant.quantize_params(p, nodes, mode, group_size, embedding=embedding)
+        if lora_rank:
+            p = add_lora(p, nodes, lora_rank, targets=lora_targets, dtype=lora_dtype)
+        return p
+
+    return quant.quantized_bytes(jax.eval_shape(build, tree), dtype)
+
+
 __all__ = [
-    "add_lora", "count_lora_params", "count_trainable", "export_peft", "hf_module_names", "import_peft",
+    "add_lora", "count_lora_params", "count_trainable", "estimate_bytes", "export_peft", "hf_module_names",
+    "import_peft",
     "kernel_in_axes", "kernel_shape", "load_adapter", "lora_delta", "lora_shapes", "lora_state", "lora_targets",
     "merge_lora", "merge_trees", "peft_tensors", "resolve_targets", "save_adapter", "split_trainable",
     "strip_lora", "trainable_mask",

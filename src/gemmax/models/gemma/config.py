@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemmax.nn.params import describe_size  # noqa: F401  (re-exported: sizes in presets' docs)
+
 LOCAL = "local"
 GLOBAL = "global"
 
@@ -466,10 +468,3 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         }
         hf["use_bidirectional_attention"] = False
     return hf
-
-
-def describe_size(n: int) -> str:
-    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= k:
-            return f"{n / k:.{1 if n / k < 100 else 0}f}{unit}"
-    return str(n)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
+from gemmax.nn.params import LinearNode, ParamSpec, flatten, unflatten  # noqa: F401
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -74,20 +74,22 @@ KERNEL_IN_DIMS: dict[str, tuple[int, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One weight, declared once: shape, logical axes and how to initialise it.
+#: transformers module of each linear under ``model.layers.{i}`` and its PEFT / transformers short name.
+HF_MODULES: dict[str, str] = {
+    "query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+    "attention_output": "self_attn.o_proj", "ffw_gating": "mlp.gate_proj", "ffw_gating_2": "mlp.up_proj",
+    "ffw_linear": "mlp.down_proj",
+}
 
-    The same declaration drives random init, abstract shapes for sharding plans, and the summary.
-    """
 
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    init: str = "normal"  # "normal" | "zeros" | "ones" | "embedding"
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+def linear_nodes(cfg: ModelConfig, layers: str = "model.layers") -> dict[str, LinearNode]:
+    """Every linear of a decoder block, stacked over layers, as LoRA and quantization address them.
+    ``layers`` is the transformers prefix of the layer list (multimodal wrappers nest the decoder)."""
+    ids = tuple(range(cfg.num_layers))
+    return {name: LinearNode(path=LINEAR_NODE_PATHS[name], eq=eq, lora_eqs=lora_eqs,
+                             in_dims=KERNEL_IN_DIMS[name], target=name, peft=HF_MODULES[name].split(".")[-1],
+                             hf_module=HF_MODULES[name], layers=layers, layer_ids=ids)
+            for name, (eq, lora_eqs) in LINEAR_EQS.items()}
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -120,30 +122,6 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     if not cfg.tie_embeddings:
         specs["lm_head/kernel"] = ParamSpec((D, cfg.vocab_size), ("embed", "vocab"))
     return specs
-
-
-def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-    """{"a/b/c": leaf} -> nested dict."""
-    tree: Params = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return tree
 
 
 def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
@@ -201,11 +179,12 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array, Array
 
 
 def _take_rows(table: Array, tokens: Array) -> Array:
-    """``table[tokens]``; in a CPU decode step a half-precision table goes through the native row copy
-    (see ``cpu_kernels.take_rows``: XLA:CPU would convert the whole table to float32 on every chunk)."""
-    if table.dtype in (jnp.bfloat16, jnp.float16) and cpu_kernels.active():
+    """``table[tokens]``; a half-precision table wrapped as ``cpu_kernels.NativeWeight`` (a CPU prefill /
+    decode step) goes through the native row copy (see ``cpu_kernels.take_rows``: XLA:CPU would convert the
+    whole table to float32 on every chunk)."""
+    if cpu_kernels.supports_take(table):
         return cpu_kernels.take_rows(table, tokens)
-    return jnp.take(table, tokens, axis=0)
+    return jnp.take(cpu_kernels.unstack(table), tokens, axis=0)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: Array, dtype: Any | None = None) -> Array:
@@ -232,14 +211,19 @@ def _take_positions(a: Array, rows: Array) -> Array:
 
 
 def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_freq: Array | tuple[Array, Array],
-                  attend: AttendFn, q_rows: Array | None = None) -> Array:
+                  attend: AttendFn, q_rows: Array | None = None, backend: str = "xla") -> Array:
     """One block. ``attend(q, k, v)`` does the attention itself (full-sequence or against a KV cache), so
     training, prefill and decode share every other line.
 
     ``q_rows`` (int [B, R]): keys and values come from every position, but queries, the attention output and
     the MLP only from these rows, and the result is [B, R, D]. A prefill's last layer needs nothing more
     (the next token is read at each prompt's last position): 1/L of the prefill's work saved.
+
+    ``backend``: ``"cpu"`` (only from a family's prefill / decode step, where the native kernels are
+    available) lets the q/k norm + RoPE take the native pass (``norm_rope``'s ``native``); the linears follow
+    their weights' type (``cpu_kernels.NativeWeight`` from ``cpu_kernels.layer_view``), not this argument.
     """
+    native = backend == "cpu"
     eps, off = cfg.norm_eps, cfg.norm_offset
     a = p["attention"]
     h = rms_norm(x, p["pre_attention_norm"]["scale"], eps, off)
@@ -252,8 +236,8 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
             q_freq = (_take_positions(inv_freq[0], q_rows), _take_positions(inv_freq[1], q_rows))
     q = linear(a["query"], h, *LINEAR_EQS["query"])
     qn, kn = (a["query_norm"]["scale"], a["key_norm"]["scale"]) if cfg.use_qk_norm else (None, None)
-    q = norm_rope(q, qn, eps, off, q_pos, q_freq, cfg.query_scale)
-    k = norm_rope(k, kn, eps, off, positions, inv_freq)
+    q = norm_rope(q, qn, eps, off, q_pos, q_freq, cfg.query_scale, native=native)
+    k = norm_rope(k, kn, eps, off, positions, inv_freq, native=native)
     o = attend(q, k, v)
     o = linear(a["attention_output"], o, *LINEAR_EQS["attention_output"])
     if cfg.use_post_norms:
@@ -307,7 +291,8 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
 
 def output_kernel(params: Params, cfg: ModelConfig) -> tuple[Array, str, Array | None]:
     """The output projection as (matrix, einsum, per-vocab scale or None): the embedding transposed when
-    tied (Gemma; not scaled by sqrt(d)), else ``lm_head``."""
+    tied (Gemma; not scaled by sqrt(d)), else ``lm_head``. The matrix is whatever the tree holds: a
+    ``cpu_kernels.NativeWeight`` in a CPU prefill / decode step (``cpu_kernels.unstack`` gives the array)."""
     if cfg.tie_embeddings:
         node = params["token_embedding"]
         return node["embeddings"], "btd,vd->btv", node.get("scale")
@@ -318,9 +303,9 @@ def output_kernel(params: Params, cfg: ModelConfig) -> tuple[Array, str, Array |
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Array) -> Array:
     """Hidden [B, T, D] -> float32 logits with the final soft-cap (Gemma 2) applied."""
     w, eq, scale = output_kernel(params, cfg)
-    if cpu_kernels.supports(eq, hidden, w):  # decode on CPU: the native GEMV (see gemmax.kernels.cpu)
+    if cpu_kernels.supports(eq, hidden, w):  # a NativeWeight head (CPU prefill / decode): the native GEMV
         return softcap(cpu_kernels.gemv(eq, hidden, w, scale), cfg.final_logit_softcap)
-    logits = einsum(eq, hidden, w, jnp.float32)
+    logits = einsum(eq, hidden, cpu_kernels.unstack(w), jnp.float32)
     if scale is not None:
         logits = logits * scale.astype(jnp.float32)
     return softcap(logits, cfg.final_logit_softcap)

@@ -53,7 +53,7 @@ from gemmax.nn.layers import (
     rope_inv_freq,
     softcap,
 )
-from gemmax.nn.params import LinearNode, ParamSpec, abstract_from_specs, flatten, init_from_specs, unflatten
+from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -330,28 +330,6 @@ def init_params(cfg: RecurrentGemmaConfig, key: Array, dtype: Any = jnp.float32)
             # softplus(a_param) = -0.5 log a  <=>  a_param = log(exp(-0.5 log a) - 1)
             flat[path] = jnp.log(jnp.expm1(-0.5 * jnp.log(a))).astype(dtype)
     return unflatten(flat)
-
-
-def layout_map(mesh: Any) -> Any:
-    """The default sharding (:func:`gemmax.distribution.layout_from_specs` over the logical axes of
-    ``param_specs``: vocab, heads, kv_heads, mlp and lru on "model"). Paths and axes are the same for every
-    config of the family. Kept for ``gemmax shard-plan`` until it calls ``get_layout_map`` for every family."""
-    from gemmax.distribution import layout_from_specs
-
-    return layout_from_specs(param_specs(PRESETS["recurrent_gemma_2b_en"]), mesh)
-
-
-def abstract_params(cfg: RecurrentGemmaConfig, dtype: Any = jnp.float32, lora_rank: int = 0,
-                    lora_targets: tuple[str, ...] = ("query", "value")) -> Params:
-    """ShapeDtypeStruct tree of the weights (plus adapters): what ``gemmax shard-plan`` describes without
-    allocating anything."""
-    from gemmax.nn.lora import add_lora
-
-    tree = abstract_from_specs(param_specs(cfg), dtype)
-    if lora_rank:
-        tree = jax.eval_shape(lambda t: add_lora(t, linear_nodes(cfg), lora_rank, targets=lora_targets,
-                                                 dtype=dtype), tree)
-    return tree
 
 
 # ---- the linear layers (LoRA, quantization, PEFT export) -------------------------------------------------

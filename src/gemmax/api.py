@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax import distribution as _dist
+from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
@@ -29,10 +30,13 @@ from gemmax.io.hf import (
     table_to_hf,
     write_safetensors,
 )
+from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import base
 from gemmax.models.base import Family, UnsupportedError
+from gemmax.models.gemma import gguf as gguf_io
 from gemmax.nn import lora, quant
 from gemmax.nn.params import LinearNode, describe_size, flatten, unflatten
+from gemmax.train import trainer as train
 from gemmax.train.checkpoint import PARAMS_MARKER, load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,14 +49,6 @@ def _dtype(d: Any) -> Any:
         except KeyError:
             raise ValueError(f"unknown dtype {d!r}; use one of {sorted(DTYPES)}") from None
     return d
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to a power of two so compiled shapes are reused across prompt lengths."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
 
 
 def current_distribution() -> Any:
@@ -183,8 +179,6 @@ class CausalLM:
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
-        from gemmax.models.gemma import gguf as gguf_io
-
         contents = gguf_io.read_gguf(path)
         fam, cfg = _family_config(contents.hf_config, path)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), contents, np.dtype(jnp.dtype(dtype)),
@@ -193,8 +187,6 @@ class CausalLM:
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
         try:
-            from gemmax.io.tokenizer import Tokenizer
-
             tok = Tokenizer.from_gguf(contents)
         except Exception:  # a GGUF without a usable vocabulary still runs on token ids
             tok = None
@@ -269,8 +261,6 @@ class CausalLM:
     def _sampling(self, n_prompt: int, max_length: int | None, max_new_tokens: int | None, sampler: str | None,
                   temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
                   seed: int, stop_ids: tuple[int, ...]):
-        from gemmax.engine.generate import SamplingParams
-
         if max_new_tokens is None:
             max_new_tokens = (max_length - n_prompt) if max_length is not None else 64
             if max_length is not None and max_new_tokens < 1:
@@ -319,8 +309,6 @@ class CausalLM:
         ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
         builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
         """
-        from gemmax.engine.generate import generate_ids
-
         inputs = self._check_inputs(inputs)
         if images is not None:
             if self.family.encode_prompt is None:
@@ -392,8 +380,6 @@ class CausalLM:
                min_p: float | None = None, seed: int = 0, stop: list[str] | None = None, chunk: int = 4,
                truncate: str | None = None, add_bos: bool = True):
         """Yield text as it is produced (complete characters only, byte-fallback safe)."""
-        from gemmax.engine.generate import Engine, Request, bucket
-
         tok = self._require_tokenizer()
         ids = tok.encode(prompt, add_bos=add_bos)
         sp = self._sampling(len(ids), None, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
@@ -478,8 +464,6 @@ class CausalLM:
 
     def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
-        from gemmax.models.gemma import gguf as gguf_io
-
         arch = self.family.gguf_arch(self.config)
         if arch is None:
             raise UnsupportedError(f"cannot export {self.family.name} as GGUF: llama.cpp defines no "
@@ -497,13 +481,9 @@ class CausalLM:
 
     def fit(self, data: Any, **kw: Any) -> Any:
         """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.trainer.fit`` for the options."""
-        from gemmax.train import trainer as train
-
         return train.fit(self, data, **kw)
 
     def evaluate(self, data: Any, **kw: Any) -> dict[str, float]:
-        from gemmax.train import trainer as train
-
         return train.evaluate(self, data, **kw)
 
     # ---- inspection ------------------------------------------------------------------------------
@@ -619,8 +599,6 @@ def load_tokenizer(folder: Path) -> Any:
     if not ((folder / "tokenizer.model").exists() or (folder / "tokenizer.json").exists()):
         return None
     try:
-        from gemmax.io.tokenizer import Tokenizer
-
         return Tokenizer.from_pretrained(folder)
     except ImportError:
         return None

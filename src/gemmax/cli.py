@@ -13,14 +13,20 @@ import sys
 import time
 from typing import Any
 
+from gemmax import distribution as dist
+from gemmax.api import CausalLM
 from gemmax.io.bundled import default_model_path
+from gemmax.io.hf import read_json_config
+from gemmax.models import base
+from gemmax.models.gemma.gguf import read_gguf
+from gemmax.nn import lora
+from gemmax.nn.params import abstract_from_specs
+from gemmax.train import optim
 
 DEFAULT_MODEL_HELP = "checkpoint: HF folder, hf://org/name, .gguf file, gemmax folder or preset (default: Gemma 3 270M)"
 
 
 def load_model(handle: str | None, dtype: str = "float32", quantize: str | None = None) -> Any:
-    from gemmax.api import CausalLM
-
     handle = handle or default_model_path()
     t0 = time.perf_counter()
     lm = CausalLM.from_preset(handle, dtype=dtype, quantize=quantize)
@@ -106,15 +112,11 @@ def _config_of(handle: str) -> tuple[Any, Any]:
     import json
     from pathlib import Path
 
-    from gemmax.io.hf import read_json_config
-    from gemmax.models import base
 
     presets = base.all_presets()
     if handle in presets and not os.path.exists(handle):
         return presets[handle]
     if handle.endswith(".gguf"):
-        from gemmax.models.gemma.gguf import read_gguf
-
         cfg = read_gguf(handle).config
         return base.for_config(cfg), cfg
     folder = Path(os.path.expanduser(handle))
@@ -128,8 +130,6 @@ def _config_of(handle: str) -> tuple[Any, Any]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from gemmax.models import base
-
     if a.handle in base.all_presets() and not os.path.exists(a.handle):
         fam, cfg = base.all_presets()[a.handle]
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -167,10 +167,6 @@ def cmd_shard_plan(a: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import optax
 
-    from gemmax import distribution as dist
-    from gemmax.nn import lora
-    from gemmax.nn.params import abstract_from_specs
-    from gemmax.train import optim
 
     fam, cfg = _config_of(a.handle)
     d, m = _parse_mesh(a.mesh)

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from gemmax.cli import load_model
+from gemmax.train.trainer import demo_settings, plot_loss
+
 
 def main(out_dir: str = "out/demo") -> int:
-    from gemmax.cli import load_model
-    from gemmax.train.trainer import demo_settings, plot_loss
-
     s = demo_settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

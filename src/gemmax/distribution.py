@@ -36,6 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from gemmax.models import base
+
 __all__ = [
     "DataParallel",
     "Description",
@@ -753,8 +755,6 @@ def get_layout_map(config: Any = None, mesh: DeviceMesh | None = None, model_axi
     ``fsdp=True`` with no ``data_axis`` uses "batch" when the mesh has it. LoRA factors and quantization
     scales follow their kernel automatically (no rule needed).
     """
-    from gemmax.models import base
-
     if mesh is None:
         raise ValueError("get_layout_map needs the DeviceMesh the layout is for")
     if model_axis not in mesh.axis_names:
@@ -893,8 +893,6 @@ def _shard_bytes(shape: tuple[int, ...], spec: PartitionSpec, mesh: DeviceMesh, 
 def _abstract_tree(params_or_specs: Any, param_dtype: Any) -> Any:
     """Params / ParamSpecs / ShapeDtypeStructs / a ModelConfig -> a tree of ShapeDtypeStructs."""
     if hasattr(params_or_specs, "to_dict") and hasattr(params_or_specs, "vocab_size"):
-        from gemmax.models import base  # a model config: its family's declared weights
-
         params_or_specs = base.for_config(params_or_specs).param_specs(params_or_specs)
 
     def to_sds(x: Any) -> jax.ShapeDtypeStruct:

@@ -17,6 +17,7 @@ from typing import Any
 from gemmax import distribution as _dist
 from gemmax.api import CausalLM
 from gemmax.io.bundled import default_model_path
+from gemmax.nn.lora import export_peft, save_adapter
 from gemmax.train.trainer import DataError, NonFiniteLossError, enable_lora, fit, plot_loss
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
@@ -195,8 +196,6 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
                   title=f"{lm.config.name or lm.config.family}: training loss")
     if status == 0:
         if o["lora_rank"]:
-            from gemmax.nn.lora import export_peft, save_adapter
-
             c = lm.config
             save_adapter(out / "adapter", lm.params, lm.linear_nodes, model_info={
                 "model": c.name, "family": getattr(c, "family", lm.family.name),

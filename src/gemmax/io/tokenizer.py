@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from gemmax.io.gguf import read_metadata
+
 __all__ = [
     "Tokenizer",
     "StreamDecoder",
@@ -134,8 +136,6 @@ class Tokenizer:
     def from_gguf(cls, source: Any) -> Tokenizer:
         """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata (a path, or a parsed
         file with ``arch`` and ``tokenizer_metadata``)."""
-        from gemmax.io.gguf import read_metadata
-
         if hasattr(source, "tokenizer_metadata"):  # an already parsed file
             arch, meta = source.arch, source.tokenizer_metadata
         else:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.io.hf import SafetensorsFile, write_safetensors
 from gemmax.nn import quant
 from gemmax.nn.params import LinearNode, flatten, get_node, has_node, set_node, unflatten
 from gemmax.nn.quant import check_nodes, kernel_in_axes, resolve_targets
@@ -319,8 +320,6 @@ def save_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, targets:
     the params carry and, when given, are checked against them. ``model_info`` (e.g. ``{"model": cfg.name,
     "family": ..., "num_layers": ...}``) is recorded in ``adapter.json`` for the reader; loading ignores it.
     """
-    from gemmax.io.hf import write_safetensors
-
     meta = _adapter_meta(params, nodes)
     if targets is not None and set(resolve_targets(targets, nodes)) != set(meta["targets"]):
         raise ValueError(f"targets {list(targets)} differ from the adapters present {meta['targets']}")
@@ -339,8 +338,6 @@ def save_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, targets:
 
 def load_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: Any = None) -> Params:
     """Put adapters saved by ``save_adapter`` onto ``params`` (replacing any present), shape-checked."""
-    from gemmax.io.hf import SafetensorsFile
-
     folder = Path(path)
     meta = json.loads((folder / ADAPTER_JSON).read_text())
     if meta.get("format") != "gemmax-lora":
@@ -424,8 +421,6 @@ def export_peft(path: str | os.PathLike, params: Params, nodes: Nodes, base_mode
     differ). Module names come from the nodes (``layers``, ``layer_ids``, ``hf_module``, ``peft``): a
     multimodal wrapper declares its decoder's nodes under its own ``layers`` prefix.
     """
-    from gemmax.io.hf import write_safetensors
-
     meta = _adapter_meta(params, nodes)
     targets = meta["targets"]
     rank = meta["ranks"][targets[0]]
@@ -508,8 +503,6 @@ def import_peft(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: An
     DoRA, LoRA biases and adapters on modules the nodes do not declare (embeddings, the LM head) are
     refused with a message: gemmax's linear does not implement them.
     """
-    from gemmax.io.hf import SafetensorsFile
-
     folder = Path(path)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":

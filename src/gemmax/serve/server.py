@@ -40,9 +40,12 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gemmax.api import CausalLM
 from gemmax.engine.generate import Engine, Request, SamplingParams
 from gemmax.io.bundled import default_model_path
 from gemmax.models import base
+from gemmax.models.base import for_config
+from gemmax.nn import lora
 
 log = logging.getLogger("gemmax.serve.server")
 
@@ -560,9 +563,6 @@ def _default_name(lm: Any) -> str:
 def _adapter_params(base_params: dict, adapter: Any, config: Any) -> dict:
     """A LoRA adapter (a saved adapter folder, or params carrying factors) merged into the base kernels.
     Only the targeted kernels are new arrays; every other leaf is the base's own."""
-    from gemmax.models.base import for_config
-    from gemmax.nn import lora
-
     nodes = for_config(config).linear_nodes(config)
     if isinstance(adapter, (str, os.PathLike)):
         adapter = lora.load_adapter(adapter, base_params, nodes)
@@ -910,7 +910,6 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
     it until interrupted. Binds to loopback unless told otherwise."""
     import uvicorn
 
-    from gemmax.api import CausalLM
 
     if model is None:
         model = default_model_path()

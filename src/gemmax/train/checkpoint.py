@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from gemmax.io.hf import CheckpointError
 from gemmax.models import base
 from gemmax.nn.params import unflatten
+from gemmax.train.optim import cast_floating, path_str
 
 __all__ = ["CheckpointError", "CheckpointManager", "abstract_tree", "load_params", "save_params"]
 
@@ -219,8 +220,6 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest(params: Any) -> dict[str, list]:
-    from gemmax.train.optim import path_str  # local import: optim pulls optax, not needed otherwise
-
     return {path_str(kp): [list(np.shape(x)), str(x.dtype)]
             for kp, x in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -305,7 +304,5 @@ def load_params(path: str | os.PathLike, *, target: Any = None, dtype: Any = Non
     except Exception as e:  # noqa: BLE001 - surface any orbax/tensorstore failure as a corrupt folder
         raise CheckpointError(f"{weights}: weights are missing or corrupt ({type(e).__name__}: {e})") from e
     if dtype is not None:
-        from gemmax.train.optim import cast_floating
-
         params = cast_floating(params, dtype)
     return params, config

@@ -40,7 +40,8 @@ import numpy as np
 import optax
 
 from gemmax import distribution as _dist
-from gemmax.nn.lora import add_lora, merge_trees, split_trainable
+from gemmax.nn.lora import add_lora, count_trainable, merge_trees, split_trainable
+from gemmax.train.checkpoint import CheckpointManager
 from gemmax.train.data import DataError, Dataset
 from gemmax.train.losses import lm_loss
 from gemmax.train.optim import Precision, accumulate_gradients, make_optimizer, make_schedule
@@ -246,8 +247,6 @@ def enable_lora(lm: Any, rank: int = 4, alpha: float | None = None,
 
     Adapters are created with the params' sharding when a distribution is active (they follow their kernel).
     """
-    from gemmax.nn.lora import count_trainable
-
     params = add_lora(lm.params, lm.linear_nodes, rank=rank, alpha=alpha, targets=targets, seed=seed)
     dist = _dist.distribution()
     if dist is not None:
@@ -518,8 +517,6 @@ def fit(
     Raises ``NonFiniteLossError`` when a loss or gradient is NaN/inf: the failing update is not applied,
     ``lm.params`` keep the last good weights and (with ``checkpoint_dir``) the last good state is saved.
     """
-    from gemmax.train.checkpoint import CheckpointManager
-
     if steps is not None and epochs is not None:
         raise ValueError("give steps= or epochs=, not both")
     if grad_accum < 1 or batch_size % grad_accum:

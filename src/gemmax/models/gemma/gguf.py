@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +34,8 @@ from gemmax.io.gguf import _gguf
 from gemmax.io.gguf import dequantize as _dequantize
 from gemmax.io.gguf import parse_gguf as _parse_gguf
 from gemmax.io.gguf import supported_qtypes as _supported_qtypes
+from gemmax.io.tokenizer import Tokenizer
 from gemmax.models.gemma.config import GLOBAL, LOCAL, ModelConfig, from_hf_config, to_hf_config
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gemmax.io.tokenizer import Tokenizer
 
 __all__ = [
     "GGUFContents",
@@ -565,8 +563,6 @@ def write_gguf(
 def _add_tokenizer(w: Any, cfg: ModelConfig, tokenizer: Any, chat_template: str | None) -> None:
     """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model)."""
     if tokenizer is not None and not hasattr(tokenizer, "gguf_vocab"):
-        from gemmax.io.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_file(tokenizer)
     if tokenizer is not None:
         tokens, scores, types, flags = tokenizer.gguf_vocab()

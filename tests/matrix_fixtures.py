@@ -1,14 +1,15 @@
 """Tiny random checkpoints of every family, written by transformers in each family's published Hub key layout,
 for the acceptance matrix (tests/test_matrix.py) and its multi-device worker (tests/matrix_worker.py).
 
-Each family is built from a transformers config (tiny sizes, eager attention), every norm weight is set to
-random non-zero values (Gemma's ``(1 + w)`` RMSNorms would hide a lost or doubled offset at zero), the other
-weights to ``randn * 0.08``, then ``save_pretrained`` writes the folder and the safetensors keys are rewritten
-where transformers 5 writes them differently from the checkpoints published on the Hub:
+Each family is built from a transformers config (tiny sizes, eager attention, sliding windows of 8 under
+sequences of 20+), every norm weight is set to random non-zero values (Gemma's ``(1 + w)`` RMSNorms would hide
+a lost or doubled offset at zero), the other weights to ``randn * scale`` (``TUNING``), then
+``save_pretrained`` writes the folder and the safetensors keys are rewritten where transformers 5 writes them
+differently from the checkpoints published on the Hub:
 
 * Gemma 1/2/3 text, Llama 3: ``model.layers.*``, ``model.embed_tokens.weight``, ``model.norm.weight``
-  (+ ``lm_head.weight`` for the untied Llama): transformers 5 writes exactly that; Gemma 2 is saved in
-  shards (``model.safetensors.index.json``).
+  (+ ``lm_head.weight`` for the untied Llama): transformers 5 writes exactly that. Gemma 2 and PaliGemma are
+  saved in shards (``model.safetensors.index.json``).
 * RecurrentGemma (google/recurrentgemma-2b): ``model.layers.*.temporal_block.*``, ``model.final_norm.weight``,
   ``model.embed_tokens.weight``: as transformers writes it (the Hub port uses transformers' names).
 * PaliGemma (google/paligemma-3b-pt-224, paligemma2-*): ``language_model.model.*``,
@@ -141,8 +142,9 @@ def hf_config(family: str, vocab: int, eot: int, image_token: int) -> Any:
 
 
 def _randomize(model: torch.nn.Module, seed: int, embed_scale: float, scale: float) -> None:
-    """Norm weights random non-zero; embeddings randn * embed_scale, other weights randn * scale. RecurrentGemma's ``recurrent_param`` keeps
-    Griffin's init (decays in [0.9, 0.999]); SigLIP's LayerNorm scales are ``1 + randn * 0.3``."""
+    """Norm weights random non-zero; embeddings randn * embed_scale, other weights randn * scale.
+    RecurrentGemma's ``recurrent_param`` keeps Griffin's init (decays in [0.9, 0.999], from the seeded global
+    generator); SigLIP's LayerNorm scales are ``1 + randn * 0.3``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

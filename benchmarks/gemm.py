@@ -109,9 +109,8 @@ def main() -> None:
                 return jax.lax.scan(body, jnp.zeros(out.shape, out.dtype), jnp.arange(layers))[0]
             return jax.jit(run)
 
-        def ours(x_, ws, i, eq=eq):
-            with cpu_kernels.decode_kernels(True, prefill=True):
-                return cpu_kernels.gemv(eq, x_, cpu_kernels.StackedKernel(ws, i))
+        def ours(x_, ws, i, eq=eq):  # layer i read in place, at any rows (the prefill GEMM)
+            return cpu_kernels.gemv(eq, x_, cpu_kernels.NativeWeight(ws, i, gemm=True))
 
         def xla(x_, ws, i, eq=eq):
             return jnp.einsum(eq, x_, jax.lax.dynamic_index_in_dim(ws, i, keepdims=False))

@@ -1,4 +1,7 @@
-"""The native CPU decode GEMV (gemmax.kernels.cpu) against XLA's einsum, and the engine with it on and off."""
+"""The native CPU decode GEMV (gemmax.kernels.cpu) against XLA's einsum, and the engine with it on and off.
+
+The kernel is chosen by the weight's type (``ck.NativeWeight``) and, for the q/k norm + RoPE, by an explicit
+argument; ``_targets`` reads which native kernels a compiled function actually calls."""
 
 from __future__ import annotations
 
@@ -13,13 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmax.engine.generate import Engine, Request, SamplingParams, decode_step, init_cache, prefill
+from gemmax.engine.generate import Engine, Request, SamplingParams
 from gemmax.kernels import cpu as ck
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import tiny_config
+from gemmax.models.gemma.decode import decode_step, init_cache, prefill
 from gemmax.nn import layers, lora, quant
+from gemmax.nn.params import get_node, set_node
 
 EQS = dict(gm.LINEAR_EQS)
+TARGETS = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE)
+
+
+def _targets(fn, *args, **kwargs) -> set[str]:
+    """The native kernels (FFI targets) the lowered ``fn(*args, **kwargs)`` calls; ``fn`` jitted."""
+    text = fn.lower(*args, **kwargs).as_text()
+    return {t for t in TARGETS if t in text}
 
 
 def test_kernel_builds_here() -> None:
@@ -61,24 +73,27 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
     # float paths: float32 rounding; the int8 paths quantize x to 16 bits per block of 64
     # (error <= max|x| / 65534 per element: ~1e-4 of the output's scale, 30x below int8 weight rounding)
     tol = 3e-4 if dtype == "int8" else 1e-5
-    with ck.decode_kernels():
-        for eq, shape in cases:
-            stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
-            w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
-            xs = eq.split(",")[0]
-            ws = eq.split(",")[1].split("->")[0]
-            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
-            scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
-            for layer in (0, 4):
-                got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
-                    x, w, scale, jnp.int32(layer))
-                want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
-                assert got.shape == want.shape
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                           atol=tol * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
-            got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, w))(x, w[2])  # a plain (unstacked) weight
-            np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(eq, x, w[2].astype(jnp.float32))),
-                                       rtol=1e-5, atol=tol * float(jnp.abs(got).max()))
+    for eq, shape in cases:
+        stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
+        w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
+        xs = eq.split(",")[0]
+        ws = eq.split(",")[1].split("->")[0]
+        x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
+        assert ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0))) and ck.supports(eq, x, ck.NativeWeight(w[0]))
+        assert not ck.supports(eq, x, w[0])  # a plain array: XLA's dot
+        scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
+        for layer in (0, 4):
+            got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i), s))(
+                x, w, scale, jnp.int32(layer))
+            want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                       atol=tol * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+        want = np.asarray(jnp.einsum(eq, x, w[2].astype(jnp.float32)))
+        # an unstacked weight: plain (gemv's own API) and as a NativeWeight with no index
+        for wrap in (lambda a: a, ck.NativeWeight):
+            got = jax.jit(lambda x, w, eq=eq, wrap=wrap: ck.gemv(eq, x, wrap(w)))(x, w[2])
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=tol * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-x", "float16", "int8"])
@@ -100,28 +115,27 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
              ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040)), ("btf,fd->btd", (2100, 130))]
-    with ck.decode_kernels(prefill=True):
-        for eq, shape in cases:
-            stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
-            w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
-            xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
-            x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), x_dtype)
-            assert ck.supports(eq, x, ck.StackedKernel(w, jnp.int32(0)))
-            scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
-            for layer in (0, 4):
-                got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s))(
-                    x, w, scale, jnp.int32(layer))
-                want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
-                assert got.shape == want.shape
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                           atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
-                # bfloat16 out (the bfloat16 model's linears): each finished tile rounded to nearest even in
-                # the kernel, bit for bit XLA's convert of the float32 result
-                got16 = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, i), s,
-                                                                  out_dtype=jnp.bfloat16))(x, w, scale,
-                                                                                           jnp.int32(layer))
-                np.testing.assert_array_equal(np.asarray(got16, np.float32),
-                                              np.asarray(got.astype(jnp.bfloat16), np.float32), err_msg=f"{eq}")
+    for eq, shape in cases:
+        stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
+        w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
+        xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
+        x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), x_dtype)
+        assert ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0), gemm=True))
+        assert not ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0)))  # a decode weight: XLA past MAX_ROWS
+        scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
+        for layer in (0, 4):
+            got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i, gemm=True), s))(
+                x, w, scale, jnp.int32(layer))
+            want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                       atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+            # bfloat16 out (the bfloat16 model's linears): each finished tile rounded to nearest even in
+            # the kernel, bit for bit XLA's convert of the float32 result
+            got16 = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i, gemm=True), s,
+                                                              out_dtype=jnp.bfloat16))(x, w, scale, jnp.int32(layer))
+            np.testing.assert_array_equal(np.asarray(got16, np.float32),
+                                          np.asarray(got.astype(jnp.bfloat16), np.float32), err_msg=f"{eq}")
 
 
 @pytest.mark.parametrize("norm,offset,rot,mult,dtype", [
@@ -144,12 +158,15 @@ def test_norm_rope_equals_xla(norm: bool, offset: float, rot: float, mult: float
     want = layers.apply_rope(want, pos, sincos)
     want = want if mult is None else want * mult
     xin = x.astype(dtype)
-    with ck.decode_kernels(prefill=True):
-        assert ck.supports_norm_rope(xin, sincos)
-        assert not ck.supports_norm_rope(xin, inv)  # RoPE as frequencies: the XLA path
-        assert not ck.supports_norm_rope(xin.astype(jnp.float16), sincos)
-        got = jax.jit(lambda x: layers.norm_rope(x, scale, 1e-6, offset, pos, sincos, mult))(xin)
-    assert not ck.supports_norm_rope(xin, sincos)  # switch off
+    assert ck.supports_norm_rope(xin, sincos)
+    assert not ck.supports_norm_rope(xin, inv)  # RoPE as frequencies: the XLA path
+    assert not ck.supports_norm_rope(xin.astype(jnp.float16), sincos)
+    assert not ck.supports_norm_rope(xin[:, : ck.MAX_ROWS // b], sincos)  # few rows (a decode step): XLA
+    run = {native: jax.jit(lambda x, native=native: layers.norm_rope(x, scale, 1e-6, offset, pos, sincos, mult,
+                                                                     native=native)) for native in (False, True)}
+    assert _targets(run[True], xin) == {ck._NORM_ROPE}  # asked for: the native pass
+    assert _targets(run[False], xin) == set()  # the default: XLA, whatever the shapes
+    got = run[True](xin)
     assert got.dtype == xin.dtype
     if dtype == "bfloat16":
         g, w = np.asarray(got, np.float32), np.asarray(want)
@@ -199,7 +216,7 @@ def test_prefill_attention_equals_masked_softmax(t: int, heads: int, kv: int, hd
 def test_decode_attention_equals_reference(dtype: str, heads: int, kv: int, hd: int, cap: float | None) -> None:
     """The decode attention kernel reading layer 2 of a stacked cache in place against _attend_cached on the
     sliced layer: grouped heads, soft-capping, invalid slots skipped (one row with none valid at all)."""
-    from gemmax.engine.generate import _attend_cached
+    from gemmax.models.gemma.decode import _attend_cached
 
     rng = np.random.default_rng(hd)
     b, s = 3, 37
@@ -226,22 +243,37 @@ def test_greedy_argmax_is_argmax() -> None:
     assert 0 <= int(greedy_argmax(jnp.asarray(x))[3]) < 1000  # a NaN row still gives a valid token id
 
 
-def test_supports_only_inside_the_switch() -> None:
+def test_supports_only_native_weights() -> None:
+    """The weight's type is the switch: a plain array never goes to the kernel, a NativeWeight up to
+    MAX_ROWS rows, and a ``gemm`` one (prefill) at any rows for in-major weights, never the tied head's."""
     x = jnp.ones((1, 1, 64))
     w = jnp.ones((64, 128))
+    nw = ck.NativeWeight(w)
+    assert nw.shape == (64, 128) and nw.dtype == w.dtype
+    assert ck.NativeWeight(jnp.ones((3, 64, 128)), jnp.int32(1)).shape == (64, 128)
     assert not ck.supports("btd,df->btf", x, w)
-    with ck.decode_kernels():
-        assert ck.supports("btd,df->btf", x, w)
-        assert not ck.supports("btd,df->btf", jnp.ones((ck.MAX_ROWS + 1, 1, 64)), w)
-    with ck.decode_kernels(False):
-        assert not ck.supports("btd,df->btf", x, w)
+    assert ck.supports("btd,df->btf", x, nw)
+    assert not ck.supports("btd,df->btf", jnp.ones((ck.MAX_ROWS + 1, 1, 64)), nw)
     many = jnp.ones((ck.MAX_ROWS + 1, 1, 64))
-    with ck.decode_kernels(prefill=True):  # prefill: the GEMM for in-major weights, never the tied head's
-        assert ck.supports("btd,df->btf", many, w)
-        assert not ck.supports("btd,vd->btv", many, jnp.ones((128, 64)))
-    with ck.decode_kernels():  # float32 weights at 9..32 rows too: the kernel's own GEMM paths
-        assert ck.supports("btd,df->btf", jnp.ones((9, 1, 64)), w)
-        assert ck.supports("btd,vd->btv", jnp.ones((ck.MAX_ROWS, 1, 64)), jnp.ones((128, 64)))
+    head = jnp.ones((128, 64))
+    assert ck.supports("btd,df->btf", many, ck.NativeWeight(w, gemm=True))
+    assert not ck.supports("btd,df->btf", many, w)
+    assert not ck.supports("btd,vd->btv", many, ck.NativeWeight(head, gemm=True))
+    # float32 weights at 9..32 rows too: the kernel's own GEMM paths
+    assert ck.supports("btd,df->btf", jnp.ones((9, 1, 64)), nw)
+    assert ck.supports("btd,vd->btv", jnp.ones((ck.MAX_ROWS, 1, 64)), ck.NativeWeight(head))
+    assert not ck.supports("btd,dhk->bkh", x, ck.NativeWeight(jnp.ones((64, 4, 16))))  # no plan: XLA
+    # the views a family's step builds: kernels wrapped in place, everything else sliced; unstack undoes it
+    stacked = {"kernel": jnp.arange(24.0).reshape(3, 2, 4), "scale": jnp.ones((3, 4)),
+               "norm": {"scale": jnp.ones((3, 2))}}
+    view = ck.layer_view(stacked, jnp.int32(2), gemm=True)
+    assert isinstance(view["kernel"], ck.NativeWeight) and view["kernel"].gemm and view["kernel"].shape == (2, 4)
+    assert view["scale"].shape == (4,) and view["norm"]["scale"].shape == (2,)
+    np.testing.assert_array_equal(ck.unstack(view["kernel"]), stacked["kernel"][2])
+    assert ck.unstack(w) is w and ck.unstack(nw) is w
+    # a native weight goes through jit, scan and cond as a pytree, its gemm flag intact
+    out = jax.jit(lambda v: v)(ck.NativeWeight(w, jnp.int32(0), gemm=True))
+    assert isinstance(out, ck.NativeWeight) and out.gemm and out.index is not None
 
 
 def _params(cfg, seed=0):
@@ -258,26 +290,32 @@ def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
     cfg = tiny_config(family)
     params = _params(cfg)
     if variant.startswith("int8"):
-        params = quant.quantize_params(params, cfg, mode="int8")
+        params = quant.quantize_params(params, gm.linear_nodes(cfg), mode="int8")
     if variant.endswith("lora"):  # LoRA factors stay on XLA's path beside the kernel's base product
-        params = lora.add_lora(params, cfg, rank=4, targets=("query", "ffw_linear"))
+        nodes = gm.linear_nodes(cfg)
+        params = lora.add_lora(params, nodes, rank=4, targets=("query", "ffw_linear"))
         rng = np.random.default_rng(5)
-        for t in lora.lora_targets(params):
-            node = lora._get_node(params, t)
-            params = lora._set_node(params, t, dict(node, lora_b=jnp.asarray(
+        for t in lora.lora_targets(params, nodes):
+            node = get_node(params, nodes[t].path)
+            params = set_node(params, nodes[t].path, dict(node, lora_b=jnp.asarray(
                 rng.normal(0, 0.05, node["lora_b"].shape), node["lora_b"].dtype)))
     if variant == "bf16":
         params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
     cache = init_cache(cfg, 2, 32, dtype)
     tokens, pos = jnp.asarray([5, 9]), jnp.asarray([0, 0])
-    step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("kernels",))
+    step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("backend",))
+    # the backend is the only switch: "cpu" lowers every linear, the head and the attention to the kernels,
+    # the bfloat16 embedding to the row copy; "xla" (the default) not one of them
+    want = {ck._TARGET, ck._DECODE_ATTN} | ({ck._TAKE} if variant == "bf16" else set())
+    assert _targets(step, params, cache=cache, tokens=tokens, pos=pos, backend="cpu") == want
+    assert _targets(step, params, cache=cache, tokens=tokens, pos=pos, backend="xla") == set()
     outs = {}
     for kern in (False, True):
         c = cache
         logits = []
         for t in range(12):  # walk past the sliding window (8) so ring slots are reused
-            lg, c = step(params, cache=c, tokens=tokens, pos=pos + t, kernels=kern)
+            lg, c = step(params, cache=c, tokens=tokens, pos=pos + t, backend="cpu" if kern else "xla")
             logits.append(np.asarray(lg, np.float32))
             tokens = jnp.asarray(np.argmax(logits[-1], -1))
         outs[kern] = np.stack(logits)
@@ -294,13 +332,17 @@ def test_prefill_kernel_vs_xla(family: str, variant: str) -> None:
     cfg = tiny_config(family)
     params = _params(cfg, 3)
     if variant == "int8":
-        params = quant.quantize_params(params, cfg, mode="int8")
+        params = quant.quantize_params(params, gm.linear_nodes(cfg), mode="int8")
     if variant == "bf16":
         params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     tokens = jnp.asarray(np.random.default_rng(4).integers(1, cfg.vocab_size, (2, 48)), jnp.int32)
     lengths = jnp.asarray([48, 30], jnp.int32)
-    run = jax.jit(functools.partial(prefill, cfg=cfg, window=8), static_argnames=("kernels",))
-    (lg0, c0), (lg1, c1) = (run(params, tokens=tokens, lengths=lengths, kernels=k) for k in (False, True))
+    run = jax.jit(functools.partial(prefill, cfg=cfg, max_len=64), static_argnames=("backend",))
+    # 96 rows: the GEMM, the blocked attention and the q/k norm + RoPE pass; the bfloat16 table's row copy
+    want = {ck._TARGET, ck._ATTN, ck._NORM_ROPE} | ({ck._TAKE} if variant == "bf16" else set())
+    assert _targets(run, params, tokens=tokens, lengths=lengths, backend="cpu") == want
+    assert _targets(run, params, tokens=tokens, lengths=lengths, backend="xla") == set()
+    (lg0, c0), (lg1, c1) = (run(params, tokens=tokens, lengths=lengths, backend=b) for b in ("xla", "cpu"))
     tol = 3e-2 if variant == "bf16" else 1e-4
     scale = float(jnp.abs(lg0).max())
     np.testing.assert_allclose(np.asarray(lg1, np.float32), np.asarray(lg0, np.float32), atol=tol * scale)
@@ -311,7 +353,7 @@ def test_prefill_kernel_vs_xla(family: str, variant: str) -> None:
 
 def test_engine_uses_kernel_and_matches_greedy() -> None:
     cfg = tiny_config("gemma3")
-    params = quant.quantize_params(_params(cfg, 1), cfg, mode="int8")
+    params = quant.quantize_params(_params(cfg, 1), gm.linear_nodes(cfg), mode="int8")
     prompts = [[2, 5, 17, 33], [2, *range(8, 48)]]  # 2 x 64 prefill rows: the prefill GEMM too
     out = {}
     for flag in ("1", "0"):
@@ -333,7 +375,39 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
 
 
+#: asks for the "cpu" backend everywhere (engine, prefill, decode step) and prints whether the kernels are
+#: available, whether the engine took them, and the native targets the compiled prefill and decode call
+_FALLBACK = """
+import functools, warnings
+warnings.simplefilter("always")
+import jax, jax.numpy as jnp, numpy as np
+from gemmax.kernels import cpu as ck
+from gemmax.engine.generate import Engine, Request, SamplingParams
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import tiny_config
+from gemmax.models.gemma.decode import decode_step, init_cache, prefill
+cfg = tiny_config("gemma3")
+params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), gm.init_params(cfg, jax.random.PRNGKey(0)))
+step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("backend",))
+pre = jax.jit(functools.partial(prefill, cfg=cfg, max_len=64), static_argnames=("backend",))
+names = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE)
+texts = [step.lower(params, cache=init_cache(cfg, 2, 64, jnp.bfloat16), tokens=jnp.asarray([5, 9]),
+                    pos=jnp.asarray([0, 3]), backend="cpu").as_text(),
+         pre.lower(params, tokens=jnp.ones((2, 48), jnp.int32), lengths=jnp.asarray([48, 30]),
+                   backend="cpu").as_text()]
+eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=8)
+req = Request([2, 5, 17, 33], SamplingParams(max_new_tokens=3))
+eng.add([req])
+while eng.has_work():
+    eng.step()
+print("ON" if ck.available() else "OFF", "ENGINE", eng.prefill_backend, eng.decode_backend, len(req.new_ids),
+      "TARGETS", sorted(n for n in names if any(n in t for t in texts)))
+"""
+
+
 def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
+    """``GEMMAX_CPU_KERNELS=0`` (silent: asked for) and a missing compiler (one warning, however often the
+    kernels are asked for): XLA everywhere, even where the "cpu" backend is passed explicitly."""
     code = "from gemmax.kernels import cpu as ck; print('ON' if ck.available() else 'OFF')"
     res = _run(code, {"GEMMAX_CPU_KERNELS": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
@@ -341,6 +415,16 @@ def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
     res = _run(code, {"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
     assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
     assert "native CPU decode kernel unavailable" in res.stderr
+    for env, warnings in (({"GEMMAX_CPU_KERNELS": "0"}, 0), ({"XDG_CACHE_HOME": str(tmp_path / "b"),
+                                                               "CXX": "/bin/false"}, 1)):
+        res = _run(_FALLBACK, env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["OFF", "ENGINE", "xla", "xla", "3", "TARGETS", "[]"], res.stdout
+        assert res.stderr.count("native CPU decode kernel unavailable") == warnings, res.stderr
+    res = _run(_FALLBACK, {})  # the same script with the kernels: every one of them called
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[:5] == ["ON", "ENGINE", "cpu", "cpu", "3"], res.stdout
+    assert res.stdout.split("TARGETS")[1].strip() == str(sorted(TARGETS)), res.stdout
 
 
 @pytest.mark.parametrize("rows", [1, 5, 9, 16, 17, 40, 64])
@@ -351,22 +435,21 @@ def test_bfloat16_activations(rows: int) -> None:
     Products of bfloat16 values are exact in float32, so only the summation order differs from XLA's
     float32 einsum of the same values."""
     rng = np.random.default_rng(7)
-    with ck.decode_kernels():
-        for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
-                          ("btd,hdk->bthk", (3, 40, 32))]:
-            w = jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16)
-            k = shape[1] if eq.startswith("btd,vd") or eq.startswith("btd,h") else shape[0]
-            x = jnp.asarray(rng.normal(size=(rows, 1, k)), jnp.bfloat16)
-            got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, jnp.int32(1))))(x, w)
-            want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                       atol=1e-5 * float(jnp.abs(want).max()))
-            # a bfloat16 result is the kernel's float32 one rounded to nearest even, as XLA's convert
-            got16 = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.StackedKernel(w, jnp.int32(1)),
-                                                        out_dtype=jnp.bfloat16))(x, w)
-            assert got16.dtype == jnp.bfloat16
-            np.testing.assert_array_equal(np.asarray(got16, np.float32),
-                                          np.asarray(got.astype(jnp.bfloat16), np.float32))
+    for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
+                      ("btd,hdk->bthk", (3, 40, 32))]:
+        w = jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16)
+        k = shape[1] if eq.startswith("btd,vd") or eq.startswith("btd,h") else shape[0]
+        x = jnp.asarray(rng.normal(size=(rows, 1, k)), jnp.bfloat16)
+        got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, jnp.int32(1))))(x, w)
+        want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want).max()))
+        # a bfloat16 result is the kernel's float32 one rounded to nearest even, as XLA's convert
+        got16 = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, jnp.int32(1)),
+                                                    out_dtype=jnp.bfloat16))(x, w)
+        assert got16.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got16, np.float32),
+                                      np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
 def test_take_rows_copies_bytes() -> None:
@@ -405,12 +488,12 @@ def test_gated_epilogue_equals_xla(act: str, rows: int, dtype: str) -> None:
     layer = jnp.int32(1)
 
     def run(gate, up, x):
-        view = [dict(nd, kernel=ck.StackedKernel(nd["kernel"], layer), **(
+        view = [dict(nd, kernel=ck.NativeWeight(nd["kernel"], layer, gemm=rows > ck.MAX_ROWS), **(
             {"scale": nd["scale"][layer]} if "scale" in nd else {})) for nd in (gate, up)]
         return layers.gated_linear(view[0], view[1], x, act, "btd,df->btf")
 
-    with ck.decode_kernels(prefill=rows > ck.MAX_ROWS):
-        got = jax.jit(run)(*nodes, x)
+    assert _targets(jax.jit(run), *nodes, x) == {ck._TARGET}
+    got = jax.jit(run)(*nodes, x)
     plain = [dict(nd, kernel=nd["kernel"][1], **({"scale": nd["scale"][1]} if "scale" in nd else {}))
              for nd in nodes]
     want = layers.activation_fn(act)(layers.linear(plain[0], x, "btd,df->btf")) * layers.linear(

@@ -7,10 +7,12 @@ float32 copy of every weight for every token: int8 and bfloat16 weights then dec
 weight byte once, converts in registers, accumulates in float32, splits rows over XLA's own thread pool,
 and takes the whole stacked ``[L, ...]`` weight plus a layer index so nothing is sliced.
 
-It is used only where it pays and is safe: on the CPU backend, single device, inside the generation
-engine's decode step (``with decode_kernels():`` at trace time), never for training (it has no gradient)
-nor under a distribution (XLA SPMD cannot partition a custom call). The library is compiled on first use
-with the system ``g++`` (``-O3 -march=native``) into ``~/.cache/gemmax/kernels`` keyed by source, jaxlib
+It is used only where it pays and is safe, and only where the caller asks for it by the weight's type: a
+:class:`NativeWeight` goes to the kernel, a plain array to XLA's dot, so the model and layer math hold no
+switch. The generation engine picks the backend (``"cpu"`` on the CPU backend, single device) and the
+family's prefill / decode step wraps its weights (``layer_view``, ``NativeWeight``); never for training (it
+has no gradient) nor under a distribution (XLA SPMD cannot partition a custom call). The library is compiled
+on first use with the system ``g++`` (``-O3 -march=native``) into ``~/.cache/gemmax/kernels`` keyed by source, jaxlib
 version and CPU; with no compiler, or ``GEMMAX_CPU_KERNELS=0``, everything falls back to XLA's dot with a
 one-time warning. Numerics: float32 accumulation as XLA's path, but a different summation order, so
 results agree to float32 rounding, not bit for bit.
@@ -18,7 +20,6 @@ results agree to float32 rounding, not bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,7 +29,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ _DECODE_ATTN = "gemmax_cpu_decode_attention"
 _NORM_ROPE = "gemmax_cpu_norm_rope"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
-_active = threading.local()
 
 #: batch rows up to which decode-step products go to the kernel. From 8 rows on the kernel itself switches
 #: to register-blocked GEMM paths (``kSkinnyRows`` in csrc/cpu_gemv.cc), so float32 weights stay in place
@@ -110,54 +109,68 @@ def available() -> bool:
         return ok
 
 
-@contextlib.contextmanager
-def decode_kernels(enabled: bool = True, prefill: bool = False) -> Iterator[bool]:
-    """Trace-time switch: linears traced inside use the native kernel (when available). Yields whether on.
-
-    ``prefill``: also send products with more than ``MAX_ROWS`` rows to the kernel's GEMM (in-major weights
-    only: every decoder linear; the tied head is only ever applied to a few rows)."""
-    prev = getattr(_active, "on", False), getattr(_active, "gemm", False)
-    _active.on = bool(enabled) and available()
-    _active.gemm = _active.on and prefill
-    try:
-        yield _active.on
-    finally:
-        _active.on, _active.gemm = prev
-
-
-def active() -> bool:
-    return getattr(_active, "on", False)
-
-
+@jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
-class StackedKernel:
-    """Layer ``index`` of a stacked ``[L, ...]`` kernel, not sliced: the kernel reads it in place."""
+class NativeWeight:
+    """A weight the native kernel reads: layer ``index`` of a stacked ``[L, ...]`` array, in place (not
+    sliced), or with ``index=None`` the array itself. The type is the whole switch: ``supports`` is true only
+    for such a weight, so code that wraps its weights (a family's prefill / decode step on the ``"cpu"``
+    backend) gets the kernel and every other caller XLA's dot, with no state anywhere.
 
-    stacked: jax.Array
-    index: jax.Array
+    ``gemm``: products with more than ``MAX_ROWS`` rows also go to the kernel's GEMM (a prefill; in-major
+    weights only: every decoder linear, an untied head). Make one only where ``available()``."""
+
+    array: jax.Array
+    index: jax.Array | None = None
+    gemm: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.stacked.shape[1:])
+        return tuple(self.array.shape[1:] if self.index is not None else self.array.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.array.dtype
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], bool]:
+        return (self.array, self.index), self.gemm
+
+    @classmethod
+    def tree_unflatten(cls, gemm: bool, children: tuple[Any, ...]) -> NativeWeight:
+        return cls(children[0], children[1], gemm)
 
 
-def layer_view(tree: Any, index: jax.Array) -> Any:
+def layer_view(tree: Any, index: jax.Array, gemm: bool = False) -> Any:
     """Layer ``index`` of stacked decoder weights for the kernel path: every linear ``kernel`` becomes a
-    :class:`StackedKernel` (read in place), every other leaf (norm scales, quantization scales, LoRA
-    factors, 4-bit kernels) is sliced as the layer scan would slice it."""
+    :class:`NativeWeight` (read in place), every other leaf (norm scales, quantization scales, LoRA
+    factors) is sliced as the layer scan would slice it; a 4-bit ``qkernel`` is sliced and wrapped, so the
+    float kernel ``layers.linear`` dequantizes from it is a native weight too (``map_weight``)."""
     if isinstance(tree, dict):
         if "kernel" in tree and hasattr(tree["kernel"], "shape"):
-            rest = {k: layer_view(v, index) for k, v in tree.items() if k != "kernel"}
-            return dict(rest, kernel=StackedKernel(tree["kernel"], index))
-        return {k: layer_view(v, index) for k, v in tree.items()}
+            rest = {k: layer_view(v, index, gemm) for k, v in tree.items() if k != "kernel"}
+            return dict(rest, kernel=NativeWeight(tree["kernel"], index, gemm))
+        out = {k: layer_view(v, index, gemm) for k, v in tree.items()}
+        if "qkernel" in out:
+            out["qkernel"] = NativeWeight(out["qkernel"], None, gemm)
+        return out
     return jax.lax.dynamic_index_in_dim(tree, index, axis=0, keepdims=False)
 
 
 def unstack(w: Any) -> jax.Array:
-    """A plain array for XLA's path (a StackedKernel is sliced here)."""
-    if isinstance(w, StackedKernel):
-        return jax.lax.dynamic_index_in_dim(w.stacked, w.index, axis=0, keepdims=False)
+    """A plain array for XLA's path (a NativeWeight's layer is sliced here; a plain array is returned)."""
+    if isinstance(w, NativeWeight):
+        if w.index is None:
+            return w.array
+        return jax.lax.dynamic_index_in_dim(w.array, w.index, axis=0, keepdims=False)
     return w
+
+
+def map_weight(w: Any, fn: Any) -> Any:
+    """``fn`` of the plain weight, wrapped again (index ``None``, the same ``gemm``) when ``w`` was native:
+    a 4-bit kernel dequantized inside the layer stays on the kernel path."""
+    if isinstance(w, NativeWeight):
+        return NativeWeight(fn(unstack(w)), None, w.gemm)
+    return fn(w)
 
 
 def _plan(eq: str, w_shape: tuple[int, ...]) -> tuple[bool, int, int, int] | None:
@@ -186,12 +199,13 @@ def _plan(eq: str, w_shape: tuple[int, ...]) -> tuple[bool, int, int, int] | Non
 
 
 def supports(eq: str, x: jax.Array, w: Any) -> bool:
-    """Whether ``einsum(eq, x, w)`` goes to the kernel: switch on, a plan exists, few rows."""
-    plan = _plan(eq, tuple(w.shape)) if active() else None
+    """Whether ``einsum(eq, x, w)`` goes to the kernel: ``w`` a :class:`NativeWeight`, a plan exists, and
+    few rows (or, for a ``gemm`` weight, an in-major one at any rows)."""
+    plan = _plan(eq, tuple(w.shape)) if isinstance(w, NativeWeight) else None
     if plan is None:
         return False
     rows = x.size // plan[2]
-    return rows <= MAX_ROWS or (getattr(_active, "gemm", False) and not plan[0])
+    return rows <= MAX_ROWS or (w.gemm and not plan[0])
 
 
 def _io(x: jax.Array) -> jax.Array:
@@ -204,16 +218,16 @@ ACTIVATIONS = {"gelu_tanh": 1, "silu": 2}  # the kernel's epilogue codes
 
 def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtype: Any = jnp.float32,
          act: str | None = None, mul: jax.Array | None = None) -> jax.Array:
-    """``einsum(eq, x, w) * scale`` by the native kernel, float32 sums; ``w`` a plain array or StackedKernel.
+    """``einsum(eq, x, w) * scale`` by the native kernel, float32 sums; ``w`` a plain array or NativeWeight.
     ``out_dtype`` float32 or bfloat16 (rounded by the kernel, as XLA's convert of the float32 result).
 
     The gated MLP's element-wise step rides along on each finished tile: ``act`` (a name in ``ACTIVATIONS``)
     returns ``act(y)``, ``mul`` (y's shape) returns ``y * mul``; with a bfloat16 result y is rounded first, as
     ``layers.activation_fn`` and a bfloat16 multiply would see it."""
-    if isinstance(w, StackedKernel):
-        stacked, index = w.stacked, jnp.asarray(w.index, jnp.int32).reshape(1)
+    if isinstance(w, NativeWeight) and w.index is not None:
+        stacked, index = w.array, jnp.asarray(w.index, jnp.int32).reshape(1)
     else:
-        stacked, index = w, jnp.zeros((1,), jnp.int32)
+        stacked, index = unstack(w), jnp.zeros((1,), jnp.int32)
     plan = _plan(eq, tuple(w.shape))
     assert plan is not None, eq
     in_minor, p, k, n = plan
@@ -231,11 +245,11 @@ def gemv(eq: str, x: jax.Array, w: Any, scale: jax.Array | None = None, out_dtyp
 
 
 def supports_norm_rope(x: jax.Array, sincos: Any) -> bool:
-    """Whether a prefill's q/k normalisation + RoPE (``layers.norm_rope``) goes to the kernel: the GEMM
-    switch on (prefill), float32 or bfloat16 x [B, T, H, hd] with more than ``MAX_ROWS`` positions, and RoPE
-    given as precomputed (sin, cos) tables."""
-    return (getattr(_active, "gemm", False) and active() and x.dtype in (jnp.float32, jnp.bfloat16)
-            and x.ndim == 4 and x.shape[0] * x.shape[1] > MAX_ROWS and isinstance(sincos, tuple))
+    """Whether the q/k normalisation + RoPE of a caller that asked for the kernel (``layers.norm_rope``'s
+    ``native``: a prefill on the ``"cpu"`` backend) goes to it: float32 or bfloat16 x [B, T, H, hd] with more
+    than ``MAX_ROWS`` positions, and RoPE given as precomputed (sin, cos) tables."""
+    return (x.dtype in (jnp.float32, jnp.bfloat16) and x.ndim == 4 and x.shape[0] * x.shape[1] > MAX_ROWS
+            and isinstance(sincos, tuple))
 
 
 def norm_rope(x: jax.Array, scale: jax.Array | None, eps: float, offset: float, sincos: tuple[jax.Array, jax.Array],
@@ -260,10 +274,18 @@ def _out_tail(eq: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(dims[c] for c in ws if c in out)
 
 
-def take_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+def supports_take(table: Any) -> bool:
+    """Whether ``table[tokens]`` goes to ``take_rows``: a half-precision :class:`NativeWeight` table (XLA's
+    gather is as fast for the others)."""
+    return isinstance(table, NativeWeight) and table.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def take_rows(table: Any, tokens: jax.Array) -> jax.Array:
     """``table[tokens]`` (bytes copied) for the decode step: XLA:CPU gathers from a bfloat16 table by
     converting all of it to float32 first, hoisted out of the decode loop (671 MB written per chunk for
-    Gemma 3 270M's embedding; measured 36 -> 106 ms/token at 4 steps a chunk). Ids must be in range."""
+    Gemma 3 270M's embedding; measured 36 -> 106 ms/token at 4 steps a chunk). Ids must be in range.
+    ``table`` a plain array or a NativeWeight."""
+    table = unstack(table)
     out = jax.ffi.ffi_call(_TAKE, jax.ShapeDtypeStruct((tokens.size, table.shape[1]), table.dtype))(
         table, tokens.reshape(-1).astype(jnp.int32))
     return out.reshape(*tokens.shape, table.shape[1])

@@ -109,13 +109,17 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array | tuple[Array, Array]
 
 
 def norm_rope(x: Array, scale: Array | None, eps: float, offset: float, positions: Array,
-              inv_freq: Array | tuple[Array, Array], mult: float | None = None) -> Array:
+              inv_freq: Array | tuple[Array, Array], mult: float | None = None, native: bool = False) -> Array:
     """A layer's query or key after its projection: ``rms_norm`` (Gemma 3's q/k norm, when ``scale`` is
-    given), then ``apply_rope``, then ``* mult`` (the query scale). A prefill on the CPU kernel path does the
-    three in one native pass (``cpu_kernels.norm_rope``): XLA re-read the input for each half of the rotation
-    and concatenated them."""
+    given), then ``apply_rope``, then ``* mult`` (the query scale).
+
+    ``native`` (set by a family's prefill on the ``"cpu"`` backend, through ``decoder_layer``'s ``backend``;
+    only where ``cpu_kernels.available()``): a prefill's many rows with RoPE tables do the three in one native
+    pass (``cpu_kernels.norm_rope``): XLA re-read the input for each half of the rotation and concatenated
+    them."""
     # (a bfloat16 norm without offset, Llama's order, rounds before its weight: left to XLA)
-    if cpu_kernels.supports_norm_rope(x, inv_freq) and (x.dtype == jnp.float32 or scale is None or offset):
+    if (native and cpu_kernels.supports_norm_rope(x, inv_freq)
+            and (x.dtype == jnp.float32 or scale is None or offset)):
         return cpu_kernels.norm_rope(x, scale, eps, offset, inv_freq, mult)
     if scale is not None:
         x = rms_norm(x, scale, eps, offset)
@@ -162,10 +166,13 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
         from gemmax.nn.quant import dequantize_kernel, in_axes_from_eq
 
         rest = {k: v for k, v in node.items() if k not in ("qkernel", "qscale")}
-        node = dict(rest, kernel=dequantize_kernel(node, in_axes_from_eq(eq), x.dtype))
+        node = dict(rest, kernel=cpu_kernels.map_weight(node["qkernel"], lambda q: dequantize_kernel(
+            dict(node, qkernel=q), in_axes_from_eq(eq), x.dtype)))
     w = node["kernel"]
     dt = dot_dtype(x.dtype)
-    if cpu_kernels.supports(eq, x, w):  # decode on CPU: the native GEMV (see gemmax.kernels.cpu)
+    # a weight wrapped as ``cpu_kernels.NativeWeight`` (a family's prefill / decode step on the "cpu"
+    # backend) goes to the native GEMV / GEMM where it pays; any other weight to XLA's dot
+    if cpu_kernels.supports(eq, x, w):
         if x.dtype == jnp.bfloat16 and "lora_a" not in node:  # rounded by the kernel, as below
             return cpu_kernels.gemv(eq, x, w, node.get("scale"), out_dtype=x.dtype)
         y = cpu_kernels.gemv(eq, x, w, node.get("scale")).astype(dt)
@@ -185,9 +192,10 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
 def gated_linear(gate: Params, up: Params, x: Array, activation: str, eq: str,
                  lora_eqs: tuple[str, str] | None = None) -> Array:
     """``activation_fn(activation)(linear(gate, x)) * linear(up, x)``: the gated MLP's input to its down
-    projection. On the CPU kernel path (plain or int8 weights, no LoRA, float32 or bfloat16 x) the activation
-    and the product are applied by the GEMM to each finished tile (``cpu_kernels.gemv``'s ``act``/``mul``),
-    in the same order and roundings, instead of an XLA fusion that re-reads both products from memory."""
+    projection. On the CPU kernel path (``cpu_kernels.NativeWeight`` kernels, plain or int8, no LoRA,
+    float32 or bfloat16 x) the activation and the product are applied by the GEMM to each finished tile
+    (``cpu_kernels.gemv``'s ``act``/``mul``), in the same order and roundings, instead of an XLA fusion that
+    re-reads both products from memory."""
     plain = all(set(n) <= {"kernel", "scale"} for n in (gate, up))
     if (plain and x.dtype in (jnp.float32, jnp.bfloat16) and activation in cpu_kernels.ACTIVATIONS
             and cpu_kernels.supports(eq, x, gate["kernel"]) and cpu_kernels.supports(eq, x, up["kernel"])):

@@ -737,10 +737,13 @@ def layout_from_specs(specs: Mapping[str, Any], mesh: DeviceMesh, model_axis: st
     roles = {"model": model_axis, "data": data_axis}
     lm = LayoutMap(mesh)
     for path, spec in specs.items():
-        kinds = [rules.get(a) if a else None for a in spec.axes]
+        axes = spec.axes[1:] if spec.axes[:1] == ("layers",) else spec.axes  # rules are written per layer
+        kinds = [rules.get(a) if a else None for a in axes]
         if "model" not in kinds:
             continue
-        lm.set_default("^" + re.escape(path) + "$", tuple(roles[k] if k else None for k in kinds))
+        # a kernel's rule also matches its grouped-quantized form (qkernel), adapted by LayoutMap.resolve
+        key = "^" + (re.escape(path[:-6]) + "q?kernel" if path.endswith("/kernel") else re.escape(path)) + "$"
+        lm.set_default(key, tuple(roles[k] if k else None for k in kinds))
     return lm
 
 

@@ -267,8 +267,9 @@ def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | N
     def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
         params = merge_trees(trainable, frozen) if frozen else trainable
         params = precision.compute_params(params)  # the bf16 copy lives only inside the step
+        inputs = {k: batch[k] for k in family.extra_inputs if k in batch}  # e.g. PaliGemma's pixel_values
         hidden = family.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       remat=remat)
+                                       remat=remat, **inputs)
         s = lm_loss(params, config, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
         return s.sum_loss, {"n_tokens": s.n_tokens, "n_correct": s.n_correct}
 

@@ -114,6 +114,22 @@ class Family:
     tiny_config: Callable[..., Any] | None = None
 
 
+#: The functions every family defines under these names (see the module docstring).
+FUNCTIONS = ("from_hf_config", "to_hf_config", "config_from_dict", "param_specs", "init_params", "linear_nodes",
+             "hf_table", "forward_hidden", "logits_from_hidden", "init_cache", "prefill", "insert", "decode_step")
+
+
+def family_from(namespace: Mapping[str, Any], name: str, **fields: Any) -> Family:
+    """A :class:`Family` whose functions are the ones ``namespace`` (a family module's ``globals()``, or any
+    mapping) defines under the interface's names, plus ``fields``. A missing function is named in the error,
+    so a new family learns at import what it still lacks."""
+    missing = [f for f in FUNCTIONS if f not in fields and f not in namespace]
+    if missing:
+        raise TypeError(f"family {name!r} does not define {', '.join(missing)}")
+    funcs = {f: fields.pop(f, None) or namespace[f] for f in FUNCTIONS}
+    return Family(name=name, **funcs, **fields)
+
+
 _REGISTRY: dict[str, Family] = {}
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models import siglip as vision
-from gemmax.models.base import CPU, XLA, Family, register
+from gemmax.models.base import CPU, XLA, family_from, register
 from gemmax.models.gemma import decode as gdecode
 from gemmax.models.gemma import hf as gemma_hf
 from gemmax.models.gemma import model as gm
@@ -475,21 +475,8 @@ def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array,
     last = rms_norm(last, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
     logits = gm.logits_from_hidden(params, tc, last)[:, 0]
 
-    is_local = np.array([lt == LOCAL for lt in tc.layer_types])
-    loc, glob = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
-    caches = {}
-    if len(glob):
-        caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
-    if len(loc):
-        # ring slot j holds the latest prompt position p < length with p % window == j
-        window = gdecode.CacheLayout.for_config(tc, max_len).window
-        j = jnp.arange(window)
-        src = j[None] + window * jnp.floor_divide(lengths[:, None] - 1 - j[None], window)  # [b, W]
-        ok = (src >= 0)[None, :, :, None, None]
-        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
-        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
-        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
-    return logits, caches
+    window = gdecode.CacheLayout.for_config(tc, max_len).window
+    return logits, gdecode.prompt_caches(tc, ks, vs, lengths, window)
 
 
 # ---- images, prompts, detections -----------------------------------------------------------------------------
@@ -644,23 +631,11 @@ def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffi
 
 # ---- the family ----------------------------------------------------------------------------------------------
 
-FAMILY = register(Family(
-    name="paligemma",
+FAMILY = register(family_from(
+    globals(), "paligemma",
     model_types=("paligemma",),
     config_type=PaliGemmaConfig,
-    from_hf_config=from_hf_config,
-    to_hf_config=to_hf_config,
     config_from_dict=PaliGemmaConfig.from_dict,
-    param_specs=param_specs,
-    init_params=init_params,
-    linear_nodes=linear_nodes,
-    hf_table=hf_table,
-    forward_hidden=forward_hidden,
-    logits_from_hidden=logits_from_hidden,
-    init_cache=init_cache,
-    prefill=prefill,
-    insert=insert,
-    decode_step=decode_step,
     presets=PRESETS,
     preset_repos=PRESET_REPOS,
     hf_aliases=HF_ALIASES,

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.models.base import Family, HFEntry, register
+from gemmax.models.base import HFEntry, family_from, register
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -851,23 +851,10 @@ def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
 
 # ---- the family ------------------------------------------------------------------------------------------
 
-FAMILY = register(Family(
-    name="recurrent_gemma",
+FAMILY = register(family_from(
+    globals(), "recurrent_gemma",
     model_types=("recurrent_gemma",),
     config_type=RecurrentGemmaConfig,
-    from_hf_config=from_hf_config,
-    to_hf_config=to_hf_config,
-    config_from_dict=config_from_dict,
-    param_specs=param_specs,
-    init_params=init_params,
-    linear_nodes=linear_nodes,
-    hf_table=hf_table,
-    forward_hidden=forward_hidden,
-    logits_from_hidden=logits_from_hidden,
-    init_cache=init_cache,
-    prefill=prefill,
-    insert=insert,
-    decode_step=decode_step,
     presets=PRESETS,
     preset_repos=PRESET_HF_REPOS,
     # the output head is tied to the embedding; a checkpoint that also stores it loses nothing

@@ -4,7 +4,7 @@ One config type describes all of them (their differences are data: layer pattern
 activation...), so one scanned forward serves them all. This module registers the family.
 """
 
-from gemmax.models.base import CPU, XLA, Family, register
+from gemmax.models.base import CPU, XLA, family_from, register
 from gemmax.models.gemma import decode, hf, model
 from gemmax.models.gemma.config import (
     HF_DECODER_TYPES,
@@ -19,23 +19,13 @@ from gemmax.models.gemma.config import (
 #: llama.cpp's architecture name of each decoder variant
 GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "llama": "llama"}
 
-FAMILY = register(Family(
-    name="gemma",
+FAMILY = register(family_from(
+    {**vars(model), **vars(decode), **vars(hf)}, "gemma",
     model_types=HF_DECODER_TYPES,
     config_type=ModelConfig,
     from_hf_config=from_hf_config,
     to_hf_config=to_hf_config,
     config_from_dict=ModelConfig.from_dict,
-    param_specs=model.param_specs,
-    init_params=model.init_params,
-    linear_nodes=model.linear_nodes,
-    hf_table=hf.hf_table,
-    forward_hidden=model.forward_hidden,
-    logits_from_hidden=model.logits_from_hidden,
-    init_cache=decode.init_cache,
-    prefill=decode.prefill,
-    insert=decode.insert,
-    decode_step=decode.decode_step,
     presets=PRESETS,
     preset_repos=PRESET_HF_REPOS,
     hf_aliases=hf.HF_ALIASES,

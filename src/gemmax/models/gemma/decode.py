@@ -189,10 +189,15 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
     vs = jnp.concatenate([vs, v_last[None].astype(vs.dtype)])
     last = rms_norm(last, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     logits = gm.logits_from_hidden(params, cfg, last)[:, 0]
+    return logits, prompt_caches(cfg, ks, vs, lengths, window)
 
+
+def prompt_caches(cfg: ModelConfig, ks: Array, vs: Array, lengths: Array, window: int) -> dict[str, Array]:
+    """Per-row caches in ``init_cache``'s layout from a prompt's keys and values of every layer
+    ``[L, b, T, K, hd]``: global layers keep all ``T`` positions, local ones a ``window``-slot ring."""
+    t = ks.shape[2]
     is_local, _, _ = _layer_slots(cfg)
-    loc = np.nonzero(is_local)[0]
-    glob = np.nonzero(~is_local)[0]
+    loc, glob = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
     caches = {}
     if len(glob):
         caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
@@ -204,7 +209,7 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
         src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
         caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
         caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
-    return logits, caches
+    return caches
 
 
 def insert(cache: dict, new: dict, slots: Array) -> dict:

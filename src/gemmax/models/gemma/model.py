@@ -8,6 +8,7 @@ compiled function serves every family.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
-from gemmax.nn.params import LinearNode, ParamSpec, flatten, unflatten  # noqa: F401
+from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten  # noqa: F401
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -121,27 +122,18 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     specs["final_normalization/scale"] = ParamSpec((D,), ("embed",), norm_init)
     if not cfg.tie_embeddings:
         specs["lm_head/kernel"] = ParamSpec((D, cfg.vocab_size), ("embed", "vocab"))
+    # initialisation: kernels scaled by their fan-in, the embedding by 1/sqrt(d) when it is scaled by sqrt(d)
+    emb_std = 1.0 / math.sqrt(D) if cfg.scale_embeddings else 0.02
+    specs["token_embedding/embeddings"] = dataclasses.replace(specs["token_embedding/embeddings"], std=emb_std)
+    for path, s in specs.items():
+        if path.endswith("/kernel"):
+            specs[path] = dataclasses.replace(s, fan_in_axis=KERNEL_IN_DIMS_AXES[path.split("/")[-2]])
     return specs
 
 
 def init_params(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32) -> Params:
-    """Random initialisation (truncated-normal-free: plain normal scaled by fan-in), norms at identity."""
-    specs = param_specs(cfg)
-    keys = jax.random.split(key, len(specs))
-    flat = {}
-    for k, (path, s) in zip(keys, sorted(specs.items()), strict=True):
-        if s.init == "zeros":
-            flat[path] = jnp.zeros(s.shape, dtype)
-        elif s.init == "ones":
-            flat[path] = jnp.ones(s.shape, dtype)
-        else:
-            if s.init == "embedding":
-                std = 1.0 / math.sqrt(cfg.hidden_size) if cfg.scale_embeddings else 0.02
-            else:
-                fan_in = s.shape[KERNEL_IN_DIMS_AXES.get(path.split("/")[-2], 1)] if len(s.shape) > 1 else 1
-                std = 1.0 / math.sqrt(fan_in)
-            flat[path] = (jax.random.normal(k, s.shape, jnp.float32) * std).astype(dtype)
-    return unflatten(flat)
+    """Random initialisation from the declarations (plain normals scaled by fan-in, norms at identity)."""
+    return init_from_specs(param_specs(cfg), key, dtype)
 
 
 #: Axis (in the stacked shape) holding the fan-in of each kernel, for initialisation.

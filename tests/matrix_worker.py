@@ -1,5 +1,6 @@
 """Subprocess of tests/test_matrix.py: greedy generation of every family on 8 fake CPU devices (mesh 2x4,
-axes ("batch", "model")) next to the same generation on one device.
+axes ("batch", "model"), the family's ``get_layout_map``) next to the same generation on one device: two
+prompts of different lengths as one batch (PaliGemma: two image prompts, one call each).
 
 The device count must be fixed before jax is imported, hence a fresh process. It reads a JSON spec (a list of
 {"family", "folder", "prompts", "pixel_values"}) and writes a JSON result per family: the one-device and the
@@ -27,20 +28,27 @@ from gemmax import CausalLM  # noqa: E402
 from gemmax import distribution as gd  # noqa: E402
 
 
+def greedy(lm: Any, prompts: list[np.ndarray], pixel_values: np.ndarray | None) -> list[list[int]]:
+    """Text prompts as one batch; image prompts one by one, each with its image (a batch of image prompts
+    is not part of the interface)."""
+    if pixel_values is None:
+        return [np.asarray(a).tolist() for a in lm.generate(prompts, max_new_tokens=8)]
+    return [np.asarray(lm.generate(p, max_new_tokens=8, pixel_values=pixel_values[i:i + 1])).tolist()
+            for i, p in enumerate(prompts)]
+
+
 def run_family(spec: dict[str, Any]) -> dict[str, Any]:
     prompts = [np.asarray(p, np.int32) for p in spec["prompts"]]
-    kw: dict[str, Any] = {}
-    if spec.get("pixel_values") is not None:
-        kw["pixel_values"] = np.asarray(spec["pixel_values"], np.float32)
+    pixels = None if spec.get("pixel_values") is None else np.asarray(spec["pixel_values"], np.float32)
     lm = CausalLM.from_preset(spec["folder"])
-    reference = [np.asarray(a).tolist() for a in lm.generate(prompts, max_new_tokens=8, **kw)]
+    reference = greedy(lm, prompts, pixels)
     mesh = gd.DeviceMesh((2, 4), ("batch", "model"), gd.list_devices())
     layout = gd.get_layout_map(lm.config, mesh)
     dist = gd.ModelParallel(mesh, layout, batch_dim_name="batch")
     with gd.use_distribution(dist):
         sharded = CausalLM.from_preset(spec["folder"])  # each device reads its shard while loading
         specs = sorted({f"{path}: {leaf.sharding.spec}" for path, leaf in sharded.weights()})
-        got = [np.asarray(a).tolist() for a in sharded.generate(prompts, max_new_tokens=8, **kw)]
+        got = greedy(sharded, prompts, pixels)
     return {"reference": reference, "sharded": got, "specs": specs, "devices": len(jax.devices())}
 
 

@@ -1,0 +1,204 @@
+"""Writing answers: the OpenAI response bodies, usage, and server-sent-event streaming.
+
+An endpoint hands its queued jobs over as an :class:`Answer`; it is either collected into one JSON body or
+streamed as ``data: {...}`` events, one per decoded piece of text, ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from gemmax.serve.errors import APIError
+from gemmax.serve.scheduler import Job, ServedModel
+
+ChunkFn = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(m: ServedModel) -> dict[str, Any]:
+    """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``."""
+    card = {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemmax",
+            "max_model_len": m.max_len}
+    if m.base:
+        card["parent"] = m.base
+    return card
+
+
+@dataclass
+class Answer:
+    """One request's queued jobs (one per choice, in choice order) and what every reply to it shares."""
+
+    jobs: list[Job]
+    events: asyncio.Queue  # (choice index, kind, payload) from the scheduler thread, see Job
+    base: dict[str, Any]  # id, object, created, model: the fields every body and chunk starts with
+    prompt_tokens: int
+    include_usage: bool  # streamed chunks carry "usage": null, and a last chunk carries the totals
+
+    def final(self, base: dict[str, Any]) -> Callable[[int], dict[str, Any]] | None:
+        """The last streamed chunk, given the completion tokens (only when ``include_usage``)."""
+        if not self.include_usage:
+            return None
+        return lambda t: dict(base, choices=[], usage=usage(self.prompt_tokens, t))
+
+
+# ---- waiting for the whole answer -----------------------------------------------------------------------
+
+
+async def collect(request: HTTPRequest, a: Answer) -> tuple[list[str], list[str], int]:
+    """Every choice's text and finish reason, and the tokens generated. Polls for a vanished client twice a
+    second: its jobs are cancelled (slots freed) rather than decoded for nobody, and it gets a 499."""
+    jobs, events = a.jobs, a.events
+    texts = [""] * len(jobs)
+    reasons = [""] * len(jobs)
+    tokens = 0
+    left = len(jobs)
+    try:
+        while left:
+            try:
+                i, kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():  # nobody will read the answer: free the slots
+                    raise APIError(499, "client closed the request", code="client_closed") from None
+                continue
+            if kind == "delta":
+                texts[i] += payload
+            elif kind == "done":
+                reasons[i], n = payload
+                tokens += n
+                left -= 1
+            else:
+                raise payload
+    except BaseException:
+        for j in jobs:
+            j.cancel()
+        raise
+    return texts, reasons, tokens
+
+
+# ---- streaming ------------------------------------------------------------------------------------------
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Closes the event generator however the response ends, so an abandoned stream frees its slot at
+    once instead of whenever the generator is garbage collected."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: ChunkFn, first: list[str],
+                        final_usage: Callable[[int], dict[str, Any]] | None) -> AsyncIterator[str]:
+    """The event stream: ``first`` as is, one chunk per delta and per finished choice, an error as its
+    OpenAI body (ending the stream), the usage chunk when asked for, then ``[DONE]``. However it ends, the
+    jobs are cancelled: a no-op for finished ones, a freed slot for abandoned ones."""
+    tokens = 0
+    left = len(jobs)
+    try:
+        for s in first:
+            yield s
+        while left:
+            i, kind, payload = await events.get()
+            if kind == "delta":
+                yield sse(make_chunk(i, payload, None))
+            elif kind == "done":
+                reason, n = payload
+                tokens += n
+                left -= 1
+                yield sse(make_chunk(i, None, reason))
+            else:
+                yield sse(payload.body())
+                break
+        if final_usage is not None and not left:
+            yield sse(final_usage(tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        for j in jobs:
+            j.cancel()
+
+
+def _stream(a: Answer, chunk: ChunkFn, first: list[str], base: dict[str, Any]) -> SSEResponse:
+    return SSEResponse(stream_events(a.jobs, a.events, chunk, first, a.final(base)), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache"})
+
+
+# ---- /v1/completions ------------------------------------------------------------------------------------
+
+
+def completion_base(m: ServedModel) -> dict[str, Any]:
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": m.name}
+
+
+def stream_completion(a: Answer, texts: list[str], n: int, echo: bool) -> SSEResponse:
+    """Streamed completions; with ``echo`` each choice opens with its prompt's text."""
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        d = dict(a.base, choices=[{"text": text or "", "index": i, "logprobs": None, "finish_reason": reason}])
+        if a.include_usage:
+            d["usage"] = None
+        return d
+
+    first = [sse(chunk(p * n + c, texts[p], None)) for p in range(len(texts)) for c in range(n)] if echo else []
+    return _stream(a, chunk, first, a.base)
+
+
+def completion_body(a: Answer, outs: list[str], reasons: list[str], tokens: int, texts: list[str], n: int,
+                    echo: bool) -> dict[str, Any]:
+    """The whole completions answer; choice ``i`` belongs to prompt ``i // n``."""
+    choices = [{"text": (texts[i // n] if echo else "") + outs[i], "index": i, "logprobs": None,
+                "finish_reason": reasons[i]} for i in range(len(a.jobs))]
+    return dict(a.base, choices=choices, usage=usage(a.prompt_tokens, tokens))
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------------------
+
+
+def chat_base(m: ServedModel) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": m.name, "system_fingerprint": None}
+
+
+def stream_chat(a: Answer) -> SSEResponse:
+    """Streamed chat: each choice opens with an empty assistant turn (OpenAI clients expect the role first),
+    then content deltas; a finished choice gets an empty delta with its finish reason."""
+    cbase = dict(a.base, object="chat.completion.chunk")
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        d = dict(cbase, choices=[{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
+        if a.include_usage:
+            d["usage"] = None
+        return d
+
+    first = []
+    for i in range(len(a.jobs)):
+        c = chunk(i, "", None)
+        c["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        first.append(sse(c))
+    return _stream(a, chunk, first, cbase)
+
+
+def chat_body(a: Answer, outs: list[str], reasons: list[str], tokens: int) -> dict[str, Any]:
+    choices = [{"index": i, "message": {"role": "assistant", "content": outs[i]}, "logprobs": None,
+                "finish_reason": reasons[i]} for i in range(len(a.jobs))]
+    return dict(a.base, choices=choices, usage=usage(a.prompt_tokens, tokens))

@@ -134,8 +134,7 @@ def main() -> None:
             f"{float(np.max(np.abs(ref))):.1f})")
     ratio = med[best_hf] / med["gemmax"]
     per_run = [h / g for g, h in zip(times["gemmax"], times[best_hf], strict=True)]
-    say(f"speed-up gemmax / {best_hf}: {ratio:.2f}x (median of per-pair ratios {statistics.median(per_run):.2f}x;"
-        f" goal >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
+    say(f"speed-up gemmax / {best_hf}: {ratio:.2f}x (median of per-pair ratios {statistics.median(per_run):.2f}x)")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

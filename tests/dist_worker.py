@@ -4,7 +4,7 @@ Fake CPU devices (``--xla_force_host_platform_device_count``) must be configured
 ``jax.distributed.initialize`` must run before any device is touched, so these checks run in fresh
 processes. Each mode prints one JSON object on its last stdout line.
 
-    python tests/dist_worker.py layouts              # 8 devices: specs on 1x8, 2x4, 8x1; seeds' snippets
+    python tests/dist_worker.py layouts              # 8 devices: specs on 1x8, 2x4, 8x1; the Keras tutorials' snippets
     python tests/dist_worker.py train                # 8 devices: sharded step/forward vs one device
     python tests/dist_worker.py generate             # 8 devices: sharded greedy generation vs one device
     python tests/dist_worker.py multihost PORT PID   # 2 processes x 4 devices, one global 2x4 mesh
@@ -100,7 +100,7 @@ def mode_layouts() -> dict[str, Any]:
                 "shard_shape": list(sharded["decoder_block"]["attention"]["query"]["kernel"]
                                     .addressable_shards[0].data.shape)}
 
-    # The seeds' snippets, translated (003: 2-axis mesh, get_layout_map, ModelParallel, set_distribution;
+    # The the Keras tutorials' snippets, translated (003: 2-axis mesh, get_layout_map, ModelParallel, set_distribution;
     # then the two print loops over a decoder block's weights and the optimizer variables).
     devices = gd.list_devices()
     device_mesh = gd.DeviceMesh((2, 4), ["batch", "model"], devices)

@@ -115,7 +115,7 @@ def test_preset_counts():
               for c in (get_preset("gemma_7b_en"), get_preset("gemma2_9b_en")))
     assert lora.count_lora_params(*g7, 4) == 1_605_632
     assert lora.count_lora_params(*g9, 4) == 2_236_416
-    # Keras' per-head factorisation, as the seeds' summaries print (11M and 14.5M)
+    # Keras' per-head factorisation, as the Keras tutorials' summaries print (11M and 14.5M)
     assert lora.count_lora_params(*g7, 4, factorisation="keras") == 11_067_392
     assert lora.count_lora_params(*g9, 4, factorisation="keras") == 14_536_704
 

@@ -488,7 +488,7 @@ class CausalLM:
 
     # ---- inspection ------------------------------------------------------------------------------
     def weights(self, prefix: str = "") -> list[tuple[str, Any]]:
-        """(path, array) for every weight whose path starts with ``prefix``: what the seeds' snippets
+        """(path, array) for every weight whose path starts with ``prefix``: what the Keras tutorials' snippets
         iterate over to print shapes and shardings."""
         return [(p, a) for p, a in flatten(self.params).items() if p.startswith(prefix)]
 

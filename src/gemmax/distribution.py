@@ -1,6 +1,6 @@
 """Sharding one model over many accelerators: the Keras distribution API, in JAX.
 
-The seeds (Keras' ``keras.distribution``) shard Gemma with three objects, and this module keeps their names
+The Keras Gemma tutorials (``keras.distribution``) shard Gemma with three objects, and this module keeps their names
 and meaning so their code translates line by line:
 
 * :class:`DeviceMesh` — a logical grid of devices with named axes (wraps :class:`jax.sharding.Mesh`);
@@ -214,7 +214,7 @@ class LayoutMap(MutableMapping[str, Spec]):
     """Regular expressions over ``/``-joined weight paths -> partition specs.
 
     * Keys are matched with :func:`re.search`, so ``"decoder_block.*attention.*(query|key|value).kernel"``
-      (the seeds' key) matches ``decoder_block/attention/query/kernel``. **The first key that matches, in
+      (the Keras tutorials' key) matches ``decoder_block/attention/query/kernel``. **The first key that matches, in
       insertion order, wins** (Keras raises on several matches; an ordered first-match lets a specific rule
       placed first override a general one).
     * A value is a tuple with one entry per weight dimension: a mesh axis name, a tuple of axis names, or
@@ -449,7 +449,7 @@ def _path_str(keypath: Sequence[Any], keep_indices: bool = True) -> str:
 
 def named_leaves(tree: Any, prefix: str = "", keep_indices: bool = False) -> list[tuple[str, Any]]:
     """``[(path, leaf)]`` with ``/``-joined paths, e.g. ``adamw/mu/decoder_block/attention/query/kernel``
-    for ``named_leaves(opt_state, "adamw")`` — the names the seeds' print loops show. Tuple indices (optax
+    for ``named_leaves(opt_state, "adamw")`` — the names the Keras tutorials' print loops show. Tuple indices (optax
     chains) are dropped unless ``keep_indices``."""
     out = []
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -659,7 +659,7 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
 class ModelParallel(Distribution):
     """Weights split by a :class:`LayoutMap`; batches split over ``batch_dim_name``.
 
-    ``ModelParallel(device_mesh, layout_map, batch_dim_name="batch")`` as in the seeds; ``device_mesh`` may be
+    ``ModelParallel(device_mesh, layout_map, batch_dim_name="batch")`` as in the Keras tutorials; ``device_mesh`` may be
     omitted when the layout map has one. With several devices on the batch axis this is data parallel too.
     ``fsdp=True`` additionally shards each weight's largest free dimension over the batch axis (ZeRO-3):
     weights and optimizer states then scale down with the data-parallel degree as well.
@@ -953,7 +953,7 @@ def describe_rows(params_or_specs: Any, distribution: Distribution, optimizer: A
 
 def describe(params_or_specs: Any, distribution: Distribution, optimizer: Any = None,
              optimizer_name: str | None = None, param_dtype: Any = None) -> str:
-    """The table the seeds print — name, shape, PartitionSpec, bytes per device — for every weight and (with
+    """The table the Keras tutorials print — name, shape, PartitionSpec, bytes per device — for every weight and (with
     ``optimizer``) every optimizer state, then the per-device totals and the layout decisions."""
     return describe_rows(params_or_specs, distribution, optimizer, optimizer_name, param_dtype).table()
 

@@ -3,7 +3,7 @@
 One frozen dataclass describes every decoder we run; the differences between families are *data* here
 (layer pattern, soft-caps, norm offset, activation...), so one forward function serves them all and
 compiled code does not branch on family names. Numbers follow the published checkpoints; see
-docs/numerics.md (and ../shared/docs/gemma-numerics.md) for why each matters.
+docs/numerics.md for why each matters.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
     elapsed = time.perf_counter() - t0
     if history.step or history.evals:
         plot_loss(metrics if metrics.exists() else history, out / "loss.png",
-                  title=f"{lm.config.name or lm.config.family}: training loss")
+                  title=f"{lm.config.name or lm.family.name}: training loss")
     if status == 0:
         if o["lora_rank"]:
             c = lm.config

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -465,6 +465,375 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def _check_options(steps: int | None, epochs: int | None, batch_size: int, grad_accum: int,
+                   log_every: int) -> None:
+    """Reject contradictory or impossible settings before anything is loaded or compiled."""
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps= or epochs=, not both")
+    if grad_accum < 1 or batch_size % grad_accum:
+        raise ValueError(f"batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+
+
+def _load_data(lm: Any, data: Any, sequence_length: int, format: str) -> tuple[Dataset, int]:
+    """The training dataset and its row length, which must fit the model's context."""
+    ds = _as_dataset(lm, data, sequence_length, format)
+    seq = ds.sequence_length
+    if seq > lm.config.max_position_embeddings:
+        raise ValueError(f"sequence_length={seq} exceeds the model's context of {lm.config.max_position_embeddings}")
+    return ds, seq
+
+
+@dataclass
+class _Schedule:
+    """How long the run is: the batch iterator, the total step count, the steps that end each epoch (empty
+    when ``steps=`` was given) and the warmup length."""
+
+    iterator: Any
+    total_steps: int
+    epoch_ends: list[int]
+    warmup: int
+
+
+def _schedule(ds: Dataset, batch_size: int, seed: int, epochs: int | None, steps: int | None,
+              warmup_steps: int | None) -> _Schedule:
+    """Total steps from the data (``epochs``, default 1) or as given; warmup defaults to 5% of them.
+
+    The step count must be known up front: the learning-rate schedule (and so the compiled step's cache key)
+    depends on it.
+    """
+    iterator = ds.iterator(batch_size, seed=seed, shuffle=True, num_epochs=epochs if steps is None else None)
+    if steps is None:
+        n_epochs = 1 if epochs is None else int(epochs)
+        iterator.num_epochs = n_epochs
+        epoch_ends = np.cumsum([iterator.batches_in_epoch(e) for e in range(n_epochs)]).tolist()
+        total_steps = int(epoch_ends[-1])
+    else:
+        total_steps, epoch_ends = int(steps), []
+    if total_steps < 1:
+        raise ValueError("nothing to train: zero steps")
+    warm = max(1, round(0.05 * total_steps)) if warmup_steps is None else int(warmup_steps)
+    return _Schedule(iterator, total_steps, epoch_ends, warm)
+
+
+def _split_params(lm: Any, prec: Precision) -> tuple[Any, Any, bool]:
+    """``(trainable, frozen, is_lora)``: only the adapters when the params carry LoRA factors (the base is
+    frozen, so it holds no gradients or optimizer state), every weight otherwise. The trainable part is
+    returned as master weights of ``prec``."""
+    trainable, frozen = split_trainable(lm.params)
+    is_lora = bool(jax.tree_util.tree_leaves(trainable))
+    if not is_lora:
+        trainable, frozen = lm.params, {}
+        ints = [p for p, x in jax.tree_util.tree_leaves_with_path(trainable) if not _is_float(x)]
+        if ints:
+            raise ValueError("the model has integer (quantized) weights, which a full fine-tune cannot update; "
+                             "enable LoRA (enable_lora / --lora-rank) to train adapters on the quantized base")
+    return prec.master_params(trainable), frozen, is_lora
+
+
+@dataclass(frozen=True)
+class _StepSpec:
+    """Every setting the compiled step depends on (besides the model's architecture)."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup: int
+    total_steps: int
+    schedule: str
+    end_lr_ratio: float
+    clip_norm: float | None
+    precision: str
+    remat: str | None
+    grad_accum: int
+    chunk_size: int
+    is_lora: bool
+
+    def cache_key(self, lm: Any) -> tuple:
+        """The ``_STEP_CACHE`` key: the model's architecture and these settings."""
+        return (_config_key(lm), float(self.learning_rate), self.weight_decay, self.warmup, self.total_steps,
+                self.schedule, self.end_lr_ratio, self.clip_norm, self.precision, self.remat, self.grad_accum,
+                self.chunk_size, self.is_lora)
+
+
+@dataclass
+class _Compiled:
+    """The compiled pieces of a run: the rate of every step, the optimizer's init and the train step, plus
+    ``(trainable, frozen)`` shardings under a distribution (None without one)."""
+
+    lr_table: np.ndarray
+    init_fn: Callable[..., Any]
+    train_step: Callable[..., Any]
+    shardings: tuple[Any, Any] | None = None
+
+
+def _compiled_step(lm: Any, spec: _StepSpec, prec: Precision, dist: Any, trainable: Any, frozen: Any
+                   ) -> _Compiled:
+    """Build (or reuse) the jitted optimizer init and train step for ``spec``.
+
+    Identical settings reuse them (a notebook calling fit again, a resumed run, tests); under a distribution
+    the step also bakes in output shardings, so it is built afresh and not cached.
+    """
+    key = spec.cache_key(lm)
+    cached = _STEP_CACHE.get(key) if dist is None else None
+    if cached is not None:
+        return _Compiled(*cached)
+    lr_fn = make_schedule(spec.learning_rate, warmup_steps=spec.warmup, total_steps=spec.total_steps,
+                          schedule=spec.schedule, end_lr_ratio=spec.end_lr_ratio)
+    optimizer = make_optimizer(lr_fn, weight_decay=spec.weight_decay, clip_norm=spec.clip_norm,
+                               mu_dtype=prec.mu_dtype)
+    # The rate of every step, computed once: eager jnp calls in the loop would each dispatch (and at
+    # first compile) tiny kernels.
+    lr_table = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(spec.total_steps + 1)))
+    step_fn = _make_train_step(lm.family, lm.config, optimizer, prec, spec.remat, spec.grad_accum, spec.chunk_size)
+    if dist is not None:
+        return _jit_distributed(dist, optimizer, step_fn, lr_table, trainable, frozen, spec.is_lora)
+    init_fn = jax.jit(optimizer.init)
+    train_step = jax.jit(step_fn, donate_argnums=(0, 1))
+    _STEP_CACHE[key] = (lr_table, init_fn, train_step)
+    while len(_STEP_CACHE) > _CACHE_SIZE:
+        _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+    return _Compiled(lr_table, init_fn, train_step)
+
+
+def _jit_distributed(dist: Any, optimizer: optax.GradientTransformation, step_fn: Callable[..., Any],
+                     lr_table: np.ndarray, trainable: Any, frozen: Any, is_lora: bool) -> _Compiled:
+    """Jit init and step with the distribution's layouts: every weight by the layout map, optimizer moments
+    following their weight (``shard_like``), metrics replicated; XLA inserts the collectives."""
+    full_sh = dist.param_shardings(merge_trees(trainable, frozen) if frozen else trainable)
+    tr_sh, fr_sh = split_trainable(full_sh) if is_lora else (full_sh, {})
+    opt_sh = _dist.shard_like(jax.eval_shape(optimizer.init, trainable), tr_sh, trainable)
+    init_fn = jax.jit(optimizer.init, out_shardings=opt_sh)
+    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(tr_sh, opt_sh, dist.replicated()))
+    return _Compiled(lr_table, init_fn, train_step, (tr_sh, fr_sh))
+
+
+@dataclass
+class _RunState:
+    """What a step advances and a checkpoint holds, plus the frozen base the step reads.
+
+    Kept in one object so the loop, the checkpoint writer, evaluation and the ``finally`` that hands the
+    weights back to ``lm`` all see the latest values: the step's inputs are donated, so a stale reference
+    would be a deleted buffer.
+    """
+
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    rng: jax.Array
+    history: History
+    step: int = 0
+    last_saved: int | None = None
+
+    def params(self) -> Any:
+        """The full parameter tree (adapters merged back onto the frozen base)."""
+        return merge_trees(self.trainable, self.frozen) if self.frozen else self.trainable
+
+
+def _initial_state(lm: Any, compiled: _Compiled, trainable: Any, frozen: Any, *, seq: int, batch_size: int,
+                   peak_flops: float | None, seed: int) -> _RunState:
+    """Place the weights (under a distribution), initialise the optimizer and start an empty history."""
+    if compiled.shardings is not None:
+        tr_sh, fr_sh = compiled.shardings
+        trainable = jax.tree_util.tree_map(_dist._put, trainable, tr_sh)
+        frozen = jax.tree_util.tree_map(_dist._put, frozen, fr_sh)
+    opt_state = compiled.init_fn(trainable)
+    history = History(flops_per_token=_flops_per_token(lm.config, seq),
+                      peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
+                      tokens_per_step=batch_size * seq,
+                      trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable)))
+    return _RunState(trainable, frozen, opt_state, jax.random.key(seed), history)
+
+
+def _resume(manager: CheckpointManager, state: _RunState, iterator: Any) -> None:
+    """Continue from the newest checkpoint, if any: weights, optimizer state, RNG key, data position and
+    the history up to that step (later records are replayed) — bit-for-bit an uninterrupted run."""
+    latest = manager.latest_step()
+    if latest is None:
+        return
+    restored = manager.restore(latest, target={"params": state.trainable, "opt_state": state.opt_state})
+    state.trainable, state.opt_state = restored["params"], restored["opt_state"]
+    if restored["rng"] is not None:
+        state.rng = restored["rng"]
+    if restored["data_state"]:
+        iterator.restore(restored["data_state"])
+    extra = restored.get("extra") or {}
+    if extra.get("history"):
+        state.history = History.from_dict({**extra["history"], "peak_flops": state.history.peak_flops})
+        state.history.truncate(latest)
+    state.step = latest
+    state.last_saved = latest if latest else None
+
+
+def _announce(progress: bool, state: _RunState, sched: _Schedule, checkpoint_dir: Any, *, is_lora: bool,
+              ds: Dataset, batch_size: int, seq: int) -> None:
+    """Say what is trained (a fresh run, when showing progress) or where a resumed run continues; printed
+    before the bar exists so it stays above it."""
+    bar = _Progress(False, sched.total_steps, state.step)
+    if progress and state.step == 0:
+        bar.write(f"Training {'LoRA adapters' if is_lora else 'all weights'}: {state.history.trainable_params:,} "
+                  f"params; data: {ds.report()}; {sched.total_steps} steps of {batch_size}x{seq} tokens")
+    elif state.step:
+        bar.write(f"Resumed from {checkpoint_dir} at step {state.step}/{sched.total_steps}")
+
+
+@dataclass
+class _Run:
+    """The step loop of one ``fit`` call and its bookkeeping (metrics, evaluation, checkpoints, callbacks)."""
+
+    lm: Any
+    state: _RunState
+    sched: _Schedule
+    compiled: _Compiled
+    dist: Any
+    manager: CheckpointManager | None
+    metrics_file: _MetricsFile
+    bar: _Progress
+    batch_size: int
+    seq: int
+    progress: bool
+    log_every: int
+    save_every: int | None
+    eval_data: Any
+    eval_every: int | None
+    format: str
+    chunk_size: int
+    callbacks: Sequence[Callable[[int, dict[str, Any]], Any]]
+
+    def train(self) -> History:
+        """Step until the schedule ends or a callback stops it, then evaluate and checkpoint the end state.
+
+        Whatever happens, ``lm`` gets the latest weights back and the checkpoint manager is closed.
+        """
+        s = self.state
+        try:
+            while s.step < self.sched.total_steps:
+                rec = self._step()
+                if rec is None:  # pragma: no cover - total_steps is derived from the same iterator
+                    break
+                self._bookkeep(rec)
+                if self._callbacks_stop(rec):
+                    s.history.stopped = f"stopped by a callback at step {s.step}"
+                    break
+            if self.eval_data is not None and (not s.history.evals or s.history.evals[-1]["step"] != s.step):
+                self._evaluate(s.step)
+            if self.manager is not None and s.last_saved != s.step and s.step > 0:
+                self._save(s.step, force=True)
+                s.last_saved = s.step
+        finally:
+            self.bar.close()
+            self.lm.params = s.params()
+            if self.manager is not None:
+                self.manager.close()
+        return s.history
+
+    def _step(self) -> dict[str, Any] | None:
+        """Run one optimizer step and record it; None when the data ran out. A non-finite step raises."""
+        s, it = self.state, self.sched.iterator
+        data_before = it.state()
+        try:
+            batch = next(it)
+        except StopIteration:  # pragma: no cover - total_steps is derived from the same iterator
+            return None
+        epoch = it.epoch
+        t0 = time.perf_counter()
+        new_tr, new_opt, m = self.compiled.train_step(s.trainable, s.opt_state, s.frozen,
+                                                      _place_batch(batch, self.dist))
+        m = jax.device_get(m)
+        dt = time.perf_counter() - t0
+        s.trainable, s.opt_state = new_tr, new_opt
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not bool(m["ok"]):
+            self._stop_non_finite(loss, gnorm, data_before)
+        s.rng = _next_key(s.rng, s.step)  # per-step key, kept in checkpoints for stochastic layers
+        s.step += 1
+        n_tok = float(m["n_tokens"])
+        rec = {"step": s.step, "epoch": epoch, "loss": loss, "accuracy": float(m["n_correct"]) / max(n_tok, 1.0),
+               "tokens_per_second": self.batch_size * self.seq / dt,
+               "learning_rate": float(self.compiled.lr_table[s.step - 1]),
+               "grad_norm": gnorm, "step_seconds": dt, "target_tokens": int(n_tok)}
+        s.history.append(rec)
+        self.bar.update(rec)
+        return rec
+
+    def _stop_non_finite(self, loss: float, gnorm: float, data_before: dict[str, int]) -> NoReturn:
+        """Stop with ``NonFiniteLossError``. The compiled step did not apply the update, so the state is still
+        the one after the previous step: checkpoint it (positioned at the bad batch) and name it."""
+        s, step = self.state, self.state.step
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
+        s.history.stopped = f"non-finite at step {step + 1}: {what}"
+        ckpt = None
+        if self.manager is not None:
+            if s.last_saved != step and step > 0:
+                self._save(step, force=True, data_state=data_before)
+            self.manager.wait_until_finished()
+            good = self.manager.latest_step()
+            ckpt = str(Path(self.manager.directory) / str(good)) if good is not None else None
+        lr_now = float(self.compiled.lr_table[step])
+        raise NonFiniteLossError(
+            f"training stopped at step {step + 1}/{self.sched.total_steps}: {what} (learning rate {lr_now:.3g}). "
+            f"The update was not applied: the model keeps the weights after step {step}"
+            + (f"; last good checkpoint: {ckpt}" if ckpt else "")
+            + ". Lower the learning rate, enable clipping, or check the data around this step.",
+            step=step + 1, last_good_step=step, checkpoint=ckpt, history=s.history)
+
+    def _bookkeep(self, rec: dict[str, Any]) -> None:
+        """After a step: log it, summarise a finished epoch, evaluate and checkpoint when due (the last step's
+        evaluation and checkpoint are left to the end of ``train``)."""
+        step, total, ends = self.state.step, self.sched.total_steps, self.sched.epoch_ends
+        if step % self.log_every == 0 or step == total:
+            self.metrics_file.write({**rec, "mfu": self.state.history.mfu[-1]})
+        if ends and step in ends:
+            self._epoch_summary(ends.index(step))
+            if self.eval_data is not None and step != total:
+                self._evaluate(step)
+        elif self.eval_data is not None and self.eval_every and step % self.eval_every == 0 and step != total:
+            self._evaluate(step)
+        if self.manager is not None and self.save_every and step % self.save_every == 0 and step != total:
+            self._save(step)
+            self.state.last_saved = step
+
+    def _epoch_summary(self, e: int) -> None:
+        """Keras-style line for epoch ``e``: mean loss and accuracy, median throughput."""
+        h = self.state.history
+        idx = [i for i, ep in enumerate(h.epoch) if ep == e]
+        if self.progress and idx:
+            self.bar.write(f"Epoch {e + 1}/{len(self.sched.epoch_ends)} - loss: {np.mean([h.loss[i] for i in idx]):.4f}"
+                           f" - accuracy: {np.mean([h.accuracy[i] for i in idx]):.4f} - "
+                           f"{np.median([h.tokens_per_second[i] for i in idx]):.0f} tok/s")
+
+    def _callbacks_stop(self, rec: dict[str, Any]) -> bool:
+        """Call every callback (all of them, even after one asks to stop); True when any returned False."""
+        stop = False
+        for cb in self.callbacks:
+            if cb(self.state.step, rec) is False:
+                stop = True
+        return stop
+
+    def _save(self, step: int, force: bool = False, data_state: dict[str, int] | None = None) -> None:
+        """Checkpoint the current state (and the history so far) as ``step``."""
+        if self.manager is None:
+            return
+        s = self.state
+        self.manager.save(step, params=s.trainable, opt_state=s.opt_state, rng=s.rng,
+                          data_state=data_state or self.sched.iterator.state(),
+                          metrics=({"loss": s.history.loss[-1]} if s.history.loss else {}),
+                          extra={"history": s.history.to_dict(), "total_steps": self.sched.total_steps},
+                          force=force)
+
+    def _evaluate(self, step: int) -> None:
+        """Evaluate the current weights on ``eval_data`` and record it (history, metrics file, progress)."""
+        self.lm.params = self.state.params()
+        ev = evaluate(self.lm, self.eval_data, self.batch_size, self.seq, format=self.format,
+                      chunk_size=self.chunk_size)
+        rec = {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
+               "val_accuracy": ev["accuracy"], "val_tokens": ev["tokens"]}
+        self.state.history.evals.append(rec)
+        self.metrics_file.write(rec)
+        self.bar.write(f"step {step}: val_loss {ev['loss']:.4f} - val_perplexity {ev['perplexity']:.2f} - "
+                       f"val_accuracy {ev['accuracy']:.4f}")
+
+
 def fit(
     lm: Any,
     data: Any,
@@ -518,208 +887,30 @@ def fit(
     Raises ``NonFiniteLossError`` when a loss or gradient is NaN/inf: the failing update is not applied,
     ``lm.params`` keep the last good weights and (with ``checkpoint_dir``) the last good state is saved.
     """
-    if steps is not None and epochs is not None:
-        raise ValueError("give steps= or epochs=, not both")
-    if grad_accum < 1 or batch_size % grad_accum:
-        raise ValueError(f"batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    config = lm.config
-    ds = _as_dataset(lm, data, sequence_length, format)
-    seq = ds.sequence_length
-    if seq > config.max_position_embeddings:
-        raise ValueError(f"sequence_length={seq} exceeds the model's context of {config.max_position_embeddings}")
+    _check_options(steps, epochs, batch_size, grad_accum, log_every)
+    ds, seq = _load_data(lm, data, sequence_length, format)
     prec = Precision.named(precision)
     dist = _dist.distribution()
     _check_batch_axis(dist, batch_size, grad_accum)
-
-    # -- schedule: total steps from the data (epochs) or as given
-    iterator = ds.iterator(batch_size, seed=seed, shuffle=True, num_epochs=epochs if steps is None else None)
-    if steps is None:
-        n_epochs = 1 if epochs is None else int(epochs)
-        iterator.num_epochs = n_epochs
-        epoch_ends = np.cumsum([iterator.batches_in_epoch(e) for e in range(n_epochs)]).tolist()
-        total_steps = int(epoch_ends[-1])
-    else:
-        total_steps, epoch_ends = int(steps), []
-    if total_steps < 1:
-        raise ValueError("nothing to train: zero steps")
-    warm = max(1, round(0.05 * total_steps)) if warmup_steps is None else int(warmup_steps)
-
-    # -- what is trained
-    trainable, frozen = split_trainable(lm.params)
-    is_lora = bool(jax.tree_util.tree_leaves(trainable))
-    if not is_lora:
-        trainable, frozen = lm.params, {}
-        ints = [p for p, x in jax.tree_util.tree_leaves_with_path(trainable) if not _is_float(x)]
-        if ints:
-            raise ValueError("the model has integer (quantized) weights, which a full fine-tune cannot update; "
-                             "enable LoRA (enable_lora / --lora-rank) to train adapters on the quantized base")
-    trainable = prec.master_params(trainable)
-
-    # -- the compiled pieces. Identical settings reuse them (a notebook calling fit again, a resumed run,
-    # tests); under a distribution the step also bakes in output shardings, so it is built afresh.
-    key = (_config_key(lm), float(learning_rate), weight_decay, warm, total_steps, schedule, end_lr_ratio,
-           clip_norm, precision, remat, grad_accum, chunk_size, is_lora)
-    cached = _STEP_CACHE.get(key) if dist is None else None
-    if cached is None:
-        lr_fn = make_schedule(learning_rate, warmup_steps=warm, total_steps=total_steps,
-                              schedule=schedule, end_lr_ratio=end_lr_ratio)
-        optimizer = make_optimizer(lr_fn, weight_decay=weight_decay, clip_norm=clip_norm,
-                                   mu_dtype=prec.mu_dtype)
-        # The rate of every step, computed once: eager jnp calls in the loop would each dispatch (and at
-        # first compile) tiny kernels.
-        lr_table = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(total_steps + 1)))
-        step_fn = _make_train_step(lm.family, config, optimizer, prec, remat, grad_accum, chunk_size)
-        if dist is not None:
-            full_sh = dist.param_shardings(merge_trees(trainable, frozen) if frozen else trainable)
-            tr_sh, fr_sh = split_trainable(full_sh) if is_lora else (full_sh, {})
-            opt_sh = _dist.shard_like(jax.eval_shape(optimizer.init, trainable), tr_sh, trainable)
-            init_fn = jax.jit(optimizer.init, out_shardings=opt_sh)
-            train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(tr_sh, opt_sh, dist.replicated()))
-        else:
-            init_fn = jax.jit(optimizer.init)
-            train_step = jax.jit(step_fn, donate_argnums=(0, 1))
-            _STEP_CACHE[key] = (lr_table, init_fn, train_step)
-            while len(_STEP_CACHE) > _CACHE_SIZE:
-                _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    else:
-        lr_table, init_fn, train_step = cached
-
-    # -- where it lives
-    if dist is not None:
-        trainable = jax.tree_util.tree_map(_dist._put, trainable, tr_sh)
-        frozen = jax.tree_util.tree_map(_dist._put, frozen, fr_sh)
-    opt_state = init_fn(trainable)
-
-    history = History(flops_per_token=_flops_per_token(config, seq),
-                      peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
-                      tokens_per_step=batch_size * seq,
-                      trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable)))
-    rng = jax.random.key(seed)
-    start_step = 0
-
-    # -- resume
+    sched = _schedule(ds, batch_size, seed, epochs, steps, warmup_steps)
+    trainable, frozen, is_lora = _split_params(lm, prec)
+    spec = _StepSpec(learning_rate, weight_decay, sched.warmup, sched.total_steps, schedule, end_lr_ratio,
+                     clip_norm, precision, remat, grad_accum, chunk_size, is_lora)
+    compiled = _compiled_step(lm, spec, prec, dist, trainable, frozen)
+    state = _initial_state(lm, compiled, trainable, frozen, seq=seq, batch_size=batch_size,
+                           peak_flops=peak_flops, seed=seed)
     manager = None
     if checkpoint_dir is not None:
         manager = CheckpointManager(checkpoint_dir, keep=keep, save_interval_steps=1)
-        latest = manager.latest_step() if resume else None
-        if latest is not None:
-            state = manager.restore(latest, target={"params": trainable, "opt_state": opt_state})
-            trainable, opt_state = state["params"], state["opt_state"]
-            if state["rng"] is not None:
-                rng = state["rng"]
-            if state["data_state"]:
-                iterator.restore(state["data_state"])
-            extra = state.get("extra") or {}
-            if extra.get("history"):
-                history = History.from_dict({**extra["history"], "peak_flops": history.peak_flops})
-                history.truncate(latest)
-            start_step = latest
-
-    metrics_file = _MetricsFile(metrics_path, start_step)
-    bar = _Progress(False, total_steps, start_step)
-    if progress and start_step == 0:
-        bar.write(f"Training {'LoRA adapters' if is_lora else 'all weights'}: {history.trainable_params:,} "
-                  f"params; data: {ds.report()}; {total_steps} steps of {batch_size}x{seq} tokens")
-    elif start_step:
-        bar.write(f"Resumed from {checkpoint_dir} at step {start_step}/{total_steps}")
-    bar = _Progress(progress, total_steps, start_step)
-
-    def save(step: int, force: bool = False, data_state: dict[str, int] | None = None) -> None:
-        if manager is None:
-            return
-        manager.save(step, params=trainable, opt_state=opt_state, rng=rng,
-                     data_state=data_state or iterator.state(),
-                     metrics=({"loss": history.loss[-1]} if history.loss else {}),
-                     extra={"history": history.to_dict(), "total_steps": total_steps}, force=force)
-
-    def run_eval(step: int) -> None:
-        lm.params = merge_trees(trainable, frozen) if frozen else trainable
-        ev = evaluate(lm, eval_data, batch_size, seq, format=format, chunk_size=chunk_size)
-        rec = {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
-               "val_accuracy": ev["accuracy"], "val_tokens": ev["tokens"]}
-        history.evals.append(rec)
-        metrics_file.write(rec)
-        bar.write(f"step {step}: val_loss {ev['loss']:.4f} - val_perplexity {ev['perplexity']:.2f} - "
-                  f"val_accuracy {ev['accuracy']:.4f}")
-
-    step = start_step
-    last_saved = start_step if manager is not None and start_step else None
-    try:
-        while step < total_steps:
-            data_before = iterator.state()
-            try:
-                batch = next(iterator)
-            except StopIteration:  # pragma: no cover - total_steps is derived from the same iterator
-                break
-            epoch = iterator.epoch
-            t0 = time.perf_counter()
-            new_tr, new_opt, m = train_step(trainable, opt_state, frozen, _place_batch(batch, dist))
-            m = jax.device_get(m)
-            dt = time.perf_counter() - t0
-            trainable, opt_state = new_tr, new_opt
-            loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-            if not bool(m["ok"]):
-                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
-                history.stopped = f"non-finite at step {step + 1}: {what}"
-                ckpt = None
-                if manager is not None:
-                    if last_saved != step and step > 0:
-                        # the state before the bad step is good: keep it, positioned at the bad batch
-                        save(step, force=True, data_state=data_before)
-                    manager.wait_until_finished()
-                    good = manager.latest_step()
-                    ckpt = str(Path(manager.directory) / str(good)) if good is not None else None
-                lr_now = float(lr_table[step])
-                raise NonFiniteLossError(
-                    f"training stopped at step {step + 1}/{total_steps}: {what} (learning rate {lr_now:.3g}). "
-                    f"The update was not applied: the model keeps the weights after step {step}"
-                    + (f"; last good checkpoint: {ckpt}" if ckpt else "")
-                    + ". Lower the learning rate, enable clipping, or check the data around this step.",
-                    step=step + 1, last_good_step=step, checkpoint=ckpt, history=history)
-            rng = _next_key(rng, step)  # per-step key, kept in checkpoints for stochastic layers
-            step += 1
-            n_tok = float(m["n_tokens"])
-            rec = {"step": step, "epoch": epoch, "loss": loss, "accuracy": float(m["n_correct"]) / max(n_tok, 1.0),
-                   "tokens_per_second": batch_size * seq / dt, "learning_rate": float(lr_table[step - 1]),
-                   "grad_norm": gnorm, "step_seconds": dt, "target_tokens": int(n_tok)}
-            history.append(rec)
-            bar.update(rec)
-            if step % log_every == 0 or step == total_steps:
-                metrics_file.write({**rec, "mfu": history.mfu[-1]})
-            if epoch_ends and step in epoch_ends:
-                e = epoch_ends.index(step)
-                idx = [i for i, ep in enumerate(history.epoch) if ep == e]
-                if progress and idx:
-                    bar.write(f"Epoch {e + 1}/{len(epoch_ends)} - loss: {np.mean([history.loss[i] for i in idx]):.4f}"
-                              f" - accuracy: {np.mean([history.accuracy[i] for i in idx]):.4f} - "
-                              f"{np.median([history.tokens_per_second[i] for i in idx]):.0f} tok/s")
-                if eval_data is not None and step != total_steps:
-                    run_eval(step)
-            elif eval_data is not None and eval_every and step % eval_every == 0 and step != total_steps:
-                run_eval(step)
-            if manager is not None and save_every and step % save_every == 0 and step != total_steps:
-                save(step)
-                last_saved = step
-            stop = False
-            for cb in callbacks:
-                if cb(step, rec) is False:
-                    stop = True
-            if stop:
-                history.stopped = f"stopped by a callback at step {step}"
-                break
-        if eval_data is not None and (not history.evals or history.evals[-1]["step"] != step):
-            run_eval(step)
-        if manager is not None and last_saved != step and step > 0:
-            save(step, force=True)
-            last_saved = step
-    finally:
-        bar.close()
-        lm.params = merge_trees(trainable, frozen) if frozen else trainable
-        if manager is not None:
-            manager.close()
-    return history
+        if resume:
+            _resume(manager, state, sched.iterator)
+    metrics_file = _MetricsFile(metrics_path, state.step)
+    _announce(progress, state, sched, checkpoint_dir, is_lora=is_lora, ds=ds, batch_size=batch_size, seq=seq)
+    bar = _Progress(progress, sched.total_steps, state.step)
+    run = _Run(lm, state, sched, compiled, dist, manager, metrics_file, bar, batch_size=batch_size, seq=seq,
+               progress=progress, log_every=log_every, save_every=save_every, eval_data=eval_data,
+               eval_every=eval_every, format=format, chunk_size=chunk_size, callbacks=callbacks)
+    return run.train()
 
 
 # ---- loss-curve plot -------------------------------------------------------------------------------------

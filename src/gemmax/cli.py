@@ -11,7 +11,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
 
 from gemmax import distribution as dist
 from gemmax.api import CausalLM
@@ -109,9 +114,6 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 def _config_of(handle: str) -> tuple[Any, Any]:
     """(family, config) of a preset name, a Hugging Face folder or a GGUF file, from its config alone."""
-    import json
-    from pathlib import Path
-
 
     presets = base.all_presets()
     if handle in presets and not os.path.exists(handle):
@@ -163,10 +165,6 @@ def _parse_mesh(spec: str) -> tuple[int, int]:
 
 def cmd_shard_plan(a: argparse.Namespace) -> int:
     """The sharding table from shapes alone: nothing is loaded, so a 27B plan runs on a laptop."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
 
     fam, cfg = _config_of(a.handle)
     d, m = _parse_mesh(a.mesh)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gemmax.kernels import cpu as cpu_kernels
+from gemmax.nn.quant import dequantize_kernel, in_axes_from_eq
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -163,8 +164,6 @@ def linear(node: Params, x: Array, eq: str, lora_eqs: tuple[str, str] | None = N
     """
     if "qkernel" in node:
         # grouped 4-bit (int4 / NF4): dequantize this one kernel inside the layer, never the whole model
-        from gemmax.nn.quant import dequantize_kernel, in_axes_from_eq
-
         rest = {k: v for k, v in node.items() if k not in ("qkernel", "qscale")}
         node = dict(rest, kernel=cpu_kernels.map_weight(node["qkernel"], lambda q: dequantize_kernel(
             dict(node, qkernel=q), in_axes_from_eq(eq), x.dtype)))

@@ -12,10 +12,11 @@ It is used only where it pays and is safe, and only where the caller asks for it
 switch. The generation engine picks the backend (``"cpu"`` on the CPU backend, single device) and the
 family's prefill / decode step wraps its weights (``layer_view``, ``NativeWeight``); never for training (it
 has no gradient) nor under a distribution (XLA SPMD cannot partition a custom call). The library is compiled
-on first use with the system ``g++`` (``-O3 -march=native``) into ``~/.cache/gemmax/kernels`` keyed by source, jaxlib
-version and CPU; with no compiler, or ``GEMMAX_CPU_KERNELS=0``, everything falls back to XLA's dot with a
-one-time warning. Numerics: float32 accumulation as XLA's path, but a different summation order, so
-results agree to float32 rounding, not bit for bit.
+on first use with the system ``g++`` (``-O3 -march=native``) into ``~/.cache/gemmax/kernels`` keyed by
+source, jaxlib version and CPU; with no compiler everything falls back to XLA's dot with a one-time warning,
+and ``GEMMAX_CPU_KERNELS=0`` turns the kernels off (silently: it was asked for). Numerics: float32
+accumulation as XLA's path, but a different summation order, so results agree to float32 rounding, not bit
+for bit.
 """
 
 from __future__ import annotations

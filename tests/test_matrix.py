@@ -104,7 +104,7 @@ class Matrix:
                 for f, ck in self.checkpoints.items()]
         (root / "dist_spec.json").write_text(json.dumps(spec))
         self.dist_out = root / "dist_result.json"
-        self.dist_log = open(root / "dist_worker.log", "w")  # noqa: SIM115 - closed in result()
+        self.dist_log = open(root / "dist_worker.log", "w")  # noqa: SIM115 - closed in dist_result() or close()
         self.dist_proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(root / "dist_spec.json"), str(self.dist_out)],
             env=_worker_env(), stdout=self.dist_log, stderr=subprocess.STDOUT)

@@ -130,11 +130,18 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
 
 @dataclass
 class SamplingParams:
+    """How one request samples; every row of the engine carries its own."""
+
     temperature: float = 0.0
+    """0: greedy (argmax)."""
     top_k: int = 0
+    """Keep the k most likely tokens; 0: off."""
     top_p: float = 1.0
+    """Keep the smallest set whose probability reaches p; 1: off."""
     min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0: off."""
     seed: int = 0
+    """The row's random stream is fold_in(key(seed), position): the same whatever shares the batch."""
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()

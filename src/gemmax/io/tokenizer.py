@@ -61,7 +61,8 @@ def _is_space_run(piece: str) -> bool:
 class Tokenizer:
     """Text <-> token ids for Gemma (and Llama 3 through a ``tokenizer.json``).
 
-    Build with :meth:`from_file`, :meth:`from_gguf` or :meth:`from_pretrained`.
+    Build with :meth:`from_file`, :meth:`from_gguf` or :meth:`from_pretrained`. ``bos_id``, ``eos_id``,
+    ``pad_id`` and ``unk_id`` are the special tokens' ids (-1 where the vocabulary has none).
     """
 
     def __init__(self, sp: Any = None, hf: Any = None, chat_template: str | None = None,
@@ -84,7 +85,7 @@ class Tokenizer:
                 g = np.asarray(gguf_types, dtype=np.int32)
                 self._types = np.where((g == USER_DEFINED) & (types == NORMAL), USER_DEFINED, types)
             special = np.flatnonzero((types == CONTROL) | (types == UNKNOWN)).tolist()
-            self._bos, self._eos, self._pad, self._unk = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
+            self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
         else:
             vocab = hf.get_vocab(with_added_tokens=True)
             n = max(vocab.values()) + 1 if vocab else 0
@@ -95,10 +96,10 @@ class Tokenizer:
             special = [i for i, t in hf.get_added_tokens_decoder().items() if t.special]
             self._types[special] = CONTROL
             look = lambda *names: next((vocab[p] for p in names if p in vocab), -1)  # noqa: E731
-            self._bos = look("<bos>", "<|begin_of_text|>", "<s>")
-            self._eos = look("<eos>", "<|end_of_text|>", "</s>")
-            self._pad = look("<pad>", "<|finetune_right_pad_id|>")
-            self._unk = look("<unk>")
+            self.bos_id = look("<bos>", "<|begin_of_text|>", "<s>")
+            self.eos_id = look("<eos>", "<|end_of_text|>", "</s>")
+            self.pad_id = look("<pad>", "<|finetune_right_pad_id|>")
+            self.unk_id = look("<unk>")
         self._piece_to_id = {p: i for i, p in enumerate(self._pieces)}
         # A space-only piece may be spelled with spaces (GGUF) or with U+2581 (tokenizer.model): accept both.
         for i, p in enumerate(self._pieces):
@@ -183,22 +184,6 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def unk_id(self) -> int:
-        return self._unk
-
     def id_to_piece(self, i: int) -> str:
         return self._pieces[int(i)]
 
@@ -225,7 +210,7 @@ class Tokenizer:
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end generation: eos, end-of-turn (Gemma / Llama 3), CodeGemma's file separator."""
-        ids = [self._eos] if self._eos >= 0 else []
+        ids = [self.eos_id] if self.eos_id >= 0 else []
         ids += [self._piece_to_id[p] for p in _STOP_PIECES if p in self._piece_to_id]
         return tuple(dict.fromkeys(ids))
 
@@ -233,8 +218,8 @@ class Tokenizer:
     def fim_stop_ids(self) -> tuple[int, ...]:
         """Ids that end a CodeGemma fill-in-the-middle completion: ``<|file_separator|>`` and eos."""
         ids = [self._piece_to_id[p] for p in (FILE_SEPARATOR,) if p in self._piece_to_id]
-        if self._eos >= 0:
-            ids.append(self._eos)
+        if self.eos_id >= 0:
+            ids.append(self.eos_id)
         return tuple(dict.fromkeys(ids))
 
     # ---- encode / decode -------------------------------------------------------------------------------
@@ -260,10 +245,10 @@ class Tokenizer:
                 ids.append(self._piece_to_id[m.group(0)])
                 pos = m.end()
             ids += self._encode_plain(text[pos:])
-        if add_bos and self._bos >= 0 and (not ids or ids[0] != self._bos):
-            ids.insert(0, self._bos)
-        if add_eos and self._eos >= 0:
-            ids.append(self._eos)
+        if add_bos and self.bos_id >= 0 and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        if add_eos and self.eos_id >= 0:
+            ids.append(self.eos_id)
         return ids
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
@@ -332,7 +317,7 @@ class Tokenizer:
             "model": "llama",
             "pre": "default",
             "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
-            "unk_id": self._unk,
+            "unk_id": self.unk_id,
             "chat_template": self.chat_template,
         }
         if self.end_of_turn_id >= 0:

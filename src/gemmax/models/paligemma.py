@@ -52,6 +52,11 @@ NEWLINE_ID = 108
 RESOLUTIONS = {224: 256, 448: 1024, 896: 4096}
 
 
+#: Fields of the decoder's config that a PaliGemmaConfig answers for it.
+_TEXT_FIELDS = frozenset({"vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "pad_token_id",
+                          "eos_ids", "tie_embeddings", "final_logit_softcap"})
+
+
 @dataclass(frozen=True)
 class PaliGemmaConfig:
     """A Gemma decoder config (``text``), a SigLIP tower config (``vision``) and the image token. The fields
@@ -69,38 +74,12 @@ class PaliGemmaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.hidden_size
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text.max_position_embeddings
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.text.bos_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.text.pad_token_id
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.text.eos_ids
-
-    # read by the trainer's chunked loss
-    @property
-    def tie_embeddings(self) -> bool:
-        return self.text.tie_embeddings
-
-    @property
-    def final_logit_softcap(self) -> float | None:
-        return self.text.final_logit_softcap
+    def __getattr__(self, name: str) -> Any:
+        # The decoder's fields every family's config exposes (vocabulary, hidden size, context, special ids,
+        # and the tied head and final soft-cap the trainer's chunked loss reads) are the text config's.
+        if name in _TEXT_FIELDS:
+            return getattr(self.text, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def replace(self, **kw: Any) -> PaliGemmaConfig:
         return dataclasses.replace(self, **kw)

@@ -80,12 +80,16 @@ class RecurrentGemmaConfig:
 
     vocab_size: int = 256000
     width: int = 2560
+    """The residual stream (HF ``hidden_size``)."""
     num_layers: int = 26
     num_heads: int = 10
     num_kv_heads: int = 1
+    """Key/value heads of the attention blocks (1, multi-query, in the published models)."""
     lru_width: int = 2560
+    """Width of the RG-LRU recurrence."""
     mlp_width: int = 7680
     attention_window: int = 2048
+    """Local attention's window (HF ``attention_window_size``): the ring cache never holds more."""
     conv_width: int = 4
     final_logit_softcap: float = 30.0
     norm_eps: float = 1e-6

@@ -35,7 +35,9 @@ class SigLIPConfig:
     image_size: int = 224
     patch_size: int = 14
     width: int = 1152
+    """The residual stream (HF ``hidden_size``)."""
     depth: int = 27
+    """Encoder layers (HF ``num_hidden_layers``)."""
     mlp_dim: int = 4304
     num_heads: int = 16
     channels: int = 3

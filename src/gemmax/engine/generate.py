@@ -298,8 +298,9 @@ class Engine:
         for i, r in enumerate(reqs):
             toks[i, : len(r.prompt_ids)] = r.prompt_ids
             lens[i] = len(r.prompt_ids)
+        inputs = _pad_token_inputs(inputs or {}, self.family.token_inputs, t)
         logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
-                                    backend=self.prefill_backend, **(inputs or {}))
+                                    backend=self.prefill_backend, **inputs)
         slots = free[:b]
         # padding rows of the prefill batch go to slot index max_batch: out of range, so insert drops them
         padded_slots = np.full(bb, self.max_batch, np.int32)
@@ -383,6 +384,19 @@ class Engine:
         if r.slot >= 0 and self.requests[r.slot] is r:
             self.finish(r, r.finish_reason)
             self.requests[r.slot] = None
+
+
+def _pad_token_inputs(inputs: dict[str, Any], names: Sequence[str], t: int) -> dict[str, Any]:
+    """The family's token-aligned inputs padded on their last axis to the prompt bucket ``t`` (with 1s, which
+    the family masks as padding), so a prompt's exact length does not reach the compiled prefill's shapes."""
+    out = dict(inputs)
+    for name in names:
+        if name in out:
+            a = np.asarray(out[name])
+            if a.shape[-1] < t:
+                a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, t - a.shape[-1])], constant_values=1)
+            out[name] = a
+    return out
 
 
 def _compute_dtype(params: dict) -> Any:

@@ -105,6 +105,9 @@ class Family:
     chat_format: Callable[[Any], str] = lambda cfg: "gemma"
     #: inputs besides tokens that forward / prefill accept (e.g. pixel_values)
     extra_inputs: tuple[str, ...] = ()
+    #: those of them aligned with the prompt's tokens (last axis = position): the engine pads them to the
+    #: prompt's length bucket, with 1s the family masks, so one compilation serves nearby prompt lengths
+    token_inputs: tuple[str, ...] = ()
     #: backends whose prefill / decode step this family implements
     backends: tuple[str, ...] = (XLA,)
     #: text + images -> (prompt token ids, inputs) for families that read images:

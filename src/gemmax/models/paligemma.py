@@ -622,6 +622,7 @@ FAMILY = register(family_from(
     hf_architecture="PaliGemmaForConditionalGeneration",
     gguf_arch=lambda cfg: None,
     extra_inputs=("pixel_values", "token_type_ids"),
+    token_inputs=("token_type_ids",),
     backends=(XLA, CPU),
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,

@@ -4,7 +4,7 @@ A synthetic Gemma-shaped checkpoint (default: the gemma3_270m shapes, random flo
 is written to a temporary Hugging Face folder by a separate process. Then, for each dtype, a fresh
 subprocess imports jax and gemmax, records its RSS high-water mark (``ru_maxrss``) as the baseline, loads
 the folder, and reports the new high-water mark. The increase is compared with the model's size in that
-dtype (goal: peak increase <= 1.3x the model). A sampling thread also records the peak of anonymous memory
+dtype. A sampling thread also records the peak of anonymous memory
 (RssAnon: real allocations) and of file-backed memory (RssFile: pages of the memory-mapped safetensors the
 kernel counts in RSS while they are mapped and resident), which tells where any excess comes from.
 
@@ -146,7 +146,7 @@ def main() -> None:
         say("# each load in a fresh subprocess; baseline = ru_maxrss after `import jax, gemmax`; "
             f"{args.repeats} load(s) per dtype; machine shared")
         say()
-        say(f"{'dtype':<10}{'model MB':>9}{'peak-base MB':>13}{'ratio':>7}{'goal':>6}"
+        say(f"{'dtype':<10}{'model MB':>9}{'peak-base MB':>13}{'ratio':>7}"
             f"{'anon peak MB':>13}{'anon ratio':>11}{'file peak MB':>13}{'RSS after MB':>13}{'load s':>8}")
         for dtype in args.dtypes:
             runs = []
@@ -162,11 +162,11 @@ def main() -> None:
             anon = r["anon_peak"] - r["anon_base"]
             ratio = inc / r["model"]
             say(f"{dtype:<10}{r['model'] / 1e6:>9.0f}{inc / 1e6:>13.0f}{ratio:>7.2f}"
-                f"{'ok' if ratio <= 1.3 else 'FAIL':>6}{anon / 1e6:>13.0f}{anon / r['model']:>11.2f}"
+                f"{anon / 1e6:>13.0f}{anon / r['model']:>11.2f}"
                 f"{(r['file_peak'] - r['file_base']) / 1e6:>13.0f}{(r['rss_after'] - r['rss_base']) / 1e6:>13.0f}"
                 f"{r['load_s']:>8.1f}")
         say()
-        say("ratio = (ru_maxrss after load - ru_maxrss after imports) / model bytes in that dtype; goal <= 1.3.")
+        say("ratio = (ru_maxrss after load - ru_maxrss after imports) / model bytes in that dtype.")
         say("anon = RssAnon (heap/device buffers), file = RssFile (mapped checkpoint pages), both sampled "
             "every 2 ms, increase over the baseline.")
         del ck_bytes

@@ -1065,7 +1065,7 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
 // as prefill; in-minor: in_minor_gemm) instead of the GEMV kernels, whose cost grows with every row.
 // Measured on Zen 3, one thread, float32 weights streamed from memory, GEMM / GEMV time: at 8 rows 0.78-1.03
 // (in-major), 0.93 (head); at 16 rows 0.60-0.76 and 0.59; at 32 rows 0.43-0.53.
-// (The head with AVX-512 waits for 32 rows: see dispatch. Not measured there: no such CPU in this session.)
+// (The head with AVX-512 waits for 32 rows: see dispatch. Not measured on an AVX-512 CPU.)
 constexpr int64_t kSkinnyRows = 8;
 constexpr int64_t kHeadRows = 48;  // weight rows per tile pass (8 tiles of kMR), converted to float32 once
 

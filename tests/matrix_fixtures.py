@@ -3,7 +3,7 @@ for the acceptance matrix (tests/test_matrix.py) and its multi-device worker (te
 
 Each family is built from a transformers config (tiny sizes, eager attention, sliding windows of 8 under
 sequences of 20+), every norm weight is set to random non-zero values (Gemma's ``(1 + w)`` RMSNorms would hide
-a lost or doubled offset at zero), the other weights to ``randn * scale`` (``TUNING``), then
+a lost or doubled offset at zero), the other weights to ``randn * scale`` (``FamilyFixture.tuning``), then
 ``save_pretrained`` writes the folder and the safetensors keys are rewritten where transformers 5 writes them
 differently from the checkpoints published on the Hub:
 
@@ -21,6 +21,10 @@ The reference transformers model of a family is the one ``from_pretrained`` read
 folder (checked against the in-memory model), so transformers' own conversion of the published layout is
 covered too. A tiny SentencePiece tokenizer (Gemma's special ids; ``"\\n"`` and ``<image>`` single tokens)
 sized to the vocabulary is saved as ``tokenizer.model`` in every folder.
+
+Families are ``FamilyFixture`` records in ``FIXTURES``: the built-in ones below, then one per
+``tests/fixture_<name>.py`` file, which calls ``register_fixture`` (imported at the end of this module), so a
+new family adds its fixture without touching this file.
 """
 
 from __future__ import annotations
@@ -35,24 +39,79 @@ from typing import Any
 import numpy as np
 import torch
 
-FAMILIES = ("gemma_mqa", "gemma_mha", "gemma2", "gemma3", "llama3", "recurrent_gemma", "paligemma")
-
 PAD, EOS, BOS = 0, 1, 2
 SYMBOLS = ("<start_of_turn>", "<end_of_turn>", "\n", "<image>")
 VOCAB = 320  # asked of SentencePiece; the models take the size it really gives
-#: (embedding scale, other weights' scale, seed) per family, picked so that each random model's greedy
-#: continuation is not one token repeated (a tied embedding echoes the last token when the blocks are weak),
-#: its top two logits stay apart at every greedy step (no float32 rounding flips a choice) and int8 stays
-#: within the cell's bounds (strong blocks amplify the rounding).
-TUNING: dict[str, tuple[float, float, int]] = {
-    "gemma_mqa": (0.06, 0.2, 1),
-    "gemma_mha": (0.04, 0.15, 1),
-    "gemma2": (0.04, 0.25, 0),
-    "gemma3": (0.06, 0.15, 2),
-    "llama3": (0.04, 0.25, 3),
-    "recurrent_gemma": (0.06, 0.15, 2),
-    "paligemma": (0.05, 0.18, 8),
-}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The tiny tokenizer's ids a family's config and inputs need."""
+
+    size: int
+    eot: int  # <end_of_turn>
+    image: int  # <image>
+    newline: int  # "\n"
+    first: int  # the first ordinary piece (prompts hold no special ids)
+
+
+@dataclass
+class Inputs:
+    """A family's test inputs: ``logits_ids`` [2, T] for the logits cells, ``prompt`` [T0] for generation;
+    multimodal families add ``pixel_values`` [n, 3, H, W] (one image, repeated per logits row),
+    ``token_type_ids`` [2, T] for the logits cells and ``prompt_types`` [T0] for transformers' generate."""
+
+    logits_ids: np.ndarray
+    prompt: np.ndarray
+    pixel_values: np.ndarray | None = None
+    token_type_ids: np.ndarray | None = None
+    prompt_types: np.ndarray | None = None
+
+
+def text_inputs(cfg: Any, v: Vocab, rng: np.random.RandomState) -> Inputs:
+    """Two rows of BOS + 19 random ordinary pieces (longer than the sliding windows of 8); a 12-token prompt."""
+    ids = np.concatenate([np.full((2, 1), BOS), rng.randint(v.first, v.size, (2, 19))], 1).astype(np.int32)
+    prompt = np.concatenate([[BOS], rng.randint(v.first, v.size, 11)]).astype(np.int32)
+    return Inputs(ids, prompt)
+
+
+def keep_key(key: str) -> str | None:
+    """transformers 5 writes the published layout itself."""
+    return key
+
+
+@dataclass(frozen=True)
+class FamilyFixture:
+    """How the matrix builds one family's tiny checkpoint.
+
+    ``tuning`` is (embedding scale, other weights' scale, seed), picked so that the random model's greedy
+    continuation is not one token repeated (a tied embedding echoes the last token when the blocks are
+    weak), its top two logits stay apart at every greedy step (no float32 rounding flips a choice) and int8
+    stays within the cell's bounds (strong blocks amplify the rounding). ``layout`` maps a key transformers
+    5 saves to the published Hub key (None drops it); ``expected_keys`` must be in the rewritten folder, so a
+    transformers upgrade that changes what it writes cannot silently test another layout. ``adjust`` runs
+    after the random init (for weights that need a particular distribution, e.g. routers)."""
+
+    name: str
+    hf_config: Callable[[Vocab], Any]
+    tuning: tuple[float, float, int]
+    expected_keys: tuple[str, ...]
+    hf_class: str = "AutoModelForCausalLM"
+    layout: Callable[[str], str | None] = keep_key
+    sharded: bool = False
+    multimodal: bool = False
+    inputs: Callable[[Any, Vocab, np.random.RandomState], Inputs] = text_inputs
+    adjust: Callable[[torch.nn.Module, torch.Generator], None] | None = None
+
+
+FIXTURES: dict[str, FamilyFixture] = {}
+
+
+def register_fixture(fx: FamilyFixture) -> FamilyFixture:
+    if fx.name in FIXTURES:
+        raise ValueError(f"two matrix fixtures named {fx.name!r}")
+    FIXTURES[fx.name] = fx
+    return fx
 
 #: The tokenizer corpus and the fine-tuning data: short English lines, some of them repeated.
 LINES = [
@@ -95,50 +154,69 @@ def _gemma_text(vocab: int, kv: int, hidden: int, head_dim: int) -> dict[str, An
                 pad_token_id=PAD, tie_word_embeddings=True)
 
 
-def hf_config(family: str, vocab: int, eot: int, image_token: int) -> Any:
-    """The transformers config of ``family`` (tiny; sliding windows of 8, shorter than the test sequences)."""
+def _gemma_mqa(v: Vocab) -> Any:  # Gemma 1 2B: one KV head
     import transformers as tf
 
-    if family == "gemma_mqa":  # Gemma 1 2B: one KV head
-        return tf.GemmaConfig(**_gemma_text(vocab, 1, 32, 8))
-    if family == "gemma_mha":  # Gemma 1 7B: as many KV heads as query heads
-        return tf.GemmaConfig(**_gemma_text(vocab, 4, 48, 12))
-    if family == "gemma2":
-        return tf.Gemma2Config(**{**_gemma_text(vocab, 2, 32, 8), "eos_token_id": [EOS, eot]},
-                               sliding_window=8, query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
-                               final_logit_softcapping=30.0,
-                               layer_types=["sliding_attention", "full_attention"])
-    if family == "gemma3":  # text-only Gemma3ForCausalLM: qk norm, local/global rope, sliding pattern
-        return tf.Gemma3TextConfig(**{**_gemma_text(vocab, 2, 32, 8), "num_hidden_layers": 3,
-                                      "eos_token_id": [EOS, eot]},
-                                   sliding_window=8, query_pre_attn_scalar=8,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                   rope_parameters={
-                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                          "rope_theta": 1_000_000.0},
-                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
-    if family == "llama3":  # untied head, GQA, llama3 rope scaling
-        return tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                              rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=BOS, eos_token_id=EOS,
-                              pad_token_id=PAD, tie_word_embeddings=False,
-                              rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
-                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 16})
-    if family == "recurrent_gemma":  # one period: recurrent, recurrent, attention
-        return tf.RecurrentGemmaConfig(vocab_size=vocab, hidden_size=32, lru_width=32, intermediate_size=96,
-                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-                                       attention_window_size=8, conv1d_width=4, logits_soft_cap=30.0,
-                                       block_types=["recurrent", "recurrent", "attention"], rms_norm_eps=1e-6,
-                                       hidden_activation="gelu_pytorch_tanh", bos_token_id=BOS,
-                                       eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
-    if family == "paligemma":  # PaliGemma 1: SigLIP (28 px, 7 px patches: 16 image tokens) + Gemma 1 MQA
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=28, patch_size=7, vision_use_head=False)
-        text = {**_gemma_text(vocab, 1, 32, 8), "model_type": "gemma"}
-        return tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
-                                  projection_dim=32)
-    raise ValueError(family)
+    return tf.GemmaConfig(**_gemma_text(v.size, 1, 32, 8))
+
+
+def _gemma_mha(v: Vocab) -> Any:  # Gemma 1 7B: as many KV heads as query heads
+    import transformers as tf
+
+    return tf.GemmaConfig(**_gemma_text(v.size, 4, 48, 12))
+
+
+def _gemma2(v: Vocab) -> Any:
+    import transformers as tf
+
+    return tf.Gemma2Config(**{**_gemma_text(v.size, 2, 32, 8), "eos_token_id": [EOS, v.eot]},
+                           sliding_window=8, query_pre_attn_scalar=8, attn_logit_softcapping=50.0,
+                           final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
+
+
+def _gemma3(v: Vocab) -> Any:  # text-only Gemma3ForCausalLM: qk norm, local/global rope, sliding pattern
+    import transformers as tf
+
+    return tf.Gemma3TextConfig(**{**_gemma_text(v.size, 2, 32, 8), "num_hidden_layers": 3,
+                                  "eos_token_id": [EOS, v.eot]},
+                               sliding_window=8, query_pre_attn_scalar=8,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               rope_parameters={
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                      "rope_theta": 1_000_000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+
+
+def _llama3(v: Vocab) -> Any:  # untied head, GQA, llama3 rope scaling
+    import transformers as tf
+
+    return tf.LlamaConfig(vocab_size=v.size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=BOS, eos_token_id=EOS,
+                          pad_token_id=PAD, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 16})
+
+
+def _recurrent_gemma(v: Vocab) -> Any:  # one period: recurrent, recurrent, attention
+    import transformers as tf
+
+    return tf.RecurrentGemmaConfig(vocab_size=v.size, hidden_size=32, lru_width=32, intermediate_size=96,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                   attention_window_size=8, conv1d_width=4, logits_soft_cap=30.0,
+                                   block_types=["recurrent", "recurrent", "attention"], rms_norm_eps=1e-6,
+                                   hidden_activation="gelu_pytorch_tanh", bos_token_id=BOS,
+                                   eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
+
+
+def _paligemma(v: Vocab) -> Any:  # PaliGemma 1: SigLIP (28 px, 7 px patches: 16 image tokens) + Gemma 1 MQA
+    import transformers as tf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=28, patch_size=7, vision_use_head=False)
+    text = {**_gemma_text(v.size, 1, 32, 8), "model_type": "gemma"}
+    return tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=v.image, projection_dim=32)
 
 
 def _randomize(model: torch.nn.Module, seed: int, embed_scale: float, scale: float) -> None:
@@ -178,32 +256,63 @@ def _paligemma_published(key: str) -> str | None:
     return key
 
 
-def _text_published(key: str) -> str | None:
-    return key
+def _paligemma_inputs(cfg: Any, v: Vocab, rng: np.random.RandomState) -> Inputs:
+    """An image prefix (``<image>`` * 16, BOS, 6 pieces, newline; type 0) then a 5-piece suffix (type 1); the
+    second logits row has other prompt text under the same image."""
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    text = rng.randint(v.first, v.size, 6)
+    prompt = np.concatenate([[v.image] * n_img, [BOS], text, [v.newline]]).astype(np.int32)  # the prefix
+    suffix = rng.randint(v.first, v.size, (2, 5))
+    ids = np.concatenate([np.stack([prompt, prompt]), suffix], 1).astype(np.int32)
+    ids[1, n_img + 1:n_img + 7] = rng.randint(v.first, v.size, 6)  # a second prompt text, same image
+    types = np.concatenate([np.zeros((2, len(prompt))), np.ones((2, 5))], 1).astype(np.int32)
+    size = cfg.vision_config.image_size
+    pixels = rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32)  # already normalized as SigLIP's
+    return Inputs(ids, prompt, pixels, types, np.zeros(len(prompt), np.int32))
 
 
-LAYOUTS: dict[str, Callable[[str], str | None]] = {f: _text_published for f in FAMILIES}
-LAYOUTS["paligemma"] = _paligemma_published
+for _fx in (
+    FamilyFixture("gemma_mqa", _gemma_mqa, (0.06, 0.2, 1), (
+        "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight")),
+    FamilyFixture("gemma_mha", _gemma_mha, (0.04, 0.15, 1), (
+        "model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight", "model.norm.weight")),
+    FamilyFixture("gemma2", _gemma2, (0.04, 0.25, 0), (
+        "model.layers.1.pre_feedforward_layernorm.weight", "model.embed_tokens.weight", "model.norm.weight"),
+        sharded=True),
+    FamilyFixture("gemma3", _gemma3, (0.06, 0.15, 2), (
+        "model.layers.2.self_attn.q_norm.weight", "model.embed_tokens.weight", "model.norm.weight")),
+    FamilyFixture("llama3", _llama3, (0.04, 0.25, 3), (
+        "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
+        "lm_head.weight")),
+    FamilyFixture("recurrent_gemma", _recurrent_gemma, (0.06, 0.15, 2), (
+        "model.layers.0.temporal_block.rg_lru.recurrent_param", "model.layers.2.temporal_block.q_proj.weight",
+        "model.embed_tokens.weight", "model.final_norm.weight")),
+    FamilyFixture("paligemma", _paligemma, (0.05, 0.18, 8), (
+        "language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "vision_tower.vision_model.post_layernorm.weight", "multi_modal_projector.linear.weight"),
+        hf_class="PaliGemmaForConditionalGeneration", layout=_paligemma_published, sharded=True,
+        multimodal=True, inputs=_paligemma_inputs),
+):
+    register_fixture(_fx)
 
-#: Published key prefixes every checkpoint must hold after the rewrite (checked, so a transformers upgrade
-#: that changes what it writes cannot silently test another layout).
-EXPECTED_PREFIXES = {
-    "gemma_mqa": ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"),
-    "gemma_mha": ("model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight", "model.norm.weight"),
-    "gemma2": ("model.layers.1.pre_feedforward_layernorm.weight", "model.embed_tokens.weight",
-               "model.norm.weight"),
-    "gemma3": ("model.layers.2.self_attn.q_norm.weight", "model.embed_tokens.weight", "model.norm.weight"),
-    "llama3": ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
-               "lm_head.weight"),
-    "recurrent_gemma": ("model.layers.0.temporal_block.rg_lru.recurrent_param",
-                        "model.layers.2.temporal_block.q_proj.weight", "model.embed_tokens.weight",
-                        "model.final_norm.weight"),
-    "paligemma": ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
-                  "language_model.model.norm.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight",
-                  "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
-                  "vision_tower.vision_model.post_layernorm.weight", "multi_modal_projector.linear.weight"),
-}
-SHARDED = {"gemma2", "paligemma"}
+
+def _discover() -> None:
+    """Import every ``tests/fixture_*.py``: each registers one more family (after the built-in ones, so
+    their seeds, which depend on the order, stay the same)."""
+    import importlib
+    import sys
+
+    here = Path(__file__).parent
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    for path in sorted(here.glob("fixture_*.py")):
+        importlib.import_module(path.stem)
+
+
+_discover()
+FAMILIES = tuple(FIXTURES)
 
 
 def rewrite_keys(folder: Path, fn: Callable[[str], str | None]) -> list[str]:
@@ -243,23 +352,30 @@ class Checkpoint:
     multimodal: bool
     logits_ids: np.ndarray  # [2, T] int32
     prompt: np.ndarray  # [T0] int32, the generation prompt
-    pixel_values: np.ndarray | None = None  # [n, 3, H, W] float32 (PaliGemma)
-    token_type_ids: np.ndarray | None = None  # [2, T] (PaliGemma: 0 prefix, 1 suffix)
+    pixel_values: np.ndarray | None = None  # [n, 3, H, W] float32 (multimodal)
+    token_type_ids: np.ndarray | None = None  # [2, T] (multimodal, transformers' meaning for the family)
     eos_ids: tuple[int, ...] = (EOS,)
     keys: list[str] = field(default_factory=list)
     greedy_margin: float = float("nan")
+    hf_class: str = "AutoModelForCausalLM"
+    prompt_types: np.ndarray | None = None  # [T0] token_type_ids of ``prompt`` (multimodal)
 
     @property
     def logits_kwargs(self) -> dict[str, Any]:
-        """The extra arguments of ``lm.logits`` for ``logits_ids`` (the image and the prefix for PaliGemma)."""
+        """The extra arguments of ``lm.logits`` for ``logits_ids`` (the image and the token types)."""
         if not self.multimodal:
             return {}
         return {"pixel_values": np.repeat(self.pixel_values, 2, axis=0), "token_type_ids": self.token_type_ids}
 
     @property
     def generate_kwargs(self) -> dict[str, Any]:
-        """The extra arguments of ``lm.generate`` for ``prompt`` (PaliGemma: its image)."""
+        """The extra arguments of ``lm.generate`` for ``prompt`` (multimodal: its image)."""
         return {"pixel_values": self.pixel_values} if self.multimodal else {}
+
+    def hf_model_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.hf_class)
 
     def hf_logits(self, model: Any = None, ids: np.ndarray | None = None) -> np.ndarray:
         """float32 logits of a transformers model (default: the reference) on ``logits_ids``."""
@@ -277,7 +393,8 @@ class Checkpoint:
         ids = torch.tensor(self.prompt[None], dtype=torch.long)
         kw: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
         if self.multimodal:
-            kw.update(pixel_values=torch.tensor(self.pixel_values), token_type_ids=torch.zeros_like(ids))
+            kw.update(pixel_values=torch.tensor(self.pixel_values),
+                      token_type_ids=torch.tensor(self.prompt_types[None], dtype=torch.long))
         with torch.no_grad():
             out = self.hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
                                    output_logits=True, return_dict_in_generate=True, **kw)
@@ -286,61 +403,39 @@ class Checkpoint:
         return out.sequences[0].numpy().astype(np.int32)
 
 
-def _inputs(family: str, cfg: Any, vocab: int, image_token: int, newline: int, seed: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    rng = np.random.RandomState(1000 * seed + 1)
-    first = len(SYMBOLS) + 4  # ordinary pieces only: no special ids inside prompts
-    if family != "paligemma":
-        ids = np.concatenate([np.full((2, 1), BOS), rng.randint(first, vocab, (2, 19))], 1).astype(np.int32)
-        prompt = np.concatenate([[BOS], rng.randint(first, vocab, 11)]).astype(np.int32)
-        return ids, prompt, None, None
-    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    text = rng.randint(first, vocab, 6)
-    prompt = np.concatenate([[image_token] * n_img, [BOS], text, [newline]]).astype(np.int32)  # the prefix
-    suffix = rng.randint(first, vocab, (2, 5))
-    ids = np.concatenate([np.stack([prompt, prompt]), suffix], 1).astype(np.int32)
-    ids[1, n_img + 1:n_img + 7] = rng.randint(first, vocab, 6)  # a second prompt text, same image
-    types = np.concatenate([np.zeros((2, len(prompt))), np.ones((2, 5))], 1).astype(np.int32)
-    size = cfg.vision_config.image_size
-    pixels = rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32)  # already normalized as SigLIP's
-    return ids, prompt, pixels, types
-
-
 def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any) -> Checkpoint:
     """Write ``family``'s tiny checkpoint into ``folder`` in the published layout and return its description
     (with the transformers model read back from it)."""
+    fx = FIXTURES[family]
+    v = Vocab(tok.vocab_size, tok.piece_to_id("<end_of_turn>"), tok.piece_to_id("<image>"),
+              tok.piece_to_id("\n"), len(SYMBOLS) + 4)
+    cfg = fx.hf_config(v)
+    embed_scale, scale, seed = fx.tuning
+    seed_all = 1000 * seed + FAMILIES.index(family)
+    torch.manual_seed(seed_all)  # the weights _randomize keeps (recurrent_param)
     import transformers
 
-    vocab = tok.vocab_size
-    eot = tok.piece_to_id("<end_of_turn>")
-    image_token = tok.piece_to_id("<image>")
-    newline = tok.piece_to_id("\n")
-    cfg = hf_config(family, vocab, eot, image_token)
-    embed_scale, scale, seed = TUNING[family]
-    torch.manual_seed(1000 * seed + FAMILIES.index(family))  # the weights _randomize keeps (recurrent_param)
-    if family == "paligemma":
-        cls = transformers.PaliGemmaForConditionalGeneration
-        model = cls(cfg)
-    else:
-        cls = transformers.AutoModelForCausalLM
-        model = cls.from_config(cfg, attn_implementation="eager")
+    cls = getattr(transformers, fx.hf_class)
+    model = cls.from_config(cfg, attn_implementation="eager") if fx.hf_class.startswith("Auto") else cls(cfg)
     model.config._attn_implementation = "eager"
-    _randomize(model, 1000 * seed + FAMILIES.index(family), embed_scale, scale)
+    _randomize(model, seed_all, embed_scale, scale)
+    if fx.adjust is not None:
+        fx.adjust(model, torch.Generator().manual_seed(seed_all + 1))
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
-    save_kw = {"max_shard_size": "20KB"} if family in SHARDED else {}
-    model.save_pretrained(folder, **save_kw)
-    keys = rewrite_keys(folder, LAYOUTS[family])
-    missing = [k for k in EXPECTED_PREFIXES[family] if k not in keys]
+    model.save_pretrained(folder, **({"max_shard_size": "20KB"} if fx.sharded else {}))
+    keys = rewrite_keys(folder, fx.layout)
+    missing = [k for k in fx.expected_keys if k not in keys]
     assert not missing, f"{family}: the rewritten checkpoint lacks published keys {missing}; it has {keys[:8]}..."
-    if family in SHARDED:
+    if fx.sharded:
         assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("*.safetensors"))) > 1
     shutil.copy(tokenizer_model, folder / "tokenizer.model")
 
-    ids, prompt, pixels, types = _inputs(family, cfg, vocab, image_token, newline, seed)
+    x = fx.inputs(cfg, v, np.random.RandomState(1000 * seed + 1))
     eos = cfg.get_text_config().eos_token_id
-    ck = Checkpoint(family, folder, None, vocab, family == "paligemma", ids, prompt, pixels, types,
-                    tuple(eos) if isinstance(eos, list) else (eos,), keys)
+    ck = Checkpoint(family, folder, None, v.size, fx.multimodal, x.logits_ids, x.prompt, x.pixel_values,
+                    x.token_type_ids, tuple(eos) if isinstance(eos, list) else (eos,), keys,
+                    hf_class=fx.hf_class, prompt_types=x.prompt_types)
     # transformers reads the published layout back (converting it where it must) to the same model
     loaded = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     want, got = ck.hf_logits(model), ck.hf_logits(loaded)

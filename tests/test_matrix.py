@@ -1,8 +1,9 @@
 """The acceptance matrix of "One model interface for every family": the same public calls on every family.
 
-Families: Gemma 1 MQA and MHA, Gemma 2, Gemma 3 (text), Llama 3, RecurrentGemma, PaliGemma, each a tiny random
-checkpoint written by transformers in the family's published Hub key layout (tests/matrix_fixtures.py) with a
-tiny SentencePiece ``tokenizer.model``. Cells, each for every family:
+Families: Gemma 1 MQA and MHA, Gemma 2, Gemma 3 (text), Llama 3, RecurrentGemma, PaliGemma, and every family
+with a ``tests/fixture_<name>.py``; each a tiny random checkpoint written by transformers in the family's
+published Hub key layout (tests/matrix_fixtures.py) with a tiny SentencePiece ``tokenizer.model``.
+Cells, each for every family:
 
  1. ``CausalLM.from_preset(folder)`` is a ``CausalLM`` whose logits equal transformers' float32 logits
     (PaliGemma: ``lm.logits(ids, pixel_values=..., token_type_ids=...)``, the ids holding the image tokens and
@@ -188,14 +189,8 @@ def tuned(ck: Checkpoint, matrix: Matrix) -> SimpleNamespace:
                            logits=np.asarray(lm.logits(ck.logits_ids, **ck.logits_kwargs)))
 
 
-def _hf_class(ck: Checkpoint) -> Any:
-    import transformers
-
-    return transformers.PaliGemmaForConditionalGeneration if ck.multimodal else transformers.AutoModelForCausalLM
-
-
 def _load_hf(ck: Checkpoint, folder: Path) -> Any:
-    return _hf_class(ck).from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    return ck.hf_model_class().from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
 
 
 # ---- 1. load ---------------------------------------------------------------------------------------------

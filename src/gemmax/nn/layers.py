@@ -213,14 +213,20 @@ def softcap(x: Array, cap: float | None) -> Array:
 
 
 def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg: Array | None = None,
-                   k_seg: Array | None = None, k_valid: Array | None = None) -> Array:
+                   k_seg: Array | None = None, k_valid: Array | None = None, causal: bool = True) -> Array:
     """Boolean [B, T, S]: causal, within the sliding window (which includes the current token:
-    ``q - W < k <= q``), inside the same packed segment, and only over valid cache slots."""
+    ``q - W < k <= q``), inside the same packed segment, and only over valid cache slots.
+
+    ``causal=False`` (bidirectional encoders such as EmbeddingGemma) lets a query see keys on both sides;
+    the window is then symmetric, ``|q - k| < W``."""
     q = q_idx[:, :, None]
     k = k_idx[:, None, :]
-    m = k <= q
-    if window is not None:
-        m = m & (q - k < window)
+    if causal:
+        m = k <= q
+        if window is not None:
+            m = m & (q - k < window)
+    else:
+        m = jnp.abs(q - k) < window if window is not None else jnp.ones(q.shape[:2] + k.shape[2:], bool)
     if q_seg is not None and k_seg is not None:
         m = m & (q_seg[:, :, None] == k_seg[:, None, :])
     if k_valid is not None:

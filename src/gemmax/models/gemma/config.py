@@ -56,6 +56,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     scale_embeddings: bool = True  # multiply embeddings by sqrt(hidden_size) (Gemma)
     attention_bias: bool = False
+    # Every token attends to every other (EmbeddingGemma, HF ``use_bidirectional_attention``); local layers
+    # then see a symmetric window, |q - k| <= sliding_window // 2, as transformers builds it. An encoder:
+    # full forwards only, no generation.
+    bidirectional: bool = False
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
     pad_token_id: int = 0
@@ -80,6 +84,9 @@ class ModelConfig:
             )
         if self.activation not in ("gelu_tanh", "silu"):
             raise ValueError(f"unknown activation {self.activation!r}")
+        if self.bidirectional and self.family != "gemma3":
+            raise ValueError("bidirectional attention is a Gemma 3 option (EmbeddingGemma); "
+                             f"family {self.family!r} is causal")
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -408,6 +415,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
         scale_embeddings=is_gemma,
         attention_bias=bool(hf.get("attention_bias", False)),
+        bidirectional=bool(hf.get("use_bidirectional_attention") or False),
         bos_token_id=_ids(hf.get("bos_token_id", 2)),
         eos_token_id=_ids(hf.get("eos_token_id", 1)),
         pad_token_id=_ids(hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0),
@@ -466,5 +474,5 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "full_attention": dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta),
             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_theta},
         }
-        hf["use_bidirectional_attention"] = False
+        hf["use_bidirectional_attention"] = cfg.bidirectional
     return hf

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.kernels import cpu as cpu_kernels
-from gemmax.models.base import CPU, XLA
+from gemmax.models.base import CPU, XLA, UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.nn.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
@@ -128,6 +128,9 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, max_l
     ``backend="cpu"``: the linears go through gemmax's native CPU GEMM (``gemmax.kernels.cpu``), which reads
     each stacked weight in place at its own width; the scan then walks layer indices, as in ``decode_step``.
     """
+    if cfg.bidirectional:
+        raise UnsupportedError("a bidirectional model (EmbeddingGemma) is an encoder: it has no causal cache to "
+                               "generate from; embed with gemmax.TextEncoder")
     window = CacheLayout.for_config(cfg, max_len).window
     return _prefill(params, cfg, tokens, lengths, window, _native(backend))
 

@@ -145,9 +145,11 @@ KERNEL_IN_DIMS_AXES = {"query": 2, "key": 2, "value": 2, "attention_output": 2, 
 
 
 def layer_windows(cfg: ModelConfig) -> np.ndarray:
-    """Sliding window of each layer (int32 [L]); global layers get NO_WINDOW."""
-    return np.array(
-        [cfg.sliding_window if t == LOCAL else NO_WINDOW for t in cfg.layer_types], dtype=np.int32)
+    """Sliding window of each layer (int32 [L]) as ``attention_mask`` reads it; global layers get NO_WINDOW.
+    A bidirectional model's local layers see ``|q - k| < W // 2 + 1``: transformers halves the published
+    window for them (Gemma3TextConfig), so the whole span, both sides, is the published width."""
+    local = cfg.sliding_window // 2 + 1 if cfg.bidirectional and cfg.sliding_window else cfg.sliding_window
+    return np.array([local if t == LOCAL else NO_WINDOW for t in cfg.layer_types], dtype=np.int32)
 
 
 def layer_inv_freqs(cfg: ModelConfig) -> Array:
@@ -245,7 +247,8 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
 
 def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None,
                    segment_ids: Array | None = None, remat: str | None = None) -> Array:
-    """Causal forward over whole sequences -> final-normed hidden states [B, T, D].
+    """Causal forward over whole sequences -> final-normed hidden states [B, T, D] (every token sees every
+    other, within the symmetric windows of local layers, when ``cfg.bidirectional``).
 
     ``segment_ids`` (0 = padding) keeps packed documents from attending to each other; ``positions``
     (default 0..T-1) feed RoPE and may restart per document. ``remat`` ("full" | "dots" | None) wraps each
@@ -265,7 +268,7 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
         p, window, row = xs
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            mask = attention_mask(idx, idx, window if has_local else None, seg, seg)
+            mask = attention_mask(idx, idx, window if has_local else None, seg, seg, causal=not cfg.bidirectional)
             return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
 
         return decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend), None

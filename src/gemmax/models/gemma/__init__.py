@@ -21,7 +21,9 @@ GGUF_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "llama":
 
 FAMILY = register(family_from(
     {**vars(model), **vars(decode), **vars(hf)}, "gemma",
-    model_types=HF_DECODER_TYPES,
+    # "gemma3" (Gemma3ForConditionalGeneration, with its SigLIP tower) loads as the gemma3_vision family;
+    # from_hf_config still reads such a config's text part when asked directly
+    model_types=tuple(t for t in HF_DECODER_TYPES if t != "gemma3"),
     config_type=ModelConfig,
     from_hf_config=from_hf_config,
     to_hf_config=to_hf_config,

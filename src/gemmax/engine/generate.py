@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,15 +386,16 @@ class Engine:
             self.requests[r.slot] = None
 
 
-def _pad_token_inputs(inputs: dict[str, Any], names: Sequence[str], t: int) -> dict[str, Any]:
-    """The family's token-aligned inputs padded on their last axis to the prompt bucket ``t`` (with 1s, which
-    the family masks as padding), so a prompt's exact length does not reach the compiled prefill's shapes."""
+def _pad_token_inputs(inputs: dict[str, Any], fills: Mapping[str, int], t: int) -> dict[str, Any]:
+    """The family's token-aligned inputs padded on their last axis to the prompt bucket ``t`` (with each one's
+    value after the prompt, ``Family.token_inputs``), so a prompt's exact length does not reach the compiled
+    prefill's shapes."""
     out = dict(inputs)
-    for name in names:
+    for name, fill in fills.items():
         if name in out:
             a = np.asarray(out[name])
             if a.shape[-1] < t:
-                a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, t - a.shape[-1])], constant_values=1)
+                a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, t - a.shape[-1])], constant_values=fill)
             out[name] = a
     return out
 

@@ -97,6 +97,9 @@ class Family:
     hf_aliases: tuple[tuple[str, str], ...] = ()
     #: HF tensor names (substrings) that a checkpoint may carry and the family does not use
     hf_ignorable: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    #: more such names that depend on the config (Gemma 3n: the unused key/value tensors its published
+    #: checkpoints carry for the KV-shared layers); skipped like ``hf_ignorable``, listed in the debug log
+    hf_unused: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
     #: transformers' ``architectures`` entry written on export
     hf_architecture: str = ""
     #: GGUF architecture of a config, or None with the reason llama.cpp cannot run it
@@ -105,9 +108,10 @@ class Family:
     chat_format: Callable[[Any], str] = lambda cfg: "gemma"
     #: inputs besides tokens that forward / prefill accept (e.g. pixel_values)
     extra_inputs: tuple[str, ...] = ()
-    #: those of them aligned with the prompt's tokens (last axis = position): the engine pads them to the
-    #: prompt's length bucket, with 1s the family masks, so one compilation serves nearby prompt lengths
-    token_inputs: tuple[str, ...] = ()
+    #: those of them aligned with the tokens (last axis = position), each with its value on text after the
+    #: prompt (a completion, generated tokens, padding). The engine pads a prompt's to its length bucket with
+    #: it, so one compilation serves nearby prompt lengths; the data pipeline gives it to completions.
+    token_inputs: Mapping[str, int] = field(default_factory=dict)
     #: backends whose prefill / decode step this family implements
     backends: tuple[str, ...] = (XLA,)
     #: text + images -> (prompt token ids, inputs) for families that read images:

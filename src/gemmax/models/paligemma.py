@@ -140,6 +140,9 @@ def from_hf_config(hf: Mapping[str, Any]) -> PaliGemmaConfig:
     if mt not in _TEXT_DEFAULTS:
         raise ValueError(f"unsupported PaliGemma decoder {mt!r} (gemma or gemma2)")
     text = dict(_TEXT_DEFAULTS[mt], **tc)
+    # transformers marks the decoder bidirectional for PaliGemma's prefix; the prefix-LM mask is this
+    # family's own (token_type_ids), so the decoder config stays causal.
+    text.pop("use_bidirectional_attention", None)
     vc = dict(hf.get("vision_config") or {})
     img = int(hf.get("image_token_id", hf.get("image_token_index", 257152)))
     name = hf.get("_name_or_path", "") or ""
@@ -622,7 +625,7 @@ FAMILY = register(family_from(
     hf_architecture="PaliGemmaForConditionalGeneration",
     gguf_arch=lambda cfg: None,
     extra_inputs=("pixel_values", "token_type_ids"),
-    token_inputs=("token_type_ids",),
+    token_inputs={"token_type_ids": 1},  # after the prefix: causal
     backends=(XLA, CPU),
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,

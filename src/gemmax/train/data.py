@@ -14,6 +14,13 @@ The pipeline has three stages, each a plain function so they can be tested and r
    follows piece boundaries exactly. Documents are packed several to a row; ``segment_ids`` (1, 2, ... per
    document, 0 = padding) tell the model not to attend across them and ``positions`` restart at 0 for each.
 
+**Images.** For a model that reads images (``Family.encode_prompt``), a prompt/completion record may carry
+``"image"`` (one) or ``"images"`` (a list): a path (relative to the data file's folder), bytes, a
+``{"bytes", "path"}`` dict as ``datasets``' Image feature stores it, a PIL image or an array. The family
+turns the prompt and its images into token ids and inputs (``pixel_values``, token-aligned inputs such as
+``token_type_ids``); the completion is a target as usual and its token-aligned inputs take the family's
+value after a prompt. Documents with images are not packed (one per row; every record has as many images).
+
 ``Dataset`` holds the tokenized documents (fine-tuning sets fit in memory; tokenizing once makes every epoch
 and every resume cheap). ``Dataset.iterator`` yields training ``Batch``es: each epoch's document order is a
 permutation drawn from ``(seed, epoch)``, packed, and cut into batches; its state is ``{"epoch", "batch",
@@ -27,7 +34,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,12 +49,15 @@ __all__ = [
     "Document",
     "Example",
     "FORMATS",
+    "PromptEncoder",
     "Record",
     "TokenizerLike",
     "pack_rows",
     "read_records",
+    "record_images",
     "render_example",
     "tokenize_example",
+    "tokenize_image_example",
 ]
 
 #: Accepted values of ``format=``.
@@ -95,11 +105,13 @@ class Example:
 
 @dataclass(frozen=True)
 class Document:
-    """A tokenized example: ``ids`` [n] and ``weights`` [n] (1 where ids[i] is a target)."""
+    """A tokenized example: ``ids`` [n] and ``weights`` [n] (1 where ids[i] is a target); ``inputs`` are a
+    model's extra inputs (``pixel_values`` [k, 3, H, W]; token-aligned ones [n])."""
 
     ids: np.ndarray
     weights: np.ndarray
     origin: str
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,9 +124,11 @@ class Batch:
     loss_mask: np.ndarray  # [B, T] float32
     positions: np.ndarray  # [B, T] int32
     segment_ids: np.ndarray  # [B, T] int32
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. pixel_values [B * k, 3, H, W]
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+        d = {k: getattr(self, k) for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+        return {**d, **self.inputs}
 
     @property
     def n_targets(self) -> int:
@@ -410,6 +424,86 @@ def tokenize_example(example: Example, tokenizer: TokenizerLike) -> Document:
     return Document(np.asarray(ids, np.int32), np.asarray(weights, np.float32), example.origin)
 
 
+#: ``(prompt text, images) -> (prompt ids, inputs)``: a family's ``encode_prompt`` bound to its config and
+#: tokenizer.
+PromptEncoder = Callable[[str, list[Any]], tuple[list[int], dict[str, Any]]]
+
+
+def record_images(record: Record) -> list[Any] | None:
+    """The images of a record (``"image"`` or ``"images"``), or None when it has none."""
+    d = record.data
+    if d.get("image") is not None:
+        if d.get("images") is not None:
+            raise DataError(f"{record.origin}: give 'image' or 'images', not both")
+        return [d["image"]]
+    imgs = d.get("images")
+    if imgs is None:
+        return None
+    if hasattr(imgs, "tolist") and not hasattr(imgs, "shape"):
+        imgs = imgs.tolist()
+    if not isinstance(imgs, (list, tuple)) or not imgs:
+        raise DataError(f"{record.origin}: 'images' must be a non-empty list")
+    return list(imgs)
+
+
+def _load_image(value: Any, origin: str) -> Any:
+    """A PIL image or array for a path (relative to the data file), bytes or a ``{"bytes", "path"}`` dict."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        import io
+
+        from PIL import Image
+
+        try:
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises several types for bad bytes
+            raise DataError(f"{origin}: image bytes are not a readable image ({e})") from None
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_absolute():
+            source = Path(origin.rsplit(":", 1)[0])
+            path = (source.parent if source.is_file() else Path.cwd()) / path
+        if not path.is_file():
+            raise DataError(f"{origin}: image {str(value)!r} not found (looked at {path})")
+        from PIL import Image
+
+        try:
+            return Image.open(path).convert("RGB")
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{origin}: {path} is not a readable image ({e})") from None
+    if hasattr(value, "convert") or hasattr(value, "shape"):
+        return value
+    raise DataError(f"{origin}: an image must be a path, bytes, a PIL image or an array, "
+                    f"got {type(value).__name__}")
+
+
+def tokenize_image_example(record: Record, example: Example, images: list[Any], tokenizer: TokenizerLike,
+                           encode_prompt: PromptEncoder, token_inputs: Mapping[str, int]) -> Document:
+    """A prompt/completion record with images: the family encodes the prompt with its images, the completion
+    (+ EOS) is the target; token-aligned inputs take their after-prompt value on it."""
+    if len(example.pieces) != 2 or example.pieces[0][1] or not example.pieces[1][1]:
+        raise DataError(f"{record.origin}: a record with images must be in the prompt/completion format "
+                        "('prompt' and 'completion' fields)")
+    prompt, completion = example.pieces[0][0], example.pieces[1][0]
+    try:
+        ids, inputs = encode_prompt(prompt, [_load_image(im, record.origin) for im in images])
+    except DataError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{record.origin}: {e}") from None
+    tail = list(tokenizer.encode(completion, add_bos=False)) + [tokenizer.eos_id]
+    n = len(ids)
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        a = np.asarray(value)
+        if name in token_inputs:
+            a = np.concatenate([a.reshape(-1)[:n], np.full(len(tail), token_inputs[name], a.dtype)])
+        out[name] = a
+    weights = np.concatenate([np.zeros(n, np.float32), np.ones(len(tail), np.float32)])
+    return Document(np.asarray(list(ids) + tail, np.int32), weights, record.origin, out)
+
+
 def _fit(doc: Document, sequence_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """(inputs, targets, mask) of one document, truncated to ``sequence_length`` input positions."""
     n = len(doc.ids) - 1
@@ -449,8 +543,31 @@ def pack_rows(
     return rows
 
 
+def _assemble_inputs(docs: Sequence[Document], rows: Sequence[Sequence[int]], batch_size: int,
+                     sequence_length: int, token_inputs: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The documents' extra inputs for one batch (rows hold one document each): token-aligned ones [B, T]
+    (after-prompt value on padding), the others concatenated over rows (zeros for empty rows), so the shapes
+    never change."""
+    first = docs[0].inputs
+    out: dict[str, np.ndarray] = {}
+    for name, like in first.items():
+        if name in token_inputs:
+            a = np.full((batch_size, sequence_length), token_inputs[name], like.dtype)
+            for r, row in enumerate(rows):
+                doc = docs[row[0]]
+                n = min(len(doc.ids) - 1, sequence_length)  # aligned with the row's input tokens
+                a[r, :n] = doc.inputs[name][:n]
+        else:
+            a = np.zeros((batch_size,) + like.shape, like.dtype)
+            for r, row in enumerate(rows):
+                a[r] = docs[row[0]].inputs[name]
+            a = a.reshape((batch_size * like.shape[0],) + like.shape[1:])
+        out[name] = a
+    return out
+
+
 def _assemble(docs: Sequence[Document], rows: Sequence[Sequence[int]], batch_size: int,
-              sequence_length: int, pad_id: int) -> Batch:
+              sequence_length: int, pad_id: int, token_inputs: Mapping[str, int] | None = None) -> Batch:
     shape = (batch_size, sequence_length)
     tokens = np.full(shape, pad_id, np.int32)
     targets = np.full(shape, pad_id, np.int32)
@@ -468,7 +585,9 @@ def _assemble(docs: Sequence[Document], rows: Sequence[Sequence[int]], batch_siz
             positions[r, at:at + n] = np.arange(n)
             segments[r, at:at + n] = s
             at += n
-    return Batch(tokens, targets, mask, positions, segments)
+    inputs = _assemble_inputs(docs, rows, batch_size, sequence_length, token_inputs or {}) \
+        if docs and docs[0].inputs else {}
+    return Batch(tokens, targets, mask, positions, segments, inputs)
 
 
 # ---- the dataset and its iterators ---------------------------------------------------------------
@@ -488,6 +607,7 @@ class Dataset:
     pack: bool = True
     pad_id: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    token_inputs: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_source(
@@ -502,16 +622,42 @@ class Dataset:
         split: str | None = None,
         pack: bool = True,
         pad_id: int | None = None,
+        encode_prompt: PromptEncoder | None = None,
+        token_inputs: Mapping[str, int] | None = None,
     ) -> Dataset:
-        """Read, render and tokenize ``source`` (see ``read_records`` for what it may be)."""
+        """Read, render and tokenize ``source`` (see ``read_records`` for what it may be).
+
+        ``encode_prompt`` and ``token_inputs`` come from a model that reads images (see the module docstring);
+        without them a record with images is an error."""
         if sequence_length < 1:
             raise ValueError(f"sequence_length must be positive, got {sequence_length}")
         if format not in FORMATS:
             raise DataError(f"{source}: unknown format {format!r}; use one of {', '.join(FORMATS)}")
         records = read_records(source, text_split=text_split, split=split)
         docs, dropped = [], 0
+        n_images: tuple[int, str] | None = None
         for rec in records:
-            doc = tokenize_example(render_example(rec, format, text_field), tokenizer)
+            example = render_example(rec, format, text_field)
+            images = record_images(rec)
+            if images is None:
+                if n_images is not None:
+                    raise DataError(f"{rec.origin}: a record without images among records with images "
+                                    f"({n_images[1]} has {n_images[0]})")
+                doc = tokenize_example(example, tokenizer)
+            else:
+                if encode_prompt is None:
+                    raise DataError(f"{rec.origin}: the record has images but this model reads text only")
+                if docs and n_images is None:
+                    raise DataError(f"{rec.origin}: a record with images among records without")
+                if n_images is not None and len(images) != n_images[0]:
+                    raise DataError(f"{rec.origin}: {len(images)} images, but {n_images[1]} has {n_images[0]}; "
+                                    "every record of a batch must have as many")
+                n_images = n_images or (len(images), rec.origin)
+                doc = tokenize_image_example(rec, example, images, tokenizer, encode_prompt, token_inputs or {})
+                prompt_len = int((doc.weights == 0).sum())
+                if prompt_len >= sequence_length:
+                    raise DataError(f"{rec.origin}: the prompt with its images is {prompt_len} tokens, which "
+                                    f"leaves no room for the completion in sequence_length={sequence_length}")
             if len(doc.ids) < 2 or not doc.weights[1:].any():
                 dropped += 1  # nothing to predict (e.g. an empty completion that still had no EOS)
                 continue
@@ -521,7 +667,8 @@ class Dataset:
         if pad_id is None:
             pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
             pad_id = max(pad_id, 0)  # -1 means "no pad token"; any id works under a zero mask
-        ds = cls(docs, int(sequence_length), pack, pad_id)
+        ds = cls(docs, int(sequence_length), pack and n_images is None, pad_id,
+                 token_inputs=dict(token_inputs or {}))
         ds.stats = ds._stats(dropped)
         return ds
 
@@ -622,7 +769,7 @@ class BatchIterator:
         rows = self._rows[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
         self.batch += 1
         ds = self.dataset
-        return _assemble(ds.documents, rows, self.batch_size, ds.sequence_length, ds.pad_id)
+        return _assemble(ds.documents, rows, self.batch_size, ds.sequence_length, ds.pad_id, ds.token_inputs)
 
     # -- state
     def state(self) -> dict[str, int]:

@@ -351,7 +351,13 @@ def _as_dataset(lm: Any, data: Any, sequence_length: int, format: str) -> Datase
         return data
     if lm.tokenizer is None:
         raise DataError("this model has no tokenizer: pass a gemmax.train.data.Dataset built with one")
-    return Dataset.from_source(data, lm.tokenizer, sequence_length, format=format)
+    family = lm.family
+    encode = None
+    if family.encode_prompt is not None:
+        def encode(text: str, images: list[Any]) -> tuple[list[int], dict[str, Any]]:
+            return family.encode_prompt(lm.config, lm.tokenizer, text, images)
+    return Dataset.from_source(data, lm.tokenizer, sequence_length, format=format, encode_prompt=encode,
+                               token_inputs=family.token_inputs)
 
 
 def _place_batch(batch: Any, dist: Any) -> dict[str, jax.Array]:

@@ -31,7 +31,7 @@ from gemmax.io.hf import (
     write_safetensors,
 )
 from gemmax.io.tokenizer import Tokenizer
-from gemmax.models import base
+from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
 from gemmax.models.gemma import gguf as gguf_io
 from gemmax.nn import lora, quant
@@ -162,13 +162,22 @@ class CausalLM:
             return cls._from_hf_folder(resolve_hf_handle("hf://" + repo), dtype, source=handle)
         if path.suffix == ".gguf":
             raise FileNotFoundError(f"GGUF file not found: {handle}")
+        if handle in embedding_gemma.PRESETS:
+            raise CheckpointError(f"{handle!r} is a text-embedding model, not a causal LM: load it with "
+                                  f"gemmax.TextEncoder.from_preset({handle!r})")
         raise CheckpointError(
             f"cannot load {handle!r}: not a folder, a .gguf file, an hf:// handle or a preset name "
             f"(presets: {', '.join(sorted(presets))})")
 
     @classmethod
     def _from_hf_folder(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+        if (folder / "modules.json").is_file():  # a sentence-transformers folder: config.json is its backbone's
+            raise CheckpointError(f"{folder} is a sentence-transformers embedding model, not a causal LM: load it "
+                                  f"with gemmax.TextEncoder.from_preset({source!r})")
         hf = read_json_config(folder)
+        if hf.get("use_bidirectional_attention"):
+            raise CheckpointError(f"{folder} has bidirectional attention (an encoder such as EmbeddingGemma), not a "
+                                  f"causal LM: load it with gemmax.TextEncoder.from_preset({source!r})")
         fam, cfg = _family_config(hf, folder / "config.json")
         src = open_safetensors_folder(folder)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), src, np.dtype(jnp.dtype(dtype)),

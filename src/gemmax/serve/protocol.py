@@ -6,6 +6,7 @@ exactly what to fix; nothing here touches JAX.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from gemmax.engine.generate import SamplingParams
-from gemmax.serve.errors import bad
+from gemmax.serve.errors import APIError, bad
 from gemmax.serve.scheduler import ServedModel
 
 MAX_N = 16  # choices per request
@@ -173,6 +174,18 @@ def messages(body: Mapping) -> list[dict[str, Any]]:
 
 
 # ---- per endpoint ---------------------------------------------------------------------------------------
+
+
+def check_api_key(api_key: str | None, request: HTTPRequest) -> None:
+    """401 unless the request carries ``Authorization: Bearer <api_key>`` (when a key is set). The
+    comparison takes the same time whatever the token, so the key cannot be guessed byte by byte."""
+    if api_key is None:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
 
 
 async def read_body(request: HTTPRequest) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -40,10 +39,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.api import CausalLM
+from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.io.bundled import default_model_path
 from gemmax.models.base import for_config
 from gemmax.nn import lora
-from gemmax.serve import protocol, responses
+from gemmax.serve import embeddings, protocol, responses
 from gemmax.serve.errors import APIError, bad
 from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD, Sampling
 from gemmax.serve.responses import Answer, collect, model_card
@@ -125,15 +125,8 @@ class Service:
         return next(iter(self.models))
 
     def check_auth(self, request: HTTPRequest) -> None:
-        """401 unless the request carries ``Authorization: Bearer <api_key>`` (when a key is set). The
-        comparison takes the same time whatever the token, so the key cannot be guessed byte by byte."""
-        if self.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+        """401 unless the request carries the API key (``protocol.check_api_key``)."""
+        protocol.check_api_key(self.api_key, request)
 
     def pick_model(self, body: Mapping) -> ServedModel:
         """The served model the body's ``model`` names (absent or null: the default); 404 for an unknown name,
@@ -278,6 +271,13 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     async def chat_completions(request: HTTPRequest) -> Any:
         return await chat(svc, request)
 
+    @app.post("/v1/embeddings")
+    async def create_embeddings(request: HTTPRequest) -> Any:
+        svc.check_auth(request)
+        raise APIError(400, f"'{svc.default_model}' is a causal language model; /v1/embeddings is answered by a "
+                            "server started on a text encoder (gemmax serve --model <EmbeddingGemma folder>)",
+                       code="model_not_embedding")
+
 
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
                max_len: int | None = None, adapters: Mapping[str, Any] | None = None, max_queue: int = 256,
@@ -287,7 +287,14 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8
     ``max_batch`` slots per served model share each decode step; ``chunk`` tokens are decoded per step
     (larger: less Python overhead per token; smaller: new requests join and stop strings act sooner).
     ``warmup`` compiles every prefill batch size at startup instead of on first use.
+
+    Given a ``gemmax.TextEncoder`` (or ``{name: TextEncoder}``) it is an embedding server instead:
+    ``/v1/embeddings`` (``gemmax.serve.embeddings``), ``/v1/models`` and ``/health``.
     """
+    if _encoders(lm_or_models):
+        if adapters:
+            raise ValueError("LoRA adapters are served over language models, not text encoders")
+        return _embedding_app(lm_or_models, api_key, model_name)
     models = build_models(lm_or_models, adapters, max_len, model_name)
     scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup)
     svc = Service(models, scheduler, api_key)
@@ -296,6 +303,26 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8
     app.state.models = models
     _add_error_handlers(app)
     _add_routes(app, svc)
+    return app
+
+
+def _encoders(obj: Any) -> bool:
+    values = list(obj.values()) if isinstance(obj, Mapping) else [obj]
+    kinds = {isinstance(v, TextEncoder) for v in values}
+    if len(kinds) > 1:
+        raise ValueError("one server serves either text encoders or language models, not both")
+    return kinds == {True}
+
+
+def _embedding_app(encoders: Any, api_key: str | None, model_name: str | None) -> FastAPI:
+    """The app of an embedding server: its own service (no scheduler: one forward pass a request)."""
+    items = dict(encoders) if isinstance(encoders, Mapping) else {
+        model_name or _default_name(encoders): encoders}
+    svc = embeddings.EmbeddingService(items, api_key)
+    app = FastAPI(title="gemmax embeddings")
+    app.state.models = items
+    _add_error_handlers(app)
+    embeddings.add_routes(app, svc)
     return app
 
 
@@ -327,7 +354,10 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
 
     if model is None:
         model = default_model_path()
-    lm = CausalLM.from_preset(model) if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(model, (str, os.PathLike)):
+        lm = TextEncoder.from_preset(model) if is_encoder_handle(model) else CausalLM.from_preset(model)
+    else:
+        lm = model
     if model_name is None and isinstance(model, (str, os.PathLike)) and not getattr(lm.config, "name", ""):
         model_name = Path(os.fspath(model)).stem
     app = create_app(lm, api_key=api_key, max_batch=max_batch, chunk=chunk, max_len=max_len,

@@ -41,6 +41,9 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 # ---- sampling -----------------------------------------------------------------------------------------
 
+#: candidates the sampler's fast path considers (a fixed size: the compiled step never depends on top_k)
+N_CAND = 256
+
 
 def greedy_argmax(logits: Array) -> Array:
     """``argmax`` over the last axis, ties to the lowest index, as ``jnp.argmax``; a row with NaNs still
@@ -53,43 +56,95 @@ def greedy_argmax(logits: Array) -> Array:
 
 
 def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array,
-                  n_cand: int, vocab_limit: int | None = None) -> Array:
+                  n_cand: int = N_CAND, vocab_limit: int | None = None) -> Array:
     """Per-row sampling. temperature <= 0 means greedy. Filters apply in the order transformers uses:
     temperature, top-k, then top-p and min-p on the renormalised survivors.
 
-    Filtering works on the ``n_cand`` most likely tokens (a static size, so it compiles once); with top-k
-    off, probabilities are still normalised over the whole vocabulary, so top-p/min-p are exact unless the
-    nucleus needs more than ``n_cand`` tokens, where it is cut at ``n_cand``.
+    Every setting is per-row *data* of one compiled function: a new ``top_k`` value never recompiles, and
+    a row's token depends only on its own logits, settings and key, never on what shares the batch (the
+    random draw is one uniform per row, inverse-CDF). ``n_cand`` (static) only says how many of the most
+    likely tokens the fast path looks at (-1: every row is greedy, skip sampling altogether). A row whose
+    kept set fits in those candidates is sampled from them; a row whose kept set may reach past them
+    (plain sampling, a ``top_k`` above ``n_cand``, a wide nucleus) takes the exact path over the whole
+    vocabulary, under a per-row ``lax.cond``: its cost is paid once per such row, not by the batch.
     """
     logits = logits.astype(jnp.float32)
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    v = logits.shape[-1]
+    if vocab_limit is not None and vocab_limit < v:
+        logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
     greedy_tok = greedy_argmax(logits)
     if n_cand < 0:  # every row greedy: no random numbers, no softmax (a 262k-vocab draw costs ~25 ms on CPU)
         return greedy_tok.astype(jnp.int32)
+    n = min(n_cand or N_CAND, v)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     lg = logits / t
-    if n_cand == 0:
-        # inverse-CDF draw: one uniform per row instead of a Gumbel per vocabulary entry (jax.random.categorical
-        # over 262k logits is ~25 ms of threefry on a CPU; this is ~2 ms). A zero-probability token can
-        # never be picked: the CDF does not rise at it.
-        cdf = jnp.cumsum(jax.nn.softmax(lg, axis=-1), axis=-1)
-        u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
-        sampled = jnp.minimum(jnp.sum(cdf <= u, axis=-1), lg.shape[-1] - 1)  # first index with cdf > u
-    else:
-        vals, idx = jax.lax.top_k(lg, n_cand)
-        r = jnp.arange(n_cand)[None]
-        keep = (top_k[:, None] <= 0) | (r < top_k[:, None])
-        lse_full = jax.nn.logsumexp(lg, axis=-1, keepdims=True)
-        lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1, keepdims=True)
-        logp = vals - jnp.where(top_k[:, None] > 0, lse_kept, lse_full)
-        p = jnp.where(keep, jnp.exp(logp), 0.0)
-        cum = jnp.cumsum(p, axis=-1)
-        keep = keep & ((cum - p < top_p[:, None]) | (r == 0))
-        keep = keep & (p >= min_p[:, None] * p[:, :1])
-        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, vals, -jnp.inf))
-        sampled = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy_tok).astype(jnp.int32)
+    u = jax.vmap(jax.random.uniform)(keys)
+    k = jnp.where((top_k <= 0) | (top_k >= v), v, top_k).astype(jnp.int32)
+    p, m = top_p.astype(jnp.float32), min_p.astype(jnp.float32)
+
+    # fast path: the n most likely tokens, in order (rank semantics, like transformers)
+    # (the barrier keeps XLA:CPU's top-k rewrite: folding the gather below into the sort would turn the
+    # top-k into a full sort of the vocabulary, ~100x slower)
+    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(lg, n))
+    r = jnp.arange(n)[None]
+    keep = r < k[:, None]
+    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
+    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
+    cum = jnp.cumsum(q, axis=-1)
+    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1))
+    keep = keep & (q >= m[:, None] * q[:, :1])
+    w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+    c = jnp.cumsum(w, axis=-1)
+    j = jnp.minimum(jnp.sum(c <= u[:, None] * c[:, -1:], axis=-1), n - 1)
+    fast = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
+    if n < v:  # rows whose kept set may reach past the candidates: exact, one row at a time
+        need = (temperature > 0) & (keep[:, -1] | ((k > n) & (k < v) & (p < 1)))
+
+        def one(args: tuple) -> Array:
+            need_i, fast_i, *row = args
+            return jax.lax.cond(need_i, lambda: _sample_row_exact(*row), lambda: fast_i)
+
+        fast = jax.lax.cond(jnp.any(need), lambda: jax.lax.map(one, (need, fast, lg, k, p, m, u)), lambda: fast)
+    return jnp.where(temperature > 0, fast, greedy_tok).astype(jnp.int32)
+
+
+def _ordered(x: Array) -> Array:
+    """float32 -> int32 with the same order, so thresholds can be found exactly by integer bisection."""
+    b = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+
+
+def _bisect(ok: Any, lo: Array, hi: Array) -> Array:
+    """The largest ``t`` in ``[lo, hi)`` with ``ok(t)``, for ``ok`` true at ``lo``, false at ``hi`` and
+    monotone: 33 halvings cover the whole int32 range, so the loop has a fixed length."""
+
+    def body(_: Any, c: tuple[Array, Array]) -> tuple[Array, Array]:
+        lo, hi = c
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    return jax.lax.fori_loop(0, 33, body, (lo, hi))[0]
+
+
+def _sample_row_exact(lg: Array, k: Array, p: Array, m: Array, u: Array) -> Array:
+    """One row over its whole vocabulary, with thresholds instead of a sort: the k-th largest logit and
+    the nucleus cutoff by bisection on the logits' bit patterns (tokens tied at a cutoff are all kept),
+    min-p in closed form, then an inverse-CDF draw over the survivors."""
+    v = lg.shape[-1]
+    o = _ordered(lg)
+    mx = lg.max()
+    w = jnp.exp(lg - mx)
+    lo, hi = o.min(), o.max() + 1
+    tk = jax.lax.cond(k < v, lambda: _bisect(lambda t: jnp.sum(o >= t) >= k, lo, hi), lambda: lo)
+    mass = lambda t: jnp.sum(jnp.where(o >= t, w, 0.0))  # noqa: E731
+    z = mass(tk)
+    tp = jax.lax.cond(p < 1, lambda: _bisect(lambda t: mass(jnp.maximum(t, tk)) >= p * z, tk, hi), lambda: tk)
+    tm = jnp.where(m > 0, _ordered(mx + jnp.log(jnp.maximum(m, 1e-30))), lo)
+    cut = jnp.maximum(jnp.maximum(tk, tp), tm)
+    c = jnp.cumsum(jnp.where(o >= cut, w, 0.0))
+    return jnp.minimum(jnp.sum(c <= u * c[-1]), v - 1).astype(jnp.int32)
 
 
 def row_keys(seeds: Array, pos: Array) -> Array:
@@ -314,7 +369,7 @@ class Engine:
             st["pos"][s] = len(r.prompt_ids)
             st["limit"][s] = min(len(r.prompt_ids) + sp.max_new_tokens, self.max_len) - 1
             st["seed"][s] = sp.seed
-            st["temperature"][s], st["top_k"][s] = sp.temperature, sp.top_k
+            st["temperature"][s], st["top_k"][s] = sp.temperature, min(sp.top_k, self.cfg.vocab_size)
             st["top_p"][s], st["min_p"][s] = sp.top_p, sp.min_p
             ids = list(sp.stop_ids)[:MAX_STOP]
             st["stop_ids"][s] = ids + [-1] * (MAX_STOP - len(ids))
@@ -342,15 +397,12 @@ class Engine:
             st["done"][r.slot] = True
 
     def _n_cand(self, reqs: Sequence[Request | None]) -> int:
-        """Static sampling mode of a batch: -1 all greedy, 0 plain sampling, else the candidate count."""
-        live = [r.params for r in reqs if r is not None and r.params.temperature > 0]
-        if not live:
+        """Static sampling mode of a batch: -1 when every row is greedy (no sampling compiled in), else the
+        sampler's fixed candidate count. Never a function of the rows' settings beyond that, so a new
+        ``top_k`` or ``top_p`` value reuses the compiled step."""
+        if not any(r is not None and r.params.temperature > 0 for r in reqs):
             return -1
-        if not any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in live):
-            return 0
-        k = max([p.top_k for p in live if p.top_k] or [0])
-        need = bucket(k, 64) if k else 256
-        return min(need, self.cfg.vocab_size)
+        return min(N_CAND, self.cfg.vocab_size)
 
     def step(self, n_steps: int | None = None) -> list[Request]:
         """Run one decode chunk for all live slots; returns the requests that got new tokens."""

@@ -194,6 +194,12 @@ class Tokenizer:
     def is_special(self, i: int) -> bool:
         return int(i) in self._special_set
 
+    def find_special(self, text: str) -> str | None:
+        """The first control token written in ``text`` (e.g. ``<end_of_turn>``), or None. A chat template
+        must not let message content spell turn markers: ``encode`` would make them real ones."""
+        m = self._special_re.search(text) if self._special_re is not None else None
+        return m.group(0) if m else None
+
     @property
     def special_ids(self) -> dict[str, int]:
         """Named special tokens present in this vocabulary, e.g. ``{"<start_of_turn>": 105, ...}``."""

@@ -39,9 +39,11 @@ def init_cache(cfg: Gemma4Config, batch: int, max_len: int, dtype: Any) -> dict[
     w = _window(cfg, max_len)
     s = max_len if own[GLOBAL] else 1
     nl, ng = max(len(own[LOCAL]), 1), max(len(own[GLOBAL]), 1)
-    kl = jnp.zeros((nl, batch, w, cfg.num_kv_heads, cfg.head_dim), dtype)
-    kg = jnp.zeros((ng, batch, s, cfg.global_kv_heads, cfg.global_hd), dtype)
-    return {"k_local": kl, "v_local": kl, "k_global": kg, "v_global": kg}
+    local = (nl, batch, w, cfg.num_kv_heads, cfg.head_dim)
+    glob = (ng, batch, s, cfg.global_kv_heads, cfg.global_hd)
+    # four distinct buffers: the engine donates the cache, and one buffer may not be donated twice
+    return {"k_local": jnp.zeros(local, dtype), "v_local": jnp.zeros(local, dtype),
+            "k_global": jnp.zeros(glob, dtype), "v_global": jnp.zeros(glob, dtype)}
 
 
 def cache_bytes_per_token(cfg: Gemma4Config, context: int, dtype_bytes: int = 2) -> float:

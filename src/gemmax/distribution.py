@@ -718,11 +718,12 @@ def use_distribution(dist: Distribution | None) -> Iterator[Distribution | None]
 
 
 #: Logical axes (as families declare them on every weight) -> the mesh axis role that splits them by default:
-#: "model" (tensor parallel: vocabulary, heads, MLP and recurrence widths) or "data" (the second dimension of
-#: the Keras tutorials' 2-D maps, and FSDP). Any other logical axis (layers, head_dim, norms...) stays whole.
+#: "model" (tensor parallel: vocabulary, heads, MLP and recurrence widths; a mixture's experts, each whole on
+#: its device) or "data" (the second dimension of the Keras tutorials' 2-D maps, and FSDP). Any other logical
+#: axis (layers, head_dim, norms...) stays whole.
 LOGICAL_AXIS_RULES: dict[str, str] = {
     "vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "lru": "model",
-    "embed": "data",
+    "experts": "model", "embed": "data",
 }
 
 

@@ -35,7 +35,13 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """Zero-copy view of one .safetensors file (memory-mapped, validated on open)."""
+    """Zero-copy view of one .safetensors file (memory-mapped, validated on open).
+
+    Read here rather than through the ``safetensors`` package so that weights stay memory-mapped views in
+    their own dtype (bfloat16 as ``ml_dtypes``) that a loader slices per device; the header is validated as
+    strictly as that package does it: every tensor's byte range non-negative, exactly its dtype x shape,
+    and the ranges tiling the data section (no gap, no overlap, nothing past it).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -49,19 +55,23 @@ class SafetensorsFile:
             raw = f.read(hlen)
         try:
             header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._base = 8 + hlen
         self._entries: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
             try:
                 dtype = _ST_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                start, end = (int(o) for o in e["data_offsets"])
+                shape = tuple(_count(s) for s in e["shape"])
+                start, end = (_count(o) for o in e["data_offsets"])
+                if len(e["data_offsets"]) != 2:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: bad header entry for tensor {name!r}: {e}") from None
-            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            n = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
             if end - start != n:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has {end - start} bytes for shape {shape} {e['dtype']}")
@@ -70,6 +80,15 @@ class SafetensorsFile:
                     f"{self.path}: truncated — tensor {name!r} ends at byte {self._base + end} but the file "
                     f"has {size}")
             self._entries[name] = (dtype, shape, start, end)
+        at = 0  # the ranges, in file order, must tile [0, data size) exactly
+        for name, (_, _, start, end) in sorted(self._entries.items(), key=lambda kv: kv[1][2:]):
+            if start != at:
+                what = "overlaps the tensor before it" if start < at else f"leaves a gap of {start - at} bytes"
+                raise CheckpointError(f"{self.path}: tensor {name!r} (bytes {start}..{end}) {what}")
+            at = end
+        if self._base + at != size:
+            raise CheckpointError(f"{self.path}: {size - self._base - at} bytes after the last tensor's data "
+                                  "(the tensors must cover the data section exactly)")
         self._mm: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
@@ -92,6 +111,13 @@ class SafetensorsFile:
         dtype, shape, start, end = self._entries[name]
         return np.frombuffer(self._mm, dtype=dtype, count=int(np.prod(shape)), offset=self._base + start
                              ).reshape(shape)
+
+
+def _count(v: Any) -> int:
+    """A non-negative integer from a header (a shape dimension or an offset); ValueError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(v)
+    return v
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -179,8 +205,12 @@ def convert_pickle_checkpoint(folder: str | os.PathLike) -> Path:
     import torch
 
     folder = Path(folder)
+    pickles = sorted(folder.glob("*.bin"))
+    if not pickles:
+        raise CheckpointError(f"{folder}: no *.bin PyTorch checkpoint to convert"
+                              + (" (not a folder)" if not folder.is_dir() else ""))
     out: dict[str, np.ndarray] = {}
-    for p in sorted(folder.glob("*.bin")):
+    for p in pickles:
         sd = torch.load(p, map_location="cpu", weights_only=True)
         for k, v in sd.items():
             out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
@@ -325,9 +355,12 @@ def read_json_config(folder: Path) -> dict[str, Any]:
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object (a model config), got a {type(cfg).__name__}")
+    return cfg
 
 
 def resolve_hf_handle(handle: str) -> Path:

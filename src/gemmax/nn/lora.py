@@ -349,6 +349,9 @@ def load_adapter(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: A
         if f"{n.key}/lora_a" not in names:
             continue
         node = _tree_node(params, n)
+        lacking = [f"{n.key}/{key}" for key in LORA_KEYS if f"{n.key}/{key}" not in names]
+        if lacking:
+            raise ValueError(f"{folder}: adapter for {k} is incomplete: {ADAPTER_WEIGHTS} lacks {lacking}")
         arrays = {key: f.get(f"{n.key}/{key}") for key in LORA_KEYS}
         names -= {f"{n.key}/{key}" for key in LORA_KEYS}
         a_shape, b_shape = lora_shapes(n, kernel_shape(node, n), arrays["lora_a"].shape[-1])
@@ -526,6 +529,11 @@ def import_peft(path: str | os.PathLike, params: Params, nodes: Nodes, dtype: An
                              f"(modules: {', '.join(known)})")
         k, i = hit
         found.setdefault((k, m.group(2)), {})[i] = f.get(name)
+    for k, part in found:  # each adapted layer needs both factors: one alone is a truncated file
+        other = "B" if part == "A" else "A"
+        lone = sorted(set(found[(k, part)]) - set(found.get((k, other), {})))
+        if lone:
+            raise ValueError(f"{folder}: {k} has lora_{part} but no lora_{other} for layer(s) {lone}")
     params = strip_lora(params)
     r0, alpha0 = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
     for k in [k for k in nodes if (k, "A") in found]:

@@ -123,6 +123,7 @@ class CheckpointManager:
                                 "metrics": _jsonable(metrics or {}), "extra": extra or {}}
         if params is not None:
             state["params"] = params
+            meta["param_shapes"] = _shapes(params)
         if opt_state is not None:
             state["opt_state"] = opt_state
         if rng is not None:
@@ -163,6 +164,8 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 - any read failure is a corrupt checkpoint
             raise CheckpointError(f"{self.directory}/{step}: cannot read checkpoint metadata ({e})") from e
         items = meta.get("items", [])
+        if target is not None and target.get("params") is not None and meta.get("param_shapes") is not None:
+            _check_shapes(meta["param_shapes"], _shapes(target["params"]), f"{self.directory}/{step}")
         if target is not None:
             tgt = {k: v for k, v in target.items() if k in items and k != "rng"}
             missing = set(items) - set(tgt) - {"rng"}
@@ -204,6 +207,25 @@ class CheckpointManager:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+    """Each leaf's path and shape: saved with the params so that a resume can say what differs."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): [int(d) for d in np.shape(leaf)] for path, leaf in flat}
+
+
+def _check_shapes(saved: dict[str, list[int]], now: dict[str, list[int]], where: str) -> None:
+    """A clear error when the run being resumed trains other weights than the checkpoint holds (another
+    LoRA rank or targets, full fine-tuning against a LoRA run...), before orbax fails deep inside."""
+    if saved == now:
+        return
+    diffs = [f"{k}: saved {tuple(saved[k])}, now {tuple(now[k])}" for k in saved if k in now and saved[k] != now[k]]
+    diffs += [f"{k}: only in the checkpoint" for k in saved if k not in now]
+    diffs += [f"{k}: not in the checkpoint" for k in now if k not in saved]
+    raise CheckpointError(f"{where}: the checkpoint holds other trainable weights than this run (a different "
+                          "LoRA rank or targets?); train into another folder or without resuming:\n  "
+                          + "\n  ".join(diffs[:8]) + (f"\n  and {len(diffs) - 8} more" if len(diffs) > 8 else ""))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

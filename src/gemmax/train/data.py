@@ -146,11 +146,18 @@ def _files_in(path: Path) -> list[Path]:
     return files
 
 
-def _read_text(path: Path, text_split: str) -> Iterator[Record]:
+def _utf8(path: Path, raw: bytes, first_line: int = 1) -> str:
+    """``raw`` decoded, or a DataError at the line and column of the first byte that is not UTF-8."""
     try:
-        content = path.read_text(encoding="utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        line = first_line + raw.count(b"\n", 0, e.start)
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {col})") from None
+
+
+def _read_text(path: Path, text_split: str) -> Iterator[Record]:
+    content = _utf8(path, path.read_bytes())
     if text_split == "file":
         if content.strip():
             yield Record({"text": content}, f"{path}:1")
@@ -176,12 +183,12 @@ def _read_text(path: Path, text_split: str) -> Iterator[Record]:
 
 
 def _read_json(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
-        if path.suffix.lower() == ".json" and head.startswith("["):
+        if path.suffix.lower() == ".json" and head.startswith(b"["):
             try:
-                items = json.load(f)
+                items = json.loads(_utf8(path, f.read()))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
             for i, item in enumerate(items):
@@ -189,7 +196,8 @@ def _read_json(path: Path) -> Iterator[Record]:
                     raise DataError(f"{path}: item {i} is a {type(item).__name__}, expected an object")
                 yield Record(item, f"{path}:item {i}")
             return
-        for i, line in enumerate(f, 1):
+        for i, raw in enumerate(f, 1):
+            line = _utf8(path, raw, i)
             if not line.strip():
                 continue
             try:
@@ -213,6 +221,8 @@ def _read_csv(path: Path) -> Iterator[Record]:
                 yield Record(dict(row), f"{path}:{start}")
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: near line {reader.line_num + 1}: not UTF-8 text") from None
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:

@@ -181,7 +181,8 @@ class CausalLM:
         fam, cfg = _family_config(hf, folder / "config.json")
         src = open_safetensors_folder(folder)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), src, np.dtype(jnp.dtype(dtype)),
-                               shape_of=src.shape, aliases=fam.hf_aliases, ignorable=fam.hf_ignorable,
+                               shape_of=src.shape, aliases=fam.hf_aliases,
+                               ignorable=(*fam.hf_ignorable, *fam.hf_unused(cfg)),
                                what=f"{getattr(cfg, 'family', fam.name)} model")
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         return cls(cfg, params, load_tokenizer(folder), source=source, family=fam)

@@ -311,8 +311,9 @@ class LayoutMap(MutableMapping[str, Spec]):
 
 
 #: Prefixes of layer-stacked weights (leading layer axis): the decoder, RecurrentGemma's two block kinds,
-#: PaliGemma's SigLIP encoder.
-STACKED_PREFIXES = (LAYER_PREFIX, "recurrent_block/", "attention_block/", "vision_encoder/encoder_block/")
+#: PaliGemma's SigLIP encoder, Gemma 3n's key/value weights of its KV-computing layers.
+STACKED_PREFIXES = (LAYER_PREFIX, "recurrent_block/", "attention_block/", "vision_encoder/encoder_block/",
+                    "kv_block/")
 
 
 def _is_stacked(path: str, shape: Sequence[int]) -> bool:

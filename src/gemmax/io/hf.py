@@ -10,6 +10,7 @@ with a message naming the tensor, never with a half-loaded model.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import struct
@@ -19,6 +20,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 _ST_DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -310,7 +313,11 @@ def lazy_from_table(specs: Mapping[str, Any], table: Mapping[str, tuple[list[str
             rs = [check(n, expect) for n in names]
             if all(r is not None for r in rs):
                 out[path] = LazyWeight(shape, _reader_stacked(source, rs, fwd, dtype, shape), release)
-    unexpected = [n for n in source.keys() if n not in used and not any(s in n for s in ignorable)]
+    unused = [n for n in source.keys() if n not in used]
+    unexpected = [n for n in unused if not any(s in n for s in ignorable)]
+    if len(unused) > len(unexpected):
+        _log.debug("%s: skipped %d tensors the model does not use: %s", what, len(unused) - len(unexpected),
+                   sorted(set(unused) - set(unexpected)))
     raise_on_problems(problems, unexpected, what)
     return out
 

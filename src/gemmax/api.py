@@ -193,7 +193,8 @@ class CausalLM:
         fam, cfg = _family_config(contents.hf_config, path)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), contents, np.dtype(jnp.dtype(dtype)),
                                shape_of=lambda n: contents.tensor_info[n].shape, aliases=fam.hf_aliases,
-                               ignorable=fam.hf_ignorable, what=f"{getattr(cfg, 'family', fam.name)} model")
+                               ignorable=(*fam.hf_ignorable, *fam.hf_unused(cfg)),
+                               what=f"{getattr(cfg, 'family', fam.name)} model")
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
         try:

@@ -30,6 +30,7 @@ from gemmax.io.hf import (
     table_to_hf,
     write_safetensors,
 )
+from gemmax.io.images import message_images
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
@@ -424,17 +425,23 @@ class CausalLM:
         if rest:
             yield rest
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kw: Any) -> str:
-        """One assistant reply for a list of {"role", "content"} messages, in the model's chat format."""
+    def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, **kw: Any) -> str:
+        """One assistant reply for a list of {"role", "content"} messages, in the model's chat format. A content
+        may be a list of parts: text and, for a family that reads images, images (``{"type": "image", "image":
+        PIL image / array / path}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}``),
+        placed where the parts are (``gemmax.io.images``)."""
         tok = self._require_tokenizer()
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
+        images = message_images(messages)
+        if images:
+            kw["images"] = images
         out = self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         return out[len(prompt):].strip() if out.startswith(prompt) else out
 
     # ---- adapters, quantization, training -------------------------------------------------------------
     @property
     def chat_format(self) -> str:
-        """The chat turn format of this model: "gemma" or "llama3"."""
+        """The chat turn format of this model: "gemma", "llama3" or "paligemma" (no turns: the last user text)."""
         return self.family.chat_format(self.config)
 
     def enable_lora(self, rank: int = 4, alpha: float | None = None, targets: Any = ("query", "value"),

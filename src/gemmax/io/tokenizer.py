@@ -449,16 +449,19 @@ class StreamDecoder:
 # ---- chat templates -------------------------------------------------------------------------------------
 
 
-def _content_text(content: Any) -> str:
-    """Message content: a string, or a list of {"type": "text", "text": ...} parts (images not supported)."""
+def _content_text(content: Any, trim_parts: bool = False) -> str:
+    """Message content: a string, or a list of {"type": "text", "text": ...} parts and image parts
+    (``"image"`` or OpenAI's ``"image_url"``), each written as the ``<start_of_image>`` placeholder a
+    multimodal family's ``encode_prompt`` expands. ``trim_parts``: each text part trimmed, as Gemma 3's
+    template does."""
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence):
         out = []
         for part in content:
             if part.get("type") == "text":
-                out.append(part["text"])
-            elif part.get("type") == "image":
+                out.append(_jinja_trim(part["text"]) if trim_parts else part["text"])
+            elif part.get("type") in ("image", "image_url"):
                 out.append("<start_of_image>")
         return "".join(out)
     raise ValueError(f"invalid message content {content!r}")
@@ -481,7 +484,9 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_pr
         return _gemma_template(messages, add_generation_prompt, bos)
     if family in ("llama3", "llama"):
         return _llama3_template(messages, add_generation_prompt, bos)
-    raise ValueError(f"no chat template for family {family!r}; use 'gemma' or 'llama3'")
+    if family == "paligemma":
+        return _paligemma_prompt(messages)
+    raise ValueError(f"no chat template for family {family!r}; use 'gemma', 'llama3' or 'paligemma'")
 
 
 def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool) -> str:
@@ -496,11 +501,23 @@ def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt
             raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
         role = "model" if m["role"] == "assistant" else m["role"]
         out.append(f"<start_of_turn>{role}\n" + (prefix if i == 0 else ""))
-        out.append(_jinja_trim(_content_text(m["content"])))
+        out.append(_jinja_trim(_content_text(m["content"], trim_parts=True)))
         out.append("<end_of_turn>\n")
     if add_generation_prompt:
         out.append("<start_of_turn>model\n")
     return "".join(out)
+
+
+def _paligemma_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """PaliGemma takes no chat turns: its prompt is the text of the last user message (a task prefix such as
+    "caption en"); the family's ``encode_prompt`` puts the images and ``<bos>`` in front of it."""
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise ValueError("PaliGemma needs a user message: its task prompt (e.g. 'caption en')")
+    content = users[-1]["content"]
+    if not isinstance(content, str):
+        content = " ".join(p["text"] for p in content if p.get("type") == "text")
+    return content.strip()
 
 
 def _llama3_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool) -> str:

@@ -624,6 +624,7 @@ FAMILY = register(family_from(
     hf_ignorable=HF_IGNORABLE,
     hf_architecture="PaliGemmaForConditionalGeneration",
     gguf_arch=lambda cfg: None,
+    chat_format=lambda cfg: "paligemma",  # no chat turns: the last user message's text is the task prompt
     extra_inputs=("pixel_values", "token_type_ids"),
     token_inputs={"token_type_ids": 1},  # after the prefix: causal
     backends=(XLA, CPU),

@@ -152,3 +152,26 @@ def test_shard_plan_from_shapes(name, capsys):
         line = next(x for x in out.splitlines() if x.startswith("decoder_block/local/experts/gate_up/kernel"))
         assert "P(None, 'model', 'batch', None)" in line  # experts over the model axis, FSDP over batch
     assert cli.main(["info", name]) == 0
+
+
+def test_chat_template():
+    from gemmax.io.tokenizer import apply_chat_template
+    from gemmax.models import base
+
+    cfg = tiny_config()
+    assert base.for_config(cfg).chat_format(cfg) == "gemma4"
+    msgs = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Weather in Paris?"}]
+    assert apply_chat_template(msgs, family="gemma4") == (
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello<turn|>\n"
+        "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                               "parameters": {"type": "object"}}}]
+    calls = msgs[1:2] + [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "name": "get_weather", "content": {"temp": 20}}]
+    assert apply_chat_template(calls, family="gemma4", tools=tools, add_generation_prompt=False) == (
+        '<bos><|turn>system\n<|tool>declaration:get_weather{description:<|"|>Weather now<|"|>,'
+        'parameters:{type:<|"|>object<|"|>}}<tool|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n'
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><turn|>\n'
+        '<|tool_response>response:get_weather{temp:20}<tool_response|>')

@@ -473,7 +473,8 @@ def _jinja_trim(s: str) -> str:
 
 
 def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                        family: str = "gemma", bos: bool = True) -> str:
+                        family: str = "gemma", bos: bool = True, tools: Sequence[Mapping[str, Any]] | None = None
+                        ) -> str:
     """The prompt string the model's own chat template produces (Gemma 3's or Llama 3's).
 
     Gemma: roles alternate user/model ("assistant" is written "model"), a leading system message is folded
@@ -486,7 +487,9 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_pr
         return _llama3_template(messages, add_generation_prompt, bos)
     if family == "paligemma":
         return _paligemma_prompt(messages)
-    raise ValueError(f"no chat template for family {family!r}; use 'gemma', 'llama3' or 'paligemma'")
+    if family == "gemma4":
+        return _gemma4_template(messages, add_generation_prompt, bos, tools)
+    raise ValueError(f"no chat template for family {family!r}; use 'gemma', 'gemma4', 'llama3' or 'paligemma'")
 
 
 def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool) -> str:
@@ -505,6 +508,63 @@ def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt
         out.append("<end_of_turn>\n")
     if add_generation_prompt:
         out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+#: Gemma 4's string delimiter inside tool declarations, calls and responses
+_G4_QUOTE = '<|"|>'
+
+
+def _gemma4_value(v: Any) -> str:
+    """A tool argument / schema value in Gemma 4's notation: strings between ``<|"|>``, mappings as
+    ``{key:value,...}`` (keys sorted), lists as ``[a,b]``, booleans lower-case."""
+    if isinstance(v, str):
+        return _G4_QUOTE + v + _G4_QUOTE
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{k}:{_gemma4_value(v[k])}" for k in sorted(v)) + "}"
+    if isinstance(v, Sequence):
+        return "[" + ",".join(_gemma4_value(x) for x in v) + "]"
+    return "null" if v is None else str(v)
+
+
+def _gemma4_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool,
+                     tools: Sequence[Mapping[str, Any]] | None) -> str:
+    """Gemma 4's turns: ``<|turn>role\n ... <turn|>\n`` with roles system / user / model; a system turn
+    holds the system message and the tool declarations (``<|tool>declaration:name{...}<tool|>``); a model
+    turn's tool calls are ``<|tool_call>call:name{args}<tool_call|>``, a tool message is
+    ``<|tool_response>response:name{...}<tool_response|>``."""
+    out = ["<bos>" if bos else ""]
+    msgs = list(messages)
+    if tools or (msgs and msgs[0]["role"] in ("system", "developer")):
+        out.append("<|turn>system\n")
+        if msgs and msgs[0]["role"] in ("system", "developer"):
+            out.append(_jinja_trim(_content_text(msgs[0]["content"])))
+            msgs = msgs[1:]
+        for tool in tools or ():
+            fn = tool.get("function", tool)
+            decl = {k: fn[k] for k in ("description", "parameters") if fn.get(k)}
+            out.append(f"<|tool>declaration:{fn['name']}{_gemma4_value(decl)}<tool|>")
+        out.append("<turn|>\n")
+    for m in msgs:
+        if m["role"] == "tool":
+            body = m["content"] if isinstance(m["content"], Mapping) else {"value": _content_text(m["content"])}
+            out.append(f"<|tool_response>response:{m.get('name') or 'unknown'}{_gemma4_value(body)}<tool_response|>")
+            continue
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append(f"<|turn>{role}\n")
+        if m.get("content"):
+            out.append(_jinja_trim(_content_text(m["content"], trim_parts=True)))
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function", call)
+            args = fn.get("arguments") or {}
+            if isinstance(args, str):
+                args = json.loads(args)
+            out.append(f"<|tool_call>call:{fn['name']}{_gemma4_value(args)}<tool_call|>")
+        out.append("<turn|>\n")
+    if add_generation_prompt:
+        out.append("<|turn>model\n")
     return "".join(out)
 
 

@@ -27,7 +27,7 @@ FAMILY = register(family_from(
     hf_ignorable=hf.HF_IGNORABLE,
     hf_architecture="Gemma4ForCausalLM",
     gguf_arch=lambda cfg: None,
-    chat_format=lambda cfg: "gemma",
+    chat_format=lambda cfg: "gemma4",
     backends=(XLA,),
     tiny_config=tiny_config,
 ))

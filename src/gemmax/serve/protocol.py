@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from gemmax.engine.generate import SamplingParams
+from gemmax.io.images import message_images, part_image
+from gemmax.models import base
 from gemmax.serve.errors import APIError, bad
 from gemmax.serve.scheduler import ServedModel
 
@@ -136,8 +138,9 @@ class Sampling:
 
 
 def messages(body: Mapping) -> list[dict[str, Any]]:
-    """The chat ``messages`` as plain ``{role, content}`` text turns: the only shape the chat templates take
-    (``developer`` is OpenAI's newer name for ``system``; text parts are joined, other parts refused)."""
+    """The chat ``messages`` as plain ``{role, content}`` turns, the shape the chat templates take
+    (``developer`` is OpenAI's newer name for ``system``; text parts are joined, ``image_url`` parts read,
+    other parts refused: see ``_content_parts``)."""
     msgs = body.get("messages", _MISSING)
     if msgs is _MISSING:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
@@ -158,12 +161,7 @@ def messages(body: Mapping) -> list[dict[str, Any]]:
                        "invalid_value")
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad(f"{p}.content: only text parts are supported", f"{p}.content", "invalid_value")
-                texts.append(part["text"])
-            content = "".join(texts)
+            content = _content_parts(content, f"{p}.content")
         elif content is None and role == "assistant":
             content = ""
         elif not isinstance(content, str):
@@ -241,6 +239,49 @@ def chat_prompt_ids(m: ServedModel, msgs: list[dict[str, Any]]) -> list[int]:
     except ValueError as e:
         raise bad(str(e), "messages", "invalid_value") from None
     return m.tokenizer.encode(prompt, add_bos=True)
+
+
+def _content_parts(parts: list, where: str) -> str | list[dict[str, Any]]:
+    """A content list: its text parts joined into one string or, when it holds images (``image_url`` parts
+    with base64 PNG / JPEG ``data:`` URIs, read here), the text and image parts in order, for the chat
+    template and the family's ``encode_prompt``. Another URL scheme, an unreadable image or another part
+    type: 400 naming the part."""
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            try:
+                out.append({"type": "image", "image": part_image(part)})
+            except ValueError as e:
+                raise bad(f"{where}.[{j}].image_url: {e}", f"{where}.[{j}].image_url", "invalid_value") from None
+        else:
+            raise bad(f"{where}.[{j}]: only text and image_url parts are supported", f"{where}.[{j}]",
+                      "invalid_value")
+    if any(x["type"] == "image" for x in out):
+        return out
+    return "".join(x["text"] for x in out)
+
+
+def chat_prompt(m: ServedModel, msgs: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any] | None]:
+    """The chat prompt's token ids and, when the messages hold images, the family's inputs for them
+    (``pixel_values``...): the template's text, with a placeholder per image, goes through the family's
+    ``encode_prompt`` (Gemma 3: each image's block of soft tokens in place; PaliGemma: the images in front of
+    its task prompt). A model that reads no images: 400. Tokenizes, so the server calls it off the loop."""
+    images = message_images(msgs)
+    fam = base.for_config(m.config)
+    if images and fam.encode_prompt is None:
+        raise bad(f"the model '{m.name}' reads no images", "messages", "invalid_value")
+    ids = chat_prompt_ids(m, msgs)
+    if not images:
+        return ids, None
+    prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family)
+    try:
+        ids, inputs = fam.encode_prompt(m.config, m.tokenizer, prompt, images, True)
+    except ValueError as e:
+        raise bad(str(e), "messages", "invalid_value") from None
+    return ids, inputs
 
 
 def tokens_to_generate(m: ServedModel, ids: list[int], sampling: Sampling, param: str) -> int:

@@ -52,9 +52,10 @@ class Job:
     """
 
     def __init__(self, model: ServedModel, prompt_ids: list[int], sp: SamplingParams, stop: tuple[str, ...],
-                 index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+                 index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue,
+                 inputs: dict[str, Any] | None = None):
         self.model = model
-        self.req = Request(list(prompt_ids), sp)
+        self.req = Request(list(prompt_ids), sp, inputs=inputs)  # inputs: the family's, e.g. pixel_values
         self.stop = stop
         self.index = index
         self.loop = loop

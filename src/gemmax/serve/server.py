@@ -141,11 +141,12 @@ class Service:
                            param="model", code="model_not_found")
         return self.models[name]
 
-    def submit(self, m: ServedModel, prompts: list[list[int]], sampling: Sampling, param: str
-               ) -> tuple[list[Job], asyncio.Queue]:
+    def submit(self, m: ServedModel, prompts: list[list[int]], sampling: Sampling, param: str,
+               inputs: dict[str, Any] | None = None) -> tuple[list[Job], asyncio.Queue]:
         """One job per (prompt, choice), in that order, all queued together: every prompt is checked first,
-        so a request is admitted whole or (bad prompt, full queue, scheduler down) not at all. Must run on
-        the event loop that will read the returned queue."""
+        so a request is admitted whole or (bad prompt, full queue, scheduler down) not at all. ``inputs``: the
+        family's inputs besides tokens (a chat's images), for every job. Must run on the event loop that will
+        read the returned queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop_ids = tuple(m.tokenizer.stop_ids)
@@ -154,7 +155,7 @@ class Service:
             want = protocol.tokens_to_generate(m, ids, sampling, param)
             for c in range(sampling.n):
                 sp = sampling.params_for(c, want, stop_ids)
-                jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events))
+                jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs))
         self.scheduler.submit(jobs)
         return jobs, events
 
@@ -197,8 +198,8 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
     m = svc.pick_model(body)
     msgs = protocol.messages(body)
     sampling = Sampling.parse(body, default_max_tokens=None)
-    ids = protocol.chat_prompt_ids(m, msgs)
-    jobs, events = svc.submit(m, [ids], sampling, "messages")
+    ids, inputs = protocol.chat_prompt(m, msgs)
+    jobs, events = svc.submit(m, [ids], sampling, "messages", inputs)
     a = Answer(jobs, events, responses.chat_base(m), len(ids), protocol.include_usage(body))
     if sampling.stream:
         return responses.stream_chat(a)

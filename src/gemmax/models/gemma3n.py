@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.models.base import HFEntry, family_from, register
+from gemmax.models.base import HFEntry, UnsupportedError, family_from, register
 from gemmax.nn.layers import (
     MASK_VALUE,
     activation_fn,
@@ -1037,6 +1037,14 @@ def hf_table(cfg: Gemma3nConfig) -> dict[str, HFEntry]:
     return table
 
 
+def gguf_arch(cfg: Gemma3nConfig) -> str | None:
+    """llama.cpp defines ``gemma3n``, but gemmax's GGUF writer has no tensor layout for it: refuse, saying so
+    (the interface's None would claim llama.cpp lacks the architecture)."""
+    raise UnsupportedError("cannot export gemma3n as GGUF: llama.cpp has the architecture, but gemmax's GGUF "
+                           "writer does not map its tensors (per-layer embeddings, AltUp, LAuReL); export_hf "
+                           "and save work")
+
+
 # ---- the family --------------------------------------------------------------------------------------------
 
 FAMILY = register(family_from(
@@ -1049,7 +1057,7 @@ FAMILY = register(family_from(
     hf_ignorable=HF_IGNORABLE,
     hf_unused=hf_unused,
     hf_architecture="Gemma3nForCausalLM",
-    gguf_arch=lambda cfg: None,  # gemmax's GGUF writer has no gemma3n tensor layout (llama.cpp does)
+    gguf_arch=gguf_arch,
     chat_format=lambda cfg: "gemma",
     tiny_config=tiny_config,
 ))

@@ -73,12 +73,17 @@ def test_grouped_experts_equal_dense():
     down = jnp.asarray(rng.randn(e, inter, d) * 0.3, jnp.float32)
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
     w = jnp.asarray(rng.rand(n, k), jnp.float32)
-    got = model.experts_grouped(h, idx, w, gate_up, down)
     want = model.experts_dense(h, idx, w, gate_up, down)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    g1 = jax.grad(lambda a: model.experts_grouped(h, idx, w, a, down).sum())(gate_up)
-    g2 = jax.grad(lambda a: model.experts_dense(h, idx, w, a, down).sum())(gate_up)
-    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-5)
+    g_want = jax.grad(lambda a, x: model.experts_dense(x, idx, w, a, down).sum(), (0, 1))(gate_up, h)
+    for fn in (model.experts_grouped, model.experts_tiled):  # ragged_dot (GPU / TPU), tiles (XLA:CPU)
+        np.testing.assert_allclose(np.asarray(fn(h, idx, w, gate_up, down)), np.asarray(want), rtol=1e-5,
+                                   atol=1e-5)
+        g = jax.grad(lambda a, x, fn=fn: fn(x, idx, w, a, down).sum(), (0, 1))(gate_up, h)
+        for got, ref in zip(g, g_want, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    # one token (a decode step): only its k experts' tiles run
+    one = model.experts_tiled(h[:1], idx[:1], w[:1], gate_up, down)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(want[:1]), rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_and_decode_equal_forward(setup):

@@ -355,3 +355,22 @@ def test_server_chat_with_images(setup):
     text_only = base.get("gemma").tiny_config("gemma3", vocab_size=v)
     with pytest.raises(APIError, match="reads no images"):
         protocol.chat_prompt(ServedModel("t", {}, text_only, tok, 128), protocol.messages({"messages": msgs}))
+
+
+def test_cli_generate_with_images(setup, tmp_path: Path, capsys):
+    from PIL import Image
+
+    from gemmax.cli import main
+
+    _, lm, _, _ = setup
+    for i in range(2):
+        Image.fromarray(_image(i)).save(tmp_path / f"{i}.png")
+    prompt = "a <start_of_image> b <start_of_image>"
+    assert main(["generate", "--model", lm.source, "--image", str(tmp_path / "0.png"), "--image",
+                 str(tmp_path / "1.png"), prompt, "--max-new-tokens", "3"]) == 0
+    pics = [np.asarray(Image.open(tmp_path / f"{i}.png")) for i in range(2)]
+    assert capsys.readouterr().out.strip() == lm.generate(prompt, images=pics, max_new_tokens=3).strip()
+    assert main(["generate", "--model", lm.source, "--image", str(tmp_path / "0.png"), "describe", "--chat",
+                 "--max-new-tokens", "3"]) == 0
+    msgs = [{"role": "user", "content": [{"type": "image", "image": pics[0]}, {"type": "text", "text": "describe"}]}]
+    assert capsys.readouterr().out.strip() == lm.chat(msgs, max_new_tokens=3)

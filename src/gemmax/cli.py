@@ -68,7 +68,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.image:
         from PIL import Image
 
-        print(lm.generate(a.prompt, images=[Image.open(a.image)], max_new_tokens=a.max_new_tokens))
+        images = [Image.open(path) for path in a.image]
+        if a.chat:  # one user turn: the images, then the text (Gemma 3's chat template places each)
+            parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": a.prompt}]
+            print(lm.chat([{"role": "user", "content": parts}], max_new_tokens=a.max_new_tokens))
+        else:
+            print(lm.generate(a.prompt, images=images, max_new_tokens=a.max_new_tokens))
         return 0
     prompt = a.prompt
     if a.chat:
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g, 64)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
-    g.add_argument("--image", default=None, help="image file (PaliGemma models)")
+    g.add_argument("--image", action="append", default=None,
+                   help="image file for a model that reads images (PaliGemma, Gemma 3); repeatable, in order")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")

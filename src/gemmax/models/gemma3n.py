@@ -602,8 +602,11 @@ def gaussian_topk(g: Array, mult: Array) -> Array:
 
 
 def sparsity_multipliers(cfg: Gemma3nConfig) -> np.ndarray:
-    """Phi^-1(sparsity) per layer (float32; 0 where the layer is dense, which the scan's flag skips)."""
-    return np.array([NormalDist().inv_cdf(s) if s > 0 else 0.0 for s in cfg.activation_sparsity], np.float32)
+    """Phi^-1(sparsity) per layer (float32; 0 where the layer is dense, which the scan's flag skips). The
+    sparsity is rounded to float32 first, as the reference holds it; the quantile then agrees with its float32
+    ``icdf`` to within an ulp."""
+    return np.array([NormalDist().inv_cdf(float(np.float32(s))) if s > 0 else 0.0 for s in cfg.activation_sparsity],
+                    np.float32)
 
 
 def layer_windows(cfg: Gemma3nConfig) -> np.ndarray:

@@ -375,11 +375,13 @@ class Engine:
             st["stop_ids"][s] = ids + [-1] * (MAX_STOP - len(ids))
             st["done"][s] = False
         # first new token comes from the prefill logits
-        rows = np.asarray(slots)
+        # (over all bb rows of the prefill batch, padding rows repeating the first: one compile per batch
+        # bucket, not one per admission-group size)
+        rows = np.asarray(slots + [slots[0]] * (bb - b))
         first = np.asarray(self._first(
-            logits[:b], _row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows])),
+            logits, _row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows])),
             jnp.asarray(st["temperature"][rows]), jnp.asarray(st["top_k"][rows]),
-            jnp.asarray(st["top_p"][rows]), jnp.asarray(st["min_p"][rows]), n_cand=self._n_cand(reqs)))
+            jnp.asarray(st["top_p"][rows]), jnp.asarray(st["min_p"][rows]), n_cand=self._n_cand(reqs)))[:b]
         now = time.perf_counter()
         for r, s, tok in zip(reqs, slots, first, strict=True):
             st["token"][s] = tok

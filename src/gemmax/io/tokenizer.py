@@ -195,9 +195,16 @@ class Tokenizer:
         return int(i) in self._special_set
 
     def find_special(self, text: str) -> str | None:
-        """The first control token written in ``text`` (e.g. ``<end_of_turn>``), or None. A chat template
-        must not let message content spell turn markers: ``encode`` would make them real ones."""
-        m = self._special_re.search(text) if self._special_re is not None else None
+        """The first control token or known marker of this vocabulary written in ``text`` (e.g.
+        ``<end_of_turn>``), or None. A chat template must not let message content spell turn markers:
+        encoding would make them real ones (a SentencePiece user-defined piece is always one token)."""
+        rx = getattr(self, "_marker_re", False)
+        if rx is False:
+            texts = {self._pieces[i] for i in self._special_set if self._pieces[i]}
+            texts |= {p for p in KNOWN_SPECIALS if p in self._piece_to_id}
+            rx = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
+            self._marker_re = rx
+        m = rx.search(text) if rx is not None else None
         return m.group(0) if m else None
 
     @property

@@ -6,6 +6,7 @@ exactly what to fix; nothing here touches JAX.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -25,6 +26,29 @@ MAX_N = 16  # choices per request
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_STOP_STRINGS = 16
 SEED_MOD = 2**31 - 1  # engine seeds are int32
+#: a prompt longer than this many characters per token of context cannot fit (no vocabulary piece is
+#: longer), so it is refused before the tokenizer spends time on it
+MAX_CHARS_PER_TOKEN = 64
+_PARSE_INLINE_BYTES = 1 << 16  # bodies above this are parsed off the event loop
+
+# What each endpoint reads. A field outside its table is refused with a 400 naming it instead of being
+# silently ignored: ``None`` marks a field the server reads; a tuple lists the only values accepted for an
+# OpenAI field this server does not implement (its "off" values).
+_SAMPLING_FIELDS: dict[str, tuple | None] = {
+    "model": None, "max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "min_p": None,
+    "seed": None, "n": None, "stop": None, "stream": None, "stream_options": None, "ignore_eos": None,
+    "presence_penalty": None, "frequency_penalty": None, "user": None, "max_completion_tokens": None,
+    "logprobs": (None, False, 0), "logit_bias": (None, {}), "repetition_penalty": (None, 1, 1.0),
+}
+FIELDS: dict[str, dict[str, tuple | None]] = {
+    "completions": {**_SAMPLING_FIELDS, "prompt": None, "echo": None, "suffix": (None, ""), "best_of": (None, 1)},
+    "chat": {**_SAMPLING_FIELDS, "messages": None, "top_logprobs": (None, 0),
+             "tools": (None, []), "functions": (None, []), "tool_choice": (None,), "function_call": (None,),
+             "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+             "metadata": None, "store": (None, False), "service_tier": (None, "auto", "default"),
+             "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+             "reasoning_effort": (None,), "web_search_options": (None,)},
+}
 
 
 # ---- request validation ---------------------------------------------------------------------------------
@@ -99,18 +123,15 @@ class Sampling:
     ignore_eos: bool
 
     @classmethod
-    def parse(cls, body: Mapping, default_max_tokens: int | None) -> Sampling:
+    def parse(cls, body: Mapping, default_max_tokens: int | None, vocab: int | None = None) -> Sampling:
+        """The request's sampling settings, range-checked (``top_k`` within ``[-1, vocab]``, -1 and 0 off);
+        fields outside the endpoint's table are ``check_fields``' business."""
         max_tokens = _integer(body, "max_tokens", None, 1)
         if max_tokens is None:
             max_tokens = _integer(body, "max_completion_tokens", default_max_tokens, 1)
         for key in ("presence_penalty", "frequency_penalty"):
             if _number(body, key, 0.0, -2.0, 2.0):
                 raise bad(f"'{key}' is not supported (only 0)", key, "unsupported_parameter")
-        allowed = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-                   "tools": (None, []), "functions": (None, []), "suffix": (None, ""), "best_of": (None, 1)}
-        for key, ok in allowed.items():
-            if body.get(key) not in ok:
-                raise bad(f"'{key}' is not supported by this server", key, "unsupported_parameter")
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
@@ -119,7 +140,7 @@ class Sampling:
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-            top_k=_integer(body, "top_k", 0, -1) or 0,
+            top_k=_integer(body, "top_k", 0, -1, vocab) or 0,
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             seed=seed,
             n=_integer(body, "n", 1, 1, MAX_N),
@@ -188,24 +209,83 @@ def check_api_key(api_key: str | None, request: HTTPRequest) -> None:
 
 async def read_body(request: HTTPRequest) -> dict[str, Any]:
     """The JSON object every POST endpoint takes. Parsed here rather than by FastAPI so that a bad body gets
-    an OpenAI-style 400, not FastAPI's 422."""
+    an OpenAI-style 400, not FastAPI's 422; a large one is parsed on a worker thread, so that it does not
+    stall every other client on the event loop (the body's size is bounded by the server's middleware)."""
     raw = await request.body()
+    if len(raw) > _PARSE_INLINE_BYTES:
+        return await asyncio.to_thread(parse_body, raw)
+    return parse_body(raw)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object whose every string is valid Unicode; 400 otherwise."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5000-digit number, deep nesting
+        raise bad(f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    where = _lone_surrogate(body)
+    if where is not None:
+        raise bad(f"{where or 'the request body'} contains a lone UTF-16 surrogate (not valid Unicode)",
+                  where or None, "invalid_unicode")
     return body
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The path of the first string (or key) that is not valid Unicode: JSON's ``\\ud800`` escapes decode to
+    lone surrogates, which no tokenizer or UTF-8 writer accepts. Iterative, since bodies may nest deeply."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if _lone_surrogate(k) is not None:
+                    return path or sub
+                stack.append((sub, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+def check_fields(body: Mapping, endpoint: str) -> None:
+    """400 naming the first field the endpoint does not implement (``FIELDS``), rather than ignoring it: a
+    client that sends ``response_format`` or ``repetition_penalty`` must learn it had no effect."""
+    table = FIELDS[endpoint]
+    for key, value in body.items():
+        if key not in table:
+            known = any(key in t for t in FIELDS.values())
+            what = "is not supported on this endpoint" if known else "is not a known parameter"
+            raise bad(f"'{key}' {what}", key, "unsupported_parameter" if known else "unknown_parameter")
+        ok = table[key]
+        if ok is not None and not any(value == o and type(value) is type(o) for o in ok):
+            raise bad(f"'{key}' is not supported by this server (only {', '.join(json.dumps(o) for o in ok)})",
+                      key, "unsupported_parameter")
 
 
 def _token_ids(p: Any) -> bool:
     return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
 
 
-def completion_prompts(body: Mapping, tokenizer: Any) -> tuple[list[list[int]], list[str], bool]:
+def _fits(text_len: int, max_len: int, param: str) -> None:
+    """400 before tokenizing a text too long to fit ``max_len`` tokens whatever its tokens: tokenizing a
+    megabyte costs seconds for nothing."""
+    if text_len > max_len * MAX_CHARS_PER_TOKEN:
+        raise bad(f"the text has {text_len} characters; this server's context is {max_len} tokens", param,
+                  "context_length_exceeded")
+
+
+def completion_prompts(body: Mapping, tokenizer: Any, max_len: int | None = None
+                       ) -> tuple[list[list[int]], list[str], bool]:
     """``/v1/completions``' ``prompt`` (a string, token ids, or a list of either) as one list of token ids per
-    prompt, the prompts' text (what ``echo`` sends back; empty for token ids unless echoed) and ``echo``."""
+    prompt, the prompts' text (what ``echo`` sends back; empty for token ids unless echoed) and ``echo``.
+    Tokenizes, so the server calls it off the event loop."""
     if "prompt" not in body:
         raise bad("'prompt' is required", "prompt", "missing_required_parameter")
     prompt = body["prompt"]
@@ -221,6 +301,8 @@ def completion_prompts(body: Mapping, tokenizer: Any) -> tuple[list[list[int]], 
         if isinstance(p, str):
             if not p:
                 raise bad("the prompt is empty", "prompt", "invalid_value")
+            if max_len is not None:
+                _fits(len(p), max_len, "prompt")
             ids.append(tokenizer.encode(p, add_bos=True))
             texts.append(p)
         elif _token_ids(p):
@@ -233,12 +315,33 @@ def completion_prompts(body: Mapping, tokenizer: Any) -> tuple[list[list[int]], 
 
 def chat_prompt_ids(m: ServedModel, msgs: list[dict[str, Any]]) -> list[int]:
     """The chat turns rendered in the model family's template, ending where the assistant answers. A template
-    that refuses the turns (e.g. roles out of order) is the client's error: 400 on ``messages``."""
+    that refuses the turns (e.g. roles out of order) is the client's error: 400 on ``messages``. Content that
+    spells a control token (``<end_of_turn>``...) is refused: the template's text is encoded with control
+    tokens parsed, so it would forge turns. Tokenizes, so the server calls it off the event loop."""
+    _fits(sum(len(t) for t in _texts(msgs)), m.max_len, "messages")
+    for i, msg in enumerate(msgs):
+        for t in _texts([msg]):
+            tok = m.tokenizer.find_special(t) if hasattr(m.tokenizer, "find_special") else None
+            if tok is not None:
+                raise bad(f"messages.[{i}].content contains the control token {tok!r}, which only the chat "
+                          "template may write", f"messages.[{i}].content", "invalid_value")
     try:
         prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family)
     except ValueError as e:
         raise bad(str(e), "messages", "invalid_value") from None
     return m.tokenizer.encode(prompt, add_bos=True)
+
+
+def _texts(msgs: list[dict[str, Any]]) -> list[str]:
+    """The text of each message's content (a string, or the text of its parts)."""
+    out = []
+    for msg in msgs:
+        c = msg.get("content")
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, list):
+            out += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return out
 
 
 def _content_parts(parts: list, where: str) -> str | list[dict[str, Any]]:

@@ -57,21 +57,29 @@ class Answer:
 # ---- waiting for the whole answer -----------------------------------------------------------------------
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler checks that its client is still there
+
+
 async def collect(request: HTTPRequest, a: Answer) -> tuple[list[str], list[str], int]:
-    """Every choice's text and finish reason, and the tokens generated. Polls for a vanished client twice a
-    second: its jobs are cancelled (slots freed) rather than decoded for nobody, and it gets a 499."""
+    """Every choice's text and finish reason, and the tokens generated. Checks for a vanished client every
+    ``DISCONNECT_POLL_S`` of wall time, however busy its jobs are (text arriving every chunk must not hide
+    the hang-up): its jobs are cancelled (slots freed) rather than decoded for nobody, and it gets a 499."""
     jobs, events = a.jobs, a.events
     texts = [""] * len(jobs)
     reasons = [""] * len(jobs)
     tokens = 0
     left = len(jobs)
+    loop = asyncio.get_running_loop()
+    next_poll = loop.time() + DISCONNECT_POLL_S
     try:
         while left:
-            try:
-                i, kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
+            if loop.time() >= next_poll:
                 if await request.is_disconnected():  # nobody will read the answer: free the slots
-                    raise APIError(499, "client closed the request", code="client_closed") from None
+                    raise APIError(499, "client closed the request", code="client_closed")
+                next_poll = loop.time() + DISCONNECT_POLL_S
+            try:
+                i, kind, payload = await asyncio.wait_for(events.get(), timeout=max(0.0, next_poll - loop.time()))
+            except TimeoutError:
                 continue
             if kind == "delta":
                 texts[i] += payload

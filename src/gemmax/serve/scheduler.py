@@ -165,6 +165,16 @@ class Scheduler:
                 self._tok_s[m.name] = time.perf_counter() - t0
             for r in reqs:
                 eng.release(r)
+            # the sampling variant of the first-token sampler and the decode chunk (one each, whatever the
+            # settings: they are data), so the first sampled request does not stall everyone on a compile
+            reqs = [Request([bos] * 8, SamplingParams(temperature=1.0, max_new_tokens=new))
+                    for _ in range(min(b, self.max_batch))]
+            eng.add(reqs)
+            if b == 1:
+                for n in self._chunk_sizes():
+                    eng.step(n)
+            for r in reqs:
+                eng.release(r)
             if b >= self.max_batch:
                 break
             b *= 2
@@ -195,6 +205,9 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         if not self.running:
             raise APIError(503, "the scheduler is not running", type="server_error", code="not_running")
+        if len(jobs) > self.max_queue:  # would be refused forever: not a reason to retry (429) but a 400
+            raise APIError(400, f"this request asks for {len(jobs)} completions (prompts x n); this server "
+                                f"queues at most {self.max_queue}", param="n", code="request_too_large")
         with self._lock:
             if self._n_queued + len(jobs) > self.max_queue:
                 raise APIError(429, f"too many queued requests (limit {self.max_queue}); retry later",

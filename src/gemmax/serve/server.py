@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ __all__ = ["APIError", "Job", "MAX_N", "MAX_PROMPTS", "MAX_STOP_STRINGS", "SEED_
 log = logging.getLogger("gemmax.serve.server")
 
 DEFAULT_MAX_LEN = 2048  # cache length per slot; attention cost and cache memory grow with it
+DEFAULT_MAX_BODY_BYTES = 16 << 20  # request bodies above this get a 413 before they are read whole
+DEFAULT_SHUTDOWN_S = 10.0  # on shutdown, how long open requests may run before they are cut
 
 
 # ---- the app --------------------------------------------------------------------------------------------
@@ -181,8 +184,9 @@ async def complete(svc: Service, request: HTTPRequest) -> Any:
     svc.check_auth(request)
     body = await protocol.read_body(request)
     m = svc.pick_model(body)
-    sampling = Sampling.parse(body, default_max_tokens=16)
-    ids, texts, echo = protocol.completion_prompts(body, m.tokenizer)
+    protocol.check_fields(body, "completions")
+    sampling = Sampling.parse(body, default_max_tokens=16, vocab=m.config.vocab_size)
+    ids, texts, echo = await asyncio.to_thread(protocol.completion_prompts, body, m.tokenizer, m.max_len)
     jobs, events = svc.submit(m, ids, sampling, "prompt")
     a = Answer(jobs, events, responses.completion_base(m), sum(len(x) for x in ids), protocol.include_usage(body))
     if sampling.stream:
@@ -196,9 +200,10 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
     svc.check_auth(request)
     body = await protocol.read_body(request)
     m = svc.pick_model(body)
+    protocol.check_fields(body, "chat")
     msgs = protocol.messages(body)
-    sampling = Sampling.parse(body, default_max_tokens=None)
-    ids, inputs = protocol.chat_prompt(m, msgs)
+    sampling = Sampling.parse(body, default_max_tokens=None, vocab=m.config.vocab_size)
+    ids, inputs = await asyncio.to_thread(protocol.chat_prompt, m, msgs)
     jobs, events = svc.submit(m, [ids], sampling, "messages", inputs)
     a = Answer(jobs, events, responses.chat_base(m), len(ids), protocol.include_usage(body))
     if sampling.stream:
@@ -208,6 +213,39 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
 
 
 # ---- the app --------------------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, decided from ``Content-Length`` before
+    anything is read, or (chunked uploads) by counting the stream as the handler reads it, so an oversized
+    body is never held whole and never holds up other clients."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
+                             "(gemmax serve --max-body-bytes)", code="request_too_large")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+            err = self._error() if length.strip().isdigit() else bad("invalid Content-Length header")
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._error()  # answered by the app's APIError handler
+            return msg
+
+        await self.app(scope, counted, send)
 
 
 def _lifespan(scheduler: Scheduler) -> Any:
@@ -282,26 +320,30 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
                max_len: int | None = None, adapters: Mapping[str, Any] | None = None, max_queue: int = 256,
-               model_name: str | None = None, warmup: bool = False) -> FastAPI:
+               model_name: str | None = None, warmup: bool = False,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
 
     ``max_batch`` slots per served model share each decode step; ``chunk`` tokens are decoded per step
     (larger: less Python overhead per token; smaller: new requests join and stop strings act sooner).
-    ``warmup`` compiles every prefill batch size at startup instead of on first use.
+    ``warmup`` compiles every prefill batch size at startup instead of on first use. A request body over
+    ``max_body_bytes`` gets a 413.
 
     Given a ``gemmax.TextEncoder`` (or ``{name: TextEncoder}``) it is an embedding server instead:
     ``/v1/embeddings`` (``gemmax.serve.embeddings``), ``/v1/models`` and ``/health``.
     """
+    check_api_key_value(api_key)
     if _encoders(lm_or_models):
         if adapters:
             raise ValueError("LoRA adapters are served over language models, not text encoders")
-        return _embedding_app(lm_or_models, api_key, model_name)
+        return _embedding_app(lm_or_models, api_key, model_name, max_body_bytes)
     models = build_models(lm_or_models, adapters, max_len, model_name)
     scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup)
     svc = Service(models, scheduler, api_key)
     app = FastAPI(title="gemmax", lifespan=_lifespan(scheduler))
     app.state.scheduler = scheduler
     app.state.models = models
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     _add_routes(app, svc)
     return app
@@ -315,13 +357,15 @@ def _encoders(obj: Any) -> bool:
     return kinds == {True}
 
 
-def _embedding_app(encoders: Any, api_key: str | None, model_name: str | None) -> FastAPI:
+def _embedding_app(encoders: Any, api_key: str | None, model_name: str | None,
+                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app of an embedding server: its own service (no scheduler: one forward pass a request)."""
     items = dict(encoders) if isinstance(encoders, Mapping) else {
         model_name or _default_name(encoders): encoders}
     svc = embeddings.EmbeddingService(items, api_key)
     app = FastAPI(title="gemmax embeddings")
     app.state.models = items
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     embeddings.add_routes(app, svc)
     return app
@@ -347,10 +391,15 @@ def _parse_lora(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, An
 def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
           max_len: int | None = None, model_name: str | None = None, log_level: str = "info",
-          warmup: bool = True) -> None:
+          warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_S) -> None:
     """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M) and serve
-    it until interrupted. Binds to loopback unless told otherwise."""
+    it until interrupted. Binds to loopback unless told otherwise. An empty ``api_key`` is refused (an unset
+    variable would otherwise turn authentication off without a word); on shutdown, open requests get
+    ``shutdown_timeout`` seconds to finish."""
     import uvicorn
+
+    check_api_key_value(api_key)
 
 
     if model is None:
@@ -362,10 +411,18 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
     if model_name is None and isinstance(model, (str, os.PathLike)) and not getattr(lm.config, "name", ""):
         model_name = Path(os.fspath(model)).stem
     app = create_app(lm, api_key=api_key, max_batch=max_batch, chunk=chunk, max_len=max_len,
-                     adapters=_parse_lora(lora), model_name=model_name, warmup=warmup)
+                     adapters=_parse_lora(lora), model_name=model_name, warmup=warmup,
+                     max_body_bytes=max_body_bytes)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+
+
+def check_api_key_value(api_key: str | None) -> None:
+    """None serves without a key; an empty or blank key is a mistake (``--api-key "$UNSET"``), not a choice."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty (an unset variable?): pass a non-empty key, or leave --api-key "
+                         "and GEMMAX_API_KEY out to serve without one")
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -386,16 +443,26 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help=f"context per slot (default {DEFAULT_MAX_LEN})")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip compiling every prefill batch size and chunk length at startup")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get a 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_S,
+                   help=f"seconds open requests get to finish on shutdown (default {DEFAULT_SHUTDOWN_S:g})")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_cli)
     return p
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    serve(args.model, lora=args.lora, host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("GEMMAX_API_KEY") or None, max_batch=args.max_batch,
+    key = args.api_key if args.api_key is not None else os.environ.get("GEMMAX_API_KEY")
+    try:
+        check_api_key_value(key)
+    except ValueError as e:
+        print(f"gemmax serve: {e}", file=sys.stderr)
+        return 2
+    serve(args.model, lora=args.lora, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
           chunk=args.chunk, max_len=args.max_len, model_name=args.model_name, log_level=args.log_level,
-          warmup=args.warmup)
+          warmup=args.warmup, max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+          shutdown_timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_S))
     return 0
 
 

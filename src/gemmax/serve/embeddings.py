@@ -153,8 +153,8 @@ async def embeddings(svc: EmbeddingService, request: HTTPRequest) -> dict[str, A
     svc.check_auth(request)
     body = await protocol.read_body(request)
     name, enc = svc.pick(body)
-    ids, skip = parse_inputs(body, enc)
     dims, fmt = _dimensions(body, enc), _format(body)
+    ids, skip = await asyncio.to_thread(parse_inputs, body, enc)  # tokenizing 2048 texts would stall the loop
     out = await asyncio.to_thread(svc.encode, enc, ids, skip)
     if dims is not None:
         out = out[:, :dims]

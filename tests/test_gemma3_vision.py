@@ -101,6 +101,10 @@ def test_two_images_per_row_match_transformers(setup):
     assert np.abs(lm.logits(tokens, pixel_values=px, token_type_ids=types) - want).max() <= TOL * scale
     # without token_type_ids the soft tokens are found by their id, as the processor marks them
     assert np.abs(lm.logits(tokens, pixel_values=px) - want).max() <= TOL * scale
+    with pytest.raises(ValueError, match="32 image soft tokens .* 3 image"):
+        lm.logits(tokens[:1], pixel_values=px[:3])
+    with pytest.raises(ValueError, match="32 image soft tokens .* 1 image"):
+        lm.generate(tokens[0], pixel_values=px[:1], max_new_tokens=2)
     # zeros: all causal, as transformers without token_type_ids
     causal = _hf_logits(m, tokens, px, None)
     assert np.abs(lm.logits(tokens, pixel_values=px, token_type_ids=np.zeros_like(types)) - causal).max() \

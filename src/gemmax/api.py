@@ -241,6 +241,11 @@ class CausalLM:
             raise TypeError(f"{self.family.name} models take no {', '.join(sorted(unknown))} (they take {takes})")
         return inputs
 
+    def _check_family_inputs(self, ids: np.ndarray, inputs: dict[str, Any]) -> None:
+        """The family's own check of its inputs against the ids (``Family.check_inputs``), before tracing."""
+        if inputs and self.family.check_inputs is not None:
+            self.family.check_inputs(self.config, ids, inputs)
+
     def logits(self, token_ids: Any, **inputs: Any) -> np.ndarray:
         """Full forward: float32 logits [batch, seq, vocab]. Lengths are bucketed (padded at the end, which a
         causal model never sees) so nearby lengths share one compilation. ``inputs``: what the family reads
@@ -253,6 +258,7 @@ class CausalLM:
         ctx = self.config.max_position_embeddings
         if t > ctx:
             raise ValueError(f"sequence of {t} tokens exceeds the model's context of {ctx}")
+        self._check_family_inputs(ids, inputs)
         if inputs:  # inputs aligned with the tokens are the family's to pad: no bucketing here
             return np.asarray(self._logits_fn(self.params, jnp.asarray(ids), **inputs))
         tb = min(bucket(t), max(t, ctx))
@@ -365,6 +371,7 @@ class CausalLM:
         sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
                               seed + i, stop_ids) for i, r in enumerate(ids)]
         ids = [self._fit_context(r, sp.max_new_tokens, truncate) for r, sp in zip(ids, sps, strict=True)]
+        self._check_family_inputs(np.asarray(ids[:1], np.int32), inputs)
         stop_check = None
         if stop:
             tok = self._require_tokenizer()

@@ -117,6 +117,9 @@ class Family:
     #: text + images -> (prompt token ids, inputs) for families that read images:
     #: ``encode_prompt(cfg, tokenizer, text, images, add_bos)``; None for text-only families
     encode_prompt: Callable[..., tuple[list[int], dict[str, Any]]] | None = None
+    #: ``check_inputs(cfg, ids [B, T], inputs)`` raises ValueError naming what does not match (e.g. the images
+    #: for the ids' image tokens), on concrete inputs before they are traced; None: nothing to check
+    check_inputs: Callable[..., None] | None = None
     #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
     tiny_config: Callable[..., Any] | None = None
 

@@ -604,6 +604,23 @@ def encode_prompt(cfg: Gemma3VisionConfig, tokenizer: Any, prompt: str, images: 
     return ids, {"pixel_values": px, "token_type_ids": types}
 
 
+def check_inputs(cfg: Gemma3VisionConfig, ids: Any, inputs: Mapping[str, Any]) -> None:
+    """``Family.check_inputs``: the images must fill the ids' soft tokens exactly (``tokens_per_image`` each;
+    inside the compiled model a mismatch would silently reuse or drop features), ``token_type_ids`` must not
+    be longer than the ids."""
+    ids = np.asarray(ids)
+    px = inputs.get("pixel_values")
+    if px is not None:
+        n = int(np.shape(px)[0])
+        soft = int((ids == cfg.image_token_id).sum())
+        if soft != n * cfg.tokens_per_image:
+            raise ValueError(f"the ids hold {soft} image soft tokens (id {cfg.image_token_id}) but {n} image(s) "
+                             f"fill {n * cfg.tokens_per_image} ({cfg.tokens_per_image} each)")
+    tt = inputs.get("token_type_ids")
+    if tt is not None and np.shape(tt)[-1] > ids.shape[-1]:
+        raise ValueError(f"token_type_ids has {np.shape(tt)[-1]} entries, the ids {ids.shape[-1]}")
+
+
 # ---- the family ----------------------------------------------------------------------------------------------
 
 FAMILY = register(family_from(
@@ -622,4 +639,5 @@ FAMILY = register(family_from(
     backends=(XLA, CPU),
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,
+    check_inputs=check_inputs,
 ))

@@ -3,9 +3,9 @@
 It owns an :class:`~gemmax.models.embedding_gemma.EncoderConfig`, one parameter tree (the Gemma backbone's
 weights under the decoder's paths plus ``dense_{i}/``) and the tokenizer. ``encode`` tokenizes (prompt
 prepended to the text, ``<bos>``/``<eos>`` as the folder's tokenizer adds them, truncated to
-``max_seq_length``), sorts the inputs by length, and runs batches right-padded to a length bucket and a
-batch bucket (powers of two), so a handful of compiled shapes serve every request; padding is masked out of
-attention and pooling.
+``max_seq_length``), sorts the inputs by length, and runs batches right-padded to a length bucket (four
+per doubling) and a batch bucket (powers of two), so a handful of compiled shapes serve every request;
+padding is masked out of attention and pooling.
 
 Sharding: under an active ``gemmax.distribution`` (``with dist.scope():``) the weights are placed by its
 layout map as they are read (``dist.get_layout_map(encoder.config, mesh)`` derives one from the declared
@@ -234,7 +234,7 @@ class TextEncoder:
         dist = _dist.distribution()
         for start in range(0, n, batch_size):
             rows = order[start:start + batch_size]
-            t = bucket(max(len(ids[i]) for i in rows))
+            t = length_bucket(max(len(ids[i]) for i in rows))
             b = min(bucket(len(rows), minimum=1), bucket(batch_size, minimum=1))
             tokens = np.zeros((b, t), np.int32)
             valid = np.zeros((b, t), bool)
@@ -297,6 +297,16 @@ class TextEncoder:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def length_bucket(n: int) -> int:
+    """The padded length of a batch whose longest input has ``n`` tokens: multiples of 16 up to 64, then
+    four steps per doubling (80, 96, 112, 128, 160, ...). At most ~4 compiled lengths per octave, and a batch
+    carries under a quarter of padding past 64 tokens (powers of two alone waste up to half)."""
+    if n <= 64:
+        return max(16, -(-n // 16) * 16)
+    step = 1 << (max(n - 1, 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 def is_encoder_handle(handle: str | os.PathLike) -> bool:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models.gemma import model as gm
-from gemmax.models.gemma4.config import GLOBAL, GROUPS, LOCAL, Gemma4Config
+from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config, group_dims, has_value_proj, param_specs
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -39,7 +39,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
-from gemmax.nn.params import LinearNode, ParamSpec, init_from_specs
+from gemmax.nn.params import LinearNode, init_from_specs
 from gemmax.nn.quant import dequantize_kernel
 
 Array = jax.Array
@@ -62,96 +62,7 @@ KERNEL_IN_DIMS: dict[str, tuple[int, ...]] = {**gm.KERNEL_IN_DIMS, "ple_gate": (
 #: transformers module of each linear under ``model.layers.{i}``
 HF_MODULES: dict[str, str] = {**gm.HF_MODULES, "ple_gate": "per_layer_input_gate",
                               "ple_projection": "per_layer_projection"}
-#: stacked axis of each kernel's fan-in (initialisation)
-_FAN_IN = {"query": 2, "key": 2, "value": 2, "attention_output": 2, "ffw_gating": 1, "ffw_gating_2": 1,
-           "ffw_linear": 1, "ple_gate": 1, "ple_projection": 1}
-
 NO_WINDOW = gm.NO_WINDOW
-
-
-def group_dims(cfg: Gemma4Config, group: str) -> tuple[str, bool, int, int]:
-    """(layer type, shares keys and values, head dim, KV heads) of a group."""
-    _, ltype, shared = next(g for g in GROUPS if g[0] == group)
-    if ltype == LOCAL:
-        return ltype, shared, cfg.head_dim, cfg.num_kv_heads
-    return ltype, shared, cfg.global_hd, cfg.global_kv_heads
-
-
-def has_value_proj(cfg: Gemma4Config, group: str) -> bool:
-    ltype, shared, _, _ = group_dims(cfg, group)
-    return not shared and not (ltype == GLOBAL and cfg.attention_k_eq_v)
-
-
-def _group_specs(cfg: Gemma4Config, group: str, n: int) -> dict[str, ParamSpec]:
-    D, H = cfg.hidden_size, cfg.num_heads
-    ltype, shared, hd, K = group_dims(cfg, group)
-    F = cfg.mlp_width(shared)
-    ones = "ones"
-    s: dict[str, ParamSpec] = {
-        "pre_attention_norm/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        "attention/query/kernel": ParamSpec((n, H, D, hd), ("layers", "heads", "embed", "head_dim")),
-        "attention/query_norm/scale": ParamSpec((n, hd), ("layers", "head_dim"), ones),
-        "attention/attention_output/kernel": ParamSpec((n, H, hd, D), ("layers", "heads", "head_dim", "embed")),
-        "post_attention_norm/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        "pre_ffw_norm/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        "post_ffw_norm/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        "ffw_gating/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp")),
-        "ffw_gating_2/kernel": ParamSpec((n, D, F), ("layers", "embed", "mlp")),
-        "ffw_linear/kernel": ParamSpec((n, F, D), ("layers", "mlp", "embed")),
-        "layer_scalar": ParamSpec((n,), ("layers",), ones),
-    }
-    if not shared:
-        s["attention/key/kernel"] = ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim"))
-        s["attention/key_norm/scale"] = ParamSpec((n, hd), ("layers", "head_dim"), ones)
-        if has_value_proj(cfg, group):
-            s["attention/value/kernel"] = ParamSpec((n, K, D, hd), ("layers", "kv_heads", "embed", "head_dim"))
-    if cfg.num_experts:
-        E, I = cfg.num_experts, cfg.moe_intermediate_size
-        s.update({
-            "router/kernel": ParamSpec((n, D, E), ("layers", "embed", None), fan_in_axis=1),
-            "router/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-            "router/expert_scale": ParamSpec((n, E), ("layers", None), ones),
-            # the expert axis goes on the mesh; the expert's own width stays whole ("expert_mlp": no rule)
-            "experts/gate_up/kernel": ParamSpec((n, E, D, 2 * I), ("layers", "experts", "embed", "expert_mlp"),
-                                                fan_in_axis=2),
-            "experts/down/kernel": ParamSpec((n, E, I, D), ("layers", "experts", "expert_mlp", "embed"),
-                                             fan_in_axis=2),
-            "post_ffw_norm_1/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-            "pre_ffw_norm_2/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-            "post_ffw_norm_2/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        })
-    if cfg.ple_dim:
-        P = cfg.ple_dim
-        s.update({
-            "ple_gate/kernel": ParamSpec((n, D, P), ("layers", "embed", None)),
-            "ple_projection/kernel": ParamSpec((n, P, D), ("layers", None, "embed")),
-            "post_ple_norm/scale": ParamSpec((n, D), ("layers", "embed"), ones),
-        })
-    for path, spec in s.items():
-        name = path.split("/")[-2] if path.endswith("/kernel") else ""
-        if name in _FAN_IN:
-            s[path] = ParamSpec(spec.shape, spec.axes, spec.init, fan_in_axis=_FAN_IN[name])
-    return s
-
-
-def param_specs(cfg: Gemma4Config) -> dict[str, ParamSpec]:
-    """Every weight with its shape and logical axes, keyed by path (groups under ``decoder_block/``)."""
-    D = cfg.hidden_size
-    specs: dict[str, ParamSpec] = {
-        "token_embedding/embeddings": ParamSpec((cfg.vocab_size, D), ("vocab", "embed"), "embedding",
-                                                std=1.0 / math.sqrt(D)),
-    }
-    for g, ids in cfg.group_layers().items():
-        for path, s in _group_specs(cfg, g, len(ids)).items():
-            specs[f"decoder_block/{g}/{path}"] = s
-    if cfg.ple_dim:
-        LP = cfg.num_layers * cfg.ple_dim
-        specs["per_layer_embedding/embeddings"] = ParamSpec((cfg.ple_vocab, LP), ("vocab", None), "embedding",
-                                                            std=1.0 / math.sqrt(cfg.ple_dim))
-        specs["per_layer_projection/kernel"] = ParamSpec((D, LP), ("embed", None), fan_in_axis=0)
-        specs["per_layer_projection_norm/scale"] = ParamSpec((cfg.ple_dim,), (None,), "ones")
-    specs["final_normalization/scale"] = ParamSpec((D,), ("embed",), "ones")
-    return specs
 
 
 def init_params(cfg: Gemma4Config, key: Array, dtype: Any = jnp.float32) -> Params:

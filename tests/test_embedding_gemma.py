@@ -216,6 +216,28 @@ def test_other_modules(tmp_path: Path) -> None:
     assert np.abs(got - want).max() < 1e-5
 
 
+def test_pooling_modes_equal_sentence_transformers() -> None:
+    """Every pooling mode, and modes concatenated, on right-padded token states with a prompt left out, as
+    sentence-transformers' Pooling computes them."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from gemmax.models import embedding_gemma as eg
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(3, 12, 8)).astype(np.float32)
+    lengths, prompt = np.array([12, 7, 4]), 2
+    valid = np.arange(12)[None] < lengths[:, None]
+    keep = valid & (np.arange(12)[None] >= prompt)
+    cfg = eg.tiny_config()
+    for modes in [(m,) for m in eg.POOLING_MODES] + [("cls", "max", "mean")]:
+        st_pool = Pooling(8, pooling_mode=modes if len(modes) > 1 else modes[0], include_prompt=False)
+        feats = {"token_embeddings": torch.from_numpy(h), "attention_mask": torch.from_numpy(valid.astype(np.int64)),
+                 "prompt_length": prompt}
+        want = st_pool(feats)["sentence_embedding"].numpy()
+        got = np.asarray(eg.pool(cfg.replace(pooling=modes, dense=()), h, keep))
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(modes))
+
+
 def test_save_round_trip(enc: TextEncoder, st_model, tmp_path: Path) -> None:
     """``save`` writes the published layout: sentence-transformers and gemmax read the same model back."""
     out = enc.save(tmp_path / "saved")

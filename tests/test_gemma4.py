@@ -180,3 +180,25 @@ def test_chat_template():
         'parameters:{type:<|"|>object<|"|>}}<tool|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n'
         '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><turn|>\n'
         '<|tool_response>response:get_weather{temp:20}<tool_response|>')
+
+
+def test_int8_experts(setup):
+    """The experts are quantization targets (per output channel, dequantized per layer); LoRA on them is
+    refused with the reason."""
+    from gemmax.models.base import UnsupportedError
+    from gemmax.nn import lora, quant
+
+    cfg, params, ids, want = setup
+    nodes = model.linear_nodes(cfg)
+    q = quant.quantize_params(params, nodes, "int8", targets=("experts_gate_up", "experts_down"), embedding=None)
+    assert q["decoder_block"]["local"]["experts"]["gate_up"]["kernel"].dtype == jnp.int8
+    got = np.asarray(model.forward(q, cfg, ids))
+    assert 0 < np.abs(got - want).mean() / np.abs(want).mean() < 0.05  # int8 rounding, through strong layers
+    # exactly the float model with the rounded weights
+    flat = flatten(q)
+    for k in [k for k in flat if "/experts/" in k and k.endswith("/kernel")]:
+        node = k[:-len("/kernel")]
+        flat[k] = quant.dequantize_kernel({"kernel": flat[k], "scale": flat.pop(node + "/scale")}, (2,))
+    np.testing.assert_allclose(np.asarray(model.forward(unflatten(flat), cfg, ids)), got, atol=1e-4)
+    with pytest.raises(UnsupportedError, match="LoRA on the experts"):
+        model.forward(lora.add_lora(params, nodes, 2, targets=("experts_down",)), cfg, ids)

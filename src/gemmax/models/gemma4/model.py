@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.models.base import UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config, group_dims, has_value_proj, param_specs
 from gemmax.nn.layers import (
@@ -73,7 +74,8 @@ def init_params(cfg: Gemma4Config, key: Array, dtype: Any = jnp.float32) -> Para
 def linear_nodes(cfg: Gemma4Config, layers: str = "model.layers") -> dict[str, LinearNode]:
     """Every linear of every group as LoRA and quantization address it: key ``<group>/<name>``, target the
     Gemma name (``query``...), so ``targets=("query", "value")`` reaches every group that has the linear.
-    The experts and the router are not linear nodes (the experts run grouped by ``ragged_dot``)."""
+    The experts' two kernels are nodes too (``experts_gate_up``, ``experts_down``) for quantization; LoRA on
+    them is refused (they run grouped by expert). The router is a plain weight."""
     nodes: dict[str, LinearNode] = {}
     for g, ids in cfg.group_layers().items():
         _, shared, _, _ = group_dims(cfg, g)
@@ -86,7 +88,18 @@ def linear_nodes(cfg: Gemma4Config, layers: str = "model.layers") -> dict[str, L
                 path=("decoder_block", g, *NODE_PATHS[name]), eq=eq, lora_eqs=lora_eqs, in_dims=KERNEL_IN_DIMS[name],
                 target=name, peft=HF_MODULES[name].split(".")[-1], hf_module=HF_MODULES[name], layers=layers,
                 layer_ids=ids)
+        if cfg.num_experts:  # quantizable (dequantized per layer before the grouped products); no LoRA
+            for name, eq in EXPERT_EQS.items():
+                nodes[f"{g}/{name}"] = LinearNode(
+                    path=("decoder_block", g, "experts", name.split("_", 1)[1]), eq=eq, lora_eqs=("", ""),
+                    in_dims=(1,), target=name, peft=name, hf_module="experts." + EXPERT_HF[name], layers=layers,
+                    layer_ids=ids)
     return nodes
+
+
+#: the experts' kernels as linear nodes: [E, in, out] per layer
+EXPERT_EQS = {"experts_gate_up": "td,edf->tef", "experts_down": "tf,efd->ted"}
+EXPERT_HF = {"experts_gate_up": "gate_up_proj", "experts_down": "down_proj"}
 
 
 # ---- pieces ----------------------------------------------------------------------------------------------
@@ -143,6 +156,9 @@ def per_layer_inputs(params: Params, cfg: Gemma4Config, tokens: Array, x: Array)
 
 def _expert_kernel(node: Params, in_axis: int, dtype: Any) -> Array:
     """One layer's expert kernel [E, in, out] as a float array (int8 / 4-bit experts dequantized here)."""
+    if "lora_a" in node:
+        raise UnsupportedError("LoRA on the experts is not supported (they run grouped by expert); adapt the "
+                               "attention or the dense MLP instead")
     if set(node) == {"kernel"}:
         return node["kernel"].astype(dtype)
     return dequantize_kernel(node, (in_axis,), dtype)

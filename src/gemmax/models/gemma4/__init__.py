@@ -25,6 +25,7 @@ FAMILY = register(family_from(
     preset_repos=PRESET_HF_REPOS,
     hf_aliases=hf.HF_ALIASES,
     hf_ignorable=hf.HF_IGNORABLE,
+    hf_unused=hf.hf_unused,
     hf_architecture="Gemma4ForCausalLM",
     gguf_arch=lambda cfg: None,
     chat_format=lambda cfg: "gemma4",

@@ -18,10 +18,19 @@ from gemmax.models.gemma4.model import group_dims, has_value_proj
 HF_ALIASES = (("model.language_model.", "model."),)
 
 #: Tensors a checkpoint may carry that the text model does not use: rotary buffers, the tied head, the vision
-#: and audio towers of a multimodal checkpoint, and the unused key/value weights published for layers that
-#: read shared keys and values (transformers ignores them as well).
+#: and audio towers of a multimodal checkpoint.
 HF_IGNORABLE = ("rotary_emb.inv_freq", "lm_head.weight", "vision_tower", "audio_tower", "embed_vision",
-                "embed_audio", "self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm")
+                "embed_audio")
+
+
+def hf_unused(cfg: Gemma4Config) -> tuple[str, ...]:
+    """The key / value weights a published checkpoint may carry for layers that read shared keys and values
+    (transformers skips them too), and a value projection beside k = v: skipped by name, in either layout."""
+    out = [f"layers.{i}.self_attn.{m}." for i in range(cfg.first_shared, cfg.num_layers)
+           for m in ("k_proj", "v_proj", "k_norm", "v_norm")]
+    if cfg.attention_k_eq_v:
+        out += [f"layers.{i}.self_attn.v_proj." for i in range(cfg.first_shared) if cfg.layer_types[i] == "global"]
+    return tuple(out)
 
 Entry = tuple[str | list[str], Callable, Callable]
 

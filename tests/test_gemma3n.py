@@ -301,3 +301,20 @@ def test_gguf_export_refused_with_the_reason(tmp_path: Path) -> None:
     lm = CausalLM.from_config(CFG)
     with pytest.raises(UnsupportedError, match="llama.cpp has the architecture"):
         lm.export_gguf(tmp_path / "m.gguf")
+
+
+def test_int8_quantizes_the_per_layer_table(tmp_path: Path) -> None:
+    lm = CausalLM.from_config(CFG)
+    lm.params = PARAMS  # every path live (the init's zero correct_output_scale switches the per-layer inputs off)
+    ref = np.asarray(lm.logits(IDS))
+    lm.quantize("int8")
+    ple = lm.params["per_layer_embedding"]
+    assert ple["embeddings"].dtype == jnp.int8 and ple["scale"].shape == (CFG.vocab_size_per_layer_input,)
+    got = np.asarray(lm.logits(IDS))
+    # closeness to float is the matrix's int8 cell; this all-random model (large routers, 64-wide sparse gates
+    # whose few survivors sit just above the cutoff) amplifies rounding too much to bound it tightly here
+    assert np.abs(got - ref).max() > 1e-4
+    back = CausalLM.from_preset(str(lm.export_hf(tmp_path / "hf")))  # exports dequantize every table
+    assert back.params["per_layer_embedding"]["embeddings"].dtype == jnp.float32
+    # the int8 model computes exactly what its dequantized weights do: every per-row scale is applied
+    assert np.abs(np.asarray(back.logits(IDS)) - got).max() <= 1e-5 * np.abs(got).max()

@@ -501,6 +501,10 @@ class CausalLM:
     def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
         """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""
         self.params = quant.quantize_params(self.params, self.linear_nodes, mode=mode, **kw)
+        if kw.get("embedding", True) and kw.get("targets") is None:  # the family's other row tables
+            for path in self.family.extra_embeddings:
+                self.params = quant.quantize_params(self.params, {}, embedding=path, head=None,
+                                                    embedding_mode=kw.get("embedding_mode", "int8"))
         self.__dict__.pop("_logits_fn", None)
         return self
 
@@ -555,6 +559,8 @@ class CausalLM:
             nodes = self.linear_nodes
             params = quant.dequantize_params(lora.merge_lora(params, nodes) if merge else lora.strip_lora(params),
                                              nodes)
+            for path in self.family.extra_embeddings:
+                params = quant.dequantize_params(params, {}, embedding=path, head=None)
             flat = flatten(params)
         return {p: np.asarray(jax.device_get(a)) for p, a in flat.items()}
 

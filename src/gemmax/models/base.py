@@ -100,6 +100,10 @@ class Family:
     #: more such names that depend on the config (Gemma 3n: the unused key/value tensors its published
     #: checkpoints carry for the KV-shared layers); skipped like ``hf_ignorable``, listed in the debug log
     hf_unused: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    #: row-read tables besides ``token_embedding`` (``{"embeddings": [rows, ...]}`` nodes the family reads
+    #: with their per-row ``scale`` when quantized): ``quantize`` quantizes them per row like the token
+    #: embedding and exports dequantize them (Gemma 3n: ``per_layer_embedding``)
+    extra_embeddings: tuple[str, ...] = ()
     #: transformers' ``architectures`` entry written on export
     hf_architecture: str = ""
     #: GGUF architecture of a config, or None with the reason llama.cpp cannot run it

@@ -523,8 +523,11 @@ def per_layer_inputs(params: Params, cfg: Gemma3nConfig, tokens: Array, x0: Arra
     outside it read row 0) plus the normed projection of the token embedding, scaled by 2^-1/2."""
     L, P, dtype = cfg.num_layers, cfg.hidden_size_per_layer_input, x0.dtype
     ids = jnp.where((tokens >= 0) & (tokens < cfg.vocab_size_per_layer_input), tokens, 0)
-    table = params["per_layer_embedding"]["embeddings"]
-    raw = jnp.take(table, ids, axis=0).astype(dtype) * jnp.asarray(math.sqrt(P), dtype)
+    node = params["per_layer_embedding"]
+    raw = jnp.take(node["embeddings"], ids, axis=0).astype(dtype)
+    if "scale" in node:  # int8 table (``quantize``): one scale per row
+        raw = raw * jnp.take(node["scale"], ids, axis=0)[..., None].astype(dtype)
+    raw = raw * jnp.asarray(math.sqrt(P), dtype)
     raw = raw.reshape(*tokens.shape, L, P)
     proj = einsum("btd,dlp->btlp", x0, params["per_layer_model_projection"]["kernel"])
     proj = proj * jnp.asarray(cfg.hidden_size ** -0.5, dtype)
@@ -1059,6 +1062,7 @@ FAMILY = register(family_from(
     hf_aliases=HF_ALIASES,
     hf_ignorable=HF_IGNORABLE,
     hf_unused=hf_unused,
+    extra_embeddings=("per_layer_embedding",),  # quantized per row with the token embedding
     hf_architecture="Gemma3nForCausalLM",
     gguf_arch=gguf_arch,
     chat_format=lambda cfg: "gemma",

@@ -31,11 +31,11 @@ from gemmax.models.base import UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config, group_dims, has_value_proj, param_specs
 from gemmax.nn.layers import (
+    activation_fn,
     apply_rope,
     attention_mask,
     dot_attention,
     einsum,
-    gelu_tanh,
     linear,
     rope_sin_cos,
     softcap,
@@ -64,6 +64,9 @@ KERNEL_IN_DIMS: dict[str, tuple[int, ...]] = {**gm.KERNEL_IN_DIMS, "ple_gate": (
 HF_MODULES: dict[str, str] = {**gm.HF_MODULES, "ple_gate": "per_layer_input_gate",
                               "ple_projection": "per_layer_projection"}
 NO_WINDOW = gm.NO_WINDOW
+
+#: GELU (tanh) in float32, rounded once to the input's dtype, as torch computes it on bfloat16 tensors
+gelu = activation_fn("gelu_tanh")
 
 
 def init_params(cfg: Gemma4Config, key: Array, dtype: Any = jnp.float32) -> Params:
@@ -170,7 +173,8 @@ def route(p: Params, cfg: Gemma4Config, x: Array) -> tuple[Array, Array]:
     r = p["router"]
     h = norm(x, None, cfg.norm_eps)
     h = h * (r["scale"].astype(h.dtype) * jnp.asarray(cfg.hidden_size ** -0.5, h.dtype))
-    logits = einsum("nd,de->ne", h, r["kernel"], jnp.float32)
+    # expert logits in the compute dtype (as the reference's linear), the softmax in float32
+    logits = einsum("nd,de->ne", h, r["kernel"]).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     w, idx = jax.lax.top_k(probs, cfg.top_k)
     w = w / w.sum(-1, keepdims=True)
@@ -193,9 +197,9 @@ def experts_grouped(h: Array, idx: Array, w: Array, gate_up: Array, down: Array)
     xs = jnp.take(h, token, axis=0)
     dt = xs.dtype
     gu = jax.lax.ragged_dot(xs, gate_up.astype(dt), sizes, preferred_element_type=jnp.float32).astype(dt)
-    a = gelu_tanh(gu[:, :inter]) * gu[:, inter:]
+    a = gelu(gu[:, :inter]) * gu[:, inter:]
     y = jax.lax.ragged_dot(a, down.astype(dt), sizes, preferred_element_type=jnp.float32).astype(dt)
-    y = y * jnp.take(w.reshape(-1), order).astype(dt)[:, None]
+    y = (y.astype(jnp.float32) * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)  # weighted in float32
     return jnp.zeros((n, h.shape[1]), dt).at[token].add(y)
 
 
@@ -234,14 +238,14 @@ def experts_tiled(h: Array, idx: Array, w: Array, gate_up: Array, down: Array, t
 
         def run(x):
             gu = einsum("bd,df->bf", x, jax.lax.dynamic_index_in_dim(gate_up, ex, 0, keepdims=False))
-            a = gelu_tanh(gu[:, :inter]) * gu[:, inter:]
+            a = gelu(gu[:, :inter]) * gu[:, inter:]
             return einsum("bf,fd->bd", a, jax.lax.dynamic_index_in_dim(down, ex, 0, keepdims=False))
 
         return None, jax.lax.cond(real, run, jnp.zeros_like, x)
 
     _, y = jax.lax.scan(one, None, (rows.reshape(n_tiles, tile, d), tile_expert, used))
     y = jnp.take(y.reshape(n_tiles * tile, d), dest, axis=0)
-    y = y * jnp.take(w.reshape(-1), order).astype(dt)[:, None]
+    y = (y.astype(jnp.float32) * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)  # weighted in float32
     return jnp.zeros((n, d), dt).at[token].add(y)
 
 
@@ -260,7 +264,7 @@ def experts_dense(h: Array, idx: Array, w: Array, gate_up: Array, down: Array) -
     inter = down.shape[1]
     dense_w = jnp.zeros((h.shape[0], e), jnp.float32).at[jnp.arange(h.shape[0])[:, None], idx].add(w)
     gu = jnp.einsum("nd,edf->enf", h, gate_up.astype(h.dtype))
-    a = gelu_tanh(gu[..., :inter]) * gu[..., inter:]
+    a = gelu(gu[..., :inter]) * gu[..., inter:]
     y = jnp.einsum("enf,efd->end", a, down.astype(h.dtype))
     return jnp.einsum("end,ne->nd", y, dense_w.astype(h.dtype))
 
@@ -309,13 +313,13 @@ def block(p: Params, x: Array, cfg: Gemma4Config, group: str, sincos: tuple[Arra
     o = linear(a["attention_output"], attend(q, k, v), *LINEAR_EQS["attention_output"])
     x = x + norm(o, p["post_attention_norm"]["scale"], eps)
     h = norm(x, p["pre_ffw_norm"]["scale"], eps)
-    m = linear(p["ffw_linear"], gelu_tanh(linear(p["ffw_gating"], h, *LINEAR_EQS["ffw_gating"]))
+    m = linear(p["ffw_linear"], gelu(linear(p["ffw_gating"], h, *LINEAR_EQS["ffw_gating"]))
                * linear(p["ffw_gating_2"], h, *LINEAR_EQS["ffw_gating_2"]), *LINEAR_EQS["ffw_linear"])
     if cfg.num_experts:
         m = norm(m, p["post_ffw_norm_1"]["scale"], eps) + norm(moe(p, cfg, x), p["post_ffw_norm_2"]["scale"], eps)
     x = x + norm(m, p["post_ffw_norm"]["scale"], eps)
     if cfg.ple_dim:
-        g = gelu_tanh(linear(p["ple_gate"], x, *LINEAR_EQS["ple_gate"])) * ple
+        g = gelu(linear(p["ple_gate"], x, *LINEAR_EQS["ple_gate"])) * ple
         x = x + norm(linear(p["ple_projection"], g, *LINEAR_EQS["ple_projection"]), p["post_ple_norm"]["scale"], eps)
     return x * p["layer_scalar"].astype(x.dtype), k, v
 

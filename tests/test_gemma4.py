@@ -202,3 +202,33 @@ def test_int8_experts(setup):
     np.testing.assert_allclose(np.asarray(model.forward(unflatten(flat), cfg, ids)), got, atol=1e-4)
     with pytest.raises(UnsupportedError, match="LoRA on the experts"):
         model.forward(lora.add_lora(params, nodes, 2, targets=("experts_down",)), cfg, ids)
+
+
+def _published_config(name: str) -> dict:
+    """The text part of the published config.json of google/gemma-4-26B-A4B and google/gemma-4-E2B."""
+    rope = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}
+    common = dict(model_type="gemma4_text", head_dim=256, global_head_dim=512, vocab_size=262144, rms_norm_eps=1e-6,
+                  final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", rope_parameters=rope,
+                  tie_word_embeddings=True, bos_token_id=2, pad_token_id=0)
+    if name == "gemma4_26b_a4b":
+        return dict(common, hidden_size=2816, num_hidden_layers=30, intermediate_size=2112, num_attention_heads=16,
+                    num_key_value_heads=8, num_global_key_value_heads=2, sliding_window=1024,
+                    max_position_embeddings=262144, attention_k_eq_v=True, enable_moe_block=True, num_experts=128,
+                    top_k_experts=8, moe_intermediate_size=704, num_kv_shared_layers=0,
+                    hidden_size_per_layer_input=0, use_double_wide_mlp=False,
+                    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5)
+    return dict(common, hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8,
+                num_key_value_heads=1, num_global_key_value_heads=None, sliding_window=512,
+                max_position_embeddings=131072, attention_k_eq_v=False, hidden_size_per_layer_input=256,
+                vocab_size_per_layer_input=262144, num_kv_shared_layers=20, use_double_wide_mlp=True,
+                layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7)
+
+
+@pytest.mark.parametrize("name", ["gemma4_26b_a4b", "gemma4_e2b"])
+def test_presets_equal_published_configs(name):
+    from gemmax.models.gemma4.config import from_hf_config
+
+    text = _published_config(name)
+    got = from_hf_config({"model_type": "gemma4", "text_config": text, "eos_token_id": [1, 106]})
+    assert got.replace(name=name) == PRESETS[name]

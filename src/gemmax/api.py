@@ -7,6 +7,7 @@ pure function elsewhere in the package (model, generate, lora, train...) applied
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -508,9 +509,21 @@ class CausalLM:
         self.__dict__.pop("_logits_fn", None)
         return self
 
-    def fit(self, data: Any, **kw: Any) -> Any:
-        """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.trainer.fit`` for the options."""
-        return train.fit(self, data, **kw)
+    def fit(self, data: Any, objective: Any = "sft", **kw: Any) -> Any:
+        """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.trainer.fit`` for the options.
+
+        ``objective``: "sft" (next-token), "dpo", "simpo", "distill", "grpo" or an objective object
+        (``gemmax.train.objectives``); the objective's own settings (``beta``, ``reward_funcs``, ``teacher``...)
+        are passed here as keywords along with the trainer's."""
+        if isinstance(objective, str):
+            if objective == "sft":
+                objective = None
+            else:
+                from gemmax.train.objectives import make_objective, objective_options
+
+                own = set(objective_options(objective)) - set(inspect.signature(train.fit).parameters)
+                objective = make_objective(objective, **{k: kw.pop(k) for k in list(kw) if k in own})
+        return train.fit(self, data, objective=objective, **kw)
 
     def evaluate(self, data: Any, **kw: Any) -> dict[str, float]:
         return train.evaluate(self, data, **kw)

@@ -34,7 +34,12 @@ CLI_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine", "clip_norm": 1.0, "grad_accum": 1, "precision": "float32", "remat": None,
     "dtype": "float32", "output": "finetune_output", "save_every": 100, "keep": 3, "resume": True, "seed": 0,
     "log_every": 1, "prompt": None, "max_length": 64, "progress": True, "export_peft": True,
+    "method": "sft", "beta": None, "loss_type": None, "teacher": None, "reward": None, "num_generations": 8,
+    "max_completion_length": 64,
 }
+
+#: ``--method`` values (the objectives of ``gemmax.train.objectives``, plus next-token "sft").
+METHODS = ("sft", "dpo", "simpo", "distill", "grpo")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +79,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=s, help="greedy-generate from this prompt before and after training")
     p.add_argument("--max-length", type=int, default=s, help="max_length for --prompt generation")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=s)
+    p.add_argument("--method", choices=METHODS, default=s,
+                   help="sft (next-token, default), dpo / simpo (prompt/chosen/rejected data), distill (needs "
+                        "--teacher), grpo (prompts; needs --reward)")
+    p.add_argument("--beta", type=float, default=s, help="dpo/simpo/grpo beta, distill JSD beta")
+    p.add_argument("--loss-type", default=s, help="dpo: sigmoid|ipo|hinge; grpo: grpo|bnpo|dr_grpo; "
+                                                 "distill: forward_kl|reverse_kl|jsd")
+    p.add_argument("--teacher", default=s, help="distill: the teacher model (folder, hf://..., preset)")
+    p.add_argument("--reward", default=s, help="grpo: reward functions as module:function, comma-separated")
+    p.add_argument("--num-generations", type=int, default=s, help="grpo: completions per prompt")
+    p.add_argument("--max-completion-length", type=int, default=s, help="grpo: tokens per completion")
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -150,6 +165,46 @@ def _load_model(handle: str | None, dtype: str) -> Any:
     return CausalLM.from_preset(handle or default_model_path(), dtype=dtype)
 
 
+def _reward_function(spec: str) -> Any:
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"gemmax finetune: --reward {spec!r}: use module:function")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"gemmax finetune: --reward {spec!r}: {e}") from None
+
+
+def _objective(o: dict[str, Any]) -> Any:
+    """The ``--method``'s objective (None for sft) from the options."""
+    from gemmax.train.objectives import make_objective
+
+    method = o["method"]
+    if method not in METHODS:
+        raise SystemExit(f"gemmax finetune: unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "sft":
+        return None
+    kw: dict[str, Any] = {}
+    if o["beta"] is not None:
+        kw["beta"] = float(o["beta"])
+    if o["loss_type"] is not None:
+        kw["loss" if method == "distill" else "loss_type"] = o["loss_type"]
+    if method == "distill":
+        if not o["teacher"]:
+            raise SystemExit("gemmax finetune: --method distill needs --teacher")
+        kw["teacher"] = _load_model(o["teacher"], o["dtype"])
+    if method == "grpo":
+        if not o["reward"]:
+            raise SystemExit("gemmax finetune: --method grpo needs --reward module:function[,...]")
+        specs = o["reward"] if isinstance(o["reward"], list) else str(o["reward"]).split(",")
+        kw["reward_funcs"] = [_reward_function(x.strip()) for x in specs if x.strip()]
+        kw["num_generations"] = int(o["num_generations"])
+        kw["max_completion_length"] = int(o["max_completion_length"])
+    return make_objective(method, **kw)
+
+
 def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
     """The ``gemmax finetune`` command; returns the exit status."""
     o = resolve_options(args)
@@ -162,6 +217,7 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
         dist = _set_mesh(o["mesh"], bool(o["fsdp"]))
         print(f"distribution: {dist}", file=sys.stderr)
     lm = _load_model(o["model"], o["dtype"])
+    objective = _objective(o)
     if o["lora_rank"]:
         n = enable_lora(lm, rank=int(o["lora_rank"]), alpha=o["lora_alpha"], targets=_targets(o["targets"]),
                         seed=int(o["seed"]))
@@ -183,7 +239,7 @@ def run_finetune(args: argparse.Namespace | dict[str, Any]) -> int:
                       precision=o["precision"], remat=o["remat"], checkpoint_dir=out / "checkpoints",
                       save_every=o["save_every"], keep=o["keep"], resume=bool(o["resume"]), seed=int(o["seed"]),
                       log_every=int(o["log_every"]), metrics_path=metrics, progress=bool(o["progress"]),
-                      eval_data=o["eval_data"], format=o["format"])
+                      eval_data=o["eval_data"], format=o["format"], objective=objective)
     except NonFiniteLossError as e:
         print(f"gemmax finetune: {e}", file=sys.stderr)
         history, status = e.history, 1

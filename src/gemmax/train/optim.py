@@ -198,7 +198,10 @@ def accumulate_gradients(
     and divided once by the total number of target tokens, which is exactly the gradient of the mean over
     all target tokens of the whole batch.
 
-    Returns ``(mean_loss, grads, {"n_tokens", "n_correct", "sum_loss"})``.
+    Any other entries of ``aux`` (float scalars: a post-training objective's metric sums) are summed over
+    the micro-batches too and returned alongside.
+
+    Returns ``(mean_loss, grads, {"n_tokens", "n_correct", "sum_loss", ...})``.
     """
     k = int(num_micro_batches)
     grad_fn = jax.value_and_grad(loss_sums_fn, has_aux=True)
@@ -210,19 +213,25 @@ def accumulate_gradients(
 
     micro = jax.tree_util.tree_map(split, batch)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    aux_shape = jax.eval_shape(loss_sums_fn, params, first, *args)[1]
+    extra_keys = tuple(k for k in aux_shape if k not in ("n_tokens", "n_correct")) if isinstance(aux_shape, dict) \
+        else ()
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+            {k: jnp.zeros((), jnp.float32) for k in extra_keys})
 
     def body(carry: Any, mb: Any) -> tuple[Any, None]:
-        g_acc, l_acc, n_acc, c_acc = carry
+        g_acc, l_acc, n_acc, c_acc, e_acc = carry
         (sum_loss, aux), g = grad_fn(params, mb, *args)
         g_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
         n_correct = aux.get("n_correct", jnp.zeros(())) if isinstance(aux, dict) else jnp.zeros(())
-        return (g_acc, l_acc + sum_loss, n_acc + aux["n_tokens"], c_acc + n_correct), None
+        e_acc = {k: e_acc[k] + aux[k].astype(jnp.float32) for k in extra_keys}
+        return (g_acc, l_acc + sum_loss, n_acc + aux["n_tokens"], c_acc + n_correct, e_acc), None
 
-    (g, sum_loss, n_tokens, n_correct), _ = jax.lax.scan(body, init, micro)
+    (g, sum_loss, n_tokens, n_correct, extra), _ = jax.lax.scan(body, init, micro)
     denom = jnp.maximum(n_tokens, 1.0)
     grads = jax.tree_util.tree_map(lambda a, p: (a / denom).astype(p.dtype), g, params)
-    return sum_loss / denom, grads, {"n_tokens": n_tokens, "n_correct": n_correct, "sum_loss": sum_loss}
+    return sum_loss / denom, grads, {"n_tokens": n_tokens, "n_correct": n_correct, "sum_loss": sum_loss, **extra}
 
 
 # ---- precision -----------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class NonFiniteLossError(FloatingPointError):
 # ---- history ---------------------------------------------------------------------------------------
 
 
+#: The per-step fields every run records (``History.append``); an objective's own metrics go to ``extra``.
+_STEP_KEYS = ("step", "epoch", "loss", "accuracy", "tokens_per_second", "learning_rate", "grad_norm",
+              "step_seconds", "target_tokens")
+
+
 @dataclass
 class History:
     """Per-step training metrics (and evaluations), like Keras' ``History`` with more detail.
@@ -128,6 +133,8 @@ class History:
     step_seconds: list[float] = field(default_factory=list)
     target_tokens: list[int] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+    #: per step, the metrics a post-training objective adds (e.g. ``rewards/margins``); empty dicts for SFT
+    extra: list[dict[str, float]] = field(default_factory=list)
     flops_per_token: float = 0.0
     peak_flops: float | None = None
     tokens_per_step: int = 0
@@ -135,16 +142,16 @@ class History:
     stopped: str | None = None
 
     def append(self, rec: dict[str, Any]) -> None:
-        for k in ("step", "epoch", "loss", "accuracy", "tokens_per_second", "learning_rate", "grad_norm",
-                  "step_seconds", "target_tokens"):
+        for k in _STEP_KEYS:
             getattr(self, k).append(rec[k])
+        self.extra.append({k: v for k, v in rec.items() if k not in _STEP_KEYS})
 
     def truncate(self, step: int) -> None:
         """Forget records after ``step`` (a resumed run replays them)."""
         keep = [i for i, s in enumerate(self.step) if s <= step]
-        for k in ("step", "epoch", "loss", "accuracy", "tokens_per_second", "learning_rate", "grad_norm",
-                  "step_seconds", "target_tokens"):
+        for k in _STEP_KEYS:
             setattr(self, k, [getattr(self, k)[i] for i in keep])
+        self.extra = [self.extra[i] for i in keep if i < len(self.extra)]
         self.evals = [e for e in self.evals if e.get("step", 0) <= step]
 
     @property
@@ -195,7 +202,8 @@ class History:
             out.append({"step": s, "epoch": self.epoch[i], "loss": self.loss[i], "accuracy": self.accuracy[i],
                         "tokens_per_second": self.tokens_per_second[i], "learning_rate": self.learning_rate[i],
                         "grad_norm": self.grad_norm[i], "step_seconds": self.step_seconds[i],
-                        "target_tokens": self.target_tokens[i], "mfu": mfu[i]})
+                        "target_tokens": self.target_tokens[i], "mfu": mfu[i],
+                        **(self.extra[i] if i < len(self.extra) else {})})
         out.extend(dict(e) for e in self.evals)
         return sorted(out, key=lambda r: (r["step"], "val_loss" in r))
 
@@ -277,8 +285,11 @@ def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | N
 
 
 def _make_train_step(family: Any, config: Any, optimizer: optax.GradientTransformation, precision: Precision,
-                     remat: str | None, grad_accum: int, chunk_size: int) -> Callable[..., Any]:
-    loss_sums = _loss_sums_fn(family, config, precision, remat, chunk_size)
+                     remat: str | None, grad_accum: int, chunk_size: int, objective: Any = None
+                     ) -> Callable[..., Any]:
+    # An objective (gemmax.train.objectives) brings its own loss sums; the step around them is the same.
+    make = objective.loss_sums_fn if objective is not None else _loss_sums_fn
+    loss_sums = make(family, config, precision, remat, chunk_size)
 
     def step(trainable: Any, opt_state: Any, frozen: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, dict]:
         loss, grads, aux = accumulate_gradients(loss_sums, trainable, batch, grad_accum, frozen)
@@ -294,8 +305,7 @@ def _make_train_step(family: Any, config: Any, optimizer: optax.GradientTransfor
 
         new_params = jax.tree_util.tree_map(keep, new_params, trainable)
         new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
-        metrics = {"loss": loss, "n_tokens": aux["n_tokens"], "n_correct": aux["n_correct"],
-                   "grad_norm": gnorm, "ok": ok}
+        metrics = {**aux, "loss": loss, "grad_norm": gnorm, "ok": ok}
         return new_params, new_opt, metrics
 
     return step
@@ -554,12 +564,14 @@ class _StepSpec:
     grad_accum: int
     chunk_size: int
     is_lora: bool
+    objective: Any = None
 
     def cache_key(self, lm: Any) -> tuple:
         """The ``_STEP_CACHE`` key: the model's architecture and these settings."""
         return (_config_key(lm), float(self.learning_rate), self.weight_decay, self.warmup, self.total_steps,
                 self.schedule, self.end_lr_ratio, self.clip_norm, self.precision, self.remat, self.grad_accum,
-                self.chunk_size, self.is_lora)
+                self.chunk_size, self.is_lora,
+                None if self.objective is None else self.objective.cache_key())
 
 
 @dataclass
@@ -591,7 +603,8 @@ def _compiled_step(lm: Any, spec: _StepSpec, prec: Precision, dist: Any, trainab
     # The rate of every step, computed once: eager jnp calls in the loop would each dispatch (and at
     # first compile) tiny kernels.
     lr_table = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(spec.total_steps + 1)))
-    step_fn = _make_train_step(lm.family, lm.config, optimizer, prec, spec.remat, spec.grad_accum, spec.chunk_size)
+    step_fn = _make_train_step(lm.family, lm.config, optimizer, prec, spec.remat, spec.grad_accum, spec.chunk_size,
+                               spec.objective)
     if dist is not None:
         return _jit_distributed(dist, optimizer, step_fn, lr_table, trainable, frozen, spec.is_lora)
     init_fn = jax.jit(optimizer.init)
@@ -705,6 +718,7 @@ class _Run:
     format: str
     chunk_size: int
     callbacks: Sequence[Callable[[int, dict[str, Any]], Any]]
+    objective: Any = None
 
     def train(self) -> History:
         """Step until the schedule ends or a callback stops it, then evaluate and checkpoint the end state.
@@ -726,6 +740,15 @@ class _Run:
             if self.manager is not None and s.last_saved != s.step and s.step > 0:
                 self._save(s.step, force=True)
                 s.last_saved = s.step
+        except NonFiniteLossError:
+            raise
+        except Exception:
+            # e.g. an objective's reward function raised: keep what was trained so far (the iterator is
+            # left before the failing batch), then let the error name the problem
+            if self.manager is not None and s.last_saved != s.step and s.step > 0:
+                self._save(s.step, force=True)
+                s.last_saved = s.step
+            raise
         finally:
             self.bar.close()
             self.lm.params = s.params()
@@ -758,6 +781,8 @@ class _Run:
                "tokens_per_second": self.batch_size * self.seq / dt,
                "learning_rate": float(self.compiled.lr_table[s.step - 1]),
                "grad_norm": gnorm, "step_seconds": dt, "target_tokens": int(n_tok)}
+        if self.objective is not None:
+            rec.update(self.objective.step_metrics(m, batch, dt))
         s.history.append(rec)
         self.bar.update(rec)
         return rec
@@ -871,6 +896,7 @@ def fit(
     format: str = "auto",
     callbacks: Sequence[Callable[[int, dict[str, Any]], Any]] = (),
     peak_flops: float | None = None,
+    objective: Any = None,
 ) -> History:
     """Train ``lm.params`` in place on ``data`` and return the per-step ``History``.
 
@@ -892,19 +918,37 @@ def fit(
 
     Raises ``NonFiniteLossError`` when a loss or gradient is NaN/inf: the failing update is not applied,
     ``lm.params`` keep the last good weights and (with ``checkpoint_dir``) the last good state is saved.
+
+    ``objective``: a post-training objective (``gemmax.train.objectives``: DPO, SimPO, distillation, GRPO)
+    that reads ``data`` itself and brings its own loss; the loop, optimizer, checkpoints and resume are the
+    same. None is next-token fine-tuning.
     """
     _check_options(steps, epochs, batch_size, grad_accum, log_every)
-    ds, seq = _load_data(lm, data, sequence_length, format)
+    if objective is not None:
+        if eval_data is not None:
+            raise ValueError("eval_data is evaluated with the next-token loss; it is not supported with a "
+                             f"{objective.name} objective")
+        ds, seq = objective.load(lm, data, sequence_length, format)
+    else:
+        ds, seq = _load_data(lm, data, sequence_length, format)
     prec = Precision.named(precision)
     dist = _dist.distribution()
     _check_batch_axis(dist, batch_size, grad_accum)
     sched = _schedule(ds, batch_size, seed, epochs, steps, warmup_steps)
     trainable, frozen, is_lora = _split_params(lm, prec)
+    live: dict[str, _RunState] = {}
+    if objective is not None:
+        # Before compiling (the objective may choose its loss's inputs) and before a resume replaces the
+        # weights (a precomputed reference comes from the starting ones); the callable gives the policy's
+        # current weights once training runs (GRPO samples with them).
+        objective.prepare(lm, ds, lambda: live["state"].params() if "state" in live else lm.params,
+                          batch_size=batch_size, is_lora=is_lora)
     spec = _StepSpec(learning_rate, weight_decay, sched.warmup, sched.total_steps, schedule, end_lr_ratio,
-                     clip_norm, precision, remat, grad_accum, chunk_size, is_lora)
+                     clip_norm, precision, remat, grad_accum, chunk_size, is_lora, objective)
     compiled = _compiled_step(lm, spec, prec, dist, trainable, frozen)
     state = _initial_state(lm, compiled, trainable, frozen, seq=seq, batch_size=batch_size,
                            peak_flops=peak_flops, seed=seed)
+    live["state"] = state
     manager = None
     if checkpoint_dir is not None:
         manager = CheckpointManager(checkpoint_dir, keep=keep, save_interval_steps=1)
@@ -915,7 +959,8 @@ def fit(
     bar = _Progress(progress, sched.total_steps, state.step)
     run = _Run(lm, state, sched, compiled, dist, manager, metrics_file, bar, batch_size=batch_size, seq=seq,
                progress=progress, log_every=log_every, save_every=save_every, eval_data=eval_data,
-               eval_every=eval_every, format=format, chunk_size=chunk_size, callbacks=callbacks)
+               eval_every=eval_every, format=format, chunk_size=chunk_size, callbacks=callbacks,
+               objective=objective)
     return run.train()
 
 

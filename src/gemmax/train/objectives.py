@@ -1,0 +1,145 @@
+"""Post-training objectives: what ``fit(..., objective=...)`` trains besides next-token prediction.
+
+An objective plugs into the one trainer (``gemmax.train.trainer.fit``) at four points and leaves the rest —
+optimizer, LoRA split, donation, accumulation, non-finite guard, checkpoints, exact resume, metrics file,
+progress bar — as it is for supervised fine-tuning:
+
+* ``load(lm, data, sequence_length, format)`` reads the data into a dataset whose ``iterator`` yields fixed-
+  shape batches with a small restorable state (as ``gemmax.train.data.Dataset`` does);
+* ``loss_sums_fn(family, config, precision, remat, chunk_size)`` returns the step's
+  ``(trainable, batch, frozen) -> (sum_loss, aux)``: *sums* and a count ``aux["n_tokens"]`` (pairs,
+  sequences or tokens, whatever the loss is a mean over) so gradient accumulation divides once; other
+  ``aux`` entries are metric sums, summed over micro-batches as well;
+* ``prepare(lm, dataset, params_fn, ...)`` runs once before the first step (and before a resume replaces the
+  weights): precompute reference log-probabilities, bind a sampler to the policy's current weights;
+* ``step_metrics(metrics, batch, seconds)`` turns the summed metrics into the per-step record (TRL's names).
+
+With LoRA the frozen base is an argument of the step that is never differentiated, so "the reference model"
+is simply the forward pass over ``frozen`` (the adapters left out): no second copy of the weights.
+
+``token_log_probs`` is the shared piece: per-token ``log p(target)`` from final hidden states, chunk by chunk
+like the chunked cross-entropy, so no [B, T, V] logits are ever built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemmax.nn.lora import merge_trees
+from gemmax.train.losses import _chunk_logits, _softcap, output_head
+
+__all__ = ["OBJECTIVES", "Objective", "make_objective", "objective_options", "sequence_forward",
+           "token_log_probs"]
+
+
+def token_log_probs(params: dict[str, Any], config: Any, hidden: jax.Array, targets: jax.Array, *,
+                    chunk_size: int = 1024, temperature: float = 1.0) -> jax.Array:
+    """``log softmax(logits / temperature)[target]`` per position, [B, T] float32, without [B, T, V] logits.
+
+    The head, soft-cap and quantization scale are the model's (``losses.output_head``). Each chunk's logits
+    are recomputed in the backward pass (``jax.checkpoint``), so the peak is one chunk's [chunk, V] logits.
+    """
+    head, vd, scale = output_head(params, config)
+    cap = getattr(config, "final_logit_softcap", None)
+    b, t, d = hidden.shape
+    n = b * t
+    h = hidden.reshape(n, d)
+    y = targets.reshape(n).astype(jnp.int32)
+    chunk = max(1, min(chunk_size, n))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+
+    @jax.checkpoint
+    def one(xs: tuple[jax.Array, jax.Array]) -> jax.Array:
+        hc, yc = xs
+        logits = _softcap(_chunk_logits(hc, head, vd, scale), cap) / temperature
+        safe = jnp.clip(yc, 0, logits.shape[-1] - 1)
+        tgt = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+        return tgt - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(one, (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk)))
+    return out.reshape(-1)[:n].reshape(b, t)
+
+
+def sequence_forward(family: Any, config: Any, precision: Any, remat: str | None
+                     ) -> Callable[[Any, dict[str, jax.Array]], tuple[dict[str, Any], jax.Array]]:
+    """``(params, batch) -> (compute params, final hidden [B, T, D])`` for rows of ``batch`` (``tokens``,
+    ``positions``, ``segment_ids``, [B, T]) in the compute precision."""
+
+    def run(params: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, Any], jax.Array]:
+        p = precision.compute_params(params)
+        hidden = family.forward_hidden(p, config, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                       remat=remat)
+        return p, hidden
+
+    return run
+
+
+def merged(trainable: Any, frozen: Any) -> Any:
+    """The full parameter tree of a step (adapters merged onto the frozen base)."""
+    return merge_trees(trainable, frozen) if frozen else trainable
+
+
+@dataclasses.dataclass
+class Objective:
+    """Base of the post-training objectives; the settings are dataclass fields (see ``objective_options``)."""
+
+    name = "objective"
+
+    def load(self, lm: Any, data: Any, sequence_length: int, format: str) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
+                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+        raise NotImplementedError
+
+    def prepare(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], *, batch_size: int,
+                is_lora: bool) -> None:
+        """Called once before the first step; nothing to do by default."""
+
+    def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
+        return {}
+
+    def cache_key(self) -> tuple:
+        """What the compiled step depends on (the compiled-step cache key): the settings that are numbers,
+        strings or tuples of them (callables such as reward functions do not reach the step)."""
+        out = [self.name]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float, str, bool, type(None))):
+                out.append((f.name, v))
+        return tuple(out)
+
+
+#: name -> objective class, filled by the modules that define them (``make_objective`` imports them).
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def _load_all() -> None:
+    from gemmax.train import distill, grpo, preference  # noqa: F401 - they register themselves
+
+
+def objective_options(name: str) -> tuple[str, ...]:
+    """The settings (keyword arguments) objective ``name`` accepts."""
+    _load_all()
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; use one of sft, {', '.join(sorted(OBJECTIVES))}")
+    return tuple(f.name for f in dataclasses.fields(OBJECTIVES[name]) if not f.name.startswith("_"))
+
+
+def make_objective(name: str, **settings: Any) -> Objective:
+    """The objective ``name`` ("dpo", "simpo", "distill", "grpo") with ``settings``; unknown settings are
+    an error naming them."""
+    known = objective_options(name)
+    bad = sorted(set(settings) - set(known))
+    if bad:
+        raise TypeError(f"objective {name!r} has no option(s) {', '.join(bad)} (it takes {', '.join(known)})")
+    return OBJECTIVES[name](**settings)

@@ -68,16 +68,26 @@ def prefill(params: dict, cfg: Gemma4Config, tokens: Array, lengths: Array, max_
     x = m4.embed(params, cfg, tokens)
     ple = m4.per_layer_inputs(params, cfg, tokens, x)
 
-    def make_attend(ltype: str) -> m4.AttendFn:
+    def make_attend(ltype: str, q_idx: Array = idx, q_seg: Array = seg) -> m4.AttendFn:
         window = cfg.sliding_window if ltype == LOCAL else None
 
         def attend(q, k, v):
-            return dot_attention(q, k, v, attention_mask(idx, idx, window, seg, seg))
+            return dot_attention(q, k, v, attention_mask(q_idx, idx, window, q_seg, seg))
         return attend
 
-    x, kvs = m4.run_layers(params, cfg, x, idx, ple, make_attend)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    last = m4.norm(last, params["final_normalization"]["scale"], cfg.norm_eps)
+    # layers that compute keys and values run over the whole prompt; the sharing layers after them write no
+    # cache, so only each prompt's last position goes through them (as transformers' generate does)
+    last_pos = (lengths - 1)[:, None]
+    x, kvs, carry = m4.run_layers(params, cfg, x, idx, ple, make_attend, layers=range(cfg.first_shared))
+    x = jnp.take_along_axis(x, last_pos[:, :, None], axis=1)
+    if cfg.num_kv_shared_layers:
+        ple_last = None if ple is None else jnp.take_along_axis(ple, last_pos[None, :, :, None], axis=2)
+        ones = jnp.ones_like(last_pos)
+        x, _, _ = m4.run_layers(params, cfg, x, last_pos, ple_last,
+                                lambda lt: make_attend(lt, last_pos, ones), layers=range(cfg.first_shared,
+                                                                                         cfg.num_layers),
+                                carry=carry)
+    last = m4.norm(x, params["final_normalization"]["scale"], cfg.norm_eps)
     logits = m4.logits_from_hidden(params, cfg, last)[:, 0]
     own = _owners(cfg)
     caches: dict[str, Array] = {}

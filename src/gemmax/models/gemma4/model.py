@@ -354,15 +354,24 @@ def _kv_shapes(cfg: Gemma4Config, b: int, t: int, dtype: Any) -> dict[str, tuple
 
 
 def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, ple: Array | None,
-               make_attend: Callable[[str], AttendFn], remat: str | None = None,
-               ) -> tuple[Array, dict[str, tuple[Array, Array]]]:
-    """Scan every layer over x [B, T, D] in order -> (x, keys and values of every layer stacked per type:
-    ``{type: (k [L, B, T, K, hd], v ...)}`` with zeros at the other type's layers and at shared layers).
+               make_attend: Callable[[str], AttendFn], remat: str | None = None, layers: range | None = None,
+               carry: dict[str, tuple[Array, Array]] | None = None,
+               ) -> tuple[Array, dict[str, tuple[Array, Array]], dict[str, tuple[Array, Array]]]:
+    """Scan the layers ``layers`` (default all; a contiguous range) over x [B, T, D] in order ->
+    (x, keys and values of every layer stacked per type: ``{type: (k [n, B, T, K, hd], v ...)}`` with zeros
+    at the other type's layers and at shared layers, the final carry).
 
     The carry holds the latest owner's keys and values of each type, which are what a shared layer reads
-    (every owner of a type precedes the shared layers, so the latest is the producer)."""
+    (every owner of a type precedes the shared layers, so the latest is the producer). ``carry`` passes in
+    the producers' keys and values when ``layers`` holds only sharing layers; x may then hold fewer positions
+    than the keys (a prefill's last rows)."""
     b, t = x.shape[:2]
-    names, gid, pos = layer_plan(cfg)
+    layers = range(cfg.num_layers) if layers is None else layers
+    _, gid_all, pos_all = layer_plan(cfg)
+    all_names = tuple(cfg.group_layers())
+    names = tuple(dict.fromkeys(cfg.group_of(i) for i in layers))  # the branches this range needs
+    gid = np.asarray([names.index(all_names[gid_all[i]]) for i in layers], np.int32)
+    pos = pos_all[layers.start:layers.stop]
     tables = rope_tables(cfg, positions)
     blocks = params["decoder_block"]
     dtype = x.dtype
@@ -375,8 +384,7 @@ def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, pl
             x, k, v = block(p, x, cfg, group, tables[ltype], make_attend(ltype), ple_i,
                             kv=carry[ltype] if shared else None)
             carry = dict(carry)
-            zeros = _kv_shapes(cfg, b, t, dtype)
-            out = dict(zeros)
+            out = dict(_kv_shapes(cfg, b, t, dtype))
             if not shared:
                 carry[ltype] = (k.astype(dtype), v.astype(dtype))
                 out[ltype] = carry[ltype]
@@ -389,14 +397,14 @@ def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, pl
     def body(state, xs):
         x, carry = state
         g, i, ple_i = xs
-        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i)
+        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i) if len(fns) > 1 else fns[0](i, x, carry, ple_i)
         return (x, carry), out
 
     body = gm_remat(body, remat)
-    ple_xs = ple if ple is not None else jnp.zeros((cfg.num_layers,), dtype)
-    (x, _), kvs = jax.lax.scan(body, (x, _kv_shapes(cfg, b, t, dtype)),
-                               (jnp.asarray(gid), jnp.asarray(pos), ple_xs))
-    return x, kvs
+    ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
+    carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
+    (x, carry), kvs = jax.lax.scan(body, (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple_xs))
+    return x, kvs, carry
 
 
 def gm_remat(body: Callable, remat: str | None) -> Callable:
@@ -428,7 +436,7 @@ def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: 
             return dot_attention(q, k, v, attention_mask(idx, idx, window, seg, seg))
         return attend
 
-    x, _ = run_layers(params, cfg, x, positions, ple, make_attend, remat)
+    x, _, _ = run_layers(params, cfg, x, positions, ple, make_attend, remat)
     return norm(x, params["final_normalization"]["scale"], cfg.norm_eps)
 
 

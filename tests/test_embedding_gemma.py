@@ -276,11 +276,14 @@ def test_sharded_equals_one_device(enc: TextEncoder, folder: Path, tmp_path: Pat
     np.testing.assert_allclose(np.load(out), enc.encode(TEXTS, prompt_name="query", batch_size=4), atol=1e-5)
 
 
-def test_errors(folder: Path, tmp_path: Path) -> None:
+def test_errors(enc: TextEncoder, folder: Path, tmp_path: Path) -> None:
     from gemmax import CausalLM
+    from gemmax.models.base import UnsupportedError
 
     with pytest.raises(CheckpointError, match="TextEncoder"):
         CausalLM.from_preset(folder)
+    with pytest.raises(UnsupportedError, match="encoder"):  # no causal cache to generate from
+        CausalLM(enc.config.backbone, enc.params).generate([2, 5, 6], max_new_tokens=2)
     with pytest.raises(CheckpointError, match="TextEncoder"):
         CausalLM.from_preset("embeddinggemma_300m")
     bad = tmp_path / "bad"

@@ -10,10 +10,11 @@ batch is ``[B, 2, T]`` and gradient accumulation splits pairs, never a pair.
 **Losses** (per pair, then the mean over pairs; names and formulas as TRL's ``DPOTrainer`` / ``CPOTrainer``),
 with ``Δ = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))`` summed over completion tokens:
 
-* ``sigmoid`` (DPO): ``−log σ(β Δ)`` (with ``label_smoothing`` ε: ``−(1−ε) log σ(βΔ) − ε log σ(−βΔ)``);
+* ``sigmoid`` (DPO): ``−log σ(β Δ)``;
 * ``ipo``: ``(Δ̄ − 1/(2β))²`` where Δ̄ uses per-token *averages* (TRL's normalisation);
 * ``hinge``: ``relu(1 − β Δ)``;
-* SimPO (reference-free): ``−log σ(β (avg log π(c) − avg log π(r)) − γ)``.
+* SimPO (reference-free): ``−log σ(β (avg log π(c) − avg log π(r)) − γ)`` (with ``label_smoothing`` ε:
+  ``−(1−ε) log σ(z) − ε log σ(−z)``, as TRL's CPO trainer).
 
 **Reference log-probs.** With LoRA the reference is the same weights with the adapters off — the frozen
 base the step already holds — so it costs a second forward pass but no memory. Or they are precomputed once
@@ -48,14 +49,13 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 def dpo_loss(chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array, *,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             n_chosen: jax.Array | None = None, n_rejected: jax.Array | None = None) -> jax.Array:
+             beta: float, loss_type: str = "sigmoid", n_chosen: jax.Array | None = None,
+             n_rejected: jax.Array | None = None) -> jax.Array:
     """Per-pair DPO loss from summed completion log-probs [P]; ``n_*`` (completion token counts) for IPO."""
     cl, rl = chosen - ref_chosen, rejected - ref_rejected
     delta = cl - rl
     if loss_type == "sigmoid":
-        return (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * delta)
-                - label_smoothing * jax.nn.log_sigmoid(-beta * delta))
+        return -jax.nn.log_sigmoid(beta * delta)
     if loss_type == "hinge":
         return jax.nn.relu(1 - beta * delta)
     if loss_type == "ipo":
@@ -312,7 +312,6 @@ class _PreferenceObjective(Objective):
     """What DPO and SimPO share: the data, the pair forward pass and the metrics."""
 
     beta: float = 0.1
-    label_smoothing: float = 0.0
 
     def load(self, lm: Any, data: Any, sequence_length: int, format: str) -> tuple[Any, int]:
         if isinstance(data, PreferenceDataset):
@@ -380,7 +379,7 @@ class DPO(_PreferenceObjective):
                 pr, hr = fwd(base, rows)
                 ref = sequence_log_probs(pr, config, hr, rows, b, chunk_size)[0]
             loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, loss_type=self.loss_type,
-                            label_smoothing=self.label_smoothing, n_chosen=n[:, 0], n_rejected=n[:, 1])
+                            n_chosen=n[:, 0], n_rejected=n[:, 1])
             w = batch["pair_mask"]
             r_c, r_r = self.beta * (logps[:, 0] - ref[:, 0]), self.beta * (logps[:, 1] - ref[:, 1])
             return (loss * w).sum(), self._aux(w, jax.lax.stop_gradient(r_c), jax.lax.stop_gradient(r_r),
@@ -397,6 +396,7 @@ class SimPO(_PreferenceObjective):
     name = "simpo"
     beta: float = 2.0
     gamma: float = 1.0
+    label_smoothing: float = 0.0
 
     def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
                      ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
@@ -416,15 +416,24 @@ class SimPO(_PreferenceObjective):
         return loss_sums
 
 
+_REF_FNS: dict[str, Any] = {}
+
+
 def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_size: int) -> np.ndarray:
     """Summed completion log-probs [N, 2] of every pair under ``params`` (one pass, in order, no gradient)."""
-    fwd = sequence_forward(lm.family, lm.config, _Float32(), None)
+    key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str)
+    if key not in _REF_FNS:
+        fwd = sequence_forward(lm.family, lm.config, _Float32(), None)
+        config = lm.config
 
-    @jax.jit
-    def fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        rows, b, _ = _pair_rows(batch)
-        pp, hidden = fwd(p, rows)
-        return sequence_log_probs(pp, lm.config, hidden, rows, b, 1024)[0]
+        def fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
+            rows, b, _ = _pair_rows(batch)
+            pp, hidden = fwd(p, rows)
+            return sequence_log_probs(pp, config, hidden, rows, b, 1024)[0]
+
+        _REF_FNS.clear()  # one architecture at a time: the compiled function holds no weights, only code
+        _REF_FNS[key] = jax.jit(fn)
+    fn = _REF_FNS[key]
 
     out = np.zeros((len(dataset), 2), np.float32)
     for start in range(0, len(dataset), batch_size):

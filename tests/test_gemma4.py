@@ -16,6 +16,7 @@ from gemmax.models.gemma4 import PRESETS, decode, model, tiny_config
 from gemmax.nn.params import flatten, unflatten
 
 TOL = 1e-4  # the matrix's parity tolerance, relative to the logit scale
+forward = jax.jit(model.forward, static_argnums=1)  # weight-only variants reuse one compilation
 
 
 def _params(cfg, seed: int = 0) -> dict:
@@ -37,7 +38,7 @@ def setup():
     cfg = tiny_config(vocab_size=128)
     params = _params(cfg)
     ids = jnp.asarray(np.random.RandomState(1).randint(3, 128, (2, 20)))  # longer than the window of 8
-    return cfg, params, ids, np.asarray(model.forward(params, cfg, ids))
+    return cfg, params, ids, np.asarray(forward(params, cfg, ids))
 
 
 def _far(got, want) -> float:
@@ -61,7 +62,7 @@ def test_feature_off_moves_logits(setup, what):
         cfg = cfg.replace(final_logit_softcap=None)
     else:
         p = {k: jnp.ones_like(v) if k.endswith(what) else v for k, v in p.items()}
-    got = model.forward(unflatten(p), cfg, ids)
+    got = forward(unflatten(p), cfg, ids)
     assert _far(got, want) > 10 * TOL, what
 
 
@@ -192,16 +193,16 @@ def test_int8_experts(setup):
     nodes = model.linear_nodes(cfg)
     q = quant.quantize_params(params, nodes, "int8", targets=("experts_gate_up", "experts_down"), embedding=None)
     assert q["decoder_block"]["local"]["experts"]["gate_up"]["kernel"].dtype == jnp.int8
-    got = np.asarray(model.forward(q, cfg, ids))
+    got = np.asarray(forward(q, cfg, ids))
     assert 0 < np.abs(got - want).mean() / np.abs(want).mean() < 0.05  # int8 rounding, through strong layers
     # exactly the float model with the rounded weights
     flat = flatten(q)
     for k in [k for k in flat if "/experts/" in k and k.endswith("/kernel")]:
         node = k[:-len("/kernel")]
         flat[k] = quant.dequantize_kernel({"kernel": flat[k], "scale": flat.pop(node + "/scale")}, (2,))
-    np.testing.assert_allclose(np.asarray(model.forward(unflatten(flat), cfg, ids)), got, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(unflatten(flat), cfg, ids)), got, atol=1e-4)
     with pytest.raises(UnsupportedError, match="LoRA on the experts"):
-        model.forward(lora.add_lora(params, nodes, 2, targets=("experts_down",)), cfg, ids)
+        forward(lora.add_lora(params, nodes, 2, targets=("experts_down",)), cfg, ids)
 
 
 def _published_config(name: str) -> dict:

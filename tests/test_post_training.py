@@ -20,8 +20,8 @@ from gemmax.train import trainer as train
 from gemmax.train.data import DataError, Dataset
 from gemmax.train.distill import Distill
 from gemmax.train.grpo import GRPO, RewardError, group_advantages, grpo_per_token_loss, reduce_grpo_loss
-from gemmax.train.objectives import make_objective
 from gemmax.train.optim import Precision
+from gemmax.train.post_training import make_objective
 from gemmax.train.preference import DPO, PreferenceDataset, SimPO
 
 torch = pytest.importorskip("torch")
@@ -282,36 +282,48 @@ def ascii_share(prompts, completions, **kw):
     return [sum(c.isascii() and c.isalpha() for c in s) / max(len(s), 1) for s in completions]
 
 
+GRPO_FIT = dict(steps=24, batch_size=8, sequence_length=16, learning_rate=3e-2, warmup_steps=1, progress=False,
+                schedule="constant")  # one compiled step and one compiled sampler for every GRPO run here
+
+
+def _grpo(funcs=(ascii_share,), **kw) -> GRPO:
+    return GRPO(reward_funcs=list(funcs), num_generations=4, max_completion_length=8, beta=0.02, loss_type="grpo",
+                **kw)
+
+
+def _trainable(tree):
+    return jax.tree_util.tree_leaves(split_trainable(tree)[0])
+
+
 def test_grpo_raises_a_toy_reward_and_resumes_exactly(tmp_path):
+    from gemmax.train.checkpoint import CheckpointManager
+
     prompts = [{"prompt": f"p{i}"} for i in range(8)]
-    kw = dict(steps=24, batch_size=8, sequence_length=16, learning_rate=3e-2, warmup_steps=1, progress=False,
-              schedule="constant")
-
-    def objective():
-        return GRPO(reward_funcs=[ascii_share], num_generations=4, max_completion_length=8, beta=0.02,
-                    loss_type="grpo")
-
     lm = _model()
-    h = train.fit(lm, prompts, objective=objective(), **kw)
+    h = train.fit(lm, prompts, objective=_grpo(), checkpoint_dir=tmp_path / "full", save_every=6, keep=None,
+                  **GRPO_FIT)
     rewards = [e["reward"] for e in h.extra]
     assert np.mean(rewards[-6:]) > np.mean(rewards[:6]) + 0.1, rewards
     assert all(np.isfinite(h.loss)) and all(e["kl"] >= 0 for e in h.extra)
-    # resume: 3 steps, stop, 3 more from the checkpoint == 6 uninterrupted (same completions, same weights)
-    kw6 = dict(kw, steps=6)
-    ref = _model()
-    train.fit(ref, prompts, objective=objective(), **kw6)
-    a = _model()
-    train.fit(a, prompts, objective=objective(), checkpoint_dir=tmp_path / "ck", save_every=3,
-              callbacks=[lambda step, rec: step < 3], **kw6)
+    assert {"rewards/ascii_share/mean", "completions/mean_length", "generation_seconds"} <= set(h.extra[0])
+    # resume: stop after 3 steps, continue from the checkpoint to 6 == the uninterrupted run's step 6
+    # (the same completions are drawn: sampling seeds follow the data position)
+    train.fit(_model(), prompts, objective=_grpo(), checkpoint_dir=tmp_path / "ck", save_every=3,
+              callbacks=[lambda step, rec: step < 3], **GRPO_FIT)
     b = _model()
-    h2 = train.fit(b, prompts, objective=objective(), checkpoint_dir=tmp_path / "ck", **kw6)
-    assert h2.step == list(range(1, 7))
-    for x, y in zip(jax.tree_util.tree_leaves(split_trainable(ref.params)[0]),
-                    jax.tree_util.tree_leaves(split_trainable(b.params)[0]), strict=True):
+    h2 = train.fit(b, prompts, objective=_grpo(), checkpoint_dir=tmp_path / "ck",
+                   callbacks=[lambda step, rec: step < 6], **GRPO_FIT)
+    assert h2.step == list(range(1, 7)) and h2.extra[5]["reward"] == rewards[5]
+    m = CheckpointManager(tmp_path / "full")
+    want = m.restore(6)["params"]
+    m.close()
+    for x, y in zip(jax.tree_util.tree_leaves(want), _trainable(b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_grpo_bad_rewards_name_the_function_and_keep_the_state(tmp_path):
+    from gemmax.train.checkpoint import CheckpointManager
+
     prompts = [{"prompt": f"p{i}", "answer": str(i)} for i in range(4)]
     calls = {"n": 0}
 
@@ -322,13 +334,9 @@ def test_grpo_bad_rewards_name_the_function_and_keep_the_state(tmp_path):
         return [float(len(c) % 2) for c in completions]
 
     lm = _model()
-    obj = GRPO(reward_funcs=[ascii_share, flaky], reward_weights=[1.0, 0.5], num_generations=2,
-               max_completion_length=4)
     with pytest.raises(RewardError, match=r"'flaky' raised KeyError"):
-        train.fit(lm, prompts, objective=obj, steps=4, batch_size=4, sequence_length=12, progress=False,
-                  checkpoint_dir=tmp_path / "ck")
-    from gemmax.train.checkpoint import CheckpointManager
-
+        train.fit(lm, prompts, objective=_grpo((ascii_share, flaky), reward_weights=[1.0, 0.5]),
+                  checkpoint_dir=tmp_path / "ck", **GRPO_FIT)
     m = CheckpointManager(tmp_path / "ck")
     assert m.latest_step() == 2  # the two good steps are kept
     # positioned before the batch whose rewards failed (2 prompts a batch: the epoch's 2 batches were used)
@@ -339,9 +347,7 @@ def test_grpo_bad_rewards_name_the_function_and_keep_the_state(tmp_path):
         return [math.nan] * len(completions)
 
     with pytest.raises(RewardError, match=r"'nan_reward' returned nan for completion 0 of <list>:item"):
-        train.fit(_model(), prompts, objective=GRPO(reward_funcs=nan_reward, num_generations=2,
-                                                    max_completion_length=4),
-                  steps=1, batch_size=4, sequence_length=12, progress=False)
+        train.fit(_model(), prompts, objective=_grpo((nan_reward,)), **GRPO_FIT)
 
 
 # ---- DPO end to end ---------------------------------------------------------------------------------------
@@ -417,3 +423,19 @@ def test_objective_options_and_errors():
                                                                   max_completion_length=2),
                   steps=1, batch_size=4, sequence_length=8, progress=False)
     assert Dataset  # the SFT path is untouched (test_train covers it)
+
+
+def test_finetune_method_option_builds_the_objective():
+    from gemmax.finetune import _objective, resolve_options
+
+    o = resolve_options({"method": "dpo", "beta": 0.2, "loss_type": "ipo"})
+    obj = _objective(o)
+    assert isinstance(obj, DPO) and obj.beta == 0.2 and obj.loss_type == "ipo"
+    assert _objective(resolve_options({})) is None  # sft
+    o = resolve_options({"method": "grpo", "reward": "test_post_training:ascii_share", "num_generations": 4})
+    obj = _objective(o)
+    assert obj.reward_funcs == [ascii_share] and obj.num_generations == 4
+    with pytest.raises(SystemExit, match="needs --reward"):
+        _objective(resolve_options({"method": "grpo"}))
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        _objective(resolve_options({"method": "distill"}))

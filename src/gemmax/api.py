@@ -519,7 +519,7 @@ class CausalLM:
             if objective == "sft":
                 objective = None
             else:
-                from gemmax.train.objectives import make_objective, objective_options
+                from gemmax.train.post_training import make_objective, objective_options
 
                 own = set(objective_options(objective)) - set(inspect.signature(train.fit).parameters)
                 objective = make_objective(objective, **{k: kw.pop(k) for k in list(kw) if k in own})

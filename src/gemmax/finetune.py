@@ -179,7 +179,7 @@ def _reward_function(spec: str) -> Any:
 
 def _objective(o: dict[str, Any]) -> Any:
     """The ``--method``'s objective (None for sft) from the options."""
-    from gemmax.train.objectives import make_objective
+    from gemmax.train.post_training import make_objective
 
     method = o["method"]
     if method not in METHODS:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.train.losses import _chunk_logits, _softcap, output_head
-from gemmax.train.objectives import OBJECTIVES, Objective, merged, sequence_forward
+from gemmax.train.objectives import Objective, merged, sequence_forward
 
 __all__ = ["Distill", "generalized_jsd"]
 
@@ -193,5 +193,3 @@ class _Identity:
     def compute_params(params: Any) -> Any:
         return params
 
-
-OBJECTIVES["distill"] = Distill

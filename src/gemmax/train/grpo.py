@@ -36,7 +36,7 @@ import numpy as np
 
 from gemmax.engine.generate import SamplingParams, generate_ids
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
-from gemmax.train.objectives import OBJECTIVES, Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
 from gemmax.train.preference import IndexIterator
 
 __all__ = ["GRPO", "RewardError", "group_advantages", "grpo_per_token_loss", "reduce_grpo_loss"]
@@ -356,5 +356,3 @@ class _Identity:
     def compute_params(params: Any) -> Any:
         return params
 
-
-OBJECTIVES["grpo"] = GRPO

@@ -14,6 +14,9 @@ progress bar — as it is for supervised fine-tuning:
   weights): precompute reference log-probabilities, bind a sampler to the policy's current weights;
 * ``step_metrics(metrics, batch, seconds)`` turns the summed metrics into the per-step record (TRL's names).
 
+The objectives live in ``preference`` (DPO, SimPO), ``distill`` and ``grpo``; ``post_training`` names them
+(``make_objective("dpo", beta=0.1)``) for ``lm.fit(objective=...)`` and ``gemmax finetune --method``.
+
 With LoRA the frozen base is an argument of the step that is never differentiated, so "the reference model"
 is simply the forward pass over ``frozen`` (the adapters left out): no second copy of the weights.
 
@@ -33,8 +36,7 @@ import jax.numpy as jnp
 from gemmax.nn.lora import merge_trees
 from gemmax.train.losses import _chunk_logits, _softcap, output_head
 
-__all__ = ["OBJECTIVES", "Objective", "make_objective", "objective_options", "sequence_forward",
-           "token_log_probs"]
+__all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 
 
 def token_log_probs(params: dict[str, Any], config: Any, hidden: jax.Array, targets: jax.Array, *,
@@ -117,29 +119,3 @@ class Objective:
             if isinstance(v, (int, float, str, bool, type(None))):
                 out.append((f.name, v))
         return tuple(out)
-
-
-#: name -> objective class, filled by the modules that define them (``make_objective`` imports them).
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def _load_all() -> None:
-    from gemmax.train import distill, grpo, preference  # noqa: F401 - they register themselves
-
-
-def objective_options(name: str) -> tuple[str, ...]:
-    """The settings (keyword arguments) objective ``name`` accepts."""
-    _load_all()
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; use one of sft, {', '.join(sorted(OBJECTIVES))}")
-    return tuple(f.name for f in dataclasses.fields(OBJECTIVES[name]) if not f.name.startswith("_"))
-
-
-def make_objective(name: str, **settings: Any) -> Objective:
-    """The objective ``name`` ("dpo", "simpo", "distill", "grpo") with ``settings``; unknown settings are
-    an error naming them."""
-    known = objective_options(name)
-    bad = sorted(set(settings) - set(known))
-    if bad:
-        raise TypeError(f"objective {name!r} has no option(s) {', '.join(bad)} (it takes {', '.join(known)})")
-    return OBJECTIVES[name](**settings)

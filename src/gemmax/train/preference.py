@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
-from gemmax.train.objectives import OBJECTIVES, Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
 
 __all__ = ["DPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "simpo_loss"]
 
@@ -450,6 +450,3 @@ class _Float32:
     def compute_params(params: Any) -> Any:
         return params
 
-
-OBJECTIVES["dpo"] = DPO
-OBJECTIVES["simpo"] = SimPO

@@ -136,10 +136,15 @@ def _to_trl_order(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0::2], a[1::2]])
 
 
+_LOSS_FNS: dict[int, object] = {}
+
+
 def _our_objective_loss(obj, lm, batch, is_lora=True):
     trainable, frozen = split_trainable(lm.params) if is_lora else (lm.params, {})
-    fn = obj.loss_sums_fn(lm.family, lm.config, Precision.named("float32"), None, 64)
-    s, aux = jax.jit(fn)(trainable, {k: jnp.asarray(v) for k, v in batch.as_dict().items()}, frozen)
+    if id(obj) not in _LOSS_FNS:
+        _LOSS_FNS.clear()
+        _LOSS_FNS[id(obj)] = jax.jit(obj.loss_sums_fn(lm.family, lm.config, Precision.named("float32"), None, 64))
+    s, aux = _LOSS_FNS[id(obj)](trainable, {k: jnp.asarray(v) for k, v in batch.as_dict().items()}, frozen)
     return float(s) / float(aux["n_tokens"]), {k: float(v) for k, v in aux.items()}
 
 
@@ -439,3 +444,25 @@ def test_finetune_method_option_builds_the_objective():
         _objective(resolve_options({"method": "grpo"}))
     with pytest.raises(SystemExit, match="needs --teacher"):
         _objective(resolve_options({"method": "distill"}))
+
+
+def test_distillation_from_a_precomputed_teacher_file(tmp_path):
+    from gemmax.train.distill import save_teacher_topk
+
+    student, teacher = _model(0, lora=False), _model(1, lora=False)
+    texts = [f"doc {i}: " + "ab" * (i % 4 + 1) for i in range(10)]  # short: several documents a packed row
+    path = save_teacher_topk(teacher, texts, tmp_path / "teacher.npz", sequence_length=32, top_k=6)
+    live = Distill(teacher=teacher, loss="jsd", beta=0.5, temperature=1.5, top_k=6)
+    disk = Distill(teacher=str(path), loss="jsd", beta=0.5, temperature=1.5)
+    it_live = live.load(student, texts, 32, "auto")[0].iterator(3, seed=3)
+    it_disk = disk.load(student, texts, 32, "auto")[0].iterator(3, seed=3)
+    pairs = [(next(it_live), next(it_disk)) for _ in range(3)]
+    # shuffled, packed batches: the file's tables land where the tokens go
+    assert all((b.inner.segment_ids.max(axis=1) > 1).any() for b, _ in pairs)
+    got = [_our_objective_loss(disk, student, b, is_lora=False)[0] for _, b in pairs]
+    want = [_our_objective_loss(live, student, b, is_lora=False)[0] for b, _ in pairs]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    h = train.fit(student, texts, objective=disk, steps=1, batch_size=3, sequence_length=32, progress=False)
+    assert all(np.isfinite(h.loss))
+    with pytest.raises(ValueError, match="differs from the one the teacher table was written for"):
+        Distill(teacher=str(path)).load(student, [t + "!" for t in texts], 32, "auto")

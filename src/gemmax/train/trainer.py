@@ -740,15 +740,6 @@ class _Run:
             if self.manager is not None and s.last_saved != s.step and s.step > 0:
                 self._save(s.step, force=True)
                 s.last_saved = s.step
-        except NonFiniteLossError:
-            raise
-        except Exception:
-            # e.g. an objective's reward function raised: keep what was trained so far (the iterator is
-            # left before the failing batch), then let the error name the problem
-            if self.manager is not None and s.last_saved != s.step and s.step > 0:
-                self._save(s.step, force=True)
-                s.last_saved = s.step
-            raise
         finally:
             self.bar.close()
             self.lm.params = s.params()
@@ -764,6 +755,13 @@ class _Run:
             batch = next(it)
         except StopIteration:  # pragma: no cover - total_steps is derived from the same iterator
             return None
+        except Exception:
+            # the batch could not be made (e.g. an objective's reward function raised): keep what was
+            # trained so far, positioned before that batch, then let the error name the problem
+            if self.manager is not None and s.last_saved != s.step and s.step > 0:
+                self._save(s.step, force=True, data_state=data_before)
+                s.last_saved = s.step
+            raise
         epoch = it.epoch
         t0 = time.perf_counter()
         new_tr, new_opt, m = self.compiled.train_step(s.trainable, s.opt_state, s.frozen,

@@ -142,6 +142,7 @@ class History:
     stopped: str | None = None
 
     def append(self, rec: dict[str, Any]) -> None:
+        self.extra[:0] = [{} for _ in range(len(self.step) - len(self.extra))]  # a history saved without them
         for k in _STEP_KEYS:
             getattr(self, k).append(rec[k])
         self.extra.append({k: v for k, v in rec.items() if k not in _STEP_KEYS})
@@ -149,9 +150,10 @@ class History:
     def truncate(self, step: int) -> None:
         """Forget records after ``step`` (a resumed run replays them)."""
         keep = [i for i, s in enumerate(self.step) if s <= step]
+        extra = [{} for _ in range(len(self.step) - len(self.extra))] + self.extra  # aligned with the steps
         for k in _STEP_KEYS:
             setattr(self, k, [getattr(self, k)[i] for i in keep])
-        self.extra = [self.extra[i] for i in keep if i < len(self.extra)]
+        self.extra = [extra[i] for i in keep]
         self.evals = [e for e in self.evals if e.get("step", 0) <= step]
 
     @property

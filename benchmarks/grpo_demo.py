@@ -35,9 +35,8 @@ def correct_sum(prompts, completions, answer, **kw):
 def accuracy(lm, pairs) -> float:
     outs = lm.generate([question(a, b) for a, b in pairs], max_new_tokens=4)
     texts = outs if isinstance(outs, list) else [outs]
-    return float(np.mean(correct_sum(None, [t[len(question(a, b)):] if t.startswith(question(a, b)) else t
-                                            for t, (a, b) in zip(texts, pairs, strict=True)],
-                                     [a + b for a, b in pairs])))
+    answers = [t.rsplit("\nA: ", 1)[-1] for t in texts]  # the text after the question's "A: "
+    return float(np.mean(correct_sum(None, answers, [a + b for a, b in pairs])))
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.nn.layers import dot_attention, rms_norm
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
@@ -405,7 +406,7 @@ def forward_hidden(params: Params, cfg: Gemma3VisionConfig, tokens: Array, posit
         return gm.decoder_layer(p, x, tc, positions, (sin[row], cos[row]), attend), None
 
     xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
-    x, _ = jax.lax.scan(pg._remat(body, remat), x, xs)
+    x, _ = jax.lax.scan(remat_layer(body, remat), x, xs)
     return rms_norm(x, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
 
 

@@ -63,6 +63,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, init_from_specs
 
 Array = jax.Array
@@ -710,13 +711,7 @@ def _run(params: Params, cfg: Gemma3nConfig, tokens: Array, positions: Array, se
         return attend
 
     def wrap(body: Callable) -> Callable:
-        if remat == "full":
-            return jax.checkpoint(body)
-        if remat == "dots":
-            return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        if remat not in (None, "none"):
-            raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
-        return body
+        return remat_layer(body, remat)
 
     def own_body(s: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
         p, pk, row, window, sparse, mult, pl = xs

@@ -41,6 +41,7 @@ from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.nn.layers import dot_attention, rms_norm
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
@@ -331,16 +332,6 @@ def embed_inputs(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixel_valu
     return jnp.where(is_img[..., None], jnp.take(flat, idx, axis=0), x)
 
 
-def _remat(body: Any, remat: str | None) -> Any:
-    if remat == "full":
-        return jax.checkpoint(body)
-    if remat == "dots":
-        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    if remat not in (None, "none"):
-        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
-    return body
-
-
 def forward_hidden(params: Params, cfg: PaliGemmaConfig, tokens: Array, positions: Array | None = None,
                    segment_ids: Array | None = None, remat: str | None = None, pixel_values: Array | None = None,
                    token_type_ids: Array | None = None) -> Array:
@@ -371,7 +362,7 @@ def forward_hidden(params: Params, cfg: PaliGemmaConfig, tokens: Array, position
         return gm.decoder_layer(p, x, tc, positions, (sin[row], cos[row]), attend), None
 
     xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
-    x, _ = jax.lax.scan(_remat(body, remat), x, xs)
+    x, _ = jax.lax.scan(remat_layer(body, remat), x, xs)
     return rms_norm(x, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
 
 

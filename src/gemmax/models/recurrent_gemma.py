@@ -53,6 +53,7 @@ from gemmax.nn.layers import (
     rope_inv_freq,
     softcap,
 )
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
@@ -587,12 +588,7 @@ def run_blocks(params: Params, cfg: RecurrentGemmaConfig, x: Array, caches: dict
     def body(x: Array, xs: dict[str, tuple[Params, Params]]) -> tuple[Array, dict[str, Params]]:
         return _apply_runs(pattern, xs, x, block)
 
-    if remat in ("full", True):
-        body = jax.checkpoint(body)
-    elif remat == "dots":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat not in (None, False, "none"):
-        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
+    body = remat_layer(body, remat)
     parts: dict[str, list[Params]] = {k: [] for k in kinds}
     if n:
         x, new_heads = jax.lax.scan(body, x, heads)

@@ -7,6 +7,7 @@ logits and softmax run in float32 whatever the compute dtype, and the results ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -210,6 +211,19 @@ def softcap(x: Array, cap: float | None) -> Array:
 
 
 # ---- attention -----------------------------------------------------------------------------------
+
+
+def remat(body: Callable, policy: str | bool | None) -> Callable:
+    """``body`` (a scanned layer) under a rematerialisation policy: ``"full"`` (or True) recomputes the whole
+    layer in the backward pass, ``"dots"`` keeps the matrix products and recomputes the rest, None / "none"
+    (or False) keeps every activation. One place, so every family's ``remat=`` means the same."""
+    if policy in ("full", True):
+        return jax.checkpoint(body)
+    if policy == "dots":
+        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if policy not in (None, False, "none"):
+        raise ValueError(f"unknown remat policy {policy!r} (use 'full', 'dots' or None)")
+    return body
 
 
 def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg: Array | None = None,

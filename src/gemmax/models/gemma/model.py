@@ -31,6 +31,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten  # noqa: F401
 
 Array = jax.Array
@@ -273,14 +274,8 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
 
         return decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend), None
 
-    if remat == "full":
-        body = jax.checkpoint(body)
-    elif remat == "dots":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat not in (None, "none"):
-        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
     xs = (params["decoder_block"], jnp.asarray(layer_windows(cfg)), rope_row)
-    x, _ = jax.lax.scan(body, x, xs)
+    x, _ = jax.lax.scan(remat_layer(body, remat), x, xs)
     return rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
 
 

@@ -40,6 +40,7 @@ from gemmax.nn.layers import (
     rope_sin_cos,
     softcap,
 )
+from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, init_from_specs
 from gemmax.nn.quant import dequantize_kernel
 
@@ -400,21 +401,11 @@ def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, pl
         x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i) if len(fns) > 1 else fns[0](i, x, carry, ple_i)
         return (x, carry), out
 
-    body = gm_remat(body, remat)
+    body = remat_layer(body, remat)
     ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
     carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
     (x, carry), kvs = jax.lax.scan(body, (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple_xs))
     return x, kvs, carry
-
-
-def gm_remat(body: Callable, remat: str | None) -> Callable:
-    if remat == "full":
-        return jax.checkpoint(body)
-    if remat == "dots":
-        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    if remat not in (None, "none"):
-        raise ValueError(f"unknown remat policy {remat!r} (use 'full', 'dots' or None)")
-    return body
 
 
 def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: Array | None = None,

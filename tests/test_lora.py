@@ -307,6 +307,14 @@ def test_generic_targets_and_unstacked_nodes(tmp_path):
     back = lora.import_peft(out, params, nodes)
     for key, v in lora.lora_state(p).items():
         np.testing.assert_allclose(np.asarray(flatten(back)[key]), np.asarray(v), rtol=1e-6, err_msg=key)
+    # a truncated adapter (one layer's lora_B gone, its lora_A left) is refused, naming the node and its stacked layer
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.3.self_attn.o_proj.lora_B.weight"]
+    save_file(tensors, out / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"b/out has lora_A but no lora_B for layer\(s\) \[1\]"):
+        lora.import_peft(out, params, nodes)
     lora.save_adapter(tmp_path / "ad", p, nodes, model_info={"model": "toy"})
     assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["model"] == "toy"
     again = lora.load_adapter(tmp_path / "ad", params, nodes)

@@ -23,9 +23,15 @@ from gemmax.models.gemma.decode import cache_bytes_per_token
 
 
 def _argmax_continuation(params, cfg, prompt, n):
+    """The reference: the whole-sequence forward, re-run after every token, its argmax at the last position.
+    Sequences are right-padded to one length so the forward compiles once (causal: padding after the last
+    token cannot change its logits)."""
+    width = 8 * -(-(len(prompt) + n) // 8)
+    fwd = jax.jit(lambda p, ids: gm.forward(p, cfg, ids))
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(np.asarray(gm.forward(params, cfg, jnp.asarray([seq])))[0, -1].argmax()))
+        padded = jnp.asarray([seq + [0] * (width - len(seq))])
+        seq.append(int(np.asarray(fwd(params, padded))[0, len(seq) - 1].argmax()))
     return seq[len(prompt):]
 
 

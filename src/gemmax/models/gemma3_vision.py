@@ -47,6 +47,12 @@ from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
+from gemmax.models.paligemma import (  # noqa: F401  (this family's functions too, found by family_from)
+    decode_step,
+    init_cache,
+    insert,
+    logits_from_hidden,
+)
 from gemmax.nn.layers import dot_attention, rms_norm
 from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
@@ -410,11 +416,6 @@ def forward_hidden(params: Params, cfg: Gemma3VisionConfig, tokens: Array, posit
     return rms_norm(x, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
 
 
-def logits_from_hidden(params: Params, cfg: Gemma3VisionConfig, hidden: Array) -> Array:
-    """Float32 logits through the tied embedding (Gemma's head)."""
-    return gm.logits_from_hidden(params, cfg.text, hidden)
-
-
 def forward(params: Params, cfg: Gemma3VisionConfig, tokens: Array, pixel_values: Array | None = None,
             token_type_ids: Array | None = None, positions: Array | None = None) -> Array:
     """Float32 logits [B, T, V] (see :func:`forward_hidden`)."""
@@ -423,20 +424,8 @@ def forward(params: Params, cfg: Gemma3VisionConfig, tokens: Array, pixel_values
 
 
 # ---- generation: image-block prefill into the Gemma family's cache, Gemma's decode step ---------------------
-
-
-def init_cache(cfg: Gemma3VisionConfig, batch: int, max_len: int, dtype: Any) -> dict[str, Array]:
-    return gdecode.init_cache(cfg.text, batch, max_len, dtype)
-
-
-def insert(cache: dict, rows: dict, slots: Array) -> dict:
-    return gdecode.insert(cache, rows, slots)
-
-
-def decode_step(params: Params, cfg: Gemma3VisionConfig, cache: dict, tokens: Array, pos: Array,
-                backend: str = XLA) -> tuple[Array, dict]:
-    """After the prompt everything is causal text: the Gemma family's step over the decoder."""
-    return gdecode.decode_step(params, cfg.text, cache, tokens, pos, backend)
+# The head, cache, insert and decode step are PaliGemma's (imported above): both families put the Gemma
+# decoder (``cfg.text``) behind a SigLIP tower, and after the prompt everything is causal text.
 
 
 def prefill(params: Params, cfg: Gemma3VisionConfig, tokens: Array, lengths: Array, max_len: int,

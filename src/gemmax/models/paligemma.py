@@ -379,6 +379,7 @@ def forward(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixel_values: A
 
 
 # ---- generation: prefix-LM prefill into the Gemma family's cache, Gemma's decode step -------------------------
+# The head and these three read only ``cfg.text``, so Gemma 3 with images (gemma3_vision) uses them too.
 
 
 def init_cache(cfg: PaliGemmaConfig, batch: int, max_len: int, dtype: Any) -> dict[str, Array]:

@@ -41,10 +41,9 @@ import numpy as np
 from gemmax.models import paligemma as pg
 from gemmax.models import siglip as vision
 from gemmax.models.base import CPU, XLA, family_from, register
-from gemmax.models.gemma import decode as gdecode
 from gemmax.models.gemma import hf as gemma_hf
 from gemmax.models.gemma import model as gm
-from gemmax.models.gemma.config import LOCAL, ModelConfig
+from gemmax.models.gemma.config import ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.models.paligemma import (  # noqa: F401  (this family's functions too, found by family_from)
@@ -53,8 +52,7 @@ from gemmax.models.paligemma import (  # noqa: F401  (this family's functions to
     insert,
     logits_from_hidden,
 )
-from gemmax.nn.layers import dot_attention, rms_norm
-from gemmax.nn.layers import remat as remat_layer
+from gemmax.nn.layers import rms_norm
 from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
 
 Array = jax.Array
@@ -399,21 +397,8 @@ def forward_hidden(params: Params, cfg: Gemma3VisionConfig, tokens: Array, posit
     positions = idx if positions is None else jnp.asarray(positions, jnp.int32)
     blocks = image_blocks(_types(cfg, tokens, token_type_ids, b, t))
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    has_local = LOCAL in tc.layer_types
-    sin, cos, rope_row = gm.rope_tables(tc, positions)
-
-    def body(x: Array, xs: tuple) -> tuple[Array, None]:
-        p, window, row = xs
-
-        def attend(q: Array, k: Array, v: Array) -> Array:
-            mask = image_block_mask(idx, idx, blocks, blocks, window if has_local else None, seg, seg)
-            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
-
-        return gm.decoder_layer(p, x, tc, positions, (sin[row], cos[row]), attend), None
-
-    xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
-    x, _ = jax.lax.scan(remat_layer(body, remat), x, xs)
-    return rms_norm(x, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
+    return pg.decoder_hidden(params, tc, x, positions,
+                             lambda window: image_block_mask(idx, idx, blocks, blocks, window, seg, seg), remat)
 
 
 def forward(params: Params, cfg: Gemma3VisionConfig, tokens: Array, pixel_values: Array | None = None,
@@ -448,28 +433,8 @@ def prefill(params: Params, cfg: Gemma3VisionConfig, tokens: Array, lengths: Arr
     types = jnp.where(valid, _types(cfg, tokens, token_type_ids, b, t), 0)
     blocks = image_blocks(types)
     x = embed_inputs(params, cfg, tokens, pixel_values)
-    has_local = LOCAL in tc.layer_types
-    sin, cos, rope_row = gm.rope_tables(tc, idx)
-
-    def body(x: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
-        p, window, row = xs
-        kv: dict[str, Array] = {}
-
-        def attend(q: Array, k: Array, v: Array) -> Array:
-            kv["k"], kv["v"] = k, v
-            mask = image_block_mask(idx, idx, blocks, blocks, window if has_local else None, k_valid=valid)
-            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
-
-        x = gm.decoder_layer(p, x, tc, idx, (sin[row], cos[row]), attend)
-        return x, (kv["k"], kv["v"])
-
-    xs = (params["decoder_block"], jnp.asarray(gm.layer_windows(tc)), rope_row)
-    x, (ks, vs) = jax.lax.scan(body, x, xs)  # ks: [L, b, T, K, hd]
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    last = rms_norm(last, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
-    logits = gm.logits_from_hidden(params, tc, last)[:, 0]
-    window = gdecode.CacheLayout.for_config(tc, max_len).window
-    return logits, gdecode.prompt_caches(tc, ks, vs, lengths, window)
+    return pg.decoder_prefill(params, tc, x, lengths, max_len,
+                              lambda window: image_block_mask(idx, idx, blocks, blocks, window, k_valid=valid))
 
 
 # ---- images and prompts --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,6 +349,15 @@ def forward_hidden(params: Params, cfg: PaliGemmaConfig, tokens: Array, position
     types = (jnp.ones((b, t), jnp.int32) if token_type_ids is None
              else jnp.broadcast_to(jnp.asarray(token_type_ids, jnp.int32).reshape(-1, t), (b, t)))
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return decoder_hidden(params, tc, x, positions,
+                          lambda window: prefix_lm_mask(idx, idx, types, types, window, seg, seg), remat)
+
+
+def decoder_hidden(params: Params, tc: ModelConfig, x: Array, positions: Array,
+                   mask_of: Callable[[Array | None], Array], remat: str | None = None) -> Array:
+    """The Gemma decoder over embedded inputs ``x`` [B, T, D] with a family's attention mask, final-normed.
+    ``mask_of(window)`` builds the mask for a layer's window (None on global layers), so the image families
+    differ only in their mask."""
     has_local = LOCAL in tc.layer_types
     sin, cos, rope_row = gm.rope_tables(tc, positions)
 
@@ -356,8 +365,7 @@ def forward_hidden(params: Params, cfg: PaliGemmaConfig, tokens: Array, position
         p, window, row = xs
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            mask = prefix_lm_mask(idx, idx, types, types, window if has_local else None, seg, seg)
-            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
+            return dot_attention(q, k, v, mask_of(window if has_local else None), tc.attn_logit_softcap)
 
         return gm.decoder_layer(p, x, tc, positions, (sin[row], cos[row]), attend), None
 
@@ -428,6 +436,17 @@ def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array,
     types = jnp.zeros((b, t), jnp.int32) if token_type_ids is None else _prompt_types(token_type_ids, b, t)
     types = jnp.where(valid, types, 1)  # padding is "suffix" (causal) and masked as a key: nothing sees it
     x = embed_inputs(params, cfg, tokens, pixel_values)
+    return decoder_prefill(params, tc, x, lengths, max_len,
+                           lambda window: prefix_lm_mask(idx, idx, types, types, window, k_valid=valid))
+
+
+def decoder_prefill(params: Params, tc: ModelConfig, x: Array, lengths: Array, max_len: int,
+                    mask_of: Callable[[Array | None], Array]) -> tuple[Array, dict]:
+    """The Gemma decoder's prefill over embedded prompts ``x`` [b, T, D] (true lengths [b]) with a family's
+    mask (``mask_of`` as in :func:`decoder_hidden`): float32 logits [b, V] at each row's last real token and
+    per-row caches in the Gemma family's layout."""
+    b, t = x.shape[:2]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     has_local = LOCAL in tc.layer_types
     sin, cos, rope_row = gm.rope_tables(tc, idx)
 
@@ -437,8 +456,7 @@ def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array,
 
         def attend(q: Array, k: Array, v: Array) -> Array:
             kv["k"], kv["v"] = k, v
-            mask = prefix_lm_mask(idx, idx, types, types, window if has_local else None, k_valid=valid)
-            return dot_attention(q, k, v, mask, tc.attn_logit_softcap)
+            return dot_attention(q, k, v, mask_of(window if has_local else None), tc.attn_logit_softcap)
 
         x = gm.decoder_layer(p, x, tc, idx, (sin[row], cos[row]), attend)
         return x, (kv["k"], kv["v"])
@@ -448,7 +466,6 @@ def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array,
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     last = rms_norm(last, params["final_normalization"]["scale"], tc.norm_eps, tc.norm_offset)
     logits = gm.logits_from_hidden(params, tc, last)[:, 0]
-
     window = gdecode.CacheLayout.for_config(tc, max_len).window
     return logits, gdecode.prompt_caches(tc, ks, vs, lengths, window)
 

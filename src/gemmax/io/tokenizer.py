@@ -649,9 +649,9 @@ def _llama31_tool_template(messages: Sequence[Mapping[str, Any]], add_generation
             out.append("<|start_header_id|>assistant<|end_header_id|>\n\n"
                        f'{{"name": "{name}", "parameters": {json.dumps(args, ensure_ascii=False)}}}<|eot_id|>')
         elif m["role"] in ("tool", "ipython"):
-            c = m.get("content")
-            body = c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)
-            out.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{body}<|eot_id|>")
+            # the published template writes any iterable content as JSON: a text result too, quoted
+            out.append("<|start_header_id|>ipython<|end_header_id|>\n\n"
+                       f"{json.dumps(m.get('content'), ensure_ascii=False)}<|eot_id|>")
         else:
             out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
                        f"{_jinja_trim(_content_text(m['content']))}<|eot_id|>")

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ToolCall", "Parsed", "parse_calls", "call_start", "call_opener", "JSON_FAMILIES"]
+__all__ = ["ToolCall", "Parsed", "parse_calls", "call_start", "call_opener", "call_closer", "call_error",
+           "JSON_FAMILIES"]
 
 #: chat formats whose calls are JSON objects
 JSON_FAMILIES = ("gemma", "gemma2", "gemma3", "codegemma", "llama3", "llama")
@@ -276,6 +277,24 @@ def _parse_gemma4(text: str) -> Parsed:
     if rest:
         content = (content + "\n" + rest).strip()
     return Parsed(content, calls)
+
+
+def call_error(call: ToolCall, schemas: Mapping[str, Mapping[str, Any]], forced: str | None = None) -> str | None:
+    """Why ``call`` is not a valid call of the tools whose parameter schemas are ``schemas`` (an unknown name,
+    another function than the ``forced`` one, arguments off the schema, checked with jsonschema), or None."""
+    import jsonschema
+
+    if call.name not in schemas:
+        return f"the model called '{call.name}', which is not among the tools ({', '.join(schemas)})"
+    if forced is not None and call.name != forced:
+        return f"the model called '{call.name}' where tool_choice forces '{forced}'"
+    schema = schemas[call.name]
+    err = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(
+        call.arguments))
+    if err is None:
+        return None
+    where = "/".join(str(p) for p in err.absolute_path) or "(the arguments)"
+    return f"the arguments of the call to '{call.name}' do not match its parameters schema at {where}: {err.message}"
 
 
 def arguments_json(args: Mapping[str, Any]) -> str:

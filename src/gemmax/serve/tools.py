@@ -24,6 +24,7 @@ from gemmax.io.tool_calls import (
     ToolCall,
     arguments_json,
     call_closer,
+    call_error,
     call_opener,
     call_start,
     parse_calls,
@@ -188,22 +189,6 @@ def apply_call_constraint(sp: SamplingParams, forced: ForcedCall | None) -> Samp
 # ---- reading the answer ---------------------------------------------------------------------------------
 
 
-def _schema_error(call: ToolCall, req: ToolRequest) -> str | None:
-    """Why ``call`` is not a valid call of the request's tools (unknown name, arguments off the schema)."""
-    if call.name not in req.schemas:
-        return f"the model called '{call.name}', which is not among the tools ({', '.join(req.schemas)})"
-    if req.forced is not None and req.forced.name is not None and call.name != req.forced.name:
-        return f"the model called '{call.name}' where tool_choice forces '{req.forced.name}'"
-    schema = req.schemas[call.name]
-    err = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(
-        call.arguments))
-    if err is not None:
-        where = "/".join(str(p) for p in err.absolute_path) or "(the arguments)"
-        return f"the arguments of the call to '{call.name}' do not match its parameters schema at {where}: " \
-               f"{err.message}"
-    return None
-
-
 def _parse(text: str, req: ToolRequest) -> Parsed:
     """The answer (the forced call's opener in front) split into content and calls; a forced call whose
     closer the model left to the grammar's end gets it added."""
@@ -223,7 +208,8 @@ def finish_answer(text: str, reason: str, req: ToolRequest) -> tuple[str | None,
     content. A forced call the model did not complete (``max_tokens``) comes back as content with finish
     reason "length"; one that does not match its schema is a 500 (:class:`APIError`), never a call."""
     parsed = _parse(text, req)
-    errors = [e for e in (_schema_error(c, req) for c in parsed.calls) if e]
+    forced = req.forced.name if req.forced is not None else None
+    errors = [e for e in (call_error(c, req.schemas, forced) for c in parsed.calls) if e]
     if parsed.calls and not errors:
         calls = parsed.calls if req.parallel else parsed.calls[:1]
         return parsed.content or None, calls, "tool_calls"

@@ -119,9 +119,8 @@ def parse_request(body: Mapping[str, Any], family: str) -> ToolRequest | None:
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls", "invalid_type")
     if tools is None or tools == []:
-        if choice not in (None, "none", "auto"):
-            raise bad("'tool_choice' asks for a tool call, but the request has no 'tools'", "tool_choice",
-                      "invalid_value")
+        if choice is not None:  # as OpenAI: a choice among no tools is a mistake, whatever it says
+            raise bad("'tool_choice' is only allowed when 'tools' are given", "tool_choice", "invalid_value")
         return None
     if not isinstance(tools, list):
         raise bad("'tools' must be a list of tools", "tools", "invalid_type")

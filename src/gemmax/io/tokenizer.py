@@ -50,8 +50,8 @@ KNOWN_SPECIALS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|eom_id|>",
 )
-#: Tokens that end a generated turn, besides eos.
-_STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR)
+#: Tokens that end a generated turn, besides eos (``<turn|>``: Gemma 4's end of turn).
+_STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR, "<turn|>")
 
 
 def _is_space_run(piece: str) -> bool:

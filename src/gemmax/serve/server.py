@@ -210,12 +210,12 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
     protocol.check_fields(body, "chat")
     msgs = protocol.messages(body)
     tools = parse_tools(body, m.chat_family)
+    if tools is not None and not tools.active:  # tool_choice "none": tools neither declared nor read
+        tools = None
     sampling = Sampling.parse(body, default_max_tokens=None, vocab=m.config.vocab_size)
-    rendered = tools.tools if tools is not None and tools.active else None
-    ids, inputs = await asyncio.to_thread(protocol.chat_prompt, m, msgs, rendered)
+    ids, inputs = await asyncio.to_thread(protocol.chat_prompt, m, msgs, tools.tools if tools else None)
     if tools is not None and tools.forced is not None:  # the answer starts with the forced call's opener
         ids = ids + m.tokenizer.encode(tools.forced.opener, add_bos=False)
-    tools = tools if tools is not None and tools.active else None
     jobs, events = svc.submit(m, [ids], sampling, "messages", inputs, tools)
     a = Answer(jobs, events, responses.chat_base(m), len(ids), protocol.include_usage(body))
     if sampling.stream:

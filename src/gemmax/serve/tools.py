@@ -251,12 +251,11 @@ class ToolStream:
     def finish(self, reason: str) -> tuple[str, list[ToolCall], str]:
         """(content not yet sent, calls, finish reason) once the choice is done."""
         content, calls, reason = finish_answer(self.text, reason, self.req)
-        done = self.text[: self.sent]
-        if not calls:
-            return (content or "")[len(done):] if (content or "").startswith(done) else self.text[self.sent:], \
-                [], reason
         content = content or ""
-        return (content[len(done):] if content.startswith(done) else ""), calls, reason
+        done = self.text[: self.sent]
+        if content.startswith(done):
+            return content[len(done):], calls, reason
+        return ("" if calls else self.text[self.sent:]), calls, reason
 
 
 def tool_stop_ids(tokenizer: Any, req: ToolRequest) -> tuple[int, ...]:

@@ -73,8 +73,8 @@ def test_gemma3_format() -> None:
 
 
 def test_llama31_format() -> None:
-    """Llama 3.1's published template (custom tools in the first user message): checked string by string
-    against transformers' renderer of that template when this was written; the exact text is pinned here."""
+    """Llama 3.1's published template (custom tools in the first user message), the exact text derived from
+    it: a text tool result is written as JSON (quoted), as the template's ``tojson`` does."""
     tool = json.dumps(WEATHER, indent=4)
     got = apply_chat_template(CALLED, family="llama3", tools=[WEATHER], date="26 Jul 2024")
     assert got == (

@@ -199,6 +199,10 @@ def test_forced_calls_and_schema_check() -> None:
     assert finish_answer('{"name": "get_time", "parameters": {"tz": 5}}', "stop", auto) == (
         '{"name": "get_time", "parameters": {"tz": 5}}', [], "stop")  # off its schema: stays text
     assert finish_answer('{"name": "nope", "parameters": {}}', "stop", auto)[1] == []
+    dangling = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}
+    assert finish_answer('{"name": "f", "parameters": {"a": 1}}', "stop",
+                         parse_request({"tools": [dangling]}, "gemma"))[1:] == ([], "stop")  # no 500, no fetch
     single = parse_request({"tools": [WEATHER, TIME], "parallel_tool_calls": False}, "gemma")
     two = '[{"name": "get_time", "parameters": {"tz": "A"}}, {"name": "get_time", "parameters": {"tz": "B"}}]'
     assert finish_answer(two, "stop", single)[1] == [ToolCall("get_time", {"tz": "A"})]

@@ -289,8 +289,11 @@ def call_error(call: ToolCall, schemas: Mapping[str, Mapping[str, Any]], forced:
     if forced is not None and call.name != forced:
         return f"the model called '{call.name}' where tool_choice forces '{forced}'"
     schema = schemas[call.name]
-    err = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(
-        call.arguments))
+    try:
+        err = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(
+            call.arguments))
+    except Exception as e:  # noqa: BLE001 - e.g. a $ref the schema does not define: jsonschema cannot apply it
+        return f"the parameters schema of '{call.name}' cannot be applied: {type(e).__name__}: {str(e)[:200]}"
     if err is None:
         return None
     where = "/".join(str(p) for p in err.absolute_path) or "(the arguments)"

@@ -295,11 +295,12 @@ def client(url: str):
 
 
 def _stream(client, **kw) -> tuple[str, list, str]:
-    """A streamed answer reassembled by the openai client's own stream accumulator."""
-    with client.chat.completions.stream(model="tiny", **kw) as s:
+    """A streamed answer reassembled by the openai client's own stream accumulator (with the usage chunk)."""
+    with client.chat.completions.stream(model="tiny", stream_options={"include_usage": True}, **kw) as s:
         for _ in s:
             pass
         final = s.get_final_completion()
+    assert final.usage.completion_tokens > 0 and final.usage.prompt_tokens > 100
     c = final.choices[0]
     return c.message.content or "", c.message.tool_calls or [], c.finish_reason
 

@@ -348,6 +348,7 @@ def test_forced_call_off_schema(url: str) -> None:
 @pytest.mark.parametrize("change,param,words", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
     ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.[0].function.name", "name"),
     ({"tools": [{"type": "retrieval"}]}, "tools.[0].type", "'function'"),
     ({"tools": [WEATHER, WEATHER]}, "tools", "two tools"),

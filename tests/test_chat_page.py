@@ -103,7 +103,7 @@ def url(server: tuple[str, object]) -> str:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Chromium with a fresh profile, headless, with nothing that talks to the network on its own."""
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make setup` installs Debian's chromium (apt-get install chromium)"
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make setup` installs Debian's chromium (apt-get install)"
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
@@ -270,14 +270,16 @@ def test_stop_frees_the_slot(page, url: str, server) -> None:
         scheduler._step = step
     assert msg.locator(".body").inner_text().strip()
     assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
+    page.click("#clear")
     page.fill("#max_tokens", "4")
-    _, again = _ask(page, "Hello world")
+    body, again = _ask(page, "Hello world")
+    assert body["messages"] == [{"role": "user", "content": "Hello world"}]
     assert again.get_attribute("data-state") == "done"
 
 
 def test_errors_show_the_server_message(page) -> None:
     """A request the server refuses shows its message; the refused turn is not kept in the conversation."""
-    _, msg = _ask(page, "Hello world", top_p=5, max_tokens=4)
+    _, msg = _ask(page, "Hello world", top_p=5, temperature=0, max_tokens=4)
     assert msg.get_attribute("data-state") == "error"
     assert "'top_p' must be between 0.0 and 1.0" in msg.locator(".error").inner_text()
     page.fill("#top_p", "")

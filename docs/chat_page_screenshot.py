@@ -41,8 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/images/chat_page.png"))
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=110)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=6)
     args = ap.parse_args()
 
     lm = CausalLM.from_preset(default_model_path())
@@ -58,7 +59,7 @@ def main() -> None:
     try:
         with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
             ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
-                                                       viewport={"width": 900, "height": 760})
+                                                       viewport={"width": 900, "height": 680})
             page = ctx.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             expect(page.locator("#model option")).to_have_count(1, timeout=60_000)
@@ -67,6 +68,7 @@ def main() -> None:
             page.fill("#top_p", "0.95")
             page.fill("#top_k", "64")
             page.fill("#max_tokens", str(args.max_tokens))
+            page.fill("#seed", str(args.seed))
             page.click("#settings summary")
             page.fill("#prompt", args.prompt)
             page.press("#prompt", "Enter")

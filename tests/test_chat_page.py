@@ -180,10 +180,10 @@ def test_key_and_chat_stream_show_the_api_answer(browser, url: str) -> None:
     _enter_key(pg)
     assert pg.locator("#status").inner_text() == ""
 
-    body, msg = _ask(pg, "Hello world", temperature=0, max_tokens=12)
+    body, msg = _ask(pg, "Hello world", temperature=0, max_tokens=12, seed=5)
     assert msg.get_attribute("data-state") == "done"
     assert body["stream"] is True and body["model"] == "tiny"
-    assert body["temperature"] == 0 and body["max_tokens"] == 12 and "top_p" not in body
+    assert body["temperature"] == 0 and body["max_tokens"] == 12 and body["seed"] == 5 and "top_p" not in body
     first = [{"role": "user", "content": "Hello world"}]
     assert body["messages"] == first
     want = _api_answer(url, {"model": "tiny", "messages": first, "temperature": 0, "max_tokens": 12})
@@ -208,6 +208,9 @@ def test_model_picker_and_image_upload(page, url: str) -> None:
     """The picker lists /v1/models and the answer comes from the picked model (an adapter answers as the API
     answers for it); the image upload is offered only for the model that reads images, and the image goes out
     as an ``image_url`` data: URI part."""
+    cards = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
+    assert {c["id"]: c["input_modalities"] for c in cards} == {
+        "tiny": ["text"], "tiny-vision": ["text", "image"], "tiny-a": ["text"]}
     ids = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
     assert ids == ["tiny", "tiny-vision", "tiny-a"]
     assert page.locator("#image-picker").is_hidden()

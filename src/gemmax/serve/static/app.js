@@ -259,6 +259,7 @@
       top_p: numberSetting("top_p", Number),
       top_k: numberSetting("top_k", (s) => Number.parseInt(s, 10)),
       max_tokens: numberSetting("max_tokens", (s) => Number.parseInt(s, 10)),
+      seed: numberSetting("seed", (s) => Number.parseInt(s, 10)),
     };
     for (const [k, v] of Object.entries(settings)) if (v !== undefined) body[k] = v;
     const system = $("system").value.trim();

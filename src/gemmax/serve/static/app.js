@@ -278,6 +278,10 @@
     if (state.controller) return;
     const text = $("prompt").value;
     if (!text.trim() && !state.image) return;
+    if (!$("model").value) {
+      setStatus("No model to send to: the model list did not load (the API key under Settings?).");
+      return;
+    }
     let body;
     const content = state.image
       ? [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text }]

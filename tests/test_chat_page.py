@@ -177,6 +177,10 @@ def test_key_and_chat_stream_show_the_api_answer(browser, url: str) -> None:
     pg.goto(url + "/")
     sync_api.expect(pg.locator("#status")).to_contain_text("API key", timeout=WAIT_MS)
     assert pg.locator("#settings").get_attribute("open") is not None
+    pg.fill("#prompt", "Hello world")
+    pg.press("#prompt", "Enter")
+    sync_api.expect(pg.locator("#status")).to_contain_text("No model to send to")
+    assert pg.locator(".msg").count() == 0 and not any(u.endswith("/chat/completions") for u in seen)
     _enter_key(pg)
     assert pg.locator("#status").inner_text() == ""
 
@@ -224,6 +228,9 @@ def test_model_picker_and_image_upload(page, url: str) -> None:
 
     page.select_option("#model", "tiny-vision")
     sync_api.expect(page.locator("#image-picker")).to_be_visible()
+    page.set_input_files("#image", files=[{"name": "x.gif", "mimeType": "image/gif", "buffer": b"GIF89a"}])
+    sync_api.expect(page.locator("#status")).to_have_text("Only PNG and JPEG images can be sent.")
+    assert page.locator("#attachment").is_hidden()
     png = _png()
     page.set_input_files("#image", files=[{"name": "x.png", "mimeType": "image/png", "buffer": png}])
     sync_api.expect(page.locator("#attachment")).to_be_visible()
@@ -249,7 +256,7 @@ def test_stop_frees_the_slot(page, url: str, server) -> None:
     step = scheduler._step
 
     def slow_step(*a: object) -> None:
-        time.sleep(0.05)
+        time.sleep(0.1)
         step(*a)
 
     before = httpx.get(url + "/health", timeout=10).json()["cancelled"]

@@ -276,11 +276,17 @@ def test_stop_frees_the_slot(page, url: str, server) -> None:
         while (h := httpx.get(url + "/health", timeout=10).json())["live"] or h["cancelled"] == before:
             assert time.time() < deadline, f"the stopped request still holds its slot: {h}"
             time.sleep(0.05)
+        assert msg.locator(".body").inner_text().strip()
+        assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
+        page.fill("#prompt", "Gemma is")  # Clear while an answer streams: it stops, and nothing of it stays
+        page.press("#prompt", "Enter")
+        second = page.locator(".msg.assistant").nth(1)
+        sync_api.expect(second.locator(".body")).not_to_be_empty(timeout=WAIT_MS)
+        assert second.get_attribute("data-state") == "streaming"
+        page.click("#clear")
     finally:
         scheduler._step = step
-    assert msg.locator(".body").inner_text().strip()
-    assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
-    page.click("#clear")
+    assert page.locator(".msg").count() == 0
     page.fill("#max_tokens", "4")
     body, again = _ask(page, "Hello world")
     assert body["messages"] == [{"role": "user", "content": "Hello world"}]

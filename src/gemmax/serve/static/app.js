@@ -151,6 +151,7 @@
     history: [], // {role, content} as sent to the API
     controller: null, // the AbortController of the answer being streamed
     image: null, // data: URI of the image attached to the next message
+    epoch: 0, // bumped by Clear, so that an answer still finishing cannot write into the new conversation
   };
 
   function headers() {
@@ -305,6 +306,7 @@
     const out = msg.querySelector(".body");
     msg.dataset.state = "streaming";
     const controller = new AbortController();
+    const epoch = state.epoch;
     state.controller = controller;
     setBusy(true);
     setStatus("Waiting for the model…");
@@ -312,9 +314,12 @@
     let usage = null;
     let finish = null;
     let pending = false;
+    const log = $("log");
     const render = () => {
       pending = false;
+      const following = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
       out.replaceChildren(renderMarkdown(answer));
+      if (following) log.scrollTop = log.scrollHeight; // keep up with the answer unless the reader scrolled up
     };
     const started = performance.now();
     try {
@@ -363,6 +368,7 @@
         setBusy(false);
       }
     }
+    if (state.epoch !== epoch) return; // cleared meanwhile
     if (msg.dataset.state === "error" && !answer) {
       state.history.pop(); // the request failed whole: drop its user turn so the next one is not refused too
     } else {
@@ -378,6 +384,7 @@
     stop();
     state.controller = null;
     setBusy(false);
+    state.epoch++;
     state.history = [];
     $("log").replaceChildren();
     clearImage();

@@ -278,9 +278,10 @@ def test_stop_frees_the_slot(page, url: str, server) -> None:
             time.sleep(0.05)
         assert msg.locator(".body").inner_text().strip()
         assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
+        page.click("#clear")
         page.fill("#prompt", "Gemma is")  # Clear while an answer streams: it stops, and nothing of it stays
         page.press("#prompt", "Enter")
-        second = page.locator(".msg.assistant").nth(1)
+        second = page.locator(".msg.assistant").first
         sync_api.expect(second.locator(".body")).not_to_be_empty(timeout=WAIT_MS)
         assert second.get_attribute("data-state") == "streaming"
         page.click("#clear")

@@ -185,7 +185,7 @@ def test_key_and_chat_stream_show_the_api_answer(browser, url: str) -> None:
     assert pg.locator("#status").inner_text() == ""
 
     body, msg = _ask(pg, "Hello world", temperature=0, max_tokens=12, seed=5)
-    assert msg.get_attribute("data-state") == "done"
+    assert msg.get_attribute("data-state") == "done" and msg.get_attribute("aria-busy") is None
     assert body["stream"] is True and body["model"] == "tiny"
     assert body["temperature"] == 0 and body["max_tokens"] == 12 and body["seed"] == 5 and "top_p" not in body
     first = [{"role": "user", "content": "Hello world"}]
@@ -269,7 +269,7 @@ def test_stop_frees_the_slot(page, url: str, server) -> None:
         page.press("#prompt", "Enter")
         msg = page.locator(".msg.assistant").last
         sync_api.expect(msg.locator(".body")).not_to_be_empty(timeout=WAIT_MS)
-        assert msg.get_attribute("data-state") == "streaming"
+        assert msg.get_attribute("data-state") == "streaming" and msg.get_attribute("aria-busy") == "true"
         page.click("#stop")
         sync_api.expect(msg).to_have_attribute("data-state", "stopped")
         deadline = time.time() + 10

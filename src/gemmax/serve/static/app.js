@@ -305,6 +305,7 @@
     const msg = addMessage("assistant", "");
     const out = msg.querySelector(".body");
     msg.dataset.state = "streaming";
+    msg.setAttribute("aria-busy", "true"); // screen readers read the answer once it is whole, not every delta
     const controller = new AbortController();
     const epoch = state.epoch;
     state.controller = controller;
@@ -363,6 +364,7 @@
         setStatus("");
       }
     } finally {
+      msg.removeAttribute("aria-busy");
       if (state.controller === controller) {
         state.controller = null;
         setBusy(false);

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from gemmax.models import base as family_base
 from gemmax.serve.errors import APIError
 from gemmax.serve.scheduler import Job, ServedModel
 from gemmax.serve.tools import ToolRequest, ToolStream, finish_answer, openai_calls
@@ -30,9 +31,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def model_card(m: ServedModel) -> dict[str, Any]:
-    """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``."""
+    """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``.
+    ``input_modalities`` says whether chat messages may carry ``image_url`` parts, so that a client (the chat
+    page) offers an image upload only where the model reads images."""
+    reads_images = family_base.for_config(m.config).encode_prompt is not None
     card = {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemmax",
-            "max_model_len": m.max_len}
+            "max_model_len": m.max_len, "input_modalities": ["text", "image"] if reads_images else ["text"]}
     if m.base:
         card["parent"] = m.base
     return card

@@ -36,7 +36,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.api import CausalLM
@@ -61,6 +62,11 @@ log = logging.getLogger("gemmax.serve.server")
 DEFAULT_MAX_LEN = 2048  # cache length per slot; attention cost and cache memory grow with it
 DEFAULT_MAX_BODY_BYTES = 16 << 20  # request bodies above this get a 413 before they are read whole
 DEFAULT_SHUTDOWN_S = 10.0  # on shutdown, how long open requests may run before they are cut
+STATIC_DIR = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
+#: The page runs only its own files and talks only to this server; model text that slipped past the page's
+#: renderer as markup could still neither run script nor load anything from elsewhere.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 # ---- the app --------------------------------------------------------------------------------------------
@@ -328,6 +334,20 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
         raise APIError(400, f"'{svc.default_model}' is a causal language model; /v1/embeddings is answered by a "
                             "server started on a text encoder (gemmax serve --model <EmbeddingGemma folder>)",
                        code="model_not_embedding")
+
+    _add_page(app)
+
+
+def _add_page(app: FastAPI) -> None:
+    """The chat page at ``/`` and its files under ``/static``: plain files shipped in the package, open without
+    a key (they hold nothing; the page sends the key with its API calls), under a strict CSP."""
+    headers = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,

@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 # The stamp depends on the Makefile too, so a changed install recipe reaches existing venvs.
 # llama-cpp-cffi is llama.cpp's prebuilt CPU library, the peer of benchmarks/generate.py and
 # tests/test_llamacpp.py; its Python layer pins transformers<5, which we never import: hence --no-deps
-# (its one runtime need, cffi, is in the test extra).
+# (its one runtime need, cffi, is in the test extra). keras-hub, the peer of tests/test_keras.py, requires
+# tensorflow-text and with it TensorFlow, neither of which it needs on the JAX backend: --no-deps too (its
+# runtime needs are in the test extra).
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llama-cpp-cffi==0.4.42
+	$(BIN)/pip install -q --no-deps keras-hub==0.32.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,262 @@
+"""keras-hub presets in and out: keras-hub itself (JAX backend, no TensorFlow) is the peer.
+
+Tiny random backbones of each family are built and saved by keras-hub; gemmax loads the presets with equal
+float32 logits, its exports load back in keras-hub with equal logits, a Keras-initialised (non-zero) LoRA
+loads in gemmax with equal logits and gemmax's adapters load in Keras; damaged weight files get named errors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemmax import CausalLM
+from gemmax.io.keras import (
+    KerasPresetError,
+    factors_to_keras_lora,
+    keras_lora_to_factors,
+    resolve_kaggle_handle,
+)
+from spm_fixtures import train_tiny_sentencepiece
+
+import keras  # noqa: E402  (after KERAS_BACKEND is set)
+import keras_hub  # noqa: E402
+
+if keras.backend.backend() != "jax":
+    raise RuntimeError("tests/test_keras.py needs KERAS_BACKEND=jax (set before keras is imported)")
+
+FAMILIES = ("gemma", "gemma2", "gemma3", "llama3")
+SEQ = 12
+
+
+def _backbone(kind: str, vocab: int):
+    M = keras_hub.models
+    common = dict(vocabulary_size=vocab, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+                  intermediate_dim=32, head_dim=8, dtype="float32")
+    if kind == "gemma":
+        return M.GemmaBackbone(**common)
+    if kind == "gemma2":  # soft-caps, sandwich norms, alternating windows shorter than the sequence
+        return M.GemmaBackbone(**common, use_post_ffw_norm=True, use_post_attention_norm=True,
+                               final_logit_soft_cap=30.0, attention_logit_soft_cap=50.0,
+                               use_sliding_window_attention=True, sliding_window_size=4)
+    if kind == "gemma3":  # 5 local + 1 global + 1 local, qk-norms, scaled global RoPE
+        return M.Gemma3Backbone(image_size=28, **dict(common, num_layers=7), use_post_ffw_norm=True,
+                                use_post_attention_norm=True, use_sliding_window_attention=True,
+                                sliding_window_size=4, global_rope_scaling_factor=8.0)
+    common.pop("head_dim")
+    return M.Llama3Backbone(**common, rope_max_wavelength=500000, rope_frequency_adjustment_factor=8.0,
+                            rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                            rope_pretraining_sequence_length=8)
+
+
+def _randomize(model, seed: int) -> None:
+    """Random non-zero values everywhere: Gemma's zero-initialised (1 + w) norms would hide an offset bug."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3 if len(w.shape) == 1 else 0.1, w.shape).astype("float32"))
+
+
+def keras_logits(backbone, ids: np.ndarray) -> np.ndarray:
+    """What keras-hub's CausalLM computes: the backbone, then the (soft-capped) reversed embedding."""
+    h = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    return np.asarray(backbone.token_embedding(h, reverse=True))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("spm")
+    train_tiny_sentencepiece(d, ["the cat sat on the mat", "a quick brown fox jumps over the dog"] * 20, 64)
+    return d
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory, tok_dir) -> dict[str, tuple[Path, object]]:
+    """kind -> (preset folder keras-hub wrote, its backbone); Gemma presets carry their tokenizer."""
+    out = {}
+    for i, kind in enumerate(FAMILIES):
+        tok = keras_hub.models.GemmaTokenizer(proto=str(tok_dir / "tok.model")) if kind != "llama3" else None
+        bb = _backbone(kind, tok.vocabulary_size() if tok is not None else 64)
+        _randomize(bb, i)
+        d = tmp_path_factory.mktemp(f"keras_{kind}")
+        bb.save_to_preset(d)
+        if tok is not None:
+            tok.save_to_preset(d)
+        out[kind] = (d, bb)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ids(presets) -> np.ndarray:
+    return np.random.default_rng(7).integers(4, 60, (2, SEQ)).astype("int32")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_preset_loads_with_keras_logits(presets, ids, kind):
+    folder, bb = presets[kind]
+    lm = CausalLM.from_preset(folder)
+    assert lm.config.family == {"gemma3": "gemma3", "llama3": "llama", "gemma2": "gemma2"}.get(kind, "gemma")
+    np.testing.assert_allclose(lm.logits(ids), keras_logits(bb, ids), atol=2e-5, rtol=1e-5)
+
+
+def test_tokenizer_from_preset(presets, tok_dir):
+    folder, _ = presets["gemma"]
+    lm = CausalLM.from_preset(folder)
+    ktok = keras_hub.models.GemmaTokenizer.from_preset(str(folder))
+    for text in ("the cat sat", "a quick brown dog"):
+        assert lm.tokenizer.encode(text, add_bos=False) == np.asarray(ktok(text)).tolist()
+    assert lm.config.bos_token_id == 2 and lm.config.pad_token_id == 0
+    assert lm.tokenizer.end_of_turn_id in lm.config.eos_ids  # generation stops at <end_of_turn>, as keras-hub's
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], family=lm.chat_format)
+    assert prompt == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_export_loads_in_keras(presets, ids, tmp_path, kind):
+    """A gemmax model with a merged non-zero LoRA, exported as a preset: keras-hub's CausalLM loads it."""
+    lm = CausalLM.from_preset(presets[kind][0])
+    lm.enable_lora(2, verbose=False)
+    lm.params = _nonzero_lora(lm.params)
+    want = lm.logits(ids)
+    out = lm.export_keras(tmp_path / "exported")
+    task = keras_hub.models.CausalLM.from_preset(str(out))
+    np.testing.assert_allclose(keras_logits(task.backbone, ids), want, atol=2e-5, rtol=1e-5)
+    if kind != "llama3":
+        assert np.asarray(task.preprocessor.tokenizer("the cat")).tolist() == lm.tokenizer.encode("the cat", False)
+
+
+def _nonzero_lora(params):
+    """B is zero after enable_lora; give it values so the adapters change the outputs."""
+    import jax
+
+    rng = np.random.default_rng(3)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, v: rng.normal(0, 0.2, v.shape).astype(np.float32) if str(kp[-1].key) == "lora_b" else v, params)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama3"])
+def test_keras_lora_loads_in_gemmax(presets, ids, tmp_path, kind):
+    """A Keras LoRA (``enable_lora(rank=4)`` on query/value, random non-zero factors as training leaves them)
+    saved with ``save_lora_weights`` gives gemmax the logits Keras computes."""
+    folder, _ = presets[kind]
+    bb = keras_hub.models.Backbone.from_preset(str(folder))
+    bb.enable_lora(4)
+    rng = np.random.default_rng(11)
+    for w in bb.trainable_weights:
+        w.assign(rng.normal(0, 0.2, w.shape).astype("float32"))
+    bb.save_lora_weights(str(tmp_path / "tuned.lora.h5"))
+    want = keras_logits(bb, ids)
+    lm = CausalLM.from_preset(folder)
+    base = lm.logits(ids)
+    lm.load_keras_lora(tmp_path / "tuned.lora.h5")
+    got = lm.logits(ids)
+    assert np.abs(want - base).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gemma", "llama3"])
+def test_gemmax_lora_kept_as_keras_lora(presets, ids, tmp_path, kind):
+    lm = CausalLM.from_preset(presets[kind][0])
+    lm.enable_lora(2, targets=("query", "value", "ffw_linear"), verbose=False)
+    lm.params = _nonzero_lora(lm.params)
+    want = lm.logits(ids)
+    out = lm.export_keras(tmp_path / "kept", lora="keep")
+    bb = keras_hub.models.Backbone.from_preset(str(out))
+    base = keras_logits(bb, ids)
+    names = ["query", "value", "ffw_linear" if kind == "gemma" else "feedforward_output_dense"]
+    bb.enable_lora(_rank(out / "model.lora.h5"), target_layer_names=names)
+    bb.load_lora_weights(str(out / "model.lora.h5"))
+    assert np.abs(want - base).max() > 1e-2
+    np.testing.assert_allclose(keras_logits(bb, ids), want, atol=2e-5, rtol=1e-5)
+
+
+def _rank(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path) as f:
+        return int(f["lora/vars/rank"][()])
+
+
+def test_per_head_factors_roundtrip():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 16, 3)), rng.normal(size=(3, 8))
+    big_a, big_b = keras_lora_to_factors(a, b, scale=0.5)
+    delta = 0.5 * np.einsum("hdr,rk->hdk", a, b)
+    np.testing.assert_allclose(np.einsum("dr,rhk->hdk", big_a, big_b), delta, atol=1e-5)
+    ka, kb = factors_to_keras_lora(delta)
+    assert kb.shape[0] == 3  # the smallest exact shared basis
+    np.testing.assert_allclose(np.einsum("hdr,rk->hdk", ka, kb), delta, atol=1e-5)
+
+
+def test_truncated_and_mismatched_h5(presets, tmp_path):
+    src, _ = presets["gemma"]
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    w = trunc / "model.weights.h5"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(KerasPresetError, match="truncated"):
+        CausalLM.from_preset(trunc)
+    junk = tmp_path / "junk"
+    shutil.copytree(src, junk)
+    (junk / "model.weights.h5").write_bytes(b"not an hdf5 file" * 64)
+    with pytest.raises(KerasPresetError, match="model.weights.h5"):
+        CausalLM.from_preset(junk)
+    other = tmp_path / "other"  # gemma2's weights under gemma's config: post-norms unexpected
+    shutil.copytree(src, other)
+    shutil.copy(presets["gemma2"][0] / "model.weights.h5", other / "model.weights.h5")
+    with pytest.raises(KerasPresetError, match="post_ffw_norm"):
+        CausalLM.from_preset(other)
+    cfg = tmp_path / "cfg"
+    shutil.copytree(src, cfg)
+    text = (cfg / "config.json").read_text().replace('"num_layers": 2', '"num_layers": 3')
+    (cfg / "config.json").write_text(text)
+    with pytest.raises(KerasPresetError, match=r"missing tensor layers/gemma_decoder_block_2/"):
+        CausalLM.from_preset(cfg)
+    lm = CausalLM.from_preset(src)
+    with pytest.raises(KerasPresetError, match="not dense layers"):
+        lm.load_keras_lora(_fake_lora(tmp_path / "bad.lora.h5"))
+
+
+def _fake_lora(path: Path) -> Path:
+    from gemmax.io.keras import write_lora_file
+
+    return write_lora_file(path, 2, {999: (np.zeros((4, 16, 2)), np.zeros((2, 8)))})
+
+
+def test_kaggle_handle_from_cache(presets, ids, tmp_path, monkeypatch):
+    folder, bb = presets["gemma3"]
+    cache = tmp_path / "kagglehub"
+    for version in ("1", "3"):
+        shutil.copytree(folder, cache / "models" / "keras" / "gemma3" / "keras" / "gemma3_tiny" / version)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
+    assert resolve_kaggle_handle("kaggle://keras/gemma3/keras/gemma3_tiny").name == "3"  # newest cached
+    assert resolve_kaggle_handle("kaggle://keras/gemma3/keras/gemma3_tiny/1").name == "1"
+    lm = CausalLM.from_preset("kaggle://keras/gemma3/keras/gemma3_tiny/1")
+    np.testing.assert_allclose(lm.logits(ids), keras_logits(bb, ids), atol=2e-5, rtol=1e-5)
+    with pytest.raises(KerasPresetError, match="framework"):
+        resolve_kaggle_handle("kaggle://keras/gemma3/jax/gemma3_tiny")
+    import kagglehub
+
+    def offline(handle):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(kagglehub, "model_download", offline)
+    with pytest.raises(KerasPresetError, match="not in kagglehub's cache"):
+        resolve_kaggle_handle("kaggle://keras/gemma3/keras/other_variant")
+
+
+def test_cli_convert_to_keras(presets, ids, tmp_path):
+    from gemmax.cli import main
+
+    folder, bb = presets["gemma2"]
+    hf = tmp_path / "hf"
+    assert main(["convert", str(folder), str(hf), "--to", "hf"]) == 0
+    assert main(["convert", str(hf), str(tmp_path / "k"), "--to", "keras"]) == 0
+    back = keras_hub.models.Backbone.from_preset(str(tmp_path / "k"))
+    np.testing.assert_allclose(keras_logits(back, ids), keras_logits(bb, ids), atol=2e-5, rtol=1e-5)

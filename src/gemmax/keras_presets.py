@@ -96,7 +96,7 @@ def export_preset(path: str | os.PathLike, fam: Family, cfg: Any, flat: dict[str
     """A preset folder keras-hub's ``from_preset`` loads: config.json, metadata.json, model.weights.h5 and,
     with a SentencePiece tokenizer, tokenizer.json + assets/tokenizer/vocabulary.spm."""
     spec = keras_spec(fam)
-    class_name, args, module, _task, (tok_module, tok_class) = spec.to_config(cfg)
+    class_name, args, module, task, (tok_module, tok_class) = spec.to_config(cfg)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = "bfloat16" if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype).name
@@ -114,6 +114,14 @@ def export_preset(path: str | os.PathLike, fam: Family, cfg: Any, flat: dict[str
         if tok_class == "Gemma3Tokenizer":  # its vision tokens are required only when the vocabulary has them
             tok_json["config"]["has_vision_tokens"] = tokenizer.find_special("<img>") == "<img>"
     n_params = sum(int(np.prod(a.shape)) for a in flat.values())
+    if tok_json is not None:  # what CausalLM.from_preset builds its preprocessor from
+        extra = {"image_converter": None, "num_vision_tokens_per_image": 0, "max_images_per_prompt": 0} \
+            if class_name == "Gemma3Backbone" else {}
+        kio.write_json(out / kio.PREPROCESSOR_FILE, kio.keras_object(
+            module.replace("_backbone", "_causal_lm_preprocessor"), task + "Preprocessor", {
+                "name": _snake(task + "Preprocessor"), "trainable": True, "dtype": kio.dtype_policy("float32"),
+                "tokenizer": tok_json, "config_file": kio.PREPROCESSOR_FILE, "sequence_length": 1024,
+                "add_start_token": True, "add_end_token": True, **extra}))
     kio.write_preset_files(out, backbone, tok_json, {
         "keras_hub_version": KERAS_HUB_FORMAT, "parameter_count": n_params,
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"), "tasks": ["CausalLM"],

@@ -41,6 +41,7 @@ METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 TOKENIZER_FILE = "tokenizer.json"
+PREPROCESSOR_FILE = "preprocessor.json"
 TOKENIZER_ASSETS = Path("assets") / "tokenizer"
 KAGGLE_SCHEME = "kaggle://"
 
@@ -212,6 +213,10 @@ def write_preset_files(folder: Path, backbone: dict[str, Any], tokenizer: dict[s
     if tokenizer is not None:
         (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer, indent=4))
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=4))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=4))
 
 
 def keras_object(module: str, class_name: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -71,22 +71,37 @@ def keras_logits(backbone, ids: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("spm")
-    train_tiny_sentencepiece(d, ["the cat sat on the mat", "a quick brown fox jumps over the dog"] * 20, 64)
+    train_tiny_sentencepiece(d, ["the cat sat on the mat", "a quick brown fox jumps over the dog"] * 20, 64,
+                             symbols=("<start_of_turn>", "<end_of_turn>", "<image>", "<img>", "<start_of_image>",
+                                      "<end_of_image>"))
     return d
+
+
+def _llama3_tokenizer():
+    """A byte-level BPE vocabulary: the 256 byte symbols, a few merges, Llama 3's control tokens."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = ["Ġ t", "h e", "Ġt he", "a t", "c at", "Ġ cat", "Ġ s", "Ġs at"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        vocab[t] = len(vocab)
+    return keras_hub.models.Llama3Tokenizer(vocabulary=vocab, merges=merges)
 
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory, tok_dir) -> dict[str, tuple[Path, object]]:
-    """kind -> (preset folder keras-hub wrote, its backbone); Gemma presets carry their tokenizer."""
+    """kind -> (preset folder keras-hub wrote, its backbone), each with its tokenizer."""
     out = {}
     for i, kind in enumerate(FAMILIES):
-        tok = keras_hub.models.GemmaTokenizer(proto=str(tok_dir / "tok.model")) if kind != "llama3" else None
-        bb = _backbone(kind, tok.vocabulary_size() if tok is not None else 64)
+        tok = keras_hub.models.GemmaTokenizer(proto=str(tok_dir / "tok.model")) if kind != "llama3" \
+            else _llama3_tokenizer()
+        bb = _backbone(kind, tok.vocabulary_size())
         _randomize(bb, i)
         d = tmp_path_factory.mktemp(f"keras_{kind}")
         bb.save_to_preset(d)
-        if tok is not None:
-            tok.save_to_preset(d)
+        tok.save_to_preset(d)
         out[kind] = (d, bb)
     return out
 
@@ -114,6 +129,12 @@ def test_tokenizer_from_preset(presets, tok_dir):
     assert lm.tokenizer.end_of_turn_id in lm.config.eos_ids  # generation stops at <end_of_turn>, as keras-hub's
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], family=lm.chat_format)
     assert prompt == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    llama = CausalLM.from_preset(presets["llama3"][0])  # byte-level BPE from vocabulary.json + merges.txt
+    ktok = keras_hub.models.Llama3Tokenizer.from_preset(str(presets["llama3"][0]))
+    for text in ("the cat sat", "hello, the cat!\n"):
+        assert llama.tokenizer.encode(text, add_bos=False) == np.asarray(ktok(text)).tolist()
+    assert llama.config.bos_token_id == ktok.start_token_id
+    assert set(llama.config.eos_ids) == {ktok.end_token_id, ktok.token_to_id("<|eot_id|>")}
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -129,10 +150,10 @@ def test_export_loads_in_keras(presets, ids, tmp_path, kind):
         backbone, tokenizer = task.backbone, task.preprocessor.tokenizer
     else:
         backbone = keras_hub.models.Backbone.from_preset(str(out))
-        tokenizer = keras_hub.models.Gemma3Tokenizer.from_preset(str(out)) if kind == "gemma3" else None
+        tokenizer = (keras_hub.models.Gemma3Tokenizer if kind == "gemma3" else keras_hub.models.Llama3Tokenizer
+                     ).from_preset(str(out))
     np.testing.assert_allclose(keras_logits(backbone, ids), want, atol=2e-5, rtol=1e-5)
-    if tokenizer is not None:
-        assert np.asarray(tokenizer("the cat")).tolist() == lm.tokenizer.encode("the cat", add_bos=False)
+    assert np.asarray(tokenizer("the cat")).tolist() == lm.tokenizer.encode("the cat", add_bos=False)
 
 
 def _nonzero_lora(params):
@@ -153,7 +174,8 @@ def test_keras_lora_loads_in_gemmax(presets, ids, tmp_path, kind):
     bb.enable_lora(4)
     rng = np.random.default_rng(11)
     for w in bb.trainable_weights:
-        w.assign(rng.normal(0, 0.2, w.shape).astype("float32"))
+        if "lora" in w.path:  # (the ViT's trainable Dense biases are not part of a Keras LoRA file)
+            w.assign(rng.normal(0, 0.2, w.shape).astype("float32"))
     bb.save_lora_weights(str(tmp_path / "tuned.lora.h5"))
     want = keras_logits(bb, ids)
     lm = CausalLM.from_preset(folder)
@@ -264,3 +286,97 @@ def test_cli_convert_to_keras(presets, ids, tmp_path):
     assert main(["convert", str(hf), str(tmp_path / "k"), "--to", "keras"]) == 0
     back = keras_hub.models.Backbone.from_preset(str(tmp_path / "k"))
     np.testing.assert_allclose(keras_logits(back, ids), keras_logits(bb, ids), atol=2e-5, rtol=1e-5)
+
+
+# ---- models with images --------------------------------------------------------------------------------
+
+VISION = ("paligemma", "paligemma2", "gemma3_vision")
+
+
+def _vision_backbone(kind: str, vocab: int):
+    M = keras_hub.models
+    text = dict(vocabulary_size=vocab, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+                intermediate_dim=32, head_dim=8, dtype="float32")
+    if kind == "gemma3_vision":
+        ve = M.Gemma3VisionEncoder(image_size=28, patch_size=7, num_heads=2, hidden_dim=8, num_layers=2,
+                                   intermediate_dim=12, output_dim=16, pool_size=2, dtype="float32")
+        return M.Gemma3Backbone(image_size=28, vision_encoder=ve, **dict(text, num_layers=7),
+                                use_post_ffw_norm=True, use_post_attention_norm=True,
+                                use_sliding_window_attention=True, sliding_window_size=4)
+    # PaliGemma 2's window is left wider than the sequence: inside a prefix keras-hub applies the window as
+    # a symmetric band while transformers (and gemmax) let the prefix block override it (docs/keras.md)
+    gemma2 = dict(use_post_ffw_norm=True, use_post_attention_norm=True, final_logit_soft_cap=30.0,
+                  attention_logit_soft_cap=50.0, use_sliding_window_attention=True, sliding_window_size=64)
+    return M.PaliGemmaBackbone(image_size=28, vit_patch_size=7, vit_num_heads=2, vit_hidden_dim=8, vit_num_layers=2,
+                               vit_intermediate_dim=12, **text, **(gemma2 if kind == "paligemma2" else {}))
+
+
+@pytest.fixture(scope="module")
+def vision_presets(tmp_path_factory, tok_dir) -> dict[str, tuple[Path, object]]:
+    out = {}
+    for i, kind in enumerate(VISION):
+        tok = keras_hub.models.GemmaTokenizer(proto=str(tok_dir / "tok.model"))
+        bb = _vision_backbone(kind, tok.vocabulary_size())
+        _randomize(bb, 20 + i)
+        d = tmp_path_factory.mktemp(f"keras_{kind}")
+        bb.save_to_preset(d)
+        tok.save_to_preset(d)
+        out[kind] = (d, bb)
+    return out
+
+
+def _vision_inputs(kind: str, cfg) -> tuple[dict, np.ndarray, dict]:
+    """(keras-hub inputs, gemmax ids, gemmax inputs) for one 28 px image and a few text tokens."""
+    rng = np.random.default_rng(5)
+    if kind == "gemma3_vision":
+        img = rng.uniform(-1, 1, (1, 1, 28, 28, 3)).astype("float32")
+        ids = np.array([[2, 10, 11, cfg.boi_token_id] + [cfg.image_token_id] * cfg.tokens_per_image
+                        + [cfg.eoi_token_id, 12, 13, 14]], "int32")
+        mask = ids == cfg.image_token_id
+        k_in = {"images": img, "token_ids": ids, "padding_mask": np.ones_like(ids), "vision_mask": mask,
+                "vision_indices": np.flatnonzero(mask[0])[None].astype("int32")}
+        return k_in, ids, {"pixel_values": img[0].transpose(0, 3, 1, 2)}
+    img = rng.uniform(-1, 1, (1, 28, 28, 3)).astype("float32")
+    text = np.array([[2, 10, 11, 12, 13, 14]], "int32")
+    response = np.array([[0, 0, 0, 1, 1, 1]], "int32")  # prefix (bidirectional) then suffix (causal)
+    n = cfg.num_image_tokens
+    ids = np.concatenate([np.full((1, n), cfg.image_token_id), text], 1)
+    types = np.concatenate([np.zeros((1, n), "int32"), response], 1)
+    k_in = {"images": img, "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": response}
+    return k_in, ids, {"pixel_values": img.transpose(0, 3, 1, 2), "token_type_ids": types}
+
+
+def _keras_vision_logits(bb, k_in) -> np.ndarray:
+    return np.asarray(bb.token_embedding(bb(k_in), reverse=True))
+
+
+@pytest.mark.parametrize("kind", VISION)
+def test_vision_preset_in_and_out(vision_presets, tmp_path, kind):
+    """PaliGemma 1/2 and Gemma 3 with images: the preset loads with keras-hub's logits at every position
+    (image tokens included), and the export loads back in keras-hub with the same logits."""
+    folder, bb = vision_presets[kind]
+    lm = CausalLM.from_preset(folder)
+    assert lm.family.name == ("gemma3_vision" if kind == "gemma3_vision" else "paligemma")
+    k_in, ids, g_in = _vision_inputs(kind, lm.config)
+    want = _keras_vision_logits(bb, k_in)
+    np.testing.assert_allclose(lm.logits(ids, **g_in), want, atol=2e-5, rtol=1e-5)
+    back = keras_hub.models.Backbone.from_preset(str(lm.export_keras(tmp_path / "out")))
+    np.testing.assert_allclose(_keras_vision_logits(back, k_in), want, atol=2e-5, rtol=1e-5)
+
+
+def test_keras_lora_paligemma(vision_presets, tmp_path):
+    """keras-hub's PaliGemma LoRA also adapts the ViT's query/value Dense layers: both parts load."""
+    folder, _ = vision_presets["paligemma"]
+    bb = keras_hub.models.Backbone.from_preset(str(folder))
+    bb.enable_lora(2)
+    rng = np.random.default_rng(13)
+    for w in bb.trainable_weights:
+        if "lora" in w.path:  # (the ViT's trainable Dense biases are not part of a Keras LoRA file)
+            w.assign(rng.normal(0, 0.2, w.shape).astype("float32"))
+    bb.save_lora_weights(str(tmp_path / "pali.lora.h5"))
+    lm = CausalLM.from_preset(folder).load_keras_lora(tmp_path / "pali.lora.h5")
+    from gemmax.nn.lora import lora_targets
+
+    assert set(lora_targets(lm.params, lm.linear_nodes)) == {"vision_query", "vision_value", "query", "value"}
+    k_in, ids, g_in = _vision_inputs("paligemma", lm.config)
+    np.testing.assert_allclose(lm.logits(ids, **g_in), _keras_vision_logits(bb, k_in), atol=2e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ config, its weights placed like every other checkpoint's, its tokenizer, and the
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 from pathlib import Path
@@ -64,18 +65,58 @@ def lazy_weights(folder: Path, fam: Family, cfg: Any, dtype: Any) -> dict[str, A
         raise kio.KerasPresetError(f"{folder / kio.WEIGHTS_FILE}: {e}") from None
 
 
+#: Llama 3's pre-tokenizer split (its tokenizer.json's, tiktoken's ``pat_str``): contractions, letter runs with
+#: one leading non-letter, digit triples, punctuation runs, newlines, spaces.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def load_tokenizer(folder: Path) -> Tokenizer | None:
-    """The preset's SentencePiece tokenizer (``assets/tokenizer/vocabulary.spm``), or None."""
+    """The preset's tokenizer: Gemma's SentencePiece model (``assets/tokenizer/vocabulary.spm``), or Llama 3's
+    byte-level BPE (``vocabulary.json`` + ``merges.txt``); None when the preset has neither."""
     proto = kio.tokenizer_proto(folder)
-    return Tokenizer.from_file(proto) if proto is not None else None
+    if proto is not None:
+        return Tokenizer.from_file(proto)
+    assets = folder / kio.TOKENIZER_ASSETS
+    vocab_path, merges_path = assets / "vocabulary.json", assets / "merges.txt"
+    if not (vocab_path.is_file() and merges_path.is_file()):
+        return None
+    return Tokenizer(hf=_byte_level_bpe(json.loads(vocab_path.read_text(encoding="utf-8")),
+                                        merges_path.read_text(encoding="utf-8").splitlines()))
+
+
+def _byte_level_bpe(vocab: dict[str, int], merge_lines: list[str]) -> Any:
+    """Llama 3's tokenizer as the ``tokenizers`` package runs it: Llama 3's regex split, byte-level BPE, and
+    the ``<|...|>`` control tokens as special tokens."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    merges = [tuple(m.split(" ")) for m in merge_lines if m.strip() and not m.lstrip().startswith("#version")]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    specials = [t for t in vocab if re.fullmatch(r"<\|[A-Za-z0-9_]+\|>", t)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 def with_special_ids(cfg: Any, tok: Tokenizer | None) -> Any:
     """The config's bos/eos/pad from the preset's tokenizer: a keras-hub config carries no token ids, and
     the ids of a Gemma vocabulary (or a custom one) live in its SentencePiece model. ``<end_of_turn>`` /
     ``<eot_id>`` also stop generation, as keras-hub's ``generate`` does."""
-    if tok is None or not hasattr(cfg, "replace") or not hasattr(cfg, "bos_token_id"):
+    if tok is None or not hasattr(cfg, "replace"):
         return cfg
+    if hasattr(cfg, "text"):  # a model with images: the decoder's ids, and the image token's
+        kw = {"text": with_special_ids(cfg.text, tok)}
+        pieces = (("image_token_id", "<img>" if hasattr(cfg, "boi_token_id") else "<image>"),
+                  ("boi_token_id", "<start_of_image>"), ("eoi_token_id", "<end_of_image>"), ("newline_id", "\n"))
+        for field, piece in pieces:
+            i = tok.piece_to_id(piece) if hasattr(cfg, field) else -1
+            if 0 <= i < cfg.text.vocab_size and tok.id_to_piece(i) == piece:
+                kw[field] = i
+        return cfg.replace(**kw)
     eos = [t for t in (tok.eos_id, *(tok.piece_to_id(p) for p in ("<end_of_turn>", "<|eot_id|>")
                                      if tok.find_special(p) == p)) if 0 <= t < cfg.vocab_size]
     kw: dict[str, Any] = {}
@@ -85,6 +126,8 @@ def with_special_ids(cfg: Any, tok: Tokenizer | None) -> Any:
         kw["eos_token_id"] = tuple(dict.fromkeys(eos)) if len(set(eos)) > 1 else eos[0]
     if 0 <= tok.pad_id < cfg.vocab_size:
         kw["pad_token_id"] = tok.pad_id
+    elif not 0 <= cfg.pad_token_id < cfg.vocab_size and eos:  # (Llama 3 pads with an end token)
+        kw["pad_token_id"] = eos[0]
     return cfg.replace(**kw)
 
 
@@ -93,8 +136,8 @@ def with_special_ids(cfg: Any, tok: Tokenizer | None) -> Any:
 
 def export_preset(path: str | os.PathLike, fam: Family, cfg: Any, flat: dict[str, np.ndarray],
                   tokenizer: Tokenizer | None, dtype: Any = np.float32) -> Path:
-    """A preset folder keras-hub's ``from_preset`` loads: config.json, metadata.json, model.weights.h5 and,
-    with a SentencePiece tokenizer, tokenizer.json + assets/tokenizer/vocabulary.spm."""
+    """A preset folder keras-hub's ``from_preset`` loads: config.json, metadata.json, model.weights.h5 and, with
+    a tokenizer, tokenizer.json + its assets (and preprocessor.json for the text Gemma backbones)."""
     spec = keras_spec(fam)
     class_name, args, module, task, (tok_module, tok_class) = spec.to_config(cfg)
     out = Path(path)
@@ -102,19 +145,10 @@ def export_preset(path: str | os.PathLike, fam: Family, cfg: Any, flat: dict[str
     dtype_name = "bfloat16" if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype).name
     backbone = kio.keras_object(module, class_name, {"name": _snake(class_name), "trainable": True,
                                                      "dtype": kio.dtype_policy(dtype_name), **args})
-    tok_json = None
-    if tokenizer is not None and getattr(tokenizer, "_sp", None) is not None:
-        assets = out / kio.TOKENIZER_ASSETS
-        assets.mkdir(parents=True, exist_ok=True)
-        (assets / "vocabulary.spm").write_bytes(tokenizer._sp.serialized_model_proto())
-        tok_json = kio.keras_object(tok_module, tok_class, {
-            "name": _snake(tok_class), "trainable": True, "dtype": kio.dtype_policy("int32"),
-            "config_file": kio.TOKENIZER_FILE, "proto": None, "sequence_length": None, "add_bos": False,
-            "add_eos": False})
-        if tok_class == "Gemma3Tokenizer":  # its vision tokens are required only when the vocabulary has them
-            tok_json["config"]["has_vision_tokens"] = tokenizer.find_special("<img>") == "<img>"
+    tok_json = _write_tokenizer(out, tokenizer, tok_module, tok_class)
     n_params = sum(int(np.prod(a.shape)) for a in flat.values())
-    if tok_json is not None:  # what CausalLM.from_preset builds its preprocessor from
+    text_only = class_name == "GemmaBackbone" or (class_name == "Gemma3Backbone" and not args.get("vision_encoder"))
+    if tok_json is not None and text_only:  # what CausalLM.from_preset builds its preprocessor from
         extra = {"image_converter": None, "num_vision_tokens_per_image": 0, "max_images_per_prompt": 0} \
             if class_name == "Gemma3Backbone" else {}
         kio.write_json(out / kio.PREPROCESSOR_FILE, kio.keras_object(
@@ -130,6 +164,36 @@ def export_preset(path: str | os.PathLike, fam: Family, cfg: Any, flat: dict[str
     return out
 
 
+def _write_tokenizer(out: Path, tokenizer: Tokenizer | None, module: str, class_name: str) -> dict | None:
+    """The tokenizer's assets and config (tokenizer.json) as keras-hub saves them: a SentencePiece model for
+    Gemma's tokenizers, vocabulary.json + merges.txt for Llama 3's byte-level BPE; None when there is none."""
+    if tokenizer is None:
+        return None
+    config: dict[str, Any] = {"name": _snake(class_name), "trainable": True, "dtype": kio.dtype_policy("int32"),
+                              "config_file": kio.TOKENIZER_FILE, "sequence_length": None}
+    assets = out / kio.TOKENIZER_ASSETS
+    if getattr(tokenizer, "_sp", None) is not None and class_name != "Llama3Tokenizer":
+        assets.mkdir(parents=True, exist_ok=True)
+        (assets / "vocabulary.spm").write_bytes(tokenizer._sp.serialized_model_proto())
+        config.update(proto=None, add_bos=False, add_eos=False)
+        if class_name == "Gemma3Tokenizer":  # its vision tokens are required only when the vocabulary has them
+            config["has_vision_tokens"] = tokenizer.find_special("<img>") == "<img>"
+    elif getattr(tokenizer, "_hf", None) is not None and class_name == "Llama3Tokenizer":
+        model = json.loads(tokenizer._hf.to_str())["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"a Llama 3 preset needs a BPE tokenizer, not {model.get('type')}")
+        vocab = tokenizer._hf.get_vocab(with_added_tokens=True)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        assets.mkdir(parents=True, exist_ok=True)
+        (assets / "vocabulary.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (assets / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+        specials = sorted(t for t in vocab if re.fullmatch(r"<\|[A-Za-z0-9_]+\|>", t))
+        config.update(add_prefix_space=False, unsplittable_tokens=specials)
+    else:
+        return None  # a tokenizer keras-hub's class for this model does not read: the preset goes without
+    return kio.keras_object(module, class_name, config)
+
+
 def _snake(name: str) -> str:
     """Keras' default object name of a class: ``GemmaBackbone`` -> ``gemma_backbone``."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
@@ -138,11 +202,12 @@ def _snake(name: str) -> str:
 # ---- LoRA ------------------------------------------------------------------------------------------
 
 
-def _per_head(node: LinearNode, ndim: int) -> bool:
-    """Keras factors a kernel along its last axis only; when the gemmax node's inputs are not all the other
-    axes (query/key/value: ``[heads, hidden, head_dim]`` with hidden the only input), Keras keeps one
-    factor per head."""
-    return tuple(node.in_dims) != tuple(range(ndim - 1))
+def _per_head(node: LinearNode, keras_a_ndim: int) -> bool:
+    """Keras factors a kernel along its last axis only (``a`` is ``kernel.shape[:-1] + (r,)``); when that
+    leaves more axes in ``a`` than the gemmax node has inputs (query/key/value ``[heads, hidden, head_dim]``,
+    whose one input is hidden), Keras keeps one factor per head. Otherwise (attention output, MLP, the ViT's
+    Dense layers) both factor the same inputs and the pair only changes shape."""
+    return keras_a_ndim - 1 > len(node.in_dims)
 
 
 def import_lora(params: dict, fam: Family, cfg: Any, path: str | os.PathLike, dtype: Any = jnp.float32) -> dict:
@@ -162,16 +227,17 @@ def import_lora(params: dict, fam: Family, cfg: Any, path: str | os.PathLike, dt
     for idx, (a, b) in factors.items():
         key, layer = where[idx]
         node = nodes[key]
-        fwd = table["/".join(node.path) + "/kernel"][1]
-        a_g = np.asarray(fwd(a))  # the table's layout change only permutes axes before the last
-        pair = kio.keras_lora_to_factors(a_g, b) if _per_head(node, a_g.ndim) else (a_g, b)
-        kshape = get_node(params, node.path)
-        kshape = lora.kernel_shape(kshape, node)
+        kshape = lora.kernel_shape(get_node(params, node.path), node)
+        if _per_head(node, a.ndim):
+            fwd = table["/".join(node.path) + "/kernel"][1]
+            pair = kio.keras_lora_to_factors(np.asarray(fwd(a)), b)  # the layout change only permutes axes
+        else:
+            pair = (a, b)
         want_a, want_b = lora.lora_shapes(node, kshape, pair[0].shape[-1])
-        if pair[0].shape != want_a[1:] or pair[1].shape != want_b[1:]:
+        if pair[0].size != np.prod(want_a[1:]) or pair[1].size != np.prod(want_b[1:]):
             raise kio.KerasPresetError(f"{path}: lora/{idx} ({key}, layer {layer}) has factors {a.shape} / "
                                        f"{b.shape}, which do not fit kernel {kshape[1:]}")
-        per_node.setdefault(key, {})[layer] = pair
+        per_node.setdefault(key, {})[layer] = (pair[0].reshape(want_a[1:]), pair[1].reshape(want_b[1:]))
     for key, layers in per_node.items():
         node = nodes[key]
         if not has_node(params, node.path) or "lora_a" in get_node(params, node.path):
@@ -217,12 +283,14 @@ def export_lora(params: dict, fam: Family, cfg: Any, path: str | os.PathLike) ->
         a = np.asarray(jax.device_get(tree["lora_a"][layer]), np.float32)
         b = np.asarray(jax.device_get(tree["lora_b"][layer]), np.float32)
         scale = float(np.asarray(jax.device_get(tree["lora_scale"]))[layer])
-        if _per_head(node, len(kshape)):
+        kk = _keras_shape(inv, kshape)
+        if _per_head(node, len(kk)):
             delta = np.asarray(jax.device_get(lora.lora_delta(tree, node)[layer]), np.float32)
             ka, kb = kio.factors_to_keras_lora(delta)
             entries[idx] = (np.asarray(inv(ka)), kb)
         else:
-            entries[idx] = (np.asarray(inv(a)), scale * b)
+            r = a.shape[-1]
+            entries[idx] = (a.reshape(*kk[:-1], r), scale * b.reshape(r, kk[-1]))
     rank = max(a.shape[-1] for a, _ in entries.values())
     padded = {i: (np.concatenate([a, np.zeros((*a.shape[:-1], rank - a.shape[-1]), np.float32)], -1),
                   np.concatenate([b, np.zeros((rank - b.shape[0], b.shape[1]), np.float32)], 0))

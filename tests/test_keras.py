@@ -288,6 +288,21 @@ def test_cli_convert_to_keras(presets, ids, tmp_path):
     np.testing.assert_allclose(keras_logits(back, ids), keras_logits(bb, ids), atol=2e-5, rtol=1e-5)
 
 
+def test_bfloat16_export(presets, tmp_path):
+    """bfloat16 weights are stored as Keras stores them (2-byte opaque values tagged ``dtype=bfloat16``):
+    keras-hub reads gemmax's bit for bit, and gemmax reads them back."""
+    import ml_dtypes
+
+    lm = CausalLM.from_preset(presets["gemma"][0])
+    out = lm.export_keras(tmp_path / "bf16", dtype=ml_dtypes.bfloat16)
+    back = keras_hub.models.Backbone.from_preset(str(out))
+    want = np.asarray(lm.params["token_embedding"]["embeddings"]).astype(ml_dtypes.bfloat16)
+    got = np.asarray(back.token_embedding.embeddings)
+    assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    again = CausalLM.from_preset(out)
+    np.testing.assert_array_equal(np.asarray(again.params["token_embedding"]["embeddings"]), want.astype(np.float32))
+
+
 # ---- models with images --------------------------------------------------------------------------------
 
 VISION = ("paligemma", "paligemma2", "gemma3_vision")
@@ -300,9 +315,8 @@ def _vision_backbone(kind: str, vocab: int):
     if kind == "gemma3_vision":
         ve = M.Gemma3VisionEncoder(image_size=28, patch_size=7, num_heads=2, hidden_dim=8, num_layers=2,
                                    intermediate_dim=12, output_dim=16, pool_size=2, dtype="float32")
-        return M.Gemma3Backbone(image_size=28, vision_encoder=ve, **dict(text, num_layers=7),
-                                use_post_ffw_norm=True, use_post_attention_norm=True,
-                                use_sliding_window_attention=True, sliding_window_size=4)
+        return M.Gemma3Backbone(image_size=28, vision_encoder=ve, **text, use_post_ffw_norm=True,
+                                use_post_attention_norm=True, use_sliding_window_attention=True, sliding_window_size=4)
     # PaliGemma 2's window is left wider than the sequence: inside a prefix keras-hub applies the window as
     # a symmetric band while transformers (and gemmax) let the prefix block override it (docs/keras.md)
     gemma2 = dict(use_post_ffw_norm=True, use_post_attention_norm=True, final_logit_soft_cap=30.0,

@@ -133,11 +133,9 @@ def write_h5(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]])
     with h5py.File(tmp, "w") as f:
         for name, arr in tensors:
             arr = np.ascontiguousarray(arr)
+            ds = f.create_dataset(name, data=arr)  # bfloat16: 2-byte opaque values, as Keras writes them
             if arr.dtype == ml_dtypes.bfloat16:
-                ds = f.create_dataset(name, data=arr.view(np.uint16))
                 ds.attrs["dtype"] = "bfloat16"
-            else:
-                f.create_dataset(name, data=arr)
     os.replace(tmp, path)
     return path
 

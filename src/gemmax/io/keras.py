@@ -96,7 +96,8 @@ class H5Weights(Mapping[str, np.ndarray]):
             return
         offset = obj.id.get_offset()
         nbytes = int(np.prod(obj.shape, dtype=np.int64)) * obj.dtype.itemsize
-        if obj.shape and nbytes and (offset is None or offset + nbytes > size):
+        contiguous = obj.chunks is None and obj.compression is None  # (chunked data is checked when read)
+        if contiguous and nbytes and (offset is None or offset + nbytes > size):
             end = "is not stored" if offset is None else f"ends at byte {offset + nbytes}"
             raise KerasPresetError(f"{f.filename}: truncated — dataset {name!r} {end} but the file has {size} bytes")
         self._where[name] = obj
@@ -156,8 +157,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def is_keras_preset(folder: Path) -> bool:
-    """A folder keras-hub wrote: its config.json names a keras-hub class (a Hugging Face config has a
-    ``model_type`` instead)."""
+    """A folder keras-hub (or keras-nlp, its former name, which saved the first Gemma presets) wrote: its
+    config.json names such a class (a Hugging Face config has a ``model_type`` instead)."""
     cfg = folder / CONFIG_FILE
     if not cfg.is_file():
         return False
@@ -165,7 +166,7 @@ def is_keras_preset(folder: Path) -> bool:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return False
-    return isinstance(data, dict) and str(data.get("registered_name", "")).startswith("keras_hub>")
+    return isinstance(data, dict) and str(data.get("registered_name", "")).startswith(("keras_hub>", "keras_nlp>"))
 
 
 def read_backbone_config(folder: Path) -> tuple[str, dict[str, Any]]:

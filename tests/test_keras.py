@@ -249,6 +249,15 @@ def test_truncated_and_mismatched_h5(presets, tmp_path):
         lm.load_keras_lora(_fake_lora(tmp_path / "bad.lora.h5"))
 
 
+def test_sharded_preset(presets, ids, tmp_path):
+    """A preset saved in shards (``model.weights.json`` + ``model_0000N.weights.h5``) loads the same."""
+    folder, bb = presets["gemma"]
+    bb.save_to_preset(tmp_path / "sharded", max_shard_size=5e-6)
+    assert (tmp_path / "sharded" / "model_00001.weights.h5").exists()
+    np.testing.assert_allclose(CausalLM.from_preset(tmp_path / "sharded").logits(ids), keras_logits(bb, ids),
+                               atol=2e-5, rtol=1e-5)
+
+
 def _fake_lora(path: Path) -> Path:
     from gemmax.io.keras import write_lora_file
 

@@ -269,6 +269,7 @@ def export_lora(params: dict, fam: Family, cfg: Any, path: str | os.PathLike) ->
         raise ValueError("the model carries no LoRA adapters to export")
     table = spec.table(cfg)
     entries: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    deltas: dict[str, np.ndarray] = {}  # every layer's update of a per-head node, computed once
     for idx, (key, layer) in spec.lora_layers(cfg).items():
         if key not in adapted and key not in KERAS_DEFAULT_LORA:
             continue
@@ -285,8 +286,9 @@ def export_lora(params: dict, fam: Family, cfg: Any, path: str | os.PathLike) ->
         scale = float(np.asarray(jax.device_get(tree["lora_scale"]))[layer])
         kk = _keras_shape(inv, kshape)
         if _per_head(node, len(kk)):
-            delta = np.asarray(jax.device_get(lora.lora_delta(tree, node)[layer]), np.float32)
-            ka, kb = kio.factors_to_keras_lora(delta)
+            if key not in deltas:
+                deltas[key] = np.asarray(jax.device_get(lora.lora_delta(tree, node)), np.float32)
+            ka, kb = kio.factors_to_keras_lora(deltas[key][layer])
             entries[idx] = (np.asarray(inv(ka)), kb)
         else:
             r = a.shape[-1]

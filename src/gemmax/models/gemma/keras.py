@@ -4,13 +4,14 @@
 Keras' Gemma layouts are gemmax's (per-head ``[heads, hidden, head_dim]`` query/key/value, ``[heads,
 head_dim, hidden]`` output, ``[in, out]`` dense kernels, zero-centred norms), so most entries are identities;
 Llama 3's query/key/value are ``[hidden, heads, head_dim]``. The configs differ more: ``GemmaBackbone``'s
-``intermediate_dim`` is twice the width of each gating branch (Gemma 3's is the width itself), the query scale
-is ``head_dim`` or ``hidden / heads`` (``query_head_dim_normalize``), and Gemma 3 fixes RoPE's wavelengths
-(10k local, 1M global) with a scaling factor for each.
+``intermediate_dim`` is twice the width of each gating branch (Gemma 3's is the width itself), queries are
+always scaled by ``head_dim`` (see :func:`_query_scalar`), and Gemma 3 fixes RoPE's wavelengths (10k local,
+1M global) with a scaling factor for each.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,7 +51,16 @@ def block_names(group: str, n: int, prefix: str = "layers/") -> list[str]:
 
 
 def _query_scalar(c: Mapping[str, Any]) -> float:
-    return float(c["head_dim"]) if c.get("query_head_dim_normalize", True) else c["hidden_dim"] / c["num_query_heads"]
+    """keras-hub 0.32's decoder blocks (Gemma, Gemma 3, PaliGemma) build their attention with
+    ``query_head_dim_normalize=True`` whatever the backbone's config says, so a preset's queries are scaled by
+    ``head_dim ** -0.5``: that is what its weights are run with, and what gemmax reads them as."""
+    return float(c["head_dim"])
+
+
+def query_fold(cfg: ModelConfig) -> float:
+    """The factor a query must carry for Keras' ``head_dim ** -0.5`` scaling to give this config's
+    ``query_pre_attn_scalar ** -0.5`` (1 for every config read from a preset; Gemma 2/3 27B's otherwise)."""
+    return math.sqrt(cfg.head_dim / (cfg.query_pre_attn_scalar or cfg.head_dim))
 
 
 def gemma_text_config(class_name: str, c: Mapping[str, Any]) -> ModelConfig:
@@ -117,13 +127,6 @@ def gemma_keras_args(cfg: ModelConfig) -> dict[str, Any]:
     """The shared arguments of ``GemmaBackbone`` / ``Gemma3Backbone`` / ``PaliGemmaBackbone`` for a decoder."""
     if cfg.attention_bias:
         _refuse(cfg, "attention biases")
-    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    if scalar == cfg.head_dim:
-        normalize = True
-    elif abs(scalar - cfg.hidden_size / cfg.num_heads) < 1e-9:
-        normalize = False
-    else:
-        _refuse(cfg, f"query_pre_attn_scalar {scalar} (Keras scales by head_dim or hidden/heads)")
     pattern = {"gemma": _gemma2_types, "gemma2": _gemma2_types, "gemma3": _gemma3_types}[cfg.family]
     windowed = LOCAL in cfg.layer_types
     if windowed and tuple(cfg.layer_types) != pattern(cfg.num_layers):
@@ -131,7 +134,7 @@ def gemma_keras_args(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "vocabulary_size": cfg.vocab_size, "num_layers": cfg.num_layers, "num_query_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "hidden_dim": cfg.hidden_size, "head_dim": cfg.head_dim,
-        "query_head_dim_normalize": normalize, "use_post_ffw_norm": cfg.use_post_norms,
+        "query_head_dim_normalize": True, "use_post_ffw_norm": cfg.use_post_norms,
         "use_post_attention_norm": cfg.use_post_norms, "attention_logit_soft_cap": cfg.attn_logit_softcap,
         "final_logit_soft_cap": cfg.final_logit_softcap, "use_sliding_window_attention": windowed,
         "sliding_window_size": cfg.sliding_window or 4096, "layer_norm_epsilon": cfg.norm_eps, "dropout": 0,
@@ -206,7 +209,17 @@ def decoder_table(cfg: ModelConfig, group: str, prefix: str = "layers/") -> dict
     if cfg.use_post_norms:
         subs["post_attention_norm/scale"] = "post_attention_norm"
         subs["post_ffw_norm/scale"] = "post_ffw_norm"
-    return {"decoder_block/" + p: ([f"{b}/{k}/vars/0" for b in blocks], *_IDENT) for p, k in subs.items()}
+    t: dict[str, Entry] = {"decoder_block/" + p: ([f"{b}/{k}/vars/0" for b in blocks], *_IDENT)
+                           for p, k in subs.items()}
+    c = query_fold(cfg)
+    if c != 1.0:  # Keras scales queries by head_dim: the rest of this config's scale rides on the weights
+        if cfg.use_qk_norm:  # after the kernel a norm undoes any factor: its (1 + scale) carries it
+            path, fns = "decoder_block/attention/query_norm/scale", (lambda w: (1 + w) / c - 1,
+                                                                     lambda w: c * (1 + w) - 1)
+        else:
+            path, fns = "decoder_block/attention/query/kernel", (lambda w: w / c, lambda w: w * c)
+        t[path] = (t[path][0], *fns)
+    return t
 
 
 def _llama_table(cfg: ModelConfig) -> dict[str, Entry]:

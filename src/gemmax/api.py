@@ -39,7 +39,6 @@ from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
 from gemmax.models.gemma import gguf as gguf_io
 from gemmax.nn import lora, quant
-from gemmax.nn import lora as lora_mod
 from gemmax.nn.params import LinearNode, describe_size, flatten, unflatten
 from gemmax.train import trainer as train
 from gemmax.train.checkpoint import PARAMS_MARKER, load_params
@@ -524,7 +523,7 @@ class CausalLM:
         ``backbone.load_lora_weights``). Quantized weights are written dequantized."""
         if lora not in ("merge", "keep"):
             raise ValueError(f"lora must be 'merge' or 'keep', got {lora!r}")
-        keep = lora == "keep" and bool(lora_mod.lora_targets(self.params, self.linear_nodes))
+        keep = lora == "keep" and any(p.endswith("lora_a") for p in flatten(self.params))
         out = keras_presets.export_preset(path, self.family, self.config, self._host_flat(merge=not keep),
                                           self.tokenizer, dtype=dtype)
         if keep:

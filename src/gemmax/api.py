@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax import distribution as _dist
+from gemmax import keras_presets
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.io.hf import (
     CheckpointError,
@@ -32,6 +33,7 @@ from gemmax.io.hf import (
     write_safetensors,
 )
 from gemmax.io.images import message_images
+from gemmax.io.keras import KAGGLE_SCHEME, is_keras_preset, resolve_kaggle_handle
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
@@ -132,8 +134,9 @@ class CausalLM:
 
     @classmethod
     def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None, **kw: Any) -> CausalLM:
-        """Load from a Hugging Face folder, ``hf://org/name``, a GGUF file, a gemmax folder, or a preset
-        name whose weights are in the local Hugging Face cache. Weights convert on the fly.
+        """Load from a Hugging Face folder, ``hf://org/name``, a keras-hub preset folder,
+        ``kaggle://OWNER/MODEL/keras/VARIANT[/VERSION]`` (kagglehub's cache), a GGUF file, a gemmax folder, or
+        a preset name whose weights are in the local Hugging Face cache. Weights convert on the fly.
         ``quantize="int8"`` (or "int4"/"nf4") quantizes the weights after loading."""
         lm = cls._load(handle, dtype, **kw)
         if quantize:
@@ -147,6 +150,8 @@ class CausalLM:
         path = Path(os.path.expanduser(handle))
         if handle.startswith("hf://"):
             return cls._from_hf_folder(resolve_hf_handle(handle), dtype, source=handle)
+        if handle.startswith(KAGGLE_SCHEME):
+            return cls._from_keras_preset(resolve_kaggle_handle(handle), dtype, source=handle)
         if path.suffix == ".gguf" and path.is_file():
             return cls._from_gguf(path, dtype, **kw)
         if path.is_dir():
@@ -155,6 +160,8 @@ class CausalLM:
             if (path / PARAMS_MARKER).exists():  # a sharded Orbax folder (gemmax.train.checkpoint.save_params)
                 params, cfg = load_params(path, dtype=dtype)
                 return cls(cfg, params, load_tokenizer(path), source=str(path))
+            if is_keras_preset(path):
+                return cls._from_keras_preset(path, dtype, source=str(path))
             return cls._from_hf_folder(path, dtype, source=str(path))
         presets = base.all_presets()
         if handle in presets:
@@ -188,6 +195,16 @@ class CausalLM:
                                what=f"{getattr(cfg, 'family', fam.name)} model")
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         return cls(cfg, params, load_tokenizer(folder), source=source, family=fam)
+
+    @classmethod
+    def _from_keras_preset(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+        """A keras-hub preset folder: config.json names the backbone, model.weights.h5 is read lazily through
+        the family's Keras name table and placed like any checkpoint, the tokenizer comes from its assets."""
+        fam, cfg = keras_presets.read_preset(folder)
+        lazy = keras_presets.lazy_weights(folder, fam, cfg, dtype)
+        params = unflatten(place_params(lazy, dtype, current_distribution()))
+        tok = keras_presets.load_tokenizer(folder)
+        return cls(keras_presets.with_special_ids(cfg, tok), params, tok, source=source, family=fam)
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
@@ -541,6 +558,31 @@ class CausalLM:
     def export_peft(self, path: str | os.PathLike, **kw: Any) -> Any:
         """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
         return lora.export_peft(path, self.params, self.linear_nodes, **kw)
+
+    def load_keras_lora(self, path: str | os.PathLike) -> CausalLM:
+        """Add the adapters of a keras-hub ``*.lora.h5`` file (``backbone.save_lora_weights``: a LoRA trained
+        in Keras, per head) as gemmax adapters with the same outputs; serve, train on or merge them."""
+        self.params = keras_presets.import_lora(self.params, self.family, self.config, path)
+        self.__dict__.pop("_logits_fn", None)
+        return self
+
+    def export_keras_lora(self, path: str | os.PathLike) -> Path:
+        """The adapters as a keras-hub ``*.lora.h5`` file that ``backbone.load_lora_weights`` reads."""
+        return keras_presets.export_lora(self.params, self.family, self.config, path)
+
+    def export_keras(self, path: str | os.PathLike, lora: str = "merge", dtype: Any = np.float32) -> Path:
+        """A keras-hub preset folder (config.json, metadata.json, model.weights.h5, tokenizer) that
+        ``keras_hub.models.CausalLM.from_preset`` loads. ``lora="merge"`` folds adapters into the weights;
+        ``"keep"`` writes the base weights and the adapters beside them as ``model.lora.h5`` (for
+        ``backbone.load_lora_weights``). Quantized weights are written dequantized."""
+        if lora not in ("merge", "keep"):
+            raise ValueError(f"lora must be 'merge' or 'keep', got {lora!r}")
+        keep = lora == "keep" and any(p.endswith("lora_a") for p in flatten(self.params))
+        out = keras_presets.export_preset(path, self.family, self.config, self._host_flat(merge=not keep),
+                                          self.tokenizer, dtype=dtype)
+        if keep:
+            self.export_keras_lora(out / keras_presets.LORA_FILE)
+        return out
 
     def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax import distribution as _dist
+from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.io.hf import (
     CheckpointError,
@@ -317,7 +318,9 @@ class CausalLM:
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop: list[str] | None = None, truncate: str | None = None, chunk: int = 16,
                  prefix: str | None = None, suffix: str | None = None, add_bos: bool = True,
-                 stop_token_ids: Any = None, images: Any = None, **inputs: Any) -> Any:
+                 stop_token_ids: Any = None, images: Any = None, json_schema: Any = None,
+                 regex: str | None = None, grammar: str | None = None, constraint: Constraint | None = None,
+                 **inputs: Any) -> Any:
         """Generate for one prompt or a batch of prompts of different lengths.
 
         Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
@@ -327,7 +330,15 @@ class CausalLM:
         the family reads besides tokens, e.g. PaliGemma's ``pixel_values`` and ``token_type_ids``.
         ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
         builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
+
+        Structured output: ``json_schema`` (a dict or its JSON text), ``regex`` or ``grammar`` (Lark, as
+        llguidance reads it), or a ready ``constraint`` (:class:`gemmax.engine.constrain.Constraint`) makes
+        every row's output match it (the logits are masked token by token); text out is then the new text
+        alone, so that it parses as it is. A row cut by ``max_new_tokens`` may end unfinished.
         """
+        constraint = _constraint(json_schema, regex, grammar, constraint)
+        if constraint is not None and images is not None:
+            raise ValueError("structured output with images is not supported by generate(); use the server")
         inputs = self._check_inputs(inputs)
         if images is not None:
             if self.family.encode_prompt is None:
@@ -371,6 +382,11 @@ class CausalLM:
                 raise ValueError(f"token ids out of range for a vocabulary of {vocab}: {bad[:5]}")
         sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
                               seed + i, stop_ids) for i, r in enumerate(ids)]
+        if constraint is not None:
+            if not as_text:
+                raise ValueError("structured output (json_schema, regex, grammar) takes text prompts")
+            for sp in sps:
+                sp.constraint = constraint
         ids = [self._fit_context(r, sp.max_new_tokens, truncate) for r, sp in zip(ids, sps, strict=True)]
         self._check_family_inputs(np.asarray(ids[:1], np.int32), inputs)
         stop_check = None
@@ -381,7 +397,7 @@ class CausalLM:
                 return any(s in tok.decode(r.new_ids) for s in stop)
 
         reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check,
-                            inputs=[inputs or None] * len(ids), family=self.family)
+                            inputs=[inputs or None] * len(ids), family=self.family, tokenizer=self.tokenizer)
         outs: list[Any] = []
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
@@ -390,7 +406,7 @@ class CausalLM:
                 if stop:
                     cut = [text.index(s) for s in stop if s in text]
                     text = text[: min(cut)] if cut else text
-                outs.append(text if fim else src + text)
+                outs.append(text if fim or constraint is not None else src + text)
             else:
                 outs.append(np.asarray(prompt_ids + new, np.int32))
         return outs[0] if single else outs
@@ -437,7 +453,14 @@ class CausalLM:
         """One assistant reply for a list of {"role", "content"} messages, in the model's chat format. A content
         may be a list of parts: text and, for a family that reads images, images (``{"type": "image", "image":
         PIL image / array / path}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}``),
-        placed where the parts are (``gemmax.io.images``)."""
+        placed where the parts are (``gemmax.io.images``). ``json_schema``, ``regex`` and ``grammar`` (see
+        :meth:`generate`) constrain the reply, returned as it is (not stripped)."""
+        if any(kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
+            tok = self._require_tokenizer()
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
+            if message_images(messages):
+                raise ValueError("structured output with images is not supported by chat(); use the server")
+            return self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         tok = self._require_tokenizer()
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
         images = message_images(messages)
@@ -622,6 +645,22 @@ def _family_config(hf: dict[str, Any], where: Any) -> tuple[Family, Any]:
         raise CheckpointError(f"{where}: config lacks a required field ({e})") from None
     except ValueError as e:
         raise CheckpointError(f"{where}: not a usable {fam.name} config ({e})") from None
+
+
+def _constraint(json_schema: Any, regex: str | None, grammar: str | None,
+                constraint: Constraint | None) -> Constraint | None:
+    """The one constraint ``generate`` was given, built from whichever argument names it."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                               ("constraint", constraint)) if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"pass one of json_schema, regex, grammar, constraint; got {', '.join(given)}")
+    if json_schema is not None:
+        return Constraint.json_schema(json_schema)
+    if regex is not None:
+        return Constraint.regex(regex)
+    if grammar is not None:
+        return Constraint.grammar(grammar)
+    return constraint
 
 
 def _is_single_prompt(prompts: Any) -> bool:

@@ -402,7 +402,8 @@ class CausalLM:
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
             if as_text:
-                text = self.tokenizer.decode(new)
+                # constrained text must parse as it is: without the stop token that ended it
+                text = self.tokenizer.decode([t for t in new if t not in stop_ids] if constraint else new)
                 if stop:
                     cut = [text.index(s) for s in stop if s in text]
                     text = text[: min(cut)] if cut else text

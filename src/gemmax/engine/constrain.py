@@ -142,7 +142,10 @@ def token_bytes(tokenizer: Any) -> tuple[list[bytes], list[int]]:
 
 
 class _Wrapped:
-    """The tokenizer shape llguidance's ``TokenizerWrapper`` reads."""
+    """The tokenizer shape llguidance's ``TokenizerWrapper`` reads. llguidance tokenizes text the grammar
+    forces (a literal, a separator) with it, and needs the tokens to spell exactly those bytes: a
+    SentencePiece model that normalizes whitespace (drops a lone space) does not, so then the text is
+    spelled greedily with the vocabulary's longest pieces instead."""
 
     def __init__(self, tokenizer: Any, tokens: list[bytes], special: list[int], eos: int):
         self.eos_token_id = eos
@@ -150,10 +153,35 @@ class _Wrapped:
         self.tokens = tokens
         self.special_token_ids = special
         self._tok = tokenizer
+        skip = set(special)
+        self._by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(tokens):
+            if b and i not in skip:
+                self._by_bytes.setdefault(b, i)
+        self._longest = max((len(b) for b in self._by_bytes), default=1)
 
     def __call__(self, s: str | bytes) -> list[int]:
-        text = s.decode("utf-8", "replace") if isinstance(s, bytes) else s
-        return self._tok.encode(text, add_bos=False)
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        try:
+            ids = self._tok.encode(data.decode("utf-8"), add_bos=False)
+        except UnicodeDecodeError:
+            ids = None
+        if ids is not None and b"".join(self.tokens[i] for i in ids if i < len(self.tokens)) == data:
+            return ids
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        out, p = [], 0
+        while p < len(data):
+            for n in range(min(self._longest, len(data) - p), 0, -1):
+                i = self._by_bytes.get(data[p: p + n])
+                if i is not None:
+                    out.append(i)
+                    p += n
+                    break
+            else:
+                raise ConstraintError(f"the vocabulary cannot spell the byte {data[p:p + 1]!r}")
+        return out
 
 
 class Vocabulary:

@@ -168,7 +168,7 @@ def response_format(body: Mapping) -> Constraint | None:
     if not isinstance(rf, dict):
         raise bad(f"'{p}' must be an object", p, "invalid_type")
     kind = rf.get("type")
-    if kind not in _FORMAT_KEYS:
+    if not isinstance(kind, str) or kind not in _FORMAT_KEYS:
         raise bad(f"{p}.type must be one of {', '.join(_FORMAT_KEYS)}; got {kind!r}", f"{p}.type", "invalid_value")
     extra = set(rf) - {"type", *_FORMAT_KEYS[kind]}
     if extra:
@@ -248,8 +248,9 @@ class Sampling:
         "completions"; by default chat when the body has ``messages``) decides how ``logprobs`` reads."""
         chat = endpoint == "chat" if endpoint is not None else "messages" in body
         max_tokens = _integer(body, "max_tokens", None, 1)
+        max_completion = _integer(body, "max_completion_tokens", default_max_tokens, 1)
         if max_tokens is None:
-            max_tokens = _integer(body, "max_completion_tokens", default_max_tokens, 1)
+            max_tokens = max_completion
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):

@@ -140,7 +140,7 @@ def _logprobs(body: Mapping, chat: bool) -> int | None:
     if chat:
         on = _boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-        if top is not None and not on:
+        if top and not on:
             raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         return (top or 0) if on else None
     if isinstance(body.get("logprobs"), bool):

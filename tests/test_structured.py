@@ -159,7 +159,7 @@ def test_response_formats_share_the_batch_with_free_rows(client) -> None:
     alone = client.chat.completions.create(**free).choices[0].message.content
     jobs = {"free": (free, None)}
     for i in (0, 1, 3):  # (a random model writes a number's digits forever: not SCHEMAS[2] here)
-        jobs[f"schema{i}"] = (dict(free, max_tokens=64, response_format=_schema_format(SCHEMAS[i])), SCHEMAS[i])
+        jobs[f"schema{i}"] = (dict(free, max_tokens=96, response_format=_schema_format(SCHEMAS[i])), SCHEMAS[i])
     jobs["regex"] = (dict(free, extra_body={"response_format": {"type": "regex", "regex": r"[0-9]{3}-[a-c]+"}}),
                      r"[0-9]{3}-[a-c]+")
     jobs["grammar"] = (dict(free, extra_body={"response_format": {

@@ -104,7 +104,7 @@ def run_xgrammar(tok: Any, tbytes: list[bytes], special: list[int], ids: list[in
             comp.compile_json_schema(json.dumps(s))
             probes[k] = f"ok ({1000 * (time.perf_counter() - t0):.0f} ms)"
         except Exception as e:  # noqa: BLE001 - the engine's own error is the result
-            probes[k] = f"refused: {str(e)[:60]}"
+            probes[k] = "refused: " + " ".join(str(e).split())[:60]
     return {"setup_s": setup, "compile_s": compile_s, **_walk(step, ids), "probes": probes}
 
 
@@ -136,7 +136,7 @@ def run_outlines(tok: Any, tbytes: list[bytes], special: list[int], ids: list[in
             build_regex_from_schema(json.dumps(s))
             probes[k] = "ok"
         except Exception as e:  # noqa: BLE001 - the engine's own error is the result
-            probes[k] = f"refused: {str(e)[:60]}"
+            probes[k] = "refused: " + " ".join(str(e).split())[:60]
     return {"setup_s": setup, "compile_s": compile_s, **_walk(step, ids), "probes": probes}
 
 

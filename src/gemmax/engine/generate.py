@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from gemmax.models import base
 from gemmax.models.base import CPU, XLA, Family
 
 Array = jax.Array
+log = logging.getLogger("gemmax.engine")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -583,6 +585,7 @@ class Engine:
         if r.matcher is not None:
             for t in new:
                 if t not in r.params.stop_ids and not r.matcher.consume(t):
+                    log.warning("constrained row ended: its grammar refused token %d (%s)", t, r.matcher.error)
                     r.finish_reason = "stop"
                     self.finish(r, "stop")
                     break

@@ -19,6 +19,7 @@ import numpy as np
 
 from gemmax import distribution as _dist
 from gemmax import keras_presets
+from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.io.hf import (
     CheckpointError,
@@ -334,7 +335,9 @@ class CausalLM:
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop: list[str] | None = None, truncate: str | None = None, chunk: int = 16,
                  prefix: str | None = None, suffix: str | None = None, add_bos: bool = True,
-                 stop_token_ids: Any = None, images: Any = None, **inputs: Any) -> Any:
+                 stop_token_ids: Any = None, images: Any = None, json_schema: Any = None,
+                 regex: str | None = None, grammar: str | None = None, constraint: Constraint | None = None,
+                 **inputs: Any) -> Any:
         """Generate for one prompt or a batch of prompts of different lengths.
 
         Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
@@ -344,7 +347,15 @@ class CausalLM:
         the family reads besides tokens, e.g. PaliGemma's ``pixel_values`` and ``token_type_ids``.
         ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
         builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
+
+        Structured output: ``json_schema`` (a dict or its JSON text), ``regex`` or ``grammar`` (Lark, as
+        llguidance reads it), or a ready ``constraint`` (:class:`gemmax.engine.constrain.Constraint`) makes
+        every row's output match it (the logits are masked token by token); text out is then the new text
+        alone, so that it parses as it is. A row cut by ``max_new_tokens`` may end unfinished.
         """
+        constraint = _constraint(json_schema, regex, grammar, constraint)
+        if constraint is not None and images is not None:
+            raise ValueError("structured output with images is not supported by generate(); use the server")
         inputs = self._check_inputs(inputs)
         if images is not None:
             if self.family.encode_prompt is None:
@@ -388,6 +399,10 @@ class CausalLM:
                 raise ValueError(f"token ids out of range for a vocabulary of {vocab}: {bad[:5]}")
         sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
                               seed + i, stop_ids) for i, r in enumerate(ids)]
+        if constraint is not None:
+            self._require_tokenizer()  # the grammar engine reads the vocabulary
+            for sp in sps:
+                sp.constraint = constraint
         ids = [self._fit_context(r, sp.max_new_tokens, truncate) for r, sp in zip(ids, sps, strict=True)]
         self._check_family_inputs(np.asarray(ids[:1], np.int32), inputs)
         stop_check = None
@@ -398,16 +413,17 @@ class CausalLM:
                 return any(s in tok.decode(r.new_ids) for s in stop)
 
         reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check,
-                            inputs=[inputs or None] * len(ids), family=self.family)
+                            inputs=[inputs or None] * len(ids), family=self.family, tokenizer=self.tokenizer)
         outs: list[Any] = []
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
             if as_text:
-                text = self.tokenizer.decode(new)
+                # constrained text must parse as it is: without the stop token that ended it
+                text = self.tokenizer.decode([t for t in new if t not in stop_ids] if constraint else new)
                 if stop:
                     cut = [text.index(s) for s in stop if s in text]
                     text = text[: min(cut)] if cut else text
-                outs.append(text if fim else src + text)
+                outs.append(text if fim or constraint is not None else src + text)
             else:
                 outs.append(np.asarray(prompt_ids + new, np.int32))
         return outs[0] if single else outs
@@ -463,7 +479,16 @@ class CausalLM:
         ``messages`` (with ``{"role": "tool", "tool_call_id", "content"}`` results after it). ``tool_choice``:
         "auto", "none", "required" or a function's name (or OpenAI's ``{"type": "function", "function":
         {"name"}}``); a forced call opens the answer, and one whose arguments do not match the tool's schema
-        raises ValueError. Under "auto" text that is no valid call is the reply's content."""
+        raises ValueError. Under "auto" text that is no valid call is the reply's content.
+
+        Without tools, ``json_schema``, ``regex`` and ``grammar`` (see :meth:`generate`) constrain the reply,
+        returned as it is (not stripped)."""
+        if not tools and any(kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
+            tok = self._require_tokenizer()
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
+            if message_images(messages):
+                raise ValueError("structured output with images is not supported by chat(); use the server")
+            return self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         tok = self._require_tokenizer()
         if tools:
             return self._chat_tools(messages, max_new_tokens, tools, tool_choice, **kw)
@@ -498,6 +523,9 @@ class CausalLM:
         opener = tc.call_opener(fam, forced) if tool_choice not in ("auto", "none") else ""
         ids = tok.encode(prompt + opener, add_bos=True)
         stops = tuple(tok.stop_ids) + tuple(i for i in [tok.piece_to_id("<|tool_response>")] if i >= 0)
+        if forced is not None and fam in tc.JSON_FAMILIES and not any(
+                kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
+            kw["json_schema"] = schemas[forced]  # the arguments can only be a conforming JSON value
         out = self.generate(ids, max_new_tokens=max_new_tokens, stop_token_ids=stops, **kw)
         text = opener + tok.decode([int(t) for t in out[len(ids):] if int(t) not in stops], skip_special=False)
         if tool_choice == "none":
@@ -718,6 +746,22 @@ def _family_config(hf: dict[str, Any], where: Any) -> tuple[Family, Any]:
         raise CheckpointError(f"{where}: config lacks a required field ({e})") from None
     except ValueError as e:
         raise CheckpointError(f"{where}: not a usable {fam.name} config ({e})") from None
+
+
+def _constraint(json_schema: Any, regex: str | None, grammar: str | None,
+                constraint: Constraint | None) -> Constraint | None:
+    """The one constraint ``generate`` was given, built from whichever argument names it."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                               ("constraint", constraint)) if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"pass one of json_schema, regex, grammar, constraint; got {', '.join(given)}")
+    if json_schema is not None:
+        return Constraint.json_schema(json_schema)
+    if regex is not None:
+        return Constraint.regex(regex)
+    if grammar is not None:
+        return Constraint.grammar(grammar)
+    return constraint
 
 
 def _is_single_prompt(prompts: Any) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemmax.engine.constrain import token_text
 from gemmax.engine.generate import Engine, Request, SamplingParams
 from gemmax.models import base
 from gemmax.serve.errors import APIError
@@ -48,7 +49,8 @@ class Job:
 
     The scheduler thread fills it; events go back to the handler's event loop through ``call_soon_threadsafe``
     as ``(index, kind, payload)``: ``("delta", text)``, ``("done", (finish_reason, n_tokens))`` or
-    ``("error", APIError)``.
+    ``("error", APIError)``; with ``logprobs`` asked for, ``("logprobs", entries)`` comes before the delta
+    of the same tokens, one entry per token (:meth:`logprob_entries`).
     """
 
     def __init__(self, model: ServedModel, prompt_ids: list[int], sp: SamplingParams, stop: tuple[str, ...],
@@ -67,11 +69,30 @@ class Job:
         self.stop_ids = frozenset(sp.stop_ids)
         self.pending = ""  # decoded text not yet sent: held back while it could be the start of a stop string
         self.seen = 0  # how many of req.new_ids have been decoded
+        self.lp_seen = 0  # how many of req.logprobs have been sent
         self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         """Called from the event loop when the client is gone; the scheduler frees the slot."""
         self.cancelled = True
+
+    def logprob_entries(self) -> list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]:
+        """The new tokens' log-probabilities as (text, bytes, logprob, [(text, bytes, logprob)] of the
+        alternatives), stop tokens left out (they are not part of the text)."""
+        r = self.req
+
+        def text(t: int) -> tuple[str, list[int]]:
+            b = token_text(self.model.tokenizer, t)
+            return b.decode("utf-8", "replace"), list(b)
+
+        out = []
+        for i in range(self.lp_seen, len(r.logprobs)):
+            if r.new_ids[i] in self.stop_ids:
+                continue
+            lp, top = r.logprobs[i]
+            out.append((*text(r.new_ids[i]), lp, [(*text(t), v) for t, v in top]))
+        self.lp_seen = len(r.logprobs)
+        return out
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -125,7 +146,7 @@ class Scheduler:
         for m in self.models.values():
             if m.engine is None:
                 m.engine = Engine(m.params, m.config, max_batch=self.max_batch, max_len=m.max_len,
-                                  chunk=self.chunk)
+                                  chunk=self.chunk, tokenizer=m.tokenizer)
                 twin = next((b for b in built if b.config == m.config and b.max_len == m.max_len), None)
                 if twin is not None:  # same shapes: reuse the compiled prefill/decode (params are inputs)
                     for attr in ("_prefill", "_insert", "_chunk", "_first"):
@@ -290,7 +311,7 @@ class Scheduler:
                 self._retire(name, m, j, cancelled=True)
         if not m.engine.has_work():
             return
-        n = self._n_steps(name)
+        n = min(self._n_steps(name), m.engine.step_limit() or self.chunk)  # 1 while a constrained row is live
         t0 = time.perf_counter()
         try:
             m.engine.step(n)
@@ -329,6 +350,8 @@ class Scheduler:
                 reason = "stop"
                 if not r.done:
                     m.engine.finish(r, "stop")
+        if r.params.logprobs is not None and len(r.logprobs) > j.lp_seen:
+            j.emit("logprobs", j.logprob_entries())
         keep = 0 if reason else _held_back(j.pending, j.stop)
         out, j.pending = j.pending[: len(j.pending) - keep], j.pending[len(j.pending) - keep:]
         if out:

@@ -169,7 +169,7 @@ class Service:
             for c in range(sampling.n):
                 sp = sampling.params_for(c, want, stop_ids)
                 if tools is not None:
-                    sp = apply_call_constraint(sp, tools.forced)
+                    sp = apply_call_constraint(sp, tools.forced, tools.family)
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
                                 keep_special=tools is not None and tools.family == "gemma4"))
         self.scheduler.submit(jobs)

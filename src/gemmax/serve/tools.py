@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 
+from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import SamplingParams
 from gemmax.io.tool_calls import (
     JSON_FAMILIES,
@@ -176,12 +177,17 @@ def forced_call(tools: list[dict[str, Any]], tool_choice: str, family: str) -> F
     return ForcedCall(None, call_opener(family), schema, call_closer(family))
 
 
-def apply_call_constraint(sp: SamplingParams, forced: ForcedCall | None) -> SamplingParams:
-    """THE MERGE POINT for schema-constrained forced calls: where ``SamplingParams.constraint`` (from the
-    structured-output branch) is to be set from ``forced.schema`` so that the text after the opener can only
-    be a conforming JSON value (the answer's end then comes from the grammar's end, and the closer is added
-    by :func:`finish_answer`). On this branch the sampler has no constraint field, so ``sp`` is returned as
-    is; the answer is still checked against the schema afterwards (:func:`finish_answer`)."""
+def apply_call_constraint(sp: SamplingParams, forced: ForcedCall | None, family: str) -> SamplingParams:
+    """``sp`` with the forced call's arguments constrained to its JSON schema (``SamplingParams.constraint``),
+    so that the text after the opener can only be a conforming JSON value; the answer ends where the grammar
+    does, and :func:`finish_answer` adds the closer. Gemma 4 writes arguments in its own syntax, not JSON:
+    there the answer is only checked against the schema afterwards, as under "auto"."""
+    if forced is None or forced.schema is None or family not in JSON_FAMILIES:
+        return sp
+    if sp.constraint is not None:
+        raise bad("response_format cannot be combined with a forced tool call (tool_choice constrains the "
+                  "answer to the call's schema)", "tool_choice", "invalid_value")
+    sp.constraint = Constraint.json_schema(forced.schema)
     return sp
 
 

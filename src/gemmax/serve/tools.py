@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 
+from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import SamplingParams
 from gemmax.io.tool_calls import (
     JSON_FAMILIES,
@@ -177,12 +178,16 @@ def forced_call(tools: list[dict[str, Any]], tool_choice: str, family: str) -> F
 
 
 def apply_call_constraint(sp: SamplingParams, forced: ForcedCall | None, family: str) -> SamplingParams:
-    """Where a forced call's arguments are to be constrained to its JSON schema (``SamplingParams.constraint``)
-    in the server. Not yet: a constrained row that reuses a slot of the continuous batch was seen to lose its
-    alignment with the grammar (tests/test_tools.py's scripted model, forced after an "auto" request), so the
-    server primes the call's opener and checks the answer against the schema afterwards
-    (:func:`finish_answer`), while ``CausalLM.chat`` (a fresh engine per call) does constrain it."""
-    del forced, family
+    """``sp`` with the forced call constrained to its JSON schema (``SamplingParams.constraint``): the text
+    after the opener can only be a conforming JSON value, the answer ends where the grammar does, and
+    :func:`finish_answer` adds the closer. Gemma 4 writes arguments in its own syntax, not JSON: there the
+    answer is only checked against the schema afterwards, as under "auto"."""
+    if forced is None or forced.schema is None or family not in JSON_FAMILIES:
+        return sp
+    if sp.constraint is not None:
+        raise bad("response_format cannot be combined with a forced tool call (tool_choice constrains the "
+                  "answer to the call's schema)", "tool_choice", "invalid_value")
+    sp.constraint = Constraint.json_schema(forced.schema)
     return sp
 
 

@@ -58,10 +58,13 @@ class PrefixCache:
         self._owner: Any = None
 
     def bind(self, params: Any) -> None:
-        """Serve the weights ``params``; other weights' entries are dropped (their keys/values differ)."""
-        if self._owner is not params:
+        """Serve the weights ``params``; other weights' entries are dropped (their keys/values differ). JAX
+        arrays are immutable, so the identities of the leaves name the weights (a dict edited in place,
+        as LoRA or quantization do, has new leaves)."""
+        owner = tuple(id(a) for a in jax.tree.leaves(params))
+        if self._owner != owner:
             self.clear()
-            self._owner = params
+            self._owner = owner
 
     def clear(self) -> None:
         self.entries.clear()

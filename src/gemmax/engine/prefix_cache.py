@@ -166,7 +166,7 @@ def _admit_wave(eng: Any, reqs: Sequence[Any], chains: Sequence[list[bytes]], sl
     pc: PrefixCache = eng.prefix_cache
     blk = pc.block
     n_hits = [pc.cached_blocks(c, (len(r.prompt_ids) - 1) // blk) * blk for r, c in zip(reqs, chains, strict=True)]
-    b, bb = len(reqs), bucket(len(reqs), 1)
+    bb = bucket(len(reqs), 1)
     t = bucket(max(len(r.prompt_ids) - h for r, h in zip(reqs, n_hits, strict=True)))
     t = min(t, eng.max_len)
     hmax = bucket(max(max(n_hits), 1), blk)

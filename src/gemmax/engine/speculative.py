@@ -352,3 +352,19 @@ def _accept(logits: Array, block: Array, n_draft: Array, qs: Array | None, keys:
     rejected = (n_acc < n_draft)[:, None] & (resid.sum(-1, keepdims=True) > 0)
     u_next = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, 2)))(keys)
     return n_acc, draw(jnp.where(rejected, resid, p_n), u_next)
+
+
+def speculator_for(draft: Any = None, prompt_lookup: bool = False, num_tokens: int | None = None) -> Speculator | None:
+    """The speculator a user asked for: ``draft`` (a ``CausalLM`` of the same vocabulary) or ``prompt_lookup``,
+    not both; None for neither."""
+    if draft is not None and prompt_lookup:
+        raise ValueError("speculate with a draft model or with prompt lookup, not both")
+    if draft is not None:
+        if not all(hasattr(draft, a) for a in ("params", "config")):
+            raise TypeError(f"draft must be a CausalLM (params and config), got {type(draft).__name__}")
+        return Speculator(DraftModel.of(draft), num_tokens)
+    if prompt_lookup:
+        return Speculator(PromptLookup(), num_tokens)
+    if num_tokens is not None:
+        raise ValueError("speculate_tokens needs a drafter: pass draft= or prompt_lookup=True")
+    return None

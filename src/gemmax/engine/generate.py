@@ -289,8 +289,7 @@ class Engine:
         self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
                        and CPU in self.family.backends and cpu_kernels.available())
         self.kernels = self.native and max_batch <= cpu_kernels.MAX_ROWS
-        from gemmax.engine import prefix_cache as _prefix  # (they import this module)
-        self.prefix_cache = prefix_cache if prefix_cache is not None and _prefix.applies(self.family) else None
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.applies_to(self.family) else None
         self.speculator = speculator
         if speculator is not None:
             speculator.attach(self)
@@ -366,8 +365,7 @@ class Engine:
         slots = free[:b]
         pc = self.prefix_cache
         if pc is not None and not inputs and max(len(r.prompt_ids) for r in reqs) > pc.block:
-            from gemmax.engine import prefix_cache as _prefix
-            logits = _prefix.admit(self, reqs, slots)
+            logits = pc.admit(self, reqs, slots)
         else:
             logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
                                         backend=self.prefill_backend, **inputs)

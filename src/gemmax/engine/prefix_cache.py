@@ -103,6 +103,13 @@ class PrefixCache:
             _, (ok, ov) = self.entries.popitem(last=False)
             self.bytes -= ok.nbytes + ov.nbytes
 
+    def applies_to(self, family: Family) -> bool:
+        return applies(family)
+
+    def admit(self, eng: Any, reqs: Sequence[Any], slots: Sequence[int]) -> Array:
+        """The engine's admission through this cache (module function ``admit``)."""
+        return admit(eng, reqs, slots)
+
     def stats(self) -> dict[str, int]:
         return {"blocks": len(self.entries), "bytes": self.bytes, "hit_tokens": self.hit_tokens,
                 "computed_tokens": self.computed_tokens}

@@ -4,6 +4,7 @@ cannot serve bypass it, and the command line takes its options."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,6 +35,31 @@ def _gen(model, prompts, pc=None):
     cfg, params = model
     sp = [SamplingParams(max_new_tokens=8) for _ in prompts]
     return [r.new_ids for r in generate_ids(params, cfg, prompts, sp, family=GEMMA, prefix_cache=pc)]
+
+
+def test_extend_equals_step_by_step_decoding(model):
+    """The primitive: blocks on a cache (partly committed, longer than the ring) give the logits that one
+    decode step per token gives, and leave the cache those steps leave."""
+    cfg, params = model
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 20)), jnp.int32)
+    cache = GEMMA.init_cache(cfg, 2, 32, jnp.float32)
+    step = jax.jit(lambda c, t, p: GEMMA.decode_step(params, cfg, c, t, p))
+    ext = jax.jit(lambda c, t, p: GEMMA.extend(params, cfg, c, t, p))
+    commit = jax.jit(lambda c, b, p, n: GEMMA.commit(cfg, c, b, jnp.arange(2), p, n))
+    ref, c = [], cache
+    for i in range(20):
+        logits, c = step(c, toks[:, i], jnp.full((2,), i, jnp.int32))
+        ref.append(logits)
+    ref = jnp.stack(ref, 1)
+    c2, at = cache, 0
+    for n, keep in ((3, 3), (11, 6), (11, 11)):  # the second block is cut after 6: a rejected tail
+        logits, blk = ext(c2, toks[:, at:at + n], jnp.full((2,), at, jnp.int32))
+        np.testing.assert_allclose(logits[:, :keep], ref[:, at:at + keep], atol=1e-4)
+        c2 = commit(c2, blk, jnp.full((2,), at, jnp.int32), jnp.full((2,), keep, jnp.int32))
+        at += keep
+    assert at == 20
+    for name in c:
+        np.testing.assert_allclose(c2[name], c[name], atol=1e-5, err_msg=name)
 
 
 def test_hits_give_the_same_tokens_as_misses(model):

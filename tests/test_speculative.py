@@ -15,7 +15,14 @@ from scipy import stats
 import gemmax
 from gemmax.api import CausalLM
 from gemmax.engine.generate import Engine, Request, SamplingParams, generate_ids
-from gemmax.engine.speculative import DraftModel, PromptLookup, Speculator, row_supported, speculator_for
+from gemmax.engine.speculative import (
+    DraftModel,
+    PromptLookup,
+    Speculator,
+    processed_probs,
+    row_supported,
+    speculator_for,
+)
 from gemmax.models import recurrent_gemma
 from gemmax.models.gemma import FAMILY as GEMMA
 
@@ -68,21 +75,36 @@ N = 1024
 NEW = 4
 
 
-def _np_probs(logits: np.ndarray) -> np.ndarray:
+def _np_probs(logits: np.ndarray, temperature: float = SETTINGS["temperature"], top_k: int = SETTINGS["top_k"],
+              top_p: float = SETTINGS["top_p"], min_p: float = SETTINGS["min_p"]) -> np.ndarray:
     """temperature, top-k, top-p, min-p over [..., V] logits, as transformers orders them (sort-based)."""
-    z = logits.astype(np.float64) / SETTINGS["temperature"]
+    v = logits.shape[-1]
+    z = logits.astype(np.float64) / temperature
     order = np.argsort(-z, axis=-1, kind="stable")
     zs = np.take_along_axis(z, order, -1)
-    rank = np.arange(V)
-    keep = rank < SETTINGS["top_k"]
+    rank = np.arange(v)
+    keep = rank < (top_k or v)
     q = np.where(keep, np.exp(zs - zs[..., :1]), 0.0)
     q /= q.sum(-1, keepdims=True)
     cum = np.cumsum(q, -1)
-    keep = keep & ((cum - q < SETTINGS["top_p"]) | (rank == 0)) & (q >= SETTINGS["min_p"] * q[..., :1])
+    keep = keep & ((cum - q < top_p) | (rank == 0)) & (q >= min_p * q[..., :1])
     w = np.where(keep, np.exp(zs - zs[..., :1]), 0.0)
     out = np.zeros_like(w)
     np.put_along_axis(out, order, w / w.sum(-1, keepdims=True), -1)
     return out
+
+
+def test_processed_distribution_matches_numpy():
+    """Both paths of ``processed_probs`` (kept set within the 256 candidates, and past them) over a 1000-token
+    vocabulary, against the sort-based reference; temperature 0 is one-hot."""
+    rows = [(0.7, 0, 1.0, 0.0), (1.0, 40, 0.9, 0.0), (1.3, 0, 0.97, 0.0), (0.8, 600, 1.0, 0.01),
+            (1.0, 0, 1.0, 0.05), (2.0, 300, 0.5, 0.0), (0.0, 5, 0.9, 0.0)]
+    logits = np.random.default_rng(0).normal(0, 3, (len(rows), 1000)).astype(np.float32)
+    t, k, p, m = (jnp.asarray(c) for c in zip(*rows, strict=True))
+    got = np.asarray(processed_probs(jnp.asarray(logits), t, k, p, m))
+    for i, (ti, ki, pi, mi) in enumerate(rows):
+        want = np.eye(1000)[logits[i].argmax()] if ti == 0 else _np_probs(logits[i], ti, ki, pi, mi)
+        np.testing.assert_allclose(got[i], want, atol=2e-6, err_msg=str(rows[i]))
 
 
 def _marginals(models, prompt: list[int]) -> list[np.ndarray]:

@@ -130,9 +130,12 @@ def _admit_fn(family: Family, cfg: Any, max_len: int) -> Any:
     if key not in _ADMIT:
         def admit(params: dict, cache: dict, pk: Array, pv: Array, n_hit: Array, tokens: Array, n_rest: Array,
                   slots: Array, backend: str) -> tuple[Array, dict, dict]:
-            cache = family.commit(cfg, cache, {"k": pk, "v": pv}, slots, jnp.zeros_like(n_hit), n_hit)
-            batch = jax.tree.leaves(cache)[0].shape[1]
-            rows = jax.tree.map(lambda a: a[:, jnp.minimum(slots, batch - 1)], cache)
+            if pk.shape[2] == 0:  # no prefix in this wave: extend over an empty one-slot cache, not max_len
+                rows = family.init_cache(cfg, tokens.shape[0], 1, pk.dtype)
+            else:
+                cache = family.commit(cfg, cache, {"k": pk, "v": pv}, slots, jnp.zeros_like(n_hit), n_hit)
+                batch = jax.tree.leaves(cache)[0].shape[1]
+                rows = jax.tree.map(lambda a: a[:, jnp.minimum(slots, batch - 1)], cache)
             logits, blk = family.extend(params, cfg, rows, tokens, n_hit, backend, last=n_rest - 1)
             cache = family.commit(cfg, cache, blk, slots, n_hit, n_rest)
             return logits, cache, blk
@@ -176,7 +179,7 @@ def _admit_wave(eng: Any, reqs: Sequence[Any], chains: Sequence[list[bytes]], sl
     bb = bucket(len(reqs), 1)
     t = bucket(max(len(r.prompt_ids) - h for r, h in zip(reqs, n_hits, strict=True)))
     t = min(t, eng.max_len)
-    hmax = bucket(max(max(n_hits), 1), blk)
+    hmax = bucket(max(n_hits), blk) if max(n_hits) else 0
     tokens = np.zeros((bb, t), np.int32)
     n_rest = np.ones(bb, np.int32)
     n_hit = np.zeros(bb, np.int32)
@@ -195,7 +198,8 @@ def _admit_wave(eng: Any, reqs: Sequence[Any], chains: Sequence[list[bytes]], sl
         pc.hit_tokens += h
         pc.computed_tokens += len(rest)
     if pk is None:  # nothing cached: an empty prefix of the right layout
-        pk = pv = np.zeros(_block_shape(eng, bb, hmax), jnp.dtype(eng.dtype))
+        shape, dtype = _block_layout(eng)
+        pk = pv = np.zeros((shape[0], bb, hmax) + shape[3:], dtype)
     fn = _admit_fn(eng.family, eng.cfg, eng.max_len)
     logits, eng.cache, new = fn(eng.params, eng.cache, jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(n_hit),
                                 jnp.asarray(tokens), jnp.asarray(n_rest), jnp.asarray(padded_slots),
@@ -204,13 +208,15 @@ def _admit_wave(eng: Any, reqs: Sequence[Any], chains: Sequence[list[bytes]], sl
     return logits
 
 
-def _block_shape(eng: Any, bb: int, hmax: int) -> tuple[int, ...]:
-    """``[L, bb, hmax, kv_heads, head_dim]`` of the engine's family, read off an abstract ``extend``."""
-    cache = jax.eval_shape(lambda: eng.family.init_cache(eng.cfg, 1, eng.max_len, eng.dtype))
-    _, blk = jax.eval_shape(lambda p, c: eng.family.extend(p, eng.cfg, c, jnp.zeros((1, 1), jnp.int32),
-                                                           jnp.zeros((1,), jnp.int32)), eng.params, cache)
-    k = blk["k"].shape
-    return (k[0], bb, hmax) + tuple(k[3:])
+def _block_layout(eng: Any) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype of the engine's ``extend`` blocks (batch and length 1), from an abstract evaluation
+    made once per engine."""
+    if getattr(eng, "_prefix_layout", None) is None:
+        cache = jax.eval_shape(lambda: eng.family.init_cache(eng.cfg, 1, eng.max_len, eng.dtype))
+        _, blk = jax.eval_shape(lambda p, c: eng.family.extend(p, eng.cfg, c, jnp.zeros((1, 1), jnp.int32),
+                                                               jnp.zeros((1,), jnp.int32)), eng.params, cache)
+        eng._prefix_layout = (tuple(blk["k"].shape), blk["k"].dtype)
+    return eng._prefix_layout
 
 
 def _store(pc: PrefixCache, chains: Sequence[list[bytes]], n_hits: Sequence[int],

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.engine.generate import (
+    N_CAND,
     _bisect,
     _compute_dtype,
     _ordered,
@@ -74,18 +75,42 @@ def row_supported(sp: Any) -> bool:
 def processed_probs(logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array) -> Array:
     """The distribution the engine's sampler draws from, over the whole vocabulary: ``[N, V]`` logits and
     per-row settings -> ``[N, V]`` probabilities (one-hot argmax for temperature 0). Filters as
-    ``sample_tokens``' exact path: temperature, top-k, then top-p and min-p on the survivors; tokens tied
-    at a cutoff are all kept."""
-    v = logits.shape[-1]
+    ``sample_tokens`` applies them: temperature, top-k, then top-p and min-p on the survivors. As there, a
+    row whose kept set lies within the ``N_CAND`` most likely tokens is computed from them (rank order);
+    one whose kept set may reach past them takes the exact path over the whole vocabulary (thresholds by
+    bisection, tokens tied at a cutoff all kept), under a per-row ``lax.cond``."""
+    lg = logits.astype(jnp.float32)
+    n_rows, v = lg.shape
+    t, p, m = temperature.astype(jnp.float32), top_p.astype(jnp.float32), min_p.astype(jnp.float32)
     k = jnp.where((top_k <= 0) | (top_k >= v), v, top_k).astype(jnp.int32)
-    return jax.vmap(_row_probs)(logits.astype(jnp.float32), temperature.astype(jnp.float32), k,
-                                top_p.astype(jnp.float32), min_p.astype(jnp.float32))
+    onehot = jax.nn.one_hot(greedy_argmax(lg), v, dtype=jnp.float32)
+    lg = lg / jnp.where(t > 0, t, 1.0)[:, None]
+    n = min(N_CAND, v)
+    vals, idx = jax.lax.top_k(lg, n)
+    r = jnp.arange(n)[None]
+    keep = r < k[:, None]
+    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
+    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
+    cum = jnp.cumsum(q, axis=-1)
+    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1)) & (q >= m[:, None] * q[:, :1])
+    w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+    probs = jnp.zeros_like(lg).at[jnp.arange(n_rows)[:, None], idx].set(w / w.sum(-1, keepdims=True))
+    if n < v:  # rows whose kept set may reach past the candidates: the exact path
+        need = (t > 0) & (keep[:, -1] | ((k > n) & (k < v) & (p < 1)))
+
+        def one(args: tuple) -> Array:
+            need_i, fast_i, *row = args
+            return jax.lax.cond(need_i, lambda: _row_probs(*row), lambda: fast_i)
+
+        probs = jax.lax.cond(jnp.any(need), lambda: jax.lax.map(one, (need, probs, lg, k, p, m)), lambda: probs)
+    return jnp.where((t > 0)[:, None], probs, onehot)
 
 
-def _row_probs(lg: Array, t: Array, k: Array, p: Array, m: Array) -> Array:
+def _row_probs(lg: Array, k: Array, p: Array, m: Array) -> Array:
+    """One row's kept distribution over the whole vocabulary (``lg`` already divided by the temperature),
+    with the thresholds of the sampler's exact path."""
     v = lg.shape[-1]
-    onehot = (jnp.arange(v) == greedy_argmax(lg)).astype(jnp.float32)
-    lg = lg / jnp.where(t > 0, t, 1.0)
     o = _ordered(lg)
     mx = lg.max()
     w = jnp.exp(lg - mx)
@@ -96,7 +121,7 @@ def _row_probs(lg: Array, t: Array, k: Array, p: Array, m: Array) -> Array:
     tp = jax.lax.cond(p < 1, lambda: _bisect(lambda c: mass(jnp.maximum(c, tk)) >= p * z, tk, hi), lambda: tk)
     tm = jnp.where(m > 0, _ordered(mx + jnp.log(jnp.maximum(m, 1e-30))), lo)
     kept = jnp.where(o >= jnp.maximum(jnp.maximum(tk, tp), tm), w, 0.0)
-    return jnp.where(t > 0, kept / kept.sum(), onehot)
+    return kept / kept.sum()
 
 
 def draw(probs: Array, u: Array) -> Array:

@@ -61,20 +61,30 @@ def extend(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Arra
             p = cpu_kernels.layer_view(blocks, i, gemm=True)
         else:
             p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), blocks)
-        loc = jnp.asarray(is_local)[i]
         box: dict[str, Array] = {}
 
         def attend(q: Array, k: Array, v: Array) -> Array:
             box["k"], box["v"] = k, v
-            kc = jnp.where(loc, _pad_to(kl[jnp.asarray(li)[i]], s), _pad_to(kg[jnp.asarray(gi)[i]], w))
-            vc = jnp.where(loc, _pad_to(vl[jnp.asarray(li)[i]], s), _pad_to(vg[jnp.asarray(gi)[i]], w))
-            ok = jnp.where(loc, _pad_mask(local_ok, s), _pad_mask(global_ok, w))
-            inblock = causal & (j[None, :, None] - j[None, None, :] < windows[i])
-            mask = jnp.concatenate([ok, jnp.broadcast_to(inblock, (b, t, t))], axis=-1)
-            if q_rows is not None:
-                mask = jnp.take_along_axis(mask, q_rows[:, :, None], axis=1)
-            return dot_attention(q, jnp.concatenate([kc, k.astype(kc.dtype)], 1),
-                                 jnp.concatenate([vc, v.astype(vc.dtype)], 1), mask, cap)
+            inblock = jnp.broadcast_to(causal & (j[None, :, None] - j[None, None, :] < windows[i]), (b, t, t))
+
+            def over(kc: Array, vc: Array, ok: Array) -> Array:
+                mask = jnp.concatenate([ok, inblock], axis=-1)
+                if q_rows is not None:
+                    mask = jnp.take_along_axis(mask, q_rows[:, :, None], axis=1)
+                return dot_attention(q, jnp.concatenate([kc, k.astype(kc.dtype)], 1),
+                                     jnp.concatenate([vc, v.astype(vc.dtype)], 1), mask, cap)
+
+            def local() -> Array:
+                return over(kl[jnp.asarray(li)[i]], vl[jnp.asarray(li)[i]], local_ok)
+
+            def glob() -> Array:
+                return over(kg[jnp.asarray(gi)[i]], vg[jnp.asarray(gi)[i]], global_ok)
+
+            if not is_local.any():
+                return glob()
+            if is_local.all():
+                return local()
+            return jax.lax.cond(jnp.asarray(is_local)[i], local, glob)
 
         row = rope_row[i]
         x = gm.decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend, q_rows=q_rows,
@@ -94,18 +104,6 @@ def extend(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Arra
     x = rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     logits = gm.logits_from_hidden(params, cfg, x)
     return (logits[:, 0] if last is not None else logits), {"k": ks, "v": vs}
-
-
-def _pad_to(a: Array, other: int) -> Array:
-    """A layer's cache row ``[B, n, K, hd]`` padded on the slot axis to ``max(n, other)``, so the local and
-    the global branch of a traced layer index have one shape (padding is masked out)."""
-    n = a.shape[1]
-    return jnp.pad(a, ((0, 0), (0, max(n, other) - n), (0, 0), (0, 0))) if other > n else a
-
-
-def _pad_mask(m: Array, other: int) -> Array:
-    n = m.shape[-1]
-    return jnp.pad(m, ((0, 0), (0, 0), (0, max(n, other) - n))) if other > n else m
 
 
 def commit(cfg: ModelConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array) -> dict:

@@ -217,3 +217,30 @@ def test_causal_lm_generate_takes_drafters(models, plain):
     for kw in (dict(prompt_lookup=True, speculate_tokens=3), dict(draft=draft, speculate_tokens=3)):
         out = lm.generate(ids, max_new_tokens=14, **kw)
         assert [list(o[len(p):]) for o, p in zip(out, PROMPTS, strict=True)] == plain
+
+
+def test_server_speculates_and_caches_prefixes(tmp_path):
+    """``gemmax serve --speculate prompt-lookup`` with a prefix cache: the same greedy text as
+    ``lm.generate``, with speculative steps taken and the second request's prompt prefix reused."""
+    from fastapi.testclient import TestClient
+    from spm_fixtures import train_tiny_sentencepiece
+
+    from gemmax.serve.server import create_app
+
+    lines = ["the cat sat on the mat and the dog sat on the log"] * 30
+    tok = train_tiny_sentencepiece(tmp_path, lines, 40, add_dummy_prefix=False)
+    lm = CausalLM.from_config(gemmax.tiny_config("gemma3", num_layers=3, vocab_size=tok.vocab_size), tokenizer=tok)
+    prompt = " ".join(lines[:4])
+    assert len(tok.encode(prompt)) > 40  # past the cache's 32-token block
+    want = lm.generate(prompt, max_new_tokens=10)[len(prompt):].removesuffix("<end_of_turn>")
+    app = create_app({"tiny": lm}, max_batch=2, chunk=4, max_len=128, speculate="prompt-lookup",
+                     prefix_cache_mb=1)
+    with TestClient(app) as c:
+        for _ in range(2):
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 10,
+                                                "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want
+    m = app.state.models["tiny"]
+    assert m.speculator.stats["steps"] > 0
+    assert m.prefix_cache.hit_tokens >= 32

@@ -89,12 +89,13 @@ def test_eviction_respects_the_bound_least_recently_used_first(model):
     pc.store(b[1], k, k)  # over the bound: the least recently used block (b's root) goes
     assert pc.bytes <= pc.max_bytes and set(pc.entries) == {a[0], a[1], b[1]}
     assert pc.cached_blocks(b, 2) == 0  # a chain without its root is a miss
-    # end to end: many distinct prompts under a small bound
+    # end to end (the shapes of the test above): distinct prompts under a bound of 8 blocks, 6 new a call
     pc = PrefixCache(0.05, block=BLOCK)
-    for seed in range(3):
-        _gen(model, _prompts(seed, 40, (2,)), pc)
+    for seed in range(1, 4):
+        _gen(model, _prompts(seed, 27, (3, 9, 14)), pc)
         assert 0 < pc.bytes <= pc.max_bytes
-    assert pc.cached_blocks(pc.keys(_prompts(2, 40, (2,))[0]), 5) == 5  # the latest prompt is kept whole
+    assert len(pc.entries) < 3 * 6
+    assert pc.cached_blocks(pc.keys(_prompts(3, 27, (3, 9, 14))[2]), 5) == 5  # the latest prompts are kept
 
 
 def test_families_without_extend_bypass_it():

@@ -107,16 +107,22 @@ def test_processed_distribution_matches_numpy():
         np.testing.assert_allclose(got[i], want, atol=2e-6, err_msg=str(rows[i]))
 
 
-def _marginals(models, prompt: list[int]) -> list[np.ndarray]:
-    """Exact distribution of each of the first NEW tokens, by enumerating every continuation."""
+@pytest.fixture(scope="module")
+def marginals(models) -> list[np.ndarray]:
+    """Exact distribution of each of the first NEW tokens after PROMPTS[0], by enumerating every
+    continuation (one compiled forward: every batch right-padded to V**(NEW-1) rows of one length)."""
     cfg, params, _, _ = models
-    fwd = jax.jit(lambda t: GEMMA.logits_from_hidden(params, cfg, GEMMA.forward_hidden(params, cfg, t))[:, -1])
+    fwd = jax.jit(lambda t: GEMMA.logits_from_hidden(params, cfg, GEMMA.forward_hidden(params, cfg, t)))
+    prompt, rows = PROMPTS[0], V ** (NEW - 1)
     joint = {(): 1.0}  # prefix -> probability
     out = []
-    for _ in range(NEW):
+    for step in range(NEW):
         prefixes = list(joint)
-        ids = np.asarray([prompt + list(p) for p in prefixes], np.int32)
-        probs = _np_probs(np.asarray(fwd(jnp.asarray(ids))))
+        ids = np.zeros((rows, len(prompt) + NEW - 1), np.int32)
+        for i, p in enumerate(prefixes):
+            ids[i, : len(prompt) + step] = prompt + list(p)
+        logits = np.asarray(fwd(jnp.asarray(ids)))[: len(prefixes), len(prompt) + step - 1]
+        probs = _np_probs(logits)
         nxt = {}
         for p, row in zip(prefixes, probs, strict=True):
             for t in np.nonzero(row)[0]:
@@ -141,7 +147,7 @@ def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("kind", ["lookup", "draft"])
-def test_sampling_follows_the_processed_distribution(models, kind):
+def test_sampling_follows_the_processed_distribution(models, marginals, kind):
     cfg, params, dcfg, dparams = models
     prompt = PROMPTS[0]
     spec = Speculator(PromptLookup() if kind == "lookup" else DraftModel(dparams, dcfg, GEMMA), num_tokens=2)
@@ -152,7 +158,7 @@ def test_sampling_follows_the_processed_distribution(models, kind):
     st = spec.stats
     assert 0 < st["accepted"] < st["drafted"]  # acceptance and the residual draw both exercised
     # positions 2.. come from speculative steps (the first from the prefill)
-    for i, m in enumerate(_marginals(models, prompt)[1:], start=1):
+    for i, m in enumerate(marginals[1:], start=1):
         p = _chi2_p(np.bincount(toks[:, i], minlength=V), m)
         assert p > 1e-3, (kind, i, p)
 

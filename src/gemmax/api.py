@@ -21,6 +21,8 @@ from gemmax import distribution as _dist
 from gemmax import keras_presets
 from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
+from gemmax.engine.prefix_cache import PrefixCache
+from gemmax.engine.speculative import speculator_for
 from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
@@ -337,7 +339,8 @@ class CausalLM:
                  prefix: str | None = None, suffix: str | None = None, add_bos: bool = True,
                  stop_token_ids: Any = None, images: Any = None, json_schema: Any = None,
                  regex: str | None = None, grammar: str | None = None, constraint: Constraint | None = None,
-                 **inputs: Any) -> Any:
+                 draft: Any = None, prompt_lookup: bool = False, speculate_tokens: int | None = None,
+                 prefix_cache: bool = True, **inputs: Any) -> Any:
         """Generate for one prompt or a batch of prompts of different lengths.
 
         Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
@@ -352,10 +355,16 @@ class CausalLM:
         llguidance reads it), or a ready ``constraint`` (:class:`gemmax.engine.constrain.Constraint`) makes
         every row's output match it (the logits are masked token by token); text out is then the new text
         alone, so that it parses as it is. A row cut by ``max_new_tokens`` may end unfinished.
+
+        ``draft`` (a smaller ``CausalLM`` of the same tokenizer) or ``prompt_lookup=True`` decode
+        speculatively, ``speculate_tokens`` drafts a step (docs/speculative.md): the same greedy tokens, the
+        same sampling distribution. ``prefix_cache``: reuse the keys/values of prompt prefixes this model
+        has seen (kept across calls, bounded; ``lm.prefix_cache``).
         """
         constraint = _constraint(json_schema, regex, grammar, constraint)
         if constraint is not None and images is not None:
             raise ValueError("structured output with images is not supported by generate(); use the server")
+        speculator = speculator_for(draft, prompt_lookup, speculate_tokens)
         inputs = self._check_inputs(inputs)
         if images is not None:
             if self.family.encode_prompt is None:
@@ -366,7 +375,8 @@ class CausalLM:
                                                      add_bos)
             out = self.generate(ids, max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
                                 chunk=chunk, stop_token_ids=self.tokenizer.stop_ids if stop_token_ids is None
-                                else stop_token_ids, **inputs)
+                                else stop_token_ids, draft=draft, prompt_lookup=prompt_lookup,
+                                speculate_tokens=speculate_tokens, **inputs)
             text = self.tokenizer.decode([int(t) for t in out[len(ids):] if t not in self.tokenizer.stop_ids])
             return prompts + text
 
@@ -413,7 +423,8 @@ class CausalLM:
                 return any(s in tok.decode(r.new_ids) for s in stop)
 
         reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check,
-                            inputs=[inputs or None] * len(ids), family=self.family, tokenizer=self.tokenizer)
+                            inputs=[inputs or None] * len(ids), family=self.family, tokenizer=self.tokenizer,
+                            prefix_cache=self._prefix_cache() if prefix_cache else None, speculator=speculator)
         outs: list[Any] = []
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
@@ -431,8 +442,11 @@ class CausalLM:
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: str | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                min_p: float | None = None, seed: int = 0, stop: list[str] | None = None, chunk: int = 4,
-               truncate: str | None = None, add_bos: bool = True):
-        """Yield text as it is produced (complete characters only, byte-fallback safe)."""
+               truncate: str | None = None, add_bos: bool = True, draft: Any = None, prompt_lookup: bool = False,
+               speculate_tokens: int | None = None):
+        """Yield text as it is produced (complete characters only, byte-fallback safe); speculation as
+        ``generate``."""
+        speculator = speculator_for(draft, prompt_lookup, speculate_tokens)
         tok = self._require_tokenizer()
         ids = tok.encode(prompt, add_bos=add_bos)
         sp = self._sampling(len(ids), None, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
@@ -440,7 +454,7 @@ class CausalLM:
         ids = self._fit_context(ids, sp.max_new_tokens, truncate)
         eng = Engine(self.params, self.config, max_batch=1,
                      max_len=min(bucket(len(ids) + sp.max_new_tokens + 1), self.config.max_position_embeddings),
-                     chunk=chunk, family=self.family)
+                     chunk=chunk, family=self.family, prefix_cache=self._prefix_cache(), speculator=speculator)
         req = Request(ids, sp)
         dec = tok.stream_decoder()
         text = ""
@@ -465,6 +479,13 @@ class CausalLM:
         rest = dec.flush()
         if rest:
             yield rest
+
+    def _prefix_cache(self) -> PrefixCache:
+        """This model's prefix cache (made on first use): ``generate`` builds an engine per call, so the
+        cache lives here to carry prompt prefixes from one call to the next."""
+        if getattr(self, "prefix_cache", None) is None:
+            self.prefix_cache = PrefixCache()
+        return self.prefix_cache
 
     def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256,
              tools: list[dict[str, Any]] | None = None, tool_choice: Any = "auto", **kw: Any) -> Any:

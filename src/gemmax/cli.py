@@ -63,6 +63,23 @@ def _sampling_kw(a: argparse.Namespace) -> dict[str, Any]:
                 top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
 
 
+def _speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None, metavar="HANDLE",
+                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
+    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
+                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
+    p.add_argument("--speculate-tokens", type=int, default=None,
+                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
+
+
+def _speculation_kw(a: argparse.Namespace) -> dict[str, Any]:
+    """``draft`` / ``prompt_lookup`` / ``speculate_tokens`` for ``generate`` / ``stream``."""
+    if a.draft and a.speculate:
+        raise SystemExit("gemmax: --draft and --speculate prompt-lookup exclude each other")
+    draft = load_model(a.draft, a.dtype, a.quantize) if a.draft else None
+    return dict(draft=draft, prompt_lookup=a.speculate == "prompt-lookup", speculate_tokens=a.speculate_tokens)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     lm = load_model(a.model, a.dtype, a.quantize)
     if a.image:
@@ -73,7 +90,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": a.prompt}]
             print(lm.chat([{"role": "user", "content": parts}], max_new_tokens=a.max_new_tokens))
         else:
-            print(lm.generate(a.prompt, images=images, max_new_tokens=a.max_new_tokens))
+            print(lm.generate(a.prompt, images=images, max_new_tokens=a.max_new_tokens, **_speculation_kw(a)))
         return 0
     prompt = a.prompt
     if a.chat:
@@ -82,7 +99,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(prompt, end="", flush=True)
     t0 = time.perf_counter()
     n = 0
-    for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, stop=a.stop or None, **_sampling_kw(a)):
+    spec = _speculation_kw(a)
+    for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, stop=a.stop or None, **_sampling_kw(a), **spec):
         print(piece, end="", flush=True)
         n += 1
     print()
@@ -252,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     g.add_argument("--image", action="append", default=None,
                    help="image file for a model that reads images (PaliGemma, Gemma 3); repeatable, in order")
+    _speculation_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")

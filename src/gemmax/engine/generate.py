@@ -369,7 +369,12 @@ class Engine:
     shorter chunk costs one dispatch per token)."""
 
     def __init__(self, params: dict, cfg: Any, max_batch: int = 1, max_len: int | None = None,
-                 dtype: Any = None, chunk: int = 16, family: Family | None = None, tokenizer: Any = None):
+                 dtype: Any = None, chunk: int = 16, family: Family | None = None, tokenizer: Any = None,
+                 prefix_cache: Any = None, speculator: Any = None):
+        """``tokenizer``: for requests whose sampling carries a ``constraint`` (structured output);
+        ``prefix_cache``: a :class:`~gemmax.engine.prefix_cache.PrefixCache` that admission reuses prompt
+        keys/values through (ignored for families it does not apply to); ``speculator``: a
+        :class:`~gemmax.engine.speculative.Speculator` that decodes several tokens per step when it can."""
         self.params = params
         self.cfg = cfg
         self.family = family or base.for_config(cfg)
@@ -402,6 +407,10 @@ class Engine:
         self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
                        and CPU in self.family.backends and cpu_kernels.available())
         self.kernels = self.native and max_batch <= cpu_kernels.MAX_ROWS
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.applies_to(self.family) else None
+        self.speculator = speculator
+        if speculator is not None:
+            speculator.attach(self)
 
     @property
     def prefill_backend(self) -> str:
@@ -483,13 +492,17 @@ class Engine:
             toks[i, : len(r.prompt_ids)] = r.prompt_ids
             lens[i] = len(r.prompt_ids)
         inputs = _pad_token_inputs(inputs or {}, self.family.token_inputs, t)
-        logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
-                                    backend=self.prefill_backend, **inputs)
         slots = free[:b]
-        # padding rows of the prefill batch go to slot index max_batch: out of range, so insert drops them
-        padded_slots = np.full(bb, self.max_batch, np.int32)
-        padded_slots[:b] = slots
-        self.cache = self._insert(self.cache, new, jnp.asarray(padded_slots))
+        pc = self.prefix_cache
+        if pc is not None and not inputs and max(len(r.prompt_ids) for r in reqs) > pc.block:
+            logits = pc.admit(self, reqs, slots)
+        else:
+            logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
+                                        backend=self.prefill_backend, **inputs)
+            # padding rows of the prefill batch go to slot index max_batch: out of range, so insert drops them
+            padded_slots = np.full(bb, self.max_batch, np.int32)
+            padded_slots[:b] = slots
+            self.cache = self._insert(self.cache, new, jnp.asarray(padded_slots))
         st = {k: np.array(v) for k, v in self.state.items()}
         for r, s in zip(reqs, slots, strict=True):
             r.slot = s
@@ -526,6 +539,8 @@ class Engine:
             self._record(r, [int(tok)], lps, i)
             self._append(r, int(tok), st)
         self.state = self._put_state(st)
+        if self.speculator is not None:
+            self.speculator.admit(self, reqs, slots, inputs)
 
     def _first_extra(self, reqs: Sequence[Request]) -> dict[str, np.ndarray]:
         """The processor arrays for the first token of each prefill row (host arrays, rows in order): the
@@ -634,6 +649,8 @@ class Engine:
 
     def step(self, n_steps: int | None = None) -> list[Request]:
         """Run one decode chunk for all live slots; returns the requests that got new tokens."""
+        if self.speculator is not None and self.speculator.applies(self):
+            return self.speculator.step(self)
         n = n_steps or self.chunk
         n = min(n, self.step_limit() or n)
         extra = self._step_extra()
@@ -711,14 +728,16 @@ def _compute_dtype(params: dict) -> Any:
 
 def generate_ids(params: dict, cfg: Any, prompts: Sequence[Sequence[int]], sp: Sequence[SamplingParams],
                  chunk: int = 16, stop_check: Any = None, inputs: Sequence[dict[str, Any] | None] | None = None,
-                 family: Family | None = None, tokenizer: Any = None) -> list[Request]:
+                 family: Family | None = None, tokenizer: Any = None, prefix_cache: Any = None,
+                 speculator: Any = None) -> list[Request]:
     """Generate for a batch of token-id prompts; one engine sized to the batch and the longest request.
     ``inputs``: per prompt, the family's inputs besides tokens (e.g. ``pixel_values``) or None.
-    ``tokenizer``: for prompts whose sampling carries a ``constraint`` (structured output)."""
+    ``tokenizer``: for prompts whose sampling carries a ``constraint`` (structured output);
+    ``prefix_cache`` / ``speculator``: as :class:`Engine` takes them."""
     need = max(len(p) + s.max_new_tokens for p, s in zip(prompts, sp, strict=True))
     max_len = min(bucket(need + 1), cfg.max_position_embeddings)
     eng = Engine(params, cfg, max_batch=bucket(len(prompts), 1), max_len=max_len, chunk=chunk, family=family,
-                 tokenizer=tokenizer)
+                 tokenizer=tokenizer, prefix_cache=prefix_cache, speculator=speculator)
     inputs = inputs or [None] * len(prompts)
     reqs = [Request(list(p), s, inputs=x) for p, s, x in zip(prompts, sp, inputs, strict=True)]
     eng.add(reqs)

@@ -21,6 +21,11 @@ The functions, by stage:
   slots)``; ``decode_step(params, cfg, cache, tokens, pos, backend)`` -> (logits ``[B, V]``, cache). Rows of
   the cache are independent slots, so one engine batches requests continuously for every family.
   ``backend`` is an explicit value (``"xla"`` or ``"cpu"``, the native CPU kernels) chosen by the engine.
+- **blocks on a cache** (optional): ``extend(params, cfg, cache, tokens [B, K], pos [B], backend, last=None)``
+  -> (logits ``[B, K, V]`` or ``[B, V]`` at block index ``last``, the block's keys/values) reads the cache
+  without writing it; ``commit(cfg, cache, block, slots, pos, counts)`` then writes the first ``counts`` of
+  the block's entries. Prefix caching and speculative decoding need both; a family without them (a
+  recurrent state cannot be rolled back to a rejected draft) decodes plainly.
 """
 
 from __future__ import annotations
@@ -145,6 +150,10 @@ class Family:
     #: ``check_inputs(cfg, ids [B, T], inputs)`` raises ValueError naming what does not match (e.g. the images
     #: for the ids' image tokens), on concrete inputs before they are traced; None: nothing to check
     check_inputs: Callable[..., None] | None = None
+    #: a block of tokens on an existing cache, logits for each (see the module docstring), or None
+    extend: Callable[..., Any] | None = None
+    #: writes the first ``counts`` entries of an ``extend`` block into cache slots, or None
+    commit: Callable[..., Any] | None = None
     #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
     tiny_config: Callable[..., Any] | None = None
     #: keras-hub presets this family reads and writes; None: none

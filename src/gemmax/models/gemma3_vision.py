@@ -48,7 +48,9 @@ from gemmax.models.gemma.config import ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.models.paligemma import (  # noqa: F401  (this family's functions too, found by family_from)
+    commit_text,
     decode_step,
+    extend_text,
     init_cache,
     insert,
     logits_from_hidden,
@@ -665,6 +667,8 @@ FAMILY = register(family_from(
     extra_inputs=("pixel_values", "token_type_ids"),
     token_inputs={"token_type_ids": 0},  # text after the prompt: no image block
     backends=(XLA, CPU),
+    extend=extend_text,
+    commit=commit_text,
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,
     check_inputs=check_inputs,

@@ -35,6 +35,7 @@ import numpy as np
 from gemmax.models import siglip as vision
 from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
 from gemmax.models.gemma import decode as gdecode
+from gemmax.models.gemma import extend as gextend
 from gemmax.models.gemma import hf as gemma_hf
 from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
@@ -405,6 +406,18 @@ def decode_step(params: Params, cfg: PaliGemmaConfig, cache: dict, tokens: Array
     return gdecode.decode_step(params, cfg.text, cache, tokens, pos, backend)
 
 
+def extend_text(params: Params, cfg: PaliGemmaConfig, cache: dict, tokens: Array, pos: Array, backend: str = XLA,
+                last: Array | None = None) -> tuple[Array, dict]:
+    """A block of text after the prompt (causal, like decoding): the Gemma family's ``extend``. A prompt
+    itself is not extended this way (its prefix attends both ways), so these models speculate but do not
+    take the prefix cache (the engine keeps that to families without image inputs)."""
+    return gextend.extend(params, cfg.text, cache, tokens, pos, backend, last)
+
+
+def commit_text(cfg: PaliGemmaConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array) -> dict:
+    return gextend.commit(cfg.text, cache, block, slots, pos, counts)
+
+
 def _prompt_types(token_type_ids: Any, b: int, t: int) -> Array:
     """A request's ``token_type_ids`` ([T'] or [b, T'], unpadded) padded with 1 (suffix) to [b, T]."""
     tt = jnp.asarray(token_type_ids, jnp.int32)
@@ -696,6 +709,8 @@ FAMILY = register(family_from(
     extra_inputs=("pixel_values", "token_type_ids"),
     token_inputs={"token_type_ids": 1},  # after the prefix: causal
     backends=(XLA, CPU),
+    extend=extend_text,
+    commit=commit_text,
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,
     keras=KERAS,

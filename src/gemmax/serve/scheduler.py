@@ -38,6 +38,9 @@ class ServedModel:
     base: str | None = None  # the base model's name when this is an adapter
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine | None = None
+    #: the engine's prefix cache and speculator (``gemmax.engine.prefix_cache`` / ``speculative``), or None
+    prefix_cache: Any = None
+    speculator: Any = None
 
     @property
     def chat_family(self) -> str:
@@ -146,7 +149,8 @@ class Scheduler:
         for m in self.models.values():
             if m.engine is None:
                 m.engine = Engine(m.params, m.config, max_batch=self.max_batch, max_len=m.max_len,
-                                  chunk=self.chunk, tokenizer=m.tokenizer)
+                                  chunk=self.chunk, tokenizer=m.tokenizer, prefix_cache=m.prefix_cache,
+                                  speculator=m.speculator)
                 twin = next((b for b in built if b.config == m.config and b.max_len == m.max_len), None)
                 if twin is not None:  # same shapes: reuse the compiled prefill/decode (params are inputs)
                     for attr in ("_prefill", "_insert", "_chunk", "_first"):

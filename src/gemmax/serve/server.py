@@ -42,6 +42,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.api import CausalLM
 from gemmax.encoder import TextEncoder, is_encoder_handle
+from gemmax.engine.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
+from gemmax.engine.prefix_cache import PrefixCache
+from gemmax.engine.speculative import speculator_for
 from gemmax.io.bundled import default_model_path
 from gemmax.models.base import for_config
 from gemmax.nn import lora
@@ -353,8 +356,12 @@ def _add_page(app: FastAPI) -> None:
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
                max_len: int | None = None, adapters: Mapping[str, Any] | None = None, max_queue: int = 256,
                model_name: str | None = None, warmup: bool = False,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prefix_cache_mb: float = PREFIX_CACHE_MB,
+               draft: Any = None, speculate: str | None = None, speculate_tokens: int | None = None) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
+
+    ``prefix_cache_mb`` bounds each served model's prefix cache (0: off); ``draft`` (a CausalLM of the same
+    tokenizer) or ``speculate="prompt-lookup"`` decode speculatively, ``speculate_tokens`` drafts a step.
 
     ``max_batch`` slots per served model share each decode step; ``chunk`` tokens are decoded per step
     (larger: less Python overhead per token; smaller: new requests join and stop strings act sooner).
@@ -370,6 +377,10 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8
             raise ValueError("LoRA adapters are served over language models, not text encoders")
         return _embedding_app(lm_or_models, api_key, model_name, max_body_bytes)
     models = build_models(lm_or_models, adapters, max_len, model_name)
+    for m in models.values():  # each served name its own: an adapter's keys/values differ from the base's
+        m.prefix_cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
+        m.speculator = speculator_for(draft, speculate == "prompt-lookup", speculate_tokens) if (
+            draft is not None or speculate) else None
     scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup)
     svc = Service(models, scheduler, api_key)
     app = FastAPI(title="gemmax", lifespan=_lifespan(scheduler))
@@ -424,7 +435,8 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
           port: int = 8000, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
           max_len: int | None = None, model_name: str | None = None, log_level: str = "info",
           warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          shutdown_timeout: float = DEFAULT_SHUTDOWN_S) -> None:
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_S, prefix_cache_mb: float = PREFIX_CACHE_MB,
+          draft: Any = None, speculate: str | None = None, speculate_tokens: int | None = None) -> None:
     """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M) and serve
     it until interrupted. Binds to loopback unless told otherwise. An empty ``api_key`` is refused (an unset
     variable would otherwise turn authentication off without a word); on shutdown, open requests get
@@ -444,7 +456,9 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
         model_name = Path(os.fspath(model)).stem
     app = create_app(lm, api_key=api_key, max_batch=max_batch, chunk=chunk, max_len=max_len,
                      adapters=_parse_lora(lora), model_name=model_name, warmup=warmup,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, prefix_cache_mb=prefix_cache_mb,
+                     draft=CausalLM.from_preset(draft) if isinstance(draft, (str, os.PathLike)) else draft,
+                     speculate=speculate, speculate_tokens=speculate_tokens)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
@@ -479,6 +493,14 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"larger request bodies get a 413 (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_S,
                    help=f"seconds open requests get to finish on shutdown (default {DEFAULT_SHUTDOWN_S:g})")
+    p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB,
+                   help=f"memory bound of each model's prompt-prefix cache, 0 = off (default {PREFIX_CACHE_MB})")
+    p.add_argument("--draft", default=None, metavar="HANDLE",
+                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
+    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
+                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
+    p.add_argument("--speculate-tokens", type=int, default=None,
+                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_cli)
     return p
@@ -491,10 +513,15 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gemmax serve: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "draft", None) and getattr(args, "speculate", None):
+        print("gemmax serve: --draft and --speculate prompt-lookup exclude each other", file=sys.stderr)
+        return 2
     serve(args.model, lora=args.lora, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
           chunk=args.chunk, max_len=args.max_len, model_name=args.model_name, log_level=args.log_level,
           warmup=args.warmup, max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-          shutdown_timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_S))
+          shutdown_timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_S),
+          prefix_cache_mb=getattr(args, "prefix_cache_mb", PREFIX_CACHE_MB), draft=getattr(args, "draft", None),
+          speculate=getattr(args, "speculate", None), speculate_tokens=getattr(args, "speculate_tokens", None))
     return 0
 
 

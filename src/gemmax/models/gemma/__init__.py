@@ -5,7 +5,7 @@ activation...), so one scanned forward serves them all. This module registers th
 """
 
 from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
-from gemmax.models.gemma import decode, hf, keras, model
+from gemmax.models.gemma import decode, extend, hf, keras, model
 from gemmax.models.gemma.config import (
     HF_DECODER_TYPES,
     PRESET_HF_REPOS,
@@ -35,6 +35,8 @@ FAMILY = register(family_from(
     gguf_arch=lambda cfg: GGUF_ARCHS.get(cfg.family),
     chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
     backends=(XLA, CPU),
+    extend=extend.extend,
+    commit=extend.commit,
     tiny_config=tiny_config,
     keras=KerasSpec(classes=("GemmaBackbone", "Gemma3Backbone", "Llama3Backbone"), accepts=keras.accepts,
                     from_config=keras.gemma_text_config, to_config=keras.to_keras_config, table=keras.keras_table,

@@ -44,6 +44,8 @@ class ServedModel:
     base: str | None = None  # the base model's name when this is an adapter
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # the checkpoint's sampling defaults, for chat
+    instruction_tuned: bool = True  # False: a base model; the server says so at start
 
     @property
     def chat_family(self) -> str:

@@ -115,13 +115,19 @@ def default_max_batch() -> int:
     return cpu_kernels.MAX_ROWS if jax.default_backend() == "cpu" else 64
 
 
+WIDTH_STEP = 4
+"""Each batch width is this many times the one below. A step's cost grows slowly with its rows (on a CPU,
+8 rows cost about twice one), so a batch up to 4x wider than needed wastes little, and fewer widths mean
+fewer shapes to compile at start-up (each one a decode chunk, greedy and sampled, and its inserts)."""
+
+
 def widths(capacity: int) -> list[int]:
-    """The batch widths an engine runs at: powers of two below ``capacity``, then ``capacity``. Each is one
+    """The batch widths an engine runs at: 1, 4, 16 ... below ``capacity``, then ``capacity``. Each is one
     set of compiled shapes, warmed at start-up."""
     out, w = [], 1
     while w < capacity:
         out.append(w)
-        w *= 2
+        w *= WIDTH_STEP
     return [*out, capacity]
 
 
@@ -177,10 +183,11 @@ def resize(eng: Engine, width: int, take: Any) -> None:
 class Scheduler:
     """Owns the engines; admits, steps, detokenizes and retires jobs on one background thread.
 
-    Each engine's batch width follows the load: it starts at one row, doubles when admitted requests need more
-    (up to ``max_batch``) and halves again after ``shrink_after_s`` with half its rows idle. A decode step costs
-    with its width (on a CPU, 8 rows cost about twice one), so a lone request no longer pays for a full batch;
-    every width's shapes are compiled at start-up (``warmup``), so growing never compiles at request time."""
+    Each engine's batch width follows the load: it starts at one row, grows to the next width of
+    :func:`widths` when admitted requests need more (up to ``max_batch``) and steps down again once the
+    smaller width has held the live requests for ``shrink_after_s``. A decode step costs with its width (on a
+    CPU, 8 rows cost about twice one), so a lone request does not pay for a full batch; every width's shapes
+    are compiled at start-up (``warmup``), so growing never compiles at request time."""
 
     def __init__(self, models: Mapping[str, ServedModel], max_batch: int | None = None, chunk: int = 8,
                  max_queue: int = 256, warmup: bool = False, max_chunk_s: float = 0.5,
@@ -255,9 +262,9 @@ class Scheduler:
 
     def _warm(self, m: ServedModel) -> None:
         """Compile, at every width the engine may take, what serving runs there: prefill + insert for each
-        admission-group size (16-token prompts), the decode chunk lengths the step time calls for, greedy and
-        sampled (sampling settings are data: one variant each), and the row moves between widths. Times one
-        step per width, which fixes the chunk lengths used there."""
+        admission-group size (16-token prompts), the decode chunk, greedy and sampled (sampling settings are
+        data: one variant each), and the row moves between widths. The chunk length of each width is fixed
+        here, from its measured step time (``_fit_chunk``), so that serving uses only compiled lengths."""
         eng = m.engine
         bos = getattr(m.tokenizer, "bos_id", 2)
         new = max(1, min(64, m.max_len - 9))
@@ -270,7 +277,7 @@ class Scheduler:
                 self._warm_group(eng, [Request([bos] * 8, SamplingParams(max_new_tokens=new)) for _ in range(b)])
                 b *= 2
             self._warmed[(m.name, w)] = self._warm_decode(m, w, bos, new)
-        for w in reversed(ladder[:-1]):  # and the moves back down, one halving at a time
+        for w in reversed(ladder[:-1]):  # and the moves back down, one width at a time
             resize(eng, w, self._take[m.name])
         self._tok_s[m.name] = self._step_s[(m.name, eng.max_batch)]
 
@@ -281,25 +288,27 @@ class Scheduler:
             eng.release(r)
 
     def _warm_decode(self, m: ServedModel, w: int, bos: int, new: int) -> list[int]:
+        """Compile and time the greedy chunk of ``chunk`` tokens at width ``w``, halving it while it takes
+        longer than ``max_chunk_s``; then compile the sampled variant of the length kept."""
         eng = m.engine
-        reqs = [Request([bos] * 8, SamplingParams(max_new_tokens=new))]
-        eng.add(reqs)
-        eng.step(1)
-        t0 = time.perf_counter()
-        eng.step(1)
-        self._step_s[(m.name, w)] = time.perf_counter() - t0
-        n = self._fit_chunk(self._step_s[(m.name, w)])
-        lengths = sorted({1, n, max(1, n // 2)}, reverse=True)
-        for k in lengths:
-            eng.step(k)
-            self._compiled[m.name].add((w, k))
-        eng.release(reqs[0])
-        reqs = [Request([bos] * 8, SamplingParams(temperature=1.0, max_new_tokens=new))]
-        eng.add(reqs)
-        for k in lengths:
-            eng.step(k)
-        eng.release(reqs[0])
-        return lengths
+        req = Request([bos] * 8, SamplingParams(max_new_tokens=new))
+        eng.add([req])
+        n = self.chunk
+        while True:
+            eng.step(n)  # compiles
+            t0 = time.perf_counter()
+            eng.step(n)
+            self._step_s[(m.name, w)] = (time.perf_counter() - t0) / n
+            self._compiled[m.name].add((w, n))
+            if self._fit_chunk(self._step_s[(m.name, w)]) >= n:
+                break
+            n //= 2
+        eng.release(req)
+        req = Request([bos] * 8, SamplingParams(temperature=1.0, max_new_tokens=new))
+        eng.add([req])
+        eng.step(n)
+        eng.release(req)
+        return [n]
 
     def _fit_chunk(self, t: float | None) -> int:
         """``chunk``, halved while a chunk of step time ``t`` would take longer than ``max_chunk_s``."""
@@ -409,8 +418,8 @@ class Scheduler:
             self._tok_s.pop(name, None)
 
     def _maybe_shrink(self, name: str, m: ServedModel) -> None:
-        """Halve the width once at most half the rows have been busy for ``shrink_after_s`` (the delay keeps a
-        load that hovers around a power of two from moving rows back and forth)."""
+        """Step down to the next smaller width once it has held the live requests for ``shrink_after_s`` (the
+        delay keeps a load that hovers around a width from moving rows back and forth)."""
         w = m.engine.max_batch
         want = self._width_for(max(1, len(self._live[name])))
         if want >= w or self._waiting[name]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import jax
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from spm_fixtures import train_tiny_sentencepiece
 
@@ -316,6 +317,7 @@ def test_dtype_and_quantize_reach_the_model(lm: CausalLM, tmp_path: Path, monkey
     assert "int4" in _dtypes(loaded[-1].params)
     served_app = {}
     monkeypatch.setattr(srv.DrainingServer, "run", lambda self: served_app.update(app=self.config.app))
+    monkeypatch.setattr(srv, "configure_logging", lambda level: None)  # no handler on pytest's captured stderr
     parser = argparse.ArgumentParser(prog="gemmax")
     srv.register_cli(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["serve", "--model", str(folder), "--dtype", "bfloat16", "--quantize", "int8",
@@ -343,6 +345,7 @@ def test_graceful_shutdown_finishes_running_request(url: str, served) -> None:
     sched = app.state.scheduler
     step = sched._step
     sched._step = lambda name, m: (time.sleep(0.05), step(name, m))[1]  # slow enough to be mid-answer
+    app.state.service.stop_loops = False  # the tiny model's greedy text loops: let it run to max_tokens
     n = 40
     body = {"model": "tiny", "prompt": "Hello world", "max_tokens": n, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -355,8 +358,7 @@ def test_graceful_shutdown_finishes_running_request(url: str, served) -> None:
             if len(events) == 1:  # running: now the signal
                 server.handle_exit(signal.SIGTERM, None)
                 assert app.state.service.draining
-                with httpx.Client(transport=httpx.ASGITransport(app=app)) as late:
-                    refused = late.post("http://x/v1/completions", json={"prompt": "hi"})
+                refused = TestClient(app).post("/v1/completions", json={"prompt": "hi"})  # a request that got in
                 assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     th.join(30)
     assert not th.is_alive()

@@ -328,7 +328,7 @@ class RequestContext:
             dt = time.perf_counter() - t0
             if self.metrics is not None:
                 self.metrics.request(self._endpoint(path), status, dt)
-            log.info("%s %s %d %.3fs", scope.get("method", ""), path, status, dt)
+            log.info("%s %s %d %.3fs", scope.get("method", ""), path, status, dt, extra={"request_id": rid})
             REQUEST_ID.reset(token)
 
 

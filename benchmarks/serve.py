@@ -237,6 +237,9 @@ def section_throughput(args: argparse.Namespace, with_peer: bool) -> list[dict[s
                     row = asyncio.run(run_level(s, c, args.requests, args.max_tokens, args.level_timeout))
                     rows.append(row)
                     print(table([row]).splitlines()[-1], f" load {os.getloadavg()[0]:.1f}", flush=True)
+        health = httpx.get(servers[0].url + "/health", timeout=10).json()
+        print(f"[gemmax] scheduler time: {health.get('busy_s')}, widths {health.get('width')}, "
+              f"step ms {health.get('step_ms')}", flush=True)
     finally:
         for s in servers:
             s.stop()

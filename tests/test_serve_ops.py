@@ -221,14 +221,14 @@ def test_repetition_loop_stops(url: str, served, lm: CausalLM) -> None:
     n = 64
     looping = []
     for p in PROMPTS:
-        sp = SamplingParams(max_new_tokens=n)  # no stop ids: as ignore_eos
-        ids = generate_ids(lm.params, lm.config, [lm.tokenizer.encode(p)], [sp])[0].new_ids
-        first = next((k for k in range(1, len(ids) + 1) if loop_period(ids[:k])), None)
-        if first is not None and first < n - 4:
+        sp = SamplingParams(max_new_tokens=n, stop_ids=tuple(lm.tokenizer.stop_ids))
+        r = generate_ids(lm.params, lm.config, [lm.tokenizer.encode(p)], [sp])[0]
+        first = next((k for k in range(1, len(r.new_ids) + 1) if loop_period(r.new_ids[:k])), None)
+        if r.finish_reason == "length" and first is not None and first < n - 4:  # loops, never meets eos
             looping.append((p, first))
     assert looping, "no prompt loops on this model: pick other prompts"
     p, first = looping[0]
-    body = {"model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0}
     r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
     assert r["choices"][0]["finish_reason"] == "stop"
     assert first <= r["usage"]["completion_tokens"] <= first + 2  # noticed at the end of its chunk (2 tokens)
@@ -239,6 +239,8 @@ def test_repetition_loop_stops(url: str, served, lm: CausalLM) -> None:
     finally:
         svc.stop_loops = True
     assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == n
+    r = httpx.post(url + "/v1/completions", json=dict(body, ignore_eos=True), timeout=60).json()
+    assert r["usage"]["completion_tokens"] == n  # ignore_eos: exactly max_tokens, loop or not
 
 
 # ---- sampling defaults from the checkpoint --------------------------------------------------------------
@@ -345,7 +347,6 @@ def test_graceful_shutdown_finishes_running_request(url: str, served) -> None:
     sched = app.state.scheduler
     step = sched._step
     sched._step = lambda name, m: (time.sleep(0.05), step(name, m))[1]  # slow enough to be mid-answer
-    app.state.service.stop_loops = False  # the tiny model's greedy text loops: let it run to max_tokens
     n = 40
     body = {"model": "tiny", "prompt": "Hello world", "max_tokens": n, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}

@@ -273,8 +273,11 @@ class Scheduler:
             if w != eng.max_batch:
                 resize(eng, w, self._take[m.name])
             b = 1
-            while b <= w:
-                self._warm_group(eng, [Request([bos] * 8, SamplingParams(max_new_tokens=new)) for _ in range(b)])
+            while True:  # group sizes 1, 2, 4 ... and w (prefill pads a group to a power of two)
+                self._warm_group(eng, [Request([bos] * 8, SamplingParams(max_new_tokens=new))
+                                       for _ in range(min(b, w))])
+                if b >= w:
+                    break
                 b *= 2
             self._warmed[(m.name, w)] = self._warm_decode(m, w, bos, new)
         for w in reversed(ladder[:-1]):  # and the moves back down, one width at a time

@@ -191,7 +191,8 @@ class Service:
             for c in range(sampling.n):
                 sp = sampling.params_for(c, want, stop_ids)
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
-                                request_id=rid, timeout=self.request_timeout, stop_loops=self.stop_loops))
+                                request_id=rid, timeout=self.request_timeout,
+                                stop_loops=self.stop_loops and not sampling.ignore_eos))  # exactly max_tokens
         self.scheduler.submit(jobs)
         return jobs, events
 

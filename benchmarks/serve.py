@@ -65,14 +65,16 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group, stopped (SIGTERM, then SIGKILL) however the run ends."""
 
-    def __init__(self, label: str, cmd: list[str], port: int, ready: str, body: Callable[[dict], dict]):
-        self.label, self.cmd, self.port, self.ready, self.body = label, cmd, port, ready, body
+    def __init__(self, label: str, cmd: list[str], port: int, ready: str, body: Callable[[dict], dict],
+                 env: dict[str, str] | None = None):
+        self.label, self.cmd, self.port, self.ready, self.body, self.env = label, cmd, port, ready, body, env
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float) -> float:
         t0 = time.time()
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         while time.time() < t0 + timeout:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.label} exited with {self.proc.returncode}: {shlex.join(self.cmd)}")
@@ -96,15 +98,17 @@ class Server:
             self.proc.wait(10)
 
 
-def gemmax_server(args: argparse.Namespace) -> Server:
+def gemmax_server(args: argparse.Namespace, label: str = "gemmax", src: str | None = None,
+                  extra: str = "") -> Server:
+    """``gemmax serve`` with ``--gemmax-args`` (``ignore_eos`` requests: exactly ``--max-tokens`` each); from
+    another source tree ``src`` (e.g. an older checkout) when given, for a before/after comparison."""
     port = free_port()
     cmd = [sys.executable, "-m", "gemmax.serve.server", "--host", "127.0.0.1", "--port", str(port),
-           "--max-len", str(args.max_len), "--log-level", "warning", "--no-loop-stop",
-           *shlex.split(args.gemmax_args)]
+           "--max-len", str(args.max_len), "--log-level", "warning", *shlex.split(extra)]
     if args.model:
         cmd += ["--model", args.model]
-    return Server("gemmax", cmd, port, "/health",
-                  lambda b: dict(b, ignore_eos=True))
+    env = {"PYTHONPATH": src} if src else None
+    return Server(label, cmd, port, "/health", lambda b: dict(b, ignore_eos=True), env)
 
 
 def hf_folder(args: argparse.Namespace) -> Path:
@@ -224,7 +228,11 @@ def _load_kw(gemmax_args: str) -> dict[str, Any]:
 
 
 def section_throughput(args: argparse.Namespace, with_peer: bool) -> list[dict[str, Any]]:
-    servers = [gemmax_server(args)] + ([transformers_server(args)] if with_peer else [])
+    servers = [gemmax_server(args, extra=args.gemmax_args)]
+    if args.baseline_src:
+        servers.append(gemmax_server(args, "gemmax@base", args.baseline_src, args.baseline_args))
+    if with_peer:
+        servers.append(transformers_server(args))
     rows: list[dict[str, Any]] = []
     try:
         for s in servers:
@@ -247,7 +255,7 @@ def section_throughput(args: argparse.Namespace, with_peer: bool) -> list[dict[s
 
 
 def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = sorted({(r["server"], r["concurrency"]) for r in rows}, key=lambda k: (k[1], k[0] != "gemmax"))
+    keys = sorted({(r["server"], r["concurrency"]) for r in rows}, key=lambda k: (k[1], k[0]))
     out = []
     for server, c in keys:
         rs = [r for r in rows if (r["server"], r["concurrency"]) == (server, c)]
@@ -267,6 +275,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=256, help="gemmax serve --max-len")
     ap.add_argument("--gemmax-args", default="", help="more flags for gemmax serve, e.g. '--quantize int8'")
+    ap.add_argument("--baseline-src", default=None,
+                    help="also serve gemmax from this source tree (an older checkout's src/), as 'gemmax@base'")
+    ap.add_argument("--baseline-args", default="", help="flags for the baseline gemmax server")
     ap.add_argument("--repeats", type=int, default=1, help="measure each level this many times; medians")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/gemmax-bench"),
@@ -290,8 +301,12 @@ def main() -> int:
         g, t = by.get(("gemmax", c)), by.get(("transformers", c))
         if g and t:
             print(f"{c:>3} clients: gemmax / transformers throughput {g['tok_s'] / t['tok_s']:.2f}x")
-    if ("lm.generate", 1) in by and ("gemmax", 1) in by:
-        print(f"  1 client: server / lm.generate {by[('gemmax', 1)]['tok_s'] / by[('lm.generate', 1)]['tok_s']:.2f}x")
+        b = by.get(("gemmax@base", c))
+        if g and b:
+            print(f"{c:>3} clients: gemmax / gemmax@base throughput {g['tok_s'] / b['tok_s']:.2f}x")
+    for label in ("gemmax", "gemmax@base"):
+        if ("lm.generate", 1) in by and (label, 1) in by:
+            print(f"  1 client: {label} / lm.generate {by[(label, 1)]['tok_s'] / by[('lm.generate', 1)]['tok_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import logging
 import signal
@@ -25,11 +26,12 @@ from spm_fixtures import train_tiny_sentencepiece
 import gemmax
 from gemmax import cli
 from gemmax.api import CausalLM
-from gemmax.engine.generate import SamplingParams, generate_ids
+from gemmax.engine.generate import Engine, Request, SamplingParams, generate_ids
 from gemmax.engine.repetition import loop_period
 from gemmax.io.generation_config import GEMMA_SAMPLING, instruction_tuned, sampling_defaults
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.serve import server as srv
+from gemmax.serve.scheduler import batch_axes, resize, row_taker
 
 openai = importlib.import_module("openai")
 uvicorn = importlib.import_module("uvicorn")
@@ -60,7 +62,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(lm: CausalLM):
     """One server for the module (its shutdown is the last test's subject)."""
-    app = srv.create_app({"tiny": lm}, max_batch=2, chunk=2, max_len=MAX_LEN, max_queue=MAX_QUEUE)
+    app = srv.create_app({"tiny": lm}, max_batch=1, chunk=2, max_len=MAX_LEN, max_queue=MAX_QUEUE)
     svc = app.state.service
     server = srv.DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning",
                                                timeout_graceful_shutdown=20), on_exit=svc.begin_shutdown)
@@ -133,7 +135,7 @@ def test_metrics_parse_and_move(url: str, client) -> None:
     for gauge in ("gemmax_queue_depth", "gemmax_running_slots", "gemmax_kv_cache_usage_ratio",
                   "gemmax_kv_cache_capacity_tokens", "gemmax_batch_width", "gemmax_max_slots"):
         assert (gauge, ()) in after, gauge
-    assert after[("gemmax_max_slots", ())] == 2 and after[("gemmax_kv_cache_capacity_tokens", ())] >= MAX_LEN
+    assert after[("gemmax_max_slots", ())] == 1 and after[("gemmax_kv_cache_capacity_tokens", ())] >= MAX_LEN
     httpx.get(url + "/v1/nope")
     missing = ("gemmax_requests_total", (("endpoint", "other"), ("status", "404")))
     assert _metrics(url)[missing] == before.get(missing, 0) + 1
@@ -243,6 +245,52 @@ def test_repetition_loop_stops(url: str, served, lm: CausalLM) -> None:
     assert r["usage"]["completion_tokens"] == n  # ignore_eos: exactly max_tokens, loop or not
 
 
+def test_chat_cli_says_base_model_and_stops_loops(lm: CausalLM, tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = lm.save(tmp_path / "tiny-base")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\n"))
+    assert cli.main(["chat", "--model", str(folder), "--max-new-tokens", "120", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "looks like a base (pretrained) model" in err and "gemma-3-270m-it" in err
+    assert "sampling: greedy" in err and "stopped: the reply was repeating itself" in err
+
+
+# ---- batch widths ---------------------------------------------------------------------------------------
+
+
+def test_resize_keeps_every_request_exact(lm: CausalLM) -> None:
+    """Requests that live through a grow (1 -> 4 rows) and a shrink that moves them (4 -> 1) decode exactly
+    what each decodes alone: cache rows, positions, seeds and sampling settings move with them."""
+    tok = lm.tokenizer
+    sps = [SamplingParams(max_new_tokens=20), SamplingParams(temperature=1.0, top_k=20, seed=5, max_new_tokens=30),
+           SamplingParams(max_new_tokens=6)]
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    alone = []
+    for p, sp in zip(prompts, sps, strict=True):
+        eng = Engine(lm.params, lm.config, max_batch=1, max_len=MAX_LEN, chunk=2)
+        r = Request(list(p), sp)
+        eng.add([r])
+        while eng.has_work():
+            eng.step(2)
+        alone.append(r.new_ids)
+    eng = Engine(lm.params, lm.config, max_batch=1, max_len=MAX_LEN, chunk=2)
+    take = row_taker(batch_axes(eng))
+    a, b, c = (Request(list(p), sp) for p, sp in zip(prompts, sps, strict=True))
+    eng.add([a])
+    eng.step(2)
+    resize(eng, 4, take)
+    eng.add([c, b])  # c takes slot 1, b slot 2
+    assert (a.slot, c.slot, b.slot) == (0, 1, 2)
+    while not (a.done and c.done):
+        eng.step(2)
+    eng.release(a)
+    eng.release(c)
+    resize(eng, 1, take)  # b moves from slot 2 to slot 0
+    assert b.slot == 0 and eng.max_batch == 1 and eng.requests == [b]
+    while eng.has_work():
+        eng.step(2)
+    assert [a.new_ids, b.new_ids, c.new_ids] == alone
+
+
 # ---- sampling defaults from the checkpoint --------------------------------------------------------------
 
 
@@ -312,6 +360,7 @@ def test_dtype_and_quantize_reach_the_model(lm: CausalLM, tmp_path: Path, monkey
     loaded = []
     load = cli.load_model
     monkeypatch.setattr(cli, "load_model", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    monkeypatch.setattr(CausalLM, "stream", lambda self, *a, **k: iter(()))  # what is loaded is the question
     assert cli.main(["generate", "hi", "--model", str(folder), "--dtype", "bfloat16", "--quantize", "int8",
                      "--max-new-tokens", "2"]) == 0
     assert {"int8", "bfloat16"} <= _dtypes(loaded[-1].params)

@@ -135,8 +135,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
     handle = a.model or default_model_path()
     if not instruction_tuned(getattr(lm, "source", handle), getattr(lm.config, "name", "")):
         print("[gemmax] " + BASE_MODEL_HINT.format(name=os.path.basename(str(handle).rstrip("/"))), file=sys.stderr)
-    print(f"[gemmax] sampling: temperature {a.temperature:g}, top-k {a.top_k or 'off'}, top-p {a.top_p or 'off'}"
-          f"{'' if a.loop_stop else '; repetition loops are not stopped'}", file=sys.stderr)
+    how = (f"temperature {a.temperature:g}, top-k {a.top_k or 'off'}, top-p {a.top_p or 'off'}" if a.temperature > 0
+           else "greedy")
+    print(f"[gemmax] sampling: {how}{'' if a.loop_stop else '; repetition loops are not stopped'}", file=sys.stderr)
     print("gemmax chat — empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
     while True:
         try:

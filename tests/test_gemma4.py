@@ -178,9 +178,9 @@ def test_chat_template():
         {"role": "tool", "name": "get_weather", "content": {"temp": 20}}]
     assert apply_chat_template(calls, family="gemma4", tools=tools, add_generation_prompt=False) == (
         '<bos><|turn>system\n<|tool>declaration:get_weather{description:<|"|>Weather now<|"|>,'
-        'parameters:{type:<|"|>object<|"|>}}<tool|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n'
-        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><turn|>\n'
-        '<|tool_response>response:get_weather{temp:20}<tool_response|>')
+        'parameters:{type:<|"|>OBJECT<|"|>}}<tool|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n'
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{temp:20}<tool_response|>')  # the model goes on in its turn
 
 
 def test_int8_experts(setup):

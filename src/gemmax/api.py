@@ -433,18 +433,72 @@ class CausalLM:
         if rest:
             yield rest
 
-    def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, **kw: Any) -> str:
+    def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256,
+             tools: list[dict[str, Any]] | None = None, tool_choice: Any = "auto", **kw: Any) -> Any:
         """One assistant reply for a list of {"role", "content"} messages, in the model's chat format. A content
         may be a list of parts: text and, for a family that reads images, images (``{"type": "image", "image":
         PIL image / array / path}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}``),
-        placed where the parts are (``gemmax.io.images``)."""
+        placed where the parts are (``gemmax.io.images``).
+
+        With ``tools`` (OpenAI's tool objects, declared in the family's function-calling format, docs/tools.md)
+        the reply is an assistant message, ``{"role": "assistant", "content": str | None, "tool_calls":
+        [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]}``, ready to append to
+        ``messages`` (with ``{"role": "tool", "tool_call_id", "content"}`` results after it). ``tool_choice``:
+        "auto", "none", "required" or a function's name (or OpenAI's ``{"type": "function", "function":
+        {"name"}}``); a forced call opens the answer, and one whose arguments do not match the tool's schema
+        raises ValueError. Under "auto" text that is no valid call is the reply's content."""
         tok = self._require_tokenizer()
+        if tools:
+            return self._chat_tools(messages, max_new_tokens, tools, tool_choice, **kw)
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
         images = message_images(messages)
         if images:
             kw["images"] = images
         out = self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         return out[len(prompt):].strip() if out.startswith(prompt) else out
+
+    def _chat_tools(self, messages: list[dict[str, Any]], max_new_tokens: int, tools: list[dict[str, Any]],
+                    tool_choice: Any, **kw: Any) -> dict[str, Any]:
+        """``chat`` with tools: render them, prime a forced call's opener, read the calls out of the answer
+        (control tokens kept: Gemma 4's call markers are special tokens) and check them against the schemas."""
+        import uuid
+
+        from gemmax.io import tool_calls as tc
+
+        tok = self._require_tokenizer()
+        fam = self.chat_format
+        schemas = {t.get("function", t)["name"]: t.get("function", t).get("parameters") or {"type": "object"}
+                   for t in tools}
+        if isinstance(tool_choice, dict):
+            tool_choice = (tool_choice.get("function") or {}).get("name")
+        if tool_choice not in ("auto", "none", "required") and tool_choice not in schemas:
+            raise ValueError(f"tool_choice {tool_choice!r} names no tool ({', '.join(schemas)})")
+        forced = None if tool_choice in ("auto", "none") else (
+            next(iter(schemas)) if tool_choice == "required" and len(schemas) == 1 else
+            None if tool_choice == "required" else tool_choice)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=fam,
+                                         tools=None if tool_choice == "none" else tools)
+        opener = tc.call_opener(fam, forced) if tool_choice not in ("auto", "none") else ""
+        ids = tok.encode(prompt + opener, add_bos=True)
+        stops = tuple(tok.stop_ids) + tuple(i for i in [tok.piece_to_id("<|tool_response>")] if i >= 0)
+        out = self.generate(ids, max_new_tokens=max_new_tokens, stop_token_ids=stops, **kw)
+        text = opener + tok.decode([int(t) for t in out[len(ids):] if int(t) not in stops], skip_special=False)
+        if tool_choice == "none":
+            return {"role": "assistant", "content": text.strip()}
+        parsed = tc.parse_calls(text, fam)
+        if not parsed.calls and opener:
+            parsed = tc.parse_calls(text + tc.call_closer(fam, forced), fam) if tc.call_closer(fam, forced) \
+                else parsed
+        errors = [e for e in (tc.call_error(c, schemas, forced) for c in parsed.calls) if e]
+        if parsed.calls and not errors:
+            calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": c.name, "arguments": tc.arguments_json(c.arguments)}}
+                     for c in parsed.calls]
+            return {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}
+        if tool_choice != "auto":
+            raise ValueError("the model's answer to a forced tool call is not a valid call: "
+                             + (errors[0] if errors else parsed.error or "no call in the answer"))
+        return {"role": "assistant", "content": text.strip()}
 
     # ---- adapters, quantization, training -------------------------------------------------------------
     @property

@@ -50,8 +50,8 @@ KNOWN_SPECIALS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|eom_id|>",
 )
-#: Tokens that end a generated turn, besides eos.
-_STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR)
+#: Tokens that end a generated turn, besides eos (``<turn|>``: Gemma 4's end of turn).
+_STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR, "<turn|>")
 
 
 def _is_space_run(piece: str) -> bool:
@@ -300,8 +300,9 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            family: str = "gemma") -> str:
-        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt, family=family)
+                            family: str = "gemma", tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt, family=family,
+                                   tools=tools)
 
     def fim_prompt(self, prefix: str, suffix: str) -> str:
         missing = [t for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE) if t not in self._piece_to_id]
@@ -480,19 +481,29 @@ def _jinja_trim(s: str) -> str:
 
 
 def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                        family: str = "gemma", bos: bool = True, tools: Sequence[Mapping[str, Any]] | None = None
-                        ) -> str:
-    """The prompt string the model's own chat template produces (Gemma 3's or Llama 3's).
+                        family: str = "gemma", bos: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                        date: str | None = None) -> str:
+    """The prompt string the model's own chat template produces (Gemma 3's, Gemma 4's or Llama 3's).
 
     Gemma: roles alternate user/model ("assistant" is written "model"), a leading system message is folded
     into the first user turn, contents are trimmed. The string starts with ``<bos>``: encode it with
     ``add_bos`` on and the tokenizer will not add a second one.
+
+    ``tools`` (OpenAI's ``[{"type": "function", "function": {name, description, parameters}}]``) are
+    declared in the family's function-calling format, and assistant messages may carry ``tool_calls``
+    (``{"function": {"name", "arguments"}}``, arguments a mapping or its JSON text) and ``role: "tool"``
+    messages the results (docs/tools.md). ``date`` is the "Today Date" of Llama 3.1's tool prompt (default:
+    today, as transformers renders it).
     """
     if family in ("gemma", "gemma2", "gemma3", "codegemma"):
-        return _gemma_template(messages, add_generation_prompt, bos)
+        return _gemma_template(_gemma3_tool_turns(messages, tools), add_generation_prompt, bos)
     if family in ("llama3", "llama"):
+        if tools or any(m.get("tool_calls") or m["role"] in ("tool", "ipython") for m in messages):
+            return _llama31_tool_template(messages, add_generation_prompt, bos, tools or (), date)
         return _llama3_template(messages, add_generation_prompt, bos)
     if family == "paligemma":
+        if tools:
+            raise ValueError("PaliGemma takes no tools: its prompt is a task prefix, not a conversation")
         return _paligemma_prompt(messages)
     if family == "gemma4":
         return _gemma4_template(messages, add_generation_prompt, bos, tools)
@@ -518,30 +529,267 @@ def _gemma_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt
     return "".join(out)
 
 
+# ---- tools: the published function-calling formats ------------------------------------------------------
+
+
+def _tool_function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``function`` of an OpenAI tool (or the tool itself when given bare)."""
+    return tool.get("function", tool)
+
+
+def _call_arguments(call: Mapping[str, Any]) -> tuple[str, Any]:
+    """(name, arguments as a mapping) of a ``tool_calls`` entry; OpenAI sends the arguments as JSON text."""
+    fn = call.get("function", call)
+    args = fn.get("arguments")
+    if args is None or args == "":
+        args = {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ValueError(f"the arguments of the call to {fn.get('name')!r} are not valid JSON") from None
+    return fn["name"], args
+
+
+#: Gemma 3's function-calling instruction (the JSON variant of the format Google documents for Gemma 3; the
+#: wording is gemmax's own): one call is a JSON object, several are a JSON list of them
+GEMMA3_TOOL_INSTRUCTION = (
+    "You can call the functions listed below. To call one, answer with nothing but a JSON object "
+    '{"name": function name, "parameters": dictionary of argument names and values}; to call several, '
+    "answer with a JSON list of such objects. A call holds no other text.\n"
+)
+
+
+def gemma3_call_text(calls: Sequence[Mapping[str, Any]]) -> str:
+    """A Gemma 3 model turn's calls: one JSON object, or a JSON list of them for parallel calls."""
+    objs = [{"name": n, "parameters": a} for n, a in map(_call_arguments, calls)]
+    return json.dumps(objs[0] if len(objs) == 1 else objs, ensure_ascii=False)
+
+
+def _gemma3_tool_turns(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+                       ) -> list[Mapping[str, Any]]:
+    """Gemma 3's turns with tools (its template has no tool section; the format is Google's documented one):
+    the declarations open the first user turn (after the system text), an assistant's calls are its JSON
+    call text after any content, and tool results go back in a user turn, each in a ```` ```tool_output````
+    block; consecutive user-side turns merge so roles still alternate."""
+    if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return list(messages)
+    out: list[dict[str, Any]] = []
+    head = ""
+    if tools:
+        decls = [{k: f[k] for k in ("name", "description", "parameters") if k in f} for f in map(_tool_function, tools)]
+        head = GEMMA3_TOOL_INSTRUCTION + json.dumps(decls, indent=2, ensure_ascii=False) + "\n\n"
+    for m in messages:
+        role = m["role"]
+        if role == "tool":
+            text = f"```tool_output\n{_tool_content_text(m.get('content'))}\n```"
+            role = "user"
+        elif role == "assistant" and m.get("tool_calls"):
+            content = _jinja_trim(_content_text(m.get("content") or ""))
+            text = (content + "\n" if content else "") + gemma3_call_text(m["tool_calls"])
+        else:
+            text = m["content"]
+        if role == "user" and head:
+            text, head = head + _content_text(text).strip(), ""
+        if out and role == "user" and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + _content_text(text)}
+            continue
+        out.append({"role": role, "content": text})
+    if head:
+        raise ValueError("tools are declared in the first user message, and this conversation has none")
+    return out
+
+
+def _tool_content_text(content: Any) -> str:
+    """A tool result as text: a string as is, text parts joined, anything else as JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+        return "".join(p["text"] for p in content)
+    return json.dumps(content, ensure_ascii=False)
+
+
+#: Llama 3.1's custom-tool prompt, as its published chat template writes it into the first user message
+LLAMA31_TOOL_PROMPT = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+def _llama31_tool_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool,
+                           tools: Sequence[Mapping[str, Any]], date: str | None) -> str:
+    """Llama 3.1's template with custom tools (its default, tools in the first user message): a system header
+    naming the ipython environment and the dates, the tool JSON (indented 4) before the first user message,
+    one JSON call per assistant message, results in ``ipython`` turns."""
+    import datetime
+
+    date = date or datetime.date.today().strftime("%d %b %Y")
+    msgs = list(messages)
+    system = ""
+    if msgs and msgs[0]["role"] == "system":
+        system, msgs = _jinja_trim(_content_text(msgs[0]["content"])), msgs[1:]
+    out = ["<|begin_of_text|>" if bos else "", "<|start_header_id|>system<|end_header_id|>\n\n"]
+    if tools:
+        out.append("Environment: ipython\n")
+    out.append(f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>")
+    if tools:
+        if not msgs or msgs[0]["role"] != "user":
+            raise ValueError("Llama 3.1 declares tools in the first user message, and this conversation has none")
+        out.append("<|start_header_id|>user<|end_header_id|>\n\n" + LLAMA31_TOOL_PROMPT)
+        out += [json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools]
+        out.append(_jinja_trim(_content_text(msgs[0]["content"])) + "<|eot_id|>")
+        msgs = msgs[1:]
+    for m in msgs:
+        if m.get("tool_calls"):
+            if len(m["tool_calls"]) != 1:
+                raise ValueError("Llama 3.1's format holds one tool call per assistant message")
+            name, args = _call_arguments(m["tool_calls"][0])
+            out.append("<|start_header_id|>assistant<|end_header_id|>\n\n"
+                       f'{{"name": "{name}", "parameters": {json.dumps(args, ensure_ascii=False)}}}<|eot_id|>')
+        elif m["role"] in ("tool", "ipython"):
+            # the published template writes any iterable content as JSON: a text result too, quoted
+            out.append("<|start_header_id|>ipython<|end_header_id|>\n\n"
+                       f"{json.dumps(m.get('content'), ensure_ascii=False)}<|eot_id|>")
+        else:
+            out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                       f"{_jinja_trim(_content_text(m['content']))}<|eot_id|>")
+    if add_generation_prompt:
+        out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(out)
+
+
 #: Gemma 4's string delimiter inside tool declarations, calls and responses
 _G4_QUOTE = '<|"|>'
+#: keys of a property schema that Gemma 4's declaration format writes itself (never as nested properties)
+_G4_STANDARD_KEYS = ("description", "type", "properties", "required", "nullable")
 
 
-def _gemma4_value(v: Any) -> str:
-    """A tool argument / schema value in Gemma 4's notation: strings between ``<|"|>``, mappings as
-    ``{key:value,...}`` (keys sorted), lists as ``[a,b]``, booleans lower-case."""
+def _jinja_str(v: Any) -> str:
+    """A scalar as Jinja prints it (Python's ``str``: None -> "None")."""
+    return str(v)
+
+
+def _gemma4_value(v: Any, escape_keys: bool = True) -> str:
+    """A value in Gemma 4's notation: strings between ``<|"|>``, mappings as ``{key:value,...}`` (keys sorted,
+    themselves quoted when ``escape_keys``), lists as ``[a,b]``, booleans lower-case, other scalars as Jinja
+    prints them."""
     if isinstance(v, str):
         return _G4_QUOTE + v + _G4_QUOTE
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, Mapping):
-        return "{" + ",".join(f"{k}:{_gemma4_value(v[k])}" for k in sorted(v)) + "}"
+        key = (lambda k: _G4_QUOTE + k + _G4_QUOTE) if escape_keys else (lambda k: k)
+        return "{" + ",".join(f"{key(k)}:{_gemma4_value(v[k], escape_keys)}" for k in sorted(v)) + "}"
     if isinstance(v, Sequence):
-        return "[" + ",".join(_gemma4_value(x) for x in v) + "]"
-    return "null" if v is None else str(v)
+        return "[" + ",".join(_gemma4_value(x, escape_keys) for x in v) + "]"
+    return _jinja_str(v)
+
+
+def _g4_upper(t: Any) -> str:
+    return "" if t is None else str(t).upper()
+
+
+def _g4_required(items: Sequence[Any]) -> str:
+    return "required:[" + ",".join(_G4_QUOTE + str(x) + _G4_QUOTE for x in items) + "]"
+
+
+def _gemma4_items(items: Mapping[str, Any]) -> str:
+    parts = []
+    for k in sorted(items):
+        v = items[k]
+        if v is None:
+            continue
+        if k == "properties":
+            inner = _gemma4_properties(v) if isinstance(v, Mapping) else ""
+            parts.append("properties:{" + inner + "}")
+        elif k == "required":
+            parts.append(_g4_required(v))
+        elif k == "type":
+            parts.append("type:" + _gemma4_value(_g4_upper(v) if isinstance(v, str) else [_g4_upper(x) for x in v]))
+        else:
+            parts.append(f"{k}:{_gemma4_value(v)}")
+    return "items:{" + ",".join(parts) + "}"
+
+
+def _gemma4_properties(props: Mapping[str, Any]) -> str:
+    """Gemma 4's declaration of a schema's properties: ``name:{description:..,type:<|"|>STRING<|"|>}``, with
+    enums, array items, nullability and nested objects as its published template writes them."""
+    out = []
+    for key in sorted(props):
+        if key in _G4_STANDARD_KEYS:
+            continue
+        value = props[key]
+        typ = _g4_upper(value.get("type"))
+        parts = []
+        if value.get("description"):
+            parts.append(f"description:{_G4_QUOTE}{value['description']}{_G4_QUOTE}")
+        if typ == "STRING" and value.get("enum"):
+            parts.append("enum:" + _gemma4_value(value["enum"]))
+        elif typ == "ARRAY" and isinstance(value.get("items"), Mapping) and value["items"]:
+            parts.append(_gemma4_items(value["items"]))
+        if value.get("nullable"):
+            parts.append("nullable:true")
+        if typ == "OBJECT":
+            nested = value["properties"] if isinstance(value.get("properties"), Mapping) else value
+            parts.append("properties:{" + _gemma4_properties(nested) + "}")
+            if value.get("required"):
+                parts.append(_g4_required(value["required"]))
+        parts.append(f"type:{_G4_QUOTE}{typ}{_G4_QUOTE}")
+        out.append(f"{key}:{{" + ",".join(parts) + "}")
+    return ",".join(out)
+
+
+def _gemma4_declaration(tool: Mapping[str, Any]) -> str:
+    """``<|tool>declaration:name{description:..,parameters:{properties:{..},required:[..],type:..}}<tool|>``"""
+    fn = _tool_function(tool)
+    out = f"declaration:{fn['name']}{{description:{_G4_QUOTE}{fn.get('description') or ''}{_G4_QUOTE}"
+    params = fn.get("parameters")
+    if params:
+        out += ",parameters:{"
+        if params.get("properties"):
+            out += "properties:{" + _gemma4_properties(params["properties"]) + "},"
+        if params.get("required"):
+            out += _g4_required(params["required"]) + ","
+        if params.get("type"):
+            out += f"type:{_G4_QUOTE}{_g4_upper(params['type'])}{_G4_QUOTE}}}"
+    return "<|tool>" + (out + "}").strip() + "<tool|>"
+
+
+def gemma4_call_text(name: str, args: Mapping[str, Any]) -> str:
+    """One call in Gemma 4's format: ``<|tool_call>call:name{key:value,...}<tool_call|>``."""
+    body = ",".join(f"{k}:{_gemma4_value(args[k], False)}" for k in sorted(args))
+    return f"<|tool_call>call:{name}{{{body}}}<tool_call|>"
+
+
+def _gemma4_response(name: str, content: Any) -> str:
+    """A tool result: a mapping's items, or ``value:`` the text (a list of text parts joined)."""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    if isinstance(content, Mapping):
+        body = ",".join(f"{k}:{_gemma4_value(content[k], False)}" for k in sorted(content))
+    else:
+        body = "value:" + _gemma4_value(content, False)
+    return f"<|tool_response>response:{name}{{{body}}}<tool_response|>"
+
+
+def _strip_thinking(text: str) -> str:
+    """A model turn's text without its ``<|channel>...<channel|>`` thought, trimmed."""
+    out = []
+    for part in text.split("<channel|>"):
+        out.append(part.split("<|channel>")[0] if "<|channel>" in part else part)
+    return "".join(out).strip()
 
 
 def _gemma4_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, bos: bool,
                      tools: Sequence[Mapping[str, Any]] | None) -> str:
-    """Gemma 4's turns: ``<|turn>role\n ... <turn|>\n`` with roles system / user / model; a system turn
-    holds the system message and the tool declarations (``<|tool>declaration:name{...}<tool|>``); a model
-    turn's tool calls are ``<|tool_call>call:name{args}<tool_call|>``, a tool message is
-    ``<|tool_response>response:name{...}<tool_response|>``."""
+    """Gemma 4's turns, as its published template writes them: ``<|turn>role\n ... <turn|>\n`` with roles
+    system / user / model; the system turn holds the system message and the tool declarations; a model
+    turn's calls (``<|tool_call>call:name{args}<tool_call|>``) are followed, inside the same turn, by the
+    results of the ``role: "tool"`` messages after it (``<|tool_response>response:name{...}<tool_response|>``,
+    the name found through ``tool_call_id``), and the model goes on in that turn: no new ``<|turn>model``
+    after results, and an assistant message after them continues the turn."""
     out = ["<bos>" if bos else ""]
     msgs = list(messages)
     if tools or (msgs and msgs[0]["role"] in ("system", "developer")):
@@ -549,28 +797,41 @@ def _gemma4_template(messages: Sequence[Mapping[str, Any]], add_generation_promp
         if msgs and msgs[0]["role"] in ("system", "developer"):
             out.append(_jinja_trim(_content_text(msgs[0]["content"])))
             msgs = msgs[1:]
-        for tool in tools or ():
-            fn = tool.get("function", tool)
-            decl = {k: fn[k] for k in ("description", "parameters") if fn.get(k)}
-            out.append(f"<|tool>declaration:{fn['name']}{_gemma4_value(decl)}<tool|>")
+        out += [_gemma4_declaration(t) for t in tools or ()]
         out.append("<turn|>\n")
-    for m in msgs:
+    prev_type = None
+    prev_role = None
+    for i, m in enumerate(msgs):
         if m["role"] == "tool":
-            body = m["content"] if isinstance(m["content"], Mapping) else {"value": _content_text(m["content"])}
-            out.append(f"<|tool_response>response:{m.get('name') or 'unknown'}{_gemma4_value(body)}<tool_response|>")
             continue
+        prev_type = None
         role = "model" if m["role"] == "assistant" else m["role"]
-        out.append(f"<|turn>{role}\n")
-        if m.get("content"):
-            out.append(_jinja_trim(_content_text(m["content"], trim_parts=True)))
-        for call in m.get("tool_calls") or ():
-            fn = call.get("function", call)
-            args = fn.get("arguments") or {}
-            if isinstance(args, str):
-                args = json.loads(args)
-            out.append(f"<|tool_call>call:{fn['name']}{_gemma4_value(args)}<tool_call|>")
-        out.append("<turn|>\n")
-    if add_generation_prompt:
+        if not (role == "model" and prev_role == "assistant"):
+            out.append(f"<|turn>{role}\n")
+        prev_role = m["role"]
+        calls = m.get("tool_calls") or ()
+        for call in calls:
+            out.append(gemma4_call_text(*_call_arguments(call)))
+            prev_type = "tool_call"
+        responded = False
+        if calls:
+            names = {c.get("id"): _call_arguments(c)[0] for c in calls}
+            for follow in msgs[i + 1:]:
+                if follow["role"] != "tool":
+                    break
+                name = names.get(follow.get("tool_call_id")) or follow.get("name") or "unknown"
+                out.append(_gemma4_response(name, follow.get("content")))
+                responded, prev_type = True, "tool_response"
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append(_strip_thinking(content) if role == "model" else _jinja_trim(content))
+        elif content:
+            out.append(_jinja_trim(_content_text(content, trim_parts=True)))
+        if prev_type == "tool_call" and not responded:
+            out.append("<|tool_response>")
+        elif not (responded and not content):
+            out.append("<turn|>\n")
+    if add_generation_prompt and prev_type not in ("tool_response", "tool_call"):
         out.append("<|turn>model\n")
     return "".join(out)
 

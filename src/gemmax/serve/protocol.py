@@ -43,8 +43,8 @@ _SAMPLING_FIELDS: dict[str, tuple | None] = {
 FIELDS: dict[str, dict[str, tuple | None]] = {
     "completions": {**_SAMPLING_FIELDS, "prompt": None, "echo": None, "suffix": (None, ""), "best_of": (None, 1)},
     "chat": {**_SAMPLING_FIELDS, "messages": None, "top_logprobs": (None, 0),
-             "tools": (None, []), "functions": (None, []), "tool_choice": (None,), "function_call": (None,),
-             "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+             "tools": None, "functions": (None, []), "tool_choice": None, "function_call": (None,),
+             "parallel_tool_calls": None, "response_format": (None, {"type": "text"}),
              "metadata": None, "store": (None, False), "service_tier": (None, "auto", "default"),
              "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
              "reasoning_effort": (None,), "web_search_options": (None,)},
@@ -159,9 +159,11 @@ class Sampling:
 
 
 def messages(body: Mapping) -> list[dict[str, Any]]:
-    """The chat ``messages`` as plain ``{role, content}`` turns, the shape the chat templates take
-    (``developer`` is OpenAI's newer name for ``system``; text parts are joined, ``image_url`` parts read,
-    other parts refused: see ``_content_parts``)."""
+    """The chat ``messages`` as the plain turns the chat templates take: ``{role, content}``, an assistant's
+    ``tool_calls`` (arguments read from their JSON text) and a tool result's ``tool_call_id`` with the called
+    function's ``name`` (``developer`` is OpenAI's newer name for ``system``; text parts are joined,
+    ``image_url`` parts read, other parts refused: see ``_content_parts``). A tool message must answer a call
+    of an earlier assistant message: 400 otherwise."""
     msgs = body.get("messages", _MISSING)
     if msgs is _MISSING:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
@@ -170,6 +172,7 @@ def messages(body: Mapping) -> list[dict[str, Any]]:
     if not msgs:
         raise bad("'messages' must contain at least one message", "messages", "invalid_value")
     out = []
+    calls: dict[str, str] = {}  # tool call id -> function name, for the tool messages that answer them
     for i, m in enumerate(msgs):
         p = f"messages.[{i}]"
         if not isinstance(m, dict):
@@ -177,19 +180,61 @@ def messages(body: Mapping) -> list[dict[str, Any]]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"{p}.role must be one of system, user, assistant; got {role!r}", f"{p}.role",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{p}.role must be one of system, user, assistant, tool; got {role!r}", f"{p}.role",
                        "invalid_value")
         content = m.get("content")
+        tool_calls = _tool_calls(m.get("tool_calls"), f"{p}.tool_calls") if role == "assistant" else None
         if isinstance(content, list):
             content = _content_parts(content, f"{p}.content")
         elif content is None and role == "assistant":
             content = ""
         elif not isinstance(content, str):
             raise bad(f"{p}.content must be a string or a list of text parts", f"{p}.content", "invalid_type")
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+            calls.update((c["id"], c["function"]["name"]) for c in tool_calls)
+        if role == "tool":
+            if not isinstance(content, str):
+                raise bad(f"{p}.content of a tool message must be text", f"{p}.content", "invalid_value")
+            cid = m.get("tool_call_id")
+            if not isinstance(cid, str):
+                raise bad(f"{p}.tool_call_id is required on a tool message", f"{p}.tool_call_id",
+                          "missing_required_parameter")
+            if cid not in calls:
+                raise bad(f"{p}.tool_call_id '{cid}' matches no tool call of an earlier assistant message",
+                          f"{p}.tool_call_id", "invalid_value")
+            msg.update(tool_call_id=cid, name=calls[cid])
+        out.append(msg)
     return out
 
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]] | None:
+    """An assistant message's ``tool_calls`` checked, each function's arguments read from their JSON text."""
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list", where, "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        p = f"{where}.[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(c.get("id"), str) or c.get("type", "function") != "function":
+            raise bad(f"{p} must be {{'id': str, 'type': 'function', 'function': {{'name', 'arguments'}}}}", p,
+                      "invalid_value")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"{p}.function.name must be a non-empty string", f"{p}.function.name", "invalid_value")
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise bad(f"{p}.function.arguments must be a JSON object (as text)", f"{p}.function.arguments",
+                      "invalid_value")
+        out.append({"id": c["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
 
 
 # ---- per endpoint ---------------------------------------------------------------------------------------
@@ -313,12 +358,18 @@ def completion_prompts(body: Mapping, tokenizer: Any, max_len: int | None = None
     return ids, texts, echo
 
 
-def chat_prompt_ids(m: ServedModel, msgs: list[dict[str, Any]]) -> list[int]:
+def chat_prompt_ids(m: ServedModel, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                    ) -> list[int]:
     """The chat turns rendered in the model family's template, ending where the assistant answers. A template
     that refuses the turns (e.g. roles out of order) is the client's error: 400 on ``messages``. Content that
     spells a control token (``<end_of_turn>``...) is refused: the template's text is encoded with control
     tokens parsed, so it would forge turns. Tokenizes, so the server calls it off the event loop."""
     _fits(sum(len(t) for t in _texts(msgs)), m.max_len, "messages")
+    if tools:
+        tok = m.tokenizer.find_special(json.dumps(tools)) if hasattr(m.tokenizer, "find_special") else None
+        if tok is not None:
+            raise bad(f"'tools' contains the control token {tok!r}, which only the chat template may write",
+                      "tools", "invalid_value")
     for i, msg in enumerate(msgs):
         for t in _texts([msg]):
             tok = m.tokenizer.find_special(t) if hasattr(m.tokenizer, "find_special") else None
@@ -326,7 +377,8 @@ def chat_prompt_ids(m: ServedModel, msgs: list[dict[str, Any]]) -> list[int]:
                 raise bad(f"messages.[{i}].content contains the control token {tok!r}, which only the chat "
                           "template may write", f"messages.[{i}].content", "invalid_value")
     try:
-        prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family)
+        prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family,
+                                                 **({"tools": tools} if tools else {}))
     except ValueError as e:
         raise bad(str(e), "messages", "invalid_value") from None
     return m.tokenizer.encode(prompt, add_bos=True)
@@ -341,6 +393,7 @@ def _texts(msgs: list[dict[str, Any]]) -> list[str]:
             out.append(c)
         elif isinstance(c, list):
             out += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        out += [json.dumps(call["function"]) for call in msg.get("tool_calls") or ()]
     return out
 
 
@@ -367,7 +420,8 @@ def _content_parts(parts: list, where: str) -> str | list[dict[str, Any]]:
     return "".join(x["text"] for x in out)
 
 
-def chat_prompt(m: ServedModel, msgs: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any] | None]:
+def chat_prompt(m: ServedModel, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                ) -> tuple[list[int], dict[str, Any] | None]:
     """The chat prompt's token ids and, when the messages hold images, the family's inputs for them
     (``pixel_values``...): the template's text, with a placeholder per image, goes through the family's
     ``encode_prompt`` (Gemma 3: each image's block of soft tokens in place; PaliGemma: the images in front of
@@ -376,10 +430,11 @@ def chat_prompt(m: ServedModel, msgs: list[dict[str, Any]]) -> tuple[list[int], 
     fam = base.for_config(m.config)
     if images and fam.encode_prompt is None:
         raise bad(f"the model '{m.name}' reads no images", "messages", "invalid_value")
-    ids = chat_prompt_ids(m, msgs)
+    ids = chat_prompt_ids(m, msgs, tools)
     if not images:
         return ids, None
-    prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family)
+    prompt = m.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, family=m.chat_family,
+                                             **({"tools": tools} if tools else {}))
     try:
         ids, inputs = fam.encode_prompt(m.config, m.tokenizer, prompt, images, True)
     except ValueError as e:

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from gemmax.serve.errors import APIError
 from gemmax.serve.scheduler import Job, ServedModel
+from gemmax.serve.tools import ToolRequest, ToolStream, finish_answer, openai_calls
 
 ChunkFn = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason)
 
@@ -186,9 +187,11 @@ def chat_base(m: ServedModel) -> dict[str, Any]:
             "model": m.name, "system_fingerprint": None}
 
 
-def stream_chat(a: Answer) -> SSEResponse:
+def stream_chat(a: Answer, tools: ToolRequest | None = None) -> SSEResponse:
     """Streamed chat: each choice opens with an empty assistant turn (OpenAI clients expect the role first),
-    then content deltas; a finished choice gets an empty delta with its finish reason."""
+    then content deltas; a finished choice gets an empty delta with its finish reason. With tools, each
+    choice's calls come as ``tool_calls`` deltas (the call's id, type and name, then its arguments) before
+    its finish reason "tool_calls"."""
     cbase = dict(a.base, object="chat.completion.chunk")
 
     def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
@@ -203,10 +206,84 @@ def stream_chat(a: Answer) -> SSEResponse:
         c = chunk(i, "", None)
         c["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         first.append(sse(c))
-    return _stream(a, chunk, first, cbase)
+    if tools is None:
+        return _stream(a, chunk, first, cbase)
+    events = _tool_events(a, tools, chunk)
+    return SSEResponse(_tool_stream(events, first, a.final(cbase)), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache"})
 
 
-def chat_body(a: Answer, outs: list[str], reasons: list[str], tokens: int) -> dict[str, Any]:
-    choices = [{"index": i, "message": {"role": "assistant", "content": outs[i]}, "logprobs": None,
-                "finish_reason": reasons[i]} for i in range(len(a.jobs))]
+async def _tool_events(a: Answer, tools: ToolRequest, chunk: ChunkFn) -> AsyncIterator[dict[str, Any] | int]:
+    """The chunks of a streamed chat with tools (then, last, the tokens generated): content passes through each
+    choice's :class:`ToolStream`, which holds back what may be a call; at a choice's end its calls are sent as
+    ``tool_calls`` deltas. An error (a forced call off its schema) is sent as its body and ends the stream."""
+    streams = [ToolStream(tools) for _ in a.jobs]
+    tokens, left = 0, len(a.jobs)
+    try:
+        while left:
+            i, kind, payload = await a.events.get()
+            if kind == "delta":
+                out = streams[i].feed(payload)
+                if out:
+                    yield chunk(i, out, None)
+            elif kind == "done":
+                reason, n = payload
+                tokens += n
+                left -= 1
+                try:
+                    rest, calls, reason = streams[i].finish(reason)
+                except APIError as e:
+                    yield e.body()
+                    return
+                if rest:
+                    yield chunk(i, rest, None)
+                for k, call in enumerate(openai_calls(calls)):
+                    head = {"index": k, "id": call["id"], "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""}}
+                    for part in (head, {"index": k, "function": {"arguments": call["function"]["arguments"]}}):
+                        c = chunk(i, None, None)
+                        c["choices"][0]["delta"] = {"tool_calls": [part]}
+                        yield c
+                yield chunk(i, None, reason)
+            else:
+                yield payload.body()
+                return
+        yield tokens
+    finally:
+        for j in a.jobs:
+            j.cancel()
+
+
+async def _tool_stream(events: AsyncIterator[dict[str, Any] | int], first: list[str],
+                       final_usage: Callable[[int], dict[str, Any]] | None) -> AsyncIterator[str]:
+    """``first``, then the chunks as server-sent events, the usage chunk when asked for (and the stream
+    completed), ``[DONE]``."""
+    try:
+        for s in first:
+            yield s
+        async for ev in events:
+            if isinstance(ev, int):
+                if final_usage is not None:
+                    yield sse(final_usage(ev))
+            else:
+                yield sse(ev)
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()
+
+
+def chat_body(a: Answer, outs: list[str], reasons: list[str], tokens: int, tools: ToolRequest | None = None
+              ) -> dict[str, Any]:
+    """The whole chat answer; with tools, each choice's calls parsed out of its text into ``tool_calls``
+    (``finish_answer``: a forced call off its schema raises the 500)."""
+    choices = []
+    for i in range(len(a.jobs)):
+        message: dict[str, Any] = {"role": "assistant", "content": outs[i]}
+        reason = reasons[i]
+        if tools is not None:
+            content, calls, reason = finish_answer(outs[i], reason, tools)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = openai_calls(calls)
+        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
     return dict(a.base, choices=choices, usage=usage(a.prompt_tokens, tokens))

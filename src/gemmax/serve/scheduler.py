@@ -62,8 +62,8 @@ class Job:
 
     def __init__(self, model: ServedModel, prompt_ids: list[int], sp: SamplingParams, stop: tuple[str, ...],
                  index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue,
-                 inputs: dict[str, Any] | None = None, request_id: str = "", timeout: float | None = None,
-                 stop_loops: bool = True):
+                 inputs: dict[str, Any] | None = None, keep_special: bool = False, request_id: str = "",
+                 timeout: float | None = None, stop_loops: bool = True):
         self.model = model
         self.req = Request(list(prompt_ids), sp, inputs=inputs)  # inputs: the family's, e.g. pixel_values
         self.stop = stop
@@ -72,7 +72,8 @@ class Job:
         self.events = events
         self.cancelled = False
         self.finished = False
-        self.decoder = model.tokenizer.stream_decoder()
+        # keep_special: control tokens decoded as their text (Gemma 4's tool-call markers must reach the parser)
+        self.decoder = model.tokenizer.stream_decoder(skip_special=not keep_special)
         self.stop_ids = frozenset(sp.stop_ids)
         self.pending = ""  # decoded text not yet sent: held back while it could be the start of a stop string
         self.seen = 0  # how many of req.new_ids have been decoded

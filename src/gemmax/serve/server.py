@@ -57,6 +57,8 @@ from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD
 from gemmax.serve.responses import Answer, collect, model_card
 from gemmax.serve.scheduler import Job, Scheduler, ServedModel
 from gemmax.serve.scheduler import _held_back as _held_back  # imported from here by older code and tests
+from gemmax.serve.tools import ToolRequest, apply_call_constraint, tool_stop_ids
+from gemmax.serve.tools import parse_request as parse_tools
 
 __all__ = ["APIError", "Job", "MAX_N", "MAX_PROMPTS", "MAX_STOP_STRINGS", "SEED_MOD", "Sampling", "Scheduler",
            "ServedModel", "Service", "build_models", "create_app", "main", "register_cli", "run_cli", "serve"]
@@ -174,24 +176,29 @@ class Service:
         return self.models[name]
 
     def submit(self, m: ServedModel, prompts: list[list[int]], sampling: Sampling, param: str,
-               inputs: dict[str, Any] | None = None) -> tuple[list[Job], asyncio.Queue]:
+               inputs: dict[str, Any] | None = None, tools: ToolRequest | None = None
+               ) -> tuple[list[Job], asyncio.Queue]:
         """One job per (prompt, choice), in that order, all queued together: every prompt is checked first,
         so a request is admitted whole or (bad prompt, full queue, scheduler down) not at all. ``inputs``: the
         family's inputs besides tokens (a chat's images), for every job. Must run on the event loop that will
-        read the returned queue."""
+        read the returned queue. ``tools``: the request's tools (their stop token, the forced call's
+        constraint, control tokens kept in the text for the call parser)."""
         if self.draining:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        stop_ids = tuple(m.tokenizer.stop_ids)
+        stop_ids = tuple(m.tokenizer.stop_ids) + (tool_stop_ids(m.tokenizer, tools) if tools else ())
         rid = REQUEST_ID.get()
         jobs = []
         for p, ids in enumerate(prompts):
             want = protocol.tokens_to_generate(m, ids, sampling, param)
             for c in range(sampling.n):
                 sp = sampling.params_for(c, want, stop_ids)
+                if tools is not None:
+                    sp = apply_call_constraint(sp, tools.forced)
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
-                                request_id=rid, timeout=self.request_timeout,
+                                keep_special=tools is not None and tools.family == "gemma4", request_id=rid,
+                                timeout=self.request_timeout,
                                 stop_loops=self.stop_loops and not sampling.ignore_eos))  # exactly max_tokens
         self.scheduler.submit(jobs)
         return jobs, events
@@ -239,14 +246,19 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
         if body.get(k) is None:
             body[k] = min(v, m.config.vocab_size) if k == "top_k" else v
     msgs = protocol.messages(body)
+    tools = parse_tools(body, m.chat_family)
+    if tools is not None and not tools.active:  # tool_choice "none": tools neither declared nor read
+        tools = None
     sampling = Sampling.parse(body, default_max_tokens=None, vocab=m.config.vocab_size)
-    ids, inputs = await asyncio.to_thread(protocol.chat_prompt, m, msgs)
-    jobs, events = svc.submit(m, [ids], sampling, "messages", inputs)
+    ids, inputs = await asyncio.to_thread(protocol.chat_prompt, m, msgs, tools.tools if tools else None)
+    if tools is not None and tools.forced is not None:  # the answer starts with the forced call's opener
+        ids = ids + m.tokenizer.encode(tools.forced.opener, add_bos=False)
+    jobs, events = svc.submit(m, [ids], sampling, "messages", inputs, tools)
     a = Answer(jobs, events, responses.chat_base(m), len(ids), protocol.include_usage(body))
     if sampling.stream:
-        return responses.stream_chat(a)
+        return responses.stream_chat(a, tools)
     outs, reasons, tokens = await collect(request, a)
-    return responses.chat_body(a, outs, reasons, tokens)
+    return responses.chat_body(a, outs, reasons, tokens, tools)
 
 
 # ---- the app --------------------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def test_repetition_loop_stops(url: str, served, lm: CausalLM) -> None:
         first = next((k for k in range(1, len(r.new_ids) + 1) if loop_period(r.new_ids[:k])), None)
         if r.finish_reason == "length" and first is not None and first < n - 4:  # loops, never meets eos
             looping.append((p, first))
+            break
     assert looping, "no prompt loops on this model: pick other prompts"
     p, first = looping[0]
     body = {"model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0}

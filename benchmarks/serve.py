@@ -228,11 +228,10 @@ def _load_kw(gemmax_args: str) -> dict[str, Any]:
 
 
 def section_throughput(args: argparse.Namespace, with_peer: bool) -> list[dict[str, Any]]:
-    servers = [gemmax_server(args, extra=args.gemmax_args)]
+    servers = [transformers_server(args)] if with_peer else []  # first: its model process loads alone
+    servers.append(gemmax_server(args, extra=args.gemmax_args))
     if args.baseline_src:
         servers.append(gemmax_server(args, "gemmax@base", args.baseline_src, args.baseline_args))
-    if with_peer:
-        servers.append(transformers_server(args))
     rows: list[dict[str, Any]] = []
     try:
         for s in servers:
@@ -245,7 +244,7 @@ def section_throughput(args: argparse.Namespace, with_peer: bool) -> list[dict[s
                     row = asyncio.run(run_level(s, c, args.requests, args.max_tokens, args.level_timeout))
                     rows.append(row)
                     print(table([row]).splitlines()[-1], f" load {os.getloadavg()[0]:.1f}", flush=True)
-        health = httpx.get(servers[0].url + "/health", timeout=10).json()
+        health = httpx.get(next(s for s in servers if s.label == "gemmax").url + "/health", timeout=10).json()
         print(f"[gemmax] scheduler time: {health.get('busy_s')}, widths {health.get('width')}, "
               f"step ms {health.get('step_ms')}", flush=True)
     finally:

@@ -66,15 +66,15 @@ class Server:
     """A server subprocess in its own process group, stopped (SIGTERM, then SIGKILL) however the run ends."""
 
     def __init__(self, label: str, cmd: list[str], port: int, ready: str, body: Callable[[dict], dict],
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str | None] | None = None):
         self.label, self.cmd, self.port, self.ready, self.body, self.env = label, cmd, port, ready, body, env
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float) -> float:
         t0 = time.time()
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                                     env=None if self.env is None else {**os.environ, **self.env})
+        env = {k: v for k, v in {**os.environ, **(self.env or {})}.items() if v is not None}
+        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.DEVNULL, env=env)
         while time.time() < t0 + timeout:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.label} exited with {self.proc.returncode}: {shlex.join(self.cmd)}")
@@ -129,7 +129,8 @@ def transformers_server(args: argparse.Namespace) -> Server:
     exe = Path(sys.executable).with_name("transformers")
     cmd = [str(exe), "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    return Server("transformers", cmd, port, "/health", lambda b: dict(b, model=str(folder)))
+    # without gemmax's PYTHONPATH: transformers' model process does not start under it
+    return Server("transformers", cmd, port, "/health", lambda b: dict(b, model=str(folder)), {"PYTHONPATH": None})
 
 
 # ---- load -----------------------------------------------------------------------------------------------

@@ -128,8 +128,7 @@ def transformers_server(args: argparse.Namespace) -> Server:
     folder = hf_folder(args)
     exe = Path(sys.executable).with_name("transformers")
     cmd = [str(exe), "serve", str(folder), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    # without gemmax's PYTHONPATH: transformers' model process does not start under it
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *shlex.split(args.transformers_args)]
     return Server("transformers", cmd, port, "/health", lambda b: dict(b, model=str(folder)), {"PYTHONPATH": None})
 
 
@@ -278,6 +277,10 @@ def main() -> int:
     ap.add_argument("--baseline-src", default=None,
                     help="also serve gemmax from this source tree (an older checkout's src/), as 'gemmax@base'")
     ap.add_argument("--baseline-args", default="", help="flags for the baseline gemmax server")
+    ap.add_argument("--transformers-args", default="--cb-block-size 32 --cb-num-blocks 256",
+                    help="more flags for transformers serve; the default bounds its paged KV cache (8192 tokens), "
+                         "which on a CPU is otherwise sized from the machine's memory and can get its model "
+                         "process killed")
     ap.add_argument("--repeats", type=int, default=1, help="measure each level this many times; medians")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/gemmax-bench"),

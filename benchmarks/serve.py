@@ -196,26 +196,28 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def section_engine(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``lm.generate`` (batch 1, greedy, the benchmark's prompt and token count) in this process: the rate
-    the server's one-client row is compared with."""
+    """``lm.generate`` in this process, greedy, the benchmark's prompts and token count, as one batch of C
+    prompts for C in 1 and 32 (of ``--concurrency``), ``--requests`` times: the engine's own rate, which the
+    server's rows at C clients are compared with."""
     from gemmax import CausalLM
     from gemmax.io.bundled import default_model_path
 
     lm = CausalLM.from_preset(args.model or default_model_path(), **_load_kw(args.gemmax_args))
-    prompt = PROMPTS[0]
-    n_prompt = len(lm.tokenizer.encode(prompt))
-    lm.generate(prompt, max_new_tokens=args.max_tokens)  # compile
-    walls = []
-    for _ in range(args.requests):
-        ids = lm.tokenizer.encode(prompt)
-        t0 = time.perf_counter()
-        out = lm.generate([ids], max_new_tokens=args.max_tokens, stop_token_ids=[-1])
-        walls.append(time.perf_counter() - t0)
-    tokens = len(out[0]) - n_prompt
-    wall = sum(walls)
-    return [{"server": "lm.generate", "concurrency": 1, "requests": args.requests, "tokens": tokens * len(walls),
-             "wall_s": wall, "tok_s": tokens * len(walls) / wall, "p50_s": statistics.median(walls),
-             "p99_s": max(walls), "ttft_p50_s": float("nan")}]
+    rows = []
+    for c in [c for c in args.concurrency if c in (1, 32)]:
+        ids = [lm.tokenizer.encode(PROMPTS[w % len(PROMPTS)]) for w in range(c)]
+        lm.generate(ids, max_new_tokens=args.max_tokens, stop_token_ids=[-1])  # compile
+        walls = []
+        for _ in range(args.requests):
+            t0 = time.perf_counter()
+            out = lm.generate(ids, max_new_tokens=args.max_tokens, stop_token_ids=[-1])
+            walls.append(time.perf_counter() - t0)
+        tokens = sum(len(o) - len(p) for o, p in zip(out, ids, strict=True)) * len(walls)
+        rows.append({"server": "lm.generate", "concurrency": c, "requests": c * len(walls), "tokens": tokens,
+                     "wall_s": sum(walls), "tok_s": tokens / sum(walls), "p50_s": statistics.median(walls),
+                     "p99_s": max(walls), "ttft_p50_s": float("nan")})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
 
 
 def _load_kw(gemmax_args: str) -> dict[str, Any]:
@@ -294,7 +296,6 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     if "engine" not in args.skip:
         rows += section_engine(args)
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
     if "throughput" not in args.skip:
         rows += section_throughput(args, with_peer="peer" not in args.skip)
     print(f"load average after: {os.getloadavg()}\n")
@@ -307,9 +308,11 @@ def main() -> int:
         b = by.get(("gemmax@base", c))
         if g and b:
             print(f"{c:>3} clients: gemmax / gemmax@base throughput {g['tok_s'] / b['tok_s']:.2f}x")
-    for label in ("gemmax", "gemmax@base"):
-        if ("lm.generate", 1) in by and (label, 1) in by:
-            print(f"  1 client: {label} / lm.generate {by[(label, 1)]['tok_s'] / by[('lm.generate', 1)]['tok_s']:.2f}x")
+    for c in args.concurrency:
+        for label in ("gemmax", "gemmax@base"):
+            if ("lm.generate", c) in by and (label, c) in by:
+                print(f"{c:>3} clients: {label} / lm.generate (batch {c}) "
+                      f"{by[(label, c)]['tok_s'] / by[('lm.generate', c)]['tok_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

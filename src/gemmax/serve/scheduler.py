@@ -502,6 +502,7 @@ class Scheduler:
             return
         elapsed = time.perf_counter() - t0
         self.busy_s["decode"] += elapsed
+        log.debug("decode: %d live, width %d, %d tokens in %.3fs", len(live), w, n, elapsed)
         dt = elapsed / n
         if (w, n) in self._compiled[name]:  # the first call of a chunk length includes its compilation
             old = self._tok_s.get(name)

@@ -11,6 +11,7 @@ time to first token, and gemmax's throughput over transformers'.
     python benchmarks/serve.py                                    # 1, 8, 32, 64 clients
     python benchmarks/serve.py --concurrency 1 32 --requests 2 --gemmax-args="--quantize int8"
     python benchmarks/serve.py --skip peer                        # gemmax alone
+    python benchmarks/serve.py --baseline-src ../old/src          # and an older gemmax, as gemmax@base
 
 Sections (``--skip NAME``): ``engine`` — batch-1 parity: ``lm.generate`` in this process with the same
 settings against one client of the server; ``peer`` — transformers' server. More sections (prefix cache,

@@ -339,15 +339,15 @@ def test_collect_notices_hang_up_while_text_flows() -> None:
 # ---- item 5: fields the server does not implement ------------------------------------------------------
 
 REFUSED = [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
-    ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/chat/completions", {"repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
-    ("/v1/completions", {"response_format": {"type": "text"}}, "response_format"),
-    ("/v1/completions", {"repetition_penalty": 0.9}, "repetition_penalty"),
+    ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
     ("/v1/completions", {"messages": []}, "messages"),
-    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"logprobs": 2, "echo": True}, "logprobs"),
 ]
 ACCEPTED = [
     ("/v1/chat/completions", {"response_format": {"type": "text"}, "user": "u", "repetition_penalty": 1.0,

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import jax.numpy as jnp
+import jsonschema
 import numpy as np
 import pytest
 from spm_fixtures import train_tiny_sentencepiece
@@ -211,7 +212,10 @@ def test_forced_calls_and_schema_check() -> None:
 # ---- the server: a tiny model whose logits the test scripts ---------------------------------------------
 
 MAX_LEN = 256
-CALL_ARGS = '{"city": "Paris"}}'
+#: a space between the braces keeps them two tokens: a forced call is constrained to the arguments' schema,
+#: which ends at the first "}" (the grammar then allows only the end), while under "auto" the whole call is
+#: the model's own text
+CALL_ARGS = '{"city": "Paris"} }'
 ANSWER = "It is 18 C and sunny in Paris."
 #: the tokenizer's training text: the conversation as the template writes it, so the prompts stay short
 LINES = apply_chat_template(CALLED, family="gemma", tools=[WEATHER, TIME]).splitlines() * 5 + [ANSWER] * 5
@@ -273,7 +277,8 @@ def url(lm: CausalLM):
     ``lm.chat`` compiles too, so the two share their compilations)."""
     app = create_app({"tiny": lm}, max_batch=1, chunk=4, max_len=MAX_LEN)
     m = app.state.models["tiny"]
-    m.engine = Engine(m.params, m.config, max_batch=1, max_len=MAX_LEN, chunk=4, family=lm.family)
+    m.engine = Engine(m.params, m.config, max_batch=1, max_len=MAX_LEN, chunk=4, family=lm.family,
+                      tokenizer=m.tokenizer)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -381,8 +386,15 @@ def test_chat_api(lm: CausalLM) -> None:
     turn = CALLED[:2] + [out, {"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"}]
     assert lm.chat(turn, max_new_tokens=12, tools=[WEATHER, TIME], temperature=0, chunk=4) == {
         "role": "assistant", "content": ANSWER}
+    # a forced call the script does not make: the arguments are constrained to the tool's schema, so the
+    # model's own (random) choices still make a valid call; cut short, the call is unfinished and raises
+    forced = lm.chat(CALLED[:2], max_new_tokens=24, tools=[WEATHER, TIME], tool_choice="get_time", temperature=0,
+                     chunk=4)
+    (call,) = forced["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TIME["function"]["parameters"])
     with pytest.raises(ValueError, match="not a valid call"):
-        lm.chat(CALLED[:2], max_new_tokens=8, tools=[WEATHER, TIME], tool_choice="get_time", temperature=0,
+        lm.chat(CALLED[:2], max_new_tokens=2, tools=[WEATHER, TIME], tool_choice="get_time", temperature=0,
                 chunk=4)
     with pytest.raises(ValueError, match="names no tool"):
         lm.chat(CALLED[:2], tools=[TIME], tool_choice="get_weather")

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax import distribution as _dist
+from gemmax import keras_presets
+from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.io.hf import (
     CheckpointError,
@@ -32,6 +34,7 @@ from gemmax.io.hf import (
     write_safetensors,
 )
 from gemmax.io.images import message_images
+from gemmax.io.keras import KAGGLE_SCHEME, is_keras_preset, resolve_kaggle_handle
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
@@ -132,8 +135,9 @@ class CausalLM:
 
     @classmethod
     def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None, **kw: Any) -> CausalLM:
-        """Load from a Hugging Face folder, ``hf://org/name``, a GGUF file, a gemmax folder, or a preset
-        name whose weights are in the local Hugging Face cache. Weights convert on the fly.
+        """Load from a Hugging Face folder, ``hf://org/name``, a keras-hub preset folder,
+        ``kaggle://OWNER/MODEL/keras/VARIANT[/VERSION]`` (kagglehub's cache), a GGUF file, a gemmax folder, or
+        a preset name whose weights are in the local Hugging Face cache. Weights convert on the fly.
         ``quantize="int8"`` (or "int4"/"nf4") quantizes the weights after loading."""
         lm = cls._load(handle, dtype, **kw)
         if quantize:
@@ -147,6 +151,8 @@ class CausalLM:
         path = Path(os.path.expanduser(handle))
         if handle.startswith("hf://"):
             return cls._from_hf_folder(resolve_hf_handle(handle), dtype, source=handle)
+        if handle.startswith(KAGGLE_SCHEME):
+            return cls._from_keras_preset(resolve_kaggle_handle(handle), dtype, source=handle)
         if path.suffix == ".gguf" and path.is_file():
             return cls._from_gguf(path, dtype, **kw)
         if path.is_dir():
@@ -155,6 +161,8 @@ class CausalLM:
             if (path / PARAMS_MARKER).exists():  # a sharded Orbax folder (gemmax.train.checkpoint.save_params)
                 params, cfg = load_params(path, dtype=dtype)
                 return cls(cfg, params, load_tokenizer(path), source=str(path))
+            if is_keras_preset(path):
+                return cls._from_keras_preset(path, dtype, source=str(path))
             return cls._from_hf_folder(path, dtype, source=str(path))
         presets = base.all_presets()
         if handle in presets:
@@ -188,6 +196,16 @@ class CausalLM:
                                what=f"{getattr(cfg, 'family', fam.name)} model")
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         return cls(cfg, params, load_tokenizer(folder), source=source, family=fam)
+
+    @classmethod
+    def _from_keras_preset(cls, folder: Path, dtype: Any, source: str) -> CausalLM:
+        """A keras-hub preset folder: config.json names the backbone, model.weights.h5 is read lazily through
+        the family's Keras name table and placed like any checkpoint, the tokenizer comes from its assets."""
+        fam, cfg = keras_presets.read_preset(folder)
+        lazy = keras_presets.lazy_weights(folder, fam, cfg, dtype)
+        params = unflatten(place_params(lazy, dtype, current_distribution()))
+        tok = keras_presets.load_tokenizer(folder)
+        return cls(keras_presets.with_special_ids(cfg, tok), params, tok, source=source, family=fam)
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
@@ -317,7 +335,9 @@ class CausalLM:
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop: list[str] | None = None, truncate: str | None = None, chunk: int = 16,
                  prefix: str | None = None, suffix: str | None = None, add_bos: bool = True,
-                 stop_token_ids: Any = None, images: Any = None, **inputs: Any) -> Any:
+                 stop_token_ids: Any = None, images: Any = None, json_schema: Any = None,
+                 regex: str | None = None, grammar: str | None = None, constraint: Constraint | None = None,
+                 **inputs: Any) -> Any:
         """Generate for one prompt or a batch of prompts of different lengths.
 
         Text in -> text out (prompt included, as Keras does); token ids in -> token ids out (prompt included,
@@ -327,7 +347,15 @@ class CausalLM:
         the family reads besides tokens, e.g. PaliGemma's ``pixel_values`` and ``token_type_ids``.
         ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
         builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
+
+        Structured output: ``json_schema`` (a dict or its JSON text), ``regex`` or ``grammar`` (Lark, as
+        llguidance reads it), or a ready ``constraint`` (:class:`gemmax.engine.constrain.Constraint`) makes
+        every row's output match it (the logits are masked token by token); text out is then the new text
+        alone, so that it parses as it is. A row cut by ``max_new_tokens`` may end unfinished.
         """
+        constraint = _constraint(json_schema, regex, grammar, constraint)
+        if constraint is not None and images is not None:
+            raise ValueError("structured output with images is not supported by generate(); use the server")
         inputs = self._check_inputs(inputs)
         if images is not None:
             if self.family.encode_prompt is None:
@@ -371,6 +399,10 @@ class CausalLM:
                 raise ValueError(f"token ids out of range for a vocabulary of {vocab}: {bad[:5]}")
         sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
                               seed + i, stop_ids) for i, r in enumerate(ids)]
+        if constraint is not None:
+            self._require_tokenizer()  # the grammar engine reads the vocabulary
+            for sp in sps:
+                sp.constraint = constraint
         ids = [self._fit_context(r, sp.max_new_tokens, truncate) for r, sp in zip(ids, sps, strict=True)]
         self._check_family_inputs(np.asarray(ids[:1], np.int32), inputs)
         stop_check = None
@@ -381,16 +413,17 @@ class CausalLM:
                 return any(s in tok.decode(r.new_ids) for s in stop)
 
         reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, stop_check=stop_check,
-                            inputs=[inputs or None] * len(ids), family=self.family)
+                            inputs=[inputs or None] * len(ids), family=self.family, tokenizer=self.tokenizer)
         outs: list[Any] = []
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
             if as_text:
-                text = self.tokenizer.decode(new)
+                # constrained text must parse as it is: without the stop token that ended it
+                text = self.tokenizer.decode([t for t in new if t not in stop_ids] if constraint else new)
                 if stop:
                     cut = [text.index(s) for s in stop if s in text]
                     text = text[: min(cut)] if cut else text
-                outs.append(text if fim else src + text)
+                outs.append(text if fim or constraint is not None else src + text)
             else:
                 outs.append(np.asarray(prompt_ids + new, np.int32))
         return outs[0] if single else outs
@@ -446,7 +479,16 @@ class CausalLM:
         ``messages`` (with ``{"role": "tool", "tool_call_id", "content"}`` results after it). ``tool_choice``:
         "auto", "none", "required" or a function's name (or OpenAI's ``{"type": "function", "function":
         {"name"}}``); a forced call opens the answer, and one whose arguments do not match the tool's schema
-        raises ValueError. Under "auto" text that is no valid call is the reply's content."""
+        raises ValueError. Under "auto" text that is no valid call is the reply's content.
+
+        Without tools, ``json_schema``, ``regex`` and ``grammar`` (see :meth:`generate`) constrain the reply,
+        returned as it is (not stripped)."""
+        if not tools and any(kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
+            tok = self._require_tokenizer()
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=self.chat_format)
+            if message_images(messages):
+                raise ValueError("structured output with images is not supported by chat(); use the server")
+            return self.generate(prompt, max_new_tokens=max_new_tokens, **kw)
         tok = self._require_tokenizer()
         if tools:
             return self._chat_tools(messages, max_new_tokens, tools, tool_choice, **kw)
@@ -481,6 +523,9 @@ class CausalLM:
         opener = tc.call_opener(fam, forced) if tool_choice not in ("auto", "none") else ""
         ids = tok.encode(prompt + opener, add_bos=True)
         stops = tuple(tok.stop_ids) + tuple(i for i in [tok.piece_to_id("<|tool_response>")] if i >= 0)
+        if forced is not None and fam in tc.JSON_FAMILIES and not any(
+                kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
+            kw["json_schema"] = schemas[forced]  # the arguments can only be a conforming JSON value
         out = self.generate(ids, max_new_tokens=max_new_tokens, stop_token_ids=stops, **kw)
         text = opener + tok.decode([int(t) for t in out[len(ids):] if int(t) not in stops], skip_special=False)
         if tool_choice == "none":
@@ -541,6 +586,31 @@ class CausalLM:
     def export_peft(self, path: str | os.PathLike, **kw: Any) -> Any:
         """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
         return lora.export_peft(path, self.params, self.linear_nodes, **kw)
+
+    def load_keras_lora(self, path: str | os.PathLike) -> CausalLM:
+        """Add the adapters of a keras-hub ``*.lora.h5`` file (``backbone.save_lora_weights``: a LoRA trained
+        in Keras, per head) as gemmax adapters with the same outputs; serve, train on or merge them."""
+        self.params = keras_presets.import_lora(self.params, self.family, self.config, path)
+        self.__dict__.pop("_logits_fn", None)
+        return self
+
+    def export_keras_lora(self, path: str | os.PathLike) -> Path:
+        """The adapters as a keras-hub ``*.lora.h5`` file that ``backbone.load_lora_weights`` reads."""
+        return keras_presets.export_lora(self.params, self.family, self.config, path)
+
+    def export_keras(self, path: str | os.PathLike, lora: str = "merge", dtype: Any = np.float32) -> Path:
+        """A keras-hub preset folder (config.json, metadata.json, model.weights.h5, tokenizer) that
+        ``keras_hub.models.CausalLM.from_preset`` loads. ``lora="merge"`` folds adapters into the weights;
+        ``"keep"`` writes the base weights and the adapters beside them as ``model.lora.h5`` (for
+        ``backbone.load_lora_weights``). Quantized weights are written dequantized."""
+        if lora not in ("merge", "keep"):
+            raise ValueError(f"lora must be 'merge' or 'keep', got {lora!r}")
+        keep = lora == "keep" and any(p.endswith("lora_a") for p in flatten(self.params))
+        out = keras_presets.export_preset(path, self.family, self.config, self._host_flat(merge=not keep),
+                                          self.tokenizer, dtype=dtype)
+        if keep:
+            self.export_keras_lora(out / keras_presets.LORA_FILE)
+        return out
 
     def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
@@ -676,6 +746,22 @@ def _family_config(hf: dict[str, Any], where: Any) -> tuple[Family, Any]:
         raise CheckpointError(f"{where}: config lacks a required field ({e})") from None
     except ValueError as e:
         raise CheckpointError(f"{where}: not a usable {fam.name} config ({e})") from None
+
+
+def _constraint(json_schema: Any, regex: str | None, grammar: str | None,
+                constraint: Constraint | None) -> Constraint | None:
+    """The one constraint ``generate`` was given, built from whichever argument names it."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                               ("constraint", constraint)) if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"pass one of json_schema, regex, grammar, constraint; got {', '.join(given)}")
+    if json_schema is not None:
+        return Constraint.json_schema(json_schema)
+    if regex is not None:
+        return Constraint.regex(regex)
+    if grammar is not None:
+        return Constraint.grammar(grammar)
+    return constraint
 
 
 def _is_single_prompt(prompts: Any) -> bool:

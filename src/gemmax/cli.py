@@ -241,6 +241,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         out = lm.export_hf(a.output)
     elif a.to == "gemmax":
         out = lm.save(a.output)
+    elif a.to == "keras":
+        out = lm.export_keras(a.output)
     else:
         out = lm.export_gguf(a.output, dtype=a.gguf_type)
     print(f"[gemmax] wrote {out}", file=sys.stderr)
@@ -324,10 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     _load_args(i)
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face folder, gemmax folder or GGUF")
+    v = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face folder, gemmax folder, "
+                                              "keras-hub preset or GGUF")
     v.add_argument("input")
     v.add_argument("output")
-    v.add_argument("--to", choices=["hf", "gemmax", "gguf"], required=True)
+    v.add_argument("--to", choices=["hf", "gemmax", "keras", "gguf"], required=True)
     v.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"])
     v.add_argument("--dtype", default="float32", choices=DTYPES)
     v.set_defaults(func=cmd_convert)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax import distribution as _dist
+from gemmax.engine.constrain import Constraint, RowMatcher, vocabulary
 from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models import base
 from gemmax.models.base import CPU, XLA, Family
 
 Array = jax.Array
+log = logging.getLogger("gemmax.engine")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -156,28 +159,94 @@ def row_keys(seeds: Array, pos: Array) -> Array:
 _row_keys = jax.jit(row_keys)  # for Engine.add: an eager vmap re-traces on every call (~8 ms per prefill)
 
 
+#: the most alternatives a row may ask for per token (OpenAI's ``top_logprobs`` bound); the compiled step
+#: always computes this many when any row wants logprobs, and each row keeps its own count of them
+MAX_TOP_LOGPROBS = 20
+#: the most ``logit_bias`` entries a row may carry (OpenAI's documented bound)
+MAX_BIAS = 300
+
+
+def adjust_logits(logits: Array, st: Mapping[str, Array], extra: Mapping[str, Array]) -> Array:
+    """The per-row logit processors, in the order transformers applies them, before temperature and the
+    filters of :func:`sample_tokens`: ``logit_bias`` (added, as OpenAI and transformers'
+    ``SequenceBiasLogitsProcessor`` for one-token sequences), ``repetition_penalty`` over every token of
+    the prompt and the output (transformers' ``RepetitionPenaltyLogitsProcessor``: a positive logit divided,
+    a negative one multiplied), ``presence_penalty`` / ``frequency_penalty`` over the output's tokens
+    (OpenAI's ``logit - count * frequency - (count > 0) * presence``), then the structured-output mask.
+
+    Only the parts whose arrays are in ``extra`` run (``bias_ids``/``bias_vals`` [B, MAX_BIAS],
+    ``seen`` [B, V] bool, ``counts`` [B, V], ``mask`` [B, ceil(V / 32)] int32 bits): a batch in which no row
+    uses a feature compiles without it. A row that does not use one carries neutral values (no bias
+    entries, penalty 1 and 0, all mask bits set), so rows with and without share a step."""
+    lg = logits.astype(jnp.float32)
+    b, v = lg.shape
+    if "bias_ids" in extra:  # padding entries hold id v: out of range, dropped
+        rows = jnp.arange(b)[:, None]
+        lg = lg.at[rows, extra["bias_ids"]].add(extra["bias_vals"], mode="drop")
+    if "seen" in extra:
+        p = st["repetition"][:, None]
+        lg = jnp.where(extra["seen"], jnp.where(lg < 0, lg * p, lg / p), lg)
+    if "counts" in extra:
+        c = extra["counts"].astype(jnp.float32)
+        lg = lg - c * st["frequency"][:, None] - (c > 0) * st["presence"][:, None]
+    if "mask" in extra:
+        lg = jnp.where(unpack_mask(extra["mask"], v), lg, -jnp.inf)
+    return lg
+
+
+def unpack_mask(words: Array, v: int) -> Array:
+    """[B, W] int32 words (bit ``t % 32`` of word ``t // 32`` allows token ``t``) -> [B, v] bool."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :v].astype(bool)
+
+
+def token_logprobs(logits: Array, tokens: Array, n_top: int) -> dict[str, Array]:
+    """Log-probabilities of the model's own distribution (``log_softmax`` of the raw logits: no temperature,
+    penalty, bias or mask), as OpenAI reports them: the sampled token's and the ``n_top`` most likely."""
+    lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lps, top_ids = jax.lax.top_k(lsm, n_top)
+    return {"chosen": jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0], "top_ids": top_ids,
+            "top_lps": top_lps}
+
+
+def sample_step(logits: Array, keys: Array, st: Mapping[str, Array], extra: Mapping[str, Array], n_cand: int,
+                n_top: int) -> tuple[Array, dict[str, Array]]:
+    """One token per row: the processors of :func:`adjust_logits`, then :func:`sample_tokens`; with
+    ``n_top`` >= 0 also the tokens' log-probabilities (:func:`token_logprobs`)."""
+    lg = adjust_logits(logits, st, extra) if extra else logits
+    tok = sample_tokens(lg, keys, st["temperature"], st["top_k"], st["top_p"], st["min_p"], n_cand)
+    return tok, (token_logprobs(logits, tok, n_top) if n_top >= 0 else {})
+
+
 def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dict, n_steps: int, n_cand: int,
-                 backend: str = XLA) -> tuple[dict, dict, Array]:
+                 backend: str = XLA, extra: dict | None = None, n_top: int = -1
+                 ) -> tuple[dict, dict, dict, Array, dict]:
     """``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos [B],
-    done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S].
-    Returns (cache, state, tokens [B, n_steps]) with -1 for rows that were already done."""
+    done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S]. ``extra``:
+    the per-row processor arrays of :func:`adjust_logits` the batch needs (``counts`` and ``seen`` are
+    updated with each sampled token). Returns (cache, state, extra, tokens [B, n_steps] with -1 for rows
+    that were already done, logprobs: arrays [B, n_steps, ...] when ``n_top`` >= 0)."""
+    extra = extra or {}
 
     def step(carry, _):
-        cache, st = carry
+        cache, st, ex = carry
         logits, cache = family.decode_step(params, cfg, cache, st["token"], st["pos"], backend)
         pos = st["pos"] + 1
-        nxt = sample_tokens(logits, row_keys(st["seed"], pos), st["temperature"], st["top_k"], st["top_p"],
-                            st["min_p"], n_cand)
+        nxt, lps = sample_step(logits, row_keys(st["seed"], pos), st, ex, n_cand, n_top)
         active = ~st["done"]
         emitted = jnp.where(active, nxt, -1)
+        if "counts" in ex:
+            rows = jnp.arange(nxt.shape[0])
+            ex = dict(ex, counts=ex["counts"].at[rows, nxt].add(active.astype(ex["counts"].dtype)),
+                      seen=ex["seen"].at[rows, nxt].set(ex["seen"][rows, nxt] | active))
         stop = jnp.any(nxt[:, None] == st["stop_ids"], axis=-1)
         done = st["done"] | (active & (stop | (pos >= st["limit"])))
         st = dict(st, token=jnp.where(active, nxt, st["token"]), pos=jnp.where(active, pos, st["pos"]),
                   done=done)
-        return (cache, st), emitted
+        return (cache, st, ex), (emitted, lps)
 
-    (cache, state), toks = jax.lax.scan(step, (cache, state), None, length=n_steps)
-    return cache, state, toks.T
+    (cache, state, extra), (toks, lps) = jax.lax.scan(step, (cache, state, extra), None, length=n_steps)
+    return cache, state, extra, toks.T, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), lps)
 
 
 # ---- the engine --------------------------------------------------------------------------------------
@@ -200,6 +269,20 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token the output already holds; in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per earlier occurrence in the output; in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """transformers': logits of tokens in the prompt or the output divided (positive) or multiplied
+    (negative) by it; 1: off, > 1 discourages repeats."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> value added to its logit (OpenAI's -100..100: -100 bans a token, 100 forces it)."""
+    logprobs: int | None = None
+    """Report each new token's log-probability and this many most likely alternatives (0..20); None: off."""
+    constraint: Constraint | None = None
+    """Structured output: every token keeps the output a prefix of what the constraint accepts
+    (:mod:`gemmax.engine.constrain`: a JSON schema, any JSON object, a regex or a Lark grammar)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -212,6 +295,25 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] or None, got {self.logprobs}")
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_BIAS:
+                raise ValueError(f"logit_bias takes at most {MAX_BIAS} tokens, got {len(self.logit_bias)}")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {t!r}")
+                if not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {t}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -225,6 +327,11 @@ class Request:
     first_token_time: float | None = None
     #: inputs besides tokens for the family's prefill (e.g. ``pixel_values``), as the user gave them
     inputs: dict[str, Any] | None = None
+    #: with ``params.logprobs``: per new token, (its log-probability, [(id, log-probability)] of the
+    #: ``params.logprobs`` most likely tokens)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    #: with ``params.constraint``: the row's grammar state (built by the engine from its tokenizer)
+    matcher: RowMatcher | None = None
 
 
 MAX_STOP = 8
@@ -243,8 +350,8 @@ def compiled_functions(family: Family, cfg: Any, max_len: int) -> tuple[Any, Any
             jax.jit(functools.partial(family.prefill, cfg=cfg, max_len=max_len), static_argnames=("backend",)),
             jax.jit(family.insert, donate_argnums=(0,)),
             jax.jit(functools.partial(decode_chunk, family=family, cfg=cfg),
-                    static_argnames=("n_steps", "n_cand", "backend"), donate_argnames=("cache",)),
-            jax.jit(sample_tokens, static_argnames=("n_cand",)),
+                    static_argnames=("n_steps", "n_cand", "backend", "n_top"), donate_argnames=("cache", "extra")),
+            jax.jit(sample_step, static_argnames=("n_cand", "n_top")),
         )
     return _COMPILED[key]
 
@@ -254,10 +361,15 @@ class Engine:
 
     It serves every family through its :class:`~gemmax.models.base.Family` functions (cache, prefill,
     insert, decode step) and samples for all of them. The backend is chosen here, once: the native CPU
-    kernels where they pay and the family has them, XLA otherwise."""
+    kernels where they pay and the family has them, XLA otherwise.
+
+    ``tokenizer`` is needed only for structured output (a request with ``SamplingParams.constraint``): the
+    grammar engine reads the vocabulary's bytes. A constrained row needs its mask before each token, so
+    while one is live every decode chunk is one token long (the mask costs tens of microseconds; the
+    shorter chunk costs one dispatch per token)."""
 
     def __init__(self, params: dict, cfg: Any, max_batch: int = 1, max_len: int | None = None,
-                 dtype: Any = None, chunk: int = 16, family: Family | None = None):
+                 dtype: Any = None, chunk: int = 16, family: Family | None = None, tokenizer: Any = None):
         self.params = params
         self.cfg = cfg
         self.family = family or base.for_config(cfg)
@@ -273,7 +385,12 @@ class Engine:
             "seed": zeros_i, "temperature": np.zeros(max_batch, np.float32), "top_k": zeros_i,
             "top_p": np.ones(max_batch, np.float32), "min_p": np.zeros(max_batch, np.float32),
             "stop_ids": np.full((max_batch, MAX_STOP), -1, np.int32),
+            "presence": np.zeros(max_batch, np.float32), "frequency": np.zeros(max_batch, np.float32),
+            "repetition": np.ones(max_batch, np.float32),
         }
+        self.tokenizer = tokenizer
+        # the per-row processor arrays (penalty counts, logit bias), made when a request first needs them
+        self._extra: dict[str, Array] = {}
         self.state = {k: jnp.asarray(v) for k, v in self.state.items()}
         self._replicated = None
         self._place_on_mesh()
@@ -336,12 +453,24 @@ class Engine:
             unknown = set(r.inputs or ()) - set(self.family.extra_inputs)
             if unknown:
                 raise ValueError(f"{self.family.name} models take no {', '.join(sorted(unknown))}")
+            bias = r.params.logit_bias or {}
+            if any(t >= self.cfg.vocab_size for t in bias):
+                raise ValueError(f"logit_bias names token ids outside the vocabulary of {self.cfg.vocab_size}")
+        for r in reqs:
+            if r.params.constraint is not None and r.matcher is None:
+                r.matcher = self._matcher(r)
         plain = [r for r in reqs if not r.inputs]
         if plain:
             self._add_group(plain)
         for r in reqs:
             if r.inputs:
                 self._add_group([r], r.inputs)
+
+    def _matcher(self, r: Request) -> RowMatcher:
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer (Engine(..., tokenizer=...))")
+        stops = r.params.stop_ids or tuple(self.tokenizer.stop_ids)
+        return r.params.constraint.matcher(vocabulary(self.tokenizer, self.cfg.vocab_size, stops))
 
     def _add_group(self, reqs: Sequence[Request], inputs: dict[str, Any] | None = None) -> None:
         free = self.free_slots()
@@ -371,6 +500,8 @@ class Engine:
             st["seed"][s] = sp.seed
             st["temperature"][s], st["top_k"][s] = sp.temperature, min(sp.top_k, self.cfg.vocab_size)
             st["top_p"][s], st["min_p"][s] = sp.top_p, sp.min_p
+            st["presence"][s], st["frequency"][s] = sp.presence_penalty, sp.frequency_penalty
+            st["repetition"][s] = sp.repetition_penalty
             ids = list(sp.stop_ids)[:MAX_STOP]
             st["stop_ids"][s] = ids + [-1] * (MAX_STOP - len(ids))
             st["done"][s] = False
@@ -378,20 +509,92 @@ class Engine:
         # (over all bb rows of the prefill batch, padding rows repeating the first: one compile per batch
         # bucket, not one per admission-group size)
         rows = np.asarray(slots + [slots[0]] * (bb - b))
-        first = np.asarray(self._first(
-            logits, _row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows])),
-            jnp.asarray(st["temperature"][rows]), jnp.asarray(st["top_k"][rows]),
-            jnp.asarray(st["top_p"][rows]), jnp.asarray(st["min_p"][rows]), n_cand=self._n_cand(reqs)))[:b]
+        padded = list(reqs) + [reqs[0]] * (bb - b)
+        extra = self._first_extra(padded)
+        self._store_rows(reqs, slots, extra)
+        small = {k: jnp.asarray(st[k][rows]) for k in ("temperature", "top_k", "top_p", "min_p", "presence",
+                                                        "frequency", "repetition")}
+        keys = _row_keys(jnp.asarray(st["seed"][rows]), jnp.asarray(st["pos"][rows]))
+        first, lps = self._first(logits, keys, small, {k: jnp.asarray(v) for k, v in extra.items()},
+                                 n_cand=self._n_cand(reqs), n_top=self._n_top(reqs))
+        first = np.asarray(first)[:b]
+        lps = {k: np.asarray(v)[:, None] for k, v in lps.items()}
         now = time.perf_counter()
-        for r, s, tok in zip(reqs, slots, first, strict=True):
+        for i, (r, s, tok) in enumerate(zip(reqs, slots, first, strict=True)):
             st["token"][s] = tok
             r.first_token_time = now
+            self._record(r, [int(tok)], lps, i)
             self._append(r, int(tok), st)
         self.state = self._put_state(st)
 
+    def _first_extra(self, reqs: Sequence[Request]) -> dict[str, np.ndarray]:
+        """The processor arrays for the first token of each prefill row (host arrays, rows in order): the
+        prompt's tokens for the repetition penalty (no output yet, so no presence / frequency counts), the
+        bias entries and the constrained rows' masks."""
+        v = self.cfg.vocab_size
+        out: dict[str, np.ndarray] = {}
+        if any(r.params.penalized for r in reqs):
+            seen = np.zeros((len(reqs), v), bool)
+            for i, r in enumerate(reqs):
+                seen[i, r.prompt_ids] = True
+            out["seen"] = seen
+        if any(r.params.logit_bias for r in reqs) or "bias_ids" in self._extra:
+            out["bias_ids"], out["bias_vals"] = _bias_rows(reqs, v)
+        if any(r.matcher is not None for r in reqs):
+            out["mask"] = self._masks(reqs)
+        return out
+
+    def _store_rows(self, reqs: Sequence[Request], slots: Sequence[int], extra: dict[str, np.ndarray]) -> None:
+        """Reset the new slots' rows of the engine's processor arrays (made on first need): a penalized
+        row's counts start at zero over its prompt's tokens, every new row's bias entries are its own."""
+        b, v = len(slots), self.cfg.vocab_size
+        idx = jnp.asarray(slots, jnp.int32)
+        if "seen" in extra:
+            if "counts" not in self._extra:
+                self._extra["counts"] = jnp.zeros((self.max_batch, v), jnp.int32)
+                self._extra["seen"] = jnp.zeros((self.max_batch, v), bool)
+            self._extra["counts"] = _put_rows(self._extra["counts"], idx, jnp.zeros((b, v), jnp.int32))
+            self._extra["seen"] = _put_rows(self._extra["seen"], idx, jnp.asarray(extra["seen"][:b]))
+        if "bias_ids" in extra:
+            if "bias_ids" not in self._extra:
+                self._extra["bias_ids"] = jnp.full((self.max_batch, MAX_BIAS), v, jnp.int32)
+                self._extra["bias_vals"] = jnp.zeros((self.max_batch, MAX_BIAS), jnp.float32)
+            for k in ("bias_ids", "bias_vals"):
+                self._extra[k] = _put_rows(self._extra[k], idx, jnp.asarray(extra[k][:b]))
+        self._extra = self._put_state(self._extra) if self._extra else self._extra
+
+    def _masks(self, rows: Sequence[Request | None]) -> np.ndarray:
+        """The allowed-token bitmask of each row (all bits set for a free row), from its matcher."""
+        words = (self.cfg.vocab_size + 31) // 32
+        mask = np.full((len(rows), words), -1, np.int32)
+        for i, r in enumerate(rows):
+            if r is not None and r.matcher is not None and not r.done:
+                r.matcher.fill(mask[i])
+        return mask
+
+    def _record(self, r: Request, new: list[int], lps: dict[str, np.ndarray], i: int) -> None:
+        """Follow the new tokens of row ``i`` (its index in the step's arrays): the constraint's matcher
+        (a token it refuses ends the row; none should, as the mask allowed only what it accepts) and the
+        requested log-probabilities."""
+        if r.params.logprobs is not None and lps:
+            k = r.params.logprobs
+            for j in range(len(new)):
+                top = [(int(a), float(b)) for a, b in zip(lps["top_ids"][i, j, :k], lps["top_lps"][i, j, :k],
+                                                           strict=True)]
+                r.logprobs.append((float(lps["chosen"][i, j]), top))
+        if r.matcher is not None:
+            for t in new:
+                if t not in r.params.stop_ids and not r.matcher.consume(t):
+                    log.warning("constrained row ended: its grammar refused token %d (%s)", t, r.matcher.error)
+                    r.finish_reason = "stop"
+                    self.finish(r, "stop")
+                    break
+
     def _append(self, r: Request, tok: int, st: dict) -> None:
         r.new_ids.append(tok)
-        if tok in r.params.stop_ids:
+        if r.done:
+            pass
+        elif tok in r.params.stop_ids:
             r.done, r.finish_reason = True, "stop"
         elif len(r.new_ids) >= r.params.max_new_tokens or st["pos"][r.slot] >= self.max_len - 1:
             r.done, r.finish_reason = True, "length"
@@ -406,13 +609,40 @@ class Engine:
             return -1
         return min(N_CAND, self.cfg.vocab_size)
 
+    def _n_top(self, reqs: Sequence[Request | None]) -> int:
+        """Static: the alternatives computed per token, ``MAX_TOP_LOGPROBS`` when any row wants
+        log-probabilities (one compiled variant whatever each row's count), else -1 (none computed)."""
+        want = any(r is not None and not r.done and r.params.logprobs is not None for r in reqs)
+        return min(MAX_TOP_LOGPROBS, self.cfg.vocab_size) if want else -1
+
+    def step_limit(self) -> int | None:
+        """The longest decode chunk the live rows allow: 1 while a constrained row needs a mask before each
+        token, else None (no limit)."""
+        return 1 if any(r is not None and not r.done and r.matcher is not None for r in self.requests) else None
+
+    def _step_extra(self) -> dict[str, Array]:
+        """The processor arrays the live rows need this chunk (see :func:`adjust_logits`)."""
+        live = [r for r in self.requests if r is not None and not r.done]
+        out: dict[str, Array] = {}
+        if any(r.params.penalized for r in live):
+            out["counts"], out["seen"] = self._extra["counts"], self._extra["seen"]
+        if any(r.params.logit_bias for r in live):
+            out["bias_ids"], out["bias_vals"] = self._extra["bias_ids"], self._extra["bias_vals"]
+        if any(r.matcher is not None for r in live):
+            out["mask"] = self._put_state({"m": self._masks(self.requests)})["m"]
+        return out
+
     def step(self, n_steps: int | None = None) -> list[Request]:
         """Run one decode chunk for all live slots; returns the requests that got new tokens."""
         n = n_steps or self.chunk
-        self.cache, self.state, toks = self._chunk(self.params, cache=self.cache, state=self.state,
-                                                   n_steps=n, n_cand=self._n_cand(self.requests),
-                                                   backend=self.decode_backend)
+        n = min(n, self.step_limit() or n)
+        extra = self._step_extra()
+        self.cache, self.state, extra, toks, lps = self._chunk(
+            self.params, cache=self.cache, state=self.state, n_steps=n, n_cand=self._n_cand(self.requests),
+            backend=self.decode_backend, extra=extra, n_top=self._n_top(self.requests))
+        self._extra.update({k: v for k, v in extra.items() if k != "mask"})
         toks = np.asarray(toks)
+        lps = {k: np.asarray(v) for k, v in lps.items()}
         done = np.asarray(self.state["done"])
         touched = []
         for s, r in enumerate(self.requests):
@@ -422,7 +652,8 @@ class Engine:
             r.new_ids.extend(new)
             if new:
                 touched.append(r)
-            if done[s]:
+                self._record(r, new, lps, s)
+            if done[s] and not r.done:
                 r.done = True
                 r.finish_reason = "stop" if r.new_ids and r.new_ids[-1] in r.params.stop_ids else "length"
         return touched
@@ -438,6 +669,21 @@ class Engine:
         if r.slot >= 0 and self.requests[r.slot] is r:
             self.finish(r, r.finish_reason)
             self.requests[r.slot] = None
+
+
+_put_rows = jax.jit(lambda a, idx, rows: a.at[idx].set(rows), donate_argnums=(0,))
+
+
+def _bias_rows(reqs: Sequence[Request], v: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's ``logit_bias`` as [len(reqs), MAX_BIAS] ids (padding: ``v``, out of range) and values."""
+    ids = np.full((len(reqs), MAX_BIAS), v, np.int32)
+    vals = np.zeros((len(reqs), MAX_BIAS), np.float32)
+    for i, r in enumerate(reqs):
+        items = sorted((r.params.logit_bias or {}).items())
+        if items:
+            ids[i, : len(items)] = [t for t, _ in items]
+            vals[i, : len(items)] = [b for _, b in items]
+    return ids, vals
 
 
 def _pad_token_inputs(inputs: dict[str, Any], fills: Mapping[str, int], t: int) -> dict[str, Any]:
@@ -465,12 +711,14 @@ def _compute_dtype(params: dict) -> Any:
 
 def generate_ids(params: dict, cfg: Any, prompts: Sequence[Sequence[int]], sp: Sequence[SamplingParams],
                  chunk: int = 16, stop_check: Any = None, inputs: Sequence[dict[str, Any] | None] | None = None,
-                 family: Family | None = None) -> list[Request]:
+                 family: Family | None = None, tokenizer: Any = None) -> list[Request]:
     """Generate for a batch of token-id prompts; one engine sized to the batch and the longest request.
-    ``inputs``: per prompt, the family's inputs besides tokens (e.g. ``pixel_values``) or None."""
+    ``inputs``: per prompt, the family's inputs besides tokens (e.g. ``pixel_values``) or None.
+    ``tokenizer``: for prompts whose sampling carries a ``constraint`` (structured output)."""
     need = max(len(p) + s.max_new_tokens for p, s in zip(prompts, sp, strict=True))
     max_len = min(bucket(need + 1), cfg.max_position_embeddings)
-    eng = Engine(params, cfg, max_batch=bucket(len(prompts), 1), max_len=max_len, chunk=chunk, family=family)
+    eng = Engine(params, cfg, max_batch=bucket(len(prompts), 1), max_len=max_len, chunk=chunk, family=family,
+                 tokenizer=tokenizer)
     inputs = inputs or [None] * len(prompts)
     reqs = [Request(list(p), s, inputs=x) for p, s, x in zip(prompts, sp, inputs, strict=True)]
     eng.add(reqs)

@@ -10,7 +10,8 @@ The functions, by stage:
 - **declaration**: ``param_specs(cfg)`` (shape, logical axes, init of every weight), ``linear_nodes(cfg)``
   (the linear layers LoRA and quantization may touch), ``hf_table(cfg)`` (Hugging Face tensor names of every
   weight and the transforms between layouts; the published Hub names are the ones written on export, and
-  ``hf_aliases`` maps other published prefixes onto them).
+  ``hf_aliases`` maps other published prefixes onto them), ``keras`` (a :class:`KerasSpec`: the keras-hub
+  backbone classes it loads, their config arguments and the name table of their weights file).
 - **model**: ``forward_hidden(params, cfg, tokens, positions=None, segment_ids=None, remat=None, **inputs)``
   -> final-normed hidden states ``[B, T, D]``; ``logits_from_hidden(params, cfg, hidden)`` -> float32
   logits. ``inputs`` carries what a family reads besides tokens (PaliGemma: ``pixel_values``,
@@ -58,6 +59,26 @@ class FamilyConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def param_count(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class KerasSpec:
+    """How a family reads and writes keras-hub presets (``gemmax.io.keras``): one more name table.
+
+    ``accepts(class_name, config)``: whether a preset's backbone is this family's (Gemma 3 with and without
+    a vision encoder share ``Gemma3Backbone``); ``from_config(class_name, config)`` -> gemmax config;
+    ``to_config(cfg)`` -> (backbone class, config arguments, module, task class, tokenizer class);
+    ``table(cfg)``: gemmax path -> (H5 dataset path, or one per stacked layer; Keras -> gemmax; gemmax ->
+    Keras), as ``hf_table``; ``lora_layers(cfg)``: ``{weighted-layer index: (linear node key, layer)}`` for
+    the layers keras-hub's ``save_lora_weights`` may key (its index over the backbone's weighted layers).
+    """
+
+    classes: tuple[str, ...]
+    accepts: Callable[[str, Mapping[str, Any]], bool]
+    from_config: Callable[[str, Mapping[str, Any]], Any]
+    to_config: Callable[[Any], tuple[str, dict[str, Any], str, str, str]]
+    table: Callable[[Any], dict[str, HFEntry]]
+    lora_layers: Callable[[Any], dict[int, tuple[str, int]]]
 
 
 class UnsupportedModelType(KeyError, ValueError):
@@ -126,6 +147,8 @@ class Family:
     check_inputs: Callable[..., None] | None = None
     #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
     tiny_config: Callable[..., Any] | None = None
+    #: keras-hub presets this family reads and writes; None: none
+    keras: KerasSpec | None = None
 
 
 #: The functions every family defines under these names (see the module docstring).
@@ -180,6 +203,15 @@ def for_config(cfg: Any) -> Family:
         if isinstance(cfg, fam.config_type):
             return fam
     raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family")
+
+
+def for_keras_backbone(class_name: str, config: Mapping[str, Any]) -> Family:
+    """The family that loads a keras-hub preset whose backbone is ``class_name`` with ``config``."""
+    for fam in _REGISTRY.values():
+        if fam.keras is not None and class_name in fam.keras.classes and fam.keras.accepts(class_name, config):
+            return fam
+    known = sorted({c for f in _REGISTRY.values() if f.keras is not None for c in f.keras.classes})
+    raise UnsupportedModelType(f"unsupported keras-hub backbone {class_name!r}; gemmax loads {', '.join(known)}")
 
 
 def all_presets() -> dict[str, tuple[Family, Any]]:

@@ -40,8 +40,9 @@ import numpy as np
 
 from gemmax.models import paligemma as pg
 from gemmax.models import siglip as vision
-from gemmax.models.base import CPU, XLA, family_from, register
+from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
 from gemmax.models.gemma import hf as gemma_hf
+from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
@@ -578,6 +579,78 @@ def check_inputs(cfg: Gemma3VisionConfig, ids: Any, inputs: Mapping[str, Any]) -
 
 # ---- the family ----------------------------------------------------------------------------------------------
 
+# ---- keras-hub presets ---------------------------------------------------------------------------------------
+
+#: where keras-hub's ``Gemma3VisionEncoder`` keeps its ViT encoder and its output projection
+KERAS_VISION = "layers/gemma3_vision_encoder/layers/"
+KERAS_ENCODER = KERAS_VISION + "gemma3_vision_encoder_block/"
+KERAS_OUTPUT = KERAS_VISION + "gemma3_vision_output/"
+
+
+def keras_config(class_name: str, c: Mapping[str, Any]) -> Gemma3VisionConfig:
+    """From a ``Gemma3Backbone`` config with a ``vision_encoder``: the decoder as the text backbone's, the tower
+    from the encoder's config. The image ids come from the preset's tokenizer (``<img>``,
+    ``<start_of_image>``, ``<end_of_image>``) when the model is loaded."""
+    text = gemma_keras.gemma_text_config(class_name, c)
+    v = (c.get("vision_encoder") or {}).get("config") or {}
+    if float(v.get("layer_norm_epsilon", 1e-6)) != 1e-6:
+        raise ValueError("the vision encoder's layer_norm_epsilon is not 1e-6")
+    vc = vision.SigLIPConfig(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
+                             width=int(v["hidden_dim"]), depth=int(v["num_layers"]), mlp_dim=int(v["intermediate_dim"]),
+                             num_heads=int(v["num_heads"]))
+    if int(v.get("output_dim", text.hidden_size)) != text.hidden_size:
+        raise ValueError(f"vision output_dim {v.get('output_dim')} is not the decoder width {text.hidden_size}")
+    per_side = vc.grid // int(v.get("pool_size", 4))
+    top = text.vocab_size - 1
+    return Gemma3VisionConfig(text=text, vision=vc, tokens_per_image=per_side * per_side,
+                              image_token_id=262144 if text.vocab_size > 262144 else top,
+                              boi_token_id=255999 if text.vocab_size > 262144 else top - 2,
+                              eoi_token_id=256000 if text.vocab_size > 262144 else top - 1, name=text.name)
+
+
+def to_keras_config(cfg: Gemma3VisionConfig) -> tuple[str, dict[str, Any], str, str, tuple[str, str]]:
+    v = cfg.vision
+    pool = math.isqrt(v.num_patches // cfg.tokens_per_image)
+    encoder = {"module": "keras_hub.src.models.gemma3.gemma3_vision_encoder", "class_name": "Gemma3VisionEncoder",
+               "config": {"name": "gemma3_vision_encoder", "trainable": True,
+                          "dtype": {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"},
+                                    "registered_name": None},
+                          "num_heads": v.num_heads, "hidden_dim": v.width, "num_layers": v.depth,
+                          "intermediate_dim": v.mlp_dim, "output_dim": cfg.text.hidden_size, "pool_size": pool,
+                          "image_size": v.image_size, "patch_size": v.patch_size, "layer_norm_epsilon": v.norm_eps},
+               "registered_name": "keras_hub>Gemma3VisionEncoder"}
+    args = dict(gemma_keras.gemma3_keras_args(cfg.text), image_size=v.image_size, vision_encoder=encoder)
+    return ("Gemma3Backbone", args, "keras_hub.src.models.gemma3.gemma3_backbone", "Gemma3CausalLM",
+            ("keras_hub.src.models.gemma3.gemma3_tokenizer", "Gemma3Tokenizer"))
+
+
+def keras_table(cfg: Gemma3VisionConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """gemmax path -> (H5 dataset, or one per layer; Keras -> gemmax; gemmax -> Keras) for every weight."""
+    ident = (lambda w: w, lambda w: w)
+    t: dict[str, tuple[str | list[str], Any, Any]] = {
+        "token_embedding/embeddings": ("layers/reversible_embedding/vars/0", *ident),
+        "final_normalization/scale": ("layers/rms_normalization/vars/0", *ident),
+        PROJECTOR + "/soft_embedding_norm/scale": (KERAS_OUTPUT + "vision_soft_embedding_norm/vars/0", *ident),
+        PROJECTOR + "/input_projection/kernel": (KERAS_OUTPUT + "vision_input_projection/vars/0", *ident),
+    }
+    t.update(gemma_keras.decoder_table(cfg.text, "gemma3_decoder_block"))
+    t.update(vision.keras_table(cfg.vision, KERAS_ENCODER, "gemma3_vision_encoder_layer"))
+    return t
+
+
+def keras_lora_layers(cfg: Gemma3VisionConfig) -> dict[int, tuple[str, int]]:
+    """Weighted-layer indices: embedding, encoder, its output block (projection, norm), the ViT, its layers
+    (from 6), patch and position embeddings, final ViT norm, then the decoder blocks."""
+    out = vision.keras_lora_layers(cfg.vision, 6)
+    out.update(gemma_keras.decoder_lora_layers(cfg.text, 10 + len(vision.KERAS_BLOCK_ORDER) * cfg.vision.depth))
+    return out
+
+
+KERAS = KerasSpec(classes=("Gemma3Backbone",), accepts=lambda name, c: bool(c.get("vision_encoder")),
+                  from_config=keras_config, to_config=to_keras_config, table=keras_table,
+                  lora_layers=keras_lora_layers)
+
+
 FAMILY = register(family_from(
     globals(), "gemma3_vision",
     model_types=("gemma3",),
@@ -595,4 +668,5 @@ FAMILY = register(family_from(
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,
     check_inputs=check_inputs,
+    keras=KERAS,
 ))

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models import siglip as vision
-from gemmax.models.base import CPU, XLA, family_from, register
+from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
 from gemmax.models.gemma import decode as gdecode
 from gemmax.models.gemma import hf as gemma_hf
+from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
@@ -620,6 +621,64 @@ def training_batch(cfg: PaliGemmaConfig, prompts: Sequence[Sequence[int]], suffi
     return batch
 
 
+# ---- keras-hub presets ---------------------------------------------------------------------------------------
+
+#: where keras-hub's ``PaliGemmaBackbone`` keeps its ViT (``vit_name`` unset) and the ViT's encoder
+KERAS_VIT = "layers/pali_gemma_vit/layers/"
+KERAS_ENCODER = KERAS_VIT + "pali_gemma_vit_encoder/"
+
+
+def keras_config(class_name: str, c: Mapping[str, Any]) -> PaliGemmaConfig:
+    """From a ``PaliGemmaBackbone`` config: the decoder as a ``GemmaBackbone``'s, the ViT from ``vit_*``. The
+    image token id comes from the preset's tokenizer (``<image>``) when the model is loaded."""
+    if c.get("vit_pooling") or c.get("vit_classifier_activation"):
+        raise ValueError("a pooled ViT or a projector activation is not PaliGemma's layout")
+    text = gemma_keras.gemma_text_config("GemmaBackbone", c)
+    vc = vision.SigLIPConfig(image_size=int(c["image_size"]), patch_size=int(c["vit_patch_size"]),
+                             width=int(c["vit_hidden_dim"]), depth=int(c["vit_num_layers"]),
+                             mlp_dim=int(c.get("vit_intermediate_dim") or 4304), num_heads=int(c["vit_num_heads"]))
+    image_id = 257152 if text.vocab_size > 257152 else text.vocab_size - 1
+    return PaliGemmaConfig(text=text, vision=vc, image_token_id=image_id, name=text.name)
+
+
+def to_keras_config(cfg: PaliGemmaConfig) -> tuple[str, dict[str, Any], str, str, tuple[str, str]]:
+    v = cfg.vision
+    if v.norm_eps != 1e-6 or v.channels != 3:
+        raise ValueError("keras-hub's PaliGemma ViT has layer-norm epsilon 1e-6 and RGB input")
+    args = dict(gemma_keras.gemma_keras_args(cfg.text), intermediate_dim=2 * cfg.text.intermediate_size,
+                image_size=v.image_size, vit_patch_size=v.patch_size, vit_num_heads=v.num_heads,
+                vit_hidden_dim=v.width, vit_num_layers=v.depth, vit_intermediate_dim=v.mlp_dim, vit_pooling=None,
+                vit_classifier_activation=None, vit_name=None)
+    return ("PaliGemmaBackbone", args, "keras_hub.src.models.pali_gemma.pali_gemma_backbone", "PaliGemmaCausalLM",
+            ("keras_hub.src.models.pali_gemma.pali_gemma_tokenizer", "PaliGemmaTokenizer"))
+
+
+def keras_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """gemmax path -> (H5 dataset, or one per layer; Keras -> gemmax; gemmax -> Keras) for every weight."""
+    ident = (lambda w: w, lambda w: w)
+    t: dict[str, tuple[str | list[str], Any, Any]] = {
+        "token_embedding/embeddings": ("layers/reversible_embedding/vars/0", *ident),
+        "final_normalization/scale": ("layers/rms_normalization/vars/0", *ident),
+        PROJECTOR + "/kernel": (KERAS_VIT + "dense/vars/0", *ident),
+        PROJECTOR + "/bias": (KERAS_VIT + "dense/vars/1", *ident),
+    }
+    t.update(gemma_keras.decoder_table(cfg.text, "pali_gemma_decoder_block"))
+    t.update(vision.keras_table(cfg.vision, KERAS_ENCODER, "pali_gemma_vit_encoder_block"))
+    return t
+
+
+def keras_lora_layers(cfg: PaliGemmaConfig) -> dict[int, tuple[str, int]]:
+    """Weighted-layer indices: embedding, ViT, projector, ViT encoder, its layers (from 4), patch and position
+    embeddings, final ViT norm, then the decoder blocks."""
+    out = vision.keras_lora_layers(cfg.vision, 4)
+    out.update(gemma_keras.decoder_lora_layers(cfg.text, 8 + len(vision.KERAS_BLOCK_ORDER) * cfg.vision.depth))
+    return out
+
+
+KERAS = KerasSpec(classes=("PaliGemmaBackbone",), accepts=lambda name, c: True, from_config=keras_config,
+                  to_config=to_keras_config, table=keras_table, lora_layers=keras_lora_layers)
+
+
 # ---- the family ----------------------------------------------------------------------------------------------
 
 FAMILY = register(family_from(
@@ -639,4 +698,5 @@ FAMILY = register(family_from(
     backends=(XLA, CPU),
     tiny_config=tiny_config,
     encode_prompt=encode_prompt,
+    keras=KERAS,
 ))

@@ -225,3 +225,57 @@ def hf_table(cfg: SigLIPConfig,
     for path, (hf, f, g) in per.items():
         t[PREFIX + "encoder_block/" + path] = ([f"{prefix}encoder.layers.{i}.{hf}" for i in range(cfg.depth)], f, g)
     return t
+
+
+def keras_table(cfg: SigLIPConfig, prefix: str, block: str) -> dict[str, tuple[Any, Callable, Callable]]:
+    """gemmax path -> (H5 dataset or one per layer, Keras -> gemmax, gemmax -> Keras) for keras-hub's ViT under
+    ``prefix`` (``layers/pali_gemma_vit/layers/pali_gemma_vit_encoder/``), its encoder layers named after
+    ``block``. Keras keeps ``Dense`` kernels ``[in, out]`` with q/k/v heads flattened, and the patch conv
+    ``[p, p, channels, width]`` as gemmax does."""
+    H, hd, W = cfg.num_heads, cfg.head_dim, cfg.width
+    ident = (lambda w: w, lambda w: w)
+    qkv = (lambda w: w.reshape(W, H, hd), lambda w: w.reshape(W, H * hd))
+    qkv_b = (lambda w: w.reshape(H, hd), lambda w: w.reshape(H * hd))
+    out = (lambda w: w.reshape(H, hd, W), lambda w: w.reshape(H * hd, W))
+    emb = prefix + "vision_embeddings/"
+    t: dict[str, tuple[Any, Callable, Callable]] = {
+        PREFIX + "patch_embedding/kernel": (emb + "patch_embedding/vars/0", *ident),
+        PREFIX + "patch_embedding/bias": (emb + "patch_embedding/vars/1", *ident),
+        PREFIX + "position_embedding/embeddings": (emb + "position_embedding/vars/0", *ident),
+        PREFIX + "post_layernorm/scale": (prefix + "encoder_layer_norm/vars/0", *ident),
+        PREFIX + "post_layernorm/bias": (prefix + "encoder_layer_norm/vars/1", *ident),
+    }
+    per: dict[str, tuple[str, Callable, Callable]] = {
+        "layer_norm1/scale": ("layer_norm_1/vars/0", *ident), "layer_norm1/bias": ("layer_norm_1/vars/1", *ident),
+        "layer_norm2/scale": ("layer_norm_2/vars/0", *ident), "layer_norm2/bias": ("layer_norm_2/vars/1", *ident),
+        "mlp/fc1/kernel": ("mlp_dense_1/vars/0", *ident), "mlp/fc1/bias": ("mlp_dense_1/vars/1", *ident),
+        "mlp/fc2/kernel": ("mlp_dense_2/vars/0", *ident), "mlp/fc2/bias": ("mlp_dense_2/vars/1", *ident),
+        "attention/attention_output/kernel": ("attn/out_proj/vars/0", *out),
+        "attention/attention_output/bias": ("attn/out_proj/vars/1", *ident),
+    }
+    for n in ("query", "key", "value"):
+        per[f"attention/{n}/kernel"] = (f"attn/{n}_proj/vars/0", *qkv)
+        per[f"attention/{n}/bias"] = (f"attn/{n}_proj/vars/1", *qkv_b)
+    blocks = [f"{prefix}resblocks/{block}" + (f"_{i}" if i else "") for i in range(cfg.depth)]
+    for sub, (name, f, g) in per.items():
+        t[PREFIX + "encoder_block/" + sub] = ([f"{b}/{name}" for b in blocks], f, g)
+    return t
+
+
+#: keras-hub's ViT encoder layer's weighted sub-layers in ``_flatten_layers`` order, and the gemmax linear node
+#: of each dense one (``save_lora_weights`` keys adapters by this order).
+KERAS_BLOCK_ORDER = ("block", "layer_norm_2", "mlp_dense_2", "mlp_dense_1", "layer_norm_1", "multi_head_attention",
+                     "out_proj", "value_proj", "key_proj", "query_proj")
+KERAS_LINEARS = {"query_proj": "vision_query", "key_proj": "vision_key", "value_proj": "vision_value",
+                 "out_proj": "vision_attention_output", "mlp_dense_1": "vision_fc1", "mlp_dense_2": "vision_fc2"}
+
+
+def keras_lora_layers(cfg: SigLIPConfig, first: int) -> dict[int, tuple[str, int]]:
+    """``{weighted-layer index: (node key, layer)}`` of the encoder layers, the first at ``first``: Keras visits
+    them last-created first."""
+    out = {}
+    for j in range(cfg.depth):
+        for k, name in enumerate(KERAS_BLOCK_ORDER):
+            if name in KERAS_LINEARS:
+                out[first + j * len(KERAS_BLOCK_ORDER) + k] = (KERAS_LINEARS[name], cfg.depth - 1 - j)
+    return out

@@ -16,7 +16,8 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 
-from gemmax.engine.generate import SamplingParams
+from gemmax.engine.constrain import Constraint, ConstraintError
+from gemmax.engine.generate import MAX_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from gemmax.io.images import message_images, part_image
 from gemmax.models import base
 from gemmax.serve.errors import APIError, bad
@@ -25,6 +26,7 @@ from gemmax.serve.scheduler import ServedModel
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_STOP_STRINGS = 16
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' ``logprobs`` bound (OpenAI's)
 SEED_MOD = 2**31 - 1  # engine seeds are int32
 #: a prompt longer than this many characters per token of context cannot fit (no vocabulary piece is
 #: longer), so it is refused before the tokenizer spends time on it
@@ -38,13 +40,13 @@ _SAMPLING_FIELDS: dict[str, tuple | None] = {
     "model": None, "max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "min_p": None,
     "seed": None, "n": None, "stop": None, "stream": None, "stream_options": None, "ignore_eos": None,
     "presence_penalty": None, "frequency_penalty": None, "user": None, "max_completion_tokens": None,
-    "logprobs": (None, False, 0), "logit_bias": (None, {}), "repetition_penalty": (None, 1, 1.0),
+    "logprobs": None, "logit_bias": None, "repetition_penalty": None, "response_format": None,
 }
 FIELDS: dict[str, dict[str, tuple | None]] = {
     "completions": {**_SAMPLING_FIELDS, "prompt": None, "echo": None, "suffix": (None, ""), "best_of": (None, 1)},
-    "chat": {**_SAMPLING_FIELDS, "messages": None, "top_logprobs": (None, 0),
+    "chat": {**_SAMPLING_FIELDS, "messages": None, "top_logprobs": None,
              "tools": None, "functions": (None, []), "tool_choice": None, "function_call": (None,),
-             "parallel_tool_calls": None, "response_format": (None, {"type": "text"}),
+             "parallel_tool_calls": None,
              "metadata": None, "store": (None, False), "service_tier": (None, "auto", "default"),
              "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
              "reasoning_effort": (None,), "web_search_options": (None,)},
@@ -107,6 +109,116 @@ def _stops(body: Mapping) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v))
 
 
+def _logit_bias(body: Mapping, vocab: int | None) -> dict[int, float]:
+    """``logit_bias``: token ids (as JSON object keys, so strings of digits) -> values in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to numbers", "logit_bias", "invalid_type")
+    if len(v) > MAX_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_BIAS} tokens, got {len(v)}", "logit_bias", "invalid_value")
+    out = {}
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isdigit() and k.isascii()):
+            raise bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias", "invalid_value")
+        t = int(k)
+        if vocab is not None and t >= vocab:
+            raise bad(f"'logit_bias' names token {t}, outside the vocabulary of {vocab}", "logit_bias",
+                      "invalid_value")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100]; token {k} has {b!r}", "logit_bias",
+                      "invalid_value")
+        out[t] = float(b)
+    return out
+
+
+def _logprobs(body: Mapping, chat: bool) -> int | None:
+    """How many alternatives per token to report, or None for no log-probabilities. Chat takes OpenAI's
+    ``logprobs`` (bool) and ``top_logprobs`` (0..20, only with ``logprobs``); completions its integer
+    ``logprobs`` (0..5), which ``echo`` cannot join (prompt log-probabilities are not computed)."""
+    if chat:
+        on = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if top and not on:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        return (top or 0) if on else None
+    if isinstance(body.get("logprobs"), bool):
+        raise bad("'logprobs' must be an integer on /v1/completions", "logprobs", "invalid_type")
+    n = _integer(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
+    if n is not None and body.get("echo"):
+        raise bad("'logprobs' with 'echo' is not supported (prompt log-probabilities are not computed)",
+                  "logprobs", "unsupported_parameter")
+    return n
+
+
+_FORMAT_KEYS = {"text": (), "json_object": (), "json_schema": ("json_schema",), "regex": ("regex",),
+                "grammar": ("grammar",)}
+
+
+def response_format(body: Mapping) -> Constraint | None:
+    """``response_format``: OpenAI's ``{"type": "text" | "json_object" | "json_schema", "json_schema":
+    {"name", "schema", "strict", "description"}}`` and gemmax's ``{"type": "regex", "regex": ...}`` and
+    ``{"type": "grammar", "grammar": <Lark>}``, as a :class:`Constraint`. A bad schema, regex or grammar is
+    a 400 naming the problem."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    p = "response_format"
+    if not isinstance(rf, dict):
+        raise bad(f"'{p}' must be an object", p, "invalid_type")
+    kind = rf.get("type")
+    if not isinstance(kind, str) or kind not in _FORMAT_KEYS:
+        raise bad(f"{p}.type must be one of {', '.join(_FORMAT_KEYS)}; got {kind!r}", f"{p}.type", "invalid_value")
+    extra = set(rf) - {"type", *_FORMAT_KEYS[kind]}
+    if extra:
+        raise bad(f"{p} of type {kind!r} takes no {', '.join(sorted(extra))}", p, "invalid_value")
+    for key in _FORMAT_KEYS[kind]:
+        if key not in rf:
+            raise bad(f"{p}.{key} is required for type {kind!r}", f"{p}.{key}", "missing_required_parameter")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint.json_object()
+        if kind == "regex":
+            return Constraint.regex(_string(rf, "regex", f"{p}.regex"))
+        if kind == "grammar":
+            return Constraint.grammar(_string(rf, "grammar", f"{p}.grammar"))
+        return Constraint.json_schema(_json_schema(rf["json_schema"]))
+    except ConstraintError as e:
+        where = f"{p}.json_schema.schema" if kind == "json_schema" else f"{p}.{kind}"
+        raise bad(f"{where}: {e}", where, "invalid_value") from None
+
+
+def _string(d: Mapping, key: str, param: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v:
+        raise bad(f"{param} must be a non-empty string", param, "invalid_type")
+    return v
+
+
+def _json_schema(js: Any) -> dict[str, Any]:
+    """OpenAI's ``json_schema`` object: ``name`` (required: letters, digits, ``_`` and ``-``, at most 64),
+    ``schema`` (gemmax requires it: there is nothing to enforce without one), ``strict``, ``description``."""
+    p = "response_format.json_schema"
+    if not isinstance(js, dict):
+        raise bad(f"{p} must be an object", p, "invalid_type")
+    extra = set(js) - {"name", "schema", "strict", "description"}
+    if extra:
+        raise bad(f"{p} takes no {', '.join(sorted(extra))}", p, "invalid_value")
+    name = js.get("name")
+    if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+        raise bad(f"{p}.name must be 1 to 64 letters, digits, '_' or '-'", f"{p}.name", "invalid_value")
+    if js.get("strict") is not None and not isinstance(js["strict"], bool):
+        raise bad(f"{p}.strict must be a boolean", f"{p}.strict", "invalid_type")
+    if "schema" not in js:
+        raise bad(f"{p}.schema is required", f"{p}.schema", "missing_required_parameter")
+    if not isinstance(js["schema"], dict):
+        raise bad(f"{p}.schema must be an object", f"{p}.schema", "invalid_type")
+    return js["schema"]
+
+
 @dataclass
 class Sampling:
     """What one HTTP request asked for, validated; one SamplingParams per choice is derived from it."""
@@ -121,21 +233,31 @@ class Sampling:
     stop: tuple[str, ...]
     stream: bool
     ignore_eos: bool
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
     @classmethod
-    def parse(cls, body: Mapping, default_max_tokens: int | None, vocab: int | None = None) -> Sampling:
+    def parse(cls, body: Mapping, default_max_tokens: int | None, vocab: int | None = None,
+              endpoint: str | None = None) -> Sampling:
         """The request's sampling settings, range-checked (``top_k`` within ``[-1, vocab]``, -1 and 0 off);
-        fields outside the endpoint's table are ``check_fields``' business."""
+        fields outside the endpoint's table are ``check_fields``' business. ``endpoint`` ("chat" or
+        "completions"; by default chat when the body has ``messages``) decides how ``logprobs`` reads."""
+        chat = endpoint == "chat" if endpoint is not None else "messages" in body
         max_tokens = _integer(body, "max_tokens", None, 1)
+        max_completion = _integer(body, "max_completion_tokens", default_max_tokens, 1)
         if max_tokens is None:
-            max_tokens = _integer(body, "max_completion_tokens", default_max_tokens, 1)
-        for key in ("presence_penalty", "frequency_penalty"):
-            if _number(body, key, 0.0, -2.0, 2.0):
-                raise bad(f"'{key}' is not supported (only 0)", key, "unsupported_parameter")
+            max_tokens = max_completion
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        rep = _number(body, "repetition_penalty", 1.0, 0.0, 2.0)
+        if rep == 0:
+            raise bad("'repetition_penalty' must be > 0 (1 is off)", "repetition_penalty", "invalid_value")
         return cls(
             max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -147,6 +269,12 @@ class Sampling:
             stop=_stops(body),
             stream=_boolean(body, "stream"),
             ignore_eos=_boolean(body, "ignore_eos"),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=rep,
+            logit_bias=_logit_bias(body, vocab),
+            logprobs=_logprobs(body, chat),
+            constraint=response_format(body),
         )
 
     def params_for(self, choice: int, max_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
@@ -155,7 +283,10 @@ class Sampling:
         return SamplingParams(
             temperature=0.0 if greedy else self.temperature, top_k=max(self.top_k, 0),
             top_p=1.0 if greedy else self.top_p, min_p=self.min_p, seed=(seed + choice) % SEED_MOD,
-            max_new_tokens=max_tokens, stop_ids=() if self.ignore_eos else tuple(stop_ids))
+            max_new_tokens=max_tokens, stop_ids=() if self.ignore_eos else tuple(stop_ids),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias or None,
+            logprobs=self.logprobs, constraint=self.constraint)
 
 
 def messages(body: Mapping) -> list[dict[str, Any]]:

@@ -11,17 +11,21 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from gemmax.models import base as family_base
 from gemmax.serve.errors import APIError
 from gemmax.serve.scheduler import Job, ServedModel
 from gemmax.serve.tools import ToolRequest, ToolStream, finish_answer, openai_calls
 
 ChunkFn = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason)
+#: a choice's token log-probabilities as the scheduler sends them (``Job.logprob_entries``)
+Entries = list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]
+LogprobFn = Callable[[int, Entries], dict[str, Any]]  # (choice index, entries) -> the endpoint's shape
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -30,9 +34,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def model_card(m: ServedModel) -> dict[str, Any]:
-    """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``."""
+    """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``.
+    ``input_modalities`` says whether chat messages may carry ``image_url`` parts, so that a client (the chat
+    page) offers an image upload only where the model reads images."""
+    reads_images = family_base.for_config(m.config).encode_prompt is not None
     card = {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemmax",
-            "max_model_len": m.max_len}
+            "max_model_len": m.max_len, "input_modalities": ["text", "image"] if reads_images else ["text"]}
     if m.base:
         card["parent"] = m.base
     return card
@@ -47,6 +54,8 @@ class Answer:
     base: dict[str, Any]  # id, object, created, model: the fields every body and chunk starts with
     prompt_tokens: int
     include_usage: bool  # streamed chunks carry "usage": null, and a last chunk carries the totals
+    #: each choice's token log-probabilities (filled by ``collect`` when the request asked for them)
+    logprobs: list[Entries] = field(default_factory=list)
 
     def final(self, base: dict[str, Any]) -> Callable[[int], dict[str, Any]] | None:
         """The last streamed chunk, given the completion tokens (only when ``include_usage``)."""
@@ -68,6 +77,7 @@ async def collect(request: HTTPRequest, a: Answer) -> tuple[list[str], list[str]
     jobs, events = a.jobs, a.events
     texts = [""] * len(jobs)
     reasons = [""] * len(jobs)
+    a.logprobs = [[] for _ in jobs]
     tokens = 0
     left = len(jobs)
     loop = asyncio.get_running_loop()
@@ -84,6 +94,8 @@ async def collect(request: HTTPRequest, a: Answer) -> tuple[list[str], list[str]
                 continue
             if kind == "delta":
                 texts[i] += payload
+            elif kind == "logprobs":
+                a.logprobs[i] += payload
             elif kind == "done":
                 reasons[i], n = payload
                 tokens += n
@@ -116,24 +128,36 @@ class SSEResponse(StreamingResponse):
 
 
 async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: ChunkFn, first: list[str],
-                        final_usage: Callable[[int], dict[str, Any]] | None) -> AsyncIterator[str]:
+                        final_usage: Callable[[int], dict[str, Any]] | None,
+                        logprobs: LogprobFn | None = None) -> AsyncIterator[str]:
     """The event stream: ``first`` as is, one chunk per delta and per finished choice, an error as its
-    OpenAI body (ending the stream), the usage chunk when asked for, then ``[DONE]``. However it ends, the
-    jobs are cancelled: a no-op for finished ones, a freed slot for abandoned ones."""
+    OpenAI body (ending the stream), the usage chunk when asked for, then ``[DONE]``. Token
+    log-probabilities ride on the next chunk of their choice (``logprobs`` shapes them). However it ends,
+    the jobs are cancelled: a no-op for finished ones, a freed slot for abandoned ones."""
     tokens = 0
     left = len(jobs)
+    pending: dict[int, Entries] = {}
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        d = make_chunk(i, text, reason)
+        if logprobs is not None and i in pending:
+            d["choices"][0]["logprobs"] = logprobs(i, pending.pop(i))
+        return d
+
     try:
         for s in first:
             yield s
         while left:
             i, kind, payload = await events.get()
             if kind == "delta":
-                yield sse(make_chunk(i, payload, None))
+                yield sse(chunk(i, payload, None))
+            elif kind == "logprobs":
+                pending.setdefault(i, []).extend(payload)
             elif kind == "done":
                 reason, n = payload
                 tokens += n
                 left -= 1
-                yield sse(make_chunk(i, None, reason))
+                yield sse(chunk(i, None, reason))
             else:
                 yield sse(payload.body())
                 break
@@ -145,9 +169,35 @@ async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: Chun
             j.cancel()
 
 
-def _stream(a: Answer, chunk: ChunkFn, first: list[str], base: dict[str, Any]) -> SSEResponse:
-    return SSEResponse(stream_events(a.jobs, a.events, chunk, first, a.final(base)), media_type="text/event-stream",
-                       headers={"Cache-Control": "no-cache"})
+def _stream(a: Answer, chunk: ChunkFn, first: list[str], base: dict[str, Any],
+            logprobs: LogprobFn | None = None) -> SSEResponse:
+    return SSEResponse(stream_events(a.jobs, a.events, chunk, first, a.final(base), logprobs),
+                       media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- token log-probabilities ----------------------------------------------------------------------------
+
+
+def completion_logprobs(entries: Entries, offset: int = 0) -> dict[str, Any]:
+    """/v1/completions' shape: parallel lists of tokens, their log-probabilities, the alternatives (token
+    -> log-probability) and each token's character offset in the choice's text (from ``offset``)."""
+    offsets = []
+    for tok, _, _, _ in entries:
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[2] for e in entries],
+            "top_logprobs": [{t: v for t, _, v in e[3]} for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: Entries) -> dict[str, Any]:
+    """/v1/chat/completions' shape: one ``{token, logprob, bytes, top_logprobs}`` per token."""
+    return {"content": [{"token": t, "logprob": lp, "bytes": b,
+                         "top_logprobs": [{"token": x, "logprob": v, "bytes": xb} for x, xb, v in top]}
+                        for t, b, lp, top in entries], "refusal": None}
+
+
+def _wants_logprobs(a: Answer) -> bool:
+    return any(j.req.params.logprobs is not None for j in a.jobs)
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------------
@@ -168,13 +218,22 @@ def stream_completion(a: Answer, texts: list[str], n: int, echo: bool) -> SSERes
         return d
 
     first = [sse(chunk(p * n + c, texts[p], None)) for p in range(len(texts)) for c in range(n)] if echo else []
-    return _stream(a, chunk, first, a.base)
+    offsets = [len(texts[i // n]) if echo else 0 for i in range(len(a.jobs))]
+
+    def logprobs(i: int, entries: Entries) -> dict[str, Any]:
+        out = completion_logprobs(entries, offsets[i])
+        offsets[i] += sum(len(e[0]) for e in entries)
+        return out
+
+    return _stream(a, chunk, first, a.base, logprobs if _wants_logprobs(a) else None)
 
 
 def completion_body(a: Answer, outs: list[str], reasons: list[str], tokens: int, texts: list[str], n: int,
                     echo: bool) -> dict[str, Any]:
     """The whole completions answer; choice ``i`` belongs to prompt ``i // n``."""
-    choices = [{"text": (texts[i // n] if echo else "") + outs[i], "index": i, "logprobs": None,
+    lps = a.logprobs if _wants_logprobs(a) else None
+    choices = [{"text": (texts[i // n] if echo else "") + outs[i], "index": i,
+                "logprobs": completion_logprobs(lps[i], len(texts[i // n]) if echo else 0) if lps else None,
                 "finish_reason": reasons[i]} for i in range(len(a.jobs))]
     return dict(a.base, choices=choices, usage=usage(a.prompt_tokens, tokens))
 
@@ -206,23 +265,36 @@ def stream_chat(a: Answer, tools: ToolRequest | None = None) -> SSEResponse:
         c = chunk(i, "", None)
         c["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         first.append(sse(c))
+    lp = (lambda i, e: chat_logprobs(e)) if _wants_logprobs(a) else None
     if tools is None:
-        return _stream(a, chunk, first, cbase)
-    events = _tool_events(a, tools, chunk)
+        return _stream(a, chunk, first, cbase, lp)
+    events = _tool_events(a, tools, chunk, lp)
     return SSEResponse(_tool_stream(events, first, a.final(cbase)), media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache"})
 
 
-async def _tool_events(a: Answer, tools: ToolRequest, chunk: ChunkFn) -> AsyncIterator[dict[str, Any] | int]:
+async def _tool_events(a: Answer, tools: ToolRequest, make_chunk: ChunkFn, logprobs: LogprobFn | None
+                       ) -> AsyncIterator[dict[str, Any] | int]:
     """The chunks of a streamed chat with tools (then, last, the tokens generated): content passes through each
     choice's :class:`ToolStream`, which holds back what may be a call; at a choice's end its calls are sent as
-    ``tool_calls`` deltas. An error (a forced call off its schema) is sent as its body and ends the stream."""
+    ``tool_calls`` deltas. Token log-probabilities ride on the next chunk their choice sends. An error (a
+    forced call off its schema) is sent as its body and ends the stream."""
     streams = [ToolStream(tools) for _ in a.jobs]
     tokens, left = 0, len(a.jobs)
+    pending: dict[int, Entries] = {}
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        d = make_chunk(i, text, reason)
+        if logprobs is not None and i in pending:
+            d["choices"][0]["logprobs"] = logprobs(i, pending.pop(i))
+        return d
+
     try:
         while left:
             i, kind, payload = await a.events.get()
-            if kind == "delta":
+            if kind == "logprobs":
+                pending.setdefault(i, []).extend(payload)
+            elif kind == "delta":
                 out = streams[i].feed(payload)
                 if out:
                     yield chunk(i, out, None)
@@ -276,6 +348,7 @@ def chat_body(a: Answer, outs: list[str], reasons: list[str], tokens: int, tools
               ) -> dict[str, Any]:
     """The whole chat answer; with tools, each choice's calls parsed out of its text into ``tool_calls``
     (``finish_answer``: a forced call off its schema raises the 500)."""
+    lps = a.logprobs if _wants_logprobs(a) else None
     choices = []
     for i in range(len(a.jobs)):
         message: dict[str, Any] = {"role": "assistant", "content": outs[i]}
@@ -285,5 +358,6 @@ def chat_body(a: Answer, outs: list[str], reasons: list[str], tokens: int, tools
             message["content"] = content
             if calls:
                 message["tool_calls"] = openai_calls(calls)
-        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(lps[i]) if lps else None,
+                        "finish_reason": reason})
     return dict(a.base, choices=choices, usage=usage(a.prompt_tokens, tokens))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.engine.constrain import token_text
 from gemmax.engine.generate import Engine, Request, SamplingParams
 from gemmax.engine.repetition import loop_period
 from gemmax.kernels import cpu as cpu_kernels
@@ -57,7 +58,8 @@ class Job:
 
     The scheduler thread fills it; events go back to the handler's event loop through ``call_soon_threadsafe``
     as ``(index, kind, payload)``: ``("delta", text)``, ``("done", (finish_reason, n_tokens))`` or
-    ``("error", APIError)``.
+    ``("error", APIError)``; with ``logprobs`` asked for, ``("logprobs", entries)`` comes before the delta
+    of the same tokens, one entry per token (:meth:`logprob_entries`).
     """
 
     def __init__(self, model: ServedModel, prompt_ids: list[int], sp: SamplingParams, stop: tuple[str, ...],
@@ -77,6 +79,7 @@ class Job:
         self.stop_ids = frozenset(sp.stop_ids)
         self.pending = ""  # decoded text not yet sent: held back while it could be the start of a stop string
         self.seen = 0  # how many of req.new_ids have been decoded
+        self.lp_seen = 0  # how many of req.logprobs have been sent
         self.submitted = time.perf_counter()
         self.request_id = request_id  # the HTTP request's id, for log lines about this job
         self.deadline = None if timeout is None else self.submitted + timeout
@@ -86,6 +89,24 @@ class Job:
     def cancel(self) -> None:
         """Called from the event loop when the client is gone; the scheduler frees the slot."""
         self.cancelled = True
+
+    def logprob_entries(self) -> list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]:
+        """The new tokens' log-probabilities as (text, bytes, logprob, [(text, bytes, logprob)] of the
+        alternatives), stop tokens left out (they are not part of the text)."""
+        r = self.req
+
+        def text(t: int) -> tuple[str, list[int]]:
+            b = token_text(self.model.tokenizer, t)
+            return b.decode("utf-8", "replace"), list(b)
+
+        out = []
+        for i in range(self.lp_seen, len(r.logprobs)):
+            if r.new_ids[i] in self.stop_ids:
+                continue
+            lp, top = r.logprobs[i]
+            out.append((*text(r.new_ids[i]), lp, [(*text(t), v) for t, v in top]))
+        self.lp_seen = len(r.logprobs)
+        return out
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -159,7 +180,8 @@ def resize(eng: Engine, width: int, take: Any) -> None:
     """Give the engine ``width`` rows, moving its live requests to the first ones (their ``slot`` follows).
 
     Rows past the live ones copy a live row's cache and state but are marked done, so they decode nothing
-    (a freed slot is reused the same way). Per-row state of any shape is carried along axis 0."""
+    (a freed slot is reused the same way). Per-row state and processor arrays of any shape are carried along
+    axis 0; a request put in a row later resets that row's."""
     live = [s for s, r in enumerate(eng.requests) if r is not None]
     if len(live) > width:
         raise RuntimeError(f"{len(live)} live requests do not fit {width} rows")
@@ -168,6 +190,9 @@ def resize(eng: Engine, width: int, take: Any) -> None:
     st = {k: np.asarray(v)[rows] for k, v in eng.state.items()}
     st["done"][len(live):] = True
     eng.state = eng._put_state(st)
+    extra = getattr(eng, "_extra", None)  # per-row processor arrays (penalty counts, logit bias), when made
+    if extra:
+        eng._extra = eng._put_state({k: jnp.take(v, jnp.asarray(rows), axis=0) for k, v in extra.items()})
     eng.requests = [eng.requests[s] for s in live] + [None] * (width - len(live))
     for i, r in enumerate(eng.requests[: len(live)]):
         r.slot = i
@@ -224,7 +249,8 @@ class Scheduler:
         built: list[ServedModel] = []
         for m in self.models.values():
             if m.engine is None:
-                m.engine = Engine(m.params, m.config, max_batch=1, max_len=m.max_len, chunk=self.chunk)
+                m.engine = Engine(m.params, m.config, max_batch=1, max_len=m.max_len, chunk=self.chunk,
+                                  tokenizer=m.tokenizer)
                 twin = next((b for b in built if b.config == m.config and b.max_len == m.max_len), None)
                 if twin is not None:  # same shapes: reuse the compiled prefill/decode (params are inputs)
                     for attr in ("_prefill", "_insert", "_chunk", "_first"):
@@ -489,7 +515,7 @@ class Scheduler:
                 self._retire(name, m, j)
         if not m.engine.has_work():
             return
-        n = self._n_steps(name)
+        n = min(self._n_steps(name), m.engine.step_limit() or self.chunk)  # 1 while a constrained row is live
         w = m.engine.max_batch
         t0 = time.perf_counter()
         try:
@@ -549,6 +575,8 @@ class Scheduler:
             log.info("stopped a repetition loop after %d tokens", len(r.new_ids),
                      extra={"request_id": j.request_id})
             m.engine.finish(r, "stop")
+        if r.params.logprobs is not None and len(r.logprobs) > j.lp_seen:
+            j.emit("logprobs", j.logprob_entries())
         keep = 0 if reason else _held_back(j.pending, j.stop)
         out, j.pending = j.pending[: len(j.pending) - keep], j.pending[len(j.pending) - keep:]
         if out:

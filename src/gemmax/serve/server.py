@@ -41,7 +41,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.api import CausalLM
@@ -74,6 +75,11 @@ QUANTIZE = ("int8", "int4")
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("gemmax_request_id", default="-")
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # an incoming X-Request-Id we echo as is
+STATIC_DIR = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
+#: The page runs only its own files and talks only to this server; model text that slipped past the page's
+#: renderer as markup could still neither run script nor load anything from elsewhere.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 # ---- the app --------------------------------------------------------------------------------------------
@@ -195,7 +201,7 @@ class Service:
             for c in range(sampling.n):
                 sp = sampling.params_for(c, want, stop_ids)
                 if tools is not None:
-                    sp = apply_call_constraint(sp, tools.forced)
+                    sp = apply_call_constraint(sp, tools.forced, tools.family)
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
                                 keep_special=tools is not None and tools.family == "gemma4", request_id=rid,
                                 timeout=self.request_timeout,
@@ -432,6 +438,20 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
         raise APIError(400, f"'{svc.default_model}' is a causal language model; /v1/embeddings is answered by a "
                             "server started on a text encoder (gemmax serve --model <EmbeddingGemma folder>)",
                        code="model_not_embedding")
+
+    _add_page(app)
+
+
+def _add_page(app: FastAPI) -> None:
+    """The chat page at ``/`` and its files under ``/static``: plain files shipped in the package, open without
+    a key (they hold nothing; the page sends the key with its API calls), under a strict CSP."""
+    headers = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
 def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | None = None, chunk: int = 8,

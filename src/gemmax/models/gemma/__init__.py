@@ -4,8 +4,8 @@ One config type describes all of them (their differences are data: layer pattern
 activation...), so one scanned forward serves them all. This module registers the family.
 """
 
-from gemmax.models.base import CPU, XLA, family_from, register
-from gemmax.models.gemma import decode, hf, model
+from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
+from gemmax.models.gemma import decode, hf, keras, model
 from gemmax.models.gemma.config import (
     HF_DECODER_TYPES,
     PRESET_HF_REPOS,
@@ -36,6 +36,9 @@ FAMILY = register(family_from(
     chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
     backends=(XLA, CPU),
     tiny_config=tiny_config,
+    keras=KerasSpec(classes=("GemmaBackbone", "Gemma3Backbone", "Llama3Backbone"), accepts=keras.accepts,
+                    from_config=keras.gemma_text_config, to_config=keras.to_keras_config, table=keras.keras_table,
+                    lora_layers=keras.decoder_lora_layers),
 ))
 
 __all__ = ["FAMILY", "ModelConfig", "PRESETS", "tiny_config"]

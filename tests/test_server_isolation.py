@@ -515,9 +515,9 @@ def test_empty_api_key_is_refused(lm: CausalLM, monkeypatch, capsys) -> None:
 
 def test_serve_bounds_shutdown_and_body(lm: CausalLM, monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    monkeypatch.setattr(srv_mod.DrainingServer, "run", lambda self: seen.update(config=self.config))
     srv_mod.serve(lm, port=1, shutdown_timeout=3.0, max_body_bytes=1234, warmup=False)
-    assert seen["timeout_graceful_shutdown"] == 3.0
+    assert seen["config"].timeout_graceful_shutdown == 3.0
     parser = argparse.ArgumentParser(prog="gemmax")
     register_cli(parser.add_subparsers(dest="cmd"))
     a = parser.parse_args(["serve"])

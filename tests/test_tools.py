@@ -240,7 +240,10 @@ def _steered(fam: base.Family) -> base.Family:
         logits, cache = fam.decode_step(own, cfg, cache, tokens, pos, backend)
         return steer(logits, params["script"], pos + 1), cache
 
-    return dataclasses.replace(fam, name=fam.name + "-scripted", prefill=prefill, decode_step=decode_step)
+    # no extend/commit: the script steers prefill and decode only, so prompts are never prefix-cached (a
+    # cached prefix would be extended unsteered) and nothing decodes speculatively
+    return dataclasses.replace(fam, name=fam.name + "-scripted", prefill=prefill, decode_step=decode_step,
+                               extend=None, commit=None)
 
 
 def _prompt(tok, msgs: list[dict], tools: list[dict] | None) -> list[int]:

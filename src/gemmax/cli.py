@@ -21,7 +21,9 @@ import optax
 from gemmax import distribution as dist
 from gemmax.api import CausalLM
 from gemmax.encoder import TextEncoder, is_encoder_handle
+from gemmax.engine.repetition import loop_period
 from gemmax.io.bundled import default_model_path
+from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.io.hf import read_json_config
 from gemmax.models import base
 from gemmax.models import embedding_gemma as eg
@@ -42,18 +44,33 @@ def load_model(handle: str | None, dtype: str = "float32", quantize: str | None 
     return lm
 
 
+DTYPES = ["float32", "bfloat16", "float16"]
+QUANTIZE = ["int8", "int4", "nf4"]
+
+
+def _load_args(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--quantize``, for every command that loads a language model."""
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (float32 is fastest on CPU)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (float32 is fastest on CPU)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"], help="weight-only quantization")
+    _load_args(p)
 
 
-def _sampling_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
+def _sampling_args(p: argparse.ArgumentParser, default_tokens: int, from_checkpoint: bool = False) -> None:
     p.add_argument("--max-new-tokens", type=int, default=default_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    if from_checkpoint:  # unset: the checkpoint's generation config decides
+        p.add_argument("--temperature", type=float, default=None,
+                       help="0 = greedy (default: the checkpoint's generation config; Gemma: 1.0)")
+        p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's (Gemma: 64)")
+        p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's (Gemma: 0.95)")
+    else:
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
 
@@ -108,12 +125,37 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_sampling(a: argparse.Namespace, lm: Any) -> dict[str, Any]:
+    """The sampling flags left unset, filled from the checkpoint's generation config (or Gemma's published
+    settings), then as ``_sampling_kw`` wants them."""
+    family = getattr(lm.config, "family", "") or getattr(getattr(lm, "family", None), "name", "")
+    found = sampling_defaults(getattr(lm, "source", None), family)
+    for flag in ("temperature", "top_k", "top_p", "min_p"):
+        if getattr(a, flag) is None and flag in found:
+            setattr(a, flag, found[flag])
+    if a.temperature is None:
+        a.temperature = 0.0
+    return _sampling_kw(a)
+
+
+def _looping(lm: Any, text: str) -> bool:
+    """Whether a reply's end repeats one n-gram over and over (``gemmax.engine.repetition``)."""
+    return bool(loop_period(lm.tokenizer.encode(text, add_bos=False)))
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     lm = load_model(a.model, a.dtype, a.quantize)
     family = lm.chat_format
     messages: list[dict[str, str]] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
+    sampling = _checkpoint_sampling(a, lm)
+    handle = a.model or default_model_path()
+    if not instruction_tuned(getattr(lm, "source", handle), getattr(lm.config, "name", "")):
+        print("[gemmax] " + BASE_MODEL_HINT.format(name=os.path.basename(str(handle).rstrip("/"))), file=sys.stderr)
+    how = (f"temperature {a.temperature:g}, top-k {a.top_k or 'off'}, top-p {a.top_p or 'off'}" if a.temperature > 0
+           else "greedy")
+    print(f"[gemmax] sampling: {how}{'' if a.loop_stop else '; repetition loops are not stopped'}", file=sys.stderr)
     print("gemmax chat — empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
     while True:
         try:
@@ -129,9 +171,13 @@ def cmd_chat(a: argparse.Namespace) -> int:
         prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, family=family)
         print("model> ", end="", flush=True)
         reply = ""
-        for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, **_sampling_kw(a)):
+        for piece in lm.stream(prompt, max_new_tokens=a.max_new_tokens, **sampling):
             reply += piece
             print(piece, end="", flush=True)
+            if a.loop_stop and _looping(lm, reply):
+                print("\n[gemmax] stopped: the reply was repeating itself (--no-loop-stop to let it run)",
+                      end="", file=sys.stderr)
+                break
         print()
         messages.append({"role": "model" if family == "gemma" else "assistant", "content": reply.strip()})
     return 0
@@ -201,7 +247,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         print({k: f"{v:,}" for k, v in cfg.param_count().items()})
         return 0
-    lm = load_model(a.handle, a.dtype)
+    lm = load_model(a.handle, a.dtype, a.quantize)
     print(json.dumps(lm.config.to_dict(), indent=2, default=str))
     lm.summary()
     return 0
@@ -275,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
     _model_args(c)
-    _sampling_args(c, 256)
+    _sampling_args(c, 256, from_checkpoint=True)
     c.add_argument("--system", default=None, help="system message (folded into the first user turn)")
+    c.add_argument("--no-loop-stop", dest="loop_stop", action="store_false",
+                   help="let a reply that repeats one n-gram over and over run to --max-new-tokens")
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("embed", help="sentence embeddings of texts (EmbeddingGemma), as JSON or .npy")
@@ -294,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="config and weight summary of a checkpoint or preset")
     i.add_argument("handle")
-    i.add_argument("--dtype", default="float32")
+    _load_args(i)
     i.set_defaults(func=cmd_info)
 
     v = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face folder, gemmax folder, "
@@ -303,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.add_argument("--to", choices=["hf", "gemmax", "keras", "gguf"], required=True)
     v.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"])
-    v.add_argument("--dtype", default="float32")
+    v.add_argument("--dtype", default="float32", choices=DTYPES)
     v.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("shard-plan", help="per-device sharding table from shapes alone (no weights loaded)")

@@ -6,6 +6,7 @@ See the design notes in :mod:`gemmax.serve.server`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -15,8 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from gemmax.engine.constrain import token_text
 from gemmax.engine.generate import Engine, Request, SamplingParams
+from gemmax.engine.repetition import loop_period
+from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models import base
 from gemmax.serve.errors import APIError
 
@@ -41,6 +48,8 @@ class ServedModel:
     #: the engine's prefix cache and speculator (``gemmax.engine.prefix_cache`` / ``speculative``), or None
     prefix_cache: Any = None
     speculator: Any = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # the checkpoint's sampling defaults, for chat
+    instruction_tuned: bool = True  # False: a base model; the server says so at start
 
     @property
     def chat_family(self) -> str:
@@ -58,7 +67,8 @@ class Job:
 
     def __init__(self, model: ServedModel, prompt_ids: list[int], sp: SamplingParams, stop: tuple[str, ...],
                  index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue,
-                 inputs: dict[str, Any] | None = None, keep_special: bool = False):
+                 inputs: dict[str, Any] | None = None, keep_special: bool = False, request_id: str = "",
+                 timeout: float | None = None, stop_loops: bool = True):
         self.model = model
         self.req = Request(list(prompt_ids), sp, inputs=inputs)  # inputs: the family's, e.g. pixel_values
         self.stop = stop
@@ -74,6 +84,10 @@ class Job:
         self.seen = 0  # how many of req.new_ids have been decoded
         self.lp_seen = 0  # how many of req.logprobs have been sent
         self.submitted = time.perf_counter()
+        self.request_id = request_id  # the HTTP request's id, for log lines about this job
+        self.deadline = None if timeout is None else self.submitted + timeout
+        self.stop_loops = stop_loops  # finish ("stop") when the text falls into a repetition loop
+        self.last_token_at: float | None = None  # for the inter-token latency histogram
 
     def cancel(self) -> None:
         """Called from the event loop when the client is gone; the scheduler frees the slot."""
@@ -116,39 +130,129 @@ def _held_back(text: str, stops: Iterable[str]) -> int:
     return best
 
 
+# ---- batch widths ---------------------------------------------------------------------------------------
+
+
+def default_max_batch() -> int:
+    """Slots per model when none are asked for. On a CPU, ``cpu_kernels.MAX_ROWS`` (32): past it a decode step
+    leaves the native kernels for XLA's dot and each token costs more than in two 32-row steps, so further
+    clients queue instead; on an accelerator, 64."""
+    return cpu_kernels.MAX_ROWS if jax.default_backend() == "cpu" else 64
+
+
+def widths(capacity: int) -> list[int]:
+    """The batch widths an engine runs at: 1, 4, 8, 16 ... below ``capacity``, then ``capacity``. Each is one
+    set of compiled shapes (a decode chunk, greedy and sampled, and its inserts), warmed at start-up. A step
+    costs more with more rows (Gemma 3 270M on a 2-core CPU: 63 ms at 1 row, 74 at 8, 88 at 16, 188 at 32;
+    a 16-row step for 8 clients gave 0.7x an 8-row one's throughput), so widths double; 2 is left out to save
+    its compiles, as 4 rows cost little more."""
+    out, w = [], 1
+    while w < capacity:
+        out.append(w)
+        w = 4 if w == 1 else w * 2
+    return [*out, capacity]
+
+
+def batch_axes(eng: Engine) -> Any:
+    """The batch axis of each leaf of the engine's cache (-1 for a leaf without one), read off the family's
+    ``init_cache`` at two batch sizes, so that caches of every family are resized without knowing their
+    layouts."""
+    make = functools.partial(eng.family.init_cache, eng.cfg, max_len=eng.max_len, dtype=eng.dtype)
+    one, two = jax.eval_shape(lambda: make(batch=1)), jax.eval_shape(lambda: make(batch=2))
+
+    def axis(a: Any, b: Any) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y), -1)
+
+    return jax.tree.map(axis, one, two)
+
+
+def row_taker(axes: Any) -> Any:
+    """A compiled ``(cache, rows) -> cache`` taking the given rows along each leaf's batch axis; one compile
+    per (old width, new width) pair, all of them warmed."""
+    leaf_axes = jax.tree.leaves(axes)
+
+    def take(cache: Any, rows: jax.Array) -> Any:
+        leaves, tdef = jax.tree.flatten(cache)
+        return tdef.unflatten([x if a < 0 else jnp.take(x, rows, axis=a) for x, a in zip(leaves, leaf_axes,
+                                                                                          strict=True)])
+
+    return jax.jit(take)
+
+
+def resize(eng: Engine, width: int, take: Any) -> None:
+    """Give the engine ``width`` rows, moving its live requests to the first ones (their ``slot`` follows).
+
+    Rows past the live ones copy a live row's cache and state but are marked done, so they decode nothing
+    (a freed slot is reused the same way). Per-row state and processor arrays of any shape are carried along
+    axis 0; a request put in a row later resets that row's."""
+    live = [s for s, r in enumerate(eng.requests) if r is not None]
+    if len(live) > width:
+        raise RuntimeError(f"{len(live)} live requests do not fit {width} rows")
+    rows = np.asarray(live + [live[0] if live else 0] * (width - len(live)), np.int32)
+    eng.cache = take(eng.cache, jnp.asarray(rows))
+    st = {k: np.asarray(v)[rows] for k, v in eng.state.items()}
+    st["done"][len(live):] = True
+    eng.state = eng._put_state(st)
+    extra = getattr(eng, "_extra", None)  # per-row processor arrays (penalty counts, logit bias), when made
+    if extra:
+        eng._extra = eng._put_state({k: jnp.take(v, jnp.asarray(rows), axis=0) for k, v in extra.items()})
+    eng.requests = [eng.requests[s] for s in live] + [None] * (width - len(live))
+    for i, r in enumerate(eng.requests[: len(live)]):
+        r.slot = i
+    eng.max_batch = width
+    eng.kernels = eng.native and width <= cpu_kernels.MAX_ROWS
+
+
 # ---- the scheduler --------------------------------------------------------------------------------------
 
 
 class Scheduler:
-    """Owns the engines; admits, steps, detokenizes and retires jobs on one background thread."""
+    """Owns the engines; admits, steps, detokenizes and retires jobs on one background thread.
 
-    def __init__(self, models: Mapping[str, ServedModel], max_batch: int = 8, chunk: int = 8,
-                 max_queue: int = 256, warmup: bool = False, max_chunk_s: float = 0.5):
+    Each engine's batch width follows the load: it starts at one row, grows to the next width of
+    :func:`widths` when admitted requests need more (up to ``max_batch``) and steps down again once the
+    smaller width has held the live requests for ``shrink_after_s``. A decode step costs more with more rows,
+    so a lone request does not pay for a full batch; every width's shapes are compiled at start-up
+    (``warmup``), so growing never compiles at request time."""
+
+    def __init__(self, models: Mapping[str, ServedModel], max_batch: int | None = None, chunk: int = 8,
+                 max_queue: int = 256, warmup: bool = False, max_chunk_s: float = 0.5,
+                 request_timeout: float | None = None, stop_loops: bool = True, shrink_after_s: float = 2.0,
+                 metrics: Any = None):
         self.models = dict(models)
-        self.max_batch = max_batch
+        self.max_batch = max_batch or default_max_batch()
         self.chunk = chunk
         self.max_queue = max_queue
         self.warmup = warmup
         self.max_chunk_s = max_chunk_s
-        self._tok_s: dict[str, float] = {}  # seconds per decode step of each engine (moving average)
-        self._compiled: dict[str, set[int]] = {n: set() for n in self.models}
+        self.request_timeout = request_timeout
+        self.stop_loops = stop_loops
+        self.shrink_after_s = shrink_after_s
+        self.metrics = metrics
+        self._tok_s: dict[str, float] = {}  # seconds per decode step of each engine at its current width
+        self._step_s: dict[tuple[str, int], float] = {}  # the same per (engine, width)
+        self._compiled: dict[str, set[tuple[int, int]]] = {n: set() for n in self.models}  # (width, chunk)
+        self._warmed: dict[tuple[str, int], list[int]] = {}  # chunk lengths compiled at warm-up, per width
+        self._take: dict[str, Any] = {}
+        self._under_since: dict[str, float | None] = {n: None for n in self.models}
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._waiting: dict[str, deque[Job]] = {n: deque() for n in self.models}
         self._live: dict[str, dict[int, Job]] = {n: {} for n in self.models}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "generated_tokens": 0, "steps": 0,
-                         "max_live": 0}
+        self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "timeouts": 0, "loops_stopped": 0,
+                         "generated_tokens": 0, "steps": 0, "max_live": 0}
+        self.busy_s = {"decode": 0.0, "prefill": 0.0, "detokenize": 0.0}  # where the scheduler's time goes
         self._n_queued = 0
 
     # -- lifecycle --
     def start(self) -> None:
-        """Build the engines (one per served name) and start the loop."""
+        """Build the engines (one per served name, one row wide to begin with) and start the loop."""
         built: list[ServedModel] = []
         for m in self.models.values():
             if m.engine is None:
-                m.engine = Engine(m.params, m.config, max_batch=self.max_batch, max_len=m.max_len,
+                m.engine = Engine(m.params, m.config, max_batch=self._ladder(m)[0], max_len=m.max_len,
                                   chunk=self.chunk, tokenizer=m.tokenizer, prefix_cache=m.prefix_cache,
                                   speculator=m.speculator)
                 twin = next((b for b in built if b.config == m.config and b.max_len == m.max_len), None)
@@ -156,8 +260,20 @@ class Scheduler:
                     for attr in ("_prefill", "_insert", "_chunk", "_first"):
                         if hasattr(twin.engine, attr):
                             setattr(m.engine, attr, getattr(twin.engine, attr))
-                elif self.warmup:
-                    self._warm(m)
+                    self._take[m.name] = self._take[twin.name]
+                    for (name, w), v in list(self._warmed.items()):
+                        if name == twin.name:
+                            self._warmed[(m.name, w)] = v
+                            self._step_s[(m.name, w)] = self._step_s[(name, w)]
+                            self._compiled[m.name] |= {(w, k) for k in v}
+                    if twin.name in self._tok_s:
+                        self._tok_s[m.name] = self._tok_s[twin.name]
+                else:
+                    self._take[m.name] = row_taker(batch_axes(m.engine))
+                    if self.warmup:
+                        self._warm(m)
+            elif m.name not in self._take:
+                self._take[m.name] = row_taker(batch_axes(m.engine))
             built.append(m)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="gemmax-scheduler", daemon=True)
@@ -173,55 +289,76 @@ class Scheduler:
             job.emit("error", err)
 
     def _warm(self, m: ServedModel) -> None:
-        """Compile prefill for every admission-group size (powers of two up to max_batch, 16-token prompts)
-        and the decode chunk now, so the first bursts of traffic do not stall on compilation."""
+        """Compile, at every width the engine may take, what serving runs there: prefill + insert for each
+        admission-group size (16-token prompts), the decode chunk, greedy and sampled (sampling settings are
+        data: one variant each), and the row moves between widths. The chunk length of each width is fixed
+        here, from its measured step time (``_fit_chunk``), so that serving uses only compiled lengths."""
         eng = m.engine
         bos = getattr(m.tokenizer, "bos_id", 2)
         new = max(1, min(64, m.max_len - 9))
-        b = 1
-        while True:
-            reqs = [Request([bos] * 8, SamplingParams(max_new_tokens=new)) for _ in range(min(b, self.max_batch))]
-            eng.add(reqs)
-            if b == 1:  # every chunk length the scheduler may pick, then time one step
-                for n in self._chunk_sizes():
-                    eng.step(n)
-                    self._compiled[m.name].add(n)
-                t0 = time.perf_counter()
-                eng.step(1)
-                self._tok_s[m.name] = time.perf_counter() - t0
-            for r in reqs:
-                eng.release(r)
-            # the sampling variant of the first-token sampler and the decode chunk (one each, whatever the
-            # settings: they are data), so the first sampled request does not stall everyone on a compile
-            reqs = [Request([bos] * 8, SamplingParams(temperature=1.0, max_new_tokens=new))
-                    for _ in range(min(b, self.max_batch))]
-            eng.add(reqs)
-            if b == 1:
-                for n in self._chunk_sizes():
-                    eng.step(n)
-            for r in reqs:
-                eng.release(r)
-            if b >= self.max_batch:
-                break
-            b *= 2
+        ladder = self._ladder(m)
+        for w in ladder:
+            if w != eng.max_batch:
+                resize(eng, w, self._take[m.name])
+            b = 1
+            while True:  # group sizes 1, 2, 4 ... and w (prefill pads a group to a power of two)
+                self._warm_group(eng, [Request([bos] * 8, SamplingParams(max_new_tokens=new))
+                                       for _ in range(min(b, w))])
+                if b >= w:
+                    break
+                b *= 2
+            self._warmed[(m.name, w)] = self._warm_decode(m, w, bos, new)
+        for w in reversed(ladder[:-1]):  # and the moves back down, one width at a time
+            resize(eng, w, self._take[m.name])
+        self._tok_s[m.name] = self._step_s[(m.name, eng.max_batch)]
 
-    def _chunk_sizes(self) -> list[int]:
-        out, n = [], self.chunk
-        while n >= 1:
-            out.append(n)
+    @staticmethod
+    def _warm_group(eng: Engine, reqs: list[Request]) -> None:
+        eng.add(reqs)
+        for r in reqs:
+            eng.release(r)
+
+    def _warm_decode(self, m: ServedModel, w: int, bos: int, new: int) -> list[int]:
+        """Compile and time the greedy chunk of ``chunk`` tokens at width ``w``, halving it while it takes
+        longer than ``max_chunk_s``; then compile the sampled variant of the length kept."""
+        eng = m.engine
+        req = Request([bos] * 8, SamplingParams(max_new_tokens=new))
+        eng.add([req])
+        n = self.chunk
+        while True:
+            eng.step(n)  # compiles
+            t0 = time.perf_counter()
+            eng.step(n)
+            self._step_s[(m.name, w)] = (time.perf_counter() - t0) / n
+            self._compiled[m.name].add((w, n))
+            if self._fit_chunk(self._step_s[(m.name, w)]) >= n:
+                break
             n //= 2
-        return out
+        eng.release(req)
+        req = Request([bos] * 8, SamplingParams(temperature=1.0, max_new_tokens=new))
+        eng.add([req])
+        eng.step(n)
+        eng.release(req)
+        return [n]
+
+    def _fit_chunk(self, t: float | None) -> int:
+        """``chunk``, halved while a chunk of step time ``t`` would take longer than ``max_chunk_s``."""
+        n = self.chunk
+        if t is not None:
+            while n > 1 and n * t > self.max_chunk_s:
+                n //= 2
+        return n
 
     def _n_steps(self, name: str) -> int:
         """Tokens to decode in the next chunk: ``chunk``, halved while a chunk would take longer than
         ``max_chunk_s``. A request that arrives mid-chunk waits for the chunk to end, so on a slow machine
         (or a big batch) short chunks keep time-to-first-token down; on a fast one long chunks amortise the
-        per-dispatch overhead."""
-        t = self._tok_s.get(name)
-        n = self.chunk
-        if t is not None:
-            while n > 1 and n * t > self.max_chunk_s:
-                n //= 2
+        per-dispatch overhead. After a warm-up, only the lengths compiled at the current width are used."""
+        n = self._fit_chunk(self._tok_s.get(name))
+        m = self.models.get(name)
+        warmed = self._warmed.get((name, m.engine.max_batch)) if m is not None and m.engine is not None else None
+        if warmed:
+            return next((k for k in warmed if k <= n), warmed[-1])
         return n
 
     @property
@@ -242,10 +379,24 @@ class Scheduler:
         for j in jobs:
             self._inbox.put(j)
 
+    def live(self) -> int:
+        return sum(len(v) for v in self._live.values())
+
+    def kv_tokens(self) -> tuple[int, int]:
+        """(context positions held by live requests, positions the current caches hold), over all engines."""
+        used = cap = 0
+        for name, m in self.models.items():
+            if m.engine is None:
+                continue
+            cap += m.engine.max_batch * m.engine.max_len
+            used += sum(len(j.req.prompt_ids) + len(j.req.new_ids) for j in list(self._live[name].values()))
+        return used, cap
+
     def stats(self) -> dict[str, Any]:
-        live = sum(len(v) for v in self._live.values())
-        return {"max_batch": self.max_batch, "chunk": self.chunk, "live": live, "queued": self._n_queued,
-                "step_ms": {k: round(v * 1000, 2) for k, v in self._tok_s.items()}, **self.counters}
+        width = {n: m.engine.max_batch for n, m in self.models.items() if m.engine is not None}
+        return {"max_batch": self.max_batch, "chunk": self.chunk, "live": self.live(), "queued": self._n_queued,
+                "width": width, "step_ms": {k: round(v * 1000, 2) for k, v in self._tok_s.items()},
+                "busy_s": {k: round(v, 3) for k, v in self.busy_s.items()}, **self.counters}
 
     # -- the loop --
     def _run(self) -> None:
@@ -257,6 +408,7 @@ class Scheduler:
             for name, m in self.models.items():
                 if self._live[name]:
                     self._step(name, m)
+                self._maybe_shrink(name, m)
 
     def _intake(self, block: bool) -> None:
         try:
@@ -274,21 +426,71 @@ class Scheduler:
         with self._lock:
             self._n_queued -= n
 
+    def _expired(self, j: Job, now: float) -> bool:
+        return j.deadline is not None and now > j.deadline
+
+    def _time_out(self, j: Job) -> None:
+        waited = time.perf_counter() - j.submitted
+        log.info("request timed out after %.1fs", waited, extra={"request_id": j.request_id})
+        self.counters["timeouts"] += 1
+        j.emit("error", APIError(504, f"the request did not finish within {waited:.0f}s (the server's "
+                                      "--request-timeout)", type="server_error", code="timeout"))
+
+    def _ladder(self, m: ServedModel) -> list[int]:
+        """The widths ``m``'s engine runs at: :func:`widths`, or only ``max_batch`` when it decodes
+        speculatively (a draft model's cache and the speculator's compiled steps are sized once)."""
+        return [self.max_batch] if m.speculator is not None else widths(self.max_batch)
+
+    def _width_for(self, m: ServedModel, n: int) -> int:
+        return next(w for w in self._ladder(m) if w >= n)
+
+    def _resize(self, name: str, m: ServedModel, width: int) -> None:
+        resize(m.engine, width, self._take[name])
+        self._live[name] = {j.req.slot: j for j in self._live[name].values()}
+        t = self._step_s.get((name, width))
+        if t is not None:
+            self._tok_s[name] = t
+        else:
+            self._tok_s.pop(name, None)
+
+    def _maybe_shrink(self, name: str, m: ServedModel) -> None:
+        """Step down to the next smaller width once it has held the live requests for ``shrink_after_s`` (the
+        delay keeps a load that hovers around a width from moving rows back and forth)."""
+        w = m.engine.max_batch
+        want = self._width_for(m, max(1, len(self._live[name])))
+        if want >= w or self._waiting[name]:
+            self._under_since[name] = None
+            return
+        now = time.perf_counter()
+        since = self._under_since[name]
+        if since is None:
+            self._under_since[name] = now
+        elif now - since >= self.shrink_after_s:
+            self._resize(name, m, self._ladder(m)[self._ladder(m).index(w) - 1])
+            self._under_since[name] = None
+
     def _admit(self, name: str, m: ServedModel) -> None:
         waiting = self._waiting[name]
-        free = len(m.engine.free_slots())
+        room = self.max_batch - len(self._live[name])
         batch, popped = [], 0
-        while waiting and (len(batch) < free or waiting[0].cancelled):
+        now = time.perf_counter()
+        while waiting and (len(batch) < room or waiting[0].cancelled or self._expired(waiting[0], now)):
             j = waiting.popleft()
             popped += 1
             if j.cancelled:
                 self.counters["cancelled"] += 1
+            elif self._expired(j, now):
+                self._time_out(j)
             else:
                 batch.append(j)
         if popped:
             self._dequeued(popped)
         if not batch:
             return
+        need = len(self._live[name]) + len(batch)
+        if need > m.engine.max_batch:
+            self._resize(name, m, self._width_for(m, need))
+        t0 = time.perf_counter()
         try:
             m.engine.add([j.req for j in batch])
         except Exception as e:  # a bad prompt that slipped through validation must not kill the loop
@@ -301,21 +503,29 @@ class Scheduler:
                 self.counters["errors"] += 1
                 j.emit("error", err)
             return
+        self.busy_s["prefill"] += time.perf_counter() - t0
         for j in batch:
             self._live[name][j.req.slot] = j
-        live = sum(len(v) for v in self._live.values())
+            if self.metrics is not None:
+                self.metrics.first_token(j.req.first_token_time - j.submitted)
+        live = self.live()
         self.counters["max_live"] = max(self.counters["max_live"], live)
         for j in batch:
             self._progress(name, m, j)
 
     def _step(self, name: str, m: ServedModel) -> None:
         live = self._live[name]
+        now = time.perf_counter()
         for j in list(live.values()):
             if j.cancelled:
                 self._retire(name, m, j, cancelled=True)
+            elif self._expired(j, now):
+                self._time_out(j)
+                self._retire(name, m, j)
         if not m.engine.has_work():
             return
         n = min(self._n_steps(name), m.engine.step_limit() or self.chunk)  # 1 while a constrained row is live
+        w = m.engine.max_batch
         t0 = time.perf_counter()
         try:
             m.engine.step(n)
@@ -326,23 +536,37 @@ class Scheduler:
                 j.emit("error", APIError(500, f"decode failed: {e}", type="server_error"))
                 self._retire(name, m, j)
             return
-        dt = (time.perf_counter() - t0) / n
-        if n in self._compiled[name]:  # the first call of a chunk length includes its compilation
+        elapsed = time.perf_counter() - t0
+        self.busy_s["decode"] += elapsed
+        log.debug("decode: %d live, width %d, %d tokens in %.3fs", len(live), w, n, elapsed)
+        dt = elapsed / n
+        if (w, n) in self._compiled[name]:  # the first call of a chunk length includes its compilation
             old = self._tok_s.get(name)
             self._tok_s[name] = dt if old is None else 0.8 * old + 0.2 * dt
-        self._compiled[name].add(n)
+            self._step_s[(name, w)] = self._tok_s[name]
+        self._compiled[name].add((w, n))
         self.counters["steps"] += 1
+        t0 = time.perf_counter()
         for j in list(live.values()):
             self._progress(name, m, j)
+        self.busy_s["detokenize"] += time.perf_counter() - t0
 
     def _progress(self, name: str, m: ServedModel, j: Job) -> None:
-        """Detokenize a job's new ids, apply stop strings, send what is safe, retire it when done."""
+        """Detokenize a job's new ids, apply stop strings and the loop check, send what is safe, retire it
+        when done."""
         if j.cancelled:
             self._retire(name, m, j, cancelled=True)
             return
         r = j.req
         new = r.new_ids[j.seen:]
         j.seen = len(r.new_ids)
+        if new and self.metrics is not None:
+            now = time.perf_counter()
+            if j.last_token_at is not None:
+                self.metrics.tokens(len(new), (now - j.last_token_at) / len(new))
+            else:
+                self.metrics.tokens(len(new), None)
+            j.last_token_at = now
         j.pending += j.decoder.extend(t for t in new if t not in j.stop_ids)
         if r.done:
             j.pending += j.decoder.flush()
@@ -354,6 +578,12 @@ class Scheduler:
                 reason = "stop"
                 if not r.done:
                     m.engine.finish(r, "stop")
+        if reason is None and j.stop_loops and new and loop_period(r.new_ids):
+            reason = "stop"  # a repetition loop: what was sent stays, the rest of the loop is not decoded
+            self.counters["loops_stopped"] += 1
+            log.info("stopped a repetition loop after %d tokens", len(r.new_ids),
+                     extra={"request_id": j.request_id})
+            m.engine.finish(r, "stop")
         if r.params.logprobs is not None and len(r.logprobs) > j.lp_seen:
             j.emit("logprobs", j.logprob_entries())
         keep = 0 if reason else _held_back(j.pending, j.stop)
@@ -364,6 +594,9 @@ class Scheduler:
             j.emit("done", (reason, len(r.new_ids)))
             self.counters["generated_tokens"] += len(r.new_ids)
             self.counters["completed"] += 1
+            log.info("choice %d finished (%s): %d prompt + %d new tokens in %.2fs", j.index, reason,
+                     len(r.prompt_ids), len(r.new_ids), time.perf_counter() - j.submitted,
+                     extra={"request_id": j.request_id})
             self._retire(name, m, j)
 
     def _retire(self, name: str, m: ServedModel, j: Job, cancelled: bool = False) -> None:
@@ -372,6 +605,7 @@ class Scheduler:
         j.finished = True
         if cancelled:
             self.counters["cancelled"] += 1
+            log.info("choice %d cancelled (client gone)", j.index, extra={"request_id": j.request_id})
         self._live[name].pop(j.req.slot, None)
         m.engine.release(j.req)
 
@@ -391,4 +625,3 @@ class Scheduler:
         with self._lock:
             self._n_queued = 0
         return out
-

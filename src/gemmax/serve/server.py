@@ -26,17 +26,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
+import re
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,10 +51,12 @@ from gemmax.engine.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from gemmax.engine.prefix_cache import PrefixCache
 from gemmax.engine.speculative import speculator_for
 from gemmax.io.bundled import default_model_path
+from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.models.base import for_config
 from gemmax.nn import lora
 from gemmax.serve import embeddings, protocol, responses
 from gemmax.serve.errors import APIError, bad
+from gemmax.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD, Sampling
 from gemmax.serve.responses import Answer, collect, model_card
 from gemmax.serve.scheduler import Job, Scheduler, ServedModel
@@ -65,6 +72,12 @@ log = logging.getLogger("gemmax.serve.server")
 DEFAULT_MAX_LEN = 2048  # cache length per slot; attention cost and cache memory grow with it
 DEFAULT_MAX_BODY_BYTES = 16 << 20  # request bodies above this get a 413 before they are read whole
 DEFAULT_SHUTDOWN_S = 10.0  # on shutdown, how long open requests may run before they are cut
+DEFAULT_MAX_QUEUE = 256  # choices waiting for a slot; more get a 429
+DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("int8", "int4")
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("gemmax_request_id", default="-")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # an incoming X-Request-Id we echo as is
 STATIC_DIR = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
 #: The page runs only its own files and talks only to this server; model text that slipped past the page's
 #: renderer as markup could still neither run script nor load anything from elsewhere.
@@ -107,13 +120,18 @@ def build_models(lm_or_models: Any, adapters: Mapping[str, Any] | None = None, m
         if lm.tokenizer is None:
             raise ValueError(f"model {name!r} has no tokenizer; the server needs one to read text")
         ml = min(max_len or DEFAULT_MAX_LEN, lm.config.max_position_embeddings)
-        models[name] = ServedModel(name, lm.params, lm.config, lm.tokenizer, ml)
+        source = getattr(lm, "source", None)
+        family = getattr(lm.config, "family", "") or getattr(getattr(lm, "family", None), "name", "")
+        models[name] = ServedModel(name, lm.params, lm.config, lm.tokenizer, ml,
+                                   sampling=sampling_defaults(source, family),
+                                   instruction_tuned=instruction_tuned(source, getattr(lm.config, "name", "")))
     base = next(iter(models.values()))
     for name, ad in (adapters or {}).items():
         if name in models:
             raise ValueError(f"adapter name {name!r} is already a model name")
         models[name] = ServedModel(name, _adapter_params(base.params, ad, base.config), base.config, base.tokenizer,
-                                   base.max_len, base=base.name)
+                                   base.max_len, base=base.name, sampling=base.sampling,
+                                   instruction_tuned=base.instruction_tuned)
     return models
 
 
@@ -132,6 +150,17 @@ class Service:
     models: dict[str, ServedModel]
     scheduler: Scheduler
     api_key: str | None = None
+    metrics: ServerMetrics | None = None
+    request_timeout: float | None = None  # seconds from queueing to the last token; None: no limit
+    stop_loops: bool = True  # finish a choice that falls into a repetition loop
+    draining: bool = False  # set on SIGTERM/SIGINT: new requests get a 503 while open ones finish
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests (503) from now on; the ones running go on until the shutdown bound."""
+        if not self.draining:
+            self.draining = True
+            log.info("shutting down: %d running and %d queued choices may finish; new requests get a 503",
+                     self.scheduler.live(), self.scheduler.stats()["queued"])
 
     @property
     def default_model(self) -> str:
@@ -163,9 +192,12 @@ class Service:
         family's inputs besides tokens (a chat's images), for every job. Must run on the event loop that will
         read the returned queue. ``tools``: the request's tools (their stop token, the forced call's
         constraint, control tokens kept in the text for the call parser)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop_ids = tuple(m.tokenizer.stop_ids) + (tool_stop_ids(m.tokenizer, tools) if tools else ())
+        rid = REQUEST_ID.get()
         jobs = []
         for p, ids in enumerate(prompts):
             want = protocol.tokens_to_generate(m, ids, sampling, param)
@@ -174,13 +206,15 @@ class Service:
                 if tools is not None:
                     sp = apply_call_constraint(sp, tools.forced, tools.family)
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
-                                keep_special=tools is not None and tools.family == "gemma4"))
+                                keep_special=tools is not None and tools.family == "gemma4", request_id=rid,
+                                timeout=self.request_timeout,
+                                stop_loops=self.stop_loops and not sampling.ignore_eos))  # exactly max_tokens
         self.scheduler.submit(jobs)
         return jobs, events
 
     def health(self) -> dict[str, Any]:
         """Liveness and load for probes and dashboards; open without a key, like most health checks."""
-        status = "ok" if self.scheduler.running else "starting"
+        status = "shutting_down" if self.draining else "ok" if self.scheduler.running else "starting"
         return {"status": status, "models": list(self.models), **self.scheduler.stats()}
 
     def model_list(self) -> dict[str, Any]:
@@ -217,6 +251,9 @@ async def chat(svc: Service, request: HTTPRequest) -> Any:
     body = await protocol.read_body(request)
     m = svc.pick_model(body)
     protocol.check_fields(body, "chat")
+    for k, v in m.sampling.items():  # what the request leaves unset, the checkpoint's generation config sets
+        if body.get(k) is None:
+            body[k] = min(v, m.config.vocab_size) if k == "top_k" else v
     msgs = protocol.messages(body)
     tools = parse_tools(body, m.chat_family)
     if tools is not None and not tools.active:  # tool_choice "none": tools neither declared nor read
@@ -269,12 +306,72 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class RequestContext:
+    """ASGI middleware, outermost: gives each request an id (the client's ``X-Request-Id`` when it is a
+    plain token of at most 128 characters, else a fresh one), echoes it in the response's ``X-Request-Id``
+    header and in every log line about the request (``REQUEST_ID``, read by the jobs and the log filter),
+    counts the answer by endpoint and status for ``/metrics``, and answers 503 while the server drains."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health",
+                 "/metrics", "/")
+
+    def __init__(self, app: Any, service: Service | None = None, metrics: ServerMetrics | None = None):
+        self.app, self.service, self.metrics = app, service, metrics
+
+    def _endpoint(self, path: str) -> str:
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{name}"
+        return path if path in self.ENDPOINTS else "other"  # unknown paths share a label: bounded cardinality
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1").strip()
+        rid = given if _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(rid)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_with_id(msg: Any) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                msg = dict(msg, headers=[*msg.get("headers", ()), (b"x-request-id", rid.encode())])
+            await send(msg)
+
+        path = scope.get("path", "")
+        try:
+            if self.service is not None and self.service.draining and path not in ("/health", "/metrics"):
+                err = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                await JSONResponse(err.body(), status_code=503)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            dt = time.perf_counter() - t0
+            if self.metrics is not None:
+                self.metrics.request(self._endpoint(path), status, dt)
+            log.info("%s %s %d %.3fs", scope.get("method", ""), path, status, dt, extra={"request_id": rid})
+            REQUEST_ID.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record that has none (``%(request_id)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
 def _lifespan(scheduler: Scheduler) -> Any:
     """Start the scheduler (building and, if asked, compiling the engines) with the app and stop it with the
     app. Both block, so they run off the event loop."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for m in scheduler.models.values():
+            if not m.instruction_tuned and m.base is None:
+                log.warning(BASE_MODEL_HINT.format(name=f"'{m.name}'"))
         await asyncio.to_thread(scheduler.start)
         try:
             yield
@@ -312,6 +409,13 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return svc.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format; open without a key, like ``/health``."""
+        if svc.metrics is None:
+            raise APIError(404, "metrics are off on this server", type="not_found_error", code="not_found")
+        return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models(request: HTTPRequest) -> dict[str, Any]:
@@ -353,20 +457,25 @@ def _add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
-               max_len: int | None = None, adapters: Mapping[str, Any] | None = None, max_queue: int = 256,
-               model_name: str | None = None, warmup: bool = False,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prefix_cache_mb: float = PREFIX_CACHE_MB,
-               draft: Any = None, speculate: str | None = None, speculate_tokens: int | None = None) -> FastAPI:
+def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | None = None, chunk: int = 8,
+               max_len: int | None = None, adapters: Mapping[str, Any] | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None, warmup: bool = False,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout: float | None = None,
+               stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
+               speculate: str | None = None, speculate_tokens: int | None = None) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
 
-    ``prefix_cache_mb`` bounds each served model's prefix cache (0: off); ``draft`` (a CausalLM of the same
-    tokenizer) or ``speculate="prompt-lookup"`` decode speculatively, ``speculate_tokens`` drafts a step.
+    Up to ``max_batch`` slots per served model (None: ``scheduler.default_max_batch()``) share each decode
+    step; the batch is only as wide as the load needs. ``chunk`` tokens are decoded per step (larger: less
+    Python overhead per token; smaller: new requests join and stop strings act sooner). ``warmup`` compiles
+    every batch width's shapes at startup instead of on first use. A request body over ``max_body_bytes``
+    gets a 413; more than ``max_queue`` waiting choices a 429; a choice unfinished ``request_timeout``
+    seconds after it was queued an error (504, ``timeout``). ``stop_loops``: finish a choice ("stop") when
+    its text repeats one n-gram over and over.
 
-    ``max_batch`` slots per served model share each decode step; ``chunk`` tokens are decoded per step
-    (larger: less Python overhead per token; smaller: new requests join and stop strings act sooner).
-    ``warmup`` compiles every prefill batch size at startup instead of on first use. A request body over
-    ``max_body_bytes`` gets a 413.
+    ``prefix_cache_mb`` bounds each served model's prefix cache (0: off); ``draft`` (a CausalLM of the same
+    tokenizer) or ``speculate="prompt-lookup"`` decode speculatively, ``speculate_tokens`` drafts a step
+    (a speculating engine keeps its full width).
 
     Given a ``gemmax.TextEncoder`` (or ``{name: TextEncoder}``) it is an embedding server instead:
     ``/v1/embeddings`` (``gemmax.serve.embeddings``), ``/v1/models`` and ``/health``.
@@ -376,17 +485,29 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int = 8
         if adapters:
             raise ValueError("LoRA adapters are served over language models, not text encoders")
         return _embedding_app(lm_or_models, api_key, model_name, max_body_bytes)
+    if request_timeout is not None and request_timeout <= 0:
+        raise ValueError(f"request_timeout must be > 0 seconds (or None for no limit), got {request_timeout}")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     models = build_models(lm_or_models, adapters, max_len, model_name)
     for m in models.values():  # each served name its own: an adapter's keys/values differ from the base's
         m.prefix_cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
         m.speculator = speculator_for(draft, speculate == "prompt-lookup", speculate_tokens) if (
             draft is not None or speculate) else None
-    scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup)
-    svc = Service(models, scheduler, api_key)
+    metrics = ServerMetrics()
+    scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup,
+                          request_timeout=request_timeout, stop_loops=stop_loops, metrics=metrics)
+    metrics.bind(scheduler)
+    svc = Service(models, scheduler, api_key, metrics=metrics, request_timeout=request_timeout,
+                  stop_loops=stop_loops)
     app = FastAPI(title="gemmax", lifespan=_lifespan(scheduler))
     app.state.scheduler = scheduler
     app.state.models = models
+    app.state.service = svc
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestContext, service=svc, metrics=metrics)  # added last: runs first
     _add_error_handlers(app)
     _add_routes(app, svc)
     return app
@@ -431,37 +552,92 @@ def _parse_lora(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, An
     return out
 
 
-def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, max_batch: int = 8, chunk: int = 8,
-          max_len: int | None = None, model_name: str | None = None, log_level: str = "info",
-          warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          shutdown_timeout: float = DEFAULT_SHUTDOWN_S, prefix_cache_mb: float = PREFIX_CACHE_MB,
-          draft: Any = None, speculate: str | None = None, speculate_tokens: int | None = None) -> None:
-    """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M) and serve
-    it until interrupted. Binds to loopback unless told otherwise. An empty ``api_key`` is refused (an unset
-    variable would otherwise turn authentication off without a word); on shutdown, open requests get
-    ``shutdown_timeout`` seconds to finish."""
-    import uvicorn
-
-    check_api_key_value(api_key)
+def check_load_options(dtype: str, quantize: str | None) -> None:
+    """A clear error for a ``--dtype`` / ``--quantize`` value the loaders do not take."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)} "
+                         "(or leave it out for none)")
 
 
+def load(model: Any = None, dtype: str = "float32", quantize: str | None = None) -> Any:
+    """The model to serve: a CausalLM or TextEncoder as given, or loaded from a handle (None: Gemma 3 270M)
+    in ``dtype``, its weights quantized when ``quantize`` is "int8" or "int4"."""
+    check_load_options(dtype, quantize)
     if model is None:
         model = default_model_path()
-    if isinstance(model, (str, os.PathLike)):
-        lm = TextEncoder.from_preset(model) if is_encoder_handle(model) else CausalLM.from_preset(model)
-    else:
-        lm = model
+    if not isinstance(model, (str, os.PathLike)):
+        if quantize:
+            model.quantize(quantize)
+        return model
+    if is_encoder_handle(model):
+        if quantize:
+            raise ValueError("--quantize applies to language models; a text encoder is served unquantized")
+        return TextEncoder.from_preset(model, dtype=dtype)
+    return CausalLM.from_preset(model, dtype=dtype, quantize=quantize)
+
+
+def configure_logging(level: str) -> None:
+    """The server's own lines (``gemmax.serve``) on stderr with their request id, next to uvicorn's."""
+    logger = logging.getLogger("gemmax.serve")
+    if not any(isinstance(f, RequestIdFilter) for h in logger.handlers for f in h.filters):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
+        handler.addFilter(RequestIdFilter())
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+class DrainingServer(uvicorn.Server):
+    """``uvicorn.Server`` that, on SIGTERM/SIGINT, first makes the app refuse new requests (503) and then
+    shuts down as uvicorn does: it stops listening, lets open requests finish for up to
+    ``timeout_graceful_shutdown`` seconds, and only then stops the scheduler (whatever is left gets a 503)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any = None):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        super().handle_exit(sig, frame)
+
+
+def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, max_batch: int | None = None, chunk: int = 8,
+          max_len: int | None = None, model_name: str | None = None, log_level: str = "info",
+          warmup: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_S, dtype: str = "float32", quantize: str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, request_timeout: float | None = None,
+          stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
+          speculate: str | None = None, speculate_tokens: int | None = None) -> None:
+    """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M; ``dtype``,
+    ``quantize`` as in ``load``) and serve it until interrupted. Binds to loopback unless told otherwise. An
+    empty ``api_key`` is refused (an unset variable would otherwise turn authentication off without a word).
+    On SIGTERM/SIGINT new requests get a 503 and open ones ``shutdown_timeout`` seconds to finish.
+    ``prefix_cache_mb``, ``draft`` (a handle or a CausalLM), ``speculate``, ``speculate_tokens``: as in
+    :func:`create_app`."""
+    check_api_key_value(api_key)
+    configure_logging(log_level)
+    lm = load(model, dtype, quantize)
+    if model is None:
+        model = default_model_path()
     if model_name is None and isinstance(model, (str, os.PathLike)) and not getattr(lm.config, "name", ""):
         model_name = Path(os.fspath(model)).stem
     app = create_app(lm, api_key=api_key, max_batch=max_batch, chunk=chunk, max_len=max_len,
                      adapters=_parse_lora(lora), model_name=model_name, warmup=warmup,
-                     max_body_bytes=max_body_bytes, prefix_cache_mb=prefix_cache_mb,
+                     max_body_bytes=max_body_bytes, max_queue=max_queue, request_timeout=request_timeout,
+                     stop_loops=stop_loops, prefix_cache_mb=prefix_cache_mb,
                      draft=CausalLM.from_preset(draft) if isinstance(draft, (str, os.PathLike)) else draft,
                      speculate=speculate, speculate_tokens=speculate_tokens)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    service = getattr(app.state, "service", None)
+    DrainingServer(config, on_exit=service.begin_shutdown if service is not None else lambda: None).run()
 
 
 def check_api_key_value(api_key: str | None) -> None:
@@ -484,7 +660,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env GEMMAX_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="slots decoded together per model")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' and activations' dtype")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most slots decoded together per model; the batch grows to it with the load "
+                        "(default: 32 on a CPU, 64 on an accelerator)")
     p.add_argument("--chunk", type=int, default=8, help="tokens decoded per scheduler step")
     p.add_argument("--max-len", type=int, default=None, help=f"context per slot (default {DEFAULT_MAX_LEN})")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -501,6 +682,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="speculative decoding drafting from n-gram matches in the context (no second model)")
     p.add_argument("--speculate-tokens", type=int, default=None,
                    help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"choices waiting for a slot before new requests get a 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take from queueing to its last token (default: no limit)")
+    p.add_argument("--no-loop-stop", dest="stop_loops", action="store_false",
+                   help="do not stop a choice whose text repeats one n-gram over and over")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_cli)
     return p
@@ -516,12 +703,19 @@ def run_cli(args: argparse.Namespace) -> int:
     if getattr(args, "draft", None) and getattr(args, "speculate", None):
         print("gemmax serve: --draft and --speculate prompt-lookup exclude each other", file=sys.stderr)
         return 2
+    try:
+        check_load_options(args.dtype, args.quantize)
+    except ValueError as e:
+        print(f"gemmax serve: {e}", file=sys.stderr)
+        return 2
     serve(args.model, lora=args.lora, host=args.host, port=args.port, api_key=key, max_batch=args.max_batch,
           chunk=args.chunk, max_len=args.max_len, model_name=args.model_name, log_level=args.log_level,
           warmup=args.warmup, max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-          shutdown_timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_S),
-          prefix_cache_mb=getattr(args, "prefix_cache_mb", PREFIX_CACHE_MB), draft=getattr(args, "draft", None),
-          speculate=getattr(args, "speculate", None), speculate_tokens=getattr(args, "speculate_tokens", None))
+          shutdown_timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_S), dtype=args.dtype,
+          quantize=args.quantize, max_queue=args.max_queue, request_timeout=args.request_timeout,
+          stop_loops=args.stop_loops, prefix_cache_mb=getattr(args, "prefix_cache_mb", PREFIX_CACHE_MB),
+          draft=getattr(args, "draft", None), speculate=getattr(args, "speculate", None),
+          speculate_tokens=getattr(args, "speculate_tokens", None))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Reading requests: every check on a body happens here, before anything reaches the scheduler.
 
-Each helper raises :class:`~gemmax.serve.errors.APIError` with the parameter at fault, so a client learns
+Each check raises :class:`~gemmax.serve.errors.APIError` with the parameter at fault, so a client learns
 exactly what to fix; nothing here touches JAX.
 """
 

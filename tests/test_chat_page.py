@@ -10,8 +10,6 @@ import base64
 import importlib
 import io
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
@@ -73,26 +72,12 @@ def adapter(models: dict[str, CausalLM], tmp_path_factory: pytest.TempPathFactor
     return lora.save_adapter(tmp_path_factory.mktemp("tiny-a"), gm.unflatten(flat), lm.linear_nodes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(models: dict[str, CausalLM], adapter: Path) -> Iterator[tuple[str, object]]:
     app = create_app(models, api_key=KEY, max_batch=4, chunk=4, max_len=MAX_LEN, adapters={"tiny-a": adapter})
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
-import socket
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
 
@@ -119,26 +117,12 @@ def _logits(lm: CausalLM, ids: list[int]) -> np.ndarray:
     return np.asarray(lm.logits(np.array([ids + [0] * (PAD - len(ids))])))[0, : len(ids)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def url(lm: CausalLM):
     app = create_app({"tiny": lm}, max_batch=4, chunk=1, max_len=64)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import argparse
 import concurrent.futures as cf
 import importlib
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
@@ -67,26 +66,12 @@ def adapters(lm: CausalLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(lm: CausalLM, adapters: dict[str, Path]):
     app = create_app({"tiny": lm}, api_key=KEY, max_batch=8, chunk=4, max_len=MAX_LEN, adapters=adapters)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
@@ -69,27 +70,13 @@ def small_cand():
     gen.N_CAND = old
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(lm: CausalLM, small_cand):
     app = create_app({"tiny": lm}, api_key=KEY, max_batch=4, chunk=2, max_len=MAX_LEN, max_queue=64,
                      max_body_bytes=BODY_LIMIT, warmup=True)
-    port = _free_port()
-    s = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=s.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not s.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    s.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ import concurrent.futures as cf
 import importlib
 import json
 import re
-import socket
-import threading
-import time
 
 import jsonschema
 import numpy as np
 import pytest
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
@@ -125,26 +123,12 @@ def test_python_api_json_schema_and_regex(lm: CausalLM) -> None:
         lm.generate("x", json_schema=PERSON, regex="a")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def client(lm: CausalLM):
     app = create_app({"tiny": lm}, max_batch=8, chunk=1, max_len=128)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    srv.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
 MSGS = [{"role": "user", "content": "Give me JSON."}]

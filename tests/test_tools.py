@@ -8,15 +8,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import socket
-import threading
-import time
 
 import httpx
 import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import pytest
+from server_fixtures import serving
 from spm_fixtures import train_tiny_sentencepiece
 
 import gemmax
@@ -282,19 +280,8 @@ def url(lm: CausalLM):
     m = app.state.models["tiny"]
     m.engine = Engine(m.params, m.config, max_batch=1, max_len=MAX_LEN, chunk=4, family=lm.family,
                       tokenizer=m.tokenizer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(30)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -131,23 +131,27 @@ def _bisect(ok: Any, lo: Array, hi: Array) -> Array:
     return jax.lax.fori_loop(0, 33, body, (lo, hi))[0]
 
 
-def _sample_row_exact(lg: Array, k: Array, p: Array, m: Array, u: Array) -> Array:
-    """One row over its whole vocabulary, with thresholds instead of a sort: the k-th largest logit and
-    the nucleus cutoff by bisection on the logits' bit patterns (tokens tied at a cutoff are all kept),
-    min-p in closed form, then an inverse-CDF draw over the survivors."""
-    v = lg.shape[-1]
+def kept_weights(lg: Array, k: Array, p: Array, m: Array) -> Array:
+    """One row's unnormalised probabilities (``exp(lg - max)``) with every token the top-k, nucleus and
+    min-p filters drop set to 0, by thresholds instead of a sort: the k-th largest logit and the nucleus
+    cutoff by bisection on the logits' bit patterns (tokens tied at a cutoff are all kept), min-p in closed
+    form. The sampler's exact path draws from it; speculative decoding compares distributions with it."""
     o = _ordered(lg)
     mx = lg.max()
     w = jnp.exp(lg - mx)
     lo, hi = o.min(), o.max() + 1
-    tk = jax.lax.cond(k < v, lambda: _bisect(lambda t: jnp.sum(o >= t) >= k, lo, hi), lambda: lo)
+    tk = jax.lax.cond(k < lg.shape[-1], lambda: _bisect(lambda t: jnp.sum(o >= t) >= k, lo, hi), lambda: lo)
     mass = lambda t: jnp.sum(jnp.where(o >= t, w, 0.0))  # noqa: E731
     z = mass(tk)
     tp = jax.lax.cond(p < 1, lambda: _bisect(lambda t: mass(jnp.maximum(t, tk)) >= p * z, tk, hi), lambda: tk)
     tm = jnp.where(m > 0, _ordered(mx + jnp.log(jnp.maximum(m, 1e-30))), lo)
-    cut = jnp.maximum(jnp.maximum(tk, tp), tm)
-    c = jnp.cumsum(jnp.where(o >= cut, w, 0.0))
-    return jnp.minimum(jnp.sum(c <= u * c[-1]), v - 1).astype(jnp.int32)
+    return jnp.where(o >= jnp.maximum(jnp.maximum(tk, tp), tm), w, 0.0)
+
+
+def _sample_row_exact(lg: Array, k: Array, p: Array, m: Array, u: Array) -> Array:
+    """One row over its whole vocabulary: an inverse-CDF draw over :func:`kept_weights`."""
+    c = jnp.cumsum(kept_weights(lg, k, p, m))
+    return jnp.minimum(jnp.sum(c <= u * c[-1]), lg.shape[-1] - 1).astype(jnp.int32)
 
 
 def row_keys(seeds: Array, pos: Array) -> Array:

@@ -40,12 +40,11 @@ import numpy as np
 
 from gemmax.engine.generate import (
     N_CAND,
-    _bisect,
     _compute_dtype,
-    _ordered,
     bucket,
     compiled_functions,
     greedy_argmax,
+    kept_weights,
     row_keys,
 )
 from gemmax.models import base
@@ -110,17 +109,7 @@ def processed_probs(logits: Array, temperature: Array, top_k: Array, top_p: Arra
 def _row_probs(lg: Array, k: Array, p: Array, m: Array) -> Array:
     """One row's kept distribution over the whole vocabulary (``lg`` already divided by the temperature),
     with the thresholds of the sampler's exact path."""
-    v = lg.shape[-1]
-    o = _ordered(lg)
-    mx = lg.max()
-    w = jnp.exp(lg - mx)
-    lo, hi = o.min(), o.max() + 1
-    tk = jax.lax.cond(k < v, lambda: _bisect(lambda c: jnp.sum(o >= c) >= k, lo, hi), lambda: lo)
-    mass = lambda c: jnp.sum(jnp.where(o >= c, w, 0.0))  # noqa: E731
-    z = mass(tk)
-    tp = jax.lax.cond(p < 1, lambda: _bisect(lambda c: mass(jnp.maximum(c, tk)) >= p * z, tk, hi), lambda: tk)
-    tm = jnp.where(m > 0, _ordered(mx + jnp.log(jnp.maximum(m, 1e-30))), lo)
-    kept = jnp.where(o >= jnp.maximum(jnp.maximum(tk, tp), tm), w, 0.0)
+    kept = kept_weights(lg, k, p, m)
     return kept / kept.sum()
 
 

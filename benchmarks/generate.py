@@ -7,7 +7,8 @@ Measured, interleaved (each repetition runs every engine once, so a shared machi
 
 - decode: batch 1, a fixed token-id prompt, exactly ``--new`` greedy tokens (no stop ids / EOS ignored);
   tokens/s over the decode phase only (from the first new token to the last), and the achieved weight
-  bandwidth in GB/s (bytes of weights read per token / time per token, as gpt-fast reports it);
+  bandwidth in GB/s (bytes of weights read per token / time per token, as gpt-fast reports it), also as a
+  fraction of the machine's read bandwidth measured in the same run (a STREAM-like read, same threads);
 - prefill: one ``--prefill``-token prompt, batch 1, up to the last position's logits (and the KV cache);
   llama.cpp: one ``llama_decode`` of the whole prompt (n_batch = 512);
 - batch: ``--batch`` prompts of equal length, ``--new`` tokens each, end-to-end tokens/s (gemmax: one
@@ -402,6 +403,19 @@ def run_ttft(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 # ---- main ----------------------------------------------------------------------------------------------
 
 
+def machine_read_bandwidth() -> float:
+    """GB/s of a STREAM-like read (``gemmax.kernels.cpu.read_bandwidth``: 1 GiB of float32 summed by the
+    native library on XLA's thread pool, the threads the decode kernels read weights with); 0 when the
+    native kernels are unavailable (no compiler, or not a CPU backend)."""
+    from gemmax.kernels import cpu as cpu_kernels
+
+    try:
+        return cpu_kernels.read_bandwidth(1024, repeats=3)
+    except RuntimeError as e:
+        print(f"no read-bandwidth measurement: {e}", file=sys.stderr, flush=True)
+        return 0.0
+
+
 def main() -> None:
     args = parse_args()
     if args.ttft_child:
@@ -463,8 +477,11 @@ def main() -> None:
     pre: dict[str, list[float]] = {n: [] for n in names}
     bat: dict[str, list[float]] = {n: [] for n in batch_names}
     outs: dict[str, list[int]] = {}
+    read_bw: list[float] = []  # the machine's read bandwidth, once per repetition, between the engines' runs
     for rep in range(args.repeats):
         print(f"repetition {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+        if "decode" not in skip:
+            read_bw.append(machine_read_bandwidth())
         for n, r in runners.items():
             if "decode" not in skip:
                 dt, ids = r.decode(prompt, args.new)
@@ -496,8 +513,12 @@ def main() -> None:
         n_dec = args.new - 1  # the first new token comes with the prefill
         say(f"## decode, batch 1, {args.prompt_len}-token prompt, {args.new} greedy tokens (rate over the last "
             f"{n_dec})")
-        say(f"{'engine':<14}{'weights MB':>11}{'ms/token':>10}{'tokens/s':>10}{'GB/s':>7}{'vs hf-f32':>11}"
-            f"{'vs llama.cpp':>14}{'load s':>8}{'warm-up s':>11}")
+        bw = max(read_bw) if read_bw and read_bw[0] > 0 else None
+        if bw:
+            say(f"machine read bandwidth (1 GiB float32 sum on XLA's thread pool, best of {len(read_bw)}): "
+                f"{bw:.1f} GB/s; 'of read' = the engine's weight GB/s over it")
+        say(f"{'engine':<14}{'weights MB':>11}{'ms/token':>10}{'tokens/s':>10}{'GB/s':>7}{'of read':>9}"
+            f"{'vs hf-f32':>11}{'vs llama.cpp':>14}{'load s':>8}{'warm-up s':>11}")
         base = statistics.median(dec["hf-f32"]) if "hf-f32" in dec else None
         lcpp = statistics.median(dec["llamacpp-q4km"]) if "llamacpp-q4km" in dec else None
         for n in names:
@@ -505,8 +526,9 @@ def main() -> None:
             r = runners[n]
             rel = f"{base / n_dec / m:.2f}x" if base else "-"
             rel_l = f"{lcpp / n_dec / m:.2f}x" if lcpp else "-"
-            say(f"{n:<14}{r.bytes / 1e6:>11.0f}{m * 1e3:>10.1f}{1 / m:>10.1f}{r.bytes / m / 1e9:>7.1f}{rel:>11}"
-                f"{rel_l:>14}{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
+            frac = f"{r.bytes / m / 1e9 / bw:.0%}" if bw else "-"
+            say(f"{n:<14}{r.bytes / 1e6:>11.0f}{m * 1e3:>10.1f}{1 / m:>10.1f}{r.bytes / m / 1e9:>7.1f}{frac:>9}"
+                f"{rel:>11}{rel_l:>14}{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
         say(same_precision_ratio(dec, "decode"))
         if lcpp and "gemmax-int8" in dec:
             ratio = lcpp / statistics.median(dec["gemmax-int8"])

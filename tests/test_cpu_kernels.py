@@ -39,6 +39,15 @@ def test_kernel_builds_here() -> None:
     assert ck.available()
 
 
+def test_read_kernel_sums_every_element() -> None:
+    """The bandwidth benchmark's read kernel touches every element once: whole 1 MiB blocks, a partial last
+    block and a tail shorter than one vector step all count."""
+    for n in (1, 63, 262144, 262144 * 3 + 77):
+        x = np.random.default_rng(n).integers(-3, 4, n).astype(np.float32)  # integers: the sum is exact
+        assert float(ck.read_sum(jnp.asarray(x))) == float(x.sum()), n
+    assert ck.read_bandwidth(8, repeats=1) > 0
+
+
 @pytest.mark.parametrize("eq,shape,plan", [
     ("btd,hdk->bthk", (4, 64, 16), (False, 4, 64, 16)),      # query: contracted axis in the middle
     ("bthk,hkd->btd", (4, 16, 64), (False, 1, 64, 64)),      # attention output: leading axes contracted

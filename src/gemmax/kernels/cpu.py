@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ _TAKE = "gemmax_cpu_take_rows"
 _ATTN = "gemmax_cpu_attention"
 _DECODE_ATTN = "gemmax_cpu_decode_attention"
 _NORM_ROPE = "gemmax_cpu_norm_rope"
+_READ = "gemmax_cpu_read_sum"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 
@@ -102,6 +104,7 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(_DECODE_ATTN, jax.ffi.pycapsule(lib.GemmaxDecodeAttention),
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_NORM_ROPE, jax.ffi.pycapsule(lib.GemmaxNormRope), platform="cpu")
+                jax.ffi.register_ffi_target(_READ, jax.ffi.pycapsule(lib.GemmaxReadSum), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -290,6 +293,32 @@ def take_rows(table: Any, tokens: jax.Array) -> jax.Array:
     out = jax.ffi.ffi_call(_TAKE, jax.ShapeDtypeStruct((tokens.size, table.shape[1]), table.dtype))(
         table, tokens.reshape(-1).astype(jnp.int32))
     return out.reshape(*tokens.shape, table.shape[1])
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """The machine's read bandwidth in GB/s as the kernels see it (best of ``repeats``): a ``megabytes``
+    float32 buffer summed by the native library on XLA's own thread pool, the threads a decode step reads its
+    weights with. Far larger than any cache, so it measures memory; the figure a decode step's weight
+    traffic is compared with. Raises RuntimeError when the native kernels are unavailable."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are unavailable (no compiler, GEMMAX_CPU_KERNELS=0 or "
+                           "not a CPU backend): no read-bandwidth measurement")
+    n = megabytes * (1 << 20) // 4
+    x = jnp.ones((n,), jnp.float32)
+    if float(read_sum(x)) != float(n):  # also the warm-up: compiled, pages touched
+        raise RuntimeError("read-bandwidth kernel returned a wrong sum")
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        read_sum(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return n * 4 / best / 1e9
+
+
+@jax.jit
+def read_sum(x: jax.Array) -> jax.Array:
+    """The sum of a 1-D float32 array by the native read kernel (``read_bandwidth``'s workload)."""
+    return jax.ffi.ffi_call(_READ, jax.ShapeDtypeStruct((1,), jnp.float32))(x)[0]
 
 
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: jax.Array | int,

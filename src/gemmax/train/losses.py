@@ -2,9 +2,15 @@
 
 With Gemma's 256k vocabulary the logits of one 8k-token row are 8 GB in float32 — more than the rest of a
 fine-tuning step. Here the flattened tokens are cut into chunks of ``chunk_size``; each chunk's logits are
-computed, reduced to (loss, correct) and thrown away inside ``jax.lax.map``. The per-chunk function is
-wrapped in ``jax.checkpoint`` so the backward pass recomputes each chunk's logits instead of keeping them
-as residuals: peak memory is one chunk's [chunk, V] logits, forwards and backwards.
+computed, reduced to (loss, correct) and thrown away inside ``jax.lax.scan``: peak memory is one chunk's
+[chunk, V] logits (and their gradient).
+
+The loss carries its own VJP. Its forward rule computes, while a chunk's logits are alive, the gradient of
+the loss with respect to those logits (``softmax - onehot``) and from it the gradients of exactly the inputs
+being differentiated: the hidden states always in fine-tuning, the head only when it is trained. The
+backward pass then only scales what was stored. Left to autodiff, the same step either keeps every chunk's
+logits or recomputes them, a third product the size of the head (256k x 640 for Gemma 3 270M, about half of
+a LoRA step's work).
 
 The functions return *sums* (loss, target count, correct count), not means, so that gradient accumulation
 can divide by the number of target tokens of all micro-batches together (the token-weighted mean), which a
@@ -13,10 +19,13 @@ mean of per-micro-batch means is not when micro-batches hold different numbers o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from gemmax.nn.layers import einsum
 
@@ -43,15 +52,132 @@ def _chunk_logits(h: jax.Array, head: jax.Array, head_is_vd: bool, scale: jax.Ar
 
 
 def _token_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token (masked loss, masked correct) from float32 logits [N, V]."""
+    """Per-token (masked loss, masked correct) from float32 logits [N, V].
+
+    A token counts as correct when its target's logit is the row's largest (a target tied for the top counts
+    too): one comparison against the max the log-sum-exp needs anyway, instead of a separate argmax pass over
+    [N, V]."""
     vocab = logits.shape[-1]
     safe = jnp.clip(targets, 0, vocab - 1)  # padding targets may be anything; they are masked below
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     tgt = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
     on = mask > 0
     loss = jnp.where(on, (lse - tgt) * mask, 0.0)
-    correct = jnp.where(on, (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32) * mask, 0.0)
+    correct = jnp.where(on, (tgt >= top).astype(jnp.float32) * mask, 0.0)
     return loss, correct
+
+
+class _Head(NamedTuple):
+    """The static description of the output head the fused loss needs (hashable: it keys the custom VJP)."""
+
+    softcap: float | None
+    head_is_vd: bool
+    has_scale: bool
+
+
+def _chunk_pass(head_spec: _Head, hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array,
+                scale: jax.Array, want: tuple[bool, bool, bool]) -> tuple[jax.Array, ...]:
+    """One chunk's (loss, correct, per-token loss) and then, in that order, the gradient of the chunk's loss
+    for each input ``want`` (hidden, head, scale) asks for.
+
+    The gradient of ``sum_n w_n (lse_n - z_n[y_n])`` with respect to the logits is ``w_n (softmax_n - onehot)``,
+    known as soon as the forward pass has the log-sum-exp; the gradients the step needs follow from it by one
+    product each. Computing them here, while the chunk's [chunk, V] logits are alive, is what saves the
+    backward pass from recomputing those logits (a third head-sized product) or keeping them.
+    """
+    vocab = head.shape[0] if head_spec.head_is_vd else head.shape[1]
+    raw = _chunk_logits(hc, head, head_spec.head_is_vd)  # float32 [c, V]
+    z = raw * scale.astype(jnp.float32) if head_spec.has_scale else raw
+    logits = _softcap(z, head_spec.softcap)
+    safe = jnp.clip(yc, 0, vocab - 1)
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+    tgt = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    on = wc > 0
+    tok = jnp.where(on, lse - tgt, 0.0)  # unweighted: d(sum_loss)/d(mask)
+    loss = (tok * wc).sum()
+    correct = jnp.where(on, (tgt >= top).astype(jnp.float32) * wc, 0.0).sum()
+    want_h, want_head, want_scale = want
+    if not (want_h or want_head or want_scale):
+        return loss, correct, tok
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == safe[:, None]
+    g = (jnp.exp(logits - lse[:, None]) - hit.astype(jnp.float32)) * jnp.where(on, wc, 0.0)[:, None]
+    if head_spec.softcap is not None:
+        g = g * (1.0 - jnp.square(logits / head_spec.softcap))  # d(c tanh(z / c))/dz
+    out: tuple[jax.Array, ...] = (loss, correct, tok)
+    d_scale = (g * raw).sum(axis=0) if want_scale else None
+    if head_spec.has_scale:
+        g = g * scale.astype(jnp.float32)
+    gd = g.astype(hc.dtype)
+    if want_h:
+        out += (einsum("nv,vd->nd" if head_spec.head_is_vd else "nv,dv->nd", gd, head, jnp.float32),)
+    if want_head:
+        eq = "nv,nd->vd" if head_spec.head_is_vd else "nv,nd->dv"
+        out += (jnp.einsum(eq, gd, hc.astype(gd.dtype), preferred_element_type=jnp.float32),)
+    return out if d_scale is None else out + (d_scale,)
+
+
+def _chunked(head_spec: _Head, chunk: int, h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array,
+             w: jax.Array, want: tuple[bool, bool, bool]) -> tuple[jax.Array, ...]:
+    """Run ``_chunk_pass`` over the [N] tokens chunk by chunk (``lax.scan``): sums of loss and correct, the
+    per-token losses, and the wanted gradients (the hidden's per chunk, the head's and scale's summed)."""
+    n, d = h.shape
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+        w = jnp.pad(w, (0, pad))
+    want_h, want_head, want_scale = want
+    acc0 = (jnp.zeros(head.shape, jnp.float32) if want_head else None,
+            jnp.zeros(scale.shape, jnp.float32) if want_scale else None)
+
+    def body(acc: Any, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[Any, tuple[jax.Array, ...]]:
+        loss, correct, tok, *grads = _chunk_pass(head_spec, *xs, head, scale, want)
+        d_h = grads.pop(0) if want_h else None
+        d_head = acc[0] + grads.pop(0) if want_head else None
+        d_scale = acc[1] + grads.pop(0) if want_scale else None
+        return (d_head, d_scale), (loss, correct, tok, d_h)
+
+    xs = (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk))
+    (d_head, d_scale), (loss, correct, tok, d_h) = jax.lax.scan(body, acc0, xs)
+    d_h = d_h.reshape(n_chunks * chunk, d)[:n] if want_h else None
+    return loss.sum(), correct.sum(), tok.reshape(-1)[:n], d_h, d_head, d_scale
+
+
+@functools.cache
+def _fused_loss(head_spec: _Head, chunk: int) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``(h [N, D], head, scale, targets [N], mask [N]) -> (sum_loss, n_correct)`` with a custom VJP whose
+    forward rule computes the gradients of exactly the inputs being differentiated (``symbolic_zeros``): a
+    LoRA step, whose head is frozen, pays for the hidden's gradient only."""
+
+    @jax.custom_vjp
+    def loss_fn(h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array, w: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+        loss, correct, *_ = _chunked(head_spec, chunk, h, head, scale, y, w, (False, False, False))
+        return loss, correct
+
+    def fwd(h: Any, head: Any, scale: Any, y: Any, w: Any) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+        want = (h.perturbed, head.perturbed, scale.perturbed and head_spec.has_scale)
+        loss, correct, tok, d_h, d_head, d_scale = _chunked(
+            head_spec, chunk, h.value, head.value, scale.value, y.value, w.value, want)
+        like = (h.value, head.value, scale.value, w.value)
+        return (loss, correct), (tok if w.perturbed else None, d_h, d_head, d_scale, like)
+
+    def bwd(res: tuple, cts: tuple[Any, Any]) -> tuple[Any, ...]:
+        tok, d_h, d_head, d_scale, (h, head, scale, w) = res
+        g = cts[0]
+        if isinstance(g, SymbolicZero):  # only n_correct was differentiated: it is piecewise constant
+            return (None, None, None, None, None)
+
+        def scaled(d: jax.Array | None, like: jax.Array) -> jax.Array | None:
+            return None if d is None else (d * g).astype(like.dtype)  # None: a zero cotangent
+
+        return (scaled(d_h, h), scaled(d_head, head), scaled(d_scale, scale), None, scaled(tok, w))
+
+    loss_fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    return loss_fn
 
 
 def chunked_cross_entropy(
@@ -73,35 +199,22 @@ def chunked_cross_entropy(
       targets: [B, T] int next-token ids.
       mask: [B, T] weights (1 = a target that counts, 0 = prompt / padding).
       softcap: final logit soft-cap ``c * tanh(x / c)`` (Gemma 2), or None.
-      chunk_size: tokens per chunk; the peak extra memory is ``chunk_size * V`` float32 values.
+      chunk_size: tokens per chunk; the peak extra memory is about ``2 * chunk_size * V`` float32 values.
       head_is_vd: layout of ``head``.
       head_scale: [V] per-vocab scale of a quantized (int8) head, applied to the logits before the cap.
 
-    Returns ``LossSums(sum_loss, n_tokens, n_correct)`` as float32 scalars.
+    Returns ``LossSums(sum_loss, n_tokens, n_correct)`` as float32 scalars. Differentiable in ``hidden``,
+    ``head``, ``head_scale`` and ``mask``; each gradient is computed in the forward pass only when it is
+    asked for (see ``_fused_loss``).
     """
     b, t, d = hidden.shape
     n = b * t
-    h = hidden.reshape(n, d)
-    y = targets.reshape(n).astype(jnp.int32)
+    spec = _Head(None if softcap is None else float(softcap), bool(head_is_vd), head_scale is not None)
+    scale = head_scale if head_scale is not None else jnp.zeros((0,), jnp.float32)
     w = mask.reshape(n).astype(jnp.float32)
-    chunk = max(1, min(chunk_size, n))
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        w = jnp.pad(w, (0, pad))
-
-    @jax.checkpoint
-    def one_chunk(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        hc, yc, wc = xs
-        logits = _softcap(_chunk_logits(hc, head, head_is_vd, head_scale), softcap)
-        loss, correct = _token_terms(logits, yc, wc)
-        return loss.sum(), correct.sum()
-
-    xs = (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk))
-    losses, corrects = jax.lax.map(one_chunk, xs)
-    return LossSums(losses.sum(), w.sum(), corrects.sum())
+    loss, correct = _fused_loss(spec, max(1, min(chunk_size, n)))(
+        hidden.reshape(n, d), head, scale, targets.reshape(n).astype(jnp.int32), w)
+    return LossSums(loss, w.sum(), correct)
 
 
 def naive_cross_entropy(

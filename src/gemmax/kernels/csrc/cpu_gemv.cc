@@ -1800,6 +1800,44 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
 }
 }  // namespace
 
+// The machine's read bandwidth as the kernels see it: a float32 buffer summed in 1 MiB blocks claimed by the
+// caller and XLA's intra-op pool (the same threads and the same sequential streams as a decode GEMV), eight
+// independent accumulators per block so the adds never limit the read. The sum is returned so that nothing is
+// optimised away; benchmarks time the call and divide the buffer's size by it (a STREAM-like "read" test).
+namespace {
+ffi::Error ReadSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  constexpr int64_t kBlock = (1 << 20) / sizeof(float);
+  const float* data = x.typed_data();
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<float> partial(static_cast<size_t>(blocks), 0.0f);
+  parallel_for(&pool, blocks, [&](int64_t b) {
+    const float* p = data + b * kBlock;
+    const int64_t len = std::min<int64_t>(kBlock, n - b * kBlock);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+#pragma omp simd
+      for (int j = 0; j < 8; ++j) {
+        acc[j] += p[i + j] + p[i + 8 + j] + p[i + 16 + j] + p[i + 24 + j] + p[i + 32 + j] + p[i + 40 + j] +
+                  p[i + 48 + j] + p[i + 56 + j];
+      }
+    }
+    float s = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+    for (; i < len; ++i) s += p[i];
+    partial[static_cast<size_t>(b)] = s;
+  });
+  float total = 0.0f;
+  for (float v : partial) total += v;
+  out->typed_data()[0] = total;
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxReadSum, ReadSum,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxNormRope, NormRope,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -7,6 +7,7 @@ markdown without letting model text become markup."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import io
 import re
@@ -54,7 +55,9 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def models(tok: Tokenizer) -> dict[str, CausalLM]:
     v = tok.vocab_size
-    text = CausalLM.from_config(gemmax.tiny_config("gemma3", vocab_size=v), seed=3, tokenizer=tok)
+    # named as an instruction-tuned checkpoint; the vision model keeps a base model's empty name
+    text_cfg = dataclasses.replace(gemmax.tiny_config("gemma3", vocab_size=v), name="tiny-gemma-it")
+    text = CausalLM.from_config(text_cfg, seed=3, tokenizer=tok)
     vision_cfg = g3.tiny_config(text_vocab_size=v, image_token_id=v - 1, boi_token_id=v - 3, eoi_token_id=v - 2)
     return {"tiny": text, "tiny-vision": CausalLM.from_config(vision_cfg, seed=1, tokenizer=tok)}
 
@@ -200,9 +203,11 @@ def test_model_picker_and_image_upload(page, url: str) -> None:
     cards = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
     assert {c["id"]: c["input_modalities"] for c in cards} == {
         "tiny": ["text"], "tiny-vision": ["text", "image"], "tiny-a": ["text"]}
+    assert {c["id"]: c["instruction_tuned"] for c in cards} == {"tiny": True, "tiny-vision": False, "tiny-a": True}
     ids = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
     assert ids == ["tiny", "tiny-vision", "tiny-a"]
     assert page.locator("#image-picker").is_hidden()
+    assert page.locator("#notice").is_hidden()  # an instruction-tuned model: no base-model notice
 
     body, msg = _ask(page, "Hello world", model="tiny-a", temperature=0, max_tokens=8)
     assert body["model"] == "tiny-a"
@@ -213,6 +218,8 @@ def test_model_picker_and_image_upload(page, url: str) -> None:
 
     page.select_option("#model", "tiny-vision")
     sync_api.expect(page.locator("#image-picker")).to_be_visible()
+    sync_api.expect(page.locator("#notice")).to_be_visible()  # a base model is named up front
+    assert "tiny-vision is a base (pretrained) model" in page.locator("#notice").inner_text()
     page.set_input_files("#image", files=[{"name": "x.gif", "mimeType": "image/gif", "buffer": b"GIF89a"}])
     sync_api.expect(page.locator("#status")).to_have_text("Only PNG and JPEG images can be sent.")
     assert page.locator("#attachment").is_hidden()
@@ -231,6 +238,7 @@ def test_model_picker_and_image_upload(page, url: str) -> None:
 
     page.select_option("#model", "tiny")  # a text-only model: no upload offered
     assert page.locator("#image-picker").is_hidden()
+    assert page.locator("#notice").is_hidden()
 
 
 def test_stop_frees_the_slot(page, url: str, server) -> None:

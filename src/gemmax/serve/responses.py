@@ -36,10 +36,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def model_card(m: ServedModel) -> dict[str, Any]:
     """A served name as ``/v1/models`` lists it; an adapter names its base model as ``parent``.
     ``input_modalities`` says whether chat messages may carry ``image_url`` parts, so that a client (the chat
-    page) offers an image upload only where the model reads images."""
+    page) offers an image upload only where the model reads images; ``instruction_tuned`` false marks a base
+    (pretrained) model, which continues text rather than answering, so that the page can say so up front."""
     reads_images = family_base.for_config(m.config).encode_prompt is not None
     card = {"id": m.name, "object": "model", "created": m.created, "owned_by": "gemmax",
-            "max_model_len": m.max_len, "input_modalities": ["text", "image"] if reads_images else ["text"]}
+            "max_model_len": m.max_len, "input_modalities": ["text", "image"] if reads_images else ["text"],
+            "instruction_tuned": m.instruction_tuned}
     if m.base:
         card["parent"] = m.base
     return card

@@ -186,6 +186,13 @@
     if (card && card.max_model_len) info.push(`${card.max_model_len} tokens of context`);
     if (readsImages(card)) info.push("reads images");
     $("model-info").textContent = info.join(" · ");
+    const base = Boolean(card) && card.instruction_tuned === false;
+    $("notice").hidden = !base;
+    $("notice").textContent = base
+      ? `${card.id} is a base (pretrained) model: it continues text rather than following instructions, so ` +
+        "answers may ramble or repeat. For chat, start the server with an instruction-tuned checkpoint " +
+        "(for example gemma-3-270m-it)."
+      : "";
     $("image-picker").hidden = !readsImages(card);
     if (!readsImages(card)) clearImage();
     if (card) localStorage.setItem("gemmax.model", card.id);

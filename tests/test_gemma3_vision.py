@@ -216,6 +216,23 @@ def test_prompts_images_and_chat(setup):
         lm.chat(bad)
 
 
+def test_batch_of_image_prompts_decodes_as_each_alone(setup):
+    """A list of prompts with one images entry each (one image, or a list of two) gives, row by row, what
+    each prompt gives alone (greedy); a mismatched batch is refused naming the mismatch."""
+    _, lm, _, _ = setup
+    prompts = ["describe", "compare <start_of_image> with <start_of_image>", "again"]
+    images = [_image(0), [_image(1), _image(2)], [_image(3)]]
+    got = lm.generate(prompts, images=images, max_new_tokens=4)
+    want = [lm.generate(p, images=im if isinstance(im, list) else [im], max_new_tokens=4)
+            for p, im in zip(prompts, images, strict=True)]
+    assert got == want
+    assert len(set(got)) == 3  # different images, different answers: the rows did not mix
+    with pytest.raises(ValueError, match="one per prompt"):
+        lm.generate(prompts, images=images[:2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: .*placeholders"):
+        lm.generate(["<start_of_image> <start_of_image>"], images=[[_image(0)]], max_new_tokens=2)
+
+
 def test_preprocessing_matches_transformers():
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 

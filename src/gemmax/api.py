@@ -348,8 +348,10 @@ class CausalLM:
         at its own ``<eos>``/``<end_of_turn>``, ``stop_token_ids`` or stop string. ``prefix``/``suffix`` build
         a CodeGemma fill-in-the-middle prompt and return only the middle. ``inputs`` (one prompt only): what
         the family reads besides tokens, e.g. PaliGemma's ``pixel_values`` and ``token_type_ids``.
-        ``images`` (PIL images or arrays) go with one text prompt of a family that reads images; the family
-        builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text.
+        ``images`` (PIL images or arrays) go with a text prompt of a family that reads images; the family
+        builds the prompt (image tokens) and preprocesses them. Text out is the prompt plus the new text. For a
+        list of prompts, ``images`` is a list with one entry per prompt (an image or a list of images); the
+        rows decode as one batch.
 
         Structured output: ``json_schema`` (a dict or its JSON text), ``regex`` or ``grammar`` (Lark, as
         llguidance reads it), or a ready ``constraint`` (:class:`gemmax.engine.constrain.Constraint`) makes
@@ -370,7 +372,9 @@ class CausalLM:
             if self.family.encode_prompt is None:
                 raise UnsupportedError(f"{self.family.name} models read no images")
             if not isinstance(prompts, str):
-                raise ValueError("images go with one text prompt")
+                return self._generate_with_images(prompts, images, max_length, max_new_tokens, sampler,
+                                                  temperature, top_k, top_p, min_p, seed, chunk, add_bos,
+                                                  stop_token_ids, inputs)
             ids, inputs = self.family.encode_prompt(self.config, self._require_tokenizer(), prompts, images,
                                                      add_bos)
             out = self.generate(ids, max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p, seed,
@@ -438,6 +442,41 @@ class CausalLM:
             else:
                 outs.append(np.asarray(prompt_ids + new, np.int32))
         return outs[0] if single else outs
+
+    def _generate_with_images(self, prompts: Any, images: Any, max_length: int | None,
+                              max_new_tokens: int | None, sampler: str | None, temperature: float | None,
+                              top_k: int | None, top_p: float | None, min_p: float | None, seed: int, chunk: int,
+                              add_bos: bool, stop_token_ids: Any, inputs: dict[str, Any]) -> list[str]:
+        """``generate`` for a batch of text prompts with images: ``images[i]`` (an image or a list of images)
+        goes with ``prompts[i]``. Each prompt is laid out and preprocessed by the family as a single one is;
+        the engine prefills them one by one (their image counts may differ) and decodes them as one batch."""
+        if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("images go with a text prompt or a non-empty list of text prompts")
+        if inputs:
+            raise ValueError(f"{', '.join(sorted(inputs))} cannot be combined with images (give one or the other)")
+        if not isinstance(images, list | tuple) or len(images) != len(prompts):
+            raise ValueError(f"a batch of {len(prompts)} prompts takes images as a list of {len(prompts)} "
+                             "entries, one per prompt (an image or a list of images)")
+        tok = self._require_tokenizer()
+        stop_ids = tuple(tok.stop_ids if stop_token_ids is None
+                         else (int(t) for t in np.asarray(stop_token_ids).reshape(-1)))
+        ids, rows = [], []
+        for i, (p, im) in enumerate(zip(prompts, images, strict=True)):
+            try:
+                row_ids, row_inputs = self.family.encode_prompt(self.config, tok, p, im, add_bos)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            ids.append(row_ids)
+            rows.append(row_inputs)
+        sps = [self._sampling(len(r), max_length, max_new_tokens, sampler, temperature, top_k, top_p, min_p,
+                              seed + i, stop_ids) for i, r in enumerate(ids)]
+        for r, sp, x in zip(ids, sps, rows, strict=True):
+            self._fit_context(r, sp.max_new_tokens, None)
+            self._check_family_inputs(np.asarray([r], np.int32), x)
+        reqs = generate_ids(self.params, self.config, ids, sps, chunk=chunk, inputs=rows, family=self.family,
+                            tokenizer=self.tokenizer)
+        return [p + tok.decode([t for t in r.new_ids if t not in stop_ids])
+                for p, r in zip(prompts, reqs, strict=True)]
 
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: str | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -464,7 +464,8 @@ def _presets() -> dict[str, Gemma4Config]:
 
 PRESETS: dict[str, Gemma4Config] = _presets()
 
-#: Hub repositories of the presets (multimodal checkpoints: the text decoder is read, the towers ignored).
+#: Hub repositories of the presets (multimodal checkpoints: loading one reads its vision tower too, as the
+#: ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
 PRESET_HF_REPOS: dict[str, str] = {
     "gemma4_31b": "google/gemma-4-31B", "gemma4_31b_it": "google/gemma-4-31B-it",
     "gemma4_26b_a4b": "google/gemma-4-26B-A4B", "gemma4_26b_a4b_it": "google/gemma-4-26B-A4B-it",

@@ -184,45 +184,46 @@ def test_image_features_match_transformers_and_each_tower_feature_matters(setup,
         assert got.shape == want.shape and np.abs(got - want).max() > 100 * TOL * scale, what
 
 
-def _variant_logits(lm, tokens, px, pos, types, monkeypatch, **patches) -> np.ndarray:
-    with monkeypatch.context() as mp:
-        for name, fn in patches.items():
-            mp.setattr(v4, name, fn)
-        with jax.disable_jit():  # op by op: tiny shapes run faster than a compilation per variant
-            return np.asarray(v4.forward(lm.params, lm.config, jnp.asarray(tokens), px, pos, types))
-
-
 def test_each_decoder_feature_switched_off_moves_logits_far(setup, monkeypatch):
     """So the parity test can fail: the attention over image blocks, the soft tokens' scale and their
-    per-layer inputs, each done otherwise, move the logits by more than 100 times the tolerance."""
+    per-layer inputs, each done otherwise, move the logits by more than 100 times the tolerance. One
+    compilation serves every variant: the masks, the features' scale and whether soft tokens keep their id in
+    the per-layer inputs are arguments of the traced model (patched in while tracing)."""
     m, lm, tok = setup
     cfg = lm.config
     tokens, px, pos = _two_image_rows(cfg, tok.vocab_size)
     types = (tokens == cfg.image_token_id).astype(np.int32)
     want = _hf_logits(m, tokens, px, pos, types)
-    assert _far(_variant_logits(lm, tokens, px, pos, types, monkeypatch), want) <= TOL
-    mask, blocks, feats, media = v4.block_mask, v4.image_blocks, v4.image_features, v4._media
+    feats, media = v4.image_features, v4._media
 
-    def everywhere(c, ltype, idx, blk, *a, **kw):  # the image blocks on global layers too (Gemma 3's way)
-        if ltype == "local":
-            return mask(c, ltype, idx, blk, *a, **kw)
-        return v4.g3.image_block_mask(idx, idx, blk, blk, None)
+    @jax.jit
+    def logits(masks, feat_scale, keep_image_ids):
+        with monkeypatch.context() as mp:
+            mp.setattr(v4, "block_mask", lambda c, ltype, *a, **kw: masks[ltype])
+            mp.setattr(v4, "image_features", lambda *a: (lambda f: (f[0] * feat_scale, f[1]))(feats(*a)))
+            mp.setattr(v4, "_media", lambda c, t: media(c, t) & ~(keep_image_ids & (t == c.image_token_id)))
+            return v4.forward(lm.params, cfg, jnp.asarray(tokens), px, pos)
 
-    def unwindowed(c, ltype, idx, blk, *a, **kw):  # the window spares a block's pairs
-        same = (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0)
-        return mask(c, ltype, idx, blk, *a, **kw) | (same if ltype == "local" else False)
+    idx = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
+    def masks(blocks, local=None, glob=None) -> dict:
+        return {"local": v4.block_mask(cfg, "local", idx, blocks) if local is None else local,
+                "global": v4.block_mask(cfg, "global", idx, blocks) if glob is None else glob}
+
+    blocks = v4.image_blocks(cfg, jnp.asarray(types))
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    true = masks(blocks)
+    assert _far(logits(true, 1.0, False), want) <= TOL
     variants = {
-        "causal": dict(image_blocks=lambda c, t: blocks(c, 0 * t)),
-        "one block": dict(image_blocks=lambda c, t: jnp.where((t == 1), 0, -1)),
-        "global layers bidirectional": dict(block_mask=everywhere),
-        "no window in blocks": dict(block_mask=unwindowed),
-        "scaled features": dict(image_features=lambda p, c, *a: (
-            lambda f: (f[0] * np.sqrt(c.text.hidden_size), f[1]))(feats(p, c, *a))),
-        "image ids in the per-layer inputs": dict(_media=lambda c, t: media(c, t) & (t != c.image_token_id)),
+        "causal": (masks(blocks * 0 - 1), 1.0, False),
+        "one block": (masks(jnp.where(types == 1, 0, -1)), 1.0, False),
+        "global layers bidirectional": (masks(blocks, glob=true["global"] | same), 1.0, False),
+        "no window in blocks": (masks(blocks, local=true["local"] | same), 1.0, False),
+        "scaled features": (true, float(np.sqrt(cfg.text.hidden_size)), False),
+        "image ids in the per-layer inputs": (true, 1.0, True),
     }
-    for what, patches in variants.items():
-        assert _far(_variant_logits(lm, tokens, px, pos, types, monkeypatch, **patches), want) > 100 * TOL, what
+    for what, args in variants.items():
+        assert _far(logits(*args), want) > 100 * TOL, what
 
 
 def test_generate_with_two_images_matches_transformers(setup):

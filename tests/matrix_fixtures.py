@@ -58,14 +58,17 @@ class Vocab:
 @dataclass
 class Inputs:
     """A family's test inputs: ``logits_ids`` [2, T] for the logits cells, ``prompt`` [T0] for generation;
-    multimodal families add ``pixel_values`` [n, 3, H, W] (one image, repeated per logits row),
-    ``token_type_ids`` [2, T] for the logits cells and ``prompt_types`` [T0] for transformers' generate."""
+    multimodal families add ``pixel_values`` (one image, [1, ...], repeated per logits row; [1, 3, H, W] for
+    SigLIP towers), ``image_inputs`` (other per-image arrays the model reads beside them, e.g. Gemma 4's
+    ``image_position_ids``), ``token_type_ids`` [2, T] for the logits cells and ``prompt_types`` [T0] for
+    transformers' generate."""
 
     logits_ids: np.ndarray
     prompt: np.ndarray
     pixel_values: np.ndarray | None = None
     token_type_ids: np.ndarray | None = None
     prompt_types: np.ndarray | None = None
+    image_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def text_inputs(cfg: Any, v: Vocab, rng: np.random.RandomState) -> Inputs:
@@ -90,7 +93,9 @@ class FamilyFixture:
     stays within the cell's bounds (strong blocks amplify the rounding). ``layout`` maps a key transformers
     5 saves to the published Hub key (None drops it); ``expected_keys`` must be in the rewritten folder, so a
     transformers upgrade that changes what it writes cannot silently test another layout. ``adjust`` runs
-    after the random init (for weights that need a particular distribution, e.g. routers)."""
+    after the random init (for weights that need a particular distribution, e.g. routers). ``types_name``: the
+    keyword of the token types (``token_type_ids``; Gemma 4: ``mm_token_type_ids``), in gemmax and transformers
+    alike."""
 
     name: str
     hf_config: Callable[[Vocab], Any]
@@ -102,6 +107,7 @@ class FamilyFixture:
     multimodal: bool = False
     inputs: Callable[[Any, Vocab, np.random.RandomState], Inputs] = text_inputs
     adjust: Callable[[torch.nn.Module, torch.Generator], None] | None = None
+    types_name: str = "token_type_ids"
 
 
 FIXTURES: dict[str, FamilyFixture] = {}
@@ -359,18 +365,25 @@ class Checkpoint:
     greedy_margin: float = float("nan")
     hf_class: str = "AutoModelForCausalLM"
     prompt_types: np.ndarray | None = None  # [T0] token_type_ids of ``prompt`` (multimodal)
+    image_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # per-image arrays beside pixel_values
+    types_name: str = "token_type_ids"
+
+    def images(self, rows: int) -> dict[str, np.ndarray]:
+        """``pixel_values`` and the other per-image inputs of the one image, repeated for ``rows`` rows."""
+        return {k: np.repeat(v, rows, axis=0) for k, v in {"pixel_values": self.pixel_values,
+                                                           **self.image_inputs}.items()}
 
     @property
     def logits_kwargs(self) -> dict[str, Any]:
         """The extra arguments of ``lm.logits`` for ``logits_ids`` (the image and the token types)."""
         if not self.multimodal:
             return {}
-        return {"pixel_values": np.repeat(self.pixel_values, 2, axis=0), "token_type_ids": self.token_type_ids}
+        return {**self.images(2), self.types_name: self.token_type_ids}
 
     @property
     def generate_kwargs(self) -> dict[str, Any]:
         """The extra arguments of ``lm.generate`` for ``prompt`` (multimodal: its image)."""
-        return {"pixel_values": self.pixel_values} if self.multimodal else {}
+        return self.images(1) if self.multimodal else {}
 
     def hf_model_class(self) -> Any:
         import transformers
@@ -383,8 +396,8 @@ class Checkpoint:
         ids = self.logits_ids if ids is None else ids
         kw = {}
         if self.multimodal:
-            kw = {"pixel_values": torch.tensor(np.repeat(self.pixel_values, len(ids), axis=0)),
-                  "token_type_ids": torch.tensor(self.token_type_ids[:len(ids)], dtype=torch.long)}
+            kw = {k: torch.tensor(v) for k, v in self.images(len(ids)).items()}
+            kw[self.types_name] = torch.tensor(self.token_type_ids[:len(ids)], dtype=torch.long)
         with torch.no_grad():
             return model(input_ids=torch.tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
 
@@ -393,8 +406,8 @@ class Checkpoint:
         ids = torch.tensor(self.prompt[None], dtype=torch.long)
         kw: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
         if self.multimodal:
-            kw.update(pixel_values=torch.tensor(self.pixel_values),
-                      token_type_ids=torch.tensor(self.prompt_types[None], dtype=torch.long))
+            kw.update({k: torch.tensor(v) for k, v in self.images(1).items()})
+            kw[self.types_name] = torch.tensor(self.prompt_types[None], dtype=torch.long)
         with torch.no_grad():
             out = self.hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
                                    output_logits=True, return_dict_in_generate=True, **kw)
@@ -435,7 +448,8 @@ def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any)
     eos = cfg.get_text_config().eos_token_id
     ck = Checkpoint(family, folder, None, v.size, fx.multimodal, x.logits_ids, x.prompt, x.pixel_values,
                     x.token_type_ids, tuple(eos) if isinstance(eos, list) else (eos,), keys,
-                    hf_class=fx.hf_class, prompt_types=x.prompt_types)
+                    hf_class=fx.hf_class, prompt_types=x.prompt_types, image_inputs=x.image_inputs,
+                    types_name=fx.types_name)
     # transformers reads the published layout back (converting it where it must) to the same model
     loaded = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     want, got = ck.hf_logits(model), ck.hf_logits(loaded)

@@ -3,8 +3,9 @@ axes ("batch", "model"), the family's ``get_layout_map``) next to the same gener
 prompts of different lengths as one batch (PaliGemma: two image prompts, one call each).
 
 The device count must be fixed before jax is imported, hence a fresh process. It reads a JSON spec (a list of
-{"family", "folder", "prompts", "pixel_values"}) and writes a JSON result per family: the one-device and the
-sharded tokens and the sharding specs of the loaded weights, or the error (type and message) that stopped it.
+{"family", "folder", "prompts", "images"}; "images": the per-image inputs by name, one image per prompt, or
+null) and writes a JSON result per family: the one-device and the sharded tokens and the sharding specs of the
+loaded weights, or the error (type and message) that stopped it.
 
     python tests/matrix_worker.py SPEC.json RESULT.json
 """
@@ -28,18 +29,19 @@ from gemmax import CausalLM  # noqa: E402
 from gemmax import distribution as gd  # noqa: E402
 
 
-def greedy(lm: Any, prompts: list[np.ndarray], pixel_values: np.ndarray | None) -> list[list[int]]:
-    """Text prompts as one batch; image prompts one by one, each with its image (a batch of image prompts
-    is not part of the interface)."""
-    if pixel_values is None:
+def greedy(lm: Any, prompts: list[np.ndarray], images: dict[str, np.ndarray] | None) -> list[list[int]]:
+    """Text prompts as one batch; image prompts one by one, each with its image's inputs (``pixel_values``...;
+    a batch of image prompts is not part of the interface)."""
+    if images is None:
         return [np.asarray(a).tolist() for a in lm.generate(prompts, max_new_tokens=8)]
-    return [np.asarray(lm.generate(p, max_new_tokens=8, pixel_values=pixel_values[i:i + 1])).tolist()
+    return [np.asarray(lm.generate(p, max_new_tokens=8, **{k: v[i:i + 1] for k, v in images.items()})).tolist()
             for i, p in enumerate(prompts)]
 
 
 def run_family(spec: dict[str, Any]) -> dict[str, Any]:
     prompts = [np.asarray(p, np.int32) for p in spec["prompts"]]
-    pixels = None if spec.get("pixel_values") is None else np.asarray(spec["pixel_values"], np.float32)
+    pixels = None if spec.get("images") is None else {k: np.asarray(v, np.float32 if k == "pixel_values" else np.int32)
+                                                         for k, v in spec["images"].items()}
     lm = CausalLM.from_preset(spec["folder"])
     reference = greedy(lm, prompts, pixels)
     mesh = gd.DeviceMesh((2, 4), ("batch", "model"), gd.list_devices())

@@ -102,8 +102,9 @@ def test_prefill_and_decode_equal_forward(setup):
 
 
 def test_multimodal_layout_loads_text(tmp_path):
-    """A ``Gemma4ForConditionalGeneration``-style folder (``model.language_model.*``, towers, the unused k/v
-    weights of shared layers) loads as the text decoder with the same logits."""
+    """A ``Gemma4ForConditionalGeneration``-style folder without a ``vision_config`` (``model.language_model.*``,
+    tower weights, the unused k/v weights of shared layers) loads as the text decoder with the same logits
+    (with a ``vision_config`` it is the ``gemma4_vision`` family's: tests/test_gemma4_vision.py)."""
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
     from safetensors.torch import save_file
@@ -125,7 +126,7 @@ def test_multimodal_layout_loads_text(tmp_path):
     tensors["model.language_model.layers.4.self_attn.k_proj.weight"] = torch.zeros(8, 32)  # a shared layer's
     save_file(tensors, str(tmp_path / "model.safetensors"))
     top = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
-           "text_config": to_hf_config(cfg), "vision_config": {"model_type": "gemma4_vision"}}
+           "text_config": {**to_hf_config(cfg), "use_bidirectional_attention": "vision"}, "vision_config": None}
     (tmp_path / "config.json").write_text(json.dumps(top))
     lm = CausalLM.from_preset(str(tmp_path))
     ids = np.random.RandomState(2).randint(3, 96, (1, 18))

@@ -101,7 +101,7 @@ class Matrix:
                             for f in families}
         self.train_file = write_jsonl(root / "train.jsonl")
         spec = [{"family": f, "folder": str(ck.folder), "prompts": [p.tolist() for p in self.dist_prompts(ck)],
-                 "pixel_values": None if ck.pixel_values is None else np.repeat(ck.pixel_values, 2, 0).tolist()}
+                 "images": None if ck.pixel_values is None else {k: v.tolist() for k, v in ck.images(2).items()}}
                 for f, ck in self.checkpoints.items()]
         (root / "dist_spec.json").write_text(json.dumps(spec))
         self.dist_out = root / "dist_result.json"

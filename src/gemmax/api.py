@@ -799,7 +799,7 @@ def _init_fn(fam: Family, cfg: Any, dtype: Any) -> Any:
 
 def _family_config(hf: dict[str, Any], where: Any) -> tuple[Family, Any]:
     """(family, config) of a Hugging Face config dict; errors name the file and the problem."""
-    fam = base.for_model_type(hf.get("model_type"))
+    fam = base.for_hf_config(hf)
     try:
         return fam, fam.from_hf_config(hf)
     except (KeyError, TypeError) as e:

@@ -232,7 +232,7 @@ def _config_of(handle: str) -> tuple[Any, Any]:
         fam = base.get(meta.get("family", "gemma"))
         return fam, fam.config_from_dict(meta["config"])
     hf = read_json_config(folder)
-    fam = base.for_model_type(hf.get("model_type"))
+    fam = base.for_hf_config(hf)
     return fam, fam.from_hf_config(hf)
 
 

@@ -324,14 +324,15 @@ def lazy_from_table(specs: Mapping[str, Any], table: Mapping[str, tuple[list[str
 
 def table_to_hf(params_flat: Mapping[str, np.ndarray],
                 table: Mapping[str, tuple[list[str] | str, Callable, Callable]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array) for every weight of a name table, in transformers' layouts."""
+    """Yield (HF name, array) for every weight of a name table, in transformers' layouts (0-d scalars stay
+    0-d: ``np.ascontiguousarray`` would make them [1])."""
     for path, (names, _fwd, inv) in table.items():
         arr = np.asarray(params_flat[path])
         if isinstance(names, str):
-            yield names, np.ascontiguousarray(inv(arr))
+            yield names, np.asarray(inv(arr), order="C")
         else:
             for i, n in enumerate(names):
-                yield n, np.ascontiguousarray(inv(arr[i]))
+                yield n, np.asarray(inv(arr[i]), order="C")
 
 
 def _reader_single(source, name, fwd, dtype, shape):

@@ -457,11 +457,11 @@ class StreamDecoder:
 # ---- chat templates -------------------------------------------------------------------------------------
 
 
-def _content_text(content: Any, trim_parts: bool = False) -> str:
+def _content_text(content: Any, trim_parts: bool = False, image: str = "<start_of_image>") -> str:
     """Message content: a string, or a list of {"type": "text", "text": ...} parts and image parts
-    (``"image"`` or OpenAI's ``"image_url"``), each written as the ``<start_of_image>`` placeholder a
-    multimodal family's ``encode_prompt`` expands. ``trim_parts``: each text part trimmed, as Gemma 3's
-    template does."""
+    (``"image"`` or OpenAI's ``"image_url"``), each written as the placeholder ``image`` (Gemma 3's
+    ``<start_of_image>``, Gemma 4's ``<|image|>``) a multimodal family's ``encode_prompt`` expands.
+    ``trim_parts``: each text part trimmed, as Gemma 3's and Gemma 4's templates do."""
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence):
@@ -470,7 +470,7 @@ def _content_text(content: Any, trim_parts: bool = False) -> str:
             if part.get("type") == "text":
                 out.append(_jinja_trim(part["text"]) if trim_parts else part["text"])
             elif part.get("type") in ("image", "image_url"):
-                out.append("<start_of_image>")
+                out.append(image)
         return "".join(out)
     raise ValueError(f"invalid message content {content!r}")
 
@@ -826,7 +826,7 @@ def _gemma4_template(messages: Sequence[Mapping[str, Any]], add_generation_promp
         if isinstance(content, str):
             out.append(_strip_thinking(content) if role == "model" else _jinja_trim(content))
         elif content:
-            out.append(_jinja_trim(_content_text(content, trim_parts=True)))
+            out.append(_jinja_trim(_content_text(content, trim_parts=True, image="<|image|>")))
         if prev_type == "tool_call" and not responded:
             out.append("<|tool_response>")
         elif not (responded and not content):

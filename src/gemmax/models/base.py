@@ -154,6 +154,9 @@ class Family:
     extend: Callable[..., Any] | None = None
     #: writes the first ``counts`` entries of an ``extend`` block into cache slots, or None
     commit: Callable[..., Any] | None = None
+    #: whether this family loads a config.json of one of its ``model_types`` (two families may share a type:
+    #: a multimodal ``gemma4`` checkpoint loads with its vision tower, one without ``vision_config`` as text)
+    hf_accepts: Callable[[Mapping[str, Any]], bool] = lambda hf: True
     #: a tiny random config for tests and examples: ``tiny_config(**overrides)``
     tiny_config: Callable[..., Any] | None = None
     #: keras-hub presets this family reads and writes; None: none
@@ -204,6 +207,17 @@ def for_model_type(model_type: str | None) -> Family:
             return fam
     known = sorted(t for f in _REGISTRY.values() for t in f.model_types)
     raise UnsupportedModelType(f"unsupported model_type {model_type!r}; gemmax loads {', '.join(known)}")
+
+
+def for_hf_config(hf: Mapping[str, Any]) -> Family:
+    """The family that loads this Hugging Face ``config.json``: by ``model_type``, then the family's
+    ``hf_accepts`` where two families share the type."""
+    model_type = hf.get("model_type")
+    fams = [f for f in _REGISTRY.values() if model_type in f.model_types]
+    for fam in fams:
+        if fam.hf_accepts(hf):
+            return fam
+    return for_model_type(model_type) if not fams else fams[0]
 
 
 def for_config(cfg: Any) -> Family:

@@ -1,9 +1,10 @@
-"""Gemma 4 text (``gemma4_text`` / the text decoder of multimodal ``gemma4`` checkpoints) as a registered
-family: dense 31B, 26B-A4B mixture of experts, E2B / E4B with per-layer embeddings and KV sharing, all one
-config (see docs/gemma4.md)."""
+"""Gemma 4 text (``gemma4_text``, and ``gemma4`` checkpoints without a vision tower) as a registered family:
+dense 31B, 26B-A4B mixture of experts, E2B / E4B with per-layer embeddings and KV sharing, all one config;
+and Gemma 4 with images (``gemma4`` checkpoints with a ``vision_config``) as the family ``gemma4_vision``
+(see docs/gemma4.md)."""
 
 from gemmax.models.base import XLA, family_from, register
-from gemmax.models.gemma4 import decode, hf, model
+from gemmax.models.gemma4 import decode, hf, model, vision
 from gemmax.models.gemma4.config import (
     HF_MODEL_TYPES,
     PRESET_HF_REPOS,
@@ -31,6 +32,26 @@ FAMILY = register(family_from(
     chat_format=lambda cfg: "gemma4",
     backends=(XLA,),
     tiny_config=tiny_config,
+    hf_accepts=lambda c: not vision.accepts_hf(c),
 ))
 
-__all__ = ["FAMILY", "Gemma4Config", "PRESETS", "tiny_config"]
+VISION_FAMILY = register(family_from(
+    vars(vision), "gemma4_vision",
+    model_types=("gemma4",),
+    config_type=vision.Gemma4VisionConfig,
+    config_from_dict=vision.Gemma4VisionConfig.from_dict,
+    hf_ignorable=vision.HF_IGNORABLE,
+    hf_unused=vision.hf_unused,
+    hf_accepts=vision.accepts_hf,
+    hf_architecture="Gemma4ForConditionalGeneration",
+    gguf_arch=lambda cfg: None,
+    chat_format=lambda cfg: "gemma4",
+    extra_inputs=("pixel_values", "image_position_ids", "mm_token_type_ids"),
+    token_inputs={"mm_token_type_ids": 0},  # text after the prompt: no image block
+    backends=(XLA,),
+    tiny_config=vision.tiny_config,
+    encode_prompt=vision.encode_prompt,
+    check_inputs=vision.check_inputs,
+))
+
+__all__ = ["FAMILY", "VISION_FAMILY", "Gemma4Config", "PRESETS", "tiny_config"]

@@ -312,8 +312,10 @@ def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):
         raise ValueError(f"unsupported Gemma 4 activation {act!r} (gelu_pytorch_tanh)")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("bidirectional Gemma 4 configs (use_bidirectional_attention) are not causal LMs")
+    bidir = hf.get("use_bidirectional_attention")
+    if bidir not in (None, "vision"):  # "vision": image tokens see their own image, text stays causal
+        raise ValueError(f"bidirectional Gemma 4 configs (use_bidirectional_attention={bidir!r}) are not causal "
+                         "LMs")
     if hf.get("attention_bias"):
         raise ValueError("Gemma 4 with attention_bias is not supported (no published checkpoint has it)")
     n = int(hf.get("num_hidden_layers", 30))
@@ -462,7 +464,8 @@ def _presets() -> dict[str, Gemma4Config]:
 
 PRESETS: dict[str, Gemma4Config] = _presets()
 
-#: Hub repositories of the presets (multimodal checkpoints: the text decoder is read, the towers ignored).
+#: Hub repositories of the presets (multimodal checkpoints: loading one reads its vision tower too, as the
+#: ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
 PRESET_HF_REPOS: dict[str, str] = {
     "gemma4_31b": "google/gemma-4-31B", "gemma4_31b_it": "google/gemma-4-31B-it",
     "gemma4_26b_a4b": "google/gemma-4-26B-A4B", "gemma4_26b_a4b_it": "google/gemma-4-26B-A4B-it",

@@ -11,6 +11,7 @@ the native CPU kernels are the Gemma family's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,18 +62,41 @@ def prefill(params: dict, cfg: Gemma4Config, tokens: Array, lengths: Array, max_
     ``init_cache``'s layout: ``T`` global slots, a ``window``-slot ring for local layers)."""
     del backend
     tokens = jnp.asarray(tokens, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    b, t = tokens.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    seg = (idx < lengths[:, None]).astype(jnp.int32)  # padding is segment 0: it never meets the prompt
     x = m4.embed(params, cfg, tokens)
-    ple = m4.per_layer_inputs(params, cfg, tokens, x)
+    return prefill_embedded(params, cfg, x, m4.per_layer_inputs(params, cfg, tokens, x), lengths, max_len)
 
-    def make_attend(ltype: str, q_idx: Array = idx, q_seg: Array = seg) -> m4.AttendFn:
+
+#: prompt_mask(layer type, key positions [b, T], valid [b, T]) -> [b, T, T]: who sees whom inside the prompt
+PromptMask = Callable[[str, Array, Array], Array]
+
+
+def causal_prompt_mask(cfg: Gemma4Config) -> PromptMask:
+    """Causal attention inside each prompt (sliding window on local layers); padding never meets the prompt."""
+    def mask(ltype: str, idx: Array, valid: Array) -> Array:
+        seg = valid.astype(jnp.int32)  # padding is segment 0
+        return attention_mask(idx, idx, cfg.sliding_window if ltype == LOCAL else None, seg, seg)
+    return mask
+
+
+def prefill_embedded(params: dict, cfg: Gemma4Config, x: Array, ple: Array | None, lengths: Array, max_len: int,
+                     prompt_mask: PromptMask | None = None) -> tuple[Array, dict]:
+    """:func:`prefill` from the input embeddings x [b, T, D] and per-layer inputs (a multimodal prompt puts
+    image features into x); ``prompt_mask`` (default causal) masks the layers that run over the whole prompt.
+    The sharing layers run at each prompt's last position only, which sees every earlier prompt position
+    under any of these masks (nothing of the prompt lies after it)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    b, t = x.shape[:2]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = idx < lengths[:, None]
+    seg = valid.astype(jnp.int32)
+    full = {lt: (prompt_mask or causal_prompt_mask(cfg))(lt, idx, valid) for lt in (LOCAL, GLOBAL)}
+
+    def make_attend(ltype: str, q_idx: Array | None = None, q_seg: Array = seg) -> m4.AttendFn:
         window = cfg.sliding_window if ltype == LOCAL else None
 
         def attend(q, k, v):
-            return dot_attention(q, k, v, attention_mask(q_idx, idx, window, q_seg, seg))
+            mask = full[ltype] if q_idx is None else attention_mask(q_idx, idx, window, q_seg, seg)
+            return dot_attention(q, k, v, mask)
         return attend
 
     # layers that compute keys and values run over the whole prompt; the sharing layers after them write no

@@ -433,8 +433,9 @@ class CausalLM:
         for prompt_ids, r, src in zip(ids, reqs, batch, strict=True):
             new = r.new_ids
             if as_text:
-                # constrained text must parse as it is: without the stop token that ended it
-                text = self.tokenizer.decode([t for t in new if t not in stop_ids] if constraint else new)
+                # the stop token that ended a row is not part of its text (as ``stream`` and the server
+                # answer); constrained text must parse as it is
+                text = self.tokenizer.decode(new[:-1] if new and new[-1] in stop_ids else new)
                 if stop:
                     cut = [text.index(s) for s in stop if s in text]
                     text = text[: min(cut)] if cut else text

@@ -8,6 +8,7 @@ import argparse
 import concurrent.futures as cf
 import importlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -221,6 +222,103 @@ def test_concurrent_load_each_gets_its_own_answer(url: str, expected: dict[str, 
     assert after["completed"] - before["completed"] == 24
     assert after["max_live"] > 1  # requests really shared decode steps
     assert after["live"] == 0 and after["queued"] == 0
+
+
+SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                "additionalProperties": False}
+WORDS = "[a-z]{2,5}( [a-z]{2,5}){0,2}"
+
+
+def _mixed_job(i: int) -> tuple[str, dict]:
+    """Request ``i`` of the mixed load: (endpoint, body), cycling through the features the server offers."""
+    prompt = PROMPTS[i % len(PROMPTS)]
+    chat = {"messages": [{"role": "user", "content": prompt}]}
+    kind = i % 8
+    if kind == 0:
+        return "completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+    if kind == 1:
+        return "completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
+    if kind == 2:
+        return "chat/completions", {**chat, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    if kind == 3:  # the tiny vocabulary has letters but no JSON punctuation
+        return "chat/completions", {**chat, "max_tokens": 24, "response_format": {"type": "regex", "regex": WORDS}}
+    if kind == 4:
+        return "completions", {"prompt": prompt, "max_tokens": 8, "n": 2, "seed": i, "temperature": 1.0}
+    if kind == 5:
+        return "completions", {"prompt": prompt, "max_tokens": 8, "presence_penalty": 1.0,
+                               "frequency_penalty": 0.5, "logit_bias": {"5": 3}, "temperature": 0}
+    if kind == 6:
+        return "chat/completions", {**chat, "max_tokens": 8, "temperature": 0, "stream": True,
+                                    "stream_options": {"include_usage": True}}
+    return "completions", {"model": "tiny-a", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": ["o"]}
+
+
+def test_64_clients_with_mixed_features(url: str, expected: dict[str, str]) -> None:
+    """64 clients at once on loopback, each with another mix of features (plain and streamed completions,
+    chat with log-probabilities, a JSON schema, n=2 with seeds, penalties and logit bias, streamed chat with
+    usage, an adapter with a stop string) sharing one continuous batch: every request gets a 200 and an
+    answer that keeps its own contract, and the server ends with nothing live or queued."""
+    import asyncio
+
+    jobs = [_mixed_job(i) for i in range(64)]
+
+    async def one(c: httpx.AsyncClient, path: str, body: dict) -> tuple[dict, list[dict]]:
+        body = {"model": "tiny", **body}
+        if not body.get("stream"):
+            r = await c.post(f"{url}/v1/{path}", json=body, headers=_auth())
+            assert r.status_code == 200, r.text
+            return r.json(), []
+        events = []
+        async with c.stream("POST", f"{url}/v1/{path}", json=body, headers=_auth()) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+        return {}, events
+
+    async def run() -> list[tuple[dict, list[dict]]]:
+        limits = httpx.Limits(max_connections=70)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c, p, b) for p, b in jobs))
+
+    before = _stats(url)
+    results = asyncio.run(run())
+    for i, ((_, body), (resp, events)) in enumerate(zip(jobs, results, strict=True)):
+        kind = i % 8
+        prompt = body.get("prompt")
+        if kind == 0:
+            assert resp["choices"][0]["text"] == expected[prompt][: len(resp["choices"][0]["text"])]
+        elif kind == 1:
+            assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == \
+                expected[prompt][: sum(len(e["choices"][0]["text"]) for e in events if e.get("choices"))]
+        elif kind == 2:
+            lp = resp["choices"][0]["logprobs"]["content"]
+            assert len(lp) == resp["usage"]["completion_tokens"] and all(len(x["top_logprobs"]) == 2 for x in lp)
+        elif kind == 3:
+            assert re.fullmatch(WORDS, resp["choices"][0]["message"]["content"]), resp
+        elif kind == 4:
+            assert sorted(c["index"] for c in resp["choices"]) == [0, 1]
+        elif kind == 5:
+            assert resp["choices"][0]["finish_reason"] in ("length", "stop")
+        elif kind == 6:
+            assert events[-1]["usage"]["completion_tokens"] >= 1
+            assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events)
+        else:
+            assert resp["model"] == "tiny-a" and "o" not in resp["choices"][0]["text"]
+    after = _stats(url)
+    assert after["completed"] - before["completed"] == 64 + 8  # n=2 requests count each choice
+    assert after["max_live"] > 1 and after["live"] == 0 and after["queued"] == 0
+
+
+def test_format_the_vocabulary_cannot_write_is_refused(url: str) -> None:
+    """JSON asked of a tokenizer without ``{``: a 400 naming the problem, not an empty answer marked done."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": SMALL_SCHEMA}}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": fmt}
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers=_auth(), timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "unwritable_format" and err["param"] == "response_format"
+    assert "no token that can begin" in err["message"]
 
 
 # ---- robustness ----------------------------------------------------------------------------------------

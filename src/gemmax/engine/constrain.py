@@ -242,3 +242,17 @@ class RowMatcher:
     def finished(self) -> bool:
         """The grammar has ended (nothing more may follow)."""
         return bool(self._m.is_stopped())
+
+    def check_writable(self, kind: str) -> None:
+        """Raise :class:`ConstraintError` when no token of the vocabulary can begin an answer the grammar
+        allows (e.g. JSON with a vocabulary that has no ``{``): decoding would otherwise end at once with an
+        empty answer reported as finished. Call before the first token."""
+        if self.finished:
+            return
+        mask = np.zeros(self.vocab.words, np.int32)
+        self.fill(mask)
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[: self.vocab.n_vocab].astype(bool)
+        bits[list(self.vocab.stop_ids)] = False
+        if not bits.any():
+            raise ConstraintError(f"the model's vocabulary has no token that can begin an answer the {kind} "
+                                  "allows (its first characters cannot be written with this tokenizer)")

@@ -483,7 +483,9 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("structured output needs the model's tokenizer (Engine(..., tokenizer=...))")
         stops = r.params.stop_ids or tuple(self.tokenizer.stop_ids)
-        return r.params.constraint.matcher(vocabulary(self.tokenizer, self.cfg.vocab_size, stops))
+        m = r.params.constraint.matcher(vocabulary(self.tokenizer, self.cfg.vocab_size, stops))
+        m.check_writable(r.params.constraint.kind.replace("_", " "))
+        return m
 
     def _add_group(self, reqs: Sequence[Request], inputs: dict[str, Any] | None = None) -> None:
         free = self.free_slots()

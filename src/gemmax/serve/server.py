@@ -47,6 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gemmax.api import CausalLM
 from gemmax.encoder import TextEncoder, is_encoder_handle
+from gemmax.engine.constrain import ConstraintError, vocabulary
+from gemmax.engine.generate import SamplingParams
 from gemmax.engine.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from gemmax.engine.prefix_cache import PrefixCache
 from gemmax.engine.speculative import speculator_for
@@ -136,6 +138,17 @@ def build_models(lm_or_models: Any, adapters: Mapping[str, Any] | None = None, m
 
 
 
+def check_writable(m: ServedModel, sp: SamplingParams, param: str) -> None:
+    """A 400 for a constraint this model's tokenizer cannot begin to write (see ``RowMatcher.check_writable``),
+    here, before the request joins a batch, rather than an empty answer reported as finished."""
+    stops = sp.stop_ids or tuple(m.tokenizer.stop_ids)
+    try:
+        sp.constraint.matcher(vocabulary(m.tokenizer, m.config.vocab_size, stops)).check_writable(
+            sp.constraint.kind.replace("_", " "))
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=param, code="unwritable_format") from None
+
+
 # ---- the service behind the routes ----------------------------------------------------------------------
 
 
@@ -205,6 +218,8 @@ class Service:
                 sp = sampling.params_for(c, want, stop_ids)
                 if tools is not None:
                     sp = apply_call_constraint(sp, tools.forced, tools.family)
+                if sp.constraint is not None and c == 0:
+                    check_writable(m, sp, "tool_choice" if tools is not None and tools.forced else "response_format")
                 jobs.append(Job(m, ids, sp, sampling.stop, p * sampling.n + c, loop, events, inputs,
                                 keep_special=tools is not None and tools.family == "gemma4", request_id=rid,
                                 timeout=self.request_timeout,

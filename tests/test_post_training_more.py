@@ -166,7 +166,11 @@ def test_grpo_num_iterations_reuses_the_batch_with_generation_time_old_logps(tmp
     w0 = _model().params
     w1 = merge_trees(ck1["params"], split_trainable(w0)[1])
     old = _full_logprobs(lm, w0, rows)
-    np.testing.assert_allclose(rows["old_logps"] * mask, old, rtol=1e-4, atol=1e-5)
+    # stored for the completion positions only ([B, max_completion_length] from each row's completion_start)
+    idx = np.minimum(rows["completion_start"][:, None] + np.arange(8)[None], mask.shape[1] - 1)
+    kept = np.take_along_axis(mask, idx, axis=1)
+    np.testing.assert_allclose(rows["old_logps"] * kept, np.take_along_axis(old, idx, axis=1), rtol=1e-4, atol=1e-5)
+    assert kept.sum() == mask.sum()  # every completion token is among the kept positions
     now = _full_logprobs(lm, w1, rows)
     zeros = np.zeros_like(now)
     want, _ = _trl_grpo(now, old, zeros, rows["advantages"], mask, "grpo", 0.0, 0.2, 0.2, 8)

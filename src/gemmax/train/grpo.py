@@ -357,7 +357,7 @@ class GRPO(Objective):
         """Give ``dataset`` its sampler: completions from the policy's current weights, scored and laid out."""
         tok = lm.tokenizer
         stop = tuple(getattr(tok, "stop_ids", None) or lm.config.eos_ids)
-        logps_fn = _logps_fn(lm, precision or _Identity())
+        logps_fn = _logps_fn(lm, precision or _Identity(), self.max_completion_length)
 
         def rollout(idx: list[int], position: int) -> Rollout:
             g, t = self.num_generations, dataset.sequence_length
@@ -420,15 +420,15 @@ class GRPO(Objective):
 
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             p, hidden = fwd(merged(trainable, frozen), batch)
-            logps = token_log_probs(p, config, hidden, batch["targets"], chunk_size=chunk_size)
+            logps = completion_log_probs(p, config, hidden, batch, max_len, chunk_size)
             ref = None
             if beta != 0.0:
                 if ref_in_batch:
                     ref = batch["ref_logps"]
                 else:  # LoRA: the base with the adapters off
                     pr, hr = fwd(jax.lax.stop_gradient(frozen), batch)
-                    ref = token_log_probs(pr, config, hr, batch["targets"], chunk_size=chunk_size)
-            mask = batch["loss_mask"]
+                    ref = completion_log_probs(pr, config, hr, batch, max_len, chunk_size)
+            mask = completion_mask(batch, max_len)
             now = jax.lax.stop_gradient(logps)
             # π_old from generation time; off the completion it is set to π so padding has ρ = 1 (an overflowing
             # ratio there would turn the masked sum into NaN)
@@ -462,6 +462,32 @@ class GRPO(Objective):
         return out
 
 
+def completion_index(batch: dict[str, Any], length: int) -> jax.Array:
+    """[B, L] row positions of the completion targets (``completion_start`` + j, kept inside the row)."""
+    t = batch["tokens"].shape[1]
+    return jnp.minimum(batch["completion_start"][:, None] + jnp.arange(length)[None], t - 1)
+
+
+def completion_mask(batch: dict[str, Any], length: int) -> jax.Array:
+    """[B, L] loss mask of the completion positions (positions past the row's end count for nothing)."""
+    t = batch["tokens"].shape[1]
+    inside = (batch["completion_start"][:, None] + jnp.arange(length)[None]) < t
+    return jnp.take_along_axis(batch["loss_mask"], completion_index(batch, length), axis=1) * inside
+
+
+def completion_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dict[str, Any], length: int,
+                         chunk_size: int = 1024) -> jax.Array:
+    """[B, L] log-probs of the completion tokens only.
+
+    The output head (most of a small Gemma's compute: a 262k-token vocabulary) runs on the L completion
+    positions of each row instead of all T (TRL's ``logits_to_keep``); the prompt positions carry no loss.
+    """
+    idx = completion_index(batch, length)
+    h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    y = jnp.take_along_axis(batch["targets"], idx, axis=1)
+    return token_log_probs(params, config, h, y, chunk_size=chunk_size)
+
+
 def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: np.ndarray) -> dict[str, np.ndarray]:
     """Rows of prompt + completion (right-padded to ``t``), the completion tokens as targets."""
     b = len(prompts)
@@ -476,25 +502,26 @@ def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: n
         tokens[i, :n], targets[i, :n] = ids[:n], ids[1:n + 1]
         mask[i, len(p) - 1:n] = 1.0  # the targets that are completion tokens
         pos[i, :n], seg[i, :n] = np.arange(n), 1
+    start = np.asarray([min(len(p) - 1, t - 1) for p in prompts], np.int32)
     return {"tokens": tokens, "targets": targets, "loss_mask": mask, "positions": pos, "segment_ids": seg,
-            "advantages": adv.astype(np.float32)}
+            "advantages": adv.astype(np.float32), "completion_start": start}
 
 
 _LOGPS_FNS: dict[str, Any] = {}
 
 
-def _logps_fn(lm: Any, precision: Any) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
-    """Jitted per-token log-probs of rows under given weights in ``precision`` (the step's, so the first
+def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+    """Jitted [B, L] completion log-probs under given weights in ``precision`` (the step's, so the first
     pass's ratio against the generation-time log-probs is 1), one compiled function per architecture."""
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + \
-        str(getattr(precision, "compute_dtype", "float32"))
+        str(getattr(precision, "compute_dtype", "float32")) + f"/{length}"
     if key not in _LOGPS_FNS:
         fwd = sequence_forward(lm.family, lm.config, precision, None)
         config = lm.config
 
         def logps(p: Any, b: dict[str, jax.Array]) -> jax.Array:
             pp, hidden = fwd(p, b)
-            return token_log_probs(pp, config, hidden, b["targets"])
+            return completion_log_probs(pp, config, hidden, b, length)
 
         _LOGPS_FNS.clear()  # the compiled function holds no weights, only code: keep the latest architecture
         _LOGPS_FNS[key] = jax.jit(logps)

@@ -697,7 +697,7 @@ class CausalLM:
     def fit(self, data: Any, objective: Any = "sft", **kw: Any) -> Any:
         """Fine-tune (LoRA when enabled, else full); see ``gemmax.train.trainer.fit`` for the options.
 
-        ``objective``: "sft" (next-token), "dpo", "simpo", "distill", "grpo" or an objective object
+        ``objective``: "sft" (next-token), "dpo", "simpo", "orpo", "distill", "grpo" or an objective object
         (``gemmax.train.objectives``); the objective's own settings (``beta``, ``reward_funcs``, ``teacher``...)
         are passed here as keywords along with the trainer's."""
         if isinstance(objective, str):

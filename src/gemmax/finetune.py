@@ -39,7 +39,7 @@ CLI_DEFAULTS: dict[str, Any] = {
 }
 
 #: ``--method`` values (the objectives of ``gemmax.train.objectives``, plus next-token "sft").
-METHODS = ("sft", "dpo", "simpo", "distill", "grpo")
+METHODS = ("sft", "dpo", "simpo", "orpo", "distill", "grpo")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,9 +80,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=s, help="max_length for --prompt generation")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=s)
     p.add_argument("--method", choices=METHODS, default=s,
-                   help="sft (next-token, default), dpo / simpo (prompt/chosen/rejected data), distill (needs "
+                   help="sft (next-token, default), dpo / simpo / orpo (prompt/chosen/rejected data), distill (needs "
                         "--teacher), grpo (prompts; needs --reward)")
-    p.add_argument("--beta", type=float, default=s, help="dpo/simpo/grpo beta, distill JSD beta")
+    p.add_argument("--beta", type=float, default=s, help="dpo/simpo/grpo beta, orpo lambda, distill JSD beta")
     p.add_argument("--loss-type", default=s, help="dpo: sigmoid|ipo|hinge; grpo: grpo|bnpo|dr_grpo; "
                                                  "distill: forward_kl|reverse_kl|jsd")
     p.add_argument("--teacher", default=s, help="distill: the teacher model (folder, hf://..., preset)")

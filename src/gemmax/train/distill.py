@@ -94,6 +94,14 @@ class Distill(Objective):
             self.teacher.check(ds)
         return _TeacherDataset(ds, self), seq
 
+    def eval_dataset(self, lm: Any, data: Any, sequence_length: int, format: str, params_fn: Callable[[], Any],
+                     *, batch_size: int, is_lora: bool, precision: Any = None) -> Any:
+        if isinstance(self.teacher, TeacherTable):
+            raise ValueError("eval_data needs a live teacher: a teacher file holds the top-k of the training data "
+                             "only (pass the teacher CausalLM, or evaluate the held-out data separately)")
+        return super().eval_dataset(lm, data, sequence_length, format, params_fn, batch_size=batch_size,
+                                    is_lora=is_lora, precision=precision)
+
     def teacher_topk(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The teacher's (ids, log-probs at temperature 1) [B, T, k] at every position of ``batch``."""
         if self._teacher_fn is None:
@@ -191,6 +199,10 @@ class _TeacherDataset:
 
     def iterator(self, batch_size: int, **kw: Any) -> _TeacherIterator:
         return _TeacherIterator(self.ds.iterator(batch_size, **kw), self.objective)
+
+    def evaluation(self, batch_size: int) -> _TeacherIterator:
+        """One pass in order (the last batch padded), each batch with the live teacher's top-k."""
+        return self.iterator(batch_size, shuffle=False, num_epochs=1)
 
 
 class _Identity:

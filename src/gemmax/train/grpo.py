@@ -14,8 +14,12 @@ takes one optimizer step on the clipped objective. Names, defaults and formulas 
 * advantages: ``(r - mean_group(r)) / (std_group(r) + 1e-4)`` (``scale_rewards="group"``; "batch" uses one
   std over the batch, "none" does not divide), the std unbiased as ``torch.std``.
 * per-token loss: ``-min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) + β KL`` with ``ρ = exp(log π − log π_old)`` and
-  the k3 estimator ``KL = exp(ref − log π) − (ref − log π) − 1``. One update per generation (TRL's default
-  ``num_iterations=1``), so ``π_old`` is ``π`` without gradient and ρ = 1 in value.
+  the k3 estimator ``KL = exp(ref − log π) − (ref − log π) − 1``. With one update per generation (TRL's
+  default ``num_iterations=1``) ``π_old`` is ``π`` without gradient and ρ = 1 in value; with
+  ``num_iterations=μ > 1`` one generated batch serves μ consecutive optimizer steps and ``log π_old`` is
+  computed once, at generation time, from the weights that sampled it, so from the second pass on ρ moves
+  and the clip acts (TRL's meaning of μ). A checkpoint taken inside such a block holds the batch, so a
+  resume continues it exactly.
 * normalisation ``loss_type``: "grpo" (mean over tokens of each completion, then over completions),
   "bnpo" (mean over all completion tokens), "dr_grpo" (sum / (completions x ``max_completion_length``)).
 * the KL reference (``beta > 0``): with LoRA the base with adapters off, inside the step; a full fine-tune
@@ -24,6 +28,10 @@ takes one optimizer step on the clipped objective. Names, defaults and formulas 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import io
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -154,6 +162,7 @@ class PromptDataset:
     sequence_length: int
     rollout: Callable[[list[int], int], Rollout] | None = None
     num_generations: int = 1
+    num_iterations: int = 1
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,7 +171,8 @@ class PromptDataset:
         return f"{len(self.records)} prompts, {self.num_generations} completions each"
 
     def iterator(self, batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = False) -> IndexIterator:
+                 drop_remainder: bool = False, repeat: bool = True) -> IndexIterator | RepeatIterator:
+        """Rollouts of ``batch_size`` completions; each one ``num_iterations`` times in a row (``repeat``)."""
         def make(idx: list[int]) -> Rollout:
             assert self.rollout is not None, "GRPO.prepare binds the sampler"
             # the sampling seed follows the data position, so a resumed run draws the same completions
@@ -171,7 +181,85 @@ class PromptDataset:
         # a batch is batch_size completions: batch_size / G prompts; the last partial group is dropped
         it = IndexIterator(len(self.records), batch_size // self.num_generations, make, seed=seed,
                            shuffle=shuffle, num_epochs=num_epochs, drop_remainder=True)
-        return it
+        return RepeatIterator(it, self.num_iterations) if repeat and self.num_iterations > 1 else it
+
+    def evaluation(self, batch_size: int) -> IndexIterator:
+        """One pass over the prompts in order (whole groups only), each rollout used once."""
+        per_batch = batch_size // self.num_generations
+        if len(self.records) < per_batch:
+            raise DataError(f"{len(self.records)} evaluation prompts are fewer than one batch of {per_batch} "
+                            f"(batch_size={batch_size} / num_generations={self.num_generations})")
+        return self.iterator(batch_size, shuffle=False, num_epochs=1, repeat=False)
+
+
+class RepeatIterator:
+    """Each rollout of ``inner`` served ``times`` times in a row (GRPO's ``num_iterations``).
+
+    Its state is the inner position plus, inside a block, how many passes are done and the rollout itself
+    (``npz`` bytes in base64: the sampled completions, advantages and old log-probs came from weights that no
+    longer exist, so a resume cannot draw them again)."""
+
+    def __init__(self, inner: IndexIterator, times: int) -> None:
+        self.inner, self.times = inner, int(times)
+        self.done = 0
+        self.current: Rollout | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    @property
+    def num_epochs(self) -> int | None:
+        return self.inner.num_epochs
+
+    @num_epochs.setter
+    def num_epochs(self, value: int | None) -> None:
+        self.inner.num_epochs = value
+
+    def batches_in_epoch(self, epoch: int | None = None) -> int:
+        return self.inner.batches_in_epoch(epoch) * self.times
+
+    def __iter__(self) -> RepeatIterator:
+        return self
+
+    def __next__(self) -> Rollout:
+        if self.current is None:
+            self.current, self.done = next(self.inner), 0  # a failed rollout leaves the inner position as it was
+        out = self.current if self.done == 0 else dataclasses.replace(self.current, generation_seconds=0.0)
+        self.done += 1
+        if self.done == self.times:
+            self.current, self.done = None, 0
+        return out
+
+    def state(self) -> dict[str, Any]:
+        st: dict[str, Any] = dict(self.inner.state())
+        if self.current is not None:
+            st["iteration"], st["rollout"] = self.done, _encode_rollout(self.current)
+        return st
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.inner.restore(state)
+        self.current, self.done = None, 0
+        if state.get("rollout") is not None:
+            self.current, self.done = _decode_rollout(state["rollout"]), int(state["iteration"])
+
+
+def _encode_rollout(r: Rollout) -> str:
+    arrays = {f"a/{k}": v for k, v in r.arrays.items()}
+    arrays.update({f"f/{k}": v for k, v in r.rewards_per_func.items()})
+    buf = io.BytesIO()
+    np.savez(buf, rewards=r.rewards, lengths=r.completion_lengths, **arrays)
+    return json.dumps({"npz": base64.b64encode(buf.getvalue()).decode("ascii"), "completions": r.completions,
+                       "generation_seconds": r.generation_seconds})
+
+
+def _decode_rollout(text: str) -> Rollout:
+    d = json.loads(text)
+    with np.load(io.BytesIO(base64.b64decode(d["npz"]))) as z:
+        arrays = {k[2:]: z[k] for k in z.files if k.startswith("a/")}
+        per_func = {k[2:]: z[k] for k in z.files if k.startswith("f/")}
+        return Rollout(arrays, z["rewards"], per_func, z["lengths"], float(d["generation_seconds"]),
+                       list(d["completions"]))
 
 
 def _function_name(f: Any) -> str:
@@ -197,6 +285,7 @@ class GRPO(Objective):
     loss_type: str = "dr_grpo"
     scale_rewards: str = "group"
     seed: int = 0
+    num_iterations: int = 1
     _ref_in_batch: bool = field(default=False, repr=False)
     _ref_params: Any = field(default=None, repr=False)
 
@@ -216,6 +305,9 @@ class GRPO(Objective):
             raise ValueError(f"unknown GRPO loss_type {self.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2 (advantages are relative to the group)")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1 (optimizer steps per generated batch), got "
+                             f"{self.num_iterations}")
 
     # -- data
     def load(self, lm: Any, data: Any, sequence_length: int, format: str) -> tuple[Any, int]:
@@ -231,20 +323,41 @@ class GRPO(Objective):
         if sequence_length > lm.config.max_position_embeddings:
             raise ValueError(f"sequence_length={sequence_length} exceeds the model's context of "
                              f"{lm.config.max_position_embeddings}")
-        return PromptDataset(recs, texts, ids, sequence_length, num_generations=self.num_generations), sequence_length
+        return PromptDataset(recs, texts, ids, sequence_length, num_generations=self.num_generations,
+                             num_iterations=self.num_iterations), sequence_length
 
     def prepare(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], *, batch_size: int,
-                is_lora: bool) -> None:
-        if batch_size % self.num_generations:
-            raise ValueError(f"batch_size={batch_size} (completions per step) is not a multiple of "
-                             f"num_generations={self.num_generations}")
+                is_lora: bool, precision: Any = None) -> None:
+        self._check_batch(batch_size)
         self._ref_in_batch = self.beta != 0.0 and not is_lora
         if self._ref_in_batch:  # a full fine-tune has no frozen base to switch back to: keep the start
             self._ref_params = jax.tree_util.tree_map(jnp.copy, lm.params)
+        self._bind(lm, dataset, params_fn, precision)
+
+    def eval_dataset(self, lm: Any, data: Any, sequence_length: int, format: str, params_fn: Callable[[], Any],
+                     *, batch_size: int, is_lora: bool, precision: Any = None) -> Any:
+        """Held-out prompts sampled with the current weights (the reference, if any, is the training one)."""
+        self._check_batch(batch_size)
+        if self.beta != 0.0 and not is_lora and self._ref_params is None:
+            # scored outside a run (``evaluate``): the weights as they are are the KL reference
+            self._ref_in_batch, self._ref_params = True, lm.params
+        ds, _ = self.load(lm, data, sequence_length, format)
+        self._bind(lm, ds, params_fn, precision)
+        return ds
+
+    def eval_weight(self, m: dict[str, Any]) -> float:
+        return float(m["completions"])  # rewards are means over completions, whatever the loss normalises by
+
+    def _check_batch(self, batch_size: int) -> None:
+        if batch_size % self.num_generations:
+            raise ValueError(f"batch_size={batch_size} (completions per step) is not a multiple of "
+                             f"num_generations={self.num_generations}")
+
+    def _bind(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], precision: Any) -> None:
+        """Give ``dataset`` its sampler: completions from the policy's current weights, scored and laid out."""
         tok = lm.tokenizer
         stop = tuple(getattr(tok, "stop_ids", None) or lm.config.eos_ids)
-        logps_fn = jax.jit(lambda p, b: token_log_probs(p, lm.config, sequence_forward(
-            lm.family, lm.config, _Identity(), None)(p, b)[1], b["targets"]))
+        logps_fn = _logps_fn(lm, precision or _Identity(), self.max_completion_length)
 
         def rollout(idx: list[int], position: int) -> Rollout:
             g, t = self.num_generations, dataset.sequence_length
@@ -256,6 +369,7 @@ class GRPO(Objective):
             t0 = time.perf_counter()
             reqs = generate_ids(params_fn(), lm.config, prompts, sp, family=lm.family)
             gen_s = time.perf_counter() - t0
+            params = params_fn() if self.num_iterations > 1 else None
             outs = [list(r.new_ids[:self.max_completion_length]) for r in reqs]
             texts = [tok.decode([x for x in o if x not in stop]) for o in outs]
             recs = [dataset.records[i] for i in idx for _ in range(g)]
@@ -264,9 +378,11 @@ class GRPO(Objective):
                                                                            strict=True))
             adv = group_advantages(total, g, self.scale_rewards)
             arrays = _rows(prompts, outs, t, adv)
+            placed = {k: jnp.asarray(v) for k, v in arrays.items()}
             if self._ref_in_batch:
-                arrays["ref_logps"] = np.asarray(logps_fn(self._ref_params, {k: jnp.asarray(v) for k, v in
-                                                                             arrays.items()}))
+                arrays["ref_logps"] = np.asarray(logps_fn(self._ref_params, placed))
+            if params is not None:  # π_old of the num_iterations passes: the weights that sampled the batch
+                arrays["old_logps"] = np.asarray(logps_fn(params, placed))
             return Rollout(arrays, total, per_func, np.asarray([len(o) for o in outs]), gen_s, texts)
 
         dataset.rollout = rollout
@@ -300,37 +416,76 @@ class GRPO(Objective):
         eps_low = self.epsilon
         eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         beta, ref_in_batch, loss_type = self.beta, self._ref_in_batch, self.loss_type
-        max_len = self.max_completion_length
+        max_len, stored_old = self.max_completion_length, self.num_iterations > 1
 
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             p, hidden = fwd(merged(trainable, frozen), batch)
-            logps = token_log_probs(p, config, hidden, batch["targets"], chunk_size=chunk_size)
+            logps = completion_log_probs(p, config, hidden, batch, max_len, chunk_size)
             ref = None
             if beta != 0.0:
                 if ref_in_batch:
                     ref = batch["ref_logps"]
                 else:  # LoRA: the base with the adapters off
                     pr, hr = fwd(jax.lax.stop_gradient(frozen), batch)
-                    ref = token_log_probs(pr, config, hr, batch["targets"], chunk_size=chunk_size)
-            mask = batch["loss_mask"]
-            per_token, kl = grpo_per_token_loss(logps, jax.lax.stop_gradient(logps), batch["advantages"],
-                                                epsilon_low=eps_low, epsilon_high=eps_high, beta=beta,
-                                                ref_logps=ref)
+                    ref = completion_log_probs(pr, config, hr, batch, max_len, chunk_size)
+            mask = completion_mask(batch, max_len)
+            now = jax.lax.stop_gradient(logps)
+            # π_old from generation time; off the completion it is set to π so padding has ρ = 1 (an overflowing
+            # ratio there would turn the masked sum into NaN)
+            old = jnp.where(mask > 0, batch["old_logps"], now) if stored_old else now
+            adv = batch["advantages"]
+            per_token, kl = grpo_per_token_loss(logps, old, adv, epsilon_low=eps_low, epsilon_high=eps_high,
+                                                beta=beta, ref_logps=ref)
             s, n = reduce_grpo_loss(per_token, mask, loss_type, max_len)
+            ratio = jnp.exp(now - old)
+            low = (ratio < 1 - eps_low) & (adv[:, None] < 0)
+            high = (ratio > 1 + eps_high) & (adv[:, None] > 0)
             return s, {"n_tokens": n, "n_correct": jnp.zeros(()),
-                       "kl": (jax.lax.stop_gradient(kl) * mask).sum(), "completion_tokens": mask.sum()}
+                       "kl": (jax.lax.stop_gradient(kl) * mask).sum(), "completion_tokens": mask.sum(),
+                       "completions": jnp.asarray(mask.shape[0], jnp.float32),
+                       "clip_low": (low * mask).sum(), "clip_high": (high * mask).sum(),
+                       "clip_region": ((low | high) * mask).sum()}
 
         return loss_sums
 
     def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
+        toks = max(float(m["completion_tokens"]), 1.0)
         out = {"reward": float(np.mean(batch.rewards)), "reward_std": float(np.std(batch.rewards)),
-               "kl": float(m["kl"]) / max(float(m["completion_tokens"]), 1.0),
+               "kl": float(m["kl"]) / toks, "clip_ratio/low_mean": float(m["clip_low"]) / toks,
+               "clip_ratio/high_mean": float(m["clip_high"]) / toks,
+               "clip_ratio/region_mean": float(m["clip_region"]) / toks,
                "completions/mean_length": float(np.mean(batch.completion_lengths)),
                "generation_seconds": batch.generation_seconds,
                "tokens_per_second": float(m["completion_tokens"]) / (seconds + batch.generation_seconds)}
         for name, v in batch.rewards_per_func.items():
             out[f"rewards/{name}/mean"] = float(np.mean(v))
         return out
+
+
+def completion_index(batch: dict[str, Any], length: int) -> jax.Array:
+    """[B, L] row positions of the completion targets (``completion_start`` + j, kept inside the row)."""
+    t = batch["tokens"].shape[1]
+    return jnp.minimum(batch["completion_start"][:, None] + jnp.arange(length)[None], t - 1)
+
+
+def completion_mask(batch: dict[str, Any], length: int) -> jax.Array:
+    """[B, L] loss mask of the completion positions (positions past the row's end count for nothing)."""
+    t = batch["tokens"].shape[1]
+    inside = (batch["completion_start"][:, None] + jnp.arange(length)[None]) < t
+    return jnp.take_along_axis(batch["loss_mask"], completion_index(batch, length), axis=1) * inside
+
+
+def completion_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dict[str, Any], length: int,
+                         chunk_size: int = 1024) -> jax.Array:
+    """[B, L] log-probs of the completion tokens only.
+
+    The output head (most of a small Gemma's compute: a 262k-token vocabulary) runs on the L completion
+    positions of each row instead of all T (TRL's ``logits_to_keep``); the prompt positions carry no loss.
+    """
+    idx = completion_index(batch, length)
+    h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    y = jnp.take_along_axis(batch["targets"], idx, axis=1)
+    return token_log_probs(params, config, h, y, chunk_size=chunk_size)
 
 
 def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: np.ndarray) -> dict[str, np.ndarray]:
@@ -347,8 +502,30 @@ def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: n
         tokens[i, :n], targets[i, :n] = ids[:n], ids[1:n + 1]
         mask[i, len(p) - 1:n] = 1.0  # the targets that are completion tokens
         pos[i, :n], seg[i, :n] = np.arange(n), 1
+    start = np.asarray([min(len(p) - 1, t - 1) for p in prompts], np.int32)
     return {"tokens": tokens, "targets": targets, "loss_mask": mask, "positions": pos, "segment_ids": seg,
-            "advantages": adv.astype(np.float32)}
+            "advantages": adv.astype(np.float32), "completion_start": start}
+
+
+_LOGPS_FNS: dict[str, Any] = {}
+
+
+def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+    """Jitted [B, L] completion log-probs under given weights in ``precision`` (the step's, so the first
+    pass's ratio against the generation-time log-probs is 1), one compiled function per architecture."""
+    key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + \
+        str(getattr(precision, "compute_dtype", "float32")) + f"/{length}"
+    if key not in _LOGPS_FNS:
+        fwd = sequence_forward(lm.family, lm.config, precision, None)
+        config = lm.config
+
+        def logps(p: Any, b: dict[str, jax.Array]) -> jax.Array:
+            pp, hidden = fwd(p, b)
+            return completion_log_probs(pp, config, hidden, b, length)
+
+        _LOGPS_FNS.clear()  # the compiled function holds no weights, only code: keep the latest architecture
+        _LOGPS_FNS[key] = jax.jit(logps)
+    return _LOGPS_FNS[key]
 
 
 class _Identity:

@@ -14,7 +14,10 @@ progress bar — as it is for supervised fine-tuning:
   weights): precompute reference log-probabilities, bind a sampler to the policy's current weights;
 * ``step_metrics(metrics, batch, seconds)`` turns the summed metrics into the per-step record (TRL's names).
 
-The objectives live in ``preference`` (DPO, SimPO), ``distill`` and ``grpo``; ``post_training`` names them
+``eval_dataset`` and ``eval_weight`` serve ``fit(eval_data=...)``: held-out data read and prepared as the
+training data, then scored with the same loss and metrics (no update).
+
+The objectives live in ``preference`` (DPO, SimPO, ORPO), ``distill`` and ``grpo``; ``post_training`` names them
 (``make_objective("dpo", beta=0.1)``) for ``lm.fit(objective=...)`` and ``gemmax finetune --method``.
 
 With LoRA the frozen base is an argument of the step that is never differentiated, so "the reference model"
@@ -104,8 +107,21 @@ class Objective:
         raise NotImplementedError
 
     def prepare(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], *, batch_size: int,
-                is_lora: bool) -> None:
-        """Called once before the first step; nothing to do by default."""
+                is_lora: bool, precision: Any = None) -> None:
+        """Called once before the first step (``precision``: the step's); nothing to do by default."""
+
+    def eval_dataset(self, lm: Any, data: Any, sequence_length: int, format: str, params_fn: Callable[[], Any],
+                     *, batch_size: int, is_lora: bool, precision: Any = None) -> Any:
+        """Held-out ``data`` read and prepared like the training data (before training, so a precomputed
+        reference comes from the same starting weights); its ``evaluation(batch_size)`` is one pass."""
+        ds, _ = self.load(lm, data, sequence_length, format)
+        self.prepare(lm, ds, params_fn, batch_size=batch_size, is_lora=is_lora, precision=precision)
+        return ds
+
+    def eval_weight(self, m: dict[str, Any]) -> float:
+        """How much one evaluation batch's metrics weigh in the mean over batches (its ``n_tokens``: pairs,
+        tokens...; the loss itself is always the summed loss over the summed count)."""
+        return float(m["n_tokens"])
 
     def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
         return {}

@@ -9,12 +9,13 @@ from typing import Any
 from gemmax.train.distill import Distill
 from gemmax.train.grpo import GRPO
 from gemmax.train.objectives import Objective
-from gemmax.train.preference import DPO, SimPO
+from gemmax.train.preference import DPO, ORPO, SimPO
 
 __all__ = ["OBJECTIVES", "make_objective", "objective_options"]
 
 #: name -> objective class
-OBJECTIVES: dict[str, type[Objective]] = {"dpo": DPO, "simpo": SimPO, "distill": Distill, "grpo": GRPO}
+OBJECTIVES: dict[str, type[Objective]] = {"dpo": DPO, "simpo": SimPO, "orpo": ORPO, "distill": Distill,
+                                           "grpo": GRPO}
 
 
 def objective_options(name: str) -> tuple[str, ...]:
@@ -25,7 +26,7 @@ def objective_options(name: str) -> tuple[str, ...]:
 
 
 def make_objective(name: str, **settings: Any) -> Objective:
-    """The objective ``name`` ("dpo", "simpo", "distill", "grpo") with ``settings``; unknown settings are
+    """The objective ``name`` ("dpo", "simpo", "orpo", "distill", "grpo") with ``settings``; unknown settings are
     an error naming them."""
     known = objective_options(name)
     bad = sorted(set(settings) - set(known))

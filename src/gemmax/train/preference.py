@@ -1,4 +1,4 @@
-"""Preference tuning: DPO (sigmoid, IPO, hinge) and SimPO on TRL's preference datasets.
+"""Preference tuning: DPO (sigmoid, IPO, hinge), SimPO and ORPO on TRL's preference datasets.
 
 **Data.** Records in TRL's preference format, from anything ``read_records`` reads (JSONL, Parquet, a
 ``datasets`` object...): ``prompt`` / ``chosen`` / ``rejected`` as text (plain: the completion gets an EOS),
@@ -15,6 +15,10 @@ with ``Δ = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))`` su
 * ``hinge``: ``relu(1 − β Δ)``;
 * SimPO (reference-free): ``−log σ(β (avg log π(c) − avg log π(r)) − γ)`` (with ``label_smoothing`` ε:
   ``−(1−ε) log σ(z) − ε log σ(−z)``, as TRL's CPO trainer).
+* ORPO (reference-free): the chosen sequence's NLL plus an odds-ratio penalty,
+  ``NLL(c) − β log σ(log odds(c) − log odds(r))`` with ``log odds(y) = ℓ − log(1 − e^ℓ)`` of the per-token
+  *average* completion log-prob ℓ (TRL's ``ORPOTrainer``). As TRL, the NLL is the mean over every token of
+  the chosen row, prompt included, and the penalty the mean over pairs.
 
 **Reference log-probs.** With LoRA the reference is the same weights with the adapters off — the frozen
 base the step already holds — so it costs a second forward pass but no memory. Or they are precomputed once
@@ -40,7 +44,7 @@ import numpy as np
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
 from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
 
-__all__ = ["DPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "simpo_loss"]
+__all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -71,6 +75,23 @@ def simpo_loss(avg_chosen: jax.Array, avg_rejected: jax.Array, *, beta: float, g
     """Per-pair SimPO loss from per-token *average* completion log-probs [P] (no reference model)."""
     z = beta * (avg_chosen - avg_rejected) - gamma
     return -(1 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 − eˣ)`` for x < 0 without cancellation (branch at −ln 2, as Mächler's note).
+
+    ``x`` is capped just below 0: a completion the model is certain of (average log-prob exactly 0 in float32)
+    would give −inf here and a NaN gradient; the cap leaves every other value as it is.
+    """
+    x = jnp.minimum(x, -1e-6)
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def orpo_odds_ratio(avg_chosen: jax.Array, avg_rejected: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(``log σ(log odds ratio)``, log odds ratio) per pair [P] from per-token *average* completion log-probs;
+    ORPO's loss is the chosen NLL minus β times the first."""
+    log_odds = (avg_chosen - avg_rejected) - (_log1mexp(avg_chosen) - _log1mexp(avg_rejected))
+    return jax.nn.log_sigmoid(log_odds), log_odds
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -238,6 +259,10 @@ class PreferenceDataset:
         return IndexIterator(len(self.rows), batch_size, lambda idx: self.batch(idx, batch_size), seed=seed,
                              shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder)
 
+    def evaluation(self, batch_size: int) -> IndexIterator:
+        """One pass over every pair in order; the last batch is padded with empty pairs (``pair_mask`` 0)."""
+        return self.iterator(batch_size, shuffle=False, num_epochs=1)
+
 
 class IndexIterator:
     """Batches of record indices, shuffled per epoch from ``(seed, epoch)``, turned into batches by
@@ -355,7 +380,7 @@ class DPO(_PreferenceObjective):
             raise ValueError(f"reference must be 'auto', 'base' or 'precompute', got {self.reference!r}")
 
     def prepare(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], *, batch_size: int,
-                is_lora: bool) -> None:
+                is_lora: bool, precision: Any = None) -> None:
         if self.reference == "base" and not is_lora:
             raise ValueError("reference='base' needs LoRA adapters (the base is the weights with them off); "
                              "a full fine-tune precomputes the reference (reference='precompute')")
@@ -414,6 +439,50 @@ class SimPO(_PreferenceObjective):
             return (loss * w).sum(), self._aux(w, r[:, 0], r[:, 1], jax.lax.stop_gradient(avg))
 
         return loss_sums
+
+
+@dataclass
+class ORPO(_PreferenceObjective):
+    """Odds-ratio preference optimisation (TRL's ``ORPOTrainer``): reference-free; the chosen sequence's NLL
+    keeps the supervised signal while ``beta`` x the log odds ratio moves chosen above rejected. Rewards are
+    ``beta`` x average completion log-probs; ``nll_loss``, ``log_odds_ratio`` (mean ``log σ`` of the log odds
+    ratio) and ``log_odds_chosen`` (mean log odds ratio) are logged under TRL's names."""
+
+    name = "orpo"
+    beta: float = 0.1
+
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
+                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+        fwd = sequence_forward(family, config, precision, remat)
+        beta = self.beta
+
+        def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
+            rows, b, t = _pair_rows(batch)
+            p, hidden = fwd(merged(trainable, frozen), rows)
+            lp = token_log_probs(p, config, hidden, rows["targets"], chunk_size=chunk_size).reshape(b, 2, t)
+            comp = batch["loss_mask"]
+            avg = (lp * comp).sum(-1) / jnp.maximum(comp.sum(-1), 1.0)
+            # the NLL is TRL's: over every real position of the chosen rows (prompt included), a token mean
+            real = (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
+            nll = -(lp[:, 0] * real).sum() / jnp.maximum(real.sum(), 1.0)
+            ratio, log_odds = orpo_odds_ratio(avg[:, 0], avg[:, 1])
+            w = batch["pair_mask"]
+            pairs = w.sum()
+            # a sum over pairs whose mean is TRL's loss (the NLL is already a mean: weigh it by the pairs)
+            loss = pairs * nll - beta * (ratio * w).sum()
+            r = jax.lax.stop_gradient(beta * avg)
+            aux = self._aux(w, r[:, 0], r[:, 1], jax.lax.stop_gradient(avg))
+            aux.update(jax.lax.stop_gradient({"nll_loss": pairs * nll, "log_odds_ratio": (ratio * w).sum(),
+                                              "log_odds_chosen": (log_odds * w).sum()}))
+            return loss, aux
+
+        return loss_sums
+
+    def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
+        out = super().step_metrics(m, batch, seconds)
+        n = max(float(m["n_tokens"]), 1.0)
+        out.update({k: float(m[k]) / n for k in ("nll_loss", "log_odds_ratio", "log_odds_chosen")})
+        return out
 
 
 _REF_FNS: dict[str, Any] = {}

@@ -393,12 +393,25 @@ def _check_batch_axis(dist: Any, batch_size: int, grad_accum: int) -> None:
 
 
 def evaluate(lm: Any, data: Any, batch_size: int = 4, sequence_length: int = 128, *, format: str = "auto",
-             precision: str = "float32", chunk_size: int = 1024) -> dict[str, float]:
+             precision: str = "float32", chunk_size: int = 1024, objective: Any = None) -> dict[str, float]:
     """Mean loss, perplexity and token accuracy over every target token of ``data`` (one pass, in order).
 
     Sums are accumulated over all batches and divided once, so the figures are per *token*, not a mean of
     per-batch means (which would over-weight a short last batch).
+
+    ``objective`` (a post-training objective): its loss and metrics instead (``evaluate_objective``), with
+    the reference it would train against *now* — under LoRA the base with the adapters off; without LoRA a
+    DPO reference is the current weights, so use ``fit(eval_data=...)`` to score against the starting ones.
     """
+    if objective is not None:
+        trainable, frozen = split_trainable(lm.params)
+        is_lora = bool(jax.tree_util.tree_leaves(trainable))
+        if not is_lora:
+            trainable, frozen = lm.params, {}
+        ds = objective.eval_dataset(lm, data, sequence_length, format, lambda: lm.params, batch_size=batch_size,
+                                    is_lora=is_lora, precision=Precision.named(precision))
+        return evaluate_objective(lm, objective, ds, trainable, frozen, batch_size=batch_size, precision=precision,
+                                  chunk_size=chunk_size)
     ds = _as_dataset(lm, data, sequence_length, format)
     dist = _dist.distribution()
     _check_batch_axis(dist, batch_size, 1)
@@ -417,6 +430,54 @@ def evaluate(lm: Any, data: Any, batch_size: int = 4, sequence_length: int = 128
     loss = total / n
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 700.0))), "accuracy": correct / n,
             "tokens": int(n)}
+
+
+def _objective_eval_fn(lm: Any, objective: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
+    """The objective's ``(trainable, batch, frozen) -> (sum, aux)`` jitted without a gradient, cached like
+    ``_eval_fn`` so the evaluations of one run (and of identical runs) compile once."""
+    key = ("objective", _config_key(lm), objective.cache_key(), precision, chunk_size)
+    if key not in _EVAL_CACHE:
+        while len(_EVAL_CACHE) >= _CACHE_SIZE:
+            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+        _EVAL_CACHE[key] = jax.jit(objective.loss_sums_fn(lm.family, lm.config, Precision.named(precision), None,
+                                                          chunk_size))
+    return _EVAL_CACHE[key]
+
+
+#: per-step figures that say nothing about held-out data
+_NOT_EVAL_METRICS = ("tokens_per_second", "generation_seconds")
+
+
+def evaluate_objective(lm: Any, objective: Any, dataset: Any, trainable: Any, frozen: Any, *, batch_size: int,
+                       precision: str = "float32", chunk_size: int = 1024) -> dict[str, float]:
+    """An objective's loss and metrics over one pass of ``dataset`` (from ``objective.eval_dataset``) with the
+    weights ``trainable`` (+ ``frozen`` under LoRA), no update.
+
+    The loss is the summed loss over the summed count (``n_tokens``), as a step with every batch at once
+    would report it; each metric is the mean of the batches' ``step_metrics`` weighted by
+    ``objective.eval_weight`` (pairs for preferences, completions for GRPO), so a padded last batch counts
+    for what it holds.
+    """
+    dist = _dist.distribution()
+    _check_batch_axis(dist, batch_size, 1)
+    fn = _objective_eval_fn(lm, objective, precision, chunk_size)
+    total = count = weight = 0.0
+    sums: dict[str, float] = {}
+    for batch in dataset.evaluation(batch_size):
+        t0 = time.perf_counter()
+        s, aux = fn(trainable, _place_batch(batch, dist), frozen)
+        m = jax.device_get(aux)
+        total, count = total + float(s), count + float(m["n_tokens"])
+        w = objective.eval_weight(m)
+        if w <= 0:
+            continue
+        for k, v in objective.step_metrics(m, batch, time.perf_counter() - t0).items():
+            if k not in _NOT_EVAL_METRICS:
+                sums[k] = sums.get(k, 0.0) + w * v
+        weight += w
+    if count == 0:
+        raise DataError(f"the evaluation data holds nothing the {objective.name} objective scores")
+    return {"loss": total / count, **{k: v / weight for k, v in sums.items()}}
 
 
 # ---- progress ------------------------------------------------------------------------------------------
@@ -721,6 +782,8 @@ class _Run:
     chunk_size: int
     callbacks: Sequence[Callable[[int, dict[str, Any]], Any]]
     objective: Any = None
+    eval_set: Any = None
+    precision: str = "float32"
 
     def train(self) -> History:
         """Step until the schedule ends or a callback stops it, then evaluate and checkpoint the end state.
@@ -854,6 +917,9 @@ class _Run:
 
     def _evaluate(self, step: int) -> None:
         """Evaluate the current weights on ``eval_data`` and record it (history, metrics file, progress)."""
+        if self.objective is not None:
+            self._evaluate_objective(step)
+            return
         self.lm.params = self.state.params()
         ev = evaluate(self.lm, self.eval_data, self.batch_size, self.seq, format=self.format,
                       chunk_size=self.chunk_size)
@@ -863,6 +929,18 @@ class _Run:
         self.metrics_file.write(rec)
         self.bar.write(f"step {step}: val_loss {ev['loss']:.4f} - val_perplexity {ev['perplexity']:.2f} - "
                        f"val_accuracy {ev['accuracy']:.4f}")
+
+    def _evaluate_objective(self, step: int) -> None:
+        """The objective's loss and metrics on the held-out set, as ``val_loss`` and ``val_<metric>``."""
+        s = self.state
+        ev = evaluate_objective(self.lm, self.objective, self.eval_set, s.trainable, s.frozen,
+                                batch_size=self.batch_size, precision=self.precision, chunk_size=self.chunk_size)
+        rec = {"step": step, "val_loss": ev.pop("loss"), **{f"val_{k}": v for k, v in ev.items()}}
+        s.history.evals.append(rec)
+        self.metrics_file.write(rec)
+        shown = [k for k in ("rewards/accuracies", "rewards/margins", "reward") if k in ev]
+        self.bar.write(f"step {step}: val_loss {rec['val_loss']:.4f}"
+                       + "".join(f" - val_{k} {ev[k]:.4f}" for k in shown))
 
 
 def fit(
@@ -919,15 +997,13 @@ def fit(
     Raises ``NonFiniteLossError`` when a loss or gradient is NaN/inf: the failing update is not applied,
     ``lm.params`` keep the last good weights and (with ``checkpoint_dir``) the last good state is saved.
 
-    ``objective``: a post-training objective (``gemmax.train.objectives``: DPO, SimPO, distillation, GRPO)
-    that reads ``data`` itself and brings its own loss; the loop, optimizer, checkpoints and resume are the
-    same. None is next-token fine-tuning.
+    ``objective``: a post-training objective (``gemmax.train.objectives``: DPO, SimPO, ORPO, distillation,
+    GRPO) that reads ``data`` itself and brings its own loss; the loop, optimizer, checkpoints and resume are
+    the same. None is next-token fine-tuning. With an objective, ``eval_data`` is read and prepared as
+    ``data`` and scored with the objective's loss and metrics (``val_loss``, ``val_rewards/accuracies``...).
     """
     _check_options(steps, epochs, batch_size, grad_accum, log_every)
     if objective is not None:
-        if eval_data is not None:
-            raise ValueError("eval_data is evaluated with the next-token loss; it is not supported with a "
-                             f"{objective.name} objective")
         ds, seq = objective.load(lm, data, sequence_length, format)
     else:
         ds, seq = _load_data(lm, data, sequence_length, format)
@@ -937,12 +1013,18 @@ def fit(
     sched = _schedule(ds, batch_size, seed, epochs, steps, warmup_steps)
     trainable, frozen, is_lora = _split_params(lm, prec)
     live: dict[str, _RunState] = {}
+    eval_set = None
     if objective is not None:
         # Before compiling (the objective may choose its loss's inputs) and before a resume replaces the
         # weights (a precomputed reference comes from the starting ones); the callable gives the policy's
-        # current weights once training runs (GRPO samples with them).
-        objective.prepare(lm, ds, lambda: live["state"].params() if "state" in live else lm.params,
-                          batch_size=batch_size, is_lora=is_lora)
+        # current weights once training runs (GRPO samples with them). Held-out data is prepared alike.
+        def params_fn() -> Any:
+            return live["state"].params() if "state" in live else lm.params
+
+        objective.prepare(lm, ds, params_fn, batch_size=batch_size, is_lora=is_lora, precision=prec)
+        if eval_data is not None:
+            eval_set = objective.eval_dataset(lm, eval_data, seq, format, params_fn, batch_size=batch_size,
+                                              is_lora=is_lora, precision=prec)
     spec = _StepSpec(learning_rate, weight_decay, sched.warmup, sched.total_steps, schedule, end_lr_ratio,
                      clip_norm, precision, remat, grad_accum, chunk_size, is_lora, objective)
     compiled = _compiled_step(lm, spec, prec, dist, trainable, frozen)
@@ -960,7 +1042,7 @@ def fit(
     run = _Run(lm, state, sched, compiled, dist, manager, metrics_file, bar, batch_size=batch_size, seq=seq,
                progress=progress, log_every=log_every, save_every=save_every, eval_data=eval_data,
                eval_every=eval_every, format=format, chunk_size=chunk_size, callbacks=callbacks,
-               objective=objective)
+               objective=objective, eval_set=eval_set, precision=precision)
     return run.train()
 
 

@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -65,11 +67,46 @@ def test_plan_rejects_what_it_cannot_do() -> None:
     assert ck._plan("bdk,dk->b", (8, 4)) is not None
 
 
+def _x_shape(eq: str, shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
+    """x's shape for ``rows`` decode rows of ``eq`` against a weight of ``shape``."""
+    xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
+    return (rows, 1, *[shape[ws.index(c)] for c in xs[2:]])
+
+
+def _np_product(eq: str, x: jax.Array, w: jax.Array, scale: np.ndarray | None = None) -> np.ndarray:
+    """The reference: the same einsum in float64 NumPy on the same values (bfloat16 / int8 widened exactly)."""
+    out = np.einsum(eq, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    return out if scale is None else out * scale
+
+
+def _to_bf16(a: jax.Array) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even, as XLA's convert), back in float32."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("eqs", "gemm", "out_dtypes", "plain"))
+def _products(eqs: tuple[str, ...], xs, ws, scales, at: jax.Array, gemm: bool = False,
+              out_dtypes: tuple[Any, ...] = (jnp.float32,), plain: bool = False) -> list:
+    """``ck.gemv`` of every case (``scales`` may be None) on each stacked weight read in place at each layer
+    of ``at``, one result per out dtype; with ``plain``, also on the weight's layer ``at[0]`` sliced out: as a
+    plain array (gemv's own API) and as a NativeWeight with no index. Every case of a parametrised test in
+    one compiled program: [case][layer, then the plain pair][out dtype]."""
+    out = []
+    for eq, x, w, s in zip(eqs, xs, ws, scales, strict=True):
+        out.append([[ck.gemv(eq, x, ck.NativeWeight(w, i, gemm=gemm), s, out_dtype=d) for d in out_dtypes]
+                    for i in at])
+        if plain:
+            one = jax.lax.dynamic_index_in_dim(w, at[0], keepdims=False)
+            out[-1].append([ck.gemv(eq, x, one, s), ck.gemv(eq, x, ck.NativeWeight(one), s)])
+    return out
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 6, 8, 17])
 def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
     """Decode-step rows: the GEMV kernels below 8 rows, the GEMM paths (in-major and the in-minor head) from
-    8 on; a stacked weight read in place at layer 0 and the last, and a plain one."""
+    8 on; a stacked weight read in place at layer 0 and the last (a per-column scale), and a plain one
+    (gemv's own API, and a NativeWeight with no index), against a float64 einsum of the same values."""
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btd,vd->btv", (301, 40)),
              ("btf,fd->btd", (130, 37)), ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (130, 128)),
@@ -82,27 +119,29 @@ def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
     # float paths: float32 rounding; the int8 paths quantize x to 16 bits per block of 64
     # (error <= max|x| / 65534 per element: ~1e-4 of the output's scale, 30x below int8 weight rounding)
     tol = 3e-4 if dtype == "int8" else 1e-5
+    eqs, xs, ws, scales = tuple(eq for eq, _ in cases), [], [], []
     for eq, shape in cases:
         stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
         w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
-        xs = eq.split(",")[0]
-        ws = eq.split(",")[1].split("->")[0]
-        x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), jnp.float32)
+        x = jnp.asarray(rng.normal(size=_x_shape(eq, shape, rows)), jnp.float32)
         assert ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0))) and ck.supports(eq, x, ck.NativeWeight(w[0]))
         assert not ck.supports(eq, x, w[0])  # a plain array: XLA's dot
-        scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
-        for layer in (0, 4):
-            got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i), s))(
-                x, w, scale, jnp.int32(layer))
-            want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
+        xs.append(x)
+        ws.append(w)
+        scales.append(jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32))
+    layer_ids = (0, 4)
+    scaled = _products(eqs, xs, ws, scales, jnp.asarray(layer_ids, jnp.int32))
+    plain = _products(eqs, xs, ws, [None] * len(cases), jnp.asarray([2], jnp.int32), plain=True)
+    for eq, x, w, s, got_scaled, got_plain in zip(eqs, xs, ws, scales, scaled, plain, strict=True):
+        for layer, (got,) in zip(layer_ids, got_scaled, strict=True):
+            want = _np_product(eq, x, w[layer], np.asarray(s))
             assert got.shape == want.shape
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                       atol=tol * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
-        want = np.asarray(jnp.einsum(eq, x, w[2].astype(jnp.float32)))
-        # an unstacked weight: plain (gemv's own API) and as a NativeWeight with no index
-        for wrap in (lambda a: a, ck.NativeWeight):
-            got = jax.jit(lambda x, w, eq=eq, wrap=wrap: ck.gemv(eq, x, wrap(w)))(x, w[2])
-            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=tol * float(np.abs(want).max()))
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=tol * np.abs(want).max(),
+                                       err_msg=f"{eq} {layer}")
+        want = _np_product(eq, x, w[2])
+        for got in [*got_plain[0], *got_plain[1]]:  # in place at layer 2, plain, NativeWeight with no index
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=tol * np.abs(want).max(),
+                                       err_msg=eq)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-x", "float16", "int8"])
@@ -117,34 +156,37 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
     48 + 48 + 54: whole 6-row tiles, the remainder in the last slice). "bfloat16-x": bfloat16 activations
     too (the bfloat16 model's prefill), which on AVX512-BF16 takes the row-pair tile (vdpbf16ps), with an
-    odd K (33) and K blocks that must start on even rows (1100 in blocks of 368)."""
+    odd K (33) and K blocks that must start on even rows (1100 in blocks of 368). Against a float64 einsum
+    of the same values."""
     x_dtype = jnp.bfloat16 if dtype == "bfloat16-x" else jnp.float32
     dtype = dtype.removesuffix("-x")
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
              ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040)), ("btf,fd->btd", (2100, 130))]
+    eqs, xs, ws, scales = tuple(eq for eq, _ in cases), [], [], []
     for eq, shape in cases:
         stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
         w = jnp.asarray(stacked.astype(np.int8) if dtype == "int8" else stacked, dtype)
-        xs, ws = eq.split(",")[0], eq.split(",")[1].split("->")[0]
-        x = jnp.asarray(rng.normal(size=(rows, 1, *[shape[ws.index(c)] for c in xs[2:]])), x_dtype)
+        x = jnp.asarray(rng.normal(size=_x_shape(eq, shape, rows)), x_dtype)
         assert ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0), gemm=True))
         assert not ck.supports(eq, x, ck.NativeWeight(w, jnp.int32(0)))  # a decode weight: XLA past MAX_ROWS
-        scale = jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32)
-        for layer in (0, 4):
-            got = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i, gemm=True), s))(
-                x, w, scale, jnp.int32(layer))
-            want = jnp.einsum(eq, x.astype(jnp.float32), w[layer].astype(jnp.float32)) * scale
+        xs.append(x)
+        ws.append(w)
+        scales.append(jnp.asarray(rng.uniform(0.5, 2, ck._out_tail(eq, shape)), jnp.float32))
+    layer_ids = (0, 4)
+    res = _products(eqs, xs, ws, scales, jnp.asarray(layer_ids, jnp.int32), gemm=True,
+                    out_dtypes=(jnp.float32, jnp.bfloat16))
+    for eq, x, w, s, per_layer in zip(eqs, xs, ws, scales, res, strict=True):
+        for layer, (got, got16) in zip(layer_ids, per_layer, strict=True):
+            want = _np_product(eq, x, w[layer], np.asarray(s))
             assert got.shape == want.shape
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                       atol=1e-5 * float(jnp.abs(want).max()), err_msg=f"{eq} {layer}")
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                       err_msg=f"{eq} {layer}")
             # bfloat16 out (the bfloat16 model's linears): each finished tile rounded to nearest even in
-            # the kernel, bit for bit XLA's convert of the float32 result
-            got16 = jax.jit(lambda x, w, s, i, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, i, gemm=True), s,
-                                                              out_dtype=jnp.bfloat16))(x, w, scale, jnp.int32(layer))
-            np.testing.assert_array_equal(np.asarray(got16, np.float32),
-                                          np.asarray(got.astype(jnp.bfloat16), np.float32), err_msg=f"{eq}")
+            # the kernel, bit for bit the convert of the float32 result
+            assert got16.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(got16, np.float32), _to_bf16(got), err_msg=eq)
 
 
 @pytest.mark.parametrize("norm,offset,rot,mult,dtype", [
@@ -416,20 +458,18 @@ print("ON" if ck.available() else "OFF", "ENGINE", eng.prefill_backend, eng.deco
 
 def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
     """``GEMMAX_CPU_KERNELS=0`` (silent: asked for) and a missing compiler (one warning, however often the
-    kernels are asked for): XLA everywhere, even where the "cpu" backend is passed explicitly."""
+    kernels are asked for): XLA everywhere, even where the "cpu" backend is passed explicitly. Both leave
+    ``available()`` false, which is all the engine and the families read, so the whole script runs once,
+    with no compiler; with the kernels it must find every one of them (so its "none" can fail)."""
     code = "from gemmax.kernels import cpu as ck; print('ON' if ck.available() else 'OFF')"
     res = _run(code, {"GEMMAX_CPU_KERNELS": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
+    assert "native CPU decode kernel unavailable" not in res.stderr, res.stderr
     # a fresh cache and no usable compiler: one clear warning, then XLA's dot
-    res = _run(code, {"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
-    assert res.returncode == 0 and res.stdout.strip() == "OFF", res.stderr
-    assert "native CPU decode kernel unavailable" in res.stderr
-    for env, warnings in (({"GEMMAX_CPU_KERNELS": "0"}, 0), ({"XDG_CACHE_HOME": str(tmp_path / "b"),
-                                                               "CXX": "/bin/false"}, 1)):
-        res = _run(_FALLBACK, env)
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.split() == ["OFF", "ENGINE", "xla", "xla", "3", "TARGETS", "[]"], res.stdout
-        assert res.stderr.count("native CPU decode kernel unavailable") == warnings, res.stderr
+    res = _run(_FALLBACK, {"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["OFF", "ENGINE", "xla", "xla", "3", "TARGETS", "[]"], res.stdout
+    assert res.stderr.count("native CPU decode kernel unavailable") == 1, res.stderr
     res = _run(_FALLBACK, {})  # the same script with the kernels: every one of them called
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[:5] == ["ON", "ENGINE", "cpu", "cpu", "3"], res.stdout
@@ -441,24 +481,21 @@ def test_bfloat16_activations(rows: int) -> None:
     """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths and, from 8 rows,
     the GEMM paths (batched decode): the in-major pair GEMM and the head's pair tile as wide as the rows of x
     (1 to 4 zmm: 9-16, 17, 40 and 64 rows; 1000 weight rows leave a remainder of every tile height).
-    Products of bfloat16 values are exact in float32, so only the summation order differs from XLA's
-    float32 einsum of the same values."""
+    Products of bfloat16 values are exact in float32, so only the summation order differs from a float64
+    einsum of the same values (and float32 rounding)."""
     rng = np.random.default_rng(7)
-    for eq, shape in [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
-                      ("btd,hdk->bthk", (3, 40, 32))]:
-        w = jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16)
-        k = shape[1] if eq.startswith("btd,vd") or eq.startswith("btd,h") else shape[0]
-        x = jnp.asarray(rng.normal(size=(rows, 1, k)), jnp.bfloat16)
-        got = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, jnp.int32(1))))(x, w)
-        want = jnp.einsum(eq, x.astype(jnp.float32), w[1].astype(jnp.float32))
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                                   atol=1e-5 * float(jnp.abs(want).max()))
+    cases = [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
+             ("btd,hdk->bthk", (3, 40, 32))]
+    ws = [jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16) for _, shape in cases]
+    xs = [jnp.asarray(rng.normal(size=_x_shape(eq, shape, rows)), jnp.bfloat16) for eq, shape in cases]
+    res = _products(tuple(eq for eq, _ in cases), xs, ws, [None] * len(cases), jnp.asarray([1], jnp.int32),
+                    out_dtypes=(jnp.float32, jnp.bfloat16))
+    for (eq, _), x, w, [(got, got16)] in zip(cases, xs, ws, res, strict=True):
+        want = _np_product(eq, x, w[1])
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=eq)
         # a bfloat16 result is the kernel's float32 one rounded to nearest even, as XLA's convert
-        got16 = jax.jit(lambda x, w, eq=eq: ck.gemv(eq, x, ck.NativeWeight(w, jnp.int32(1)),
-                                                    out_dtype=jnp.bfloat16))(x, w)
         assert got16.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(got16, np.float32),
-                                      np.asarray(got.astype(jnp.bfloat16), np.float32))
+        np.testing.assert_array_equal(np.asarray(got16, np.float32), _to_bf16(got), err_msg=eq)
 
 
 def test_take_rows_copies_bytes() -> None:

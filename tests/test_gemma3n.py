@@ -216,7 +216,8 @@ def test_value_norm_matters(base_logits: np.ndarray, monkeypatch: pytest.MonkeyP
         return k, g3n._lin(a["value"], h, "value")
 
     monkeypatch.setattr(g3n, "compute_kv", no_value_norm)
-    assert _far(np.asarray(g3n.forward(PARAMS, CFG, jnp.asarray(IDS))), base_logits)
+    fwd = jax.jit(lambda p, ids: g3n.forward(p, CFG, ids))  # a new function: traced with the patch, compiled once
+    assert _far(np.asarray(fwd(PARAMS, jnp.asarray(IDS))), base_logits)
 
 
 def test_sparsity_cutoff_is_the_gaussian_quantile() -> None:
@@ -298,23 +299,25 @@ def test_config_round_trip_and_errors() -> None:
 def test_gguf_export_refused_with_the_reason(tmp_path: Path) -> None:
     from gemmax.models.base import UnsupportedError
 
-    lm = CausalLM.from_config(CFG)
+    lm = CausalLM(CFG, PARAMS)
     with pytest.raises(UnsupportedError, match="llama.cpp has the architecture"):
         lm.export_gguf(tmp_path / "m.gguf")
 
 
-def test_int8_quantizes_the_per_layer_table(tmp_path: Path) -> None:
-    lm = CausalLM.from_config(CFG)
-    lm.params = PARAMS  # every path live (the init's zero correct_output_scale switches the per-layer inputs off)
-    ref = np.asarray(lm.logits(IDS))
+def test_int8_quantizes_the_per_layer_table(tmp_path: Path, base_logits: np.ndarray) -> None:
+    # PARAMS: every path live (the init's zero correct_output_scale switches the per-layer inputs off)
+    lm = CausalLM(CFG, PARAMS)
     lm.quantize("int8")
     ple = lm.params["per_layer_embedding"]
     assert ple["embeddings"].dtype == jnp.int8 and ple["scale"].shape == (CFG.vocab_size_per_layer_input,)
     got = np.asarray(lm.logits(IDS))
     # closeness to float is the matrix's int8 cell; this all-random model (large routers, 64-wide sparse gates
     # whose few survivors sit just above the cutoff) amplifies rounding too much to bound it tightly here
-    assert np.abs(got - ref).max() > 1e-4
+    assert np.abs(got - base_logits).max() > 1e-4
     back = CausalLM.from_preset(str(lm.export_hf(tmp_path / "hf")))  # exports dequantize every table
     assert back.params["per_layer_embedding"]["embeddings"].dtype == jnp.float32
+    assert back.config.replace(name="") == CFG.replace(name="")  # (the name comes from the folder)
     # the int8 model computes exactly what its dequantized weights do: every per-row scale is applied
-    assert np.abs(np.asarray(back.logits(IDS)) - got).max() <= 1e-5 * np.abs(got).max()
+    # (the float forward the other tests compiled, on the exported weights: as NumPy arrays, which, unlike the
+    # loader's device-committed ones, take the compiled program as it is)
+    assert np.abs(_logits(jax.tree.map(np.asarray, back.params)) - got).max() <= 1e-5 * np.abs(got).max()

@@ -22,17 +22,19 @@ from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.decode import cache_bytes_per_token
 
 
-def _argmax_continuation(params, cfg, prompt, n):
-    """The reference: the whole-sequence forward, re-run after every token, its argmax at the last position.
-    Sequences are right-padded to one length so the forward compiles once (causal: padding after the last
-    token cannot change its logits)."""
-    width = 8 * -(-(len(prompt) + n) // 8)
+def _argmax_continuations(params, cfg, prompts, ns):
+    """The reference: the whole-sequence forward, re-run after every token, its argmax at each row's last
+    position; the prompts advance together, right-padded to one width so the forward compiles once per test
+    (causal: padding after a row's last token cannot change its logits, nor can the other rows)."""
+    width = 16 * 2 ** int(np.ceil(np.log2(max(len(p) + n for p, n in zip(prompts, ns, strict=True)) / 16)))
     fwd = jax.jit(lambda p, ids: gm.forward(p, cfg, ids))
-    seq = list(prompt)
-    for _ in range(n):
-        padded = jnp.asarray([seq + [0] * (width - len(seq))])
-        seq.append(int(np.asarray(fwd(params, padded))[0, len(seq) - 1].argmax()))
-    return seq[len(prompt):]
+    seqs = [list(p) for p in prompts]
+    for step in range(max(ns)):
+        logits = np.asarray(fwd(params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs])))
+        for i, (s, n) in enumerate(zip(seqs, ns, strict=True)):
+            if step < n:
+                s.append(int(logits[i, len(s) - 1].argmax()))
+    return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "llama"])
@@ -44,9 +46,10 @@ def test_greedy_equals_stepwise_argmax_mixed_batch(family):
     prompts = [list(rng.randint(3, cfg.vocab_size, n)) for n in (3, 13, 6)]
     sps = [SamplingParams(max_new_tokens=m) for m in (20, 12, 17)]
     reqs = generate_ids(params, cfg, prompts, sps, chunk=4)
-    for p, r, sp in zip(prompts, reqs, sps, strict=True):
+    want = _argmax_continuations(params, cfg, prompts, [sp.max_new_tokens for sp in sps])
+    for r, sp, w in zip(reqs, sps, want, strict=True):
         assert len(r.new_ids) == sp.max_new_tokens
-        assert r.new_ids == _argmax_continuation(params, cfg, p, sp.max_new_tokens)
+        assert r.new_ids == w
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "llama"])
@@ -67,7 +70,7 @@ def test_engine_slots_join_and_leave():
     cfg = gemmax.tiny_config("gemma3")
     params = gm.init_params(cfg, jax.random.key(2))
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
-    alone = _argmax_continuation(params, cfg, b, 10)
+    alone, a_alone = _argmax_continuations(params, cfg, [b, a], [10, 6])
     eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=3)
     ra = Request(a, SamplingParams(max_new_tokens=6))
     eng.add([ra])
@@ -80,7 +83,7 @@ def test_engine_slots_join_and_leave():
             if r.done:
                 eng.release(r)
     assert rb.new_ids == alone
-    assert ra.new_ids == _argmax_continuation(params, cfg, a, 6)
+    assert ra.new_ids == a_alone
     assert eng.free_slots() == [0, 1]
 
 
@@ -88,7 +91,7 @@ def test_stop_ids_end_each_row():
     cfg = gemmax.tiny_config("gemma")
     params = gm.init_params(cfg, jax.random.key(3))
     prompt = [4, 5, 6]
-    cont = _argmax_continuation(params, cfg, prompt, 8)
+    (cont,) = _argmax_continuations(params, cfg, [prompt], [8])
     stop = cont[4]
     first = cont.index(stop)
     (r,) = generate_ids(params, cfg, [prompt], [SamplingParams(max_new_tokens=8, stop_ids=(stop,))], chunk=2)
@@ -109,6 +112,9 @@ def test_seeded_sampling_reproducible_and_seed_dependent():
     np.testing.assert_array_equal(batch[0], a)
 
 
+_sample = jax.jit(sample_tokens, static_argnames=("n_cand",))  # settings are data: one compile per n_cand
+
+
 def _draws(logits, n=400, **kw):
     v = logits.shape[-1]
     lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, v))
@@ -116,8 +122,8 @@ def _draws(logits, n=400, **kw):
     args = {k: jnp.full((n,), kw.get(k, d), dt) for k, d, dt in
             [("temperature", 1.0, jnp.float32), ("top_k", 0, jnp.int32), ("top_p", 1.0, jnp.float32),
              ("min_p", 0.0, jnp.float32)]}
-    return np.asarray(sample_tokens(lg, keys, args["temperature"], args["top_k"], args["top_p"], args["min_p"],
-                                    n_cand=kw.get("n_cand", 8)))
+    return np.asarray(_sample(lg, keys, args["temperature"], args["top_k"], args["top_p"], args["min_p"],
+                              n_cand=kw.get("n_cand", 8)))
 
 
 def test_sampler_filters():
@@ -190,6 +196,7 @@ def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
     backend = "cpu" if kernels else "xla"
     logits, _ = jax.jit(lambda p, t, n: prefill(p, cfg, t, n, max_len, backend))(
         params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
+    full = np.asarray(jax.jit(lambda p, t: gm.forward(p, cfg, t))(params, jnp.asarray(tokens)))
     for i, n in enumerate(lengths):
-        want = np.asarray(gm.forward(params, cfg, jnp.asarray(tokens[i:i + 1, :n])))[0, -1]
+        want = full[i, n - 1]  # (causal: the padding after a row's last token cannot change its logits)
         np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())

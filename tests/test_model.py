@@ -268,3 +268,41 @@ def test_refuses_pickles(tmp_path):
 def test_unknown_handle():
     with pytest.raises(CheckpointError, match="cannot load 'no_such_thing'"):
         CausalLM.from_preset("no_such_thing")
+
+
+def test_init_draws_equal_direct_normals(monkeypatch):
+    """init_from_specs draws small weights as the head of a power-of-two flat draw (fewer compiles): the values
+    must be, bit for bit, ``jax.random.normal(key, shape) * std`` cast to the dtype, as drawn directly (the
+    path of large arrays, exercised here by lowering the threshold, and of a traced init)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemmax.nn import params as P
+
+    specs = {"a": P.ParamSpec((), ()), "b": P.ParamSpec((3,), (None,), std=0.5),
+             "c": P.ParamSpec((5, 7), (None, None)), "d": P.ParamSpec((2, 9, 4), (None, None, None), fan_in_axis=2),
+             "e": P.ParamSpec((33, 8), (None, None), init="embedding", std=0.02),
+             "f": P.ParamSpec((4,), (None,), init="ones"), "g": P.ParamSpec((6, 2), (None, None), init="zeros")}
+
+    stds = {"a": 1.0, "b": 0.5, "c": 1 / np.sqrt(7), "d": 1 / np.sqrt(4), "e": 0.02}  # (fan-in: axis 1, or as declared)
+
+    def direct(dtype):
+        keys = jax.random.split(jax.random.key(5), len(specs))
+        out = {}
+        for k, (path, s) in zip(keys, sorted(specs.items()), strict=True):
+            if s.init in ("zeros", "ones"):
+                out[path] = np.full(s.shape, s.init == "ones", np.float32)
+            else:
+                draw = jax.random.normal(k, s.shape, jnp.float32) * stds[path]
+                out[path] = np.asarray(draw.astype(dtype), np.float32)
+        return out
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        want = direct(dtype)
+        for limit in (P._BUCKETED_MAX, 8):  # bucketed, then only the smallest
+            monkeypatch.setattr(P, "_BUCKETED_MAX", limit)
+            got = P.init_from_specs(specs, jax.random.key(5), dtype)
+            assert set(got) == set(want)
+            for path, w in want.items():
+                assert got[path].dtype == dtype and got[path].shape == w.shape, path
+                np.testing.assert_array_equal(np.asarray(got[path], np.float32), w, err_msg=f"{path} {limit}")

@@ -185,32 +185,34 @@ def test_greedy_generation_matches_transformers(checkpoint):
 
 
 def test_prefill_and_decode_match_forward(checkpoint):
-    """The family's generation functions directly: a right-padded prompt with a suffix already in it
-    (unpadded token_type_ids), then decode steps in another slot of a bigger cache, against the forward."""
+    """The family's generation functions directly (compiled, as the engine runs them): a right-padded prompt
+    with a suffix already in it (unpadded token_type_ids), then decode steps in another slot of a bigger cache,
+    against the forward."""
     _, lm, _ = checkpoint
     cfg, params = lm.config, lm.params
+    fwd = jax.jit(lambda p, t, **kw: FAMILY.logits_from_hidden(p, cfg, FAMILY.forward_hidden(p, cfg, t, **kw)))
+    pre = jax.jit(FAMILY.prefill, static_argnums=(1, 4, 5))
+    step_fn = jax.jit(FAMILY.decode_step, static_argnums=(1, 5))
     ids, px, types = _prefix_suffix_batch(cfg)
-    full = np.asarray(FAMILY.logits_from_hidden(params, cfg, FAMILY.forward_hidden(
-        params, cfg, jnp.asarray(ids[:1]), pixel_values=px[:1], token_type_ids=types[:1])))[0]
+    full = np.asarray(fwd(params, jnp.asarray(ids[:1]), pixel_values=px[:1], token_type_ids=types[:1]))[0]
     scale = np.abs(full).max()
     n = 26  # the prefix and two suffix tokens in the prompt, padded to 32
     tokens = jnp.asarray(np.pad(ids[:1, :n], ((0, 0), (0, 32 - n))))
     for backend in FAMILY.backends:
-        logits, rows = FAMILY.prefill(params, cfg, tokens, jnp.asarray([n]), 64, backend, pixel_values=px[:1],
-                                      token_type_ids=types[0, :n])
+        logits, rows = pre(params, cfg, tokens, jnp.asarray([n]), 64, backend, pixel_values=px[:1],
+                           token_type_ids=types[0, :n])
         assert logits.shape == (1, cfg.vocab_size) and logits.dtype == jnp.float32
         assert np.abs(np.asarray(logits)[0] - full[n - 1]).max() <= 1e-5 * scale
         cache = FAMILY.insert(FAMILY.init_cache(cfg, 3, 64, jnp.float32), rows, jnp.asarray([2]))
         for p in range(n, ids.shape[1]):
-            step, cache = FAMILY.decode_step(params, cfg, cache, jnp.asarray([3, 4, ids[0, p]]),
-                                             jnp.asarray([0, 0, p]), backend)
+            step, cache = step_fn(params, cfg, cache, jnp.asarray([3, 4, ids[0, p]]), jnp.asarray([0, 0, p]),
+                                  backend)
             assert np.abs(np.asarray(step)[2] - full[p]).max() <= 1e-4 * scale, (backend, p)
     # text only, no inputs: the whole prompt is the prefix (bidirectional), as the engine's image prompts
     text = jnp.asarray(np.random.RandomState(5).randint(3, 250, (1, 20)))
-    want = np.asarray(FAMILY.logits_from_hidden(params, cfg, FAMILY.forward_hidden(
-        params, cfg, text, token_type_ids=np.zeros((1, 20), np.int32))))[0, -1]
-    got, _ = FAMILY.prefill(params, cfg, text, jnp.asarray([13]), 64, "xla")
-    got_all, _ = FAMILY.prefill(params, cfg, text, jnp.asarray([20]), 64, "xla")
+    want = np.asarray(fwd(params, text, token_type_ids=np.zeros((1, 20), np.int32)))[0, -1]
+    got, _ = pre(params, cfg, text, jnp.asarray([13]), 64, "xla")
+    got_all, _ = pre(params, cfg, text, jnp.asarray([20]), 64, "xla")
     assert np.abs(np.asarray(got_all)[0] - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(np.asarray(got)[0] - np.asarray(got_all)[0]).max() > 1e-4  # the length is respected
     with pytest.raises(TypeError):

@@ -14,6 +14,7 @@ Two declarations drive everything model-independent:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -124,9 +125,35 @@ def set_node(params: Params, path: tuple[str, ...], new: Any) -> Params:
     return rec(params, 0)
 
 
+#: Arrays up to this many elements are drawn as the head of a flat draw at a power-of-two length (one compiled
+#: sampler per length class, shared by every shape in it); larger ones directly, where the draw itself costs more
+#: than its compilation.
+_BUCKETED_MAX = 1 << 22
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _flat_normal(key: Array, n: int) -> Array:
+    return jax.random.normal(key, (n,), jnp.float32)
+
+
+def _normal(key: Array, shape: tuple[int, ...]) -> Any:
+    """``jax.random.normal(key, shape, float32)``, bit for bit, compiled once per power-of-two length.
+
+    With threefry's partitionable bits (JAX's default) element i of a draw depends only on the key and i, so a
+    small array is the head of a flat draw of any greater length. A tiny model's init otherwise compiled one
+    sampler per weight shape (~0.2 s each: most of a test's model construction). Under a trace (an init
+    compiled with sharded outputs), for large arrays or another PRNG, the direct draw."""
+    n = math.prod(shape)
+    if (isinstance(key, jax.core.Tracer) or n > _BUCKETED_MAX or not jax.config.jax_threefry_partitionable
+            or str(jax.random.key_impl(key)) != "threefry2x32"):
+        return jax.random.normal(key, shape, jnp.float32)
+    return np.asarray(_flat_normal(key, 1 << max(n - 1, 0).bit_length()))[:n].reshape(shape)
+
+
 def init_from_specs(specs: dict[str, ParamSpec], key: Array, dtype: Any = jnp.float32) -> Params:
     """Random weights for every declared spec: normals scaled by 1/sqrt(fan-in), norms at identity."""
     keys = jax.random.split(key, len(specs))
+    dtype = jnp.dtype(dtype)
     flat = {}
     for k, (path, s) in zip(keys, sorted(specs.items()), strict=True):
         if s.init == "zeros":
@@ -141,7 +168,8 @@ def init_from_specs(specs: dict[str, ParamSpec], key: Array, dtype: Any = jnp.fl
             else:
                 ax = s.fan_in_axis if s.fan_in_axis is not None else (1 if len(s.shape) > 1 else 0)
                 std = 1.0 / math.sqrt(s.shape[ax]) if s.shape else 1.0
-            flat[path] = (jax.random.normal(k, s.shape, jnp.float32) * std).astype(dtype)
+            # float32 product, one rounding to ``dtype``: the same on the host (NumPy, ml_dtypes) as in XLA
+            flat[path] = jnp.asarray((_normal(k, s.shape) * np.float32(std)).astype(dtype))
     return unflatten(flat)
 
 

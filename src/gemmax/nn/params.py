@@ -140,9 +140,10 @@ def _normal(key: Array, shape: tuple[int, ...]) -> Any:
     """``jax.random.normal(key, shape, float32)``, bit for bit, compiled once per power-of-two length.
 
     With threefry's partitionable bits (JAX's default) element i of a draw depends only on the key and i, so a
-    small array is the head of a flat draw of any greater length. A tiny model's init otherwise compiled one
-    sampler per weight shape (~0.2 s each: most of a test's model construction). Under a trace (an init
-    compiled with sharded outputs), for large arrays or another PRNG, the direct draw."""
+    small array is the head of a flat draw of any greater length. An eager ``init_params`` of a tiny model
+    otherwise compiled one sampler per weight shape (~0.2 s each, seconds per model). Under a trace
+    (``CausalLM.from_config``'s jitted init, an init with sharded outputs), for large arrays or another PRNG,
+    the direct draw."""
     n = math.prod(shape)
     if (isinstance(key, jax.core.Tracer) or n > _BUCKETED_MAX or not jax.config.jax_threefry_partitionable
             or str(jax.random.key_impl(key)) != "threefry2x32"):

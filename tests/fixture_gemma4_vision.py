@@ -51,15 +51,19 @@ def _config(v: Vocab) -> Any:
 
 
 def _adjust(model: torch.nn.Module, g: torch.Generator) -> None:
-    """Clip bounds in +-[1.5, 2.5] (transformers initialises them to infinity), standardization bias and scale,
-    per-layer output scalars in [0.6, 1.4]."""
+    set_buffers(model, g, clip=1.5)
+
+
+def set_buffers(model: torch.nn.Module, g: torch.Generator, clip: float) -> None:
+    """Clip bounds in +-[clip, clip + 1] (transformers initialises them to infinity), standardization bias and
+    scale, per-layer output scalars in [0.6, 1.4]."""
     with torch.no_grad():
         for name, b in model.named_buffers():
             r = torch.rand(b.shape, generator=g)
             if name.endswith(("input_min", "output_min")):
-                b.copy_(-1.5 - r)
+                b.copy_(-clip - r)
             elif name.endswith(("input_max", "output_max")):
-                b.copy_(1.5 + r)
+                b.copy_(clip + r)
             elif name.endswith("std_bias"):
                 b.copy_(r - 0.5)
             elif name.endswith("std_scale"):

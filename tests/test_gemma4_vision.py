@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from fixture_gemma4_vision import set_buffers
 
 from gemmax.api import CausalLM
 from gemmax.models import base
@@ -60,18 +61,7 @@ def setup(tmp_path_factory):
                 p.copy_(0.5 * r)
             else:
                 p.copy_(0.3 * r)
-        for name, b in m.named_buffers():
-            r = torch.rand(b.shape, generator=g)
-            if name.endswith(("input_min", "output_min")):
-                b.copy_(-1.2 - r)
-            elif name.endswith(("input_max", "output_max")):
-                b.copy_(1.2 + r)
-            elif name.endswith("std_bias"):
-                b.copy_(r - 0.5)
-            elif name.endswith("std_scale"):
-                b.copy_(0.5 + r)
-            elif name.endswith("layer_scalar"):
-                b.copy_(0.6 + 0.8 * r)
+    set_buffers(m, g, clip=1.2)
     m.save_pretrained(folder / "hf")
     (folder / "tok.model").rename(folder / "hf" / "tokenizer.model")
     return m, CausalLM.from_preset(str(folder / "hf")), tok

@@ -296,14 +296,6 @@ def test_config_round_trip_and_errors() -> None:
     assert math.isclose(g3n.sparsity_multipliers(CFG)[0], 1.6448536, rel_tol=1e-6)
 
 
-def test_gguf_export_refused_with_the_reason(tmp_path: Path) -> None:
-    from gemmax.models.base import UnsupportedError
-
-    lm = CausalLM(CFG, PARAMS)
-    with pytest.raises(UnsupportedError, match="llama.cpp has the architecture"):
-        lm.export_gguf(tmp_path / "m.gguf")
-
-
 def test_int8_quantizes_the_per_layer_table(tmp_path: Path, base_logits: np.ndarray) -> None:
     # PARAMS: every path live (the init's zero correct_output_scale switches the per-layer inputs off)
     lm = CausalLM(CFG, PARAMS)

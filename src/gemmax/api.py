@@ -23,6 +23,7 @@ from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.engine.prefix_cache import PrefixCache
 from gemmax.engine.speculative import speculator_for
+from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import (
     CheckpointError,
     LazyWeight,
@@ -40,7 +41,6 @@ from gemmax.io.keras import KAGGLE_SCHEME, is_keras_preset, resolve_kaggle_handl
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import base, embedding_gemma
 from gemmax.models.base import Family, UnsupportedError
-from gemmax.models.gemma import gguf as gguf_io
 from gemmax.nn import lora, quant
 from gemmax.nn.params import LinearNode, describe_size, flatten, unflatten
 from gemmax.train import trainer as train
@@ -211,7 +211,8 @@ class CausalLM:
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
-        contents = gguf_io.read_gguf(path)
+        arch, _, _ = read_gguf_metadata(path)
+        contents = base.for_gguf_arch(arch).gguf.read(path)
         fam, cfg = _family_config(contents.hf_config, path)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), contents, np.dtype(jnp.dtype(dtype)),
                                shape_of=lambda n: contents.tensor_info[n].shape, aliases=fam.hf_aliases,
@@ -681,8 +682,8 @@ class CausalLM:
                                    f"architecture for it (export_hf or save work for every family)")
         flat = self._host_flat(merge=True)
         tensors = dict(table_to_hf(flat, self.family.hf_table(self.config)))
-        return gguf_io.write_gguf(path, self.family.to_hf_config(self.config), tensors, tokenizer=self.tokenizer,
-                                  dtype=dtype)
+        return self.family.gguf.write(path, self.family.to_hf_config(self.config), tensors,
+                                      tokenizer=self.tokenizer, dtype=dtype)
 
     def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
         """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""

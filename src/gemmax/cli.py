@@ -24,10 +24,10 @@ from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.engine.repetition import loop_period
 from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
+from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import read_json_config
 from gemmax.models import base
 from gemmax.models import embedding_gemma as eg
-from gemmax.models.gemma.gguf import read_gguf
 from gemmax.nn import lora
 from gemmax.nn.params import abstract_from_specs
 from gemmax.train import optim
@@ -224,8 +224,9 @@ def _config_of(handle: str) -> tuple[Any, Any]:
     if handle in presets and not os.path.exists(handle):
         return presets[handle]
     if handle.endswith(".gguf"):
-        cfg = read_gguf(handle).config
-        return base.for_config(cfg), cfg
+        fam = base.for_gguf_arch(read_gguf_metadata(handle)[0])
+        hf = fam.gguf.read(handle).hf_config
+        return fam, fam.from_hf_config(hf)
     folder = Path(os.path.expanduser(handle))
     if (folder / "gemmax.json").exists():
         meta = json.loads((folder / "gemmax.json").read_text())

@@ -1,7 +1,8 @@
 """The GGUF container (llama.cpp's file format): parse its metadata and tensor table, dequantize tensors.
 
 Model-independent: which tensors an architecture has and what its metadata means is the business of the
-family that reads it (``gemmax.models.gemma.gguf`` for gemma, gemma2, gemma3 and llama). Tensors are
+family that reads it (``gemmax.models.gemma.gguf`` for gemma, gemma2, gemma3 and llama,
+``gemmax.models.gemma3n_gguf``, ``gemmax.models.gemma4.gguf``), each through :class:`HFView`. Tensors are
 dequantized lazily, one at a time, from a memory map: a 27B Q4 file never becomes a 100 GB float32 dict.
 """
 
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["GGUF_MAGIC", "parse_gguf", "dequantize", "supported_qtypes", "read_metadata"]
+__all__ = ["GGUF_MAGIC", "parse_gguf", "dequantize", "supported_qtypes", "read_metadata", "HFView", "HFSource",
+           "UnsupportedArchitecture", "open_hf_view", "token_fields", "write_tensors", "write_file", "name_map",
+           "llama_cpp_name"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -208,3 +212,199 @@ def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any], dict[st
 parse_gguf = _parse_gguf
 dequantize = _dequantize
 supported_qtypes = _supported_qtypes
+
+
+# ---- a GGUF file under Hugging Face names ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Where one Hugging Face tensor comes from: a GGUF tensor, the function that turns its float32 array (numpy
+    order) into the HF array (an offset undone, one slice of a stacked tensor), and the HF shape."""
+
+    gguf_name: str
+    shape: tuple[int, ...]
+    fix: Callable[[np.ndarray], np.ndarray] | None = None
+    qtype: str = ""
+
+
+@dataclass
+class HFView:
+    """A parsed GGUF file read as a lazy Hugging Face state dict: ``hf_config`` is a transformers config.json
+    dict, ``view[name]`` dequantizes one tensor, ``tensor_info`` says where each lives. What the names and the
+    metadata mean is the reading family's business (it fills ``hf_config`` and ``sources``)."""
+
+    path: Path
+    arch: str
+    metadata: dict[str, Any]
+    tokenizer_metadata: dict[str, Any]
+    hf_config: dict[str, Any]
+    sources: dict[str, HFSource]
+    _mm: Any = field(repr=False, default=None)
+    _raw: dict[str, _RawTensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def tensor_info(self) -> dict[str, HFSource]:
+        return self.sources
+
+    def keys(self) -> list[str]:
+        return list(self.sources)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.sources[name].shape
+
+    def raw_tensor(self, gguf_name: str) -> np.ndarray:
+        """A tensor by its GGUF name, dequantized, in numpy order, nothing undone."""
+        return _dequantize(self._raw[gguf_name], self._mm, self.path)
+
+    def tensor(self, name: str) -> np.ndarray:
+        try:
+            src = self.sources[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not in {self.path.name}") from None
+        w = self.raw_tensor(src.gguf_name)
+        if src.fix is not None:
+            w = src.fix(w)
+        return np.ascontiguousarray(w.reshape(src.shape), dtype=np.float32)
+
+    __getitem__ = tensor
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, float32 array) in table order, one dequantized tensor alive at a time."""
+        for name in self.sources:
+            yield name, self.tensor(name)
+
+
+class UnsupportedArchitecture(ValueError):
+    """A GGUF file of an architecture the reader does not know (``arch``)."""
+
+    def __init__(self, message: str, arch: Any):
+        super().__init__(message)
+        self.arch = arch
+
+
+def token_fields(md: Mapping[str, Any], tok: Mapping[str, Any], turn_ends: tuple[str, ...]) -> dict[str, Any]:
+    """A transformers config's special ids and name from a file's fields. ``eos_token_id`` lists the file's eos
+    and the ids that end an instruction-tuned turn (the ``turn_ends`` pieces found in the vocabulary and
+    llama.cpp's ``eot_token_id``), so generation stops at either."""
+    tokens = tok.get("tokenizer.ggml.tokens") or []
+    eos = [int(tok.get("tokenizer.ggml.eos_token_id", 1))]
+    ends = [tokens.index(p) for p in turn_ends if p in tokens]
+    if tok.get("tokenizer.ggml.eot_token_id") is not None:
+        ends.append(int(tok["tokenizer.ggml.eot_token_id"]))
+    eos += [i for i in dict.fromkeys(ends) if i not in eos]
+    return {
+        "bos_token_id": int(tok.get("tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": eos if len(eos) > 1 else eos[0],
+        "pad_token_id": int(tok.get("tokenizer.ggml.padding_token_id", 0)),
+        "_name_or_path": str(md.get("general.name", "") or ""),
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def open_hf_view(path: str | Path, archs: tuple[str, ...],
+                 build: Callable[..., tuple[dict[str, Any], dict[str, HFSource]]],
+                 view: type[HFView] = HFView) -> HFView:
+    """Parse ``path`` and let ``build(metadata, tokenizer_metadata, raw, load)`` give the transformers config
+    and the source of every HF tensor (``raw``: the tensor table by GGUF name; ``load(gguf_name)``: one tensor
+    dequantized, for the few a config is read from). The architecture must be one of ``archs``, every tensor of
+    a type this build can dequantize and every tensor named by the build, else a ValueError says what is
+    wrong: nothing in the file is silently left unread."""
+    path = Path(path)
+    metadata, raw, mm = _parse_gguf(path)
+    tok_meta = {k: metadata.pop(k) for k in list(metadata) if k.startswith("tokenizer.")}
+    arch = metadata.get("general.architecture")
+    if arch not in archs:
+        raise UnsupportedArchitecture(f"{path.name}: GGUF architecture {arch!r} is not one of {', '.join(archs)}",
+                                      arch)
+    ok = _supported_qtypes()
+    bad = sorted({t.qtype.name for t in raw if t.qtype.name not in ok})
+    if bad:
+        raise ValueError(f"{path.name}: unsupported tensor quantization type(s) {', '.join(bad)}")
+    by_name = {t.name: t for t in raw}
+    hf_config, sources = build(metadata, tok_meta, by_name, lambda name: _dequantize(by_name[name], mm, path))
+    return view(path, arch, metadata, tok_meta, hf_config, sources, mm, by_name)
+
+
+def write_tensors(writer: Any, named: Iterator[tuple[str, np.ndarray]], dtype: str) -> set[str]:
+    """Add (GGUF name, float32 array) tensors to a ``gguf.GGUFWriter``: 1-D tensors stay F32 (as llama.cpp
+    keeps norms), matrices become ``dtype`` ("f32", "f16" or "q8_0"; Q8_0 needs rows a multiple of 32, else
+    F16). Returns the names written."""
+    gguf = _gguf()
+    q = gguf.GGMLQuantizationType
+    if dtype not in ("f32", "f16", "q8_0"):
+        raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
+    written = set()
+    for name, arr in named:
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+        if dtype == "f32" or a.ndim < 2:
+            qt = q.F32
+        elif dtype == "q8_0" and a.shape[-1] % 32 == 0:
+            qt = q.Q8_0
+        else:
+            qt = q.F16
+        data = gguf.quants.quantize(a, qt)
+        if qt in (q.F32, q.F16):
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_dtype=qt)
+        written.add(name)
+    return written
+
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def name_map(arch: str, n_layers: int) -> Any:
+    """gguf-py's table of llama.cpp tensor names for ``arch`` (e.g. "gemma4") with ``n_layers`` blocks."""
+    gguf = _gguf()
+    return gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), n_layers)
+
+
+def llama_cpp_name(tmap: Any, name: str) -> str | None:
+    """llama.cpp's name of a transformers tensor through ``tmap`` (:func:`name_map`), or None. Parameters
+    without a ``.weight`` / ``.bias`` suffix (layer scalars, fused experts) get ``.weight``, as llama.cpp's
+    converter names them."""
+    stem, _, suffix = name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        stem, suffix = name, "weight"
+    g = tmap.get_name(stem)
+    return None if g is None else f"{g}.{suffix}"
+
+
+def write_file(path: str | Path, arch: str, metadata: Mapping[str, Any], tensors: Iterator[tuple[str, np.ndarray]],
+               dtype: str, vocabulary: Callable[[Any], None]) -> Path:
+    """Write one GGUF file: ``metadata`` as ``GGUFWriter.add_<key>(value)`` calls in order (None: left out; a
+    key with a dot is a raw unsigned integer field of that name), the file type of ``dtype``,
+    ``vocabulary(writer)`` for the ``tokenizer.*`` fields, then the (GGUF name, array) ``tensors``
+    (:func:`write_tensors`). The token embedding must be among them."""
+    gguf = _gguf()
+    if dtype not in FILE_TYPES:
+        raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        if "." in key:
+            w.add_uint32(key, int(value))
+        else:
+            getattr(w, f"add_{key}")(value)
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocabulary(w)
+    if "token_embd.weight" not in write_tensors(w, tensors, dtype):
+        raise ValueError("tensors lack model.embed_tokens.weight")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

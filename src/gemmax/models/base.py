@@ -86,6 +86,22 @@ class KerasSpec:
     lora_layers: Callable[[Any], dict[int, tuple[str, int]]]
 
 
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How a family reads and writes llama.cpp's GGUF files.
+
+    ``archs``: the ``general.architecture`` values it reads; ``read(path)`` -> a parsed file that reads like a
+    lazy transformers state dict (``keys``, ``[name]``, ``shape(name)``) with ``hf_config`` (a transformers
+    config.json dict), ``arch`` and ``tokenizer_metadata``; ``write(path, hf_config, tensors, tokenizer=,
+    dtype=)`` writes transformers-named tensors back as a GGUF llama.cpp loads. Which configs it can write is
+    the family's ``gguf_arch``.
+    """
+
+    archs: tuple[str, ...]
+    read: Callable[[Any], Any]
+    write: Callable[..., Any]
+
+
 class UnsupportedModelType(KeyError, ValueError):
     """A checkpoint whose ``model_type`` no registered family loads."""
 
@@ -134,6 +150,8 @@ class Family:
     hf_architecture: str = ""
     #: GGUF architecture of a config, or None with the reason llama.cpp cannot run it
     gguf_arch: Callable[[Any], str | None] = lambda cfg: None
+    #: GGUF reading and writing; None: llama.cpp defines no architecture for the family
+    gguf: GGUFSpec | None = None
     #: "gemma" or "llama3": the chat turn format
     chat_format: Callable[[Any], str] = lambda cfg: "gemma"
     #: inputs besides tokens that forward / prefill accept (e.g. pixel_values)
@@ -226,6 +244,15 @@ def for_config(cfg: Any) -> Family:
         if isinstance(cfg, fam.config_type):
             return fam
     raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family")
+
+
+def for_gguf_arch(arch: str | None) -> Family:
+    """The family that reads a GGUF file of llama.cpp architecture ``arch``."""
+    for fam in _REGISTRY.values():
+        if fam.gguf is not None and arch in fam.gguf.archs:
+            return fam
+    known = sorted(a for f in _REGISTRY.values() if f.gguf is not None for a in f.gguf.archs)
+    raise UnsupportedModelType(f"unsupported GGUF architecture {arch!r}; gemmax reads {', '.join(known)}")
 
 
 def for_keras_backbone(class_name: str, config: Mapping[str, Any]) -> Family:

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.models.base import HFEntry, UnsupportedError, family_from, register
+from gemmax.models import gemma3n_gguf
+from gemmax.models.base import GGUFSpec, HFEntry, family_from, register
 from gemmax.nn.layers import (
     MASK_VALUE,
     activation_fn,
@@ -1039,11 +1040,8 @@ def hf_table(cfg: Gemma3nConfig) -> dict[str, HFEntry]:
 
 
 def gguf_arch(cfg: Gemma3nConfig) -> str | None:
-    """llama.cpp defines ``gemma3n``, but gemmax's GGUF writer has no tensor layout for it: refuse, saying so
-    (the interface's None would claim llama.cpp lacks the architecture)."""
-    raise UnsupportedError("cannot export gemma3n as GGUF: llama.cpp has the architecture, but gemmax's GGUF "
-                           "writer does not map its tensors (per-layer embeddings, AltUp, LAuReL); export_hf "
-                           "and save work")
+    """llama.cpp's architecture of the text decoder (``gemmax.models.gemma3n_gguf`` reads and writes it)."""
+    return gemma3n_gguf.ARCH
 
 
 # ---- the family --------------------------------------------------------------------------------------------
@@ -1060,6 +1058,7 @@ FAMILY = register(family_from(
     extra_embeddings=("per_layer_embedding",),  # quantized per row with the token embedding
     hf_architecture="Gemma3nForCausalLM",
     gguf_arch=gguf_arch,
+    gguf=GGUFSpec(archs=(gemma3n_gguf.ARCH,), read=gemma3n_gguf.read, write=gemma3n_gguf.write),
     chat_format=lambda cfg: "gemma",
     tiny_config=tiny_config,
 ))

@@ -4,8 +4,8 @@ One config type describes all of them (their differences are data: layer pattern
 activation...), so one scanned forward serves them all. This module registers the family.
 """
 
-from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
-from gemmax.models.gemma import decode, extend, hf, keras, model
+from gemmax.models.base import CPU, XLA, GGUFSpec, KerasSpec, family_from, register
+from gemmax.models.gemma import decode, extend, gguf, hf, keras, model
 from gemmax.models.gemma.config import (
     HF_DECODER_TYPES,
     PRESET_HF_REPOS,
@@ -33,6 +33,7 @@ FAMILY = register(family_from(
     hf_aliases=hf.HF_ALIASES,
     hf_ignorable=hf.HF_IGNORABLE,
     gguf_arch=lambda cfg: GGUF_ARCHS.get(cfg.family),
+    gguf=GGUFSpec(archs=gguf.SUPPORTED_ARCHS, read=gguf.read_gguf, write=gguf.write_gguf),
     chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
     backends=(XLA, CPU),
     extend=extend.extend,

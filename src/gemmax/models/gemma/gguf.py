@@ -24,16 +24,12 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gemmax.io.gguf import _gguf
-from gemmax.io.gguf import dequantize as _dequantize
-from gemmax.io.gguf import parse_gguf as _parse_gguf
-from gemmax.io.gguf import supported_qtypes as _supported_qtypes
+from gemmax.io.gguf import HFSource, HFView, UnsupportedArchitecture, _gguf, open_hf_view
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models.gemma.config import GLOBAL, LOCAL, ModelConfig, from_hf_config, to_hf_config
 
@@ -45,6 +41,7 @@ __all__ = [
     "write_gguf",
     "gguf_to_hf_name",
     "hf_to_gguf_name",
+    "add_tokenizer",
 ]
 
 SUPPORTED_ARCHS = ("gemma", "gemma2", "gemma3", "llama")
@@ -131,84 +128,36 @@ def _llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 # ---- reading -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """Where one tensor lives in the file; ``shape`` is the HF (numpy, row-major) shape."""
-
-    gguf_name: str
-    hf_name: str
-    shape: tuple[int, ...]
-    qtype: str
+#: where one tensor lives in the file (``qtype``: its GGML type) and how it becomes the HF array
+GGUFTensorInfo = HFSource
 
 
-@dataclass
-class GGUFContents:
-    """A parsed GGUF file: metadata up front, tensors dequantized on demand.
+class GGUFContents(HFView):
+    """A parsed GGUF file of the Gemma decoder family: metadata up front, tensors dequantized on demand.
 
-    ``hf_config`` is a transformers config.json dict; ``tensors()`` yields ``(hf_name, float32 array)``
-    one at a time; ``tensor(name)`` fetches one. ``tokenizer_metadata`` holds every ``tokenizer.*`` field
-    (token lists as Python lists, scores and types as numpy arrays).
+    ``hf_config`` is a transformers config.json dict and ``config`` the gemmax one; ``tensors()`` yields
+    ``(hf_name, float32 array)`` one at a time; ``tensor(name)`` fetches one. ``tokenizer_metadata`` holds
+    every ``tokenizer.*`` field (token lists as Python lists, scores and types as numpy arrays).
     """
-
-    path: Path
-    arch: str
-    metadata: dict[str, Any]
-    hf_config: dict[str, Any]
-    tokenizer_metadata: dict[str, Any]
-    tensor_info: dict[str, GGUFTensorInfo]
-    _mm: Any = field(repr=False, default=None)
-    _by_gguf_name: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
     def config(self) -> ModelConfig:
         return from_hf_config(self.hf_config)
 
-    def keys(self) -> list[str]:
-        return list(self.tensor_info)
-
-    def __contains__(self, hf_name: object) -> bool:
-        return hf_name in self.tensor_info
-
-    def __len__(self) -> int:
-        return len(self.tensor_info)
-
-    def tensor(self, hf_name: str) -> np.ndarray:
-        """One tensor, dequantized to float32 in HF naming/layout conventions."""
-        try:
-            info = self.tensor_info[hf_name]
-        except KeyError:
-            raise KeyError(f"{hf_name!r} is not in {self.path.name}") from None
-        return self._load(info)
-
-    def __getitem__(self, hf_name: str) -> np.ndarray:
-        return self.tensor(hf_name)
-
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (hf_name, float32 array) in file order, one dequantized tensor alive at a time."""
-        for name, info in self.tensor_info.items():
-            yield name, self._load(info)
+        return self.items()
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Alias of :meth:`tensors`, so a GGUFContents reads like a (lazy) state dict."""
-        return self.tensors()
 
-    def raw_tensor(self, gguf_name: str) -> np.ndarray:
-        """A tensor by its GGUF name, dequantized but otherwise as stored (e.g. ``rope_freqs.weight``)."""
-        t = self._by_gguf_name[gguf_name]
-        return _dequantize(t, self._mm, self.path)
-
-    def _load(self, info: GGUFTensorInfo) -> np.ndarray:
-        w = _dequantize(self._by_gguf_name[info.gguf_name], self._mm, self.path)
-        if w.shape != info.shape:
-            w = w.reshape(info.shape)
-        if _is_offset_norm(info.hf_name, self.arch):
-            w = w - np.float32(1.0)
-        if self.arch == "llama":
-            if info.hf_name.endswith("self_attn.q_proj.weight"):
-                w = _llama_unpermute(w, int(self.hf_config["num_attention_heads"]))
-            elif info.hf_name.endswith("self_attn.k_proj.weight"):
-                w = _llama_unpermute(w, int(self.hf_config["num_key_value_heads"]))
-        return np.ascontiguousarray(w, dtype=np.float32)
+def _fix(hf_name: str, arch: str, hf_config: Mapping[str, Any]) -> Any:
+    """The llama.cpp convention to undo on one tensor: a folded ``+1`` on Gemma norms, Llama's q/k rows."""
+    if _is_offset_norm(hf_name, arch):
+        return lambda w: w - np.float32(1.0)
+    if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+        return lambda w: _llama_unpermute(w, int(hf_config["num_attention_heads"]))
+    if arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+        return lambda w: _llama_unpermute(w, int(hf_config["num_key_value_heads"]))
+    return None
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
@@ -218,27 +167,23 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
     gemma/gemma2/gemma3/llama, or a tensor type we cannot dequantize.
     """
     path = Path(path)
-    metadata, raw, mm = _parse_gguf(path)
-    tok_meta = {k: metadata.pop(k) for k in list(metadata) if k.startswith("tokenizer.")}
-    arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(
-            f"{path.name}: unsupported GGUF architecture {arch!r}; gemmax reads {', '.join(SUPPORTED_ARCHS)}"
-        )
-    ok = _supported_qtypes()
-    bad = sorted({t.qtype.name for t in raw if t.qtype.name not in ok})
-    if bad:
-        raise ValueError(f"{path.name}: unsupported tensor quantization type(s) {', '.join(bad)}")
-    by_name = {t.name: t for t in raw}
-    hf_config = _hf_config_from_metadata(arch, metadata, tok_meta, by_name, mm, path)
-    info: dict[str, GGUFTensorInfo] = {}
-    for t in raw:
-        hf_name = gguf_to_hf_name(t.name, arch)
-        if hf_name is None:
-            continue  # e.g. rope_freqs.weight: folded into the config instead
-        info[hf_name] = GGUFTensorInfo(t.name, hf_name, tuple(reversed(t.ne)), t.qtype.name)
-    return GGUFContents(path=path, arch=arch, metadata=metadata, hf_config=hf_config,
-                        tokenizer_metadata=tok_meta, tensor_info=info, _mm=mm, _by_gguf_name=by_name)
+
+    def build(md: dict[str, Any], tok: dict[str, Any], raw: dict[str, Any], load: Any) -> tuple[dict, dict]:
+        arch = md["general.architecture"]
+        hf_config = _hf_config_from_metadata(arch, md, tok, raw, load, path)
+        info = {}
+        for t in raw.values():
+            hf_name = gguf_to_hf_name(t.name, arch)
+            if hf_name is not None:  # e.g. rope_freqs.weight: folded into the config instead
+                info[hf_name] = HFSource(t.name, tuple(reversed(t.ne)), _fix(hf_name, arch, hf_config),
+                                         t.qtype.name)
+        return hf_config, info
+
+    try:
+        return open_hf_view(path, SUPPORTED_ARCHS, build, view=GGUFContents)
+    except UnsupportedArchitecture as e:
+        raise ValueError(f"{path.name}: unsupported GGUF architecture {e.arch!r}; gemmax reads "
+                         f"{', '.join(SUPPORTED_ARCHS)}") from None
 
 
 def _first(v: Any) -> Any:
@@ -287,7 +232,7 @@ def _infer_llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, orig: 
 
 
 def _hf_config_from_metadata(arch: str, md: dict[str, Any], tok: dict[str, Any], tensors: dict[str, Any],
-                             mm: np.ndarray, path: Path) -> dict[str, Any]:
+                             load: Any, path: Path) -> dict[str, Any]:
     """transformers config.json dict from GGUF metadata plus llama.cpp's per-architecture constants."""
 
     def key(name: str, default: Any = None) -> Any:
@@ -370,7 +315,7 @@ def _hf_config_from_metadata(arch: str, md: dict[str, Any], tok: dict[str, Any],
         scaling = None
         stype = key("rope.scaling.type")
         if "rope_freqs.weight" in tensors:
-            freqs = _dequantize(tensors["rope_freqs.weight"], mm, path)
+            freqs = load("rope_freqs.weight")
             orig = float(key("rope.scaling.original_context_length", 8192))
             scaling = _infer_llama3_scaling(freqs, theta, head_dim, orig)
         elif stype == "linear" and float(key("rope.scaling.factor", 1.0)) != 1.0:
@@ -523,7 +468,7 @@ def write_gguf(
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    _add_tokenizer(w, cfg, tokenizer, chat_template)
+    add_tokenizer(w, cfg, tokenizer, chat_template)
 
     # Tensors: HF names -> GGUF names, llama.cpp conventions applied.
     written = set()
@@ -560,8 +505,10 @@ def write_gguf(
     return path
 
 
-def _add_tokenizer(w: Any, cfg: ModelConfig, tokenizer: Any, chat_template: str | None) -> None:
-    """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model)."""
+def add_tokenizer(w: Any, cfg: Any, tokenizer: Any, chat_template: str | None) -> None:
+    """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model). ``cfg``
+    is any family's config with ``vocab_size``, ``family`` and the special ids (``bos_token_id``,
+    ``eos_ids``, ``pad_token_id``): Gemma 3n and Gemma 4 files carry the same vocabulary fields."""
     if tokenizer is not None and not hasattr(tokenizer, "gguf_vocab"):
         tokenizer = Tokenizer.from_file(tokenizer)
     if tokenizer is not None:

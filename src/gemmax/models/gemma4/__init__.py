@@ -3,8 +3,8 @@ dense 31B, 26B-A4B mixture of experts, E2B / E4B with per-layer embeddings and K
 and Gemma 4 with images (``gemma4`` checkpoints with a ``vision_config``) as the family ``gemma4_vision``
 (see docs/gemma4.md)."""
 
-from gemmax.models.base import XLA, family_from, register
-from gemmax.models.gemma4 import decode, hf, model, vision
+from gemmax.models.base import XLA, GGUFSpec, family_from, register
+from gemmax.models.gemma4 import decode, gguf, hf, model, vision
 from gemmax.models.gemma4.config import (
     HF_MODEL_TYPES,
     PRESET_HF_REPOS,
@@ -28,7 +28,8 @@ FAMILY = register(family_from(
     hf_ignorable=hf.HF_IGNORABLE,
     hf_unused=hf.hf_unused,
     hf_architecture="Gemma4ForCausalLM",
-    gguf_arch=lambda cfg: None,
+    gguf_arch=lambda cfg: gguf.ARCH,
+    gguf=GGUFSpec(archs=(gguf.ARCH,), read=gguf.read, write=gguf.write),
     chat_format=lambda cfg: "gemma4",
     backends=(XLA,),
     tiny_config=tiny_config,

@@ -7,6 +7,7 @@ processes. Each mode prints one JSON object on its last stdout line.
     python tests/dist_worker.py layouts              # 8 devices: specs on 1x8, 2x4, 8x1; the Keras tutorials' snippets
     python tests/dist_worker.py train                # 8 devices: sharded step/forward vs one device
     python tests/dist_worker.py generate             # 8 devices: sharded greedy generation vs one device
+    python tests/dist_worker.py objectives           # 8 devices: DPO and ORPO fits, sharded vs one device
     python tests/dist_worker.py multihost PORT PID   # 2 processes x 4 devices, one global 2x4 mesh
 """
 
@@ -233,8 +234,53 @@ def mode_generate() -> dict[str, Any]:
     return out
 
 
+class _Bytes:
+    """A byte-level tokenizer (id = byte + 3; 0 pad, 1 eos, 2 bos) for text records on the tiny model."""
+
+    pad_id, eos_id, bos_id, stop_ids = 0, 1, 2, (1,)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Any) -> str:
+        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
+
+
+def mode_objectives() -> dict[str, Any]:
+    """Three LoRA steps of DPO and of ORPO (the post-training objectives' one trainer) on one device, then
+    under ModelParallel on a 2x4 mesh with FSDP: each step's loss and the objective's metrics."""
+    from gemmax.api import CausalLM
+
+    cfg = tiny_config("gemma3", vocab_size=262, eos_token_id=(1,))
+    pairs = [{"prompt": f"Question {i}: is the sky blue?", "chosen": " yes" + "!" * (i % 3),
+              "rejected": " no, it is green" if i % 2 else " no"} for i in range(8)]
+    base = jax.device_get(CausalLM.from_config(cfg, seed=0).params)
+    kw = dict(steps=3, batch_size=4, sequence_length=48, learning_rate=1e-2, progress=False, save_every=None)
+    mesh = gd.DeviceMesh((2, 4), ["batch", "model"], gd.list_devices())
+    dist = gd.ModelParallel(mesh, gd.get_layout_map(cfg, mesh, data_axis="batch"), batch_dim_name="batch",
+                            fsdp=True)
+    out: dict[str, Any] = {}
+    for objective in ("dpo", "orpo"):
+        for where in ("one", "2x4-fsdp"):
+            if where == "one":
+                lm = CausalLM(cfg, jax.tree_util.tree_map(jnp.asarray, base), _Bytes())
+                lm.enable_lora(rank=4)
+                hist = lm.fit(pairs, objective=objective, **kw)
+                specs: list[str] = []
+            else:
+                with gd.use_distribution(dist):
+                    lm = CausalLM(cfg, dist.shard_params(base), _Bytes())
+                    lm.enable_lora(rank=4)
+                    hist = lm.fit(pairs, objective=objective, **kw)
+                    specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(lm.params)})
+            out[f"{objective}/{where}"] = {"loss": list(hist.loss), "extra": hist.extra, "specs": specs}
+    return out
+
+
 if __name__ == "__main__":
-    if mode == "generate":
+    if mode == "objectives":
+        result = mode_objectives()
+    elif mode == "generate":
         result = mode_generate()
     elif mode == "layouts":
         result = mode_layouts()

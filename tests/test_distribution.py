@@ -415,3 +415,19 @@ def test_sharded_generation_matches_one_device() -> None:
     for name in ("1x8", "2x4", "2x4-fsdp"):
         assert res[name]["tokens"] == res["reference"], name
         assert any("model" in spec for spec in res[name]["specs"]), name  # really sharded
+
+
+def test_post_training_objectives_on_a_mesh_match_one_device() -> None:
+    """DPO and ORPO with LoRA under ModelParallel (2x4, FSDP): every step's loss and metric as on one device."""
+    res = _run_worker("objectives")
+    for objective in ("dpo", "orpo"):
+        one, mesh = res[f"{objective}/one"], res[f"{objective}/2x4-fsdp"]
+        assert len(one["loss"]) == 3 and one["loss"][-1] != one["loss"][0]  # it trained
+        np.testing.assert_allclose(mesh["loss"], one["loss"], rtol=1e-4, atol=1e-5, err_msg=objective)
+        for a, b in zip(one["extra"], mesh["extra"], strict=True):
+            assert a.keys() == b.keys() and any(k.startswith(("rewards/", "log_odds")) for k in a), a
+            tie = abs(a.get("rewards/margins", 1.0)) < 1e-4  # step 1 of DPO: policy = reference, margins 0 +- noise
+            for k in a:
+                if k not in ("step_seconds", "tokens_per_second") and not (tie and k == "rewards/accuracies"):
+                    assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (objective, k, a[k], b[k])
+        assert any("model" in s for s in mesh["specs"]) and any("batch" in s for s in mesh["specs"])

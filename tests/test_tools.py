@@ -407,3 +407,31 @@ def test_chat_api(lm: CausalLM) -> None:
                 chunk=4)
     with pytest.raises(ValueError, match="names no tool"):
         lm.chat(CALLED[:2], tools=[TIME], tool_choice="get_weather")
+
+
+def test_gemma4_forced_calls_are_constrained(lm: CausalLM) -> None:
+    """Gemma 4: a forced call's text after ``<|tool_call>call:`` is constrained too: one named tool's JSON
+    arguments, or under "required" among several tools one tool's name and then its arguments (a grammar),
+    so an untrained model's answer is still a valid call of one of them."""
+    import gemmax.models.gemma4 as g4
+
+    f = forced_call([WEATHER, TIME], "required", "gemma4")
+    assert f.opener == "<|tool_call>call:" and f.schema is None and list(f.alternatives) == ["get_weather",
+                                                                                            "get_time"]
+    cfg = g4.tiny_config(vocab_size=lm.tokenizer.vocab_size, max_position_embeddings=512)
+    g4lm = CausalLM.from_config(cfg, seed=1, tokenizer=lm.tokenizer)
+    assert g4lm.chat_format == "gemma4"
+    # strings of bounded length: an untrained model inside a JSON string need never close it
+    short = {"type": "string", "maxLength": 6}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                 "type": "object", "properties": {"city": short, "unit": {"enum": ["c", "f"]}},
+                 "required": ["city", "unit"], "additionalProperties": False}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {"tz": short}, "required": ["tz"], "additionalProperties": False}}}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for choice, names in (("required", ("get_weather", "get_time")), ("get_time", ("get_time",))):
+        out = g4lm.chat(CALLED[:2], max_new_tokens=48, tools=tools, tool_choice=choice, temperature=0, chunk=4)
+        (call,) = out["tool_calls"]
+        fn = call["function"]
+        assert fn["name"] in names, out
+        jsonschema.validate(json.loads(fn["arguments"]), schemas[fn["name"]])

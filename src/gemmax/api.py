@@ -571,31 +571,31 @@ class CausalLM:
 
         tok = self._require_tokenizer()
         fam = self.chat_format
-        schemas = {t.get("function", t)["name"]: t.get("function", t).get("parameters") or {"type": "object"}
-                   for t in tools}
+        tools = [{"type": "function", "function": t.get("function", t)} for t in tools]
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
         if isinstance(tool_choice, dict):
             tool_choice = (tool_choice.get("function") or {}).get("name")
         if tool_choice not in ("auto", "none", "required") and tool_choice not in schemas:
             raise ValueError(f"tool_choice {tool_choice!r} names no tool ({', '.join(schemas)})")
-        forced = None if tool_choice in ("auto", "none") else (
-            next(iter(schemas)) if tool_choice == "required" and len(schemas) == 1 else
-            None if tool_choice == "required" else tool_choice)
+        call = None if tool_choice in ("auto", "none") else tc.forced_call(tools, tool_choice, fam)
+        forced = call.name if call is not None else None
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, family=fam,
                                          tools=None if tool_choice == "none" else tools)
-        opener = tc.call_opener(fam, forced) if tool_choice not in ("auto", "none") else ""
+        opener = call.opener if call is not None else ""
         ids = tok.encode(prompt + opener, add_bos=True)
         stops = tuple(tok.stop_ids) + tuple(i for i in [tok.piece_to_id("<|tool_response>")] if i >= 0)
-        if forced is not None and fam in tc.JSON_FAMILIES and not any(
-                kw.get(k) is not None for k in ("json_schema", "regex", "grammar", "constraint")):
-            kw["json_schema"] = schemas[forced]  # the arguments can only be a conforming JSON value
+        if call is not None and not any(kw.get(k) is not None for k in ("json_schema", "regex", "grammar",
+                                                                          "constraint")):
+            # what follows the opener can only be a conforming call (JSON arguments, or a name and them)
+            kw["constraint"] = (Constraint.json_schema(call.schema) if call.schema is not None
+                                else Constraint.named_json(call.alternatives))
         out = self.generate(ids, max_new_tokens=max_new_tokens, stop_token_ids=stops, **kw)
         text = opener + tok.decode([int(t) for t in out[len(ids):] if int(t) not in stops], skip_special=False)
         if tool_choice == "none":
             return {"role": "assistant", "content": text.strip()}
         parsed = tc.parse_calls(text, fam)
-        if not parsed.calls and opener:
-            parsed = tc.parse_calls(text + tc.call_closer(fam, forced), fam) if tc.call_closer(fam, forced) \
-                else parsed
+        if not parsed.calls and call is not None and call.closer:
+            parsed = tc.parse_calls(text + call.closer, fam)
         errors = [e for e in (tc.call_error(c, schemas, forced) for c in parsed.calls) if e]
         if parsed.calls and not errors:
             calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",

@@ -85,6 +85,19 @@ class Constraint:
         return cls._checked("grammar", lark, llg.LLMatcher.grammar_from_lark(lark))
 
     @classmethod
+    def named_json(cls, alternatives: Mapping[str, Mapping[str, Any]]) -> Constraint:
+        """One of the names (written as is) followed by JSON valid against that name's schema: what a call
+        to one of several tools writes after ``call:`` in Gemma 4's format. The JSON is compact as for
+        :meth:`json_schema` (free whitespace would let a model pad a call until its token limit)."""
+        if not alternatives:
+            raise ConstraintError("named_json needs at least one name")
+        opts = {"whitespace_flexible": JSON_OPTIONS["whitespace_flexible"],
+                "item_separator": JSON_OPTIONS["item_separator"], "key_separator": JSON_OPTIONS["key_separator"]}
+        rules = [f"{json.dumps(n)} %json {json.dumps({**s, 'x-guidance': opts})}" for n, s in alternatives.items()]
+        lark = "start: " + " | ".join(rules)
+        return cls._checked("grammar", lark, llg.LLMatcher.grammar_from_lark(lark))
+
+    @classmethod
     def _checked(cls, kind: str, source: str, grammar: str) -> Constraint:
         """Validate without a tokenizer (no vocabulary needed to find a bad keyword or regex), so a request
         is refused before it is queued."""

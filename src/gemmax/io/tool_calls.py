@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ToolCall", "Parsed", "parse_calls", "call_start", "call_opener", "call_closer", "call_error",
-           "JSON_FAMILIES"]
+__all__ = ["ToolCall", "Parsed", "ForcedCall", "forced_call", "parse_calls", "call_start", "call_opener",
+           "call_closer", "call_error", "JSON_FAMILIES"]
 
 #: chat formats whose calls are JSON objects
 JSON_FAMILIES = ("gemma", "gemma2", "gemma3", "codegemma", "llama3", "llama")
@@ -63,6 +63,46 @@ def call_closer(family: str, name: str | None = None) -> str:
     if family == "gemma4":
         return G4_END
     return "}" if name is not None else ""
+
+
+@dataclass
+class ForcedCall:
+    """A call the answer must be: the text that opens it (primed into the answer), what the text after the
+    opener must follow (a JSON ``schema``, or ``alternatives`` where that text is a tool's name then its JSON
+    arguments: Gemma 4 choosing among several tools), and what closes it after that text."""
+
+    name: str | None
+    opener: str
+    schema: dict[str, Any] | None
+    closer: str
+    #: tool name -> parameters schema, where the text after the opener is a name then its JSON arguments
+    alternatives: dict[str, dict[str, Any]] | None = None
+
+
+#: the parameters of a tool that declares none
+EMPTY_PARAMS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def forced_call(tools: list[dict[str, Any]], tool_choice: str, family: str) -> ForcedCall:
+    """The call ``tool_choice`` ("required", or a function's name) forces: the opener to prime the answer
+    with and the JSON schema of what the model writes after it. With one candidate function the opener names
+    it and the schema is its parameters; "required" among several tools in a JSON format leaves the whole
+    call object to the model, constrained to any tool's name with that tool's parameters."""
+    by_name = {t["function"]["name"]: t["function"].get("parameters", EMPTY_PARAMS) for t in tools}
+    if tool_choice != "required":
+        name = tool_choice
+    elif len(by_name) == 1:
+        name = next(iter(by_name))
+    else:
+        name = None
+    if name is not None:
+        return ForcedCall(name, call_opener(family, name), by_name[name], call_closer(family, name))
+    if family == "gemma4":  # after "call:": one tool's name, then its arguments (JSON, which the reader takes)
+        return ForcedCall(None, call_opener(family), None, call_closer(family), by_name)
+    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+                         "required": ["name", "parameters"], "additionalProperties": False}
+                        for n, p in by_name.items()]}
+    return ForcedCall(None, call_opener(family), schema, call_closer(family))
 
 
 def call_start(text: str, family: str) -> int | None:

@@ -1,5 +1,5 @@
 """Tool calling over the OpenAI API: ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` read and checked,
-forced calls primed (and, once the constraint engine is merged, constrained), the model's calls parsed out of
+forced calls primed and constrained to their tools' schemas, the model's calls parsed out of
 its text (:mod:`gemmax.io.tool_calls`), checked against each tool's parameter schema and written in OpenAI's
 ``tool_calls`` shapes, whole or streamed.
 
@@ -20,14 +20,15 @@ import jsonschema
 from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import SamplingParams
 from gemmax.io.tool_calls import (
+    EMPTY_PARAMS,
     JSON_FAMILIES,
+    ForcedCall,
     Parsed,
     ToolCall,
     arguments_json,
-    call_closer,
     call_error,
-    call_opener,
     call_start,
+    forced_call,
     parse_calls,
 )
 from gemmax.serve.errors import APIError, bad
@@ -37,19 +38,6 @@ __all__ = ["ForcedCall", "ToolRequest", "ToolStream", "apply_call_constraint", "
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_FAMILIES = (*JSON_FAMILIES, "gemma4")
-_EMPTY_PARAMS: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-@dataclass
-class ForcedCall:
-    """A call the answer must be: the text that opens it (primed into the answer), the JSON schema the text
-    after the opener must follow (None where the format is not JSON there: Gemma 4 choosing among several
-    tools), and what closes it after that text."""
-
-    name: str | None
-    opener: str
-    schema: dict[str, Any] | None
-    closer: str
 
 
 @dataclass
@@ -98,7 +86,7 @@ def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any], dict[str, Any]]
         raise bad(f"{p}.function.description must be a string", f"{p}.function.description", "invalid_type")
     if fn.get("strict") not in (None, True, False):
         raise bad(f"{p}.function.strict must be a boolean", f"{p}.function.strict", "invalid_type")
-    params = fn.get("parameters", _EMPTY_PARAMS)
+    params = fn.get("parameters", EMPTY_PARAMS)
     where = f"{p}.function.parameters"
     if not isinstance(params, dict) or params.get("type") != "object":
         raise bad(f"{where} must be a JSON schema of type 'object'", where, "invalid_value")
@@ -155,39 +143,18 @@ def parse_request(body: Mapping[str, Any], family: str) -> ToolRequest | None:
     return req
 
 
-def forced_call(tools: list[dict[str, Any]], tool_choice: str, family: str) -> ForcedCall:
-    """The call ``tool_choice`` ("required", or a function's name) forces: the opener to prime the answer
-    with and the JSON schema of what the model writes after it. With one candidate function the opener names
-    it and the schema is its parameters; "required" among several tools in a JSON format leaves the whole
-    call object to the model, constrained to any tool's name with that tool's parameters."""
-    by_name = {t["function"]["name"]: t["function"].get("parameters", _EMPTY_PARAMS) for t in tools}
-    if tool_choice != "required":
-        name = tool_choice
-    elif len(by_name) == 1:
-        name = next(iter(by_name))
-    else:
-        name = None
-    if name is not None:
-        return ForcedCall(name, call_opener(family, name), by_name[name], call_closer(family, name))
-    if family == "gemma4":
-        return ForcedCall(None, call_opener(family), None, call_closer(family))
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
-                         "required": ["name", "parameters"], "additionalProperties": False}
-                        for n, p in by_name.items()]}
-    return ForcedCall(None, call_opener(family), schema, call_closer(family))
-
-
 def apply_call_constraint(sp: SamplingParams, forced: ForcedCall | None, family: str) -> SamplingParams:
-    """``sp`` with the forced call constrained to its JSON schema (``SamplingParams.constraint``): the text
-    after the opener can only be a conforming JSON value, the answer ends where the grammar does, and
-    :func:`finish_answer` adds the closer. Gemma 4 writes arguments in its own syntax, not JSON: there the
-    answer is only checked against the schema afterwards, as under "auto"."""
-    if forced is None or forced.schema is None or family not in JSON_FAMILIES:
+    """``sp`` with the forced call constrained (``SamplingParams.constraint``): the text after the opener can
+    only be a conforming JSON value (Gemma 4: arguments written as JSON, which its call syntax reads, or one
+    tool's name then its arguments), the answer ends where the grammar does, and :func:`finish_answer` adds
+    the closer."""
+    if forced is None or (forced.schema is None and forced.alternatives is None):
         return sp
     if sp.constraint is not None:
         raise bad("response_format cannot be combined with a forced tool call (tool_choice constrains the "
                   "answer to the call's schema)", "tool_choice", "invalid_value")
-    sp.constraint = Constraint.json_schema(forced.schema)
+    sp.constraint = (Constraint.json_schema(forced.schema) if forced.schema is not None
+                     else Constraint.named_json(forced.alternatives))
     return sp
 
 

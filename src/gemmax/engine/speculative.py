@@ -42,6 +42,7 @@ from gemmax.engine.generate import (
     N_CAND,
     _compute_dtype,
     bucket,
+    candidate_weights,
     compiled_functions,
     greedy_argmax,
     kept_weights,
@@ -86,14 +87,7 @@ def processed_probs(logits: Array, temperature: Array, top_k: Array, top_p: Arra
     lg = lg / jnp.where(t > 0, t, 1.0)[:, None]
     n = min(N_CAND, v)
     vals, idx = jax.lax.top_k(lg, n)
-    r = jnp.arange(n)[None]
-    keep = r < k[:, None]
-    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
-    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
-    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
-    cum = jnp.cumsum(q, axis=-1)
-    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1)) & (q >= m[:, None] * q[:, :1])
-    w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+    keep, w = candidate_weights(lg, vals, k, p, m)
     probs = jnp.zeros_like(lg).at[jnp.arange(n_rows)[:, None], idx].set(w / w.sum(-1, keepdims=True))
     if n < v:  # rows whose kept set may reach past the candidates: the exact path
         need = (t > 0) & (keep[:, -1] | ((k > n) & (k < v) & (p < 1)))

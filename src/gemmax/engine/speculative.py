@@ -29,6 +29,7 @@ penalties): then the whole batch takes the engine's ordinary decode chunk for th
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -360,6 +361,17 @@ def _accept(logits: Array, block: Array, n_draft: Array, qs: Array | None, keys:
     rejected = (n_acc < n_draft)[:, None] & (resid.sum(-1, keepdims=True) > 0)
     u_next = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, 2)))(keys)
     return n_acc, draw(jnp.where(rejected, resid, p_n), u_next)
+
+
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    """``--draft``, ``--speculate`` and ``--speculate-tokens``: how ``gemmax generate`` and ``gemmax serve``
+    ask for a speculator (each loads the draft model its own way, then :func:`speculator_for` builds it)."""
+    p.add_argument("--draft", default=None, metavar="HANDLE",
+                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
+    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
+                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
+    p.add_argument("--speculate-tokens", type=int, default=None,
+                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
 
 
 def speculator_for(draft: Any = None, prompt_lookup: bool = False, num_tokens: int | None = None) -> Speculator | None:

@@ -954,7 +954,7 @@ def fit(
     schedule: str = "cosine", end_lr_ratio: float = 0.0, clip_norm: float | None = 1.0,
     # how a step computes
     grad_accum: int = 1, precision: str = "float32", remat: str | None = None, chunk_size: int = 1024,
-    # checkpoints, resuming, and the seed of the data order
+    # checkpoints and resuming; the run's seed (data order, random key)
     checkpoint_dir: str | os.PathLike | None = None, save_every: int | None = 100, keep: int | None = 3,
     resume: bool = True, seed: int = 0,
     # logging and evaluation

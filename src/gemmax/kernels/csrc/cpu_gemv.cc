@@ -318,17 +318,19 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of 512 per task, one row at a time
-// (one sequential stream per thread), four accumulators over 4 * kStep columns, then the tail kStep at a
-// time. step(row, xb, k, acc) returns acc plus the kStep products of row and xb at column k (read as the
-// kernel's own layout needs: x may be permuted for it). Needs K % kStep == 0.
+// Rows of in-minor W[N, K] per task in the AVX2 head kernels, taken one row at a time: each thread reads
+// one sequential stream.
+constexpr int64_t kHeadBlock = 512;
+
+// The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of kHeadBlock per task, four
+// accumulators over 4 * kStep columns, then the tail kStep at a time. step(row, xb, k, acc) returns acc plus
+// the kStep products of row and xb at column k (read as the kernel's own layout needs: x may be permuted for
+// it). Needs K % kStep == 0.
 template <int kStep, typename T, typename Step>
 void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
                ffi::ThreadPool* pool, Step step) {
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+  parallel_for(pool, (N + kHeadBlock - 1) / kHeadBlock, [=](int64_t task) {
+    const int64_t r0 = task * kHeadBlock, r1 = std::min(N, r0 + kHeadBlock);
     for (int64_t r = r0; r < r1; ++r) {
       const T* wi = w + r * K;
       for (int64_t b = 0; b < B; ++b) {
@@ -366,10 +368,8 @@ void in_minor_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
                         int64_t K, ffi::ThreadPool* pool) {
   const QuantX16& q = quantize_x16(x, B, K);
   const QuantX16* qp = &q;
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+  parallel_for(pool, (N + kHeadBlock - 1) / kHeadBlock, [=](int64_t task) {
+    const int64_t r0 = task * kHeadBlock, r1 = std::min(N, r0 + kHeadBlock);
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* wi = w + r * K;
       for (int64_t b = 0; b < B; ++b) {
@@ -1759,22 +1759,17 @@ ffi::Error NormRope(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
 
 }  // namespace
 
+// The bindings list each handler's parameters in order, a line per group.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("in_minor")
-                                  .Attr<bool>("has_scale")
-                                  .Attr<int64_t>("p")
-                                  .Attr<int64_t>("k")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("act")
-                                  .Attr<bool>("has_mul"));
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // x, w
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>()  // scale, layer
+                                  .Arg<ffi::AnyBuffer>()  // mul
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<bool>("in_minor").Attr<bool>("has_scale")
+                                  .Attr<int64_t>("p").Attr<int64_t>("k").Attr<int64_t>("n")
+                                  .Attr<int64_t>("act").Attr<bool>("has_mul"));
 
 // Embedding rows for a decode step: out[i] = table[ids[i]], any dtype, bytes copied. XLA:CPU gathers
 // bfloat16 by converting the *whole* table to float32 (and hoists that out of the decode loop: 671 MB
@@ -1837,16 +1832,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxReadSum, ReadSum,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxNormRope, NormRope,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("heads")
-                                  .Attr<int64_t>("dim")
-                                  .Attr<bool>("has_norm")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("offset")
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()  // sin, cos
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("heads").Attr<int64_t>("dim")
+                                  .Attr<bool>("has_norm").Attr<float>("eps").Attr<float>("offset")
                                   .Attr<float>("mult"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
@@ -1855,23 +1846,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // q, k, v
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()  // lengths, window
+                                  .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<float>("cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()  // kn, vn
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // kc, vc
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::PRED>>()  // layer, valid
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Attr<float>("cap"));

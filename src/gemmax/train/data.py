@@ -808,7 +808,8 @@ class BatchIterator(EpochCursor):
 
     # -- iteration
     def __next__(self) -> Batch:
-        rows = self._rows[self._next_window()]
+        window = self._next_window()  # first: it plans the epoch, which replaces self._rows
+        rows = self._rows[window]
         ds = self.dataset
         return _assemble(ds.documents, rows, self.batch_size, ds.sequence_length, ds.pad_id, ds.token_inputs)
 

@@ -20,14 +20,13 @@ import sys
 import tempfile
 import time
 
+from _common import Report, int_flags, parser
+
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="gemma3_270m")
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    int_flags(ap, seq=512, repeats=10, warmup=2, threads=2)
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager"],
                     help="transformers attention; auto times both and keeps the faster")
     ap.add_argument("--quick", action="store_true", help="3 timed runs, 1 warm-up")
@@ -52,11 +51,7 @@ def main() -> None:
     from gemmax.models.gemma.config import to_hf_config
 
     torch.set_num_threads(args.threads)
-    lines: list[str] = []
-
-    def say(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
+    say = Report()
 
     cfg = gemmax.get_preset(args.preset)
     lm = CausalLM.from_config(cfg, seed=0, dtype="float32")
@@ -135,9 +130,7 @@ def main() -> None:
     ratio = med[best_hf] / med["gemmax"]
     per_run = [h / g for g, h in zip(times["gemmax"], times[best_hf], strict=True)]
     say(f"speed-up gemmax / {best_hf}: {ratio:.2f}x (median of per-pair ratios {statistics.median(per_run):.2f}x)")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    say.save(args.out)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import Report, parser
+
 TTFT_PROMPT_LEN = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default=None, help="GGUF file (default: the packaged Gemma 3 270M Q4_K_M)")
     ap.add_argument("--new", type=int, default=128, help="new tokens per decode / batch run")
     ap.add_argument("--prompt-len", type=int, default=20, help="prompt length for decode and batch runs")
@@ -428,11 +430,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    lines: list[str] = []
-
-    def say(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
+    say = Report()
 
     path = model_path(args.model)
     specs = {"gemmax-f32": ("gemmax", "float32", None), "gemmax-bf16": ("gemmax", "bfloat16", None),
@@ -583,9 +581,7 @@ def main() -> None:
         c, w = t["no cache"]["first"] + t["no cache"]["first_chunk"], \
             t["cache: reuse"]["first"] + t["cache: reuse"]["first_chunk"]
         say(f"cold -> warm persistent cache, first token + first chunk: {c:.2f} s -> {w:.2f} s ({c / w:.1f}x)")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    say.save(args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ cache, ``--chunk`` decode steps per dispatch).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Report, int_flags, parser  # noqa: E402
 from generate import GemmaxRunner, HFRunner, prompt_ids  # noqa: E402
 
 
@@ -52,15 +52,10 @@ def parity(lm, hf_model, prompt: list[int]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="gemma3_1b")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=20)
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=16)
+    int_flags(ap, new=128, prompt_len=20, prefill=512, batch=16, repeats=3, chunk=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -72,11 +67,7 @@ def main() -> None:
     from gemmax.api import CausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines: list[str] = []
-
-    def say(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
+    say = Report()
 
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}"
         + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
@@ -127,8 +118,7 @@ def main() -> None:
     a, b = med[ours.name], med[hf.name]
     say(f"gemmax / transformers: decode {b['decode'] / a['decode']:.2f}x, prefill {b['prefill'] / a['prefill']:.2f}x,"
         f" batch {b['batch'] / a['batch']:.2f}x")
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    say.save(args.out)
 
 
 if __name__ == "__main__":

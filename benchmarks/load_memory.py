@@ -23,9 +23,11 @@ import tempfile
 import threading
 import time
 
+from _common import Report, parser
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="gemma3_270m")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (bigger checkpoint)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -117,19 +119,12 @@ def measure(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.make:
-        make_checkpoint(args)
-        return
-    if args.measure:
-        measure(args)
+    if args.make or args.measure:  # internal: one fresh process's single job
+        (make_checkpoint if args.make else measure)(args)
         return
     import statistics
 
-    lines: list[str] = []
-
-    def say(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
+    say = Report()
 
     me = os.path.abspath(__file__)
     common = ["--preset", args.preset] + (["--layers", str(args.layers)] if args.layers else [])
@@ -170,9 +165,7 @@ def main() -> None:
         say("anon = RssAnon (heap/device buffers), file = RssFile (mapped checkpoint pages), both sampled "
             "every 2 ms, increase over the baseline.")
         del ck_bytes
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    say.save(args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import time
 
 import numpy as np
+from _common import save_lines
 
 from gemmax import CausalLM
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket
@@ -162,11 +163,8 @@ def main() -> int:
     if "lookup" not in skip:
         out += bench_lookup(lm, a)
     out.append(f"\nload at end {os.getloadavg()[0]:.1f}")
-    text = "\n".join(out)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    print("\n".join(out))
+    save_lines(a.out, out)
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import numpy as np
+from _common import save_lines
 
 from gemmax.api import CausalLM
 from gemmax.engine.constrain import Constraint
@@ -116,11 +117,8 @@ def main() -> int:
             valid = f"{sum(r['valid'] for r in res[k])}/{c * args.repeats}" if c else ""
             lines.append(f"| {b} | {k} | {ts:.1f} | {ts / base:.2f}x | {mask:.2f} | {valid} |")
         print("\n".join(lines[-len(configs):]), flush=True)
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print("\n" + "\n".join(lines))
+    save_lines(args.out, lines)
     return 0
 
 

@@ -22,10 +22,9 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
-import sys
 import time
+
+from _common import dump_json, int_flags, parser, result_line, run_children
 
 CONFIGS = ("gemmax-lora", "torch-lora", "gemmax-full", "torch-full")
 
@@ -105,13 +104,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="gemma3_270m")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=8)
+    int_flags(ap, batch=4, seq=128, steps=5, warmup=2, rank=8)
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -123,30 +118,17 @@ def main() -> None:
     print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, float32, {args.warmup} warm-up + {args.steps} "
           f"timed steps, {os.cpu_count()} CPUs", flush=True)
     results: dict[str, dict] = {}
-    for name in args.only.split(","):
-        cmd = [sys.executable, __file__, "--child", name] + [
-            f"--{k}={getattr(args, k)}" for k in ("preset", "batch", "seq", "steps", "warmup", "rank")]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        if proc.returncode != 0 or "RESULT" not in proc.stdout:
-            print(f"{name}: failed\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        r = json.loads(proc.stdout.split("RESULT", 1)[1])
-        r["median_step_s"] = statistics.median(r["step_seconds"])
+    flags = {k: getattr(args, k) for k in ("preset", "batch", "seq", "steps", "warmup", "rank")}
+    for name, r in run_children(__file__, args.only.split(","), flags):
         r["tokens_per_s"] = tokens / r["median_step_s"]
-        r["wall_s"] = time.perf_counter() - t0
         results[name] = r
-        print(f"{name:12s} {r['tokens_per_s']:8.1f} tok/s  median step {r['median_step_s']:6.2f}s  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB  trainable {r['trainable']:>11,}  "
-              f"(process {r['wall_s']:.0f}s)", flush=True)
+        print(result_line(name, r, 12), flush=True)
     for mode in ("lora", "full"):
         g, t = results.get(f"gemmax-{mode}"), results.get(f"torch-{mode}")
         if g and t:
             print(f"{mode}: gemmax/torch throughput {g['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
                   f"peak memory {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}x of torch's")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    dump_json(args.json, results)
 
 
 if __name__ == "__main__":

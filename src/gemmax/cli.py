@@ -22,6 +22,7 @@ from gemmax import distribution as dist
 from gemmax.api import CausalLM
 from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.engine.repetition import loop_period
+from gemmax.engine.speculative import add_speculation_flags
 from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.io.gguf import read_metadata as read_gguf_metadata
@@ -78,15 +79,6 @@ def _sampling_args(p: argparse.ArgumentParser, default_tokens: int, from_checkpo
 def _sampling_kw(a: argparse.Namespace) -> dict[str, Any]:
     return dict(sampler="random" if a.temperature > 0 else "greedy", temperature=a.temperature or None,
                 top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
-
-
-def _speculation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", default=None, metavar="HANDLE",
-                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
-    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
-                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
-    p.add_argument("--speculate-tokens", type=int, default=None,
-                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
 
 
 def _speculation_kw(a: argparse.Namespace) -> dict[str, Any]:
@@ -317,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     g.add_argument("--image", action="append", default=None,
                    help="image file for a model that reads images (PaliGemma, Gemma 3); repeatable, in order")
-    _speculation_args(g)
+    add_speculation_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")

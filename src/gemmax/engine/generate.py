@@ -58,6 +58,25 @@ def greedy_argmax(logits: Array) -> Array:
     return jnp.minimum(first, n - 1)
 
 
+def candidate_weights(lg: Array, vals: Array, k: Array, p: Array, m: Array) -> tuple[Array, Array]:
+    """The fast path's filters over the candidates ``vals``, the ``[N, n]`` largest of the temperature-scaled
+    logits ``lg`` ``[N, V]`` in descending order: top-k (``k``, already clamped to ``V``), then top-p and min-p
+    on the renormalised survivors. The normaliser is the whole vocabulary's where top-k keeps all of it, so
+    the nucleus sees the true mass. Returns the kept mask and the unnormalised weights ``exp(vals - max)``
+    (0 where dropped); ``sample_tokens`` draws from them and ``speculative.processed_probs`` scatters them.
+    """
+    n, v = vals.shape[-1], lg.shape[-1]
+    r = jnp.arange(n)[None]
+    keep = r < k[:, None]
+    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
+    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
+    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
+    cum = jnp.cumsum(q, axis=-1)
+    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1))
+    keep = keep & (q >= m[:, None] * q[:, :1])
+    return keep, jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+
+
 def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array,
                   n_cand: int = N_CAND, vocab_limit: int | None = None) -> Array:
     """Per-row sampling. temperature <= 0 means greedy. Filters apply in the order transformers uses:
@@ -89,15 +108,7 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, 
     # (the barrier keeps XLA:CPU's top-k rewrite: folding the gather below into the sort would turn the
     # top-k into a full sort of the vocabulary, ~100x slower)
     vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(lg, n))
-    r = jnp.arange(n)[None]
-    keep = r < k[:, None]
-    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
-    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
-    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
-    cum = jnp.cumsum(q, axis=-1)
-    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1))
-    keep = keep & (q >= m[:, None] * q[:, :1])
-    w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+    keep, w = candidate_weights(lg, vals, k, p, m)
     c = jnp.cumsum(w, axis=-1)
     j = jnp.minimum(jnp.sum(c <= u[:, None] * c[:, -1:], axis=-1), n - 1)
     fast = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
@@ -258,7 +269,9 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
 
 @dataclass
 class SamplingParams:
-    """How one request samples; every row of the engine carries its own."""
+    """How one request samples; every row of the engine carries its own. The fields come in groups: the
+    distribution (temperature and its filters, then the logit adjustments: bias and penalties), the random
+    stream, where the output ends, and what else it reports or obeys."""
 
     temperature: float = 0.0
     """0: greedy (argmax)."""
@@ -268,11 +281,8 @@ class SamplingParams:
     """Keep the smallest set whose probability reaches p; 1: off."""
     min_p: float = 0.0
     """Drop tokens less likely than min_p times the most likely one; 0: off."""
-    seed: int = 0
-    """The row's random stream is fold_in(key(seed), position): the same whatever shares the batch."""
-    max_new_tokens: int = 64
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> value added to its logit (OpenAI's -100..100: -100 bans a token, 100 forces it)."""
     presence_penalty: float = 0.0
     """OpenAI's: subtracted from the logit of every token the output already holds; in [-2, 2]."""
     frequency_penalty: float = 0.0
@@ -280,8 +290,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """transformers': logits of tokens in the prompt or the output divided (positive) or multiplied
     (negative) by it; 1: off, > 1 discourages repeats."""
-    logit_bias: Mapping[int, float] | None = None
-    """Token id -> value added to its logit (OpenAI's -100..100: -100 bans a token, 100 forces it)."""
+    seed: int = 0
+    """The row's random stream is fold_in(key(seed), position): the same whatever shares the batch."""
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
     """Report each new token's log-probability and this many most likely alternatives (0..20); None: off."""
     constraint: Constraint | None = None

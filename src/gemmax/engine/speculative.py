@@ -29,6 +29,7 @@ penalties): then the whole batch takes the engine's ordinary decode chunk for th
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from gemmax.engine.generate import (
     N_CAND,
     _compute_dtype,
     bucket,
+    candidate_weights,
     compiled_functions,
     greedy_argmax,
     kept_weights,
@@ -86,14 +88,7 @@ def processed_probs(logits: Array, temperature: Array, top_k: Array, top_p: Arra
     lg = lg / jnp.where(t > 0, t, 1.0)[:, None]
     n = min(N_CAND, v)
     vals, idx = jax.lax.top_k(lg, n)
-    r = jnp.arange(n)[None]
-    keep = r < k[:, None]
-    lse_kept = jax.nn.logsumexp(jnp.where(keep, vals, -jnp.inf), axis=-1)
-    log_z = jnp.where(k >= v, jax.nn.logsumexp(lg, axis=-1), lse_kept) if n < v else lse_kept
-    q = jnp.where(keep, jnp.exp(vals - log_z[:, None]), 0.0)
-    cum = jnp.cumsum(q, axis=-1)
-    keep = keep & ((cum - q < p[:, None]) | (r == 0) | (p[:, None] >= 1)) & (q >= m[:, None] * q[:, :1])
-    w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+    keep, w = candidate_weights(lg, vals, k, p, m)
     probs = jnp.zeros_like(lg).at[jnp.arange(n_rows)[:, None], idx].set(w / w.sum(-1, keepdims=True))
     if n < v:  # rows whose kept set may reach past the candidates: the exact path
         need = (t > 0) & (keep[:, -1] | ((k > n) & (k < v) & (p < 1)))
@@ -366,6 +361,17 @@ def _accept(logits: Array, block: Array, n_draft: Array, qs: Array | None, keys:
     rejected = (n_acc < n_draft)[:, None] & (resid.sum(-1, keepdims=True) > 0)
     u_next = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, 2)))(keys)
     return n_acc, draw(jnp.where(rejected, resid, p_n), u_next)
+
+
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    """``--draft``, ``--speculate`` and ``--speculate-tokens``: how ``gemmax generate`` and ``gemmax serve``
+    ask for a speculator (each loads the draft model its own way, then :func:`speculator_for` builds it)."""
+    p.add_argument("--draft", default=None, metavar="HANDLE",
+                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
+    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
+                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
+    p.add_argument("--speculate-tokens", type=int, default=None,
+                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
 
 
 def speculator_for(draft: Any = None, prompt_lookup: bool = False, num_tokens: int | None = None) -> Speculator | None:

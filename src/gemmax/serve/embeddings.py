@@ -32,6 +32,7 @@ from fastapi import Request as HTTPRequest
 
 from gemmax.serve import protocol
 from gemmax.serve.errors import APIError, bad
+from gemmax.serve.routes import add_model_routes
 
 #: Inputs in one request (OpenAI's limit).
 MAX_INPUTS = 2048
@@ -72,6 +73,11 @@ class EmbeddingService:
 
     def model_list(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.card(n) for n in self.models]}
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        if name not in self.models:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return self.card(name)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "models": list(self.models), "kind": "embeddings"}
@@ -180,17 +186,7 @@ def add_routes(app: FastAPI, svc: EmbeddingService) -> None:
     async def health() -> dict[str, Any]:
         return svc.health()
 
-    @app.get("/v1/models")
-    async def list_models(request: HTTPRequest) -> dict[str, Any]:
-        svc.check_auth(request)
-        return svc.model_list()
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: HTTPRequest) -> dict[str, Any]:
-        svc.check_auth(request)
-        if name not in svc.models:
-            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-        return svc.card(name)
+    add_model_routes(app, svc)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(request: HTTPRequest) -> dict[str, Any]:

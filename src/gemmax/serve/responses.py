@@ -129,6 +129,25 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+class _Chunks:
+    """A stream's chunk maker that holds each choice's token log-probabilities until that choice's next chunk,
+    which carries them (``logprobs`` shapes them; without it they are dropped)."""
+
+    def __init__(self, make_chunk: ChunkFn, logprobs: LogprobFn | None) -> None:
+        self._make = make_chunk
+        self._logprobs = logprobs
+        self._pending: dict[int, Entries] = {}
+
+    def hold(self, i: int, entries: Entries) -> None:
+        self._pending.setdefault(i, []).extend(entries)
+
+    def __call__(self, i: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        d = self._make(i, text, reason)
+        if self._logprobs is not None and i in self._pending:
+            d["choices"][0]["logprobs"] = self._logprobs(i, self._pending.pop(i))
+        return d
+
+
 async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: ChunkFn, first: list[str],
                         final_usage: Callable[[int], dict[str, Any]] | None,
                         logprobs: LogprobFn | None = None) -> AsyncIterator[str]:
@@ -138,14 +157,7 @@ async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: Chun
     the jobs are cancelled: a no-op for finished ones, a freed slot for abandoned ones."""
     tokens = 0
     left = len(jobs)
-    pending: dict[int, Entries] = {}
-
-    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
-        d = make_chunk(i, text, reason)
-        if logprobs is not None and i in pending:
-            d["choices"][0]["logprobs"] = logprobs(i, pending.pop(i))
-        return d
-
+    chunk = _Chunks(make_chunk, logprobs)
     try:
         for s in first:
             yield s
@@ -154,7 +166,7 @@ async def stream_events(jobs: list[Job], events: asyncio.Queue, make_chunk: Chun
             if kind == "delta":
                 yield sse(chunk(i, payload, None))
             elif kind == "logprobs":
-                pending.setdefault(i, []).extend(payload)
+                chunk.hold(i, payload)
             elif kind == "done":
                 reason, n = payload
                 tokens += n
@@ -283,19 +295,12 @@ async def _tool_events(a: Answer, tools: ToolRequest, make_chunk: ChunkFn, logpr
     forced call off its schema) is sent as its body and ends the stream."""
     streams = [ToolStream(tools) for _ in a.jobs]
     tokens, left = 0, len(a.jobs)
-    pending: dict[int, Entries] = {}
-
-    def chunk(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
-        d = make_chunk(i, text, reason)
-        if logprobs is not None and i in pending:
-            d["choices"][0]["logprobs"] = logprobs(i, pending.pop(i))
-        return d
-
+    chunk = _Chunks(make_chunk, logprobs)
     try:
         while left:
             i, kind, payload = await a.events.get()
             if kind == "logprobs":
-                pending.setdefault(i, []).extend(payload)
+                chunk.hold(i, payload)
             elif kind == "delta":
                 out = streams[i].feed(payload)
                 if out:

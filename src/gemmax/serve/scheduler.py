@@ -69,24 +69,27 @@ class Job:
                  index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue,
                  inputs: dict[str, Any] | None = None, keep_special: bool = False, request_id: str = "",
                  timeout: float | None = None, stop_loops: bool = True):
+        # what is asked, by whom, and where the events go
         self.model = model
         self.req = Request(list(prompt_ids), sp, inputs=inputs)  # inputs: the family's, e.g. pixel_values
-        self.stop = stop
         self.index = index
+        self.request_id = request_id  # the HTTP request's id, for log lines about this job
         self.loop = loop
         self.events = events
+        # when the choice ends
+        self.stop = stop
+        self.stop_ids = frozenset(sp.stop_ids)
+        self.stop_loops = stop_loops  # finish ("stop") when the text falls into a repetition loop
+        self.submitted = time.perf_counter()
+        self.deadline = None if timeout is None else self.submitted + timeout
         self.cancelled = False
         self.finished = False
+        # the text stream: what has been decoded and sent
         # keep_special: control tokens decoded as their text (Gemma 4's tool-call markers must reach the parser)
         self.decoder = model.tokenizer.stream_decoder(skip_special=not keep_special)
-        self.stop_ids = frozenset(sp.stop_ids)
         self.pending = ""  # decoded text not yet sent: held back while it could be the start of a stop string
         self.seen = 0  # how many of req.new_ids have been decoded
         self.lp_seen = 0  # how many of req.logprobs have been sent
-        self.submitted = time.perf_counter()
-        self.request_id = request_id  # the HTTP request's id, for log lines about this job
-        self.deadline = None if timeout is None else self.submitted + timeout
-        self.stop_loops = stop_loops  # finish ("stop") when the text falls into a repetition loop
         self.last_token_at: float | None = None  # for the inter-token latency histogram
 
     def cancel(self) -> None:
@@ -220,31 +223,36 @@ class Scheduler:
                  request_timeout: float | None = None, stop_loops: bool = True, shrink_after_s: float = 2.0,
                  metrics: Any = None):
         self.models = dict(models)
+        # batch widths: grown with the load, shrunk after shrink_after_s at a smaller one
         self.max_batch = max_batch or default_max_batch()
-        self.chunk = chunk
-        self.max_queue = max_queue
-        self.warmup = warmup
-        self.max_chunk_s = max_chunk_s
-        self.request_timeout = request_timeout
-        self.stop_loops = stop_loops
         self.shrink_after_s = shrink_after_s
-        self.metrics = metrics
+        self._under_since: dict[str, float | None] = {n: None for n in self.models}
+        self._take: dict[str, Any] = {}
+        # decode chunks: their compiled shapes and measured cost
+        self.chunk = chunk
+        self.max_chunk_s = max_chunk_s
+        self.warmup = warmup
         self._tok_s: dict[str, float] = {}  # seconds per decode step of each engine at its current width
         self._step_s: dict[tuple[str, int], float] = {}  # the same per (engine, width)
         self._compiled: dict[str, set[tuple[int, int]]] = {n: set() for n in self.models}  # (width, chunk)
         self._warmed: dict[tuple[str, int], list[int]] = {}  # chunk lengths compiled at warm-up, per width
-        self._take: dict[str, Any] = {}
-        self._under_since: dict[str, float | None] = {n: None for n in self.models}
+        # requests: queued, waiting for a row, live
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.stop_loops = stop_loops
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._waiting: dict[str, deque[Job]] = {n: deque() for n in self.models}
         self._live: dict[str, dict[int, Job]] = {n: {} for n in self.models}
+        self._n_queued = 0
+        # the loop's thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # what it reports
+        self.metrics = metrics
         self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "timeouts": 0, "loops_stopped": 0,
                          "generated_tokens": 0, "steps": 0, "max_live": 0}
         self.busy_s = {"decode": 0.0, "prefill": 0.0, "detokenize": 0.0}  # where the scheduler's time goes
-        self._n_queued = 0
 
     # -- lifecycle --
     def start(self) -> None:

@@ -51,7 +51,7 @@ from gemmax.engine.constrain import ConstraintError, vocabulary
 from gemmax.engine.generate import SamplingParams
 from gemmax.engine.prefix_cache import DEFAULT_MB as PREFIX_CACHE_MB
 from gemmax.engine.prefix_cache import PrefixCache
-from gemmax.engine.speculative import speculator_for
+from gemmax.engine.speculative import add_speculation_flags, speculator_for
 from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.models.base import for_config
@@ -61,6 +61,7 @@ from gemmax.serve.errors import APIError, bad
 from gemmax.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD, Sampling
 from gemmax.serve.responses import Answer, collect, model_card
+from gemmax.serve.routes import add_model_routes
 from gemmax.serve.scheduler import Job, Scheduler, ServedModel
 from gemmax.serve.scheduler import _held_back as _held_back  # imported from here by older code and tests
 from gemmax.serve.tools import ToolRequest, apply_call_constraint, tool_stop_ids
@@ -432,15 +433,7 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
             raise APIError(404, "metrics are off on this server", type="not_found_error", code="not_found")
         return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def list_models(request: HTTPRequest) -> dict[str, Any]:
-        svc.check_auth(request)
-        return svc.model_list()
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: HTTPRequest) -> dict[str, Any]:
-        svc.check_auth(request)
-        return svc.model_card(name)
+    add_model_routes(app, svc)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
@@ -691,12 +684,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"seconds open requests get to finish on shutdown (default {DEFAULT_SHUTDOWN_S:g})")
     p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB,
                    help=f"memory bound of each model's prompt-prefix cache, 0 = off (default {PREFIX_CACHE_MB})")
-    p.add_argument("--draft", default=None, metavar="HANDLE",
-                   help="speculative decoding with this smaller model of the same tokenizer as drafter")
-    p.add_argument("--speculate", default=None, choices=["prompt-lookup"],
-                   help="speculative decoding drafting from n-gram matches in the context (no second model)")
-    p.add_argument("--speculate-tokens", type=int, default=None,
-                   help="draft tokens checked per step (default 8 for prompt lookup, 4 for a draft model)")
+    add_speculation_flags(p)
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"choices waiting for a slot before new requests get a 429 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--request-timeout", type=float, default=None,

@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -47,6 +47,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "Document",
+    "EpochCursor",
     "Example",
     "FORMATS",
     "PromptEncoder",
@@ -721,7 +722,48 @@ class Dataset:
         yield from it
 
 
-class BatchIterator:
+class EpochCursor:
+    """The position of an epoch-based iterator (``BatchIterator``, ``preference.IndexIterator``): ``batch``
+    within ``epoch``, with the ``batch_size``, ``seed``, ``num_epochs`` and ``drop_remainder`` its subclass
+    sets. An epoch's items are a pure function of (seed, epoch), so ``state()`` is the whole position."""
+
+    batch_size: int
+    seed: int
+    num_epochs: int | None
+    drop_remainder: bool
+    epoch: int
+    batch: int
+
+    def batches_in_epoch(self, epoch: int | None = None) -> int:
+        raise NotImplementedError
+
+    def _batches_of(self, n: int) -> int:
+        """Batches that ``n`` items make: a partial last one counts unless ``drop_remainder``."""
+        q, r = divmod(n, self.batch_size)
+        return q if self.drop_remainder or r == 0 else q + 1
+
+    def _next_window(self) -> slice:
+        """The next batch's slice of the current epoch's items, moving on to the next epoch when this one is
+        done (``StopIteration`` after ``num_epochs``); the position then steps past it."""
+        while True:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                raise StopIteration
+            if self.batch < self.batches_in_epoch():
+                break
+            self.epoch, self.batch = self.epoch + 1, 0
+        start = self.batch * self.batch_size
+        self.batch += 1
+        return slice(start, start + self.batch_size)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def state(self) -> dict[str, int]:
+        """Where the next batch comes from; save it with the checkpoint."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+
+class BatchIterator(EpochCursor):
     """Iterator of ``Batch``es with a small, JSON-able, restorable state.
 
     Batches of epoch ``e`` are a pure function of (documents, seed, e, settings), so ``state()`` only needs
@@ -762,30 +804,16 @@ class BatchIterator:
     def batches_in_epoch(self, epoch: int | None = None) -> int:
         """Number of batches of an epoch (it can differ slightly between epochs: packing follows the order)."""
         self._plan(self.epoch if epoch is None else epoch)
-        q, r = divmod(len(self._rows), self.batch_size)
-        return q if self.drop_remainder or r == 0 else q + 1
+        return self._batches_of(len(self._rows))
 
     # -- iteration
-    def __iter__(self) -> BatchIterator:
-        return self
-
     def __next__(self) -> Batch:
-        while True:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                raise StopIteration
-            if self.batch < self.batches_in_epoch():
-                break
-            self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._rows[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
-        self.batch += 1
+        window = self._next_window()  # first: it plans the epoch, which replaces self._rows
+        rows = self._rows[window]
         ds = self.dataset
         return _assemble(ds.documents, rows, self.batch_size, ds.sequence_length, ds.pad_id, ds.token_inputs)
 
     # -- state
-    def state(self) -> dict[str, int]:
-        """Where the next batch comes from; save it with the checkpoint."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
-
     def restore(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken (the seed must be the same one)."""
         try:

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
+from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, EpochCursor, Record, read_records
 from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
 
 __all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
@@ -264,7 +264,7 @@ class PreferenceDataset:
         return self.iterator(batch_size, shuffle=False, num_epochs=1)
 
 
-class IndexIterator:
+class IndexIterator(EpochCursor):
     """Batches of record indices, shuffled per epoch from ``(seed, epoch)``, turned into batches by
     ``make``; its state ``{"epoch", "batch", "seed"}`` restores the exact position (as ``BatchIterator``)."""
 
@@ -280,23 +280,11 @@ class IndexIterator:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
 
     def batches_in_epoch(self, epoch: int | None = None) -> int:
-        q, r = divmod(self.n, self.batch_size)
-        return q if self.drop_remainder or r == 0 else q + 1
-
-    def __iter__(self) -> IndexIterator:
-        return self
+        return self._batches_of(self.n)
 
     def next_indices(self) -> list[int]:
-        while True:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                raise StopIteration
-            if self.batch < self.batches_in_epoch():
-                break
-            self.epoch, self.batch = self.epoch + 1, 0
-        order = self.order(self.epoch)
-        idx = [int(i) for i in order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]]
-        self.batch += 1
-        return idx
+        window = self._next_window()
+        return [int(i) for i in self.order(self.epoch)[window]]
 
     def __next__(self) -> Any:
         before = self.state()
@@ -307,9 +295,6 @@ class IndexIterator:
             self.restore(before)  # a failed batch (e.g. a reward function raised) is not consumed
             raise
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
-
     def restore(self, state: dict[str, Any]) -> None:
         if "seed" in state and int(state["seed"]) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this iterator uses {self.seed}")
@@ -317,6 +302,10 @@ class IndexIterator:
 
 
 # ---- the objectives --------------------------------------------------------------------------------------
+
+
+#: an objective's loss on the pair forward pass: (params, hidden, rows, B, T, batch, frozen) -> (loss sum, aux)
+PairLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def _pair_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], int, int]:
@@ -356,6 +345,24 @@ class _PreferenceObjective(Objective):
         out["tokens_per_second"] = float(np.prod(batch.tokens.shape)) / seconds
         return out
 
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
+                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+        fwd = sequence_forward(family, config, precision, remat)
+        pair_loss = self._pair_loss_fn(fwd, config, chunk_size)
+
+        def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
+            rows, b, t = _pair_rows(batch)
+            p, hidden = fwd(merged(trainable, frozen), rows)
+            return pair_loss(p, hidden, rows, b, t, batch, frozen)
+
+        return loss_sums
+
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+        """The objective's loss on the policy's forward pass over the chosen and rejected rows, run as one
+        ``[2B, T]`` batch by ``loss_sums_fn``: ``pair_loss(params, hidden, rows, B, T, batch, frozen)`` ->
+        ``(loss sum, aux)``. ``fwd`` runs another pass (DPO's reference)."""
+        raise NotImplementedError
+
     def _aux(self, w: jax.Array, r_c: jax.Array, r_r: jax.Array, logps: jax.Array) -> dict[str, jax.Array]:
         return {"n_tokens": w.sum(), "n_correct": ((r_c > r_r) * w).sum(),
                 "rewards/chosen": (r_c * w).sum(), "rewards/rejected": (r_r * w).sum(),
@@ -388,14 +395,11 @@ class DPO(_PreferenceObjective):
         if self._precomputed and dataset.ref_logps is None:
             dataset.ref_logps = reference_log_probs(lm, dataset, params_fn(), batch_size)
 
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-        fwd = sequence_forward(family, config, precision, remat)
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
         precomputed = self._precomputed
 
-        def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            rows, b, _ = _pair_rows(batch)
-            p, hidden = fwd(merged(trainable, frozen), rows)
+        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
+                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size)
             if precomputed:
                 ref = batch["ref_logps"]
@@ -410,7 +414,7 @@ class DPO(_PreferenceObjective):
             return (loss * w).sum(), self._aux(w, jax.lax.stop_gradient(r_c), jax.lax.stop_gradient(r_r),
                                                jax.lax.stop_gradient(logps))
 
-        return loss_sums
+        return pair_loss
 
 
 @dataclass
@@ -423,13 +427,9 @@ class SimPO(_PreferenceObjective):
     gamma: float = 1.0
     label_smoothing: float = 0.0
 
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-        fwd = sequence_forward(family, config, precision, remat)
-
-        def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            rows, b, _ = _pair_rows(batch)
-            p, hidden = fwd(merged(trainable, frozen), rows)
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
+                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size)
             avg = logps / jnp.maximum(n, 1.0)
             loss = simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.gamma,
@@ -438,7 +438,7 @@ class SimPO(_PreferenceObjective):
             r = jax.lax.stop_gradient(self.beta * avg)
             return (loss * w).sum(), self._aux(w, r[:, 0], r[:, 1], jax.lax.stop_gradient(avg))
 
-        return loss_sums
+        return pair_loss
 
 
 @dataclass
@@ -451,14 +451,11 @@ class ORPO(_PreferenceObjective):
     name = "orpo"
     beta: float = 0.1
 
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-        fwd = sequence_forward(family, config, precision, remat)
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
         beta = self.beta
 
-        def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            rows, b, t = _pair_rows(batch)
-            p, hidden = fwd(merged(trainable, frozen), rows)
+        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
+                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             lp = token_log_probs(p, config, hidden, rows["targets"], chunk_size=chunk_size).reshape(b, 2, t)
             comp = batch["loss_mask"]
             avg = (lp * comp).sum(-1) / jnp.maximum(comp.sum(-1), 1.0)
@@ -476,7 +473,7 @@ class ORPO(_PreferenceObjective):
                                               "log_odds_chosen": (log_odds * w).sum()}))
             return loss, aux
 
-        return loss_sums
+        return pair_loss
 
     def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
         out = super().step_metrics(m, batch, seconds)

@@ -38,6 +38,25 @@ inline float to_f32(uint16_t bf16_bits) {  // bfloat16 is the top half of a floa
 }
 inline float to_f32(_Float16 v) { return static_cast<float>(v); }
 
+// The FFI dtype whose elements a kernel reads as T (bfloat16 as its uint16_t bits, as to_f32 takes it).
+template <typename T>
+constexpr ffi::DataType kDType = ffi::DataType::INVALID;
+template <>
+constexpr ffi::DataType kDType<int8_t> = ffi::DataType::S8;
+template <>
+constexpr ffi::DataType kDType<uint16_t> = ffi::DataType::BF16;
+template <>
+constexpr ffi::DataType kDType<_Float16> = ffi::DataType::F16;
+template <>
+constexpr ffi::DataType kDType<float> = ffi::DataType::F32;
+
+// Calls fn(T{}) for the T among Ts whose kDType is t and returns true, or returns false when t is none of
+// them: one generic lambda then instantiates a handler's templated kernel for each element type it takes.
+template <typename... Ts, typename Fn>
+bool visit_dtype(ffi::DataType t, Fn&& fn) {
+  return ((t == kDType<Ts> ? (fn(Ts{}), true) : false) || ...);
+}
+
 // Run fn(i) for i in [0, total) on the caller plus the pool's threads. Chunks are claimed from an atomic
 // counter, so the caller never waits on a task that has not started: no deadlock even when the pool is busy
 // or has a single thread. Shared state lives in a shared_ptr because a late task may start after we return.
@@ -282,6 +301,13 @@ inline void from_bf16(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = to_f32(src[j]);
 }
 
+// The AVX2 in-minor (head) kernel for weights of type T, where one is compiled: `run` has in_minor's
+// signature and needs K % kMultiple == 0; kMultiple == 0 means none (the portable in_minor serves).
+template <typename T>
+struct Avx2InMinor {
+  static constexpr int64_t kMultiple = 0;
+};
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 
@@ -292,17 +318,19 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of 512 per task, one row at a time
-// (one sequential stream per thread), four accumulators over 4 * kStep columns, then the tail kStep at a
-// time. step(row, xb, k, acc) returns acc plus the kStep products of row and xb at column k (read as the
-// kernel's own layout needs: x may be permuted for it). Needs K % kStep == 0.
+// Rows of in-minor W[N, K] per task in the AVX2 head kernels, taken one row at a time: each thread reads
+// one sequential stream.
+constexpr int64_t kHeadBlock = 512;
+
+// The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of kHeadBlock per task, four
+// accumulators over 4 * kStep columns, then the tail kStep at a time. step(row, xb, k, acc) returns acc plus
+// the kStep products of row and xb at column k (read as the kernel's own layout needs: x may be permuted for
+// it). Needs K % kStep == 0.
 template <int kStep, typename T, typename Step>
 void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t B, int64_t N, int64_t K,
                ffi::ThreadPool* pool, Step step) {
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+  parallel_for(pool, (N + kHeadBlock - 1) / kHeadBlock, [=](int64_t task) {
+    const int64_t r0 = task * kHeadBlock, r1 = std::min(N, r0 + kHeadBlock);
     for (int64_t r = r0; r < r1; ++r) {
       const T* wi = w + r * K;
       for (int64_t b = 0; b < B; ++b) {
@@ -340,10 +368,8 @@ void in_minor_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
                         int64_t K, ffi::ThreadPool* pool) {
   const QuantX16& q = quantize_x16(x, B, K);
   const QuantX16* qp = &q;
-  const int64_t block = 512;
-  const int64_t nblocks = (N + block - 1) / block;
-  parallel_for(pool, nblocks, [=](int64_t task) {
-    const int64_t r0 = task * block, r1 = std::min(N, r0 + block);
+  parallel_for(pool, (N + kHeadBlock - 1) / kHeadBlock, [=](int64_t task) {
+    const int64_t r0 = task * kHeadBlock, r1 = std::min(N, r0 + kHeadBlock);
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* wi = w + r * K;
       for (int64_t b = 0; b < B; ++b) {
@@ -375,6 +401,11 @@ void in_minor_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
     }
   });
 }
+template <>
+struct Avx2InMinor<int8_t> {
+  static constexpr int64_t kMultiple = 16;
+  static constexpr auto run = in_minor_int8_avx2;
+};
 
 // In-major int8 W[P, K, N]: rows k and k+1 are interleaved byte-wise (vpunpck[lh]bw) and sign-extended, so
 // each int32 lane of vpmaddwd with the broadcast pair (x[k], x[k+1]) is x[k] W[k, n] + x[k+1] W[k+1, n] for
@@ -441,8 +472,6 @@ void in_major_int8_avx2(const float* x, const int8_t* w, float* y, const float* 
 #endif
 
 #if defined(__AVX2__)
-#define GEMMAX_AVX2_BF16 1
-
 // bfloat16 weights on AVX2 (no AVX512-BF16): a bfloat16 is the top half of a float32, so one 256-bit load
 // of 16 weights gives the 8 even-indexed ones as floats by a 16-bit left shift of each 32-bit lane and the
 // 8 odd-indexed ones by masking off the low half: 2 integer ops per 16 weights, where the portable path's
@@ -471,11 +500,14 @@ void in_minor_bf16_avx2(const float* x, const uint16_t* w, float* y, const float
     return _mm256_fmadd_ps(bf16_odd(v), _mm256_loadu_ps(xb + k + 8), acc);
   });
 }
+template <>
+struct Avx2InMinor<uint16_t> {
+  static constexpr int64_t kMultiple = 16;
+  static constexpr auto run = in_minor_bf16_avx2;
+};
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-#define GEMMAX_AVX2_F32 1
-
 // float32 in-minor W[N, K] (the tied head) on head_rows: one row at a time, four accumulators over 32
 // columns, one sequential stream per thread, as the bfloat16 kernel above, where the portable path reads four rows at
 // once (four streams). Gemma 3 270M float32 head (671 MB), both kernels alternated in one process, 30
@@ -488,6 +520,11 @@ void in_minor_f32_avx2(const float* x, const float* w, float* y, const float* sc
     return _mm256_fmadd_ps(_mm256_loadu_ps(wi + k), _mm256_loadu_ps(xb + k), acc);
   });
 }
+template <>
+struct Avx2InMinor<float> {
+  static constexpr int64_t kMultiple = 8;
+  static constexpr auto run = in_minor_f32_avx2;
+};
 #endif
 
 // ---- many rows (prefill): a register-blocked GEMM ---------------------------------------------------
@@ -1499,27 +1536,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (l < 0 || l >= cd[0]) return ffi::Error::InvalidArgument("gemmax decode attention: layer out of range");
   const int64_t off = l * B * S * KV * D;
   const bool* ok = reinterpret_cast<const bool*>(valid.untyped_data());
-  switch (kc.element_type()) {
-    case ffi::DataType::BF16:
-      decode_attention<uint16_t>(q.typed_data(), kn.typed_data(), vn.typed_data(),
-                                 static_cast<const uint16_t*>(kc.untyped_data()) + off,
-                                 static_cast<const uint16_t*>(vc.untyped_data()) + off, ok, out->typed_data(), B, S,
-                                 H, KV, D, cap, &pool);
-      break;
-    case ffi::DataType::F16:
-      decode_attention<_Float16>(q.typed_data(), kn.typed_data(), vn.typed_data(),
-                                 static_cast<const _Float16*>(kc.untyped_data()) + off,
-                                 static_cast<const _Float16*>(vc.untyped_data()) + off, ok, out->typed_data(), B, S,
-                                 H, KV, D, cap, &pool);
-      break;
-    case ffi::DataType::F32:
-      decode_attention<float>(q.typed_data(), kn.typed_data(), vn.typed_data(),
-                              static_cast<const float*>(kc.untyped_data()) + off,
-                              static_cast<const float*>(vc.untyped_data()) + off, ok, out->typed_data(), B, S, H,
-                              KV, D, cap, &pool);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("gemmax decode attention: cache must be bfloat16, float16 or float32");
+  const bool known = visit_dtype<uint16_t, _Float16, float>(kc.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    decode_attention<T>(q.typed_data(), kn.typed_data(), vn.typed_data(),
+                        static_cast<const T*>(kc.untyped_data()) + off, static_cast<const T*>(vc.untyped_data()) + off,
+                        ok, out->typed_data(), B, S, H, KV, D, cap, &pool);
+  });
+  if (!known) {
+    return ffi::Error::InvalidArgument("gemmax decode attention: cache must be bfloat16, float16 or float32");
   }
   return ffi::Error::Success();
 }
@@ -1594,30 +1618,12 @@ void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool
     }
   }
   if (in_minor_) {
-#ifdef GEMMAX_AVX2_INT8
-    if constexpr (std::is_same_v<T, int8_t>) {
-      if (K % 16 == 0) {
-        in_minor_int8_avx2(x, w, y, scale, B, N, K, pool);
+    if constexpr (Avx2InMinor<T>::kMultiple > 0) {
+      if (K % Avx2InMinor<T>::kMultiple == 0) {
+        Avx2InMinor<T>::run(x, w, y, scale, B, N, K, pool);
         return;
       }
     }
-#endif
-#ifdef GEMMAX_AVX2_BF16
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (K % 16 == 0) {
-        in_minor_bf16_avx2(x, w, y, scale, B, N, K, pool);
-        return;
-      }
-    }
-#endif
-#ifdef GEMMAX_AVX2_F32
-    if constexpr (std::is_same_v<T, float>) {
-      if (K % 8 == 0) {
-        in_minor_f32_avx2(x, w, y, scale, B, N, K, pool);
-        return;
-      }
-    }
-#endif
     in_minor<T>(x, w, y, scale, B, N, K, pool);
   } else {
 #ifdef GEMMAX_AVX2_INT8
@@ -1668,21 +1674,11 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::B
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= n_layers) return ffi::Error::InvalidArgument("gemmax gemv: layer index out of range");
   const float* s = has_scale ? scale.typed_data() : nullptr;
-  switch (w.element_type()) {
-    case ffi::DataType::S8:
-      dispatch<int8_t>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool, ep);
-      break;
-    case ffi::DataType::BF16:
-      dispatch<uint16_t>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool, ep);
-      break;
-    case ffi::DataType::F16:
-      dispatch<_Float16>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool, ep);
-      break;
-    case ffi::DataType::F32:
-      dispatch<float>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool, ep);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("gemmax gemv: weights must be int8, bfloat16, float16 or float32");
+  const bool known = visit_dtype<int8_t, uint16_t, _Float16, float>(w.element_type(), [&](auto tag) {
+    dispatch<decltype(tag)>(xf, xh, w.untyped_data(), yf, yh, s, l, in_minor_, rows, p, k, n, &pool, ep);
+  });
+  if (!known) {
+    return ffi::Error::InvalidArgument("gemmax gemv: weights must be int8, bfloat16, float16 or float32");
   }
   return ffi::Error::Success();
 }
@@ -1763,22 +1759,17 @@ ffi::Error NormRope(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
 
 }  // namespace
 
+// The bindings list each handler's parameters in order, a line per group.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxGemv, Gemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("in_minor")
-                                  .Attr<bool>("has_scale")
-                                  .Attr<int64_t>("p")
-                                  .Attr<int64_t>("k")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("act")
-                                  .Attr<bool>("has_mul"));
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // x, w
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>()  // scale, layer
+                                  .Arg<ffi::AnyBuffer>()  // mul
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<bool>("in_minor").Attr<bool>("has_scale")
+                                  .Attr<int64_t>("p").Attr<int64_t>("k").Attr<int64_t>("n")
+                                  .Attr<int64_t>("act").Attr<bool>("has_mul"));
 
 // Embedding rows for a decode step: out[i] = table[ids[i]], any dtype, bytes copied. XLA:CPU gathers
 // bfloat16 by converting the *whole* table to float32 (and hoists that out of the decode loop: 671 MB
@@ -1841,16 +1832,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxReadSum, ReadSum,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxNormRope, NormRope,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("heads")
-                                  .Attr<int64_t>("dim")
-                                  .Attr<bool>("has_norm")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("offset")
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()  // sin, cos
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("heads").Attr<int64_t>("dim")
+                                  .Attr<bool>("has_norm").Attr<float>("eps").Attr<float>("offset")
                                   .Attr<float>("mult"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
@@ -1859,23 +1846,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // q, k, v
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()  // lengths, window
+                                  .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<float>("cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()  // kn, vn
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // kc, vc
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::PRED>>()  // layer, valid
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Attr<float>("cap"));

@@ -171,3 +171,42 @@ def test_matches_model_logits(family):
 
     want, got = both(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ---- per-token log-probs (the post-training objectives' shared piece) ---------------------------------------
+
+
+@pytest.mark.parametrize("cap,temperature,chunk,quantized", [(None, 1.0, 1024, False), (3.0, 0.7, 5, False),
+                                                             (None, 1.3, 4, True)])
+def test_token_log_probs_and_their_gradients_match_full_logits(cap, temperature, chunk, quantized):
+    """Values and gradients (hidden only, as under LoRA; hidden and head, as in a full fine-tune) equal autodiff
+    of the full [N, V] log-softmax; with a frozen head the backward pass holds no head-sized product."""
+    from gemmax.train.objectives import token_log_probs
+
+    hidden, head, targets, _ = _inputs(v=97)
+    cot = jnp.asarray(np.random.default_rng(5).normal(size=targets.shape), jnp.float32)
+    scale = jnp.asarray(np.random.default_rng(6).uniform(0.5, 1.5, 97), jnp.float32)
+
+    def params(e):
+        emb = {"embeddings": e, "scale": scale} if quantized else {"embeddings": e}
+        return {"token_embedding": emb}
+
+    def full(h, e):
+        z = jnp.einsum("btd,vd->btv", h, e) * (scale if quantized else 1.0)
+        z = z if cap is None else cap * jnp.tanh(z / cap)
+        lp = jax.nn.log_softmax(z / temperature, -1)
+        return (jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * cot).sum()
+
+    def ours(h, e):
+        return (token_log_probs(params(e), _Cfg(True, cap), h, targets, chunk_size=chunk,
+                                temperature=temperature) * cot).sum()
+
+    np.testing.assert_allclose(ours(hidden, head), full(hidden, head), rtol=1e-5)
+    for argnums in (0, (0, 1)):
+        want = jax.grad(full, argnums=argnums)(hidden, head)
+        got = jax.grad(ours, argnums=argnums)(hidden, head)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+            assert float(jnp.abs(w).max()) > 1e-3
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours))(hidden, head))
+    assert jaxpr.count("dot_general") == 2 and "checkpoint" not in jaxpr  # logits and d/dh, forward only

@@ -30,48 +30,126 @@ like the chunked cross-entropy, so no [B, T, V] logits are ever built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
+from gemmax.nn.layers import einsum
 from gemmax.nn.lora import merge_trees
 from gemmax.train.losses import _chunk_logits, _softcap, output_head
 
 __all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 
 
+#: bytes of one chunk's float32 [chunk, V] logits ``token_log_probs`` aims at: the chunk shrinks to fit (at
+#: least 16 tokens), so a 262k vocabulary takes 64-token chunks instead of a whole preference batch at once
+LOGITS_CHUNK_BYTES = 64 * 2**20
+
+
 def token_log_probs(params: dict[str, Any], config: Any, hidden: jax.Array, targets: jax.Array, *,
                     chunk_size: int = 1024, temperature: float = 1.0) -> jax.Array:
     """``log softmax(logits / temperature)[target]`` per position, [B, T] float32, without [B, T, V] logits.
 
-    The head, soft-cap and quantization scale are the model's (``losses.output_head``). Each chunk's logits
-    are recomputed in the backward pass (``jax.checkpoint``), so the peak is one chunk's [chunk, V] logits.
+    The head, soft-cap and quantization scale are the model's (``losses.output_head``). Chunks hold at most
+    ``chunk_size`` tokens and about ``LOGITS_CHUNK_BYTES`` of logits. A position's log-prob depends on its
+    own hidden state only, so when the head is frozen (LoRA, or a reference pass) the forward pass also
+    keeps each position's gradient ``d logp / d hidden`` ([B*T, D], small) and the backward pass only scales
+    it: no logits are recomputed or kept. A trained head takes the recomputing path (``jax.checkpoint``).
     """
     head, vd, scale = output_head(params, config)
     cap = getattr(config, "final_logit_softcap", None)
     b, t, d = hidden.shape
     n = b * t
-    h = hidden.reshape(n, d)
-    y = targets.reshape(n).astype(jnp.int32)
-    chunk = max(1, min(chunk_size, n))
+    vocab = head.shape[0] if vd else head.shape[1]
+    chunk = max(1, min(chunk_size, n, max(16, LOGITS_CHUNK_BYTES // (4 * vocab))))
+    has_scale = scale is not None
+    fn = _log_probs_fn(_LogProbHead(None if cap is None else float(cap), bool(vd), has_scale,
+                                    float(temperature)), chunk)
+    out = fn(hidden.reshape(n, d), head, scale if has_scale else jnp.zeros((0,), jnp.float32),
+             targets.reshape(n).astype(jnp.int32))
+    return out.reshape(b, t)
+
+
+class _LogProbHead(NamedTuple):
+    softcap: float | None
+    head_is_vd: bool
+    has_scale: bool
+    temperature: float
+
+
+def _chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, head: jax.Array, scale: jax.Array,
+                     want_grad: bool) -> tuple[jax.Array, jax.Array | None]:
+    """One chunk's log-probs [c] and, if ``want_grad``, their gradients with respect to ``hc`` [c, D]:
+    ``(onehot - softmax) * d(logits)/dz`` through the head, computed while the [c, V] logits are alive."""
+    z = _chunk_logits(hc, head, spec.head_is_vd, scale if spec.has_scale else None)
+    logits = _softcap(z, spec.softcap) / spec.temperature
+    safe = jnp.clip(yc, 0, logits.shape[-1] - 1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    lp = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0] - lse
+    if not want_grad:
+        return lp, None
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == safe[:, None]
+    g = (hit.astype(jnp.float32) - jnp.exp(logits - lse[:, None])) / spec.temperature
+    if spec.softcap is not None:
+        g = g * (1.0 - jnp.square(logits * spec.temperature / spec.softcap))
+    if spec.has_scale:
+        g = g * scale.astype(jnp.float32)
+    gd = g.astype(hc.dtype)
+    return lp, einsum("nv,vd->nd" if spec.head_is_vd else "nv,dv->nd", gd, head, jnp.float32)
+
+
+def _over_chunks(spec: _LogProbHead, chunk: int, h: jax.Array, y: jax.Array, head: jax.Array, scale: jax.Array,
+                 want_grad: bool) -> tuple[jax.Array, jax.Array | None]:
+    n, d = h.shape
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     if pad:
         h = jnp.pad(h, ((0, pad), (0, 0)))
         y = jnp.pad(y, (0, pad))
+    lp, grad = jax.lax.map(lambda xs: _chunk_log_probs(spec, xs[0], xs[1], head, scale, want_grad),
+                           (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk)))
+    lp = lp.reshape(-1)[:n]
+    return lp, (grad.reshape(n_chunks * chunk, d)[:n] if want_grad else None)
 
-    @jax.checkpoint
-    def one(xs: tuple[jax.Array, jax.Array]) -> jax.Array:
-        hc, yc = xs
-        logits = _softcap(_chunk_logits(hc, head, vd, scale), cap) / temperature
-        safe = jnp.clip(yc, 0, logits.shape[-1] - 1)
-        tgt = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
-        return tgt - jax.nn.logsumexp(logits, axis=-1)
 
-    out = jax.lax.map(one, (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk)))
-    return out.reshape(-1)[:n].reshape(b, t)
+@functools.cache
+def _log_probs_fn(spec: _LogProbHead, chunk: int) -> Callable[..., jax.Array]:
+    """``(h [N, D], head, scale, targets [N]) -> log-probs [N]`` with a custom VJP (``symbolic_zeros``): only a
+    trained head or scale pays for recomputing the logits in the backward pass."""
+
+    def recomputing(h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array) -> jax.Array:
+        one = jax.checkpoint(lambda xs: _chunk_log_probs(spec, xs[0], xs[1], head, scale, False)[0])
+        n, d = h.shape
+        n_chunks = -(-n // chunk)
+        pad = n_chunks * chunk - n
+        hp, yp = (jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(y, (0, pad))) if pad else (h, y)
+        return jax.lax.map(one, (hp.reshape(n_chunks, chunk, d), yp.reshape(n_chunks, chunk))).reshape(-1)[:n]
+
+    @jax.custom_vjp
+    def log_probs(h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array) -> jax.Array:
+        return _over_chunks(spec, chunk, h, y, head, scale, False)[0]
+
+    def fwd(h: Any, head: Any, scale: Any, y: Any) -> tuple[jax.Array, tuple]:
+        if head.perturbed or (scale.perturbed and spec.has_scale):
+            out, vjp = jax.vjp(lambda a, b, c: recomputing(a, b, c, y.value), h.value, head.value, scale.value)
+            return out, (None, vjp, h.value)
+        lp, grad = _over_chunks(spec, chunk, h.value, y.value, head.value, scale.value, h.perturbed)
+        return lp, (grad, None, h.value)
+
+    def bwd(res: tuple, ct: Any) -> tuple[Any, ...]:
+        grad, vjp, h = res
+        if isinstance(ct, SymbolicZero):
+            return (None, None, None, None)
+        if vjp is not None:
+            return (*vjp(ct), None)
+        return ((grad * ct[:, None]).astype(h.dtype) if grad is not None else None, None, None, None)
+
+    log_probs.defvjp(fwd, bwd, symbolic_zeros=True)
+    return log_probs
 
 
 def sequence_forward(family: Any, config: Any, precision: Any, remat: str | None

@@ -39,10 +39,9 @@ base, sparsity cutoff, the shared layers' source) are scan data.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
@@ -50,7 +49,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmax.models.base import HFEntry, UnsupportedError, family_from, register
+from gemmax.models.base import (
+    ConfigBase,
+    HFEntry,
+    UnsupportedError,
+    family_from,
+    hf_config_tokens,
+    hf_tokens_entry,
+    preset_pairs,
+    register,
+)
 from gemmax.nn.layers import (
     MASK_VALUE,
     activation_fn,
@@ -91,7 +99,7 @@ def _default_sparsity(n: int) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class Gemma3nConfig:
+class Gemma3nConfig(ConfigBase):
     """Hyper-parameters of a Gemma 3n text decoder (transformers' ``Gemma3nTextConfig``).
 
     ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer; ``activation_sparsity`` one
@@ -122,12 +130,10 @@ class Gemma3nConfig:
     num_kv_shared_layers: int = 15
     laurel_rank: int = 64
     activation_sparsity: tuple[float, ...] = ()
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "gemma3n"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types", "activation_sparsity")
+    label = "Gemma 3n"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -182,13 +188,6 @@ class Gemma3nConfig:
     def attn_logit_softcap(self) -> None:
         return None
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    def replace(self, **kw: Any) -> Gemma3nConfig:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
         """Counts from the declared shapes: ``embedding`` is the token embedding, ``per_layer_embedding`` the
         per-layer table (PLE; ``total`` includes both)."""
@@ -199,56 +198,23 @@ class Gemma3nConfig:
         return {"total": total, "embedding": embed, "per_layer_embedding": ple,
                 "non_embedding": total - embed - ple}
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["layer_types"] = list(self.layer_types)
-        d["activation_sparsity"] = list(self.activation_sparsity)
-        d["eos_token_id"] = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_ids[0]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Gemma3nConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown Gemma 3n config field(s) {unknown}")
-        kw = dict(d)
-        for k in ("layer_types", "activation_sparsity"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list | tuple):
-            kw["eos_token_id"] = tuple(int(e) for e in eos) if len(eos) > 1 else int(eos[0])
-        return cls(**kw)
-
 
 def config_from_dict(d: Mapping[str, Any]) -> Gemma3nConfig:
     return Gemma3nConfig.from_dict(d)
 
 
-def _preset(name: str, layers: int, ffw: int, shared: int) -> Gemma3nConfig:
-    return Gemma3nConfig(name=name, num_layers=layers, intermediate_size=ffw, num_kv_shared_layers=shared,
-                         eos_token_id=(1, 106))
+def _preset(name: str, **shape: Any) -> Gemma3nConfig:
+    return Gemma3nConfig(name=name, eos_token_id=(1, 106), **shape)
 
 
 #: The published text decoders: E2B (30 layers, MLP 8192, the last 10 KV-shared) and E4B (35 layers, MLP
 #: 16384, the last 15 KV-shared); both 2048 wide, 8 heads of 256 over 2 KV heads, windows of 512.
-PRESETS: dict[str, Gemma3nConfig] = {
-    c.name: c for c in [
-        _preset("gemma3n_e2b", 30, 8192, 10),
-        _preset("gemma3n_instruct_e2b", 30, 8192, 10),
-        _preset("gemma3n_e4b", 35, 16384, 15),
-        _preset("gemma3n_instruct_e4b", 35, 16384, 15),
-    ]
-}
-
-PRESET_HF_REPOS: dict[str, str] = {
-    "gemma3n_e2b": "google/gemma-3n-E2B",
-    "gemma3n_instruct_e2b": "google/gemma-3n-E2B-it",
-    "gemma3n_e4b": "google/gemma-3n-E4B",
-    "gemma3n_instruct_e4b": "google/gemma-3n-E4B-it",
-}
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    ("gemma3n_e2b", "gemma3n_instruct_e2b", "google/gemma-3n-E2B"):
+        dict(num_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    ("gemma3n_e4b", "gemma3n_instruct_e4b", "google/gemma-3n-E4B"):
+        dict(num_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
+})
 
 
 def tiny_config(**overrides: Any) -> Gemma3nConfig:
@@ -265,12 +231,6 @@ def tiny_config(**overrides: Any) -> Gemma3nConfig:
         base["activation_sparsity"] = _default_sparsity(overrides["num_layers"])
     base.update(overrides)
     return Gemma3nConfig(**base)
-
-
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list | tuple):
-        return tuple(int(x) for x in v) if len(v) > 1 else int(v[0])
-    return int(v)
 
 
 def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
@@ -337,9 +297,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
         altup_coef_clip=hf.get("altup_coef_clip", 120.0), altup_correct_scale=bool(hf.get("altup_correct_scale", True)),
         num_kv_shared_layers=int(hf.get("num_kv_shared_layers", 0)), laurel_rank=int(hf.get("laurel_rank", 64)),
         activation_sparsity=tuple(float(s) for s in sparsity),
-        bos_token_id=_ids(hf.get("bos_token_id", 2)), eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
@@ -364,9 +322,7 @@ def to_hf_config(cfg: Gemma3nConfig) -> dict[str, Any]:
         "num_kv_shared_layers": cfg.num_kv_shared_layers, "laurel_rank": cfg.laurel_rank,
         "activation_sparsity_pattern": [float(s) for s in cfg.activation_sparsity],
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0],
-        "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
+        **hf_tokens_entry(cfg), "torch_dtype": "float32",
     }
 
 

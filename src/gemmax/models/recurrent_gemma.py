@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -42,7 +42,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.models.base import HFEntry, family_from, register
+from gemmax.models.base import (
+    ConfigBase,
+    HFEntry,
+    family_from,
+    hf_config_tokens,
+    hf_tokens_entry,
+    preset_pairs,
+    register,
+)
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -71,7 +79,7 @@ HF_LAYERS = "model.layers"
 
 
 @dataclass(frozen=True)
-class RecurrentGemmaConfig:
+class RecurrentGemmaConfig(ConfigBase):
     """Hyper-parameters of a Griffin model. ``mlp_width`` is the width of *each* GeGLU branch (HF's
     ``intermediate_size`` is twice that: the reference halves it).
 
@@ -98,12 +106,10 @@ class RecurrentGemmaConfig:
     partial_rotary_factor: float = 0.5
     block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
     max_position_embeddings: int = 8192
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "recurrent_gemma"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("block_types",)
+    label = "RecurrentGemma"
 
     def __post_init__(self) -> None:
         bad = set(self.block_types) - {RECURRENT, ATTENTION}
@@ -135,70 +141,32 @@ class RecurrentGemmaConfig:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == kind)
 
     @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
     def embed_scale(self) -> float:
         """sqrt(width) rounded to bfloat16, as the reference's normalizer buffer holds it."""
         return float(np.asarray(math.sqrt(self.width), ml_dtypes.bfloat16))
-
-    def replace(self, **kw: Any) -> RecurrentGemmaConfig:
-        return replace(self, **kw)
 
     def param_count(self) -> dict[str, int]:
         total = sum(s.size for s in param_specs(self).values())
         embed = self.vocab_size * self.width
         return {"total": total, "embedding": embed, "non_embedding": total - embed}
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields; :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["block_types"] = list(self.block_types)
-        d["eos_token_id"] = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_ids[0]
-        d.pop("extra")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RecurrentGemmaConfig:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RecurrentGemma config field(s) {unknown}")
-        kw = dict(d)
-        if "block_types" in kw:
-            kw["block_types"] = tuple(kw["block_types"])
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list | tuple):
-            kw["eos_token_id"] = tuple(int(e) for e in eos) if len(eos) > 1 else int(eos[0])
-        return cls(**kw)
-
 
 def config_from_dict(d: Mapping[str, Any]) -> RecurrentGemmaConfig:
     return RecurrentGemmaConfig.from_dict(d)
 
 
-def _preset(name: str, width: int, layers: int, heads: int) -> RecurrentGemmaConfig:
-    return RecurrentGemmaConfig(name=name, width=width, num_layers=layers, num_heads=heads, num_kv_heads=1,
-                                lru_width=width, mlp_width=3 * width)
+def _preset(name: str, width: int, **shape: Any) -> RecurrentGemmaConfig:
+    return RecurrentGemmaConfig(name=name, width=width, num_kv_heads=1, lru_width=width, mlp_width=3 * width,
+                                **shape)
 
 
 #: The published shapes: 2B (2.7B parameters) and 9B (8.6B), base and instruction-tuned.
-PRESETS: dict[str, RecurrentGemmaConfig] = {
-    c.name: c for c in [
-        _preset("recurrent_gemma_2b_en", 2560, 26, 10),
-        _preset("recurrent_gemma_instruct_2b_en", 2560, 26, 10),
-        _preset("recurrent_gemma_9b_en", 4096, 38, 16),
-        _preset("recurrent_gemma_instruct_9b_en", 4096, 38, 16),
-    ]
-}
-
-PRESET_HF_REPOS: dict[str, str] = {
-    "recurrent_gemma_2b_en": "google/recurrentgemma-2b",
-    "recurrent_gemma_instruct_2b_en": "google/recurrentgemma-2b-it",
-    "recurrent_gemma_9b_en": "google/recurrentgemma-9b",
-    "recurrent_gemma_instruct_9b_en": "google/recurrentgemma-9b-it",
-}
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    ("recurrent_gemma_2b_en", "recurrent_gemma_instruct_2b_en", "google/recurrentgemma-2b"):
+        dict(width=2560, num_layers=26, num_heads=10),
+    ("recurrent_gemma_9b_en", "recurrent_gemma_instruct_9b_en", "google/recurrentgemma-9b"):
+        dict(width=4096, num_layers=38, num_heads=16),
+})
 
 
 def tiny_config(**overrides: Any) -> RecurrentGemmaConfig:
@@ -217,7 +185,6 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
     rope = hf.get("rope_parameters") or {}
     width = int(hf["hidden_size"])
     heads = int(hf["num_attention_heads"])
-    eos = hf.get("eos_token_id", 1)
     return RecurrentGemmaConfig(
         vocab_size=int(hf["vocab_size"]), width=width, num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
@@ -227,18 +194,13 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
         block_types=tuple(hf.get("block_types") or (RECURRENT, RECURRENT, ATTENTION)),
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 8192),
-        bos_token_id=int(hf.get("bos_token_id", 2)),
-        eos_token_id=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else (eos[0] if isinstance(eos, list)
-                                                                                else int(eos)),
-        pad_token_id=int(hf.get("pad_token_id") or 0), name=hf.get("_name_or_path", "") or "",
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 8192), **hf_config_tokens(hf),
     )
 
 
 def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
     """The config.json transformers needs to rebuild the same model (``max_position_embeddings`` only when
     it is not the default: transformers' RecurrentGemma has no such field)."""
-    eos = list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0]
     out = {
         "model_type": "recurrent_gemma", "architectures": ["RecurrentGemmaForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "intermediate_size": 2 * cfg.mlp_width,
@@ -250,8 +212,7 @@ def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
                             "partial_rotary_factor": cfg.partial_rotary_factor},
         "block_types": list(cfg.block_types), "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
-        "head_dim": cfg.head_dim, "torch_dtype": "float32",
+        **hf_tokens_entry(cfg), "head_dim": cfg.head_dim, "torch_dtype": "float32",
     }
     if cfg.max_position_embeddings != RecurrentGemmaConfig.max_position_embeddings:
         out["max_position_embeddings"] = cfg.max_position_embeddings

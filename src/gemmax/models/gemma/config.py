@@ -8,11 +8,10 @@ docs/numerics.md for why each matters.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry
 from gemmax.nn.params import describe_size  # noqa: F401  (re-exported: sizes in presets' docs)
 
 LOCAL = "local"
@@ -23,7 +22,7 @@ HF_DECODER_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "llama")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """Hyper-parameters of one decoder-only model.
 
     ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer: Gemma 2 alternates starting
@@ -60,11 +59,9 @@ class ModelConfig:
     # then see a symmetric window, |q - k| <= sliding_window // 2, as transformers builds it. An encoder:
     # full forwards only, no generation.
     bidirectional: bool = False
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types",)
+    label = "decoder"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -94,15 +91,8 @@ class ModelConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
     def local_theta(self) -> float:
         return self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
-
-    def replace(self, **kw: Any) -> ModelConfig:
-        return dataclasses.replace(self, **kw)
 
     def param_count(self) -> dict[str, int]:
         """Parameter counts from shapes alone (no weights), as the summary prints them."""
@@ -130,28 +120,6 @@ class ModelConfig:
             att += 2 * 2 * self.num_heads * self.head_dim * (ctx / 2 if ctx == t else ctx)
         mult = 3 if training else 1
         return mult * (2 * n + att)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layer_types"] = list(self.layer_types)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        d["layer_types"] = tuple(d.get("layer_types") or ())
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = tuple(d["eos_token_id"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -347,12 +315,6 @@ def _hf_rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
     return theta, local, scaling
 
 
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list):
-        return tuple(v) if len(v) > 1 else v[0]
-    return v
-
-
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a transformers config.json dict (text decoders only)."""
     mt = hf.get("model_type")
@@ -416,10 +378,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         scale_embeddings=is_gemma,
         attention_bias=bool(hf.get("attention_bias", False)),
         bidirectional=bool(hf.get("use_bidirectional_attention") or False),
-        bos_token_id=_ids(hf.get("bos_token_id", 2)),
-        eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
@@ -431,7 +390,6 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
         "llama": ("llama", "LlamaForCausalLM"),
     }[cfg.family]
-    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
     hf: dict[str, Any] = {
         "model_type": arch[0],
         "architectures": [arch[1]],
@@ -447,9 +405,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": cfg.pad_token_id,
+        **hf_tokens_entry(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
     }

@@ -12,12 +12,11 @@ stacked on their own leading axis, because their shapes differ.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry
 from gemmax.nn.params import ParamSpec
 
 LOCAL = "local"
@@ -32,7 +31,7 @@ GROUPS = (("local", LOCAL, False), ("global", GLOBAL, False), ("local_shared", L
 
 
 @dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(ConfigBase):
     """Hyper-parameters of one Gemma 4 text decoder (field meanings in the module docstring and
     docs/gemma4.md). ``ple_dim`` 0 turns per-layer embeddings off, ``num_experts`` 0 the expert block."""
 
@@ -65,12 +64,10 @@ class Gemma4Config:
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "gemma4"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types",)
+    label = "Gemma 4"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -109,10 +106,6 @@ class Gemma4Config:
     def ple_vocab(self) -> int:
         return self.ple_vocab_size or self.vocab_size
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
     # what the layers above read from every family's config (the trainer's chunked loss, the embedding)
     tie_embeddings = True
     scale_embeddings = True
@@ -141,9 +134,6 @@ class Gemma4Config:
     def mlp_width(self, shared: bool) -> int:
         return self.intermediate_size * (2 if self.double_wide_mlp and shared else 1)
 
-    def replace(self, **kw: Any) -> Gemma4Config:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
         """Parameter counts from the declared shapes; ``active`` counts top_k experts of each layer, and
         the per-layer embedding table (a lookup, like the token embedding) is counted apart."""
@@ -168,29 +158,6 @@ class Gemma4Config:
             hd = self.head_dim if lt == LOCAL else self.global_hd
             att += 2 * 2 * self.num_heads * hd * ctx / 2
         return (6.0 if training else 2.0) * matmul + (3.0 if training else 1.0) * att
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["layer_types"] = list(self.layer_types)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Gemma4Config:
-        d = dict(d)
-        d["layer_types"] = tuple(d.get("layer_types") or ())
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = tuple(d["eos_token_id"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown Gemma 4 config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ---- declarations: every weight's shape and logical axes ---------------------------------------------
@@ -287,12 +254,6 @@ def param_specs(cfg: Gemma4Config) -> dict[str, ParamSpec]:
 # ---- Hugging Face config.json <-> Gemma4Config ----------------------------------------------------------
 
 
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list):
-        return tuple(v) if len(v) > 1 else v[0]
-    return v
-
-
 def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
     """A ``gemma4_text`` config.json (or the ``text_config`` of a multimodal ``gemma4`` one) -> Gemma4Config.
 
@@ -369,16 +330,12 @@ def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
         num_experts=int(hf.get("num_experts") or 0) if moe else 0,
         top_k=int(hf.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0) if moe else 0,
-        bos_token_id=_ids(hf.get("bos_token_id", 2)),
-        eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
 def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
     """The ``gemma4_text`` config.json of ``Gemma4ForCausalLM`` in the published key layout."""
-    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
     full: dict[str, Any] = {"rope_type": "proportional", "partial_rotary_factor": cfg.global_partial_rotary,
                             "rope_theta": cfg.rope_theta}
     if cfg.global_rope_factor != 1.0:
@@ -414,9 +371,7 @@ def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
         "moe_intermediate_size": cfg.moe_intermediate_size or None,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": cfg.pad_token_id,
+        **hf_tokens_entry(cfg),
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }

@@ -203,20 +203,6 @@ def config_from_dict(d: Mapping[str, Any]) -> Gemma3nConfig:
     return Gemma3nConfig.from_dict(d)
 
 
-def _preset(name: str, **shape: Any) -> Gemma3nConfig:
-    return Gemma3nConfig(name=name, eos_token_id=(1, 106), **shape)
-
-
-#: The published text decoders: E2B (30 layers, MLP 8192, the last 10 KV-shared) and E4B (35 layers, MLP
-#: 16384, the last 15 KV-shared); both 2048 wide, 8 heads of 256 over 2 KV heads, windows of 512.
-PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
-    ("gemma3n_e2b", "gemma3n_instruct_e2b", "google/gemma-3n-E2B"):
-        dict(num_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
-    ("gemma3n_e4b", "gemma3n_instruct_e4b", "google/gemma-3n-E4B"):
-        dict(num_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
-})
-
-
 def tiny_config(**overrides: Any) -> Gemma3nConfig:
     """A few-kilobyte Gemma 3n with every feature on: 5 layers (2 KV-shared), 3 AltUp streams, LAuReL rank 4,
     sparse gates on the first two layers, a window of 8."""
@@ -231,6 +217,20 @@ def tiny_config(**overrides: Any) -> Gemma3nConfig:
         base["activation_sparsity"] = _default_sparsity(overrides["num_layers"])
     base.update(overrides)
     return Gemma3nConfig(**base)
+
+
+def _preset(name: str, **shape: Any) -> Gemma3nConfig:
+    return Gemma3nConfig(name=name, eos_token_id=(1, 106), **shape)
+
+
+#: The published text decoders: E2B (30 layers, MLP 8192, the last 10 KV-shared) and E4B (35 layers, MLP
+#: 16384, the last 15 KV-shared); both 2048 wide, 8 heads of 256 over 2 KV heads, windows of 512.
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    ("gemma3n_e2b", "gemma3n_instruct_e2b", "google/gemma-3n-E2B"):
+        dict(num_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    ("gemma3n_e4b", "gemma3n_instruct_e4b", "google/gemma-3n-E4B"):
+        dict(num_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
+})
 
 
 def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry
+from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry, preset_pairs
 from gemmax.nn.params import ParamSpec
 
 LOCAL = "local"
@@ -391,42 +391,28 @@ def _preset(name: str, **kw: Any) -> Gemma4Config:
     return Gemma4Config(**base)
 
 
-def _presets() -> dict[str, Gemma4Config]:
-    shapes = {
-        # dense: k = v global layers with 4 KV heads, 1024-token windows
-        "gemma4_31b": dict(hidden_size=5376, num_layers=60, num_heads=32, num_kv_heads=16, num_global_kv_heads=4,
-                           attention_k_eq_v=True, intermediate_size=21504, sliding_window=1024,
-                           layer_types=_pattern(60, 6), max_position_embeddings=262144),
-        # 128 experts top 8 beside a dense MLP in every layer
-        "gemma4_26b_a4b": dict(hidden_size=2816, num_layers=30, num_heads=16, num_kv_heads=8, num_global_kv_heads=2,
-                               attention_k_eq_v=True, intermediate_size=2112, sliding_window=1024,
-                               layer_types=_pattern(30, 6), max_position_embeddings=262144, num_experts=128,
-                               top_k=8, moe_intermediate_size=704),
-        # per-layer embeddings, the last 20 layers reading shared keys and values with double-wide MLPs
-        "gemma4_e2b": dict(hidden_size=1536, num_layers=35, num_kv_heads=1, intermediate_size=6144,
-                           sliding_window=512, layer_types=_pattern(35, 5), ple_dim=256, ple_vocab_size=262144,
-                           num_kv_shared_layers=20, double_wide_mlp=True),
-        "gemma4_e4b": dict(hidden_size=2560, num_layers=42, num_kv_heads=2, intermediate_size=10240,
-                           sliding_window=512, layer_types=_pattern(42, 6), ple_dim=256, ple_vocab_size=262144,
-                           num_kv_shared_layers=18),
-    }
-    out = {}
-    for base, kw in shapes.items():
-        out[base] = _preset(base, **kw)
-        out[base + "_it"] = _preset(base + "_it", **kw)
-    return out
-
-
-PRESETS: dict[str, Gemma4Config] = _presets()
-
-#: Hub repositories of the presets (multimodal checkpoints: loading one reads its vision tower too, as the
-#: ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
-PRESET_HF_REPOS: dict[str, str] = {
-    "gemma4_31b": "google/gemma-4-31B", "gemma4_31b_it": "google/gemma-4-31B-it",
-    "gemma4_26b_a4b": "google/gemma-4-26B-A4B", "gemma4_26b_a4b_it": "google/gemma-4-26B-A4B-it",
-    "gemma4_e2b": "google/gemma-4-E2B", "gemma4_e2b_it": "google/gemma-4-E2B-it",
-    "gemma4_e4b": "google/gemma-4-E4B", "gemma4_e4b_it": "google/gemma-4-E4B-it",
-}
+#: The published shapes, base and instruction-tuned (multimodal checkpoints: loading one reads its vision tower
+#: too, as the ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    # dense: k = v global layers with 4 KV heads, 1024-token windows
+    ("gemma4_31b", "gemma4_31b_it", "google/gemma-4-31B"):
+        dict(hidden_size=5376, num_layers=60, num_heads=32, num_kv_heads=16, num_global_kv_heads=4,
+             attention_k_eq_v=True, intermediate_size=21504, sliding_window=1024, layer_types=_pattern(60, 6),
+             max_position_embeddings=262144),
+    # 128 experts top 8 beside a dense MLP in every layer
+    ("gemma4_26b_a4b", "gemma4_26b_a4b_it", "google/gemma-4-26B-A4B"):
+        dict(hidden_size=2816, num_layers=30, num_heads=16, num_kv_heads=8, num_global_kv_heads=2,
+             attention_k_eq_v=True, intermediate_size=2112, sliding_window=1024, layer_types=_pattern(30, 6),
+             max_position_embeddings=262144, num_experts=128, top_k=8, moe_intermediate_size=704),
+    # per-layer embeddings, the last 20 layers reading shared keys and values with double-wide MLPs
+    ("gemma4_e2b", "gemma4_e2b_it", "google/gemma-4-E2B"):
+        dict(hidden_size=1536, num_layers=35, num_kv_heads=1, intermediate_size=6144, sliding_window=512,
+             layer_types=_pattern(35, 5), ple_dim=256, ple_vocab_size=262144, num_kv_shared_layers=20,
+             double_wide_mlp=True),
+    ("gemma4_e4b", "gemma4_e4b_it", "google/gemma-4-E4B"):
+        dict(hidden_size=2560, num_layers=42, num_kv_heads=2, intermediate_size=10240, sliding_window=512,
+             layer_types=_pattern(42, 6), ple_dim=256, ple_vocab_size=262144, num_kv_shared_layers=18),
+})
 
 
 def tiny_config(**overrides: Any) -> Gemma4Config:

@@ -47,6 +47,25 @@ BACKENDS = (XLA, CPU)
 #: HF layout -> gemmax layout and back, applied to one layer's array.
 HFEntry = tuple[str | list[str], Callable[[Any], Any], Callable[[Any], Any]]
 
+#: Layout transforms of one layer's array (HF -> gemmax, gemmax -> HF): unchanged, and a linear layer's
+#: kernel (torch's ``[out, in]`` <-> gemmax's ``[in, out]``).
+HF_SAME: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (lambda w: w, lambda w: w)
+HF_TRANSPOSED: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (lambda w: w.T, lambda w: w.T)
+
+
+def hf_heads_in(n: int, head_dim: int, width: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Layout transforms of a query, key or value projection of ``n`` heads: torch's ``[n * head_dim, width]``
+    <-> gemmax's ``[n, width, head_dim]``."""
+    return (lambda w: w.reshape(n, head_dim, width).transpose(0, 2, 1),
+            lambda w: w.transpose(0, 2, 1).reshape(n * head_dim, width))
+
+
+def hf_heads_out(n: int, head_dim: int, width: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Layout transforms of the attention output projection of ``n`` heads: torch's ``[width, n * head_dim]``
+    <-> gemmax's ``[n, head_dim, width]``."""
+    return (lambda w: w.reshape(width, n, head_dim).transpose(1, 2, 0),
+            lambda w: w.transpose(2, 0, 1).reshape(width, n * head_dim))
+
 
 class FamilyConfig(Protocol):
     """What the layers above a family read from any family's config."""

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models.base import (
+    HF_SAME,
+    HF_TRANSPOSED,
     ConfigBase,
     HFEntry,
     UnsupportedError,
@@ -59,6 +61,7 @@ from gemmax.models.base import (
     preset_pairs,
     register,
 )
+from gemmax.models.gemma.hf import kv_entries, layer_entries, norm_entries
 from gemmax.nn.layers import (
     MASK_VALUE,
     activation_fn,
@@ -936,45 +939,18 @@ def hf_unused(cfg: Gemma3nConfig) -> tuple[str, ...]:
 def hf_table(cfg: Gemma3nConfig) -> dict[str, HFEntry]:
     """gemmax path -> (HF name, or one per stacked layer; HF -> gemmax; gemmax -> HF), in the layout
     ``Gemma3nForCausalLM`` saves (``model.*``; the multimodal ``model.language_model.*`` is read as an alias)."""
-    H, K, hd, D, L, P = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.num_layers,
-                         cfg.hidden_size_per_layer_input)
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-
-    def heads_in(n: int) -> tuple[Callable, Callable]:  # [n*hd, D] <-> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
+    hd, D, L, P = cfg.head_dim, cfg.hidden_size, cfg.num_layers, cfg.hidden_size_per_layer_input
+    ident, tr = HF_SAME, HF_TRANSPOSED
     ple_proj = (lambda w: w.T.reshape(D, L, P), lambda w: w.reshape(D, L * P).T)
-    per_layer = {
-        "pre_attention_norm/scale": ("input_layernorm.weight", *ident),
-        "attention/query/kernel": ("self_attn.q_proj.weight", *heads_in(H)),
-        "attention/query_norm/scale": ("self_attn.q_norm.weight", *ident),
-        "attention/attention_output/kernel": ("self_attn.o_proj.weight", *out_proj),
-        "post_attention_norm/scale": ("post_attention_layernorm.weight", *ident),
-        "pre_ffw_norm/scale": ("pre_feedforward_layernorm.weight", *ident),
-        "post_ffw_norm/scale": ("post_feedforward_layernorm.weight", *ident),
-        "ffw_gating/kernel": ("mlp.gate_proj.weight", *tr),
-        "ffw_gating_2/kernel": ("mlp.up_proj.weight", *tr),
-        "ffw_linear/kernel": ("mlp.down_proj.weight", *tr),
-        "laurel/linear_left/kernel": ("laurel.linear_left.weight", *tr),
-        "laurel/linear_right/kernel": ("laurel.linear_right.weight", *tr),
-        "laurel/post_norm/scale": ("laurel.post_laurel_norm.weight", *ident),
-        "altup/correct_output_scale": ("altup.correct_output_scale", *ident),
-        "altup/correction_coefs/kernel": ("altup.correction_coefs.weight", *tr),
-        "altup/prediction_coefs/kernel": ("altup.prediction_coefs.weight", *tr),
-        "altup/modality_router/kernel": ("altup.modality_router.weight", *tr),
-        "altup/router_norm/scale": ("altup.router_norm.weight", *ident),
-        "per_layer_input_gate/kernel": ("per_layer_input_gate.weight", *tr),
-        "per_layer_projection/kernel": ("per_layer_projection.weight", *tr),
-        "post_per_layer_input_norm/scale": ("post_per_layer_input_norm.weight", *ident),
-    }
-    kv = {
-        "attention/key/kernel": ("self_attn.k_proj.weight", *heads_in(K)),
-        "attention/value/kernel": ("self_attn.v_proj.weight", *heads_in(K)),
-        "attention/key_norm/scale": ("self_attn.k_norm.weight", *ident),
-    }
+    per_layer = layer_entries(cfg.num_heads, hd, D)
+    # LAuReL, AltUp and the per-layer input: their linear layers' HF names are their paths, dotted
+    for path in ("laurel/linear_left", "laurel/linear_right", "altup/correction_coefs", "altup/prediction_coefs",
+                 "altup/modality_router", "per_layer_input_gate", "per_layer_projection"):
+        per_layer[f"{path}/kernel"] = (path.replace("/", ".") + ".weight", *tr)
+    per_layer.update(norm_entries({"laurel/post_norm": "laurel.post_laurel_norm", "altup/router_norm":
+                                   "altup.router_norm", "post_per_layer_input_norm": "post_per_layer_input_norm"}))
+    per_layer["altup/correct_output_scale"] = ("altup.correct_output_scale", *ident)
+    kv = kv_entries(cfg.num_kv_heads, hd, D)
     n_alt = cfg.altup_num_inputs - 1
     table: dict[str, HFEntry] = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", *ident),

@@ -43,10 +43,14 @@ import ml_dtypes
 import numpy as np
 
 from gemmax.models.base import (
+    HF_SAME,
+    HF_TRANSPOSED,
     ConfigBase,
     HFEntry,
     family_from,
     hf_config_tokens,
+    hf_heads_in,
+    hf_heads_out,
     hf_tokens_entry,
     preset_pairs,
     register,
@@ -754,14 +758,7 @@ def decode_step(params: Params, cfg: RecurrentGemmaConfig, cache: Params, tokens
 def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
     """gemmax path -> (HF name, or per-layer names for stacked weights; HF -> gemmax; gemmax -> HF)."""
     H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-
-    def heads_in(n: int) -> tuple[Callable, Callable]:  # [n*hd, D] <-> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
+    ident, tr = HF_SAME, HF_TRANSPOSED
     conv = (lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :])
     common = {
         "temporal_pre_norm/scale": ("temporal_pre_norm.weight", *ident),
@@ -790,10 +787,10 @@ def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
             "linear_out/bias": ("temporal_block.linear_out.bias", *ident),
         },
         ATTENTION: {
-            "attention/query/kernel": ("temporal_block.q_proj.weight", *heads_in(H)),
-            "attention/key/kernel": ("temporal_block.k_proj.weight", *heads_in(K)),
-            "attention/value/kernel": ("temporal_block.v_proj.weight", *heads_in(K)),
-            "attention/attention_output/kernel": ("temporal_block.o_proj.weight", *out_proj),
+            "attention/query/kernel": ("temporal_block.q_proj.weight", *hf_heads_in(H, hd, D)),
+            "attention/key/kernel": ("temporal_block.k_proj.weight", *hf_heads_in(K, hd, D)),
+            "attention/value/kernel": ("temporal_block.v_proj.weight", *hf_heads_in(K, hd, D)),
+            "attention/attention_output/kernel": ("temporal_block.o_proj.weight", *hf_heads_out(H, hd, D)),
             "attention/attention_output/bias": ("temporal_block.o_proj.bias", *ident),
         },
     }

@@ -61,9 +61,9 @@ from gemmax.models.base import (
     preset_pairs,
     register,
 )
+from gemmax.models.gemma import decode as gd
 from gemmax.models.gemma.hf import kv_entries, layer_entries, norm_entries
 from gemmax.nn.layers import (
-    MASK_VALUE,
     activation_fn,
     apply_rope,
     attention_mask,
@@ -791,47 +791,12 @@ def prefill(params: Params, cfg: Gemma3nConfig, tokens: Array, lengths: Array, m
     seg = (idx < lengths[:, None]).astype(jnp.int32)  # padding is segment 0
     hidden, ks, vs = _run(params, cfg, tokens, idx, seg)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    own_local = np.array([tp == LOCAL for tp in cfg.layer_types[:cfg.num_unshared]])
-    loc, glob = np.nonzero(own_local)[0], np.nonzero(~own_local)[0]
-    caches: dict[str, Array] = {}
-    if len(glob):
-        caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
-    if len(loc):
-        w = ring_width(cfg, max_len)
-        j = jnp.arange(w)
-        # ring slot j holds the latest prompt position p < length with p % w == j
-        src = j[None] + w * jnp.floor_divide(lengths[:, None] - 1 - j[None], w)  # [b, W]
-        ok = (src >= 0)[None, :, :, None, None]
-        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
-        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
-        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
+    caches = gd.ring_caches(cfg.layer_types[:cfg.num_unshared], ks, vs, lengths, ring_width(cfg, max_len))
     return logits_from_hidden(params, cfg, last), caches
 
 
-def insert(cache: dict[str, Array], new: dict[str, Array], slots: Array) -> dict[str, Array]:
-    """Write prefilled per-row caches into engine slots; a slot past the cache's batch is dropped."""
-    out = dict(cache)
-    for name, arr in new.items():
-        t = arr.shape[2]
-        out[name] = cache[name].at[:, slots, :t].set(arr.astype(cache[name].dtype), mode="drop")
-    return out
-
-
-def attend_cached(q: Array, k_new: Array, v_new: Array, kc: Array, vc: Array, valid: Array) -> Array:
-    """One query per row against a read-only cache plus the step's own key: q [B, 1, H, hd], k_new [B, 1, K,
-    hd], kc [B, S, K, hd], valid [B, S] -> [B, 1, H, hd]; one float32 softmax over both."""
-    b, _, h, hd = q.shape
-    kv = kc.shape[2]
-    qg = q.reshape(b, kv, h // kv, hd)
-    lc = einsum("bkgd,bskd->bkgs", qg, kc, jnp.float32)
-    ls = einsum("bkgd,bkd->bkg", qg, k_new[:, 0], jnp.float32)[..., None]
-    lc = jnp.where(valid[:, None, None, :], lc, MASK_VALUE)
-    m = jnp.maximum(lc.max(-1, keepdims=True), ls)
-    pc, ps = jnp.exp(lc - m), jnp.exp(ls - m)
-    z = pc.sum(-1, keepdims=True) + ps
-    out = einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
-    out = out + (ps / z).astype(v_new.dtype) * v_new[:, 0][:, :, None, :]
-    return out.reshape(b, 1, h, hd).astype(q.dtype)
+#: Writes prefilled per-row caches into engine slots: the Gemma decoder's, whose cache layout this one keeps.
+insert = gd.insert
 
 
 def decode_step(params: Params, cfg: Gemma3nConfig, cache: dict[str, Array], tokens: Array, pos: Array,
@@ -862,10 +827,10 @@ def decode_step(params: Params, cfg: Gemma3nConfig, cache: dict[str, Array], tok
     def attend_for(loc: Array, l_i: Array, g_i: Array) -> AttendFn:
         def attend(q: Array, k: Array, v: Array) -> Array:
             def local(q, k, v):
-                return attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid)
+                return gd._attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid, None).astype(q.dtype)
 
             def glob(q, k, v):
-                return attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid)
+                return gd._attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid, None).astype(q.dtype)
 
             if all_local:
                 return local(q, k, v)

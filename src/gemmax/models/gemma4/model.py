@@ -30,16 +30,7 @@ import numpy as np
 from gemmax.models.base import UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config, group_dims, has_value_proj, param_specs
-from gemmax.nn.layers import (
-    activation_fn,
-    apply_rope,
-    attention_mask,
-    dot_attention,
-    einsum,
-    linear,
-    rope_sin_cos,
-    softcap,
-)
+from gemmax.nn.layers import activation_fn, apply_rope, attention_mask, dot_attention, einsum, linear, rope_sin_cos
 from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, init_from_specs
 from gemmax.nn.quant import dequantize_kernel
@@ -432,12 +423,9 @@ def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: 
 
 
 def logits_from_hidden(params: Params, cfg: Gemma4Config, hidden: Array) -> Array:
-    """Hidden [B, T, D] -> float32 logits through the tied embedding, final soft-cap applied."""
-    node = params["token_embedding"]
-    logits = einsum("btd,vd->btv", hidden, node["embeddings"], jnp.float32)
-    if "scale" in node:
-        logits = logits * node["scale"].astype(jnp.float32)
-    return softcap(logits, cfg.final_logit_softcap)
+    """Hidden [B, T, D] -> float32 logits through the tied embedding, final soft-cap applied: the Gemma
+    decoder's head (``Gemma4Config.tie_embeddings`` is always true)."""
+    return gm.logits_from_hidden(params, cfg, hidden)
 
 
 def forward(params: Params, cfg: Gemma4Config, tokens: Array, positions: Array | None = None,

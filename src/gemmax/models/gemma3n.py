@@ -949,14 +949,10 @@ FAMILY = register(family_from(
     globals(), "gemma3n",
     model_types=MODEL_TYPES,
     config_type=Gemma3nConfig,
-    presets=PRESETS,
-    preset_repos=PRESET_HF_REPOS,
-    hf_aliases=HF_ALIASES,
-    hf_ignorable=HF_IGNORABLE,
-    hf_unused=hf_unused,
+    presets=PRESETS, preset_repos=PRESET_HF_REPOS, tiny_config=tiny_config,
+    hf_aliases=HF_ALIASES, hf_ignorable=HF_IGNORABLE, hf_unused=hf_unused,
     extra_embeddings=("per_layer_embedding",),  # quantized per row with the token embedding
     hf_architecture="Gemma3nForCausalLM",
     gguf_arch=gguf_arch,
     chat_format=lambda cfg: "gemma",
-    tiny_config=tiny_config,
 ))

@@ -813,12 +813,10 @@ FAMILY = register(family_from(
     globals(), "recurrent_gemma",
     model_types=("recurrent_gemma",),
     config_type=RecurrentGemmaConfig,
-    presets=PRESETS,
-    preset_repos=PRESET_HF_REPOS,
+    presets=PRESETS, preset_repos=PRESET_HF_REPOS, tiny_config=tiny_config,
     # the output head is tied to the embedding; a checkpoint that also stores it loses nothing
     hf_ignorable=("rotary_emb.inv_freq", "lm_head.weight"),
     hf_architecture="RecurrentGemmaForCausalLM",
     gguf_arch=lambda cfg: None,  # llama.cpp has no RecurrentGemma architecture
     chat_format=lambda cfg: "gemma",
-    tiny_config=tiny_config,
 ))

@@ -62,6 +62,7 @@ from gemmax.models.base import (
     register,
 )
 from gemmax.models.gemma import decode as gd
+from gemmax.models.gemma.config import hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
 from gemmax.models.gemma.hf import kv_entries, layer_entries, norm_entries
 from gemmax.nn.layers import (
     activation_fn,
@@ -266,8 +267,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
                              "needs one MLP width for all of them")
         inter = inter[0]
     types = hf.get("layer_types")
-    layer_types = (tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types) if types
-                   else _default_types(n))
+    layer_types = layer_types_from_hf(types) if types else _default_types(n)
     sparsity = hf.get("activation_sparsity_pattern")
     if sparsity is None:
         sparsity = _default_sparsity(n)
@@ -309,14 +309,10 @@ def to_hf_config(cfg: Gemma3nConfig) -> dict[str, Any]:
     full = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
     return {
         "model_type": "gemma3n_text", "architectures": ["Gemma3nForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": [cfg.intermediate_size] * cfg.num_layers, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps, "sliding_window": cfg.sliding_window,
-        "layer_types": ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types],
-        "rope_parameters": {"full_attention": full,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        **hf_shape(cfg), "intermediate_size": [cfg.intermediate_size] * cfg.num_layers,
+        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
+        "layer_types": hf_layer_types(cfg.layer_types),
+        "rope_parameters": hf_rope_parameters(full, cfg.rope_local_theta),
         "final_logit_softcapping": cfg.final_logit_softcap,
         "vocab_size_per_layer_input": cfg.vocab_size_per_layer_input,
         "hidden_size_per_layer_input": cfg.hidden_size_per_layer_input,

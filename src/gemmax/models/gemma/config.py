@@ -8,6 +8,7 @@ docs/numerics.md for why each matters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,6 +316,30 @@ def _hf_rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
     return theta, local, scaling
 
 
+def layer_types_from_hf(types: Sequence[str]) -> tuple[str, ...]:
+    """transformers' ``layer_types`` (``sliding_attention`` / ``full_attention``) as local / global."""
+    return tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+
+
+def hf_layer_types(layer_types: Sequence[str]) -> list[str]:
+    """Local / global layers as transformers' ``layer_types``."""
+    return ["sliding_attention" if t == LOCAL else "full_attention" for t in layer_types]
+
+
+def hf_rope_parameters(full: dict[str, Any], local_theta: float) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` of a model with local and global layers: ``full``, the global
+    layers' (with their ``rope_theta``), and unscaled RoPE at ``local_theta`` on the local ones."""
+    return {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+
+
+def hf_shape(cfg: Any) -> dict[str, Any]:
+    """The ``config.json`` keys of a Gemma text decoder's shape, from any config with these field names."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps}
+
+
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a transformers config.json dict (text decoders only)."""
     mt = hf.get("model_type")
@@ -334,7 +359,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     theta, local_theta, scaling = _hf_rope(hf)
     types = hf.get("layer_types")
     if types:
-        layer_types = tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+        layer_types = layer_types_from_hf(types)
     elif family == "gemma2":
         layer_types = _gemma2_types(n)
     elif family == "gemma3":
@@ -393,15 +418,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     hf: dict[str, Any] = {
         "model_type": arch[0],
         "architectures": [arch[1]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
+        **hf_shape(cfg),
         "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
@@ -420,15 +437,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.family in ("gemma2", "gemma3"):
         hf["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
         hf["sliding_window"] = cfg.sliding_window
-        hf["layer_types"] = ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types]
+        hf["layer_types"] = hf_layer_types(cfg.layer_types)
         hf["final_logit_softcapping"] = cfg.final_logit_softcap
         hf["attn_logit_softcapping"] = cfg.attn_logit_softcap
     if cfg.family == "gemma3":
         hf["rope_local_base_freq"] = cfg.local_theta
         hf["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-        hf["rope_parameters"] = {
-            "full_attention": dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta),
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_theta},
-        }
+        hf["rope_parameters"] = hf_rope_parameters(
+            dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta), cfg.local_theta)
         hf["use_bidirectional_attention"] = cfg.bidirectional
     return hf

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry, preset_pairs
+from gemmax.models.gemma.config import hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
 from gemmax.nn.params import ParamSpec
 
 LOCAL = "local"
@@ -283,7 +284,7 @@ def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
     types = hf.get("layer_types") or [
         "full_attention" if (i + 1) % int(hf.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
         for i in range(n)]
-    layer_types = tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+    layer_types = layer_types_from_hf(types)
     hd = int(hf.get("head_dim", 256))
     kv = int(hf.get("num_key_value_heads", 4))
     ghd, gkv = hf.get("global_head_dim"), hf.get("num_global_key_value_heads")
@@ -343,23 +344,14 @@ def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
     return {
         "model_type": "gemma4_text",
         "architectures": ["Gemma4ForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
+        **hf_shape(cfg),
         "global_head_dim": cfg.global_hd,
         "num_global_key_value_heads": cfg.num_global_kv_heads if cfg.attention_k_eq_v else None,
         "attention_k_eq_v": cfg.attention_k_eq_v,
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
         "sliding_window": cfg.sliding_window,
-        "layer_types": ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types],
-        "rope_parameters": {"full_attention": full,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        "layer_types": hf_layer_types(cfg.layer_types),
+        "rope_parameters": hf_rope_parameters(full, cfg.rope_local_theta),
         "final_logit_softcapping": cfg.final_logit_softcap,
         "hidden_size_per_layer_input": cfg.ple_dim,
         "vocab_size_per_layer_input": cfg.ple_vocab,

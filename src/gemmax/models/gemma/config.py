@@ -23,14 +23,9 @@ HF_DECODER_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "llama")
 
 
 @dataclass(frozen=True)
-class ModelConfig(ConfigBase):
-    """Hyper-parameters of one decoder-only model.
+class DecoderShape(ConfigBase):
+    """The shape every Gemma text decoder's config gives, with no defaults (:func:`hf_shape` writes it)."""
 
-    ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer: Gemma 2 alternates starting
-    with local, Gemma 3 repeats five local then one global, Gemma 1 and Llama are all global.
-    """
-
-    family: str  # "gemma" | "gemma2" | "gemma3" | "llama"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,6 +33,17 @@ class ModelConfig(ConfigBase):
     num_kv_heads: int
     head_dim: int
     intermediate_size: int  # width of each of the gate / up branches
+
+
+@dataclass(frozen=True)
+class ModelConfig(DecoderShape):
+    """Hyper-parameters of one decoder-only model.
+
+    ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer: Gemma 2 alternates starting
+    with local, Gemma 3 repeats five local then one global, Gemma 1 and Llama are all global.
+    """
+
+    family: str  # "gemma" | "gemma2" | "gemma3" | "llama"
     max_position_embeddings: int = 8192
     norm_eps: float = 1e-6
     # Gemma norms multiply by (1 + scale) with zero-centred scales; Llama by scale.

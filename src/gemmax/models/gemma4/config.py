@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry, preset_pairs
-from gemmax.models.gemma.config import hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
+from gemmax.models.base import hf_config_tokens, hf_tokens_entry, preset_pairs
+from gemmax.models.gemma.config import DecoderShape, hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
 from gemmax.nn.params import ParamSpec
 
 LOCAL = "local"
@@ -32,17 +32,10 @@ GROUPS = (("local", LOCAL, False), ("global", GLOBAL, False), ("local_shared", L
 
 
 @dataclass(frozen=True)
-class Gemma4Config(ConfigBase):
+class Gemma4Config(DecoderShape):
     """Hyper-parameters of one Gemma 4 text decoder (field meanings in the module docstring and
     docs/gemma4.md). ``ple_dim`` 0 turns per-layer embeddings off, ``num_experts`` 0 the expert block."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
     layer_types: tuple[str, ...] = ()
     global_head_dim: int | None = None  # None: head_dim
     num_global_kv_heads: int | None = None  # None: num_kv_heads

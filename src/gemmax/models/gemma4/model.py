@@ -20,7 +20,7 @@ each head half (proportional RoPE: frequencies over the whole head dimension, th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -384,19 +384,24 @@ def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, pl
 
         return run
 
-    fns = [branch(g) for g in names]
+    ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
+    carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
+    (x, carry), kvs = scan_groups([branch(g) for g in names], x, carry, gid, pos, ple_xs, remat)
+    return x, kvs, carry
 
+
+def scan_groups(fns: Sequence[Callable], x: Array, carry: Any, gid: Any, pos: Any, ple: Array,
+                remat: str | None = None) -> tuple[tuple[Array, Any], Any]:
+    """Scan layers of several groups: layer ``l`` runs ``fns[gid[l]](pos[l], x, carry, ple[l]) -> (x, carry,
+    out)``, its group's branch at its index in the group (one ``lax.switch``: the compiled body holds each
+    group's layer once) -> ((x, carry), the outs stacked over the layers)."""
     def body(state, xs):
         x, carry = state
         g, i, ple_i = xs
-        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i) if len(fns) > 1 else fns[0](i, x, carry, ple_i)
+        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i)
         return (x, carry), out
 
-    body = remat_layer(body, remat)
-    ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
-    carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
-    (x, carry), kvs = jax.lax.scan(body, (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple_xs))
-    return x, kvs, carry
+    return jax.lax.scan(remat_layer(body, remat), (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple))
 
 
 def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: Array | None = None,

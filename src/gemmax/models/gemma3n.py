@@ -62,6 +62,7 @@ from gemmax.models.base import (
     register,
 )
 from gemmax.models.gemma import decode as gd
+from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
 from gemmax.models.gemma.hf import kv_entries, layer_entries, norm_entries
 from gemmax.nn.layers import (
@@ -112,28 +113,33 @@ class Gemma3nConfig(ConfigBase):
 
     vocab_size: int = 262400
     hidden_size: int = 2048
+    # the layers: their types and how many at the end share keys and values
     num_layers: int = 35
+    layer_types: tuple[str, ...] = ()
+    num_kv_shared_layers: int = 15
+    # attention
     num_heads: int = 8
     num_kv_heads: int = 2
     head_dim: int = 256
-    intermediate_size: int = 16384
-    max_position_embeddings: int = 32768
-    norm_eps: float = 1e-6
     sliding_window: int = 512
-    layer_types: tuple[str, ...] = ()
+    rope_scaling: dict[str, Any] | None = None  # global layers only
     rope_theta: float = 1_000_000.0  # global layers
     rope_local_theta: float = 10_000.0  # local layers
-    rope_scaling: dict[str, Any] | None = None  # global layers only
+    # MLP
+    intermediate_size: int = 16384
+    activation_sparsity: tuple[float, ...] = ()
+    # context, norms, output head
+    max_position_embeddings: int = 32768
+    norm_eps: float = 1e-6
     final_logit_softcap: float | None = 30.0
+    # per-layer embeddings, AltUp, LAuReL
     vocab_size_per_layer_input: int = 262144
     hidden_size_per_layer_input: int = 256
     altup_num_inputs: int = 4
     altup_active_idx: int = 0
     altup_coef_clip: float | None = 120.0
     altup_correct_scale: bool = True
-    num_kv_shared_layers: int = 15
     laurel_rank: int = 64
-    activation_sparsity: tuple[float, ...] = ()
     family: str = "gemma3n"
 
     tuple_fields = ("layer_types", "activation_sparsity")
@@ -399,20 +405,9 @@ def init_params(cfg: Gemma3nConfig, key: Array, dtype: Any = jnp.float32) -> Par
 
 #: target -> (path, einsum, LoRA einsums, input axes of one layer's kernel, transformers module in a layer)
 LINEARS: dict[str, tuple[tuple[str, ...], str, tuple[str, str], tuple[int, ...], str]] = {
-    "query": (("decoder_block", "attention", "query"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "self_attn.q_proj"),
-    "key": ((KV_BLOCK, "attention", "key"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-            "self_attn.k_proj"),
-    "value": ((KV_BLOCK, "attention", "value"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "self_attn.v_proj"),
-    "attention_output": (("decoder_block", "attention", "attention_output"), "btnh,nhd->btd",
-                         ("btnh,nhr->btr", "btr,rd->btd"), (0, 1), "self_attn.o_proj"),
-    "ffw_gating": (("decoder_block", "ffw_gating"), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                   "mlp.gate_proj"),
-    "ffw_gating_2": (("decoder_block", "ffw_gating_2"), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                     "mlp.up_proj"),
-    "ffw_linear": (("decoder_block", "ffw_linear"), "btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,),
-                   "mlp.down_proj"),
+    # the Gemma decoder's, keys and values under the KV-computing layers' block
+    **{name: ((KV_BLOCK, *path[1:]) if name in ("key", "value") else path, *gm.LINEAR_EQS[name],
+              gm.KERNEL_IN_DIMS[name], gm.HF_MODULES[name]) for name, path in gm.LINEAR_NODE_PATHS.items()},
     "per_layer_input_gate": (("decoder_block", "per_layer_input_gate"), "btd,dp->btp",
                              ("btd,dr->btr", "btr,rp->btp"), (0,), "per_layer_input_gate"),
     "per_layer_projection": (("decoder_block", "per_layer_projection"), "btp,pd->btd",

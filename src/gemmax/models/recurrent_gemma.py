@@ -55,6 +55,7 @@ from gemmax.models.base import (
     preset_pairs,
     register,
 )
+from gemmax.models.gemma import model as gm
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -95,20 +96,26 @@ class RecurrentGemmaConfig(ConfigBase):
     width: int = 2560
     """The residual stream (HF ``hidden_size``)."""
     num_layers: int = 26
+    block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
+    """The period of block kinds the layers repeat."""
+    # attention blocks
     num_heads: int = 10
     num_kv_heads: int = 1
     """Key/value heads of the attention blocks (1, multi-query, in the published models)."""
-    lru_width: int = 2560
-    """Width of the RG-LRU recurrence."""
-    mlp_width: int = 7680
     attention_window: int = 2048
     """Local attention's window (HF ``attention_window_size``): the ring cache never holds more."""
-    conv_width: int = 4
-    final_logit_softcap: float = 30.0
-    norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
-    block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
+    # the MLP of every block
+    mlp_width: int = 3 * 2560
+    """Width of each GeGLU branch: three times ``width`` in the published models."""
+    # recurrent blocks
+    lru_width: int = 2560
+    """Width of the RG-LRU recurrence."""
+    conv_width: int = 4
+    # norms, output head, context
+    final_logit_softcap: float = 30.0
+    norm_eps: float = 1e-6
     max_position_embeddings: int = 8192
     family: str = "recurrent_gemma"
 
@@ -309,22 +316,16 @@ def init_params(cfg: RecurrentGemmaConfig, key: Array, dtype: Any = jnp.float32)
 #: float32 einsums), the Conv1D and the norms are not linear nodes: they are small (a few percent of the
 #: weights) and numerically sensitive, so they stay floating point and frozen.
 LINEARS: dict[str, tuple[tuple[str, ...], str, tuple[str, str], tuple[int, ...], str]] = {
-    "query": (("attention", "query"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "temporal_block.q_proj"),
-    "key": (("attention", "key"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-            "temporal_block.k_proj"),
-    "value": (("attention", "value"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "temporal_block.v_proj"),
-    "attention_output": (("attention", "attention_output"), "btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"),
-                         (0, 1), "temporal_block.o_proj"),
+    # attention as the Gemma decoder's
+    **{name: (("attention", name), *gm.LINEAR_EQS[name], gm.KERNEL_IN_DIMS[name], "temporal_block." + module)
+       for name, module in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
+                            ("attention_output", "o_proj"))},
     "linear_x": (("linear_x",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_x"),
     "linear_y": (("linear_y",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_y"),
     "linear_out": (("linear_out",), "btr,rd->btd", ("btr,rk->btk", "btk,kd->btd"), (0,),
                    "temporal_block.linear_out"),
-    "ffw_gating": (("ffw_gating",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "mlp_block.gate_proj"),
-    "ffw_gating_2": (("ffw_gating_2",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                     "mlp_block.up_proj"),
-    "ffw_linear": (("ffw_linear",), "btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "mlp_block.down_proj"),
+    **{name: ((name,), *gm.LINEAR_EQS[name], gm.KERNEL_IN_DIMS[name], "mlp_block." + module)
+       for name, module in (("ffw_gating", "gate_proj"), ("ffw_gating_2", "up_proj"), ("ffw_linear", "down_proj"))},
 }
 
 #: The linear targets of each block kind (the MLP is in both).

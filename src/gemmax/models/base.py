@@ -30,9 +30,11 @@ The functions, by stage:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from gemmax.nn.params import LinearNode, ParamSpec
 
@@ -44,6 +46,25 @@ BACKENDS = (XLA, CPU)
 #: One Hugging Face name-table entry: HF name (or one name per stacked layer), then the transforms
 #: HF layout -> gemmax layout and back, applied to one layer's array.
 HFEntry = tuple[str | list[str], Callable[[Any], Any], Callable[[Any], Any]]
+
+#: Layout transforms of one layer's array (HF -> gemmax, gemmax -> HF): unchanged, and a linear layer's
+#: kernel (torch's ``[out, in]`` <-> gemmax's ``[in, out]``).
+HF_SAME: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (lambda w: w, lambda w: w)
+HF_TRANSPOSED: tuple[Callable[[Any], Any], Callable[[Any], Any]] = (lambda w: w.T, lambda w: w.T)
+
+
+def hf_heads_in(n: int, head_dim: int, width: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Layout transforms of a query, key or value projection of ``n`` heads: torch's ``[n * head_dim, width]``
+    <-> gemmax's ``[n, width, head_dim]``."""
+    return (lambda w: w.reshape(n, head_dim, width).transpose(0, 2, 1),
+            lambda w: w.transpose(0, 2, 1).reshape(n * head_dim, width))
+
+
+def hf_heads_out(n: int, head_dim: int, width: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Layout transforms of the attention output projection of ``n`` heads: torch's ``[width, n * head_dim]``
+    <-> gemmax's ``[n, head_dim, width]``."""
+    return (lambda w: w.reshape(width, n, head_dim).transpose(1, 2, 0),
+            lambda w: w.transpose(2, 0, 1).reshape(width, n * head_dim))
 
 
 class FamilyConfig(Protocol):
@@ -64,6 +85,95 @@ class FamilyConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def param_count(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigBase:
+    """Fields and methods the text families' frozen config dataclasses share: the special token ids, the
+    preset or checkpoint name, free-form ``extra`` metadata (neither compared nor hashed, not serialised),
+    and the JSON round trip of :meth:`to_dict` / :meth:`from_dict`.
+
+    The fields are keyword-only, so a subclass's own fields keep their positions and may go without
+    defaults."""
+
+    #: fields held as tuples, written to JSON as lists and read back as tuples
+    tuple_fields: ClassVar[tuple[str, ...]] = ()
+    #: how error messages name the family's config
+    label: ClassVar[str] = ""
+
+    bos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 1
+    pad_token_id: int = 0
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    def replace(self, **kw: Any) -> Self:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists, ``extra`` left out); :meth:`from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        for k in (*self.tuple_fields, "eos_token_id"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.label} config field(s) {unknown}")
+        kw = dict(d)
+        for k in (*cls.tuple_fields, "eos_token_id"):
+            if isinstance(kw.get(k), list):
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _token_ids(v: Any) -> Any:
+    """A ``config.json`` token id entry: a list of several ids as a tuple, a list of one as that id."""
+    if isinstance(v, list | tuple):
+        return tuple(v) if len(v) > 1 else v[0]
+    return v
+
+
+def hf_config_tokens(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`ConfigBase` fields of a transformers ``config.json``: special token ids (transformers'
+    defaults where absent or null) and the checkpoint name."""
+    pad = hf.get("pad_token_id")
+    return {"bos_token_id": _token_ids(hf.get("bos_token_id", 2)),
+            "eos_token_id": _token_ids(hf.get("eos_token_id", 1)),
+            "pad_token_id": _token_ids(pad) if pad is not None else 0,
+            "name": hf.get("_name_or_path", "") or ""}
+
+
+def hf_tokens_entry(cfg: ConfigBase) -> dict[str, Any]:
+    """The special token ids of ``cfg`` as a transformers ``config.json`` writes them."""
+    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
+
+
+def preset_pairs(make: Callable[..., Any], shapes: Mapping[tuple[str, str, str], Mapping[str, Any]],
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Presets published in pairs, a base checkpoint and its instruction-tuned twin of the same shape.
+
+    ``shapes`` maps ``(base preset, instruct preset, Hub repo of the base)`` to keyword arguments; returns
+    the presets, ``make(name, **kwargs)`` for both names in that order, and their Hub repos (the twin's is
+    the base's with ``-it``)."""
+    presets: dict[str, Any] = {}
+    repos: dict[str, str] = {}
+    for (base, instruct, repo), kw in shapes.items():
+        presets[base], presets[instruct] = make(base, **kw), make(instruct, **kw)
+        repos[base], repos[instruct] = repo, repo + "-it"
+    return presets, repos
 
 
 @dataclass(frozen=True)

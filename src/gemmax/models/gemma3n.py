@@ -39,10 +39,9 @@ base, sparsity cutoff, the shared layers' source) are scan data.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
@@ -51,9 +50,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models import gemma3n_gguf
-from gemmax.models.base import GGUFSpec, HFEntry, family_from, register
+from gemmax.models.base import (
+    HF_SAME,
+    HF_TRANSPOSED,
+    ConfigBase,
+    GGUFSpec,
+    HFEntry,
+    family_from,
+    hf_config_tokens,
+    hf_tokens_entry,
+    preset_pairs,
+    register,
+)
+from gemmax.models.gemma import decode as gd
+from gemmax.models.gemma import model as gm
+from gemmax.models.gemma.config import hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
+from gemmax.models.gemma.hf import kv_entries, layer_entries, norm_entries
 from gemmax.nn.layers import (
-    MASK_VALUE,
     activation_fn,
     apply_rope,
     attention_mask,
@@ -92,7 +105,7 @@ def _default_sparsity(n: int) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class Gemma3nConfig:
+class Gemma3nConfig(ConfigBase):
     """Hyper-parameters of a Gemma 3n text decoder (transformers' ``Gemma3nTextConfig``).
 
     ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer; ``activation_sparsity`` one
@@ -101,34 +114,37 @@ class Gemma3nConfig:
 
     vocab_size: int = 262400
     hidden_size: int = 2048
+    # the layers: their types and how many at the end share keys and values
     num_layers: int = 35
+    layer_types: tuple[str, ...] = ()
+    num_kv_shared_layers: int = 15
+    # attention
     num_heads: int = 8
     num_kv_heads: int = 2
     head_dim: int = 256
-    intermediate_size: int = 16384
-    max_position_embeddings: int = 32768
-    norm_eps: float = 1e-6
     sliding_window: int = 512
-    layer_types: tuple[str, ...] = ()
+    rope_scaling: dict[str, Any] | None = None  # global layers only
     rope_theta: float = 1_000_000.0  # global layers
     rope_local_theta: float = 10_000.0  # local layers
-    rope_scaling: dict[str, Any] | None = None  # global layers only
+    # MLP
+    intermediate_size: int = 16384
+    activation_sparsity: tuple[float, ...] = ()
+    # context, norms, output head
+    max_position_embeddings: int = 32768
+    norm_eps: float = 1e-6
     final_logit_softcap: float | None = 30.0
+    # per-layer embeddings, AltUp, LAuReL
     vocab_size_per_layer_input: int = 262144
     hidden_size_per_layer_input: int = 256
     altup_num_inputs: int = 4
     altup_active_idx: int = 0
     altup_coef_clip: float | None = 120.0
     altup_correct_scale: bool = True
-    num_kv_shared_layers: int = 15
     laurel_rank: int = 64
-    activation_sparsity: tuple[float, ...] = ()
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "gemma3n"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types", "activation_sparsity")
+    label = "Gemma 3n"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -183,13 +199,6 @@ class Gemma3nConfig:
     def attn_logit_softcap(self) -> None:
         return None
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    def replace(self, **kw: Any) -> Gemma3nConfig:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
         """Counts from the declared shapes: ``embedding`` is the token embedding, ``per_layer_embedding`` the
         per-layer table (PLE; ``total`` includes both)."""
@@ -200,56 +209,9 @@ class Gemma3nConfig:
         return {"total": total, "embedding": embed, "per_layer_embedding": ple,
                 "non_embedding": total - embed - ple}
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["layer_types"] = list(self.layer_types)
-        d["activation_sparsity"] = list(self.activation_sparsity)
-        d["eos_token_id"] = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_ids[0]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Gemma3nConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown Gemma 3n config field(s) {unknown}")
-        kw = dict(d)
-        for k in ("layer_types", "activation_sparsity"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list | tuple):
-            kw["eos_token_id"] = tuple(int(e) for e in eos) if len(eos) > 1 else int(eos[0])
-        return cls(**kw)
-
 
 def config_from_dict(d: Mapping[str, Any]) -> Gemma3nConfig:
     return Gemma3nConfig.from_dict(d)
-
-
-def _preset(name: str, layers: int, ffw: int, shared: int) -> Gemma3nConfig:
-    return Gemma3nConfig(name=name, num_layers=layers, intermediate_size=ffw, num_kv_shared_layers=shared,
-                         eos_token_id=(1, 106))
-
-
-#: The published text decoders: E2B (30 layers, MLP 8192, the last 10 KV-shared) and E4B (35 layers, MLP
-#: 16384, the last 15 KV-shared); both 2048 wide, 8 heads of 256 over 2 KV heads, windows of 512.
-PRESETS: dict[str, Gemma3nConfig] = {
-    c.name: c for c in [
-        _preset("gemma3n_e2b", 30, 8192, 10),
-        _preset("gemma3n_instruct_e2b", 30, 8192, 10),
-        _preset("gemma3n_e4b", 35, 16384, 15),
-        _preset("gemma3n_instruct_e4b", 35, 16384, 15),
-    ]
-}
-
-PRESET_HF_REPOS: dict[str, str] = {
-    "gemma3n_e2b": "google/gemma-3n-E2B",
-    "gemma3n_instruct_e2b": "google/gemma-3n-E2B-it",
-    "gemma3n_e4b": "google/gemma-3n-E4B",
-    "gemma3n_instruct_e4b": "google/gemma-3n-E4B-it",
-}
 
 
 def tiny_config(**overrides: Any) -> Gemma3nConfig:
@@ -268,10 +230,18 @@ def tiny_config(**overrides: Any) -> Gemma3nConfig:
     return Gemma3nConfig(**base)
 
 
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list | tuple):
-        return tuple(int(x) for x in v) if len(v) > 1 else int(v[0])
-    return int(v)
+def _preset(name: str, **shape: Any) -> Gemma3nConfig:
+    return Gemma3nConfig(name=name, eos_token_id=(1, 106), **shape)
+
+
+#: The published text decoders: E2B (30 layers, MLP 8192, the last 10 KV-shared) and E4B (35 layers, MLP
+#: 16384, the last 15 KV-shared); both 2048 wide, 8 heads of 256 over 2 KV heads, windows of 512.
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    ("gemma3n_e2b", "gemma3n_instruct_e2b", "google/gemma-3n-E2B"):
+        dict(num_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    ("gemma3n_e4b", "gemma3n_instruct_e4b", "google/gemma-3n-E4B"):
+        dict(num_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
+})
 
 
 def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
@@ -304,8 +274,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
                              "needs one MLP width for all of them")
         inter = inter[0]
     types = hf.get("layer_types")
-    layer_types = (tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types) if types
-                   else _default_types(n))
+    layer_types = layer_types_from_hf(types) if types else _default_types(n)
     sparsity = hf.get("activation_sparsity_pattern")
     if sparsity is None:
         sparsity = _default_sparsity(n)
@@ -338,9 +307,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> Gemma3nConfig:
         altup_coef_clip=hf.get("altup_coef_clip", 120.0), altup_correct_scale=bool(hf.get("altup_correct_scale", True)),
         num_kv_shared_layers=int(hf.get("num_kv_shared_layers", 0)), laurel_rank=int(hf.get("laurel_rank", 64)),
         activation_sparsity=tuple(float(s) for s in sparsity),
-        bos_token_id=_ids(hf.get("bos_token_id", 2)), eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
@@ -349,14 +316,10 @@ def to_hf_config(cfg: Gemma3nConfig) -> dict[str, Any]:
     full = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
     return {
         "model_type": "gemma3n_text", "architectures": ["Gemma3nForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": [cfg.intermediate_size] * cfg.num_layers, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps, "sliding_window": cfg.sliding_window,
-        "layer_types": ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types],
-        "rope_parameters": {"full_attention": full,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        **hf_shape(cfg), "intermediate_size": [cfg.intermediate_size] * cfg.num_layers,
+        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
+        "layer_types": hf_layer_types(cfg.layer_types),
+        "rope_parameters": hf_rope_parameters(full, cfg.rope_local_theta),
         "final_logit_softcapping": cfg.final_logit_softcap,
         "vocab_size_per_layer_input": cfg.vocab_size_per_layer_input,
         "hidden_size_per_layer_input": cfg.hidden_size_per_layer_input,
@@ -365,9 +328,7 @@ def to_hf_config(cfg: Gemma3nConfig) -> dict[str, Any]:
         "num_kv_shared_layers": cfg.num_kv_shared_layers, "laurel_rank": cfg.laurel_rank,
         "activation_sparsity_pattern": [float(s) for s in cfg.activation_sparsity],
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0],
-        "pad_token_id": cfg.pad_token_id, "torch_dtype": "float32",
+        **hf_tokens_entry(cfg), "torch_dtype": "float32",
     }
 
 
@@ -445,20 +406,9 @@ def init_params(cfg: Gemma3nConfig, key: Array, dtype: Any = jnp.float32) -> Par
 
 #: target -> (path, einsum, LoRA einsums, input axes of one layer's kernel, transformers module in a layer)
 LINEARS: dict[str, tuple[tuple[str, ...], str, tuple[str, str], tuple[int, ...], str]] = {
-    "query": (("decoder_block", "attention", "query"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "self_attn.q_proj"),
-    "key": ((KV_BLOCK, "attention", "key"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-            "self_attn.k_proj"),
-    "value": ((KV_BLOCK, "attention", "value"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "self_attn.v_proj"),
-    "attention_output": (("decoder_block", "attention", "attention_output"), "btnh,nhd->btd",
-                         ("btnh,nhr->btr", "btr,rd->btd"), (0, 1), "self_attn.o_proj"),
-    "ffw_gating": (("decoder_block", "ffw_gating"), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                   "mlp.gate_proj"),
-    "ffw_gating_2": (("decoder_block", "ffw_gating_2"), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                     "mlp.up_proj"),
-    "ffw_linear": (("decoder_block", "ffw_linear"), "btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,),
-                   "mlp.down_proj"),
+    # the Gemma decoder's, keys and values under the KV-computing layers' block
+    **{name: ((KV_BLOCK, *path[1:]) if name in ("key", "value") else path, *gm.LINEAR_EQS[name],
+              gm.KERNEL_IN_DIMS[name], gm.HF_MODULES[name]) for name, path in gm.LINEAR_NODE_PATHS.items()},
     "per_layer_input_gate": (("decoder_block", "per_layer_input_gate"), "btd,dp->btp",
                              ("btd,dr->btr", "btr,rp->btp"), (0,), "per_layer_input_gate"),
     "per_layer_projection": (("decoder_block", "per_layer_projection"), "btp,pd->btd",
@@ -833,47 +783,12 @@ def prefill(params: Params, cfg: Gemma3nConfig, tokens: Array, lengths: Array, m
     seg = (idx < lengths[:, None]).astype(jnp.int32)  # padding is segment 0
     hidden, ks, vs = _run(params, cfg, tokens, idx, seg)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    own_local = np.array([tp == LOCAL for tp in cfg.layer_types[:cfg.num_unshared]])
-    loc, glob = np.nonzero(own_local)[0], np.nonzero(~own_local)[0]
-    caches: dict[str, Array] = {}
-    if len(glob):
-        caches["k_global"], caches["v_global"] = ks[glob], vs[glob]
-    if len(loc):
-        w = ring_width(cfg, max_len)
-        j = jnp.arange(w)
-        # ring slot j holds the latest prompt position p < length with p % w == j
-        src = j[None] + w * jnp.floor_divide(lengths[:, None] - 1 - j[None], w)  # [b, W]
-        ok = (src >= 0)[None, :, :, None, None]
-        src = jnp.clip(src, 0, t - 1)[None, :, :, None, None]
-        caches["k_local"] = jnp.where(ok, jnp.take_along_axis(ks[loc], src, axis=2), 0).astype(ks.dtype)
-        caches["v_local"] = jnp.where(ok, jnp.take_along_axis(vs[loc], src, axis=2), 0).astype(vs.dtype)
+    caches = gd.ring_caches(cfg.layer_types[:cfg.num_unshared], ks, vs, lengths, ring_width(cfg, max_len))
     return logits_from_hidden(params, cfg, last), caches
 
 
-def insert(cache: dict[str, Array], new: dict[str, Array], slots: Array) -> dict[str, Array]:
-    """Write prefilled per-row caches into engine slots; a slot past the cache's batch is dropped."""
-    out = dict(cache)
-    for name, arr in new.items():
-        t = arr.shape[2]
-        out[name] = cache[name].at[:, slots, :t].set(arr.astype(cache[name].dtype), mode="drop")
-    return out
-
-
-def attend_cached(q: Array, k_new: Array, v_new: Array, kc: Array, vc: Array, valid: Array) -> Array:
-    """One query per row against a read-only cache plus the step's own key: q [B, 1, H, hd], k_new [B, 1, K,
-    hd], kc [B, S, K, hd], valid [B, S] -> [B, 1, H, hd]; one float32 softmax over both."""
-    b, _, h, hd = q.shape
-    kv = kc.shape[2]
-    qg = q.reshape(b, kv, h // kv, hd)
-    lc = einsum("bkgd,bskd->bkgs", qg, kc, jnp.float32)
-    ls = einsum("bkgd,bkd->bkg", qg, k_new[:, 0], jnp.float32)[..., None]
-    lc = jnp.where(valid[:, None, None, :], lc, MASK_VALUE)
-    m = jnp.maximum(lc.max(-1, keepdims=True), ls)
-    pc, ps = jnp.exp(lc - m), jnp.exp(ls - m)
-    z = pc.sum(-1, keepdims=True) + ps
-    out = einsum("bkgs,bskd->bkgd", (pc / z).astype(vc.dtype), vc)
-    out = out + (ps / z).astype(v_new.dtype) * v_new[:, 0][:, :, None, :]
-    return out.reshape(b, 1, h, hd).astype(q.dtype)
+#: Writes prefilled per-row caches into engine slots: the Gemma decoder's, whose cache layout this one keeps.
+insert = gd.insert
 
 
 def decode_step(params: Params, cfg: Gemma3nConfig, cache: dict[str, Array], tokens: Array, pos: Array,
@@ -904,10 +819,10 @@ def decode_step(params: Params, cfg: Gemma3nConfig, cache: dict[str, Array], tok
     def attend_for(loc: Array, l_i: Array, g_i: Array) -> AttendFn:
         def attend(q: Array, k: Array, v: Array) -> Array:
             def local(q, k, v):
-                return attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid)
+                return gd._attend_cached(q, k, v, kl[l_i], vl[l_i], local_valid, None).astype(q.dtype)
 
             def glob(q, k, v):
-                return attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid)
+                return gd._attend_cached(q, k, v, kg[g_i], vg[g_i], global_valid, None).astype(q.dtype)
 
             if all_local:
                 return local(q, k, v)
@@ -981,45 +896,18 @@ def hf_unused(cfg: Gemma3nConfig) -> tuple[str, ...]:
 def hf_table(cfg: Gemma3nConfig) -> dict[str, HFEntry]:
     """gemmax path -> (HF name, or one per stacked layer; HF -> gemmax; gemmax -> HF), in the layout
     ``Gemma3nForCausalLM`` saves (``model.*``; the multimodal ``model.language_model.*`` is read as an alias)."""
-    H, K, hd, D, L, P = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.num_layers,
-                         cfg.hidden_size_per_layer_input)
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-
-    def heads_in(n: int) -> tuple[Callable, Callable]:  # [n*hd, D] <-> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
+    hd, D, L, P = cfg.head_dim, cfg.hidden_size, cfg.num_layers, cfg.hidden_size_per_layer_input
+    ident, tr = HF_SAME, HF_TRANSPOSED
     ple_proj = (lambda w: w.T.reshape(D, L, P), lambda w: w.reshape(D, L * P).T)
-    per_layer = {
-        "pre_attention_norm/scale": ("input_layernorm.weight", *ident),
-        "attention/query/kernel": ("self_attn.q_proj.weight", *heads_in(H)),
-        "attention/query_norm/scale": ("self_attn.q_norm.weight", *ident),
-        "attention/attention_output/kernel": ("self_attn.o_proj.weight", *out_proj),
-        "post_attention_norm/scale": ("post_attention_layernorm.weight", *ident),
-        "pre_ffw_norm/scale": ("pre_feedforward_layernorm.weight", *ident),
-        "post_ffw_norm/scale": ("post_feedforward_layernorm.weight", *ident),
-        "ffw_gating/kernel": ("mlp.gate_proj.weight", *tr),
-        "ffw_gating_2/kernel": ("mlp.up_proj.weight", *tr),
-        "ffw_linear/kernel": ("mlp.down_proj.weight", *tr),
-        "laurel/linear_left/kernel": ("laurel.linear_left.weight", *tr),
-        "laurel/linear_right/kernel": ("laurel.linear_right.weight", *tr),
-        "laurel/post_norm/scale": ("laurel.post_laurel_norm.weight", *ident),
-        "altup/correct_output_scale": ("altup.correct_output_scale", *ident),
-        "altup/correction_coefs/kernel": ("altup.correction_coefs.weight", *tr),
-        "altup/prediction_coefs/kernel": ("altup.prediction_coefs.weight", *tr),
-        "altup/modality_router/kernel": ("altup.modality_router.weight", *tr),
-        "altup/router_norm/scale": ("altup.router_norm.weight", *ident),
-        "per_layer_input_gate/kernel": ("per_layer_input_gate.weight", *tr),
-        "per_layer_projection/kernel": ("per_layer_projection.weight", *tr),
-        "post_per_layer_input_norm/scale": ("post_per_layer_input_norm.weight", *ident),
-    }
-    kv = {
-        "attention/key/kernel": ("self_attn.k_proj.weight", *heads_in(K)),
-        "attention/value/kernel": ("self_attn.v_proj.weight", *heads_in(K)),
-        "attention/key_norm/scale": ("self_attn.k_norm.weight", *ident),
-    }
+    per_layer = layer_entries(cfg.num_heads, hd, D)
+    # LAuReL, AltUp and the per-layer input: their linear layers' HF names are their paths, dotted
+    for path in ("laurel/linear_left", "laurel/linear_right", "altup/correction_coefs", "altup/prediction_coefs",
+                 "altup/modality_router", "per_layer_input_gate", "per_layer_projection"):
+        per_layer[f"{path}/kernel"] = (path.replace("/", ".") + ".weight", *tr)
+    per_layer.update(norm_entries({"laurel/post_norm": "laurel.post_laurel_norm", "altup/router_norm":
+                                   "altup.router_norm", "post_per_layer_input_norm": "post_per_layer_input_norm"}))
+    per_layer["altup/correct_output_scale"] = ("altup.correct_output_scale", *ident)
+    kv = kv_entries(cfg.num_kv_heads, hd, D)
     n_alt = cfg.altup_num_inputs - 1
     table: dict[str, HFEntry] = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", *ident),
@@ -1050,15 +938,11 @@ FAMILY = register(family_from(
     globals(), "gemma3n",
     model_types=MODEL_TYPES,
     config_type=Gemma3nConfig,
-    presets=PRESETS,
-    preset_repos=PRESET_HF_REPOS,
-    hf_aliases=HF_ALIASES,
-    hf_ignorable=HF_IGNORABLE,
-    hf_unused=hf_unused,
+    presets=PRESETS, preset_repos=PRESET_HF_REPOS, tiny_config=tiny_config,
+    hf_aliases=HF_ALIASES, hf_ignorable=HF_IGNORABLE, hf_unused=hf_unused,
     extra_embeddings=("per_layer_embedding",),  # quantized per row with the token embedding
     hf_architecture="Gemma3nForCausalLM",
     gguf_arch=gguf_arch,
     gguf=GGUFSpec(archs=(gemma3n_gguf.ARCH,), read=gemma3n_gguf.read, write=gemma3n_gguf.write),
     chat_format=lambda cfg: "gemma",
-    tiny_config=tiny_config,
 ))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -42,7 +42,20 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gemmax.models.base import HFEntry, family_from, register
+from gemmax.models.base import (
+    HF_SAME,
+    HF_TRANSPOSED,
+    ConfigBase,
+    HFEntry,
+    family_from,
+    hf_config_tokens,
+    hf_heads_in,
+    hf_heads_out,
+    hf_tokens_entry,
+    preset_pairs,
+    register,
+)
+from gemmax.models.gemma import model as gm
 from gemmax.nn.layers import (
     apply_rope,
     attention_mask,
@@ -71,7 +84,7 @@ HF_LAYERS = "model.layers"
 
 
 @dataclass(frozen=True)
-class RecurrentGemmaConfig:
+class RecurrentGemmaConfig(ConfigBase):
     """Hyper-parameters of a Griffin model. ``mlp_width`` is the width of *each* GeGLU branch (HF's
     ``intermediate_size`` is twice that: the reference halves it).
 
@@ -83,27 +96,31 @@ class RecurrentGemmaConfig:
     width: int = 2560
     """The residual stream (HF ``hidden_size``)."""
     num_layers: int = 26
+    block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
+    """The period of block kinds the layers repeat."""
+    # attention blocks
     num_heads: int = 10
     num_kv_heads: int = 1
     """Key/value heads of the attention blocks (1, multi-query, in the published models)."""
-    lru_width: int = 2560
-    """Width of the RG-LRU recurrence."""
-    mlp_width: int = 7680
     attention_window: int = 2048
     """Local attention's window (HF ``attention_window_size``): the ring cache never holds more."""
-    conv_width: int = 4
-    final_logit_softcap: float = 30.0
-    norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
-    block_types: tuple[str, ...] = (RECURRENT, RECURRENT, ATTENTION)
+    # the MLP of every block
+    mlp_width: int = 3 * 2560
+    """Width of each GeGLU branch: three times ``width`` in the published models."""
+    # recurrent blocks
+    lru_width: int = 2560
+    """Width of the RG-LRU recurrence."""
+    conv_width: int = 4
+    # norms, output head, context
+    final_logit_softcap: float = 30.0
+    norm_eps: float = 1e-6
     max_position_embeddings: int = 8192
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "recurrent_gemma"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("block_types",)
+    label = "RecurrentGemma"
 
     def __post_init__(self) -> None:
         bad = set(self.block_types) - {RECURRENT, ATTENTION}
@@ -135,70 +152,32 @@ class RecurrentGemmaConfig:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == kind)
 
     @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
     def embed_scale(self) -> float:
         """sqrt(width) rounded to bfloat16, as the reference's normalizer buffer holds it."""
         return float(np.asarray(math.sqrt(self.width), ml_dtypes.bfloat16))
-
-    def replace(self, **kw: Any) -> RecurrentGemmaConfig:
-        return replace(self, **kw)
 
     def param_count(self) -> dict[str, int]:
         total = sum(s.size for s in param_specs(self).values())
         embed = self.vocab_size * self.width
         return {"total": total, "embedding": embed, "non_embedding": total - embed}
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields; :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["block_types"] = list(self.block_types)
-        d["eos_token_id"] = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_ids[0]
-        d.pop("extra")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RecurrentGemmaConfig:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RecurrentGemma config field(s) {unknown}")
-        kw = dict(d)
-        if "block_types" in kw:
-            kw["block_types"] = tuple(kw["block_types"])
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list | tuple):
-            kw["eos_token_id"] = tuple(int(e) for e in eos) if len(eos) > 1 else int(eos[0])
-        return cls(**kw)
-
 
 def config_from_dict(d: Mapping[str, Any]) -> RecurrentGemmaConfig:
     return RecurrentGemmaConfig.from_dict(d)
 
 
-def _preset(name: str, width: int, layers: int, heads: int) -> RecurrentGemmaConfig:
-    return RecurrentGemmaConfig(name=name, width=width, num_layers=layers, num_heads=heads, num_kv_heads=1,
-                                lru_width=width, mlp_width=3 * width)
+def _preset(name: str, width: int, **shape: Any) -> RecurrentGemmaConfig:
+    return RecurrentGemmaConfig(name=name, width=width, num_kv_heads=1, lru_width=width, mlp_width=3 * width,
+                                **shape)
 
 
 #: The published shapes: 2B (2.7B parameters) and 9B (8.6B), base and instruction-tuned.
-PRESETS: dict[str, RecurrentGemmaConfig] = {
-    c.name: c for c in [
-        _preset("recurrent_gemma_2b_en", 2560, 26, 10),
-        _preset("recurrent_gemma_instruct_2b_en", 2560, 26, 10),
-        _preset("recurrent_gemma_9b_en", 4096, 38, 16),
-        _preset("recurrent_gemma_instruct_9b_en", 4096, 38, 16),
-    ]
-}
-
-PRESET_HF_REPOS: dict[str, str] = {
-    "recurrent_gemma_2b_en": "google/recurrentgemma-2b",
-    "recurrent_gemma_instruct_2b_en": "google/recurrentgemma-2b-it",
-    "recurrent_gemma_9b_en": "google/recurrentgemma-9b",
-    "recurrent_gemma_instruct_9b_en": "google/recurrentgemma-9b-it",
-}
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    ("recurrent_gemma_2b_en", "recurrent_gemma_instruct_2b_en", "google/recurrentgemma-2b"):
+        dict(width=2560, num_layers=26, num_heads=10),
+    ("recurrent_gemma_9b_en", "recurrent_gemma_instruct_9b_en", "google/recurrentgemma-9b"):
+        dict(width=4096, num_layers=38, num_heads=16),
+})
 
 
 def tiny_config(**overrides: Any) -> RecurrentGemmaConfig:
@@ -217,7 +196,6 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
     rope = hf.get("rope_parameters") or {}
     width = int(hf["hidden_size"])
     heads = int(hf["num_attention_heads"])
-    eos = hf.get("eos_token_id", 1)
     return RecurrentGemmaConfig(
         vocab_size=int(hf["vocab_size"]), width=width, num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
@@ -227,18 +205,13 @@ def from_hf_config(hf: Mapping[str, Any]) -> RecurrentGemmaConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
         block_types=tuple(hf.get("block_types") or (RECURRENT, RECURRENT, ATTENTION)),
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 8192),
-        bos_token_id=int(hf.get("bos_token_id", 2)),
-        eos_token_id=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else (eos[0] if isinstance(eos, list)
-                                                                                else int(eos)),
-        pad_token_id=int(hf.get("pad_token_id") or 0), name=hf.get("_name_or_path", "") or "",
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 8192), **hf_config_tokens(hf),
     )
 
 
 def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
     """The config.json transformers needs to rebuild the same model (``max_position_embeddings`` only when
     it is not the default: transformers' RecurrentGemma has no such field)."""
-    eos = list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0]
     out = {
         "model_type": "recurrent_gemma", "architectures": ["RecurrentGemmaForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "intermediate_size": 2 * cfg.mlp_width,
@@ -250,8 +223,7 @@ def to_hf_config(cfg: RecurrentGemmaConfig) -> dict[str, Any]:
                             "partial_rotary_factor": cfg.partial_rotary_factor},
         "block_types": list(cfg.block_types), "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
-        "head_dim": cfg.head_dim, "torch_dtype": "float32",
+        **hf_tokens_entry(cfg), "head_dim": cfg.head_dim, "torch_dtype": "float32",
     }
     if cfg.max_position_embeddings != RecurrentGemmaConfig.max_position_embeddings:
         out["max_position_embeddings"] = cfg.max_position_embeddings
@@ -344,22 +316,16 @@ def init_params(cfg: RecurrentGemmaConfig, key: Array, dtype: Any = jnp.float32)
 #: float32 einsums), the Conv1D and the norms are not linear nodes: they are small (a few percent of the
 #: weights) and numerically sensitive, so they stay floating point and frozen.
 LINEARS: dict[str, tuple[tuple[str, ...], str, tuple[str, str], tuple[int, ...], str]] = {
-    "query": (("attention", "query"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "temporal_block.q_proj"),
-    "key": (("attention", "key"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-            "temporal_block.k_proj"),
-    "value": (("attention", "value"), "btd,ndh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (1,),
-              "temporal_block.v_proj"),
-    "attention_output": (("attention", "attention_output"), "btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"),
-                         (0, 1), "temporal_block.o_proj"),
+    # attention as the Gemma decoder's
+    **{name: (("attention", name), *gm.LINEAR_EQS[name], gm.KERNEL_IN_DIMS[name], "temporal_block." + module)
+       for name, module in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
+                            ("attention_output", "o_proj"))},
     "linear_x": (("linear_x",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_x"),
     "linear_y": (("linear_y",), "btd,dr->btr", ("btd,dk->btk", "btk,kr->btr"), (0,), "temporal_block.linear_y"),
     "linear_out": (("linear_out",), "btr,rd->btd", ("btr,rk->btk", "btk,kd->btd"), (0,),
                    "temporal_block.linear_out"),
-    "ffw_gating": (("ffw_gating",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "mlp_block.gate_proj"),
-    "ffw_gating_2": (("ffw_gating_2",), "btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,),
-                     "mlp_block.up_proj"),
-    "ffw_linear": (("ffw_linear",), "btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "mlp_block.down_proj"),
+    **{name: ((name,), *gm.LINEAR_EQS[name], gm.KERNEL_IN_DIMS[name], "mlp_block." + module)
+       for name, module in (("ffw_gating", "gate_proj"), ("ffw_gating_2", "up_proj"), ("ffw_linear", "down_proj"))},
 }
 
 #: The linear targets of each block kind (the MLP is in both).
@@ -793,14 +759,7 @@ def decode_step(params: Params, cfg: RecurrentGemmaConfig, cache: Params, tokens
 def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
     """gemmax path -> (HF name, or per-layer names for stacked weights; HF -> gemmax; gemmax -> HF)."""
     H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-
-    def heads_in(n: int) -> tuple[Callable, Callable]:  # [n*hd, D] <-> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
+    ident, tr = HF_SAME, HF_TRANSPOSED
     conv = (lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :])
     common = {
         "temporal_pre_norm/scale": ("temporal_pre_norm.weight", *ident),
@@ -829,10 +788,10 @@ def hf_table(cfg: RecurrentGemmaConfig) -> dict[str, HFEntry]:
             "linear_out/bias": ("temporal_block.linear_out.bias", *ident),
         },
         ATTENTION: {
-            "attention/query/kernel": ("temporal_block.q_proj.weight", *heads_in(H)),
-            "attention/key/kernel": ("temporal_block.k_proj.weight", *heads_in(K)),
-            "attention/value/kernel": ("temporal_block.v_proj.weight", *heads_in(K)),
-            "attention/attention_output/kernel": ("temporal_block.o_proj.weight", *out_proj),
+            "attention/query/kernel": ("temporal_block.q_proj.weight", *hf_heads_in(H, hd, D)),
+            "attention/key/kernel": ("temporal_block.k_proj.weight", *hf_heads_in(K, hd, D)),
+            "attention/value/kernel": ("temporal_block.v_proj.weight", *hf_heads_in(K, hd, D)),
+            "attention/attention_output/kernel": ("temporal_block.o_proj.weight", *hf_heads_out(H, hd, D)),
             "attention/attention_output/bias": ("temporal_block.o_proj.bias", *ident),
         },
     }
@@ -855,12 +814,10 @@ FAMILY = register(family_from(
     globals(), "recurrent_gemma",
     model_types=("recurrent_gemma",),
     config_type=RecurrentGemmaConfig,
-    presets=PRESETS,
-    preset_repos=PRESET_HF_REPOS,
+    presets=PRESETS, preset_repos=PRESET_HF_REPOS, tiny_config=tiny_config,
     # the output head is tied to the embedding; a checkpoint that also stores it loses nothing
     hf_ignorable=("rotary_emb.inv_freq", "lm_head.weight"),
     hf_architecture="RecurrentGemmaForCausalLM",
     gguf_arch=lambda cfg: None,  # llama.cpp has no RecurrentGemma architecture
     chat_format=lambda cfg: "gemma",
-    tiny_config=tiny_config,
 ))

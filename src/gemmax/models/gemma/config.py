@@ -8,11 +8,11 @@ docs/numerics.md for why each matters.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from gemmax.models.base import ConfigBase, hf_config_tokens, hf_tokens_entry
 from gemmax.nn.params import describe_size  # noqa: F401  (re-exported: sizes in presets' docs)
 
 LOCAL = "local"
@@ -23,14 +23,9 @@ HF_DECODER_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "llama")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters of one decoder-only model.
+class DecoderShape(ConfigBase):
+    """The shape every Gemma text decoder's config gives, with no defaults (:func:`hf_shape` writes it)."""
 
-    ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer: Gemma 2 alternates starting
-    with local, Gemma 3 repeats five local then one global, Gemma 1 and Llama are all global.
-    """
-
-    family: str  # "gemma" | "gemma2" | "gemma3" | "llama"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,6 +33,17 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int  # width of each of the gate / up branches
+
+
+@dataclass(frozen=True)
+class ModelConfig(DecoderShape):
+    """Hyper-parameters of one decoder-only model.
+
+    ``layer_types`` holds ``"local"`` (sliding window) or ``"global"`` per layer: Gemma 2 alternates starting
+    with local, Gemma 3 repeats five local then one global, Gemma 1 and Llama are all global.
+    """
+
+    family: str  # "gemma" | "gemma2" | "gemma3" | "llama"
     max_position_embeddings: int = 8192
     norm_eps: float = 1e-6
     # Gemma norms multiply by (1 + scale) with zero-centred scales; Llama by scale.
@@ -60,11 +66,9 @@ class ModelConfig:
     # then see a symmetric window, |q - k| <= sliding_window // 2, as transformers builds it. An encoder:
     # full forwards only, no generation.
     bidirectional: bool = False
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types",)
+    label = "decoder"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -94,15 +98,8 @@ class ModelConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    @property
     def local_theta(self) -> float:
         return self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
-
-    def replace(self, **kw: Any) -> ModelConfig:
-        return dataclasses.replace(self, **kw)
 
     def param_count(self) -> dict[str, int]:
         """Parameter counts from shapes alone (no weights), as the summary prints them."""
@@ -130,28 +127,6 @@ class ModelConfig:
             att += 2 * 2 * self.num_heads * self.head_dim * (ctx / 2 if ctx == t else ctx)
         mult = 3 if training else 1
         return mult * (2 * n + att)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layer_types"] = list(self.layer_types)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        d["layer_types"] = tuple(d.get("layer_types") or ())
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = tuple(d["eos_token_id"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -347,10 +322,28 @@ def _hf_rope(hf: dict[str, Any]) -> tuple[float, float | None, dict | None]:
     return theta, local, scaling
 
 
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list):
-        return tuple(v) if len(v) > 1 else v[0]
-    return v
+def layer_types_from_hf(types: Sequence[str]) -> tuple[str, ...]:
+    """transformers' ``layer_types`` (``sliding_attention`` / ``full_attention``) as local / global."""
+    return tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+
+
+def hf_layer_types(layer_types: Sequence[str]) -> list[str]:
+    """Local / global layers as transformers' ``layer_types``."""
+    return ["sliding_attention" if t == LOCAL else "full_attention" for t in layer_types]
+
+
+def hf_rope_parameters(full: dict[str, Any], local_theta: float) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` of a model with local and global layers: ``full``, the global
+    layers' (with their ``rope_theta``), and unscaled RoPE at ``local_theta`` on the local ones."""
+    return {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+
+
+def hf_shape(cfg: Any) -> dict[str, Any]:
+    """The ``config.json`` keys of a Gemma text decoder's shape, from any config with these field names."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps}
 
 
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
@@ -372,7 +365,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     theta, local_theta, scaling = _hf_rope(hf)
     types = hf.get("layer_types")
     if types:
-        layer_types = tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+        layer_types = layer_types_from_hf(types)
     elif family == "gemma2":
         layer_types = _gemma2_types(n)
     elif family == "gemma3":
@@ -416,10 +409,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         scale_embeddings=is_gemma,
         attention_bias=bool(hf.get("attention_bias", False)),
         bidirectional=bool(hf.get("use_bidirectional_attention") or False),
-        bos_token_id=_ids(hf.get("bos_token_id", 2)),
-        eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
@@ -431,25 +421,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
         "llama": ("llama", "LlamaForCausalLM"),
     }[cfg.family]
-    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
     hf: dict[str, Any] = {
         "model_type": arch[0],
         "architectures": [arch[1]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
+        **hf_shape(cfg),
         "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": cfg.pad_token_id,
+        **hf_tokens_entry(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
     }
@@ -464,15 +443,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.family in ("gemma2", "gemma3"):
         hf["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
         hf["sliding_window"] = cfg.sliding_window
-        hf["layer_types"] = ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types]
+        hf["layer_types"] = hf_layer_types(cfg.layer_types)
         hf["final_logit_softcapping"] = cfg.final_logit_softcap
         hf["attn_logit_softcapping"] = cfg.attn_logit_softcap
     if cfg.family == "gemma3":
         hf["rope_local_base_freq"] = cfg.local_theta
         hf["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-        hf["rope_parameters"] = {
-            "full_attention": dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta),
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_theta},
-        }
+        hf["rope_parameters"] = hf_rope_parameters(
+            dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta), cfg.local_theta)
         hf["use_bidirectional_attention"] = cfg.bidirectional
     return hf

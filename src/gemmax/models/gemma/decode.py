@@ -15,6 +15,7 @@ q/k norm + RoPE; with the kernels unavailable (no compiler, ``GEMMAX_CPU_KERNELS
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,8 +199,16 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
 def prompt_caches(cfg: ModelConfig, ks: Array, vs: Array, lengths: Array, window: int) -> dict[str, Array]:
     """Per-row caches in ``init_cache``'s layout from a prompt's keys and values of every layer
     ``[L, b, T, K, hd]``: global layers keep all ``T`` positions, local ones a ``window``-slot ring."""
+    return ring_caches(cfg.layer_types, ks, vs, lengths, window)
+
+
+def ring_caches(layer_types: Sequence[str], ks: Array, vs: Array, lengths: Array, window: int,
+                ) -> dict[str, Array]:
+    """``k/v_global`` and ``k/v_local`` from the keys and values ``[L, b, T, K, hd]`` of right-padded prompts
+    (true lengths [b]) of layers of these types: global layers keep all ``T`` positions, local ones a
+    ``window``-slot ring (the layout of every Gemma decoder's cache)."""
     t = ks.shape[2]
-    is_local, _, _ = _layer_slots(cfg)
+    is_local = np.array([tp == LOCAL for tp in layer_types])
     loc, glob = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
     caches = {}
     if len(glob):

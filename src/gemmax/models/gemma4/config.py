@@ -12,12 +12,12 @@ stacked on their own leading axis, because their shapes differ.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from gemmax.models.base import hf_config_tokens, hf_tokens_entry, preset_pairs
+from gemmax.models.gemma.config import DecoderShape, hf_layer_types, hf_rope_parameters, hf_shape, layer_types_from_hf
 from gemmax.nn.params import ParamSpec
 
 LOCAL = "local"
@@ -32,17 +32,10 @@ GROUPS = (("local", LOCAL, False), ("global", GLOBAL, False), ("local_shared", L
 
 
 @dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(DecoderShape):
     """Hyper-parameters of one Gemma 4 text decoder (field meanings in the module docstring and
     docs/gemma4.md). ``ple_dim`` 0 turns per-layer embeddings off, ``num_experts`` 0 the expert block."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
     layer_types: tuple[str, ...] = ()
     global_head_dim: int | None = None  # None: head_dim
     num_global_kv_heads: int | None = None  # None: num_kv_heads
@@ -65,12 +58,10 @@ class Gemma4Config:
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
-    bos_token_id: int = 2
-    eos_token_id: int | tuple[int, ...] = 1
-    pad_token_id: int = 0
-    name: str = ""
     family: str = "gemma4"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    tuple_fields = ("layer_types",)
+    label = "Gemma 4"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -109,10 +100,6 @@ class Gemma4Config:
     def ple_vocab(self) -> int:
         return self.ple_vocab_size or self.vocab_size
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
     # what the layers above read from every family's config (the trainer's chunked loss, the embedding)
     tie_embeddings = True
     scale_embeddings = True
@@ -141,9 +128,6 @@ class Gemma4Config:
     def mlp_width(self, shared: bool) -> int:
         return self.intermediate_size * (2 if self.double_wide_mlp and shared else 1)
 
-    def replace(self, **kw: Any) -> Gemma4Config:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
         """Parameter counts from the declared shapes; ``active`` counts top_k experts of each layer, and
         the per-layer embedding table (a lookup, like the token embedding) is counted apart."""
@@ -168,29 +152,6 @@ class Gemma4Config:
             hd = self.head_dim if lt == LOCAL else self.global_hd
             att += 2 * 2 * self.num_heads * hd * ctx / 2
         return (6.0 if training else 2.0) * matmul + (3.0 if training else 1.0) * att
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["layer_types"] = list(self.layer_types)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Gemma4Config:
-        d = dict(d)
-        d["layer_types"] = tuple(d.get("layer_types") or ())
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = tuple(d["eos_token_id"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown Gemma 4 config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ---- declarations: every weight's shape and logical axes ---------------------------------------------
@@ -287,12 +248,6 @@ def param_specs(cfg: Gemma4Config) -> dict[str, ParamSpec]:
 # ---- Hugging Face config.json <-> Gemma4Config ----------------------------------------------------------
 
 
-def _ids(v: Any) -> int | tuple[int, ...]:
-    if isinstance(v, list):
-        return tuple(v) if len(v) > 1 else v[0]
-    return v
-
-
 def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
     """A ``gemma4_text`` config.json (or the ``text_config`` of a multimodal ``gemma4`` one) -> Gemma4Config.
 
@@ -322,7 +277,7 @@ def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
     types = hf.get("layer_types") or [
         "full_attention" if (i + 1) % int(hf.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
         for i in range(n)]
-    layer_types = tuple(LOCAL if t == "sliding_attention" else GLOBAL for t in types)
+    layer_types = layer_types_from_hf(types)
     hd = int(hf.get("head_dim", 256))
     kv = int(hf.get("num_key_value_heads", 4))
     ghd, gkv = hf.get("global_head_dim"), hf.get("num_global_key_value_heads")
@@ -369,16 +324,12 @@ def from_hf_config(hf: dict[str, Any]) -> Gemma4Config:
         num_experts=int(hf.get("num_experts") or 0) if moe else 0,
         top_k=int(hf.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0) if moe else 0,
-        bos_token_id=_ids(hf.get("bos_token_id", 2)),
-        eos_token_id=_ids(hf.get("eos_token_id", 1)),
-        pad_token_id=_ids(hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0),
-        name=hf.get("_name_or_path", "") or "",
+        **hf_config_tokens(hf),
     )
 
 
 def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
     """The ``gemma4_text`` config.json of ``Gemma4ForCausalLM`` in the published key layout."""
-    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
     full: dict[str, Any] = {"rope_type": "proportional", "partial_rotary_factor": cfg.global_partial_rotary,
                             "rope_theta": cfg.rope_theta}
     if cfg.global_rope_factor != 1.0:
@@ -386,23 +337,14 @@ def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
     return {
         "model_type": "gemma4_text",
         "architectures": ["Gemma4ForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
+        **hf_shape(cfg),
         "global_head_dim": cfg.global_hd,
         "num_global_key_value_heads": cfg.num_global_kv_heads if cfg.attention_k_eq_v else None,
         "attention_k_eq_v": cfg.attention_k_eq_v,
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
         "sliding_window": cfg.sliding_window,
-        "layer_types": ["sliding_attention" if t == LOCAL else "full_attention" for t in cfg.layer_types],
-        "rope_parameters": {"full_attention": full,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        "layer_types": hf_layer_types(cfg.layer_types),
+        "rope_parameters": hf_rope_parameters(full, cfg.rope_local_theta),
         "final_logit_softcapping": cfg.final_logit_softcap,
         "hidden_size_per_layer_input": cfg.ple_dim,
         "vocab_size_per_layer_input": cfg.ple_vocab,
@@ -414,9 +356,7 @@ def to_hf_config(cfg: Gemma4Config) -> dict[str, Any]:
         "moe_intermediate_size": cfg.moe_intermediate_size or None,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": cfg.pad_token_id,
+        **hf_tokens_entry(cfg),
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
@@ -436,42 +376,28 @@ def _preset(name: str, **kw: Any) -> Gemma4Config:
     return Gemma4Config(**base)
 
 
-def _presets() -> dict[str, Gemma4Config]:
-    shapes = {
-        # dense: k = v global layers with 4 KV heads, 1024-token windows
-        "gemma4_31b": dict(hidden_size=5376, num_layers=60, num_heads=32, num_kv_heads=16, num_global_kv_heads=4,
-                           attention_k_eq_v=True, intermediate_size=21504, sliding_window=1024,
-                           layer_types=_pattern(60, 6), max_position_embeddings=262144),
-        # 128 experts top 8 beside a dense MLP in every layer
-        "gemma4_26b_a4b": dict(hidden_size=2816, num_layers=30, num_heads=16, num_kv_heads=8, num_global_kv_heads=2,
-                               attention_k_eq_v=True, intermediate_size=2112, sliding_window=1024,
-                               layer_types=_pattern(30, 6), max_position_embeddings=262144, num_experts=128,
-                               top_k=8, moe_intermediate_size=704),
-        # per-layer embeddings, the last 20 layers reading shared keys and values with double-wide MLPs
-        "gemma4_e2b": dict(hidden_size=1536, num_layers=35, num_kv_heads=1, intermediate_size=6144,
-                           sliding_window=512, layer_types=_pattern(35, 5), ple_dim=256, ple_vocab_size=262144,
-                           num_kv_shared_layers=20, double_wide_mlp=True),
-        "gemma4_e4b": dict(hidden_size=2560, num_layers=42, num_kv_heads=2, intermediate_size=10240,
-                           sliding_window=512, layer_types=_pattern(42, 6), ple_dim=256, ple_vocab_size=262144,
-                           num_kv_shared_layers=18),
-    }
-    out = {}
-    for base, kw in shapes.items():
-        out[base] = _preset(base, **kw)
-        out[base + "_it"] = _preset(base + "_it", **kw)
-    return out
-
-
-PRESETS: dict[str, Gemma4Config] = _presets()
-
-#: Hub repositories of the presets (multimodal checkpoints: loading one reads its vision tower too, as the
-#: ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
-PRESET_HF_REPOS: dict[str, str] = {
-    "gemma4_31b": "google/gemma-4-31B", "gemma4_31b_it": "google/gemma-4-31B-it",
-    "gemma4_26b_a4b": "google/gemma-4-26B-A4B", "gemma4_26b_a4b_it": "google/gemma-4-26B-A4B-it",
-    "gemma4_e2b": "google/gemma-4-E2B", "gemma4_e2b_it": "google/gemma-4-E2B-it",
-    "gemma4_e4b": "google/gemma-4-E4B", "gemma4_e4b_it": "google/gemma-4-E4B-it",
-}
+#: The published shapes, base and instruction-tuned (multimodal checkpoints: loading one reads its vision tower
+#: too, as the ``gemma4_vision`` family; the presets' shapes and counts are the text decoder's).
+PRESETS, PRESET_HF_REPOS = preset_pairs(_preset, {
+    # dense: k = v global layers with 4 KV heads, 1024-token windows
+    ("gemma4_31b", "gemma4_31b_it", "google/gemma-4-31B"):
+        dict(hidden_size=5376, num_layers=60, num_heads=32, num_kv_heads=16, num_global_kv_heads=4,
+             attention_k_eq_v=True, intermediate_size=21504, sliding_window=1024, layer_types=_pattern(60, 6),
+             max_position_embeddings=262144),
+    # 128 experts top 8 beside a dense MLP in every layer
+    ("gemma4_26b_a4b", "gemma4_26b_a4b_it", "google/gemma-4-26B-A4B"):
+        dict(hidden_size=2816, num_layers=30, num_heads=16, num_kv_heads=8, num_global_kv_heads=2,
+             attention_k_eq_v=True, intermediate_size=2112, sliding_window=1024, layer_types=_pattern(30, 6),
+             max_position_embeddings=262144, num_experts=128, top_k=8, moe_intermediate_size=704),
+    # per-layer embeddings, the last 20 layers reading shared keys and values with double-wide MLPs
+    ("gemma4_e2b", "gemma4_e2b_it", "google/gemma-4-E2B"):
+        dict(hidden_size=1536, num_layers=35, num_kv_heads=1, intermediate_size=6144, sliding_window=512,
+             layer_types=_pattern(35, 5), ple_dim=256, ple_vocab_size=262144, num_kv_shared_layers=20,
+             double_wide_mlp=True),
+    ("gemma4_e4b", "gemma4_e4b_it", "google/gemma-4-E4B"):
+        dict(hidden_size=2560, num_layers=42, num_kv_heads=2, intermediate_size=10240, sliding_window=512,
+             layer_types=_pattern(42, 6), ple_dim=256, ple_vocab_size=262144, num_kv_shared_layers=18),
+})
 
 
 def tiny_config(**overrides: Any) -> Gemma4Config:

@@ -186,17 +186,9 @@ def decode_step(params: dict, cfg: Gemma4Config, cache: dict, tokens: Array, pos
 
         return run
 
-    fns = [branch(g) for g in names]
-
-    def body(state, xs):
-        x, carry = state
-        g, i, ple_i = xs
-        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i)
-        return (x, carry), out
-
     ple_xs = ple if ple is not None else jnp.zeros((cfg.num_layers,), dtype)
     carry0 = {lt: (z, z) for lt, z in zero_new.items()}
-    (x, _), new = jax.lax.scan(body, (x, carry0), (jnp.asarray(gid), jnp.asarray(gpos), ple_xs))
+    (x, _), new = m4.scan_groups([branch(g) for g in names], x, carry0, gid, gpos, ple_xs)
     cache = dict(cache)
     if own[LOCAL]:
         ids = np.asarray(own[LOCAL])

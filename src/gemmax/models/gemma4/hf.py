@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gemmax.models.base import HF_SAME, HF_TRANSPOSED
+from gemmax.models.gemma.hf import LayerEntry, kv_entries, layer_entries, norm_entries
 from gemmax.models.gemma4.config import Gemma4Config
 from gemmax.models.gemma4.model import group_dims, has_value_proj
 
@@ -35,72 +37,40 @@ def hf_unused(cfg: Gemma4Config) -> tuple[str, ...]:
 Entry = tuple[str | list[str], Callable, Callable]
 
 
-def _group_map(cfg: Gemma4Config, group: str) -> dict[str, tuple[str, Callable, Callable]]:
-    D, H = cfg.hidden_size, cfg.num_heads
+def _group_map(cfg: Gemma4Config, group: str) -> dict[str, LayerEntry]:
     _, shared, hd, K = group_dims(cfg, group)
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-
-    def heads_in(n: int):  # [n*hd, D] -> [n, D, hd]
-        return (lambda w: w.reshape(n, hd, D).transpose(0, 2, 1),
-                lambda w: w.transpose(0, 2, 1).reshape(n * hd, D))
-
-    out_proj = (lambda w: w.reshape(D, H, hd).transpose(1, 2, 0),
-                lambda w: w.transpose(2, 0, 1).reshape(D, H * hd))
-    scalar = (lambda w: w.reshape(()), lambda w: w.reshape(1))
-    swap = (lambda w: w.transpose(0, 2, 1), lambda w: w.transpose(0, 2, 1))
-    p = "model.layers.{i}."
-    m: dict[str, tuple[str, Callable, Callable]] = {
-        "pre_attention_norm/scale": (p + "input_layernorm.weight", *ident),
-        "attention/query/kernel": (p + "self_attn.q_proj.weight", *heads_in(H)),
-        "attention/query_norm/scale": (p + "self_attn.q_norm.weight", *ident),
-        "attention/attention_output/kernel": (p + "self_attn.o_proj.weight", *out_proj),
-        "post_attention_norm/scale": (p + "post_attention_layernorm.weight", *ident),
-        "pre_ffw_norm/scale": (p + "pre_feedforward_layernorm.weight", *ident),
-        "post_ffw_norm/scale": (p + "post_feedforward_layernorm.weight", *ident),
-        "ffw_gating/kernel": (p + "mlp.gate_proj.weight", *tr),
-        "ffw_gating_2/kernel": (p + "mlp.up_proj.weight", *tr),
-        "ffw_linear/kernel": (p + "mlp.down_proj.weight", *tr),
-        "layer_scalar": (p + "layer_scalar", *scalar),
-    }
+    m = layer_entries(cfg.num_heads, hd, cfg.hidden_size)
+    m["layer_scalar"] = ("layer_scalar", lambda w: w.reshape(()), lambda w: w.reshape(1))
     if not shared:
-        m["attention/key/kernel"] = (p + "self_attn.k_proj.weight", *heads_in(K))
-        m["attention/key_norm/scale"] = (p + "self_attn.k_norm.weight", *ident)
-        if has_value_proj(cfg, group):
-            m["attention/value/kernel"] = (p + "self_attn.v_proj.weight", *heads_in(K))
+        m.update(kv_entries(K, hd, cfg.hidden_size, values=has_value_proj(cfg, group)))
     if cfg.num_experts:
-        m.update({
-            "router/kernel": (p + "router.proj.weight", *tr),
-            "router/scale": (p + "router.scale", *ident),
-            "router/expert_scale": (p + "router.per_expert_scale", *ident),
-            "experts/gate_up/kernel": (p + "experts.gate_up_proj", *swap),
-            "experts/down/kernel": (p + "experts.down_proj", *swap),
-            "post_ffw_norm_1/scale": (p + "post_feedforward_layernorm_1.weight", *ident),
-            "pre_ffw_norm_2/scale": (p + "pre_feedforward_layernorm_2.weight", *ident),
-            "post_ffw_norm_2/scale": (p + "post_feedforward_layernorm_2.weight", *ident),
-        })
+        swap = (lambda w: w.transpose(0, 2, 1), lambda w: w.transpose(0, 2, 1))
+        m["router/kernel"] = ("router.proj.weight", *HF_TRANSPOSED)
+        m["router/scale"] = ("router.scale", *HF_SAME)
+        m["router/expert_scale"] = ("router.per_expert_scale", *HF_SAME)
+        m["experts/gate_up/kernel"] = ("experts.gate_up_proj", *swap)
+        m["experts/down/kernel"] = ("experts.down_proj", *swap)
+        m.update(norm_entries({"post_ffw_norm_1": "post_feedforward_layernorm_1",
+                               "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+                               "post_ffw_norm_2": "post_feedforward_layernorm_2"}))
     if cfg.ple_dim:
-        m.update({
-            "ple_gate/kernel": (p + "per_layer_input_gate.weight", *tr),
-            "ple_projection/kernel": (p + "per_layer_projection.weight", *tr),
-            "post_ple_norm/scale": (p + "post_per_layer_input_norm.weight", *ident),
-        })
+        m["ple_gate/kernel"] = ("per_layer_input_gate.weight", *HF_TRANSPOSED)
+        m["ple_projection/kernel"] = ("per_layer_projection.weight", *HF_TRANSPOSED)
+        m.update(norm_entries({"post_ple_norm": "post_per_layer_input_norm"}))
     return m
 
 
 def hf_table(cfg: Gemma4Config) -> dict[str, Entry]:
     """gemmax path -> (HF name, or one per stacked layer; HF -> gemmax; gemmax -> HF)."""
-    ident = (lambda w: w, lambda w: w)
     table: dict[str, Entry] = {
-        "token_embedding/embeddings": ("model.embed_tokens.weight", *ident),
-        "final_normalization/scale": ("model.norm.weight", *ident),
+        "token_embedding/embeddings": ("model.embed_tokens.weight", *HF_SAME),
+        "final_normalization/scale": ("model.norm.weight", *HF_SAME),
     }
     if cfg.ple_dim:
-        table["per_layer_embedding/embeddings"] = ("model.embed_tokens_per_layer.weight", *ident)
-        table["per_layer_projection/kernel"] = ("model.per_layer_model_projection.weight",
-                                                lambda w: w.T, lambda w: w.T)
-        table["per_layer_projection_norm/scale"] = ("model.per_layer_projection_norm.weight", *ident)
+        table["per_layer_embedding/embeddings"] = ("model.embed_tokens_per_layer.weight", *HF_SAME)
+        table["per_layer_projection/kernel"] = ("model.per_layer_model_projection.weight", *HF_TRANSPOSED)
+        table["per_layer_projection_norm/scale"] = ("model.per_layer_projection_norm.weight", *HF_SAME)
     for g, ids in cfg.group_layers().items():
-        for sub, (tmpl, fwd, inv) in _group_map(cfg, g).items():
-            table[f"decoder_block/{g}/{sub}"] = ([tmpl.format(i=i) for i in ids], fwd, inv)
+        for sub, (name, fwd, inv) in _group_map(cfg, g).items():
+            table[f"decoder_block/{g}/{sub}"] = ([f"model.layers.{i}.{name}" for i in ids], fwd, inv)
     return table

@@ -20,7 +20,7 @@ each head half (proportional RoPE: frequencies over the whole head dimension, th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,16 +30,7 @@ import numpy as np
 from gemmax.models.base import UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config, group_dims, has_value_proj, param_specs
-from gemmax.nn.layers import (
-    activation_fn,
-    apply_rope,
-    attention_mask,
-    dot_attention,
-    einsum,
-    linear,
-    rope_sin_cos,
-    softcap,
-)
+from gemmax.nn.layers import activation_fn, apply_rope, attention_mask, dot_attention, einsum, linear, rope_sin_cos
 from gemmax.nn.layers import remat as remat_layer
 from gemmax.nn.params import LinearNode, init_from_specs
 from gemmax.nn.quant import dequantize_kernel
@@ -393,19 +384,24 @@ def run_layers(params: Params, cfg: Gemma4Config, x: Array, positions: Array, pl
 
         return run
 
-    fns = [branch(g) for g in names]
+    ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
+    carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
+    (x, carry), kvs = scan_groups([branch(g) for g in names], x, carry, gid, pos, ple_xs, remat)
+    return x, kvs, carry
 
+
+def scan_groups(fns: Sequence[Callable], x: Array, carry: Any, gid: Any, pos: Any, ple: Array,
+                remat: str | None = None) -> tuple[tuple[Array, Any], Any]:
+    """Scan layers of several groups: layer ``l`` runs ``fns[gid[l]](pos[l], x, carry, ple[l]) -> (x, carry,
+    out)``, its group's branch at its index in the group (one ``lax.switch``: the compiled body holds each
+    group's layer once) -> ((x, carry), the outs stacked over the layers)."""
     def body(state, xs):
         x, carry = state
         g, i, ple_i = xs
-        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i) if len(fns) > 1 else fns[0](i, x, carry, ple_i)
+        x, carry, out = jax.lax.switch(g, fns, i, x, carry, ple_i)
         return (x, carry), out
 
-    body = remat_layer(body, remat)
-    ple_xs = ple[layers.start:layers.stop] if ple is not None else jnp.zeros((len(layers),), dtype)
-    carry = _kv_shapes(cfg, b, t, dtype) if carry is None else carry
-    (x, carry), kvs = jax.lax.scan(body, (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple_xs))
-    return x, kvs, carry
+    return jax.lax.scan(remat_layer(body, remat), (x, carry), (jnp.asarray(gid), jnp.asarray(pos), ple))
 
 
 def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: Array | None = None,
@@ -432,12 +428,9 @@ def forward_hidden(params: Params, cfg: Gemma4Config, tokens: Array, positions: 
 
 
 def logits_from_hidden(params: Params, cfg: Gemma4Config, hidden: Array) -> Array:
-    """Hidden [B, T, D] -> float32 logits through the tied embedding, final soft-cap applied."""
-    node = params["token_embedding"]
-    logits = einsum("btd,vd->btv", hidden, node["embeddings"], jnp.float32)
-    if "scale" in node:
-        logits = logits * node["scale"].astype(jnp.float32)
-    return softcap(logits, cfg.final_logit_softcap)
+    """Hidden [B, T, D] -> float32 logits through the tied embedding, final soft-cap applied: the Gemma
+    decoder's head (``Gemma4Config.tie_embeddings`` is always true)."""
+    return gm.logits_from_hidden(params, cfg, hidden)
 
 
 def forward(params: Params, cfg: Gemma4Config, tokens: Array, positions: Array | None = None,

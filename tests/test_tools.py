@@ -21,7 +21,7 @@ import gemmax
 from gemmax.api import CausalLM
 from gemmax.engine.generate import Engine
 from gemmax.io.tokenizer import apply_chat_template
-from gemmax.io.tool_calls import ToolCall, call_start, parse_calls
+from gemmax.io.tool_calls import ToolCall, call_start, call_state, parse_calls
 from gemmax.models import base
 from gemmax.serve.errors import APIError
 from gemmax.serve.server import create_app
@@ -170,8 +170,20 @@ def test_stream_splitter() -> None:
     assert "".join(s.feed(ch) for ch in "a <|tool_ x") == "a <|tool_ x"  # not an opener after all
     req = parse_request({"tools": [WEATHER]}, "gemma")
     s = ToolStream(req)
-    assert s.feed("Use {braces}") == "Use " and s.finish("stop") == ("{braces}", [], "stop")
+    assert s.feed("Use {braces}") == "Use {braces}" and s.finish("stop") == ("", [], "stop")  # not a call
     assert call_start("no call", "gemma") is None
+    # JSON formats: text is held only while it may still open a call, then to the end once one has opened
+    text = 'Set {x} and [1, 2], then:\n```json\n{ "name": "get_weather", "parameters": {"city": "Oslo"}}\n```'
+    for piece_len in (1, 3, 1000):
+        s = ToolStream(req)
+        sent = "".join(s.feed(text[i:i + piece_len]) for i in range(0, len(text), piece_len))
+        assert sent == "Set {x} and [1, 2], then:\n", (piece_len, sent)
+        rest, calls, reason = s.finish("stop")
+        assert rest == "" and calls == [ToolCall("get_weather", {"city": "Oslo"})] and reason == "tool_calls"
+    for held, state in (("{", "maybe"), ('{ "na', "maybe"), ('{"name"', "yes"), ('[{"arguments"', "yes"),
+                        ("```", "maybe"), ("```py", "no"), ("{x", "no"), ("[1", "no"), ("<|tool_", "no")):
+        assert call_state(held, "gemma") == state, held
+    assert [call_state(t, "gemma4") for t in ("<|tool_", "<|tool_call>call:", "<|toolx")] == ["maybe", "yes", "no"]
 
 
 def test_forced_calls_and_schema_check() -> None:

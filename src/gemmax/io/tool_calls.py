@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ToolCall", "Parsed", "ForcedCall", "forced_call", "parse_calls", "call_start", "call_opener",
+__all__ = ["ToolCall", "Parsed", "ForcedCall", "forced_call", "parse_calls", "call_start", "call_state", "call_opener",
            "call_closer", "call_error", "JSON_FAMILIES"]
 
 #: chat formats whose calls are JSON objects
@@ -118,6 +118,45 @@ def call_start(text: str, family: str) -> int | None:
         return None
     starts = [i for i in (text.find("{"), text.find("["), text.find("`")) if i >= 0]
     return min(starts) if starts else None
+
+
+#: how a JSON call object may open (whitespace after the brace aside)
+_JSON_OPENINGS = ('{"name"', '{"parameters"', '{"arguments"')
+
+
+def call_state(text: str, family: str) -> str:
+    """Whether ``text``, which begins where :func:`call_start` says a call may, is one: "yes" once a call's
+    opening is written (``<|tool_call>``; ``{"name"`` or a list or fence holding one), "maybe" while the text
+    is still a prefix of such an opening, "no" when it cannot be one (``{braces}`` in prose). A stream holds
+    "maybe" text, sends "no" text on, and holds a "yes" call to the end."""
+    if family == "gemma4":
+        return "yes" if text.startswith(G4_CALL) else "maybe" if G4_CALL.startswith(text) else "no"
+    s = text
+    if s.startswith("`") or "```".startswith(s):
+        if "```".startswith(s):
+            return "maybe"
+        if not s.startswith("```"):
+            return "no"
+        nl = s.find("\n", 3)
+        lang = s[3:] if nl < 0 else s[3:nl]
+        if lang.strip() not in ("", "json", "tool_code", "tool_call") and not any(
+                w.startswith(lang.strip()) for w in ("json", "tool_code", "tool_call")):
+            return "no"
+        if nl < 0:
+            return "maybe"
+        s = s[nl + 1:].lstrip()
+        if not s:
+            return "maybe"
+    if s.startswith("["):
+        s = s[1:].lstrip()
+        if not s:
+            return "maybe"
+    if not s.startswith("{"):
+        return "no"
+    compact = "{" + s[1:].lstrip()
+    if any(compact.startswith(o) for o in _JSON_OPENINGS):
+        return "yes"
+    return "maybe" if any(o.startswith(compact) for o in _JSON_OPENINGS) else "no"
 
 
 def parse_calls(text: str, family: str) -> Parsed:

@@ -28,6 +28,7 @@ from gemmax.io.tool_calls import (
     arguments_json,
     call_error,
     call_start,
+    call_state,
     forced_call,
     parse_calls,
 )
@@ -200,8 +201,10 @@ def openai_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
 
 class ToolStream:
     """One streamed choice's text, split as it arrives: text that cannot be part of a call is sent as content
-    at once; from where a call may begin (:func:`gemmax.io.tool_calls.call_start`) the text is held until the
-    answer ends, then parsed (:func:`finish_answer`). A forced call holds everything."""
+    at once; where a call may begin (:func:`gemmax.io.tool_calls.call_start`) the text is held while it may
+    still open one (:func:`~gemmax.io.tool_calls.call_state`), sent on once it cannot (``{braces}`` in
+    prose), and held to the end of the answer once a call has opened, then parsed (:func:`finish_answer`). A
+    forced call holds everything."""
 
     def __init__(self, req: ToolRequest):
         self.req = req
@@ -214,12 +217,25 @@ class ToolStream:
         self.text += piece
         if self.held:
             return ""
-        start = call_start(self.text[self.sent:], self.req.family)
-        end = len(self.text) if start is None else self.sent + start
-        if start is not None and (self.req.family != "gemma4" or self.text.startswith("<|tool_call>", end)):
-            self.held = True
-        out, self.sent = self.text[self.sent:end], end
-        return out
+        out = []
+        while True:
+            start = call_start(self.text[self.sent:], self.req.family)
+            if start is None:
+                out.append(self.text[self.sent:])
+                self.sent = len(self.text)
+                break
+            at = self.sent + start
+            out.append(self.text[self.sent:at])
+            self.sent = at
+            state = call_state(self.text[at:], self.req.family)
+            if state == "yes":
+                self.held = True
+                break
+            if state == "maybe":
+                break
+            out.append(self.text[at])  # it opens no call: send it and look further on
+            self.sent = at + 1
+        return "".join(out)
 
     def finish(self, reason: str) -> tuple[str, list[ToolCall], str]:
         """(content not yet sent, calls, finish reason) once the choice is done."""

@@ -306,7 +306,7 @@ def _text_name(name: str) -> str:
     return "language_model." + name
 
 
-def decoder_and_tower_hf_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
+def decoder_and_tower_hf_table(cfg: Any) -> dict[str, tuple[str | list[str], Any, Any]]:
     """The published names of the Gemma decoder (under ``language_model.``) and of the SigLIP tower (under
     ``vision_tower.vision_model.``): every weight but the projector's, for PaliGemma and Gemma 3 alike."""
     t: dict[str, tuple[str | list[str], Any, Any]] = {}

@@ -54,6 +54,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_heads: int = 12
     num_kv_heads: int = 12
+    """Key / value heads (HF ``num_key_value_heads``): ``num_heads`` is a multiple of it, each group of query heads
+    sharing one."""
     head_dim: int = 64
     patch_size: int = 16
     pool: int = 3

@@ -40,23 +40,20 @@ import numpy as np
 
 from gemmax.models import paligemma as pg
 from gemmax.models import siglip as vision
-from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
-from gemmax.models.gemma import hf as gemma_hf
+from gemmax.models.base import XLA, KerasSpec
 from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import ModelConfig
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.models.paligemma import (  # noqa: F401  (this family's functions too, found by family_from)
-    commit_text,
     decode_step,
-    extend_text,
     init_cache,
     insert,
     logits_from_hidden,
 )
 from gemmax.nn.layers import rms_norm
-from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
+from gemmax.nn.params import LinearNode, ParamSpec
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -64,13 +61,9 @@ Params = dict[str, Any]
 #: The placeholder a prompt (or the chat template) writes where an image goes.
 IMAGE_PLACEHOLDER = "<start_of_image>"
 
-#: Fields of the decoder's config that a Gemma3VisionConfig answers for it.
-_TEXT_FIELDS = frozenset({"vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "pad_token_id",
-                          "eos_ids", "tie_embeddings", "final_logit_softcap"})
-
 
 @dataclass(frozen=True)
-class Gemma3VisionConfig:
+class Gemma3VisionConfig(pg.TextDelegate):
     """A Gemma 3 decoder config (``text``), a SigLIP tower config (``vision``), the soft tokens per image and
     the three image ids. The fields every family's config exposes (vocabulary, special ids, context)
     delegate to the decoder."""
@@ -103,24 +96,8 @@ class Gemma3VisionConfig:
     def num_image_tokens(self) -> int:
         return self.tokens_per_image
 
-    def __getattr__(self, name: str) -> Any:
-        # The decoder's fields every family's config exposes, and the tied head and final soft-cap the
-        # trainer's chunked loss reads, are the text config's.
-        if name in _TEXT_FIELDS:
-            return getattr(self.text, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def replace(self, **kw: Any) -> Gemma3VisionConfig:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
-        total = sum(s.size for s in param_specs(self).values())
-        embed = self.text.vocab_size * self.text.hidden_size
-        return {"total": total, "embedding": embed, "non_embedding": total - embed}
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """The decoder's FLOPs per token (the tower runs once per image, not per token)."""
-        return self.text.flops_per_token(seq_len, training)
+        return pg.tied_param_count(param_specs(self), self.text)
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "name": self.name, "tokens_per_image": self.tokens_per_image,
@@ -193,15 +170,8 @@ def to_hf_config(cfg: Gemma3VisionConfig) -> dict[str, Any]:
             "tie_word_embeddings": True, "initializer_range": 0.02}
 
 
-#: Published text shapes (the rest is ``TEXT_DEFAULTS``): 4B, 12B, 27B.
-_TEXT_SHAPES = {
-    "4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "27b": dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
-                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
-}
+#: Published text shapes (the rest is ``TEXT_DEFAULTS``): Gemma 3 4B, 12B, 27B.
+_TEXT_SHAPES = {size: pg.decoder_shape(f"gemma3_{size}") for size in ("4b", "12b", "27b")}
 
 
 def _preset(name: str, shape: dict[str, Any]) -> Gemma3VisionConfig:
@@ -234,16 +204,11 @@ def tiny_config(**overrides: Any) -> Gemma3VisionConfig:
                            "eoi_token_index": 298}
     rename = {"tokens_per_image": "mm_tokens_per_image", "image_token_id": "image_token_index",
               "boi_token_id": "boi_token_index", "eoi_token_id": "eoi_token_index"}
-    name = "tiny_gemma3_vision"
-    for k, v in overrides.items():
-        if k.startswith("text_"):
-            tc[k[5:]] = v
-        elif k.startswith("vision_"):
-            vc[k[7:]] = v
-        elif k == "name":
-            name = v
-        else:
-            top[rename.get(k, k)] = v
+    text_over, vision_over, own = pg.split_overrides(overrides)
+    tc.update(text_over)
+    vc.update(vision_over)
+    name = own.pop("name", "tiny_gemma3_vision")
+    top.update({rename.get(k, k): v for k, v in own.items()})
     cfg = from_hf_config({"model_type": "gemma3", "text_config": tc, "vision_config": vc, **top})
     return cfg.replace(name=name, text=cfg.text.replace(name=name))
 
@@ -266,11 +231,7 @@ def param_specs(cfg: Gemma3VisionConfig) -> dict[str, ParamSpec]:
 
 def init_params(cfg: Gemma3VisionConfig, key: Array, dtype: Any = jnp.float32) -> Params:
     """The decoder as the Gemma family initialises it; the tower and projector from their specs."""
-    k1, k2 = jax.random.split(key)
-    flat = flatten(gm.init_params(cfg.text, k1, dtype))
-    specs = {p: s for p, s in param_specs(cfg).items() if p.startswith((vision.PREFIX, PROJECTOR + "/"))}
-    flat.update(flatten(init_from_specs(specs, k2, dtype)))
-    return unflatten(flat)
+    return pg.init_with_decoder(cfg, param_specs(cfg), gm.init_params, key, dtype)
 
 
 #: transformers (5) module prefixes of the two layer lists, as PEFT names adapters on
@@ -300,11 +261,7 @@ HF_IGNORABLE = pg.HF_IGNORABLE
 
 def hf_table(cfg: Gemma3VisionConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
     """gemmax path -> (published HF name, or one per layer; HF -> gemmax; gemmax -> HF) for every weight."""
-    t: dict[str, tuple[str | list[str], Any, Any]] = {}
-    for path, (names, f, g) in gemma_hf.hf_table(cfg.text).items():
-        t[path] = (("language_model." + names) if isinstance(names, str)
-                   else ["language_model." + n for n in names], f, g)
-    t.update(vision.hf_table(cfg.vision, "vision_tower.vision_model."))
+    t = pg.decoder_and_tower_hf_table(cfg)
     ident = (lambda w: w, lambda w: w)
     # transformers keeps the projection as a [vision width, text width] parameter used as x @ W: no transpose
     t[PROJECTOR + "/input_projection/kernel"] = ("multi_modal_projector.mm_input_projection_weight", *ident)
@@ -331,17 +288,8 @@ def image_features(params: Params, cfg: Gemma3VisionConfig, pixel_values: Array,
 
 def embed_inputs(params: Params, cfg: Gemma3VisionConfig, tokens: Array, pixel_values: Array | None) -> Array:
     """Token embeddings (scaled by sqrt(d)) with the soft-token positions replaced by the images' features
-    (not scaled), filled in reading order over the whole batch (transformers' ``masked_scatter``)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    is_img = tokens == cfg.image_token_id
-    safe = jnp.where(is_img & (cfg.image_token_id >= cfg.text.vocab_size), 0, tokens)
-    x = gm.embed(params, cfg.text, safe)
-    if pixel_values is None:
-        return x
-    feats = image_features(params, cfg, pixel_values, x.dtype)
-    flat = feats.reshape(-1, feats.shape[-1])
-    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(tokens.shape)
-    return jnp.where(is_img[..., None], jnp.take(flat, idx, axis=0), x)
+    (not scaled), as :func:`gemmax.models.paligemma.embed_with_features`."""
+    return pg.embed_with_features(params, cfg, tokens, pixel_values, image_features)
 
 
 def image_blocks(types: Array) -> Array:
@@ -371,17 +319,13 @@ def image_block_mask(q_idx: Array, k_idx: Array, q_block: Array, k_block: Array,
     return m
 
 
-def _types(cfg: Gemma3VisionConfig, tokens: Array, token_type_ids: Any, b: int, t: int) -> Array:
-    """``token_type_ids`` as int [b, t]: the given ones (padded with 0 past their end) or, without them, 1
-    wherever the token is the image soft token (what ``Gemma3Processor`` writes)."""
-    if token_type_ids is None:
-        return (tokens == cfg.image_token_id).astype(jnp.int32)
-    tt = jnp.asarray(token_type_ids, jnp.int32)
-    tt = tt.reshape(1, -1) if tt.ndim == 1 else tt
-    if tt.shape[1] > t:
-        raise ValueError(f"token_type_ids has {tt.shape[1]} entries, the prompt {t} tokens")
-    tt = jnp.pad(tt, ((0, 0), (0, t - tt.shape[1])))
-    return jnp.broadcast_to(tt, (b, t))
+def soft_token_types(tokens: Array, image_token_id: int, type_ids: Any, b: int, t: int,
+                     name: str = "token_type_ids") -> Array:
+    """Type ids ``name`` as int [b, t]: the given ones (padded with 0 past their end) or, without them, 1
+    wherever the token is the image soft token (what the processors of Gemma 3 and Gemma 4 write)."""
+    if type_ids is None:
+        return (tokens == image_token_id).astype(jnp.int32)
+    return pg.pad_type_ids(type_ids, b, t, 0, name)
 
 
 def forward_hidden(params: Params, cfg: Gemma3VisionConfig, tokens: Array, positions: Array | None = None,
@@ -398,7 +342,7 @@ def forward_hidden(params: Params, cfg: Gemma3VisionConfig, tokens: Array, posit
     b, t = x.shape[:2]
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = idx if positions is None else jnp.asarray(positions, jnp.int32)
-    blocks = image_blocks(_types(cfg, tokens, token_type_ids, b, t))
+    blocks = image_blocks(soft_token_types(tokens, cfg.image_token_id, token_type_ids, b, t))
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     return pg.decoder_hidden(params, tc, x, positions,
                              lambda window: image_block_mask(idx, idx, blocks, blocks, window, seg, seg), remat)
@@ -427,16 +371,11 @@ def prefill(params: Params, cfg: Gemma3VisionConfig, tokens: Array, lengths: Arr
     native CPU kernels).
     """
     del backend
-    tc = cfg.text
-    tokens = jnp.asarray(tokens, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    b, t = tokens.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = idx < lengths[:, None]
-    types = jnp.where(valid, _types(cfg, tokens, token_type_ids, b, t), 0)
+    tokens, lengths, idx, valid = pg.prompt_rows(tokens, lengths)
+    types = jnp.where(valid, soft_token_types(tokens, cfg.image_token_id, token_type_ids, *tokens.shape), 0)
     blocks = image_blocks(types)
     x = embed_inputs(params, cfg, tokens, pixel_values)
-    return pg.decoder_prefill(params, tc, x, lengths, max_len,
+    return pg.decoder_prefill(params, cfg.text, x, lengths, max_len,
                               lambda window: image_block_mask(idx, idx, blocks, blocks, window, k_valid=valid))
 
 
@@ -628,24 +567,16 @@ def to_keras_config(cfg: Gemma3VisionConfig) -> tuple[str, dict[str, Any], str, 
 
 def keras_table(cfg: Gemma3VisionConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
     """gemmax path -> (H5 dataset, or one per layer; Keras -> gemmax; gemmax -> Keras) for every weight."""
-    ident = (lambda w: w, lambda w: w)
-    t: dict[str, tuple[str | list[str], Any, Any]] = {
-        "token_embedding/embeddings": ("layers/reversible_embedding/vars/0", *ident),
-        "final_normalization/scale": ("layers/rms_normalization/vars/0", *ident),
-        PROJECTOR + "/soft_embedding_norm/scale": (KERAS_OUTPUT + "vision_soft_embedding_norm/vars/0", *ident),
-        PROJECTOR + "/input_projection/kernel": (KERAS_OUTPUT + "vision_input_projection/vars/0", *ident),
-    }
-    t.update(gemma_keras.decoder_table(cfg.text, "gemma3_decoder_block"))
-    t.update(vision.keras_table(cfg.vision, KERAS_ENCODER, "gemma3_vision_encoder_layer"))
-    return t
+    projector = {PROJECTOR + "/soft_embedding_norm/scale": KERAS_OUTPUT + "vision_soft_embedding_norm/vars/0",
+                 PROJECTOR + "/input_projection/kernel": KERAS_OUTPUT + "vision_input_projection/vars/0"}
+    return pg.keras_image_table(cfg, projector, "gemma3_decoder_block", KERAS_ENCODER, "gemma3_vision_encoder_layer")
 
 
 def keras_lora_layers(cfg: Gemma3VisionConfig) -> dict[int, tuple[str, int]]:
     """Weighted-layer indices: embedding, encoder, its output block (projection, norm), the ViT, its layers
-    (from 6), patch and position embeddings, final ViT norm, then the decoder blocks."""
-    out = vision.keras_lora_layers(cfg.vision, 6)
-    out.update(gemma_keras.decoder_lora_layers(cfg.text, 10 + len(vision.KERAS_BLOCK_ORDER) * cfg.vision.depth))
-    return out
+    (from 6), patch and position embeddings, final ViT norm, then the decoder blocks (from 10 past the ViT's
+    layers)."""
+    return pg.keras_image_lora_layers(cfg, 6, 10)
 
 
 KERAS = KerasSpec(classes=("Gemma3Backbone",), accepts=lambda name, c: bool(c.get("vision_encoder")),
@@ -653,24 +584,10 @@ KERAS = KerasSpec(classes=("Gemma3Backbone",), accepts=lambda name, c: bool(c.ge
                   lora_layers=keras_lora_layers)
 
 
-FAMILY = register(family_from(
-    globals(), "gemma3_vision",
+FAMILY = pg.image_family(
+    globals(), "gemma3_vision", Gemma3VisionConfig,
     model_types=("gemma3",),
-    config_type=Gemma3VisionConfig,
-    config_from_dict=Gemma3VisionConfig.from_dict,
-    presets=PRESETS,
-    preset_repos=PRESET_REPOS,
-    hf_aliases=HF_ALIASES,
-    hf_ignorable=HF_IGNORABLE,
     hf_architecture="Gemma3ForConditionalGeneration",
-    gguf_arch=lambda cfg: None,
-    extra_inputs=("pixel_values", "token_type_ids"),
     token_inputs={"token_type_ids": 0},  # text after the prompt: no image block
-    backends=(XLA, CPU),
-    extend=extend_text,
-    commit=commit_text,
-    tiny_config=tiny_config,
-    encode_prompt=encode_prompt,
     check_inputs=check_inputs,
-    keras=KERAS,
-))
+)

@@ -26,20 +26,21 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models import siglip as vision
-from gemmax.models.base import CPU, XLA, KerasSpec, family_from, register
+from gemmax.models.base import CPU, XLA, Family, KerasSpec, family_from, register
 from gemmax.models.gemma import decode as gdecode
 from gemmax.models.gemma import extend as gextend
 from gemmax.models.gemma import hf as gemma_hf
 from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import LOCAL, ModelConfig
+from gemmax.models.gemma.config import PRESETS as TEXT_PRESETS
 from gemmax.models.gemma.config import from_hf_config as text_from_hf
 from gemmax.models.gemma.config import to_hf_config as text_to_hf
 from gemmax.nn.layers import dot_attention, rms_norm
@@ -55,13 +56,40 @@ NEWLINE_ID = 108
 RESOLUTIONS = {224: 256, 448: 1024, 896: 4096}
 
 
-#: Fields of the decoder's config that a PaliGemmaConfig answers for it.
-_TEXT_FIELDS = frozenset({"vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "pad_token_id",
-                          "eos_ids", "tie_embeddings", "final_logit_softcap"})
+class TextDelegate:
+    """The part of an image family's config (PaliGemma, Gemma 3 and Gemma 4 with images) that is its decoder's:
+    the fields every family's config exposes (vocabulary, hidden size, context, special ids, and the tied head
+    and final soft-cap the trainer's chunked loss reads) answer from the decoder config ``text``, as do the
+    FLOPs per token (the tower runs once per image, not per token)."""
+
+    text: Any
+    #: The decoder config's fields the config answers for it.
+    text_fields: ClassVar[frozenset[str]] = frozenset({
+        "vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "pad_token_id", "eos_ids",
+        "tie_embeddings", "final_logit_softcap"})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.text_fields:
+            return getattr(self.text, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def replace(self, **kw: Any) -> Self:
+        return dataclasses.replace(self, **kw)
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """The decoder's FLOPs per token (the tower runs once per image, not per token)."""
+        return self.text.flops_per_token(seq_len, training)
+
+
+def tied_param_count(specs: Mapping[str, ParamSpec], text: ModelConfig) -> dict[str, int]:
+    """Parameter counts of a tower in front of a Gemma decoder whose head is its token embedding."""
+    total = sum(s.size for s in specs.values())
+    embed = text.vocab_size * text.hidden_size
+    return {"total": total, "embedding": embed, "non_embedding": total - embed}
 
 
 @dataclass(frozen=True)
-class PaliGemmaConfig:
+class PaliGemmaConfig(TextDelegate):
     """A Gemma decoder config (``text``), a SigLIP tower config (``vision``) and the image token. The fields
     every family's config exposes (vocabulary, special ids, context) delegate to the decoder."""
 
@@ -77,24 +105,8 @@ class PaliGemmaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
-    def __getattr__(self, name: str) -> Any:
-        # The decoder's fields every family's config exposes (vocabulary, hidden size, context, special ids,
-        # and the tied head and final soft-cap the trainer's chunked loss reads) are the text config's.
-        if name in _TEXT_FIELDS:
-            return getattr(self.text, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def replace(self, **kw: Any) -> PaliGemmaConfig:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
-        total = sum(s.size for s in param_specs(self).values())
-        embed = self.text.vocab_size * self.text.hidden_size
-        return {"total": total, "embedding": embed, "non_embedding": total - embed}
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """The decoder's FLOPs per token (the tower runs once per image, not per token)."""
-        return self.text.flops_per_token(seq_len, training)
+        return tied_param_count(param_specs(self), self.text)
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "name": self.name, "image_token_id": self.image_token_id,
@@ -117,14 +129,19 @@ class PaliGemmaConfig:
 
 _PG1_TEXT = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
                  num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216)
-_PG2_TEXT = {
-    "2b": dict(hidden_size=2304, num_hidden_layers=26, intermediate_size=9216, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "9b": dict(hidden_size=3584, num_hidden_layers=42, intermediate_size=14336, num_attention_heads=16,
-               num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "27b": dict(hidden_size=4608, num_hidden_layers=46, intermediate_size=36864, num_attention_heads=32,
-                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
-}
+
+
+def decoder_shape(preset: str) -> dict[str, Any]:
+    """The decoder shape of a Gemma text preset as ``config.json`` keys: the published image models' decoders
+    are the text models'."""
+    c = TEXT_PRESETS[preset]
+    return dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                query_pre_attn_scalar=c.query_pre_attn_scalar)
+
+
+#: PaliGemma 2's decoders: Gemma 2 2B, 9B and 27B.
+_PG2_TEXT = {size: decoder_shape(f"gemma2_{size}_en") for size in ("2b", "9b", "27b")}
 #: transformers' defaults for keys that published text configs leave out.
 _TEXT_DEFAULTS = {
     "gemma": dict(_PG1_TEXT),
@@ -188,6 +205,14 @@ PRESETS["paligemma_3b_mix_224"] = _preset("paligemma_3b_mix_224", {}, 224)
 PRESET_REPOS["paligemma_3b_mix_224"] = "google/paligemma-3b-mix-224"
 
 
+def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """An image family's ``tiny_config`` overrides by their prefix: ``text_*`` (the decoder's), ``vision_*`` (the
+    tower's), each without its prefix, and the rest (the config's own)."""
+    text = {k[5:]: v for k, v in overrides.items() if k.startswith("text_")}
+    vision = {k[7:]: v for k, v in overrides.items() if k.startswith("vision_")}
+    return text, vision, {k: v for k, v in overrides.items() if not k.startswith(("text_", "vision_"))}
+
+
 def tiny_config(text: str = "gemma", **overrides: Any) -> PaliGemmaConfig:
     """A tiny random PaliGemma for tests and examples: 2+2 layers, 28 px images of 16 patches of 7 px,
     ``text`` "gemma" (PaliGemma 1) or "gemma2" (PaliGemma 2: window 8, soft-caps). ``overrides`` go to
@@ -200,14 +225,10 @@ def tiny_config(text: str = "gemma", **overrides: Any) -> PaliGemmaConfig:
                   final_logit_softcapping=30.0)
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
               patch_size=7)
-    top: dict[str, Any] = {"image_token_id": 299}
-    for k, v in overrides.items():
-        if k.startswith("text_"):
-            tc[k[5:]] = v
-        elif k.startswith("vision_"):
-            vc[k[7:]] = v
-        else:
-            top[k] = v
+    text_over, vision_over, own = split_overrides(overrides)
+    tc.update(text_over)
+    vc.update(vision_over)
+    top: dict[str, Any] = {"image_token_id": 299, **own}
     name = top.pop("name", f"tiny_paligemma_{text}")
     cfg = from_hf_config({"model_type": "paligemma", "text_config": tc, "vision_config": vc, **top})
     return cfg.replace(name=name, text=cfg.text.replace(name=name), **{k: v for k, v in top.items()
@@ -231,10 +252,18 @@ def param_specs(cfg: PaliGemmaConfig) -> dict[str, ParamSpec]:
 
 def init_params(cfg: PaliGemmaConfig, key: Array, dtype: Any = jnp.float32) -> Params:
     """The decoder as the Gemma family initialises it; the tower and projector from their specs."""
+    return init_with_decoder(cfg, param_specs(cfg), gm.init_params, key, dtype)
+
+
+def init_with_decoder(cfg: Any, specs: Mapping[str, ParamSpec], decoder_init: Callable[[Any, Array, Any], Params],
+                      key: Array, dtype: Any, tower: Callable[[Params], Params] = lambda flat: flat) -> Params:
+    """An image family's weights: the decoder ``cfg.text`` as its own family initialises it (``decoder_init``),
+    the tower (under ``vision_encoder/``) and the projector from their ``specs``, their flat weights passed
+    through ``tower`` (Gemma 4 opens its clip bounds there)."""
     k1, k2 = jax.random.split(key)
-    flat = flatten(gm.init_params(cfg.text, k1, dtype))
-    specs = {p: s for p, s in param_specs(cfg).items() if p.startswith((vision.PREFIX, PROJECTOR + "/"))}
-    flat.update(flatten(init_from_specs(specs, k2, dtype)))
+    flat = flatten(decoder_init(cfg.text, k1, dtype))
+    own = {p: s for p, s in specs.items() if p.startswith((vision.PREFIX, PROJECTOR + "/"))}
+    flat.update(tower(flatten(init_from_specs(own, k2, dtype))))
     return unflatten(flat)
 
 
@@ -277,12 +306,19 @@ def _text_name(name: str) -> str:
     return "language_model." + name
 
 
-def hf_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
-    """gemmax path -> (published HF name, or one per layer; HF -> gemmax; gemmax -> HF) for every weight."""
+def decoder_and_tower_hf_table(cfg: Any) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """The published names of the Gemma decoder (under ``language_model.``) and of the SigLIP tower (under
+    ``vision_tower.vision_model.``): every weight but the projector's, for PaliGemma and Gemma 3 alike."""
     t: dict[str, tuple[str | list[str], Any, Any]] = {}
     for path, (names, f, g) in gemma_hf.hf_table(cfg.text).items():
         t[path] = (_text_name(names) if isinstance(names, str) else [_text_name(n) for n in names], f, g)
     t.update(vision.hf_table(cfg.vision, "vision_tower.vision_model."))
+    return t
+
+
+def hf_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """gemmax path -> (published HF name, or one per layer; HF -> gemmax; gemmax -> HF) for every weight."""
+    t = decoder_and_tower_hf_table(cfg)
     t[PROJECTOR + "/kernel"] = ("multi_modal_projector.linear.weight", lambda w: w.T, lambda w: w.T)
     t[PROJECTOR + "/bias"] = ("multi_modal_projector.linear.bias", lambda w: w, lambda w: w)
     return t
@@ -320,15 +356,23 @@ def image_features(params: Params, cfg: PaliGemmaConfig, pixel_values: Array, dt
 
 def embed_inputs(params: Params, cfg: PaliGemmaConfig, tokens: Array, pixel_values: Array | None) -> Array:
     """Token embeddings (scaled by sqrt(d)) with image-token positions replaced by projected SigLIP
-    features (not scaled). Image tokens take the images' patches in reading order over the whole batch
-    (transformers' ``masked_scatter``): with one image per row, row i's tokens hold image i."""
+    features (not scaled), as :func:`embed_with_features`."""
+    return embed_with_features(params, cfg, tokens, pixel_values, image_features)
+
+
+def embed_with_features(params: Params, cfg: Any, tokens: Array, pixel_values: Array | None,
+                        features: Callable[[Params, Any, Array, Any], Array]) -> Array:
+    """The Gemma decoder's token embeddings (scaled by sqrt(d)) with the image-token positions replaced by
+    ``features(params, cfg, pixel_values, dtype)`` [n, tokens per image, D] (not scaled). Image tokens take the
+    images' rows in reading order over the whole batch (transformers' ``masked_scatter``): with one image per
+    row, row i's tokens hold image i."""
     tokens = jnp.asarray(tokens, jnp.int32)
     is_img = tokens == cfg.image_token_id
     safe = jnp.where(is_img & (cfg.image_token_id >= cfg.text.vocab_size), 0, tokens)
     x = gm.embed(params, cfg.text, safe)
     if pixel_values is None:
         return x
-    feats = image_features(params, cfg, pixel_values, x.dtype)
+    feats = features(params, cfg, pixel_values, x.dtype)
     flat = feats.reshape(-1, feats.shape[-1])
     idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1).reshape(tokens.shape)
     return jnp.where(is_img[..., None], jnp.take(flat, idx, axis=0), x)
@@ -418,14 +462,24 @@ def commit_text(cfg: PaliGemmaConfig, cache: dict, block: dict, slots: Array, po
     return gextend.commit(cfg.text, cache, block, slots, pos, counts)
 
 
-def _prompt_types(token_type_ids: Any, b: int, t: int) -> Array:
-    """A request's ``token_type_ids`` ([T'] or [b, T'], unpadded) padded with 1 (suffix) to [b, T]."""
-    tt = jnp.asarray(token_type_ids, jnp.int32)
+def pad_type_ids(type_ids: Any, b: int, t: int, fill: int, name: str = "token_type_ids") -> Array:
+    """A request's type ids ``name`` ([T'] or [b, T'], unpadded) as int [b, t], ``fill`` past their end."""
+    tt = jnp.asarray(type_ids, jnp.int32)
     tt = tt.reshape(1, -1) if tt.ndim == 1 else tt
     if tt.shape[1] > t:
-        raise ValueError(f"token_type_ids has {tt.shape[1]} entries, the prompt {t} tokens")
-    tt = jnp.pad(tt, ((0, 0), (0, t - tt.shape[1])), constant_values=1)
+        raise ValueError(f"{name} has {tt.shape[1]} entries, the prompt {t} tokens")
+    tt = jnp.pad(tt, ((0, 0), (0, t - tt.shape[1])), constant_values=fill)
     return jnp.broadcast_to(tt, (b, t))
+
+
+def prompt_rows(tokens: Any, lengths: Any) -> tuple[Array, Array, Array, Array]:
+    """Right-padded prompts [b, T] and their true lengths [b] as int32, with every position's index [b, T] and
+    whether it lies inside its row's prompt."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    b, t = tokens.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return tokens, lengths, idx, idx < lengths[:, None]
 
 
 def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array, max_len: int,
@@ -441,16 +495,12 @@ def prefill(params: Params, cfg: PaliGemmaConfig, tokens: Array, lengths: Array,
     1-based positions give the same attention).
     """
     del backend
-    tc = cfg.text
-    tokens = jnp.asarray(tokens, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
+    tokens, lengths, idx, valid = prompt_rows(tokens, lengths)
     b, t = tokens.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = idx < lengths[:, None]
-    types = jnp.zeros((b, t), jnp.int32) if token_type_ids is None else _prompt_types(token_type_ids, b, t)
+    types = jnp.zeros((b, t), jnp.int32) if token_type_ids is None else pad_type_ids(token_type_ids, b, t, 1)
     types = jnp.where(valid, types, 1)  # padding is "suffix" (causal) and masked as a key: nothing sees it
     x = embed_inputs(params, cfg, tokens, pixel_values)
-    return decoder_prefill(params, tc, x, lengths, max_len,
+    return decoder_prefill(params, cfg.text, x, lengths, max_len,
                            lambda window: prefix_lm_mask(idx, idx, types, types, window, k_valid=valid))
 
 
@@ -668,23 +718,40 @@ def to_keras_config(cfg: PaliGemmaConfig) -> tuple[str, dict[str, Any], str, str
 
 def keras_table(cfg: PaliGemmaConfig) -> dict[str, tuple[str | list[str], Any, Any]]:
     """gemmax path -> (H5 dataset, or one per layer; Keras -> gemmax; gemmax -> Keras) for every weight."""
+    return keras_image_table(cfg, {PROJECTOR + "/kernel": KERAS_VIT + "dense/vars/0",
+                                   PROJECTOR + "/bias": KERAS_VIT + "dense/vars/1"},
+                             "pali_gemma_decoder_block", KERAS_ENCODER, "pali_gemma_vit_encoder_block")
+
+
+def keras_image_table(cfg: Any, projector: Mapping[str, str], decoder_block: str, encoder: str,
+                      encoder_block: str) -> dict[str, tuple[str | list[str], Any, Any]]:
+    """The keras-hub name table of a Gemma decoder (its layers named after ``decoder_block``) behind a SigLIP
+    ViT (under ``encoder``, its layers named after ``encoder_block``): the embedding, the final norm, the
+    ``projector``'s weights (gemmax path -> H5 dataset, kept as gemmax keeps them), the decoder's and the
+    ViT's."""
     ident = (lambda w: w, lambda w: w)
     t: dict[str, tuple[str | list[str], Any, Any]] = {
         "token_embedding/embeddings": ("layers/reversible_embedding/vars/0", *ident),
         "final_normalization/scale": ("layers/rms_normalization/vars/0", *ident),
-        PROJECTOR + "/kernel": (KERAS_VIT + "dense/vars/0", *ident),
-        PROJECTOR + "/bias": (KERAS_VIT + "dense/vars/1", *ident),
+        **{path: (name, *ident) for path, name in projector.items()},
     }
-    t.update(gemma_keras.decoder_table(cfg.text, "pali_gemma_decoder_block"))
-    t.update(vision.keras_table(cfg.vision, KERAS_ENCODER, "pali_gemma_vit_encoder_block"))
+    t.update(gemma_keras.decoder_table(cfg.text, decoder_block))
+    t.update(vision.keras_table(cfg.vision, encoder, encoder_block))
     return t
 
 
 def keras_lora_layers(cfg: PaliGemmaConfig) -> dict[int, tuple[str, int]]:
     """Weighted-layer indices: embedding, ViT, projector, ViT encoder, its layers (from 4), patch and position
-    embeddings, final ViT norm, then the decoder blocks."""
-    out = vision.keras_lora_layers(cfg.vision, 4)
-    out.update(gemma_keras.decoder_lora_layers(cfg.text, 8 + len(vision.KERAS_BLOCK_ORDER) * cfg.vision.depth))
+    embeddings, final ViT norm, then the decoder blocks (from 8 past the ViT's layers)."""
+    return keras_image_lora_layers(cfg, 4, 8)
+
+
+def keras_image_lora_layers(cfg: Any, vit_first: int, decoder_first: int) -> dict[int, tuple[str, int]]:
+    """Weighted-layer indices of a keras-hub backbone's SigLIP ViT layers, the first at ``vit_first``, and of
+    its Gemma decoder blocks, the first at ``decoder_first`` past the ViT's layers."""
+    out = vision.keras_lora_layers(cfg.vision, vit_first)
+    first = decoder_first + len(vision.KERAS_BLOCK_ORDER) * cfg.vision.depth
+    out.update(gemma_keras.decoder_lora_layers(cfg.text, first))
     return out
 
 
@@ -694,24 +761,25 @@ KERAS = KerasSpec(classes=("PaliGemmaBackbone",), accepts=lambda name, c: True, 
 
 # ---- the family ----------------------------------------------------------------------------------------------
 
-FAMILY = register(family_from(
-    globals(), "paligemma",
+
+def image_family(namespace: Mapping[str, Any], name: str, config_type: Any, **fields: Any) -> Family:
+    """Register an image family over the Gemma decoder from its module's ``globals()``: the functions as
+    :func:`~gemmax.models.base.family_from` finds them, the config's ``from_dict``, the module's ``PRESETS``,
+    ``PRESET_REPOS``, ``HF_ALIASES``, ``HF_IGNORABLE``, ``tiny_config``, ``encode_prompt`` and ``KERAS``, images
+    as ``pixel_values`` with ``token_type_ids``, both backends, and text blocks on the cache by the Gemma
+    family's ``extend`` / ``commit``; ``fields`` give the rest."""
+    return register(family_from(
+        namespace, name, config_type=config_type, config_from_dict=config_type.from_dict,
+        presets=namespace["PRESETS"], preset_repos=namespace["PRESET_REPOS"], hf_aliases=namespace["HF_ALIASES"],
+        hf_ignorable=namespace["HF_IGNORABLE"], extra_inputs=("pixel_values", "token_type_ids"),
+        backends=(XLA, CPU), extend=extend_text, commit=commit_text, tiny_config=namespace["tiny_config"],
+        encode_prompt=namespace["encode_prompt"], keras=namespace["KERAS"], **fields))
+
+
+FAMILY = image_family(
+    globals(), "paligemma", PaliGemmaConfig,
     model_types=("paligemma",),
-    config_type=PaliGemmaConfig,
-    config_from_dict=PaliGemmaConfig.from_dict,
-    presets=PRESETS,
-    preset_repos=PRESET_REPOS,
-    hf_aliases=HF_ALIASES,
-    hf_ignorable=HF_IGNORABLE,
     hf_architecture="PaliGemmaForConditionalGeneration",
-    gguf_arch=lambda cfg: None,
     chat_format=lambda cfg: "paligemma",  # no chat turns: the last user message's text is the task prompt
-    extra_inputs=("pixel_values", "token_type_ids"),
     token_inputs={"token_type_ids": 1},  # after the prefix: causal
-    backends=(XLA, CPU),
-    extend=extend_text,
-    commit=commit_text,
-    tiny_config=tiny_config,
-    encode_prompt=encode_prompt,
-    keras=KERAS,
-))
+)

@@ -33,15 +33,22 @@ class SigLIPConfig:
     """ViT shapes. The defaults are SigLIP So400m/14 at 224 px (256 patches), PaliGemma's tower."""
 
     image_size: int = 224
+    """Side of the square input image in pixels: the published PaliGemma towers take 224, 448 or 896 px, Gemma
+    3's 896 px."""
     patch_size: int = 14
     width: int = 1152
-    """The residual stream (HF ``hidden_size``)."""
+    """The residual stream (HF ``hidden_size``): the width of every patch's features, which the family's
+    projector maps into the decoder."""
     depth: int = 27
     """Encoder layers (HF ``num_hidden_layers``)."""
     mlp_dim: int = 4304
+    """The MLP's hidden width (HF ``intermediate_size``)."""
     num_heads: int = 16
+    """Attention heads (HF ``num_attention_heads``), each ``width // num_heads`` wide."""
     channels: int = 3
+    """Colour channels of the input (HF ``num_channels``)."""
     norm_eps: float = 1e-6
+    """Epsilon of the layer norms (HF ``layer_norm_eps``)."""
 
     @property
     def grid(self) -> int:
@@ -119,29 +126,48 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-#: The encoder's dense layers: path under ``encoder_block/`` -> (einsum, LoRA einsums, kernel input dims of
-#: one layer, LoRA target name, transformers module under ``encoder.layers.{i}``).
-LINEARS: dict[str, tuple[str, tuple[str, str], tuple[int, ...], str, str]] = {
-    "attention/query": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_query",
-                        "self_attn.q_proj"),
-    "attention/key": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_key", "self_attn.k_proj"),
-    "attention/value": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_value",
-                        "self_attn.v_proj"),
-    "attention/attention_output": ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"), (0, 1),
-                                   "vision_attention_output", "self_attn.out_proj"),
-    "mlp/fc1": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "vision_fc1", "mlp.fc1"),
-    "mlp/fc2": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "vision_fc2", "mlp.fc2"),
-}
+#: A vision encoder layer's dense layer: (einsum, LoRA einsums, kernel input dims of one layer, LoRA target
+#: name, transformers module under ``encoder.layers.{i}``).
+Linear = tuple[str, tuple[str, str], tuple[int, ...], str, str]
+#: The einsum, LoRA einsums and kernel input dims of the dense layers a ViT layer has, by what they map: the
+#: width to heads (query, key, value), heads to the width (the attention output), the width to the MLP and back.
+TO_HEADS = ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,))
+FROM_HEADS = ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"), (0, 1))
+TO_MLP = ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,))
+FROM_MLP = ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,))
+
+
+def attention_linears(output_module: str) -> dict[str, Linear]:
+    """The attention's dense layers under ``encoder_block/``, as SigLIP and Gemma 4's tower both name them
+    (``vision_query``..., transformers' ``self_attn.q_proj``...); the output projection's transformers
+    module is ``output_module``."""
+    qkv = {f"attention/{n}": (*TO_HEADS, f"vision_{n}", f"self_attn.{n[0]}_proj") for n in ("query", "key", "value")}
+    return {**qkv, "attention/attention_output": (*FROM_HEADS, "vision_attention_output", output_module)}
+
+
+#: The encoder's dense layers: path under ``encoder_block/`` -> :data:`Linear`.
+LINEARS: dict[str, Linear] = {**attention_linears("self_attn.out_proj"),
+                              "mlp/fc1": (*TO_MLP, "vision_fc1", "mlp.fc1"),
+                              "mlp/fc2": (*FROM_MLP, "vision_fc2", "mlp.fc2")}
+
+
+def encoder_nodes(linears: dict[str, Linear], depth: int, layers: str,
+                  module_suffix: str = "") -> dict[str, LinearNode]:
+    """A vision encoder's dense layers (``linears``, stacked over ``depth`` layers) as LoRA / quantization
+    nodes under their own target names; ``layers`` is the transformers prefix of the encoder's layer list,
+    ``module_suffix`` what follows a module's name to reach its ``nn.Linear``."""
+    ids = tuple(range(depth))
+    return {t: LinearNode(path=("vision_encoder", "encoder_block", *sub.split("/")), eq=eq, lora_eqs=leq,
+                          in_dims=ind, target=t, peft=hf.split(".")[-1], hf_module=hf + module_suffix,
+                          layers=layers, layer_ids=ids)
+            for sub, (eq, leq, ind, t, hf) in linears.items()}
 
 
 def linear_nodes(cfg: SigLIPConfig, layers: str = "vision_model.encoder.layers") -> dict[str, LinearNode]:
     """The tower's dense layers as LoRA / quantization nodes, under target names of their own
     (``vision_query``...), so a decoder target such as ``"query"`` never reaches the tower. ``layers`` is the
     transformers prefix of the encoder's layer list."""
-    ids = tuple(range(cfg.depth))
-    return {t: LinearNode(path=("vision_encoder", "encoder_block", *sub.split("/")), eq=eq, lora_eqs=leq,
-                          in_dims=ind, target=t, peft=hf.split(".")[-1], hf_module=hf, layers=layers, layer_ids=ids)
-            for sub, (eq, leq, ind, t, hf) in LINEARS.items()}
+    return encoder_nodes(LINEARS, cfg.depth, layers)
 
 
 def _lin(node: Params, x: Array, sub: str) -> Array:
@@ -197,34 +223,13 @@ def hf_table(cfg: SigLIPConfig,
              prefix: str = "vision_tower.vision_model.") -> dict[str, tuple[Any, Callable, Callable]]:
     """gemmax path -> (HF name or per-layer names, HF -> gemmax, gemmax -> HF) for a SiglipVisionModel under
     ``prefix`` (the published PaliGemma checkpoints' ``vision_tower.vision_model.``)."""
-    H, hd, W = cfg.num_heads, cfg.head_dim, cfg.width
-    ident = (lambda w: w, lambda w: w)
-    tr = (lambda w: w.T, lambda w: w.T)
-    qkv = (lambda w: w.T.reshape(W, H, hd), lambda w: w.reshape(W, H * hd).T)
-    qkv_b = (lambda w: w.reshape(H, hd), lambda w: w.reshape(H * hd))
-    out = (lambda w: w.T.reshape(H, hd, W), lambda w: w.reshape(H * hd, W).T)
-    conv = (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
-    t: dict[str, tuple[Any, Callable, Callable]] = {
-        PREFIX + "patch_embedding/kernel": (prefix + "embeddings.patch_embedding.weight", *conv),
-        PREFIX + "patch_embedding/bias": (prefix + "embeddings.patch_embedding.bias", *ident),
-        PREFIX + "position_embedding/embeddings": (prefix + "embeddings.position_embedding.weight", *ident),
-        PREFIX + "post_layernorm/scale": (prefix + "post_layernorm.weight", *ident),
-        PREFIX + "post_layernorm/bias": (prefix + "post_layernorm.bias", *ident),
-    }
-    per = {
-        "layer_norm1/scale": ("layer_norm1.weight", *ident), "layer_norm1/bias": ("layer_norm1.bias", *ident),
-        "layer_norm2/scale": ("layer_norm2.weight", *ident), "layer_norm2/bias": ("layer_norm2.bias", *ident),
-        "mlp/fc1/kernel": ("mlp.fc1.weight", *tr), "mlp/fc1/bias": ("mlp.fc1.bias", *ident),
-        "mlp/fc2/kernel": ("mlp.fc2.weight", *tr), "mlp/fc2/bias": ("mlp.fc2.bias", *ident),
-        "attention/attention_output/kernel": ("self_attn.out_proj.weight", *out),
-        "attention/attention_output/bias": ("self_attn.out_proj.bias", *ident),
-    }
-    for n, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        per[f"attention/{n}/kernel"] = (f"self_attn.{hf}.weight", *qkv)
-        per[f"attention/{n}/bias"] = (f"self_attn.{hf}.bias", *qkv_b)
-    for path, (hf, f, g) in per.items():
-        t[PREFIX + "encoder_block/" + path] = ([f"{prefix}encoder.layers.{i}.{hf}" for i in range(cfg.depth)], f, g)
-    return t
+    names = {"patch_embedding": prefix + "embeddings.patch_embedding",
+             "position_embedding": prefix + "embeddings.position_embedding",
+             "post_layernorm": prefix + "post_layernorm",
+             "encoder_block/layer_norm1": "layer_norm1", "encoder_block/layer_norm2": "layer_norm2",
+             **{"encoder_block/" + sub: hf for sub, (*_, hf) in LINEARS.items()}}
+    layers = [f"{prefix}encoder.layers.{i}." for i in range(cfg.depth)]
+    return _table(cfg, names, layers, (".weight", ".bias"), torch=True)
 
 
 def keras_table(cfg: SigLIPConfig, prefix: str, block: str) -> dict[str, tuple[Any, Callable, Callable]]:
@@ -232,34 +237,46 @@ def keras_table(cfg: SigLIPConfig, prefix: str, block: str) -> dict[str, tuple[A
     ``prefix`` (``layers/pali_gemma_vit/layers/pali_gemma_vit_encoder/``), its encoder layers named after
     ``block``. Keras keeps ``Dense`` kernels ``[in, out]`` with q/k/v heads flattened, and the patch conv
     ``[p, p, channels, width]`` as gemmax does."""
-    H, hd, W = cfg.num_heads, cfg.head_dim, cfg.width
-    ident = (lambda w: w, lambda w: w)
-    qkv = (lambda w: w.reshape(W, H, hd), lambda w: w.reshape(W, H * hd))
-    qkv_b = (lambda w: w.reshape(H, hd), lambda w: w.reshape(H * hd))
-    out = (lambda w: w.reshape(H, hd, W), lambda w: w.reshape(H * hd, W))
     emb = prefix + "vision_embeddings/"
-    t: dict[str, tuple[Any, Callable, Callable]] = {
-        PREFIX + "patch_embedding/kernel": (emb + "patch_embedding/vars/0", *ident),
-        PREFIX + "patch_embedding/bias": (emb + "patch_embedding/vars/1", *ident),
-        PREFIX + "position_embedding/embeddings": (emb + "position_embedding/vars/0", *ident),
-        PREFIX + "post_layernorm/scale": (prefix + "encoder_layer_norm/vars/0", *ident),
-        PREFIX + "post_layernorm/bias": (prefix + "encoder_layer_norm/vars/1", *ident),
-    }
-    per: dict[str, tuple[str, Callable, Callable]] = {
-        "layer_norm1/scale": ("layer_norm_1/vars/0", *ident), "layer_norm1/bias": ("layer_norm_1/vars/1", *ident),
-        "layer_norm2/scale": ("layer_norm_2/vars/0", *ident), "layer_norm2/bias": ("layer_norm_2/vars/1", *ident),
-        "mlp/fc1/kernel": ("mlp_dense_1/vars/0", *ident), "mlp/fc1/bias": ("mlp_dense_1/vars/1", *ident),
-        "mlp/fc2/kernel": ("mlp_dense_2/vars/0", *ident), "mlp/fc2/bias": ("mlp_dense_2/vars/1", *ident),
-        "attention/attention_output/kernel": ("attn/out_proj/vars/0", *out),
-        "attention/attention_output/bias": ("attn/out_proj/vars/1", *ident),
-    }
-    for n in ("query", "key", "value"):
-        per[f"attention/{n}/kernel"] = (f"attn/{n}_proj/vars/0", *qkv)
-        per[f"attention/{n}/bias"] = (f"attn/{n}_proj/vars/1", *qkv_b)
-    blocks = [f"{prefix}resblocks/{block}" + (f"_{i}" if i else "") for i in range(cfg.depth)]
-    for sub, (name, f, g) in per.items():
-        t[PREFIX + "encoder_block/" + sub] = ([f"{b}/{name}" for b in blocks], f, g)
-    return t
+    names = {"patch_embedding": emb + "patch_embedding", "position_embedding": emb + "position_embedding",
+             "post_layernorm": prefix + "encoder_layer_norm", "encoder_block/layer_norm1": "layer_norm_1",
+             "encoder_block/layer_norm2": "layer_norm_2", "encoder_block/mlp/fc1": "mlp_dense_1",
+             "encoder_block/mlp/fc2": "mlp_dense_2", "encoder_block/attention/attention_output": "attn/out_proj",
+             **{f"encoder_block/attention/{n}": f"attn/{n}_proj" for n in ("query", "key", "value")}}
+    layers = [f"{prefix}resblocks/{block}" + (f"_{i}" if i else "") + "/" for i in range(cfg.depth)]
+    return _table(cfg, names, layers, ("/vars/0", "/vars/1"), torch=False)
+
+
+def _table(cfg: SigLIPConfig, names: dict[str, str], layers: list[str], suffixes: tuple[str, str],
+           torch: bool) -> dict[str, tuple[Any, Callable, Callable]]:
+    """gemmax path -> (name, or one per layer; to gemmax; from gemmax) for a checkpoint that names each module
+    by ``names`` (the encoder layers' modules, under ``encoder_block/``, within a layer whose names start with
+    one of ``layers``) and a module's tensors (its kernel, scale or embeddings, then its bias) by ``suffixes``.
+    Its q/k/v heads are flattened; ``torch`` layouts are PyTorch's (transformers': linear kernels ``[out, in]``,
+    the patch conv ``[out, in, kh, kw]``), the others gemmax's (keras-hub's)."""
+    H, hd, W = cfg.num_heads, cfg.head_dim, cfg.width
+    t = (lambda w: w.T) if torch else (lambda w: w)
+    ident = (lambda w: w, lambda w: w)
+    conv = (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)) if torch else ident
+    heads_in = (lambda w: t(w).reshape(W, H, hd), lambda w: t(w.reshape(W, H * hd)))
+    heads_out = (lambda w: t(w).reshape(H, hd, W), lambda w: t(w.reshape(H * hd, W)))
+    heads_bias = (lambda w: w.reshape(H, hd), lambda w: w.reshape(H * hd))
+    # module -> (its first tensor, that tensor's layouts, the bias's; None: no bias)
+    layouts = {"patch_embedding": ("kernel", conv, ident), "position_embedding": ("embeddings", ident, None),
+               "post_layernorm": ("scale", ident, ident),
+               "encoder_block/layer_norm1": ("scale", ident, ident),
+               "encoder_block/layer_norm2": ("scale", ident, ident),
+               "encoder_block/mlp/fc1": ("kernel", (t, t), ident), "encoder_block/mlp/fc2": ("kernel", (t, t), ident),
+               "encoder_block/attention/attention_output": ("kernel", heads_out, ident),
+               **{f"encoder_block/attention/{n}": ("kernel", heads_in, heads_bias) for n in ("query", "key", "value")}}
+    out: dict[str, tuple[Any, Callable, Callable]] = {}
+    for module, (first, first_layout, bias_layout) in layouts.items():
+        for tensor, suffix, layout in ((first, suffixes[0], first_layout), ("bias", suffixes[1], bias_layout)):
+            if layout is not None:
+                name = names[module] + suffix
+                per_layer = module.startswith("encoder_block/")
+                out[f"{PREFIX}{module}/{tensor}"] = ([p + name for p in layers] if per_layer else name, *layout)
+    return out
 
 
 #: keras-hub's ViT encoder layer's weighted sub-layers in ``_flatten_layers`` order, and the gemmax linear node

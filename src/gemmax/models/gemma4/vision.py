@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models import gemma3_vision as g3
+from gemmax.models import paligemma as pg
 from gemmax.models.base import XLA
 from gemmax.models.gemma4 import decode as d4
 from gemmax.models.gemma4 import hf as h4
@@ -44,7 +45,7 @@ from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config
 from gemmax.models.gemma4.config import from_hf_config as text_from_hf
 from gemmax.models.gemma4.config import to_hf_config as text_to_hf
 from gemmax.nn.layers import attention_mask, dot_attention, einsum
-from gemmax.nn.params import LinearNode, ParamSpec, flatten, init_from_specs, unflatten
+from gemmax.nn.params import LinearNode, ParamSpec
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -54,16 +55,12 @@ IMAGE_PLACEHOLDER = "<|image|>"
 #: The soft-token budgets the processor accepts (``max_soft_tokens``).
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
-#: Fields of the decoder's config that a Gemma4VisionConfig answers for it (what the layers above read).
-_TEXT_FIELDS = frozenset({"vocab_size", "hidden_size", "max_position_embeddings", "bos_token_id", "pad_token_id",
-                          "eos_ids", "eos_token_id", "tie_embeddings", "final_logit_softcap", "scale_embeddings",
-                          "norm_offset", "num_layers", "sliding_window"})
-
 
 @dataclass(frozen=True)
-class Gemma4VisionConfig:
+class Gemma4VisionConfig(pg.TextDelegate):
     """A Gemma 4 decoder config (``text``), a vision tower config (``vision``), the image ids, whether soft
-    tokens attend within their image (``bidirectional``) and the processor's soft-token budget per image."""
+    tokens attend within their image (``bidirectional``), the processor's soft-token budget per image and the
+    ids of the other media."""
 
     text: Gemma4Config
     vision: vit.ViTConfig
@@ -73,40 +70,36 @@ class Gemma4VisionConfig:
     """``<|image>``, before each image's soft tokens."""
     eoi_token_id: int = 258882
     """``<image|>``, after them."""
+    bidirectional: bool = True
+    """An image's soft tokens see each other in both directions on local layers (transformers'
+    ``use_bidirectional_attention="vision"``, as the published configs have it); False: causal everywhere."""
+    soft_tokens: int = 280
+    """The processor's soft-token budget per image (``max_soft_tokens``, one of ``SOFT_TOKEN_BUDGETS``): an
+    image is resized to at most ``soft_tokens * pool ** 2`` patches."""
     video_token_id: int = 258884
     audio_token_id: int = 258881
-    bidirectional: bool = True
-    soft_tokens: int = 280
     name: str = ""
     family: str = "gemma4_vision"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    #: The decoder config's fields the config answers for it (what the layers above read).
+    text_fields = pg.TextDelegate.text_fields | {"eos_token_id", "scale_embeddings", "norm_offset", "num_layers",
+                                                 "sliding_window"}
+
     def __post_init__(self) -> None:
         if self.soft_tokens < 1:
             raise ValueError(f"soft_tokens must be positive, got {self.soft_tokens}")
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _TEXT_FIELDS:
-            return getattr(self.text, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def max_patches(self) -> int:
         """Patches per image row of ``pixel_values`` (the processor pads every image to this many)."""
         return self.soft_tokens * self.vision.pool ** 2
 
-    def replace(self, **kw: Any) -> Gemma4VisionConfig:
-        return dataclasses.replace(self, **kw)
-
     def param_count(self) -> dict[str, int]:
         text = self.text.param_count()
         tower = sum(s.size for p, s in param_specs(self).items() if p.startswith((vit.PREFIX, PROJECTOR + "/")))
         return {**text, "total": text["total"] + tower, "non_embedding": text["non_embedding"] + tower,
                 "active": text["active"] + tower, "vision": tower}
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """The decoder's FLOPs per token (the tower runs once per image, not per token)."""
-        return self.text.flops_per_token(seq_len, training)
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "name": self.name, "image_token_id": self.image_token_id,
@@ -176,18 +169,14 @@ def tiny_config(**overrides: Any) -> Gemma4VisionConfig:
     config fields."""
     from gemmax.models.gemma4.config import tiny_config as text_tiny
 
+    text_over, vision_over, own = pg.split_overrides(overrides)
     top: dict[str, Any] = dict(image_token_id=511, boi_token_id=509, eoi_token_id=510, video_token_id=508,
                                audio_token_id=507, soft_tokens=16, name="tiny_gemma4_vision")
-    tx: dict[str, Any] = {"name": "tiny_gemma4_vision"}
+    top.update(own)
+    tx: dict[str, Any] = {"name": "tiny_gemma4_vision", **text_over}
     vx: dict[str, Any] = dict(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=8, patch_size=4,
                               pool=2, position_table=32, clipped=True, standardize=True)
-    for k, v in overrides.items():
-        if k.startswith("text_"):
-            tx[k[5:]] = v
-        elif k.startswith("vision_"):
-            vx[k[7:]] = v
-        else:
-            top[k] = v
+    vx.update(vision_over)
     return Gemma4VisionConfig(text=text_tiny(**tx), vision=vit.ViTConfig(**vx), **top)
 
 
@@ -211,11 +200,7 @@ def param_specs(cfg: Gemma4VisionConfig) -> dict[str, ParamSpec]:
 def init_params(cfg: Gemma4VisionConfig, key: Array, dtype: Any = jnp.float32) -> Params:
     """The decoder as the text family initialises it; the tower and projection from their specs (clip bounds
     open)."""
-    k1, k2 = jax.random.split(key)
-    flat = flatten(m4.init_params(cfg.text, k1, dtype))
-    specs = {p: s for p, s in param_specs(cfg).items() if p.startswith((vit.PREFIX, PROJECTOR + "/"))}
-    flat.update(vit.open_clip_bounds(flatten(init_from_specs(specs, k2, dtype))))
-    return unflatten(flat)
+    return pg.init_with_decoder(cfg, param_specs(cfg), m4.init_params, key, dtype, vit.open_clip_bounds)
 
 
 def linear_nodes(cfg: Gemma4VisionConfig) -> dict[str, LinearNode]:
@@ -314,13 +299,7 @@ def block_mask(cfg: Gemma4VisionConfig, ltype: str, idx: Array, blocks: Array, s
 def _types(cfg: Gemma4VisionConfig, tokens: Array, mm_token_type_ids: Any, b: int, t: int) -> Array:
     """``mm_token_type_ids`` as int [b, t]: the given ones (padded with 0 past their end) or, without them, 1
     wherever the token is the image soft token (what ``Gemma4Processor`` writes)."""
-    if mm_token_type_ids is None:
-        return (tokens == cfg.image_token_id).astype(jnp.int32)
-    tt = jnp.asarray(mm_token_type_ids, jnp.int32)
-    tt = tt.reshape(1, -1) if tt.ndim == 1 else tt
-    if tt.shape[1] > t:
-        raise ValueError(f"mm_token_type_ids has {tt.shape[1]} entries, the prompt {t} tokens")
-    return jnp.broadcast_to(jnp.pad(tt, ((0, 0), (0, t - tt.shape[1]))), (b, t))
+    return g3.soft_token_types(tokens, cfg.image_token_id, mm_token_type_ids, b, t, "mm_token_type_ids")
 
 
 def forward_hidden(params: Params, cfg: Gemma4VisionConfig, tokens: Array, positions: Array | None = None,
@@ -363,8 +342,8 @@ def init_cache(cfg: Gemma4VisionConfig, batch: int, max_len: int, dtype: Any) ->
     return d4.init_cache(cfg.text, batch, max_len, dtype)
 
 
-def insert(cache: dict, new: dict, slots: Array) -> dict:
-    return d4.insert(cache, new, slots)
+#: Prompt caches go into the engine's cache rows as the text family's (the cache is its).
+insert = d4.insert
 
 
 def decode_step(params: Params, cfg: Gemma4VisionConfig, cache: dict, tokens: Array, pos: Array,

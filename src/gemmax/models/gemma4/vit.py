@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.models import siglip
 from gemmax.nn.layers import activation_fn, apply_rope, dot_attention, linear, rope_sin_cos
 from gemmax.nn.params import LinearNode, ParamSpec
 
@@ -53,6 +54,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_heads: int = 12
     num_kv_heads: int = 12
+    """Key / value heads (HF ``num_key_value_heads``): ``num_heads`` is a multiple of it, each group of query heads
+    sharing one."""
     head_dim: int = 64
     patch_size: int = 16
     pool: int = 3
@@ -60,6 +63,8 @@ class ViTConfig:
     position_table: int = 10240
     """Rows of each of the two position tables (HF ``position_embedding_size``): the largest column / row."""
     rope_theta: float = 100.0
+    """Base of the 2-D RoPE (HF ``rope_parameters["rope_theta"]``): each half of a head rotates at it, the first by
+    the patch's column, the second by its row."""
     norm_eps: float = 1e-6
     clipped: bool = False
     """Linears clamp their inputs and outputs (HF ``use_clipped_linears``)."""
@@ -110,20 +115,13 @@ def to_hf_vision_config(cfg: ViTConfig) -> dict[str, Any]:
             "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False}
 
 
-#: The dense layers under ``encoder_block/``: path -> (einsum, LoRA einsums, kernel input dims, LoRA target,
-#: transformers module under ``encoder.layers.{i}``).
-LINEARS: dict[str, tuple[str, tuple[str, str], tuple[int, ...], str, str]] = {
-    "attention/query": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_query",
-                        "self_attn.q_proj"),
-    "attention/key": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_key", "self_attn.k_proj"),
-    "attention/value": ("btd,dnh->btnh", ("btd,dr->btr", "btr,rnh->btnh"), (0,), "vision_value",
-                        "self_attn.v_proj"),
-    "attention/attention_output": ("btnh,nhd->btd", ("btnh,nhr->btr", "btr,rd->btd"), (0, 1),
-                                   "vision_attention_output", "self_attn.o_proj"),
-    "mlp/gate": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "vision_gate", "mlp.gate_proj"),
-    "mlp/up": ("btd,df->btf", ("btd,dr->btr", "btr,rf->btf"), (0,), "vision_up", "mlp.up_proj"),
-    "mlp/down": ("btf,fd->btd", ("btf,fr->btr", "btr,rd->btd"), (0,), "vision_down", "mlp.down_proj"),
-}
+#: The dense layers under ``encoder_block/``: path -> :data:`gemmax.models.siglip.Linear` (einsum, LoRA
+#: einsums, kernel input dims, LoRA target, transformers module under ``encoder.layers.{i}``); the attention's
+#: are named as SigLIP's.
+LINEARS: dict[str, siglip.Linear] = {**siglip.attention_linears("self_attn.o_proj"),
+                                     "mlp/gate": (*siglip.TO_MLP, "vision_gate", "mlp.gate_proj"),
+                                     "mlp/up": (*siglip.TO_MLP, "vision_up", "mlp.up_proj"),
+                                     "mlp/down": (*siglip.FROM_MLP, "vision_down", "mlp.down_proj")}
 #: A clipped linear's four bounds, in transformers' buffer names.
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
@@ -179,11 +177,7 @@ def linear_nodes(cfg: ViTConfig, layers: str = "model.vision_tower.encoder.layer
     ...), so a decoder target such as ``"query"`` never reaches the tower. transformers wraps each in a
     clippable module: the ``nn.Linear`` is ``<module>.linear``. Their PEFT names (``q_proj``...) are the
     decoder's, so a PEFT export names the adapted modules by full path, never the tower's by accident."""
-    ids = tuple(range(cfg.depth))
-    return {t: LinearNode(path=("vision_encoder", "encoder_block", *sub.split("/")), eq=eq, lora_eqs=leq,
-                          in_dims=ind, target=t, peft=hf.split(".")[-1], hf_module=hf + ".linear", layers=layers,
-                          layer_ids=ids)
-            for sub, (eq, leq, ind, t, hf) in LINEARS.items()}
+    return siglip.encoder_nodes(LINEARS, cfg.depth, layers, ".linear")
 
 
 # ---- the forward pass ---------------------------------------------------------------------------------------
@@ -327,20 +321,28 @@ def hf_table(cfg: ViTConfig, prefix: str = "model.vision_tower.") -> dict[str, t
         PREFIX + "patch_embedding/kernel": (prefix + "patch_embedder.input_proj.weight", *tr),
         PREFIX + "position_embedding/embeddings": (prefix + "patch_embedder.position_embedding_table", *ident),
     }
+
+    def norm(module: str) -> tuple[str, Callable, Callable]:
+        return (f"{module}.weight", *ident)
+
+    def dense(sub: str, layout: tuple[Callable, Callable] = tr) -> tuple[str, Callable, Callable]:
+        # the kernel of a LINEARS layer: its transformers module wraps the nn.Linear as ``<module>.linear``
+        return (f"{LINEARS[sub][4]}.linear.weight", *layout)
+
     per: dict[str, tuple[str, Callable, Callable]] = {
-        "pre_attention_norm/scale": ("input_layernorm.weight", *ident),
-        "post_attention_norm/scale": ("post_attention_layernorm.weight", *ident),
-        "pre_ffw_norm/scale": ("pre_feedforward_layernorm.weight", *ident),
-        "post_ffw_norm/scale": ("post_feedforward_layernorm.weight", *ident),
-        "attention/query/kernel": ("self_attn.q_proj.linear.weight", *heads_out(H)),
-        "attention/key/kernel": ("self_attn.k_proj.linear.weight", *heads_out(K)),
-        "attention/value/kernel": ("self_attn.v_proj.linear.weight", *heads_out(K)),
-        "attention/attention_output/kernel": ("self_attn.o_proj.linear.weight", *out),
-        "attention/query_norm/scale": ("self_attn.q_norm.weight", *ident),
-        "attention/key_norm/scale": ("self_attn.k_norm.weight", *ident),
-        "mlp/gate/kernel": ("mlp.gate_proj.linear.weight", *tr),
-        "mlp/up/kernel": ("mlp.up_proj.linear.weight", *tr),
-        "mlp/down/kernel": ("mlp.down_proj.linear.weight", *tr),
+        "pre_attention_norm/scale": norm("input_layernorm"),
+        "post_attention_norm/scale": norm("post_attention_layernorm"),
+        "pre_ffw_norm/scale": norm("pre_feedforward_layernorm"),
+        "post_ffw_norm/scale": norm("post_feedforward_layernorm"),
+        "attention/query/kernel": dense("attention/query", heads_out(H)),
+        "attention/key/kernel": dense("attention/key", heads_out(K)),
+        "attention/value/kernel": dense("attention/value", heads_out(K)),
+        "attention/attention_output/kernel": dense("attention/attention_output", out),
+        "attention/query_norm/scale": norm("self_attn.q_norm"),
+        "attention/key_norm/scale": norm("self_attn.k_norm"),
+        "mlp/gate/kernel": dense("mlp/gate"),
+        "mlp/up/kernel": dense("mlp/up"),
+        "mlp/down/kernel": dense("mlp/down"),
     }
     if cfg.clipped:
         for sub, (*_, hf) in LINEARS.items():

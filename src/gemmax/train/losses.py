@@ -118,17 +118,22 @@ def _chunk_pass(head_spec: _Head, hc: jax.Array, yc: jax.Array, wc: jax.Array, h
     return out if d_scale is None else out + (d_scale,)
 
 
+def in_chunks(chunk: int, *arrays: jax.Array) -> tuple[int, list[jax.Array]]:
+    """``(n_chunks, arrays)``: each [N, ...] array zero-padded to whole chunks and reshaped to
+    [n_chunks, chunk, ...], ready for ``lax.scan`` / ``lax.map`` over the chunks."""
+    n = arrays[0].shape[0]
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    out = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) if pad else a for a in arrays]
+    return n_chunks, [a.reshape(n_chunks, chunk, *a.shape[1:]) for a in out]
+
+
 def _chunked(head_spec: _Head, chunk: int, h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array,
              w: jax.Array, want: tuple[bool, bool, bool]) -> tuple[jax.Array, ...]:
     """Run ``_chunk_pass`` over the [N] tokens chunk by chunk (``lax.scan``): sums of loss and correct, the
     per-token losses, and the wanted gradients (the hidden's per chunk, the head's and scale's summed)."""
     n, d = h.shape
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        w = jnp.pad(w, (0, pad))
+    n_chunks, xs = in_chunks(chunk, h, y, w)
     want_h, want_head, want_scale = want
     acc0 = (jnp.zeros(head.shape, jnp.float32) if want_head else None,
             jnp.zeros(scale.shape, jnp.float32) if want_scale else None)
@@ -140,8 +145,7 @@ def _chunked(head_spec: _Head, chunk: int, h: jax.Array, head: jax.Array, scale:
         d_scale = acc[1] + grads.pop(0) if want_scale else None
         return (d_head, d_scale), (loss, correct, tok, d_h)
 
-    xs = (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk))
-    (d_head, d_scale), (loss, correct, tok, d_h) = jax.lax.scan(body, acc0, xs)
+    (d_head, d_scale), (loss, correct, tok, d_h) = jax.lax.scan(body, acc0, tuple(xs))
     d_h = d_h.reshape(n_chunks * chunk, d)[:n] if want_h else None
     return loss.sum(), correct.sum(), tok.reshape(-1)[:n], d_h, d_head, d_scale
 

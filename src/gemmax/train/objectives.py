@@ -40,7 +40,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from gemmax.nn.layers import einsum
 from gemmax.nn.lora import merge_trees
-from gemmax.train.losses import _chunk_logits, _softcap, output_head
+from gemmax.train.losses import _chunk_logits, _softcap, in_chunks, output_head
 
 __all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 
@@ -105,13 +105,8 @@ def _chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, head: jax
 def _over_chunks(spec: _LogProbHead, chunk: int, h: jax.Array, y: jax.Array, head: jax.Array, scale: jax.Array,
                  want_grad: bool) -> tuple[jax.Array, jax.Array | None]:
     n, d = h.shape
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-    lp, grad = jax.lax.map(lambda xs: _chunk_log_probs(spec, xs[0], xs[1], head, scale, want_grad),
-                           (h.reshape(n_chunks, chunk, d), y.reshape(n_chunks, chunk)))
+    n_chunks, xs = in_chunks(chunk, h, y)
+    lp, grad = jax.lax.map(lambda c: _chunk_log_probs(spec, c[0], c[1], head, scale, want_grad), tuple(xs))
     lp = lp.reshape(-1)[:n]
     return lp, (grad.reshape(n_chunks * chunk, d)[:n] if want_grad else None)
 
@@ -122,12 +117,8 @@ def _log_probs_fn(spec: _LogProbHead, chunk: int) -> Callable[..., jax.Array]:
     trained head or scale pays for recomputing the logits in the backward pass."""
 
     def recomputing(h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array) -> jax.Array:
-        one = jax.checkpoint(lambda xs: _chunk_log_probs(spec, xs[0], xs[1], head, scale, False)[0])
-        n, d = h.shape
-        n_chunks = -(-n // chunk)
-        pad = n_chunks * chunk - n
-        hp, yp = (jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(y, (0, pad))) if pad else (h, y)
-        return jax.lax.map(one, (hp.reshape(n_chunks, chunk, d), yp.reshape(n_chunks, chunk))).reshape(-1)[:n]
+        one = jax.checkpoint(lambda c: _chunk_log_probs(spec, c[0], c[1], head, scale, False)[0])
+        return jax.lax.map(one, tuple(in_chunks(chunk, h, y)[1])).reshape(-1)[:h.shape[0]]
 
     @jax.custom_vjp
     def log_probs(h: jax.Array, head: jax.Array, scale: jax.Array, y: jax.Array) -> jax.Array:

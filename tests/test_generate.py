@@ -200,3 +200,30 @@ def test_prefill_logits_and_keys_equal_full_forward(family, kernels):
     for i, n in enumerate(lengths):
         want = full[i, n - 1]  # (causal: the padding after a row's last token cannot change its logits)
         np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_fused_attention_path_equals_the_einsum_one():
+    """The ``cudnn`` backend's call (``jax.nn.dot_product_attention``) gets the same masks, grouped heads and
+    scale as gemmax's einsum attention: run through XLA's implementation of the same call on the CPU, a
+    prompt's logits and caches are equal. On the CPU the engine never picks it."""
+    from gemmax.models.base import CUDNN
+    from gemmax.models.gemma import decode as gd
+    from gemmax.nn.layers import dot_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)))
+    mask = jnp.asarray(rng.random((2, 5, 7)) > 0.4).at[:, :, 0].set(True)
+    np.testing.assert_allclose(dot_attention(q, k, v, mask, implementation="xla"), dot_attention(q, k, v, mask),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="soft-cap"):
+        dot_attention(q, k, v, mask, logit_cap=50.0, implementation="xla")
+    cfg = gemmax.tiny_config("gemma3")  # sliding window and global layers, GQA
+    lm = gemmax.CausalLM.from_config(cfg, seed=2)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 19)), jnp.int32)
+    lengths = jnp.asarray([19, 11], jnp.int32)
+    want = gd._prefill(lm.params, cfg, tokens, lengths, 16, False)
+    got = gd._prefill(lm.params, cfg, tokens, lengths, 16, False, "xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    engine = Engine(lm.params, cfg, max_batch=2, max_len=64)
+    assert not engine.fused_attention and engine.prefill_backend != CUDNN

@@ -29,7 +29,7 @@ from gemmax import distribution as _dist
 from gemmax.engine.constrain import Constraint, RowMatcher, vocabulary
 from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models import base
-from gemmax.models.base import CPU, XLA, Family
+from gemmax.models.base import CPU, CUDNN, XLA, Family
 
 Array = jax.Array
 log = logging.getLogger("gemmax.engine")
@@ -424,6 +424,10 @@ class Engine:
         self.native = (self._replicated is None and len(getattr(leaf.sharding, "device_set", ())) <= 1
                        and CPU in self.family.backends and cpu_kernels.available())
         self.kernels = self.native and max_batch <= cpu_kernels.MAX_ROWS
+        # cuDNN's fused attention for prefill: on an NVIDIA GPU, with 16-bit activations, where the family has it
+        self.fused_attention = (not self.native and CUDNN in self.family.backends
+                                and jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+                                and all(d.platform == "gpu" for d in leaf.devices()))
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.applies_to(self.family) else None
         self.speculator = speculator
         if speculator is not None:
@@ -432,8 +436,8 @@ class Engine:
     @property
     def prefill_backend(self) -> str:
         """Prefill always takes the native kernels when the engine may use them (its GEMM reads the weights
-        in place at their own width)."""
-        return CPU if self.native else XLA
+        in place at their own width); on a GPU, cuDNN's fused attention where it applies (see ``__init__``)."""
+        return CPU if self.native else CUDNN if self.fused_attention else XLA
 
     @property
     def decode_backend(self) -> str:

@@ -38,10 +38,12 @@ from typing import Any, ClassVar, Protocol, Self
 
 from gemmax.nn.params import LinearNode, ParamSpec
 
-#: Backends a family's prefill / decode step accept: XLA everywhere, or gemmax's native CPU kernels.
+#: Backends a family's prefill / decode step accept: XLA everywhere, gemmax's native CPU kernels, or (prefill
+#: on an NVIDIA GPU, 16-bit activations) cuDNN's fused attention through ``jax.nn.dot_product_attention``.
 XLA = "xla"
 CPU = "cpu"
-BACKENDS = (XLA, CPU)
+CUDNN = "cudnn"
+BACKENDS = (XLA, CPU, CUDNN)
 
 #: One Hugging Face name-table entry: HF name (or one name per stacked layer), then the transforms
 #: HF layout -> gemmax layout and back, applied to one layer's array.

@@ -248,11 +248,18 @@ def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg
     return m
 
 
-def dot_attention(q: Array, k: Array, v: Array, mask: Array, logit_cap: float | None = None) -> Array:
+def dot_attention(q: Array, k: Array, v: Array, mask: Array, logit_cap: float | None = None,
+                  implementation: str | None = None) -> Array:
     """Grouped-query attention. q [B,T,H,hd] (already scaled), k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H,hd].
 
     Logits and softmax in float32; query heads are grouped onto their KV head without repeating K/V.
+    ``implementation`` ("cudnn", or "xla" for the same call compiled by XLA) runs it as one fused
+    ``jax.nn.dot_product_attention`` instead, which has no logit soft-cap.
     """
+    if implementation is not None:
+        if logit_cap is not None:
+            raise ValueError("fused attention has no logit soft-cap (Gemma 2's attn_logit_softcapping)")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0, implementation=implementation)
     b, t, h, hd = q.shape
     kv = k.shape[2]
     g = h // kv

@@ -4,7 +4,7 @@ One config type describes all of them (their differences are data: layer pattern
 activation...), so one scanned forward serves them all. This module registers the family.
 """
 
-from gemmax.models.base import CPU, XLA, GGUFSpec, KerasSpec, family_from, register
+from gemmax.models.base import CPU, CUDNN, XLA, GGUFSpec, KerasSpec, family_from, register
 from gemmax.models.gemma import decode, extend, gguf, hf, keras, model
 from gemmax.models.gemma.config import (
     HF_DECODER_TYPES,
@@ -31,7 +31,7 @@ FAMILY = register(family_from(
     gguf_arch=lambda cfg: GGUF_ARCHS.get(cfg.family),
     gguf=GGUFSpec(archs=gguf.SUPPORTED_ARCHS, read=gguf.read_gguf, write=gguf.write_gguf),
     chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
-    backends=(XLA, CPU),
+    backends=(XLA, CPU, CUDNN),
     extend=extend.extend,
     commit=extend.commit,
     keras=KerasSpec(classes=("GemmaBackbone", "Gemma3Backbone", "Llama3Backbone"), accepts=keras.accepts,

@@ -7,7 +7,9 @@ local vs global attention is chosen per layer with ``lax.cond`` on data, so comp
 
 ``backend`` is the explicit choice of the engine: ``"cpu"`` runs the linears and attention through gemmax's
 native CPU kernels (``gemmax.kernels.cpu``), which read each stacked weight in place; ``"xla"`` runs XLA
-everywhere (GPU, TPU, sharded runs). The choice is made here and nowhere deeper: on ``"cpu"`` the step wraps
+everywhere (GPU, TPU, sharded runs); ``"cudnn"`` is XLA with the prompt's attention as cuDNN's fused kernel
+(``jax.nn.dot_product_attention``; an NVIDIA GPU, 16-bit activations, no attention soft-cap), the decode
+step as ``"xla"``. The choice is made here and nowhere deeper: on ``"cpu"`` the step wraps
 the weights it wants native as ``cpu_kernels.NativeWeight`` (``_native_params``, ``cpu_kernels.layer_view``),
 whose type ``nn.layers`` and ``model`` dispatch on, and passes ``backend`` to ``decoder_layer`` for the
 q/k norm + RoPE; with the kernels unavailable (no compiler, ``GEMMAX_CPU_KERNELS=0``) ``"cpu"`` runs XLA.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.kernels import cpu as cpu_kernels
-from gemmax.models.base import CPU, XLA, UnsupportedError
+from gemmax.models.base import CPU, CUDNN, XLA, UnsupportedError
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import LOCAL, ModelConfig
 from gemmax.nn.layers import MASK_VALUE, attention_mask, dot_attention, einsum, rms_norm, softcap
@@ -133,11 +135,14 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, max_l
         raise UnsupportedError("a bidirectional model (EmbeddingGemma) is an encoder: it has no causal cache to "
                                "generate from; embed with gemmax.TextEncoder")
     window = CacheLayout.for_config(cfg, max_len).window
-    return _prefill(params, cfg, tokens, lengths, window, _native(backend))
+    fused = CUDNN if backend == CUDNN and cfg.attn_logit_softcap is None else None
+    return _prefill(params, cfg, tokens, lengths, window, _native(backend), fused)
 
 
 def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, window: int,
-             in_place: bool) -> tuple[Array, dict]:
+             in_place: bool, fused: str | None = None) -> tuple[Array, dict]:
+    """``prefill`` with the backend resolved: ``in_place`` runs the native CPU kernels, ``fused`` names a
+    ``jax.nn.dot_product_attention`` implementation for the attention (``dot_attention``'s)."""
     b, t = tokens.shape
     if in_place:  # the native GEMM for every product, whatever its rows (the kernel's in-major weights)
         params = _native_params(params, cfg, gemm=True)
@@ -170,12 +175,12 @@ def _prefill(params: dict, cfg: ModelConfig, tokens: Array, lengths: Array, wind
             kv["k"], kv["v"] = k, v
             if q_rows is not None:  # the last layer: one query per row, against every key of its prompt
                 mask = attention_mask(q_rows, idx, w if has_local else None, jnp.ones_like(q_rows), seg)
-                return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
+                return dot_attention(q, k, v, mask, cfg.attn_logit_softcap, fused)
             if in_place:  # blocked causal attention in the native kernel: no [H, T, T] scores
                 return cpu_kernels.prefill_attention(q, k, v, lengths, w if has_local else gm.NO_WINDOW,
                                                      cfg.attn_logit_softcap)
             mask = attention_mask(idx, idx, w if has_local else None, seg, seg)
-            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
+            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap, fused)
 
         x = gm.decoder_layer(p, x, cfg, idx, (sin[row], cos[row]), attend, q_rows=q_rows, backend=layer_backend)
         return x, kv["k"], kv["v"]

@@ -227,3 +227,16 @@ def test_fused_attention_path_equals_the_einsum_one():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     engine = Engine(lm.params, cfg, max_batch=2, max_len=64)
     assert not engine.fused_attention and engine.prefill_backend != CUDNN
+    # training: forward_hidden(attention=...) and its gradient, the same through the fused call
+    seg = jnp.asarray([[1] * 19, [1] * 11 + [0] * 8], jnp.int32)
+
+    def loss(p, attention):
+        h = gm.forward_hidden(p, cfg, tokens, segment_ids=seg, attention=attention)
+        return jnp.sum(jnp.sin(h) * (seg[..., None] > 0))
+
+    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss)(lm.params, "xla")),
+                    jax.tree.leaves(jax.value_and_grad(loss)(lm.params, None)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    from gemmax.train.optim import Precision, attention_choice
+
+    assert attention_choice(lm.family, Precision.named("bfloat16")) == {}  # a CPU: the einsum attention

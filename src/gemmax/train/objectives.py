@@ -41,6 +41,7 @@ from jax.custom_derivatives import SymbolicZero
 from gemmax.nn.layers import einsum
 from gemmax.nn.lora import merge_trees
 from gemmax.train.losses import _chunk_logits, _softcap, in_chunks, output_head
+from gemmax.train.optim import attention_choice
 
 __all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 
@@ -148,10 +149,12 @@ def sequence_forward(family: Any, config: Any, precision: Any, remat: str | None
     """``(params, batch) -> (compute params, final hidden [B, T, D])`` for rows of ``batch`` (``tokens``,
     ``positions``, ``segment_ids``, [B, T]) in the compute precision."""
 
+    attention = attention_choice(family, precision)
+
     def run(params: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, Any], jax.Array]:
         p = precision.compute_params(params)
         hidden = family.forward_hidden(p, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       remat=remat)
+                                       remat=remat, **attention)
         return p, hidden
 
     return run

@@ -26,10 +26,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemmax.models.base import CUDNN
+
 __all__ = [
     "NO_DECAY_SUFFIXES",
     "Precision",
     "accumulate_gradients",
+    "attention_choice",
     "cast_floating",
     "decay_mask",
     "make_optimizer",
@@ -289,3 +292,11 @@ class Precision:
     def compute_params(self, params: Any) -> Any:
         """The copy the forward pass runs with (inside the jitted step, so it costs no extra memory)."""
         return cast_floating(params, self.compute_dtype)
+
+
+def attention_choice(family: Any, precision: Precision) -> dict[str, str]:
+    """``forward_hidden``'s keyword for the attention: cuDNN's fused kernel (``{"attention": "cudnn"}``) on an
+    NVIDIA GPU with 16-bit compute where the family has it (``"cudnn"`` in its ``backends``), else nothing
+    (the family's einsum attention)."""
+    half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return {"attention": CUDNN} if CUDNN in family.backends and half and jax.default_backend() == "gpu" else {}

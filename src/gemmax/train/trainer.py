@@ -44,7 +44,7 @@ from gemmax.nn.lora import add_lora, count_trainable, merge_trees, split_trainab
 from gemmax.train.checkpoint import CheckpointManager
 from gemmax.train.data import DataError, Dataset
 from gemmax.train.losses import lm_loss
-from gemmax.train.optim import Precision, accumulate_gradients, make_optimizer, make_schedule
+from gemmax.train.optim import Precision, accumulate_gradients, attention_choice, make_optimizer, make_schedule
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -273,13 +273,14 @@ def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | N
                   ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """``(trainable, batch, frozen) -> (sum_loss, {"n_tokens", "n_correct"})``: sums, so that accumulation
     can divide once by all micro-batches' target tokens."""
+    attention = attention_choice(family, precision)
 
     def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
         params = merge_trees(trainable, frozen) if frozen else trainable
         params = precision.compute_params(params)  # the bf16 copy lives only inside the step
         inputs = {k: batch[k] for k in family.extra_inputs if k in batch}  # e.g. PaliGemma's pixel_values
         hidden = family.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       remat=remat, **inputs)
+                                       remat=remat, **inputs, **attention)
         s = lm_loss(params, config, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
         return s.sum_loss, {"n_tokens": s.n_tokens, "n_correct": s.n_correct}
 

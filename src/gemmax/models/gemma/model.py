@@ -247,19 +247,22 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
 
 
 def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None,
-                   segment_ids: Array | None = None, remat: str | None = None) -> Array:
+                   segment_ids: Array | None = None, remat: str | None = None, attention: str | None = None) -> Array:
     """Causal forward over whole sequences -> final-normed hidden states [B, T, D] (every token sees every
     other, within the symmetric windows of local layers, when ``cfg.bidirectional``).
 
     ``segment_ids`` (0 = padding) keeps packed documents from attending to each other; ``positions``
     (default 0..T-1) feed RoPE and may restart per document. ``remat`` ("full" | "dots" | None) wraps each
-    layer in jax.checkpoint to trade compute for activation memory when training.
+    layer in jax.checkpoint to trade compute for activation memory when training. ``attention`` ("cudnn": the
+    caller's choice on an NVIDIA GPU) runs the attention as one fused ``jax.nn.dot_product_attention`` of that
+    implementation, unless the config soft-caps attention logits.
     """
     tokens = jnp.asarray(tokens)
     b, t = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = idx if positions is None else jnp.asarray(positions, jnp.int32)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    fused = attention if cfg.attn_logit_softcap is None else None
     x = embed(params, cfg, tokens)
     has_local = LOCAL in cfg.layer_types
 
@@ -270,7 +273,7 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
 
         def attend(q: Array, k: Array, v: Array) -> Array:
             mask = attention_mask(idx, idx, window if has_local else None, seg, seg, causal=not cfg.bidirectional)
-            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap)
+            return dot_attention(q, k, v, mask, cfg.attn_logit_softcap, fused)
 
         return decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend), None
 

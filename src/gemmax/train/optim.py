@@ -294,9 +294,10 @@ class Precision:
         return cast_floating(params, self.compute_dtype)
 
 
-def attention_choice(family: Any, precision: Precision) -> dict[str, str]:
+def attention_choice(family: Any, precision: Any) -> dict[str, str]:
     """``forward_hidden``'s keyword for the attention: cuDNN's fused kernel (``{"attention": "cudnn"}``) on an
     NVIDIA GPU with 16-bit compute where the family has it (``"cudnn"`` in its ``backends``), else nothing
     (the family's einsum attention)."""
-    half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    compute = getattr(precision, "compute_dtype", None)  # None: the weights' own dtypes (a teacher's pass)
+    half = compute is not None and jnp.dtype(compute) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return {"attention": CUDNN} if CUDNN in family.backends and half and jax.default_backend() == "gpu" else {}

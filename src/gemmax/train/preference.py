@@ -43,6 +43,7 @@ import numpy as np
 
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, EpochCursor, Record, read_records
 from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.optim import Precision
 
 __all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
 
@@ -489,7 +490,7 @@ def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_
     """Summed completion log-probs [N, 2] of every pair under ``params`` (one pass, in order, no gradient)."""
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str)
     if key not in _REF_FNS:
-        fwd = sequence_forward(lm.family, lm.config, _Float32(), None)
+        fwd = sequence_forward(lm.family, lm.config, Precision(), None)
         config = lm.config
 
         def fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -507,12 +508,3 @@ def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_
         d = dataset.batch(idx, batch_size).as_dict()
         out[idx] = np.asarray(fn(params, {k: jnp.asarray(v) for k, v in d.items()}))[:len(idx)]
     return out
-
-
-class _Float32:
-    """The float32 precision (``optim.Precision`` without importing it for one method)."""
-
-    @staticmethod
-    def compute_params(params: Any) -> Any:
-        return params
-

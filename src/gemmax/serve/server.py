@@ -63,7 +63,7 @@ from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD
 from gemmax.serve.responses import Answer, collect, model_card
 from gemmax.serve.routes import add_model_routes
 from gemmax.serve.scheduler import Job, Scheduler, ServedModel
-from gemmax.serve.scheduler import _held_back as _held_back  # imported from here by older code and tests
+from gemmax.serve.scheduler import _held_back as _held_back  # tests import it from the server module
 from gemmax.serve.tools import ToolRequest, apply_call_constraint, tool_stop_ids
 from gemmax.serve.tools import parse_request as parse_tools
 

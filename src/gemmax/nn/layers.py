@@ -6,6 +6,7 @@ logits and softmax run in float32 whatever the compute dtype, and the results ar
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 
 from gemmax.kernels import cpu as cpu_kernels
 from gemmax.nn.quant import dequantize_kernel, in_axes_from_eq
+
+_log = logging.getLogger(__name__)
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -254,12 +257,20 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array, logit_cap: float | 
 
     Logits and softmax in float32; query heads are grouped onto their KV head without repeating K/V.
     ``implementation`` ("cudnn", or "xla" for the same call compiled by XLA) runs it as one fused
-    ``jax.nn.dot_product_attention`` instead, which has no logit soft-cap.
+    ``jax.nn.dot_product_attention`` instead, which has no logit soft-cap. Where cuDNN's kernel does not
+    apply (no cuDNN, a head or sequence shape it lacks: JAX says so while tracing) this einsum attention runs
+    instead, and the reason is logged.
     """
     if implementation is not None:
         if logit_cap is not None:
             raise ValueError("fused attention has no logit soft-cap (Gemma 2's attn_logit_softcapping)")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0, implementation=implementation)
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0,
+                                                implementation=implementation)
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            if implementation != "cudnn":
+                raise
+            _log.info("cuDNN attention does not apply to q %s, k %s (%s): XLA's attention runs", q.shape, k.shape, e)
     b, t, h, hd = q.shape
     kv = k.shape[2]
     g = h // kv

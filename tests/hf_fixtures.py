@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gemmax.models.gemma.config import tiny_config, to_hf_config
@@ -38,3 +39,15 @@ def hf_model(family: str, seed: int = 0, **overrides):
 def save_hf(model, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+#: the training text of the image families' tiny tokenizers (prompts and captions about a test picture)
+CAPTION_LINES = ["describe the picture please", "a red square on a blue background", "what is in this image"] * 30
+
+
+def picture(seed: int = 0, h: int = 40, w: int = 52) -> np.ndarray:
+    """A deterministic RGB test picture [h, w, 3] uint8: gradients plus seeded noise, so each pixel matters."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.randint(0, 40, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import CAPTION_LINES, picture
 
 from gemmax.api import CausalLM
 from gemmax.models import base
@@ -27,11 +28,7 @@ TOKENS = 16
 TOL = 1e-4
 
 
-def _image(seed: int = 0, h: int = 40, w: int = 52) -> np.ndarray:
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.randint(0, 40, (h, w, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+_image = picture
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +38,7 @@ def setup(tmp_path_factory):
     from spm_fixtures import train_tiny_sentencepiece
 
     folder = tmp_path_factory.mktemp("g3v")
-    lines = ["describe the picture please", "a red square on a blue background", "what is in this image"] * 30
-    tok = train_tiny_sentencepiece(folder, lines, 200)
+    tok = train_tiny_sentencepiece(folder, CAPTION_LINES, 200)
     v = tok.vocab_size
     ids = (v - 1, v - 3, v - 2)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from fixture_gemma4_vision import set_buffers
+from hf_fixtures import CAPTION_LINES, picture
 
 from gemmax.api import CausalLM
 from gemmax.models import base
@@ -29,11 +30,7 @@ from gemmax.models.gemma4 import vit
 TOL = 1e-4
 
 
-def _image(seed: int = 0, h: int = 40, w: int = 52) -> np.ndarray:
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.randint(0, 40, (h, w, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+_image = picture
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +40,7 @@ def setup(tmp_path_factory):
     from spm_fixtures import train_tiny_sentencepiece
 
     folder = tmp_path_factory.mktemp("g4v")
-    lines = ["describe the picture please", "a red square on a blue background", "what is in this image"] * 30
-    tok = train_tiny_sentencepiece(folder, lines, 200)
+    tok = train_tiny_sentencepiece(folder, CAPTION_LINES, 200)
     v = tok.vocab_size
     cfg = v4.tiny_config(text_vocab_size=v, image_token_id=v - 1, boi_token_id=v - 3, eoi_token_id=v - 2,
                          video_token_id=v - 4, audio_token_id=v - 5)

@@ -91,9 +91,8 @@ class Constraint:
         :meth:`json_schema` (free whitespace would let a model pad a call until its token limit)."""
         if not alternatives:
             raise ConstraintError("named_json needs at least one name")
-        opts = {"whitespace_flexible": JSON_OPTIONS["whitespace_flexible"],
-                "item_separator": JSON_OPTIONS["item_separator"], "key_separator": JSON_OPTIONS["key_separator"]}
-        rules = [f"{json.dumps(n)} %json {json.dumps({**s, 'x-guidance': opts})}" for n, s in alternatives.items()]
+        rules = [f"{json.dumps(n)} %json {json.dumps({**s, 'x-guidance': JSON_OPTIONS})}"
+                 for n, s in alternatives.items()]
         lark = "start: " + " | ".join(rules)
         return cls._checked("grammar", lark, llg.LLMatcher.grammar_from_lark(lark))
 

@@ -132,15 +132,14 @@ def call_state(text: str, family: str) -> str:
     if family == "gemma4":
         return "yes" if text.startswith(G4_CALL) else "maybe" if G4_CALL.startswith(text) else "no"
     s = text
-    if s.startswith("`") or "```".startswith(s):
+    if s.startswith("`"):
         if "```".startswith(s):
             return "maybe"
         if not s.startswith("```"):
             return "no"
         nl = s.find("\n", 3)
-        lang = s[3:] if nl < 0 else s[3:nl]
-        if lang.strip() not in ("", "json", "tool_code", "tool_call") and not any(
-                w.startswith(lang.strip()) for w in ("json", "tool_code", "tool_call")):
+        lang = (s[3:] if nl < 0 else s[3:nl]).strip()
+        if not any(w.startswith(lang) for w in ("json", "tool_code", "tool_call")):  # "" too: a bare fence
             return "no"
         if nl < 0:
             return "maybe"

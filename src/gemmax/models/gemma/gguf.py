@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmax.io.gguf import HFSource, HFView, UnsupportedArchitecture, _gguf, open_hf_view
+from gemmax.io.gguf import HFSource, HFView, UnsupportedArchitecture, _gguf, open_hf_view, write_file
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models.gemma.config import GLOBAL, LOCAL, ModelConfig, from_hf_config, to_hf_config
 
@@ -396,18 +396,6 @@ def _placeholder_vocab(cfg: ModelConfig) -> tuple[list[str], np.ndarray, np.ndar
     return tokens, np.zeros(cfg.vocab_size, dtype=np.float32), types
 
 
-def _pick_qtype(hf_name: str, arr: np.ndarray, dtype: str) -> Any:
-    gguf = _gguf()
-    q = gguf.GGMLQuantizationType
-    if dtype == "f32" or arr.ndim < 2:
-        return q.F32  # llama.cpp keeps norms (1-D) in F32 whatever the file type
-    if dtype == "f16":
-        return q.F16
-    if dtype == "q8_0":
-        return q.Q8_0 if arr.shape[-1] % 32 == 0 else q.F16
-    raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
-
-
 def write_gguf(
     path: str | os.PathLike[str],
     hf_config: Mapping[str, Any],
@@ -430,79 +418,59 @@ def write_gguf(
     arch = _ARCH_OF_FAMILY[cfg.family]
     for p in _representable(cfg):
         warnings.warn(f"GGUF cannot record {p}; llama.cpp will use its own default", stacklevel=2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(path, arch)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-
-    w.add_name(name or cfg.name or f"gemmax-{arch}")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    if arch == "llama":
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_vocab_size(cfg.vocab_size)
-    else:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    if cfg.sliding_window and arch in ("gemma2", "gemma3"):
-        w.add_sliding_window(cfg.sliding_window)
-    if arch == "gemma2":
-        w.add_attn_logit_softcapping(cfg.attn_logit_softcap or 0.0)
-        w.add_final_logit_softcapping(cfg.final_logit_softcap or 0.0)
     scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(scaling["factor"]))
-    elif scaling.get("rope_type") == "llama3":
-        # llama.cpp applies it through the rope_freqs tensor; the original length lets readers recover it
-        w.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings", 8192)))
-    elif scaling:
+    if scaling and scaling.get("rope_type") not in ("linear", "llama3"):
         raise ValueError(f"GGUF export does not support rope scaling {scaling!r}")
-    w.add_file_type(ftype)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    add_tokenizer(w, cfg, tokenizer, chat_template)
-
-    # Tensors: HF names -> GGUF names, llama.cpp conventions applied.
-    written = set()
-    for hf_name, arr in tensors.items():
-        if hf_name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # tied head: llama.cpp reuses token_embd
-        gname = hf_to_gguf_name(hf_name, arch)
-        if gname is None:
-            raise ValueError(f"no GGUF name for tensor {hf_name!r} (arch {arch})")
-        a = np.asarray(arr, dtype=np.float32)
-        if _is_offset_norm(hf_name, arch):
-            a = a + np.float32(1.0)
-        if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            a = _llama_permute(a, cfg.num_heads)
-        elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            a = _llama_permute(a, cfg.num_kv_heads)
-        qt = _pick_qtype(hf_name, a, dtype)
-        if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(a), qt))
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(a), qt), raw_dtype=qt)
-        written.add(gname)
-    if "token_embd.weight" not in written:
-        raise ValueError("tensors lack model.embed_tokens.weight")
-    if not cfg.tie_embeddings and "output.weight" not in written:
+    if not cfg.tie_embeddings and "lm_head.weight" not in tensors:
         raise ValueError("untied config but tensors lack lm_head.weight")
-    if arch == "llama" and scaling.get("rope_type") == "llama3":
-        w.add_tensor("rope_freqs.weight", _llama3_rope_freqs(scaling, cfg.rope_theta, cfg.head_dim))
+    llama, linear = arch == "llama", scaling.get("rope_type") == "linear"
+    windowed = bool(cfg.sliding_window) and arch in ("gemma2", "gemma3")
+    metadata = {
+        "name": name or cfg.name or f"gemmax-{arch}",
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "head_count": cfg.num_heads,
+        "head_count_kv": cfg.num_kv_heads,
+        "layer_norm_rms_eps": cfg.norm_eps,
+        "rope_freq_base": cfg.rope_theta,
+        "rope_dimension_count": cfg.head_dim if llama else None,
+        "vocab_size": cfg.vocab_size if llama else None,
+        "key_length": None if llama else cfg.head_dim,
+        "value_length": None if llama else cfg.head_dim,
+        "sliding_window": cfg.sliding_window if windowed else None,
+        "attn_logit_softcapping": (cfg.attn_logit_softcap or 0.0) if arch == "gemma2" else None,
+        "final_logit_softcapping": (cfg.final_logit_softcap or 0.0) if arch == "gemma2" else None,
+        "rope_scaling_type": gguf.RopeScalingType.LINEAR if linear else None,
+        "rope_scaling_factor": float(scaling["factor"]) if linear else None,
+        # llama.cpp applies Llama 3 scaling through the rope_freqs tensor; the original length lets readers
+        # recover it
+        "rope_scaling_orig_ctx_len": (int(scaling.get("original_max_position_embeddings", 8192))
+                                      if scaling.get("rope_type") == "llama3" else None),
+    }
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    def named() -> Any:
+        """HF names -> GGUF names, llama.cpp conventions applied."""
+        for hf_name, arr in tensors.items():
+            if hf_name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # tied head: llama.cpp reuses token_embd
+            gname = hf_to_gguf_name(hf_name, arch)
+            if gname is None:
+                raise ValueError(f"no GGUF name for tensor {hf_name!r} (arch {arch})")
+            a = np.asarray(arr, dtype=np.float32)
+            if _is_offset_norm(hf_name, arch):
+                a = a + np.float32(1.0)
+            if llama and hf_name.endswith("self_attn.q_proj.weight"):
+                a = _llama_permute(a, cfg.num_heads)
+            elif llama and hf_name.endswith("self_attn.k_proj.weight"):
+                a = _llama_permute(a, cfg.num_kv_heads)
+            yield gname, a
+        if llama and scaling.get("rope_type") == "llama3":
+            yield "rope_freqs.weight", _llama3_rope_freqs(scaling, cfg.rope_theta, cfg.head_dim)
+
+    return write_file(path, arch, metadata, named(), dtype,
+                      lambda w: add_tokenizer(w, cfg, tokenizer, chat_template))
 
 
 def add_tokenizer(w: Any, cfg: Any, tokenizer: Any, chat_template: str | None) -> None:

@@ -20,9 +20,10 @@ import torch
 from matrix_fixtures import BOS, EOS, PAD, FamilyFixture, Vocab, register_fixture
 
 
-def text_config(v: Vocab) -> dict[str, Any]:
-    """The tiny decoder's transformers config arguments (the vision fixture's text part too)."""
-    return dict(
+def _config(v: Vocab) -> Any:
+    import transformers as tf
+
+    return tf.Gemma4TextConfig(
         vocab_size=v.size, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
         sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
@@ -31,12 +32,6 @@ def text_config(v: Vocab) -> dict[str, Any]:
         moe_intermediate_size=16, max_position_embeddings=256, rms_norm_eps=1e-6,
         hidden_activation="gelu_pytorch_tanh", bos_token_id=BOS, eos_token_id=[EOS, v.eot], pad_token_id=PAD,
         tie_word_embeddings=True)
-
-
-def _config(v: Vocab) -> Any:
-    import transformers as tf
-
-    return tf.Gemma4TextConfig(**text_config(v))
 
 
 def _adjust(model: torch.nn.Module, g: torch.Generator) -> None:

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixture_gemma4 import text_config
-from matrix_fixtures import BOS, FamilyFixture, Inputs, Vocab, register_fixture
+from matrix_fixtures import BOS, EOS, PAD, FamilyFixture, Inputs, Vocab, register_fixture
 
 GRID = (6, 4)  # real patch columns, rows
 SLOTS = 36  # patch slots of the image row (the processor's budget of 9 soft tokens x 2 x 2)
@@ -36,7 +35,15 @@ def _ids(v: Vocab) -> dict[str, int]:
 def _config(v: Vocab) -> Any:
     import transformers as tf
 
-    text = dict(text_config(v), use_bidirectional_attention="vision")
+    text = dict(
+        vocab_size=v.size, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=8, vocab_size_per_layer_input=v.size,
+        num_kv_shared_layers=3, use_double_wide_mlp=True, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", bos_token_id=BOS, eos_token_id=[EOS, v.eot], pad_token_id=PAD,
+        tie_word_embeddings=True, use_bidirectional_attention="vision")
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=16,
                   use_clipped_linears=True, standardize=True, rms_norm_eps=1e-6)

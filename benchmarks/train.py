@@ -1,15 +1,17 @@
 """Fine-tuning throughput and peak memory: gemmax vs transformers + PEFT, LoRA and full, on the same shapes.
 
     python benchmarks/train.py [--preset gemma3_270m] [--batch 4] [--seq 128] [--steps 5] [--warmup 2]
-                               [--rank 8] [--only gemmax-lora,...]
+                               [--rank 8] [--precision float32|mixed_bfloat16] [--only gemmax-lora,...]
 
 Each configuration runs in its own subprocess (so peak RSS — ``ru_maxrss`` — is that configuration's alone):
 
 * ``gemmax-lora`` / ``gemmax-full``: ``gemmax.train.trainer.fit`` on a ``gemmax.get_preset(preset)`` model with random
-  weights (LoRA rank ``--rank`` on q,v), float32, chunked cross-entropy;
+  weights (LoRA rank ``--rank`` on q,v), chunked cross-entropy, ``fit(precision=--precision)``;
 * ``torch-lora`` / ``torch-full``: ``Gemma3ForCausalLM`` built from ``to_hf_config`` of the same
   preset (random weights), PEFT ``LoraConfig(r, target_modules=[q_proj, v_proj])``, ``torch.optim.AdamW``,
-  float32, eager attention, ``labels=`` loss (transformers' standard path).
+  float32 weights, eager attention, ``labels=`` loss (transformers' standard path); with
+  ``--precision mixed_bfloat16`` the forward and backward run under ``torch.autocast("cpu", torch.bfloat16)``,
+  torch's own mixed precision (float32 weights and optimizer, bfloat16 products).
 
 Every step sees ``batch x seq`` tokens of random ids; the first ``--warmup`` steps (compilation for JAX) are
 not timed, the figure is the median over ``--steps`` steps. Both sides use every core torch/XLA pick by
@@ -51,7 +53,7 @@ def run_gemmax(args: argparse.Namespace, lora: bool) -> dict:
                      np.ones(args.seq + 1, np.float32), f"random:{i}") for i in range(n_docs)]
     ds = Dataset(docs, args.seq)
     h = train.fit(lm, ds, steps=args.warmup + args.steps, batch_size=args.batch, learning_rate=1e-4,
-                  warmup_steps=0, progress=False)
+                  warmup_steps=0, progress=False, precision=args.precision)
     secs = h.step_seconds[args.warmup:]
     return {"step_seconds": secs, "loss": h.loss, "trainable": h.trainable_params,
             "flops_per_token": h.flops_per_token}
@@ -79,11 +81,13 @@ def run_torch(args: argparse.Namespace, lora: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
+    mixed = args.precision == "mixed_bfloat16"
     secs, losses = [], []
     for i in range(args.warmup + args.steps):
         ids = torch.randint(3, conf.vocab_size, (args.batch, args.seq + 1), generator=g)
         t0 = time.perf_counter()
-        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1].clone())  # labels shift inside the model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            out = model(input_ids=ids[:, :-1], labels=ids[:, :-1].clone())  # labels shift inside the model
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -107,6 +111,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--preset", default="gemma3_270m")
     int_flags(ap, batch=4, seq=128, steps=5, warmup=2, rank=8)
+    ap.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -115,10 +120,10 @@ def main() -> None:
         child(args)
         return
     tokens = args.batch * args.seq
-    print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, float32, {args.warmup} warm-up + {args.steps} "
-          f"timed steps, {os.cpu_count()} CPUs", flush=True)
+    print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, {args.precision}, {args.warmup} warm-up + "
+          f"{args.steps} timed steps, {os.cpu_count()} CPUs", flush=True)
     results: dict[str, dict] = {}
-    flags = {k: getattr(args, k) for k in ("preset", "batch", "seq", "steps", "warmup", "rank")}
+    flags = {k: getattr(args, k) for k in ("preset", "batch", "seq", "steps", "warmup", "rank", "precision")}
     for name, r in run_children(__file__, args.only.split(","), flags):
         r["tokens_per_s"] = tokens / r["median_step_s"]
         results[name] = r

@@ -551,3 +551,43 @@ def test_gated_epilogue_equals_xla(act: str, rows: int, dtype: str) -> None:
         assert (g == w).mean() > 0.9
     else:
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_bfloat16_products_keep_bfloat16_operands_both_ways():
+    """On the CPU a bfloat16 product with many rows multiplies bfloat16 operands with float32 sums, forwards
+    and in both gradient products (autodiff alone would convert the weight to float32 for the backward);
+    with one row (a decode GEMV) it multiplies in float32. The values equal the float32 product of the same
+    bfloat16 numbers."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 8, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(64, 3, 16)), jnp.bfloat16)
+    eq = "btd,dnh->btnh"
+
+    def f(x, w):
+        return (layers.einsum(eq, x, w, jnp.float32) ** 2).sum()
+
+    def ref(x, w):
+        return (jnp.einsum(eq, x.astype(jnp.float32), w.astype(jnp.float32)) ** 2).sum()
+
+    eqns = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w).eqns
+    inner = [e for outer in eqns for e in ([outer] + list(_sub_eqns(outer)))]
+    dots = [e for e in inner if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+    np.testing.assert_allclose(f(x, w), ref(x, w), rtol=1e-5)
+    for a, b in zip(jax.grad(f, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=0.5)
+    one = jax.make_jaxpr(lambda x, w: layers.einsum(eq, x[:1, :1], w))(x, w)
+    dot = next(e for e in one.eqns if e.primitive.name == "dot_general")
+    assert [v.aval.dtype for v in dot.invars] == [jnp.float32, jnp.float32]
+
+
+def _sub_eqns(eqn: Any) -> Any:
+    """The equations inside an equation's sub-jaxprs (a custom VJP's rules, a pjit), recursively."""
+    for p in eqn.params.values():
+        for j in (p if isinstance(p, (list, tuple)) else [p]):
+            inner = getattr(j, "jaxpr", j)
+            for e in getattr(inner, "eqns", []):
+                yield e
+                yield from _sub_eqns(e)

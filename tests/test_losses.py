@@ -210,3 +210,52 @@ def test_token_log_probs_and_their_gradients_match_full_logits(cap, temperature,
             np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
     jaxpr = str(jax.make_jaxpr(jax.grad(ours))(hidden, head))
     assert jaxpr.count("dot_general") == 2 and "checkpoint" not in jaxpr  # logits and d/dh, forward only
+
+
+native = pytest.mark.skipif(not importlib.import_module("gemmax.kernels.cpu").available(),
+                            reason="the native CPU kernels need a C++ compiler")
+
+
+@native
+@pytest.mark.parametrize("head_is_vd", [True, False])
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_native_softmax_passes_match_xla(head_is_vd, chunk):
+    """The native CPU kernel's loss, accuracy count and gradients (hidden and head, weighted mask, padding
+    chunks, a vocabulary that is no multiple of the vector width) equal XLA's passes."""
+    hidden, head, targets, mask = _inputs(v=1003)
+    mask = mask * jnp.asarray(np.random.default_rng(5).uniform(0.5, 2.0, mask.shape), jnp.float32)
+    w = head if head_is_vd else head.T
+
+    def loss(kernel, h, e):
+        s = chunked_cross_entropy(h, e, targets, mask, chunk_size=chunk, head_is_vd=head_is_vd, kernel=kernel)
+        return s.sum_loss, s
+
+    (l_x, s_x), g_x = jax.jit(jax.value_and_grad(lambda h, e: loss("xla", h, e), argnums=(0, 1), has_aux=True))(
+        hidden, w)
+    (l_c, s_c), g_c = jax.jit(jax.value_and_grad(lambda h, e: loss("cpu", h, e), argnums=(0, 1), has_aux=True))(
+        hidden, w)
+    np.testing.assert_allclose(l_c, l_x, rtol=1e-6)
+    assert float(s_c.n_correct) == float(s_x.n_correct)
+    for a, b in zip(g_c, g_x, strict=True):
+        assert float(jnp.abs(b).max()) > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    hlo = jax.jit(jax.grad(lambda h: loss("cpu", h, w)[0])).lower(hidden).as_text()
+    assert "gemmax_cpu_softmax_xent" in hlo
+
+
+@native
+def test_native_softmax_passes_bfloat16_and_unknown_kernel():
+    """With bfloat16 hidden states the kernel writes the gradient in bfloat16, as XLA's path rounds it; an
+    unknown kernel name is refused."""
+    hidden, head, targets, mask = _inputs(v=515)
+    hb, eb = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+
+    def grad(kernel):
+        return jax.grad(lambda h: chunked_cross_entropy(h, eb, targets, mask, chunk_size=8,
+                                                        kernel=kernel).sum_loss)(hb)
+
+    a, b = grad("cpu"), grad("xla")
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="unknown loss kernel 'fast'"):
+        chunked_cross_entropy(hidden, head, targets, mask, kernel="fast")

@@ -171,6 +171,25 @@ def test_precisions_and_remat(precision, remat):
     assert all(x.dtype == want for x in jax.tree_util.tree_leaves(lm.params))
 
 
+def test_mixed_precision_lora_keeps_the_float32_base():
+    """Under LoRA with mixed_bfloat16 the step reads a bfloat16 copy of the frozen base made once; the base
+    handed back is the float32 one, bit for bit, and the adapters train."""
+    lm = _model()
+    train.enable_lora(lm, rank=4, alpha=8, targets=("query", "value"))
+    _, frozen = split_trainable(lm.params)
+    before = {k: np.asarray(v) for k, v in flatten(frozen).items()}
+    h = train.fit(lm, TEXTS, steps=4, batch_size=4, sequence_length=32, learning_rate=3e-3,
+                  precision="mixed_bfloat16", progress=False)
+    assert h.loss[-1] < h.loss[0]
+    trained, after = split_trainable(lm.params)
+    after = flatten(after)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and (v.dtype != np.float32 or after[k].dtype == jnp.float32), k
+        np.testing.assert_array_equal(np.asarray(after[k]), v, err_msg=k)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(trained))
+
+
 # ---- checkpoints: exact resume, NaN ----------------------------------------------------------------------
 
 

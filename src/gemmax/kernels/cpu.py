@@ -46,6 +46,7 @@ _ATTN = "gemmax_cpu_attention"
 _DECODE_ATTN = "gemmax_cpu_decode_attention"
 _NORM_ROPE = "gemmax_cpu_norm_rope"
 _READ = "gemmax_cpu_read_sum"
+_XENT = "gemmax_cpu_softmax_xent"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 
@@ -105,6 +106,7 @@ def available() -> bool:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_NORM_ROPE, jax.ffi.pycapsule(lib.GemmaxNormRope), platform="cpu")
                 jax.ffi.register_ffi_target(_READ, jax.ffi.pycapsule(lib.GemmaxReadSum), platform="cpu")
+                jax.ffi.register_ffi_target(_XENT, jax.ffi.pycapsule(lib.GemmaxSoftmaxXent), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -313,6 +315,22 @@ def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
         read_sum(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return n * 4 / best / 1e9
+
+
+def softmax_xent(logits: jax.Array, targets: jax.Array, weights: jax.Array, grad_dtype: Any | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The cross-entropy terms of float32 ``logits`` [n, V] against ``targets`` [n] (in range) by the native
+    kernel: ``(lse - z[y], 1.0 where z[y] is the row's max, gradient)``, the gradient with respect to the
+    logits ``weights[:, None] * (softmax - onehot)`` in ``grad_dtype`` (float32 or bfloat16), or None when
+    ``grad_dtype`` is None. One pass for the log-sum-exp and one for the gradient per row, a vectorised exp;
+    the fine-tuning loss takes it on the ``"cpu"`` backend (``train.losses``). Only where ``available()``."""
+    n, v = logits.shape
+    g_shape = (n, v) if grad_dtype is not None else (1,)
+    out = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+           jax.ShapeDtypeStruct(g_shape, grad_dtype if grad_dtype is not None else jnp.float32))
+    tok, hit, g = jax.ffi.ffi_call(_XENT, out)(logits.astype(jnp.float32), targets.astype(jnp.int32),
+                                              weights.astype(jnp.float32))
+    return tok, hit, g if grad_dtype is not None else None
 
 
 @jax.jit

@@ -6,6 +6,7 @@ logits and softmax run in float32 whatever the compute dtype, and the results ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -135,26 +136,89 @@ def norm_rope(x: Array, scale: Array | None, eps: float, offset: float, position
 # ---- linear maps: plain, quantized, LoRA --------------------------------------------------------
 
 
-def dot_dtype(dtype: Any) -> Any:
-    """The dtype a matmul of ``dtype`` operands runs in on the current backend.
+#: Below this many rows a half-precision product on the CPU is multiplied in float32 (see ``dot_dtype``).
+CPU_HALF_GEMM_ROWS = 16
 
-    XLA:CPU lowers bfloat16/float16 dots to a slow generic loop (measured on the 270M head GEMV: 238 ms in
-    bfloat16 vs 22 ms when the bfloat16 weights are converted to float32 inside the dot, a convert XLA fuses
-    into the dot's operand read), so on CPU half-precision operands are multiplied in float32 and the result
-    is cast back by the caller. Weights stay half precision in memory; only the accumulation is wider, as in
-    torch's CPU bfloat16 matmul. GPUs and TPUs have native half-precision dots: unchanged there.
+
+def _rows(eq: str, x_shape: tuple[int, ...]) -> int:
+    """The rows of ``einsum(eq, x, w)`` as a matrix product: the size of ``x``'s axes that are neither
+    contracted with ``w`` nor shared with it as batch axes."""
+    ins = eq.replace(" ", "").split("->")[0]
+    xs, ws = ins.split(",")
+    return math.prod(n for c, n in zip(xs, x_shape, strict=True) if c not in ws)
+
+
+def dot_dtype(dtype: Any, rows: int | None = None) -> Any:
+    """The dtype a matmul of ``dtype`` operands with ``rows`` rows multiplies in on the current backend.
+
+    On the CPU, a half-precision product with few rows (a decode GEMV) is converted to float32: XLA:CPU's
+    bfloat16 matrix-vector product is ~8x slower than the float32 one with the conversion fused into the
+    operand read (the 270M head GEMV: 241 vs 29 ms). A product with ``CPU_HALF_GEMM_ROWS`` rows or more (a
+    prefill, a training step) keeps its bfloat16 operands: XLA's bfloat16 GEMM with float32 sums runs at
+    1.6-2x the float32 one on CPUs with bfloat16 dot instructions (AVX512-BF16, AMX), and the result is the
+    same, since the product of two bfloat16 values is exact in float32. The sums are float32 in both cases.
+    GPUs and TPUs have native half-precision dots: unchanged there. ``rows=None``: a product with few rows.
     """
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and jax.default_backend() == "cpu":
+        if rows is not None and rows >= CPU_HALF_GEMM_ROWS and dtype == jnp.dtype(jnp.bfloat16):
+            return dtype
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def _accumulation(dtype: Any) -> Any:
+    """The dtype a product's sums are kept in: float32 for half-precision operands on the CPU (as the
+    conversion to float32 did before), the operands' own dtype elsewhere."""
     dtype = jnp.dtype(dtype)
     if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and jax.default_backend() == "cpu":
         return jnp.dtype(jnp.float32)
     return dtype
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _half_product(eq: str, x: Array, w: Array) -> Array:
+    """A CPU product of half-precision operands with float32 sums, whose backward products also take
+    half-precision operands. Left to autodiff, the float32 cotangent meets the bfloat16 operand and XLA
+    converts that operand to float32: the backward pass would run at float32 speed."""
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+def _half_product_fwd(eq: str, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _half_product(eq, x, w), (x, w)
+
+
+def _half_product_bwd(eq: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+    x, w = res
+    ins, out = eq.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    c = ct.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{ws}->{xs}", c, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(f"{xs},{out}->{ws}", x, c, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_half_product.defvjp(_half_product_fwd, _half_product_bwd)
+
+
+def _transposable(eq: str) -> bool:
+    """Whether both input gradients of ``eq`` are again plain einsums (every axis of each operand appears in
+    the output or in the other operand, none repeated): true of every linear map and attention product."""
+    ins, out = eq.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    return (len(set(xs)) == len(xs) and len(set(ws)) == len(ws)
+            and all(c in out or c in ws for c in xs) and all(c in out or c in xs for c in ws))
+
+
 def einsum(eq: str, x: Array, w: Array, out_dtype: Any | None = None) -> Array:
-    """``jnp.einsum(eq, x, w)`` with ``w`` cast to ``x``'s dtype, computed in ``dot_dtype`` (see there) and
+    """``jnp.einsum(eq, x, w)`` with ``w`` cast to ``x``'s dtype, multiplied in ``dot_dtype`` (see there) and
     returned in ``out_dtype`` (default: ``x``'s dtype)."""
-    dt = dot_dtype(x.dtype)
-    y = jnp.einsum(eq, x.astype(dt), w.astype(dt), preferred_element_type=dt)
+    dt = dot_dtype(x.dtype, _rows(eq, x.shape))
+    acc = _accumulation(dt)
+    if acc != dt and _transposable(eq):  # half-precision operands on the CPU: float32 sums both ways
+        y = _half_product(eq, x.astype(dt), w.astype(dt))
+    else:
+        y = jnp.einsum(eq, x.astype(dt), w.astype(dt), preferred_element_type=acc)
     return y.astype(out_dtype or x.dtype)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from gemmax.kernels import cpu as cpu_kernels
 from gemmax.nn.layers import einsum
 
 __all__ = ["LossSums", "chunked_cross_entropy", "naive_cross_entropy", "output_head", "lm_loss"]
@@ -68,12 +69,47 @@ def _token_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tupl
     return loss, correct
 
 
+#: ``kernel`` values of the loss: XLA's element-wise passes, or the native CPU kernel's (``"cpu"``).
+XLA, CPU = "xla", "cpu"
+
+
 class _Head(NamedTuple):
     """The static description of the output head the fused loss needs (hashable: it keys the custom VJP)."""
 
     softcap: float | None
     head_is_vd: bool
     has_scale: bool
+    kernel: str = XLA
+
+    @property
+    def native(self) -> bool:
+        """Whether the chunk's softmax passes go to the native CPU kernel: asked for, and plain logits (a
+        soft-cap or a quantized head's scale stay with XLA's passes)."""
+        return self.kernel == CPU and self.softcap is None and not self.has_scale
+
+
+def _native_pass(hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array, head_is_vd: bool,
+                 want: tuple[bool, bool, bool]) -> tuple[jax.Array, ...]:
+    """``_chunk_pass`` with the log-sum-exp, the loss terms and ``softmax - onehot`` from the native CPU
+    kernel (one read of the logits for the statistics, one for the gradient, a vectorised exp)."""
+    vocab = head.shape[0] if head_is_vd else head.shape[1]
+    logits = _chunk_logits(hc, head, head_is_vd)  # float32 [c, V]
+    safe = jnp.clip(yc, 0, vocab - 1)
+    on = wc > 0
+    w = jnp.where(on, wc, 0.0)
+    want_h, want_head, _ = want
+    half = hc.dtype == jnp.bfloat16
+    grad_dtype = (jnp.bfloat16 if half else jnp.float32) if (want_h or want_head) else None
+    tok, hit, g = cpu_kernels.softmax_xent(logits, safe, w, grad_dtype)
+    g = g.astype(hc.dtype) if g is not None else None
+    tok = jnp.where(on, tok, 0.0)
+    out: tuple[jax.Array, ...] = ((tok * wc).sum(), jnp.where(on, hit * wc, 0.0).sum(), tok)
+    if want_h:
+        out += (einsum("nv,vd->nd" if head_is_vd else "nv,dv->nd", g, head, jnp.float32),)
+    if want_head:
+        eq = "nv,nd->vd" if head_is_vd else "nv,nd->dv"
+        out += (jnp.einsum(eq, g, hc.astype(g.dtype), preferred_element_type=jnp.float32),)
+    return out
 
 
 def _chunk_pass(head_spec: _Head, hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array,
@@ -86,6 +122,8 @@ def _chunk_pass(head_spec: _Head, hc: jax.Array, yc: jax.Array, wc: jax.Array, h
     product each. Computing them here, while the chunk's [chunk, V] logits are alive, is what saves the
     backward pass from recomputing those logits (a third head-sized product) or keeping them.
     """
+    if head_spec.native:
+        return _native_pass(hc, yc, wc, head, head_spec.head_is_vd, want)
     vocab = head.shape[0] if head_spec.head_is_vd else head.shape[1]
     raw = _chunk_logits(hc, head, head_spec.head_is_vd)  # float32 [c, V]
     z = raw * scale.astype(jnp.float32) if head_spec.has_scale else raw
@@ -194,6 +232,7 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     head_is_vd: bool = True,
     head_scale: jax.Array | None = None,
+    kernel: str = XLA,
 ) -> LossSums:
     """Cross-entropy sums of ``hidden @ head`` against ``targets``, chunk by chunk.
 
@@ -206,6 +245,8 @@ def chunked_cross_entropy(
       chunk_size: tokens per chunk; the peak extra memory is about ``2 * chunk_size * V`` float32 values.
       head_is_vd: layout of ``head``.
       head_scale: [V] per-vocab scale of a quantized (int8) head, applied to the logits before the cap.
+      kernel: ``"xla"``, or ``"cpu"`` for the native CPU kernel's softmax passes (where
+        ``kernels.cpu.available()``; a soft-capped or scaled head keeps XLA's).
 
     Returns ``LossSums(sum_loss, n_tokens, n_correct)`` as float32 scalars. Differentiable in ``hidden``,
     ``head``, ``head_scale`` and ``mask``; each gradient is computed in the forward pass only when it is
@@ -213,7 +254,9 @@ def chunked_cross_entropy(
     """
     b, t, d = hidden.shape
     n = b * t
-    spec = _Head(None if softcap is None else float(softcap), bool(head_is_vd), head_scale is not None)
+    if kernel not in (XLA, CPU):
+        raise ValueError(f"unknown loss kernel {kernel!r}: use {XLA!r} or {CPU!r}")
+    spec = _Head(None if softcap is None else float(softcap), bool(head_is_vd), head_scale is not None, kernel)
     scale = head_scale if head_scale is not None else jnp.zeros((0,), jnp.float32)
     w = mask.reshape(n).astype(jnp.float32)
     loss, correct = _fused_loss(spec, max(1, min(chunk_size, n)))(
@@ -257,13 +300,15 @@ def lm_loss(
     mask: jax.Array,
     *,
     chunk_size: int = 1024,
+    kernel: str = XLA,
 ) -> LossSums:
     """The model's loss sums from ``model.forward_hidden`` output, with the config's head and soft-cap.
 
-    Equal to cross-entropy on ``model.logits_from_hidden`` without building those logits.
+    Equal to cross-entropy on ``model.logits_from_hidden`` without building those logits. ``kernel``: as in
+    ``chunked_cross_entropy``.
     """
     head, vd, scale = output_head(params, config)
     return chunked_cross_entropy(
         hidden, head, targets, mask, softcap=getattr(config, "final_logit_softcap", None),
-        chunk_size=chunk_size, head_is_vd=vd, head_scale=scale,
+        chunk_size=chunk_size, head_is_vd=vd, head_scale=scale, kernel=kernel,
     )

@@ -26,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models.base import CUDNN
+from gemmax.train.losses import CPU as LOSS_CPU
+from gemmax.train.losses import XLA as LOSS_XLA
 
 __all__ = [
     "NO_DECAY_SUFFIXES",
@@ -292,6 +295,15 @@ class Precision:
     def compute_params(self, params: Any) -> Any:
         """The copy the forward pass runs with (inside the jitted step, so it costs no extra memory)."""
         return cast_floating(params, self.compute_dtype)
+
+
+def loss_kernel(distributed: bool) -> str:
+    """The chunked loss's kernel (``losses.chunked_cross_entropy(kernel=)``): the native CPU kernel's softmax
+    passes on a single CPU device where the kernels are built, XLA's elsewhere. A sharded step keeps XLA's,
+    whose element-wise passes the partitioner splits over the mesh; a custom call it would gather."""
+    if not distributed and jax.default_backend() == "cpu" and cpu_kernels.available():
+        return LOSS_CPU
+    return LOSS_XLA
 
 
 def attention_choice(family: Any, precision: Any) -> dict[str, str]:

@@ -43,8 +43,15 @@ from gemmax import distribution as _dist
 from gemmax.nn.lora import add_lora, count_trainable, merge_trees, split_trainable
 from gemmax.train.checkpoint import CheckpointManager
 from gemmax.train.data import DataError, Dataset
-from gemmax.train.losses import lm_loss
-from gemmax.train.optim import Precision, accumulate_gradients, attention_choice, make_optimizer, make_schedule
+from gemmax.train.losses import XLA, lm_loss
+from gemmax.train.optim import (
+    Precision,
+    accumulate_gradients,
+    attention_choice,
+    loss_kernel,
+    make_optimizer,
+    make_schedule,
+)
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -269,10 +276,10 @@ def enable_lora(lm: Any, rank: int = 4, alpha: float | None = None,
 # ---- compiled functions -----------------------------------------------------------------------------
 
 
-def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | None, chunk_size: int
-                  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | None, chunk_size: int,
+                  kernel: str = XLA) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """``(trainable, batch, frozen) -> (sum_loss, {"n_tokens", "n_correct"})``: sums, so that accumulation
-    can divide once by all micro-batches' target tokens."""
+    can divide once by all micro-batches' target tokens. ``kernel``: the loss's (``optim.loss_kernel``)."""
     attention = attention_choice(family, precision)
 
     def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
@@ -281,18 +288,21 @@ def _loss_sums_fn(family: Any, config: Any, precision: Precision, remat: str | N
         inputs = {k: batch[k] for k in family.extra_inputs if k in batch}  # e.g. PaliGemma's pixel_values
         hidden = family.forward_hidden(params, config, batch["tokens"], batch["positions"], batch["segment_ids"],
                                        remat=remat, **inputs, **attention)
-        s = lm_loss(params, config, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
+        s = lm_loss(params, config, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
+                    kernel=kernel)
         return s.sum_loss, {"n_tokens": s.n_tokens, "n_correct": s.n_correct}
 
     return loss_sums
 
 
 def _make_train_step(family: Any, config: Any, optimizer: optax.GradientTransformation, precision: Precision,
-                     remat: str | None, grad_accum: int, chunk_size: int, objective: Any = None
-                     ) -> Callable[..., Any]:
+                     remat: str | None, grad_accum: int, chunk_size: int, objective: Any = None,
+                     kernel: str = XLA) -> Callable[..., Any]:
     # An objective (gemmax.train.objectives) brings its own loss sums; the step around them is the same.
-    make = objective.loss_sums_fn if objective is not None else _loss_sums_fn
-    loss_sums = make(family, config, precision, remat, chunk_size)
+    if objective is not None:
+        loss_sums = objective.loss_sums_fn(family, config, precision, remat, chunk_size)
+    else:
+        loss_sums = _loss_sums_fn(family, config, precision, remat, chunk_size, kernel)
 
     def step(trainable: Any, opt_state: Any, frozen: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, dict]:
         loss, grads, aux = accumulate_gradients(loss_sums, trainable, batch, grad_accum, frozen)
@@ -341,12 +351,13 @@ def _eval_fn(lm: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
     """Jitted ``(params, batch) -> (sum_loss, n_tokens, n_correct)``, cached by config and settings so repeated
     evaluations (e.g. after every epoch) compile once."""
     cache = _EVAL_CACHE
-    key = (_config_key(lm), precision, chunk_size)
+    kernel = loss_kernel(distributed=_dist.distribution() is not None)
+    key = (_config_key(lm), precision, chunk_size, kernel)
     if key not in cache:
         while len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
         prec = Precision.named(precision)
-        loss_sums = _loss_sums_fn(lm.family, lm.config, prec, None, chunk_size)
+        loss_sums = _loss_sums_fn(lm.family, lm.config, prec, None, chunk_size, kernel)
 
         def fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
             s, aux = loss_sums(params, batch, {})
@@ -668,7 +679,7 @@ def _compiled_step(lm: Any, spec: _StepSpec, prec: Precision, dist: Any, trainab
     # first compile) tiny kernels.
     lr_table = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(spec.total_steps + 1)))
     step_fn = _make_train_step(lm.family, lm.config, optimizer, prec, spec.remat, spec.grad_accum, spec.chunk_size,
-                               spec.objective)
+                               spec.objective, loss_kernel(distributed=dist is not None))
     if dist is not None:
         return _jit_distributed(dist, optimizer, step_fn, lr_table, trainable, frozen, spec.is_lora)
     init_fn = jax.jit(optimizer.init)
@@ -707,6 +718,10 @@ class _RunState:
     history: History
     step: int = 0
     last_saved: int | None = None
+    #: The frozen base as the step reads it: under LoRA with a compute dtype narrower than the weights
+    #: (``mixed_bfloat16``) a copy cast once, so that no step converts the whole base again (on the 270M a
+    #: tenth of a step); ``frozen`` keeps the weights as they are, for ``params()``.
+    step_frozen: Any = None
 
     def params(self) -> Any:
         """The full parameter tree (adapters merged back onto the frozen base)."""
@@ -714,7 +729,7 @@ class _RunState:
 
 
 def _initial_state(lm: Any, compiled: _Compiled, trainable: Any, frozen: Any, *, seq: int, batch_size: int,
-                   peak_flops: float | None, seed: int) -> _RunState:
+                   peak_flops: float | None, seed: int, prec: Precision) -> _RunState:
     """Place the weights (under a distribution), initialise the optimizer and start an empty history."""
     if compiled.shardings is not None:
         tr_sh, fr_sh = compiled.shardings
@@ -725,7 +740,9 @@ def _initial_state(lm: Any, compiled: _Compiled, trainable: Any, frozen: Any, *,
                       peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
                       tokens_per_step=batch_size * seq,
                       trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable)))
-    return _RunState(trainable, frozen, opt_state, jax.random.key(seed), history)
+    state = _RunState(trainable, frozen, opt_state, jax.random.key(seed), history)
+    state.step_frozen = prec.compute_params(frozen) if frozen else frozen
+    return state
 
 
 def _resume(manager: CheckpointManager, state: _RunState, iterator: Any) -> None:
@@ -830,7 +847,7 @@ class _Run:
             raise
         epoch = it.epoch
         t0 = time.perf_counter()
-        new_tr, new_opt, m = self.compiled.train_step(s.trainable, s.opt_state, s.frozen,
+        new_tr, new_opt, m = self.compiled.train_step(s.trainable, s.opt_state, s.step_frozen,
                                                       _place_batch(batch, self.dist))
         m = jax.device_get(m)
         dt = time.perf_counter() - t0
@@ -934,7 +951,7 @@ class _Run:
     def _evaluate_objective(self, step: int) -> None:
         """The objective's loss and metrics on the held-out set, as ``val_loss`` and ``val_<metric>``."""
         s = self.state
-        ev = evaluate_objective(self.lm, self.objective, self.eval_set, s.trainable, s.frozen,
+        ev = evaluate_objective(self.lm, self.objective, self.eval_set, s.trainable, s.step_frozen,
                                 batch_size=self.batch_size, precision=self.precision, chunk_size=self.chunk_size)
         rec = {"step": step, "val_loss": ev.pop("loss"), **{f"val_{k}": v for k, v in ev.items()}}
         s.history.evals.append(rec)
@@ -1019,7 +1036,7 @@ def fit(
                      clip_norm, precision, remat, grad_accum, chunk_size, is_lora, objective)
     compiled = _compiled_step(lm, spec, prec, dist, trainable, frozen)
     state = _initial_state(lm, compiled, trainable, frozen, seq=seq, batch_size=batch_size,
-                           peak_flops=peak_flops, seed=seed)
+                           peak_flops=peak_flops, seed=seed, prec=prec)
     live["state"] = state
     manager = None
     if checkpoint_dir is not None:

@@ -1791,6 +1791,119 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
 }
 }  // namespace
 
+// The cross-entropy's element-wise work on a chunk of float32 logits [n, V], for the fine-tuning loss:
+// per row the log-sum-exp, the loss lse - z[y], whether the target's logit is the row's largest, and (when
+// asked) the gradient with respect to the logits, w (softmax - onehot(y)), in float32 or bfloat16.
+// XLA:CPU spent ~0.45 s of a 2.8 s mixed-precision LoRA step of the 270M on these passes (its exp inside a
+// reduction runs at ~2.5 ns an element on Zen 4); here each row is read twice (max and sum of exp in blocks
+// that stay in L1, then the gradient) with a vectorised exp, on XLA's intra-op threads.
+namespace {
+constexpr int64_t kXentBlock = 2048;  // floats per block of the first pass: 8 KB, in L1 while it is read twice
+
+// Row statistics: (max, sum of exp(z - max)) with the max rescaled block by block.
+inline void xent_row_stats(const float* z, int64_t v, float* top, float* sum) {
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t b0 = 0; b0 < v; b0 += kXentBlock) {
+    const int64_t len = std::min<int64_t>(kXentBlock, v - b0);
+    const float* p = z + b0;
+    vnat vm = vnat{} - INFINITY;
+    int64_t j = 0;
+    for (; j + kVL <= len; j += kVL) {
+      vnat x;
+      std::memcpy(&x, p + j, sizeof x);
+      vm = x > vm ? x : vm;
+    }
+    float bm = -INFINITY;
+    for (int l = 0; l < kVL; ++l) bm = std::max(bm, vm[l]);
+    for (; j < len; ++j) bm = std::max(bm, p[j]);
+    const float nm = std::max(m, bm);
+    vnat vs = vnat{};
+    const vnat shift = vnat{} + nm;
+    j = 0;
+    for (; j + kVL <= len; j += kVL) {
+      vnat x;
+      std::memcpy(&x, p + j, sizeof x);
+      vs += v_exp(x - shift);
+    }
+    float bs = 0.0f;
+    for (int l = 0; l < kVL; ++l) bs += vs[l];
+    for (; j < len; ++j) bs += std::exp(p[j] - nm);
+    s = (m == -INFINITY ? 0.0f : s * std::exp(m - nm)) + bs;
+    m = nm;
+  }
+  *top = m;
+  *sum = s;
+}
+
+ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
+                       ffi::Buffer<ffi::F32> weights, ffi::Result<ffi::Buffer<ffi::F32>> tok,
+                       ffi::Result<ffi::Buffer<ffi::F32>> top_hit, ffi::Result<ffi::AnyBuffer> grad) {
+  const auto dims = logits.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("gemmax softmax_xent: logits must be [n, V]");
+  const int64_t n = dims[0], v = dims[1];
+  const bool want = static_cast<int64_t>(grad->element_count()) == n * v;
+  const bool half = grad->element_type() == ffi::DataType::BF16;
+  if (want && !half && grad->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("gemmax softmax_xent: the gradient must be float32 or bfloat16");
+  const float* z = logits.typed_data();
+  const int32_t* y = targets.typed_data();
+  const float* w = weights.typed_data();
+  float* out_tok = tok->typed_data();
+  float* out_hit = top_hit->typed_data();
+  for (int64_t i = 0; i < n; ++i)
+    if (y[i] < 0 || y[i] >= v) return ffi::Error::InvalidArgument("gemmax softmax_xent: target out of range");
+  parallel_for(&pool, n, [&](int64_t i) {
+    const float* row = z + i * v;
+    float m, s;
+    xent_row_stats(row, v, &m, &s);
+    const float lse = m + std::log(s);
+    const float tgt = row[y[i]];
+    out_tok[i] = lse - tgt;
+    out_hit[i] = tgt >= m ? 1.0f : 0.0f;
+    if (!want) return;
+    const float wi = w[i];
+    const vnat vl = vnat{} + lse, vw = vnat{} + wi;
+    int64_t j = 0;
+    if (half) {
+      typedef int32_t VI __attribute__((vector_size(4 * kVL)));
+      typedef uint16_t VH __attribute__((vector_size(2 * kVL)));
+      uint16_t* g = static_cast<uint16_t*>(grad->untyped_data()) + i * v;
+      for (; j + kVL <= v; j += kVL) {
+        vnat x;
+        std::memcpy(&x, row + j, sizeof x);
+        const vnat e = v_exp(x - vl) * vw;
+        VI u;
+        std::memcpy(&u, &e, sizeof u);
+        u += 0x7FFF + ((u >> 16) & 1);
+        const VH h = __builtin_convertvector((u >> 16) & 0xFFFF, VH);  // e >= 0: no sign to carry
+        std::memcpy(g + j, &h, sizeof h);
+      }
+      for (; j < v; ++j) g[j] = bf16_round(std::exp(row[j] - lse) * wi);
+      g[y[i]] = bf16_round((std::exp(tgt - lse) - 1.0f) * wi);
+    } else {
+      float* g = static_cast<float*>(grad->untyped_data()) + i * v;
+      for (; j + kVL <= v; j += kVL) {
+        vnat x;
+        std::memcpy(&x, row + j, sizeof x);
+        const vnat e = v_exp(x - vl) * vw;
+        std::memcpy(g + j, &e, sizeof e);
+      }
+      for (; j < v; ++j) g[j] = std::exp(row[j] - lse) * wi;
+      g[y[i]] = (std::exp(tgt - lse) - 1.0f) * wi;
+    }
+  });
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxSoftmaxXent, SoftmaxXent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logits [n, V]
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>()  // targets, weights
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()  // tok, top_hit
+                                  .Ret<ffi::AnyBuffer>());  // grad [n, V], or one element when not wanted
+
 // The machine's read bandwidth as the kernels see it: a float32 buffer summed in 1 MiB blocks claimed by the
 // caller and XLA's intra-op pool (the same threads and the same sequential streams as a decode GEMV), eight
 // independent accumulators per block so the adds never limit the read. The sum is returned so that nothing is

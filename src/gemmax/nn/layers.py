@@ -140,11 +140,25 @@ def norm_rope(x: Array, scale: Array | None, eps: float, offset: float, position
 CPU_HALF_GEMM_ROWS = 16
 
 
-def _rows(eq: str, x_shape: tuple[int, ...]) -> int:
+def _explicit(eq: str, x_ndim: int, w_ndim: int) -> tuple[str, str, str]:
+    """``(x, w, out)`` subscripts of ``eq`` with spaces removed and any ``...`` spelled out in unused letters
+    (leading axes, broadcast as numpy does), so that the rows and gradients below read one letter an axis."""
+    ins, out = eq.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    if "..." not in eq:
+        return xs, ws, out
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    nx = x_ndim - len(xs.replace("...", "")) if "..." in xs else 0
+    nw = w_ndim - len(ws.replace("...", "")) if "..." in ws else 0
+    n = max(nx, nw)
+    ell = "".join(free[:n])
+    return xs.replace("...", ell[n - nx:]), ws.replace("...", ell[n - nw:]), out.replace("...", ell)
+
+
+def _rows(eq: str, x_shape: tuple[int, ...], w_ndim: int) -> int:
     """The rows of ``einsum(eq, x, w)`` as a matrix product: the size of ``x``'s axes that are neither
     contracted with ``w`` nor shared with it as batch axes."""
-    ins = eq.replace(" ", "").split("->")[0]
-    xs, ws = ins.split(",")
+    xs, ws, _ = _explicit(eq, len(x_shape), w_ndim)
     return math.prod(n for c, n in zip(xs, x_shape, strict=True) if c not in ws)
 
 
@@ -190,8 +204,7 @@ def _half_product_fwd(eq: str, x: Array, w: Array) -> tuple[Array, tuple[Array, 
 
 def _half_product_bwd(eq: str, res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
     x, w = res
-    ins, out = eq.replace(" ", "").split("->")
-    xs, ws = ins.split(",")
+    xs, ws, out = _explicit(eq, x.ndim, w.ndim)
     c = ct.astype(x.dtype)
     dx = jnp.einsum(f"{out},{ws}->{xs}", c, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dw = jnp.einsum(f"{xs},{out}->{ws}", x, c, preferred_element_type=jnp.float32).astype(w.dtype)
@@ -201,11 +214,10 @@ def _half_product_bwd(eq: str, res: tuple[Array, Array], ct: Array) -> tuple[Arr
 _half_product.defvjp(_half_product_fwd, _half_product_bwd)
 
 
-def _transposable(eq: str) -> bool:
+def _transposable(eq: str, x_ndim: int, w_ndim: int) -> bool:
     """Whether both input gradients of ``eq`` are again plain einsums (every axis of each operand appears in
     the output or in the other operand, none repeated): true of every linear map and attention product."""
-    ins, out = eq.replace(" ", "").split("->")
-    xs, ws = ins.split(",")
+    xs, ws, out = _explicit(eq, x_ndim, w_ndim)
     return (len(set(xs)) == len(xs) and len(set(ws)) == len(ws)
             and all(c in out or c in ws for c in xs) and all(c in out or c in xs for c in ws))
 
@@ -213,9 +225,9 @@ def _transposable(eq: str) -> bool:
 def einsum(eq: str, x: Array, w: Array, out_dtype: Any | None = None) -> Array:
     """``jnp.einsum(eq, x, w)`` with ``w`` cast to ``x``'s dtype, multiplied in ``dot_dtype`` (see there) and
     returned in ``out_dtype`` (default: ``x``'s dtype)."""
-    dt = dot_dtype(x.dtype, _rows(eq, x.shape))
+    dt = dot_dtype(x.dtype, _rows(eq, x.shape, w.ndim))
     acc = _accumulation(dt)
-    if acc != dt and _transposable(eq):  # half-precision operands on the CPU: float32 sums both ways
+    if acc != dt and _transposable(eq, x.ndim, w.ndim):  # half-precision operands on the CPU: float32 sums both ways
         y = _half_product(eq, x.astype(dt), w.astype(dt))
     else:
         y = jnp.einsum(eq, x.astype(dt), w.astype(dt), preferred_element_type=acc)

@@ -20,6 +20,7 @@ import optax
 
 from gemmax import distribution as dist
 from gemmax.api import CausalLM
+from gemmax.launch import relaunch_with_huge_pages
 from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.engine.repetition import loop_period
 from gemmax.engine.speculative import add_speculation_flags
@@ -365,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``gemmax`` command. Started from the command line (``argv`` None) it first restarts itself with
+    glibc's huge-page malloc (``gemmax.launch``); called with ``argv`` it runs in the calling process."""
+    if argv is None:
+        relaunch_with_huge_pages()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

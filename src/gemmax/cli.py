@@ -20,7 +20,6 @@ import optax
 
 from gemmax import distribution as dist
 from gemmax.api import CausalLM
-from gemmax.launch import relaunch_with_huge_pages
 from gemmax.encoder import TextEncoder, is_encoder_handle
 from gemmax.engine.repetition import loop_period
 from gemmax.engine.speculative import add_speculation_flags
@@ -28,6 +27,7 @@ from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import read_json_config
+from gemmax.launch import relaunch_with_huge_pages
 from gemmax.models import base
 from gemmax.models import embedding_gemma as eg
 from gemmax.nn import lora

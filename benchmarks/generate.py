@@ -475,16 +475,22 @@ def main() -> None:
     pre: dict[str, list[float]] = {n: [] for n in names}
     bat: dict[str, list[float]] = {n: [] for n in batch_names}
     outs: dict[str, list[int]] = {}
-    read_bw: list[float] = []  # the machine's read bandwidth, once per repetition, between the engines' runs
+    # The machine's read bandwidth, measured right before each engine's decode run: on a shared (virtual)
+    # machine it moves by up to 2x from one minute to the next, so each decode run is compared with the
+    # reading taken next to it ("of read" is the median of those per-run fractions).
+    read_bw: list[float] = []
+    of_read: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.repeats):
         print(f"repetition {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
-        if "decode" not in skip:
-            read_bw.append(machine_read_bandwidth())
         for n, r in runners.items():
             if "decode" not in skip:
+                bw_now = machine_read_bandwidth()
+                read_bw.append(bw_now)
                 dt, ids = r.decode(prompt, args.new)
                 dec[n].append(dt)
                 outs[n] = ids
+                if bw_now > 0:
+                    of_read[n].append(r.bytes / (dt / (args.new - 1)) / 1e9 / bw_now)
         if "prefill" not in skip:  # rounds of every engine in turn: entry i of each list is one round
             for _ in range(args.prefill_repeats):
                 for n, r in runners.items():
@@ -511,10 +517,11 @@ def main() -> None:
         n_dec = args.new - 1  # the first new token comes with the prefill
         say(f"## decode, batch 1, {args.prompt_len}-token prompt, {args.new} greedy tokens (rate over the last "
             f"{n_dec})")
-        bw = max(read_bw) if read_bw and read_bw[0] > 0 else None
+        bw = statistics.median(read_bw) if read_bw and read_bw[0] > 0 else None
         if bw:
-            say(f"machine read bandwidth (1 GiB float32 sum on XLA's thread pool, best of {len(read_bw)}): "
-                f"{bw:.1f} GB/s; 'of read' = the engine's weight GB/s over it")
+            say(f"machine read bandwidth (1 GiB float32 sum on XLA's thread pool, best of 3, taken before each "
+                f"engine's run): median {bw:.1f} GB/s, {min(read_bw):.1f}-{max(read_bw):.1f}; 'of read' = the "
+                "engine's weight GB/s over the reading taken next to it (median over the runs)")
         say(f"{'engine':<14}{'weights MB':>11}{'ms/token':>10}{'tokens/s':>10}{'GB/s':>7}{'of read':>9}"
             f"{'vs hf-f32':>11}{'vs llama.cpp':>14}{'load s':>8}{'warm-up s':>11}")
         base = statistics.median(dec["hf-f32"]) if "hf-f32" in dec else None
@@ -524,7 +531,7 @@ def main() -> None:
             r = runners[n]
             rel = f"{base / n_dec / m:.2f}x" if base else "-"
             rel_l = f"{lcpp / n_dec / m:.2f}x" if lcpp else "-"
-            frac = f"{r.bytes / m / 1e9 / bw:.0%}" if bw else "-"
+            frac = f"{statistics.median(of_read[n]):.0%}" if of_read[n] else "-"
             say(f"{n:<14}{r.bytes / 1e6:>11.0f}{m * 1e3:>10.1f}{1 / m:>10.1f}{r.bytes / m / 1e9:>7.1f}{frac:>9}"
                 f"{rel:>11}{rel_l:>14}{r.load_s:>8.1f}{r.compile_s.get('decode', 0):>11.1f}")
         say(same_precision_ratio(dec, "decode"))

@@ -49,18 +49,6 @@ class Report:
         save_lines(path, self.lines)
 
 
-def child_env(name: str) -> dict[str, str]:
-    """A child's environment: CPU-only JAX, and for a gemmax configuration the process settings the
-    ``gemmax`` command starts with (glibc's huge-page malloc, ``gemmax.launch``). A peer's child runs with
-    the environment as it is: torch measured slower with huge pages (a LoRA step 2.6 -> 3.3-3.5 s)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if name.startswith("gemmax"):
-        from gemmax.launch import huge_page_env
-
-        env = huge_page_env(env) or env
-    return env
-
-
 def run_children(script: str, names: Iterable[str], flags: dict[str, Any], stderr_tail: int = 2000
                  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Run each named configuration of ``script`` in a fresh CPU-only process (``--child NAME`` and ``flags``
@@ -70,7 +58,7 @@ def run_children(script: str, names: Iterable[str], flags: dict[str, Any], stder
     for name in names:
         cmd = [sys.executable, script, "--child", name] + [f"--{k}={v}" for k, v in flags.items()]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(name))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         if proc.returncode != 0 or "RESULT" not in proc.stdout:
             print(f"{name}: failed\n{proc.stderr[-stderr_tail:]}", flush=True)
             continue

@@ -13,9 +13,6 @@ Each configuration runs in its own subprocess (so peak RSS — ``ru_maxrss`` —
   ``--precision mixed_bfloat16`` the forward and backward run under ``torch.autocast("cpu", torch.bfloat16)``,
   torch's own mixed precision (float32 weights and optimizer, bfloat16 products).
 
-gemmax's children start as the ``gemmax`` command does, with glibc's huge-page malloc (``gemmax.launch``);
-torch's with the environment as it is, which measured faster for torch.
-
 Every step sees ``batch x seq`` tokens of random ids; the first ``--warmup`` steps (compilation for JAX) are
 not timed, the figure is the median over ``--steps`` steps. Both sides use every core torch/XLA pick by
 default. On a shared machine, run it twice and compare medians.

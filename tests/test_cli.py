@@ -65,34 +65,3 @@ def test_convert_to_hf_and_gguf(folder, tmp_path, capsys):
 def test_bad_handle_is_a_clean_error(capsys):
     assert main(["info", "/no/such/model.gguf"]) == 2
     assert "not found" in capsys.readouterr().err
-
-
-def test_command_restarts_with_huge_page_malloc(tmp_path):
-    """The gemmax command re-executes itself once with glibc's huge-page malloc tunable (added to tunables
-    already set), and not when told not to or when it is already set."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from gemmax.launch import TUNABLE, huge_page_env
-
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
-        pytest.fail("this test needs Linux with transparent huge pages (madvise or always)")
-    env = huge_page_env({"PATH": "/bin"})
-    assert env["GLIBC_TUNABLES"] == TUNABLE
-    assert huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
-        "glibc.malloc.arena_max=2:" + TUNABLE)
-    assert huge_page_env({"GEMMAX_HUGE_PAGES": "0"}) is None
-    assert huge_page_env({"GLIBC_TUNABLES": TUNABLE}) is None
-    assert huge_page_env(env) is None  # once restarted, never again
-    code = ("from gemmax.launch import relaunch_with_huge_pages; import os, sys; print('start', flush=True); "
-            "relaunch_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GEMMAX_RELAUNCHED")}
-    out = subprocess.run([sys.executable, "-c", code, "a", "b"], capture_output=True, text=True, env=clean,
-                         check=True).stdout.split("\n")
-    assert out[:3] == ["start", "start", f"{TUNABLE} ['a', 'b']"]
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(clean, GEMMAX_HUGE_PAGES="0")).stdout.split("\n")
-    assert off[:2] == ["start", "None []"]

@@ -27,7 +27,6 @@ from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import read_json_config
-from gemmax.launch import relaunch_with_huge_pages
 from gemmax.models import base
 from gemmax.models import embedding_gemma as eg
 from gemmax.nn import lora
@@ -366,10 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``gemmax`` command. Started from the command line (``argv`` None) it first restarts itself with
-    glibc's huge-page malloc (``gemmax.launch``); called with ``argv`` it runs in the calling process."""
-    if argv is None:
-        relaunch_with_huge_pages()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from gemmax.cli import load_model
-from gemmax.launch import relaunch_with_huge_pages
 from gemmax.train.trainer import demo_settings, plot_loss
 
 
@@ -55,5 +54,4 @@ def main(out_dir: str = "out/demo") -> int:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()
     sys.exit(main(*sys.argv[1:]))

@@ -304,21 +304,36 @@ for _fx in (
     register_fixture(_fx)
 
 
-def _discover() -> None:
-    """Import every ``tests/fixture_*.py``: each registers one more family (after the built-in ones, so
-    their seeds, which depend on the order, stay the same)."""
+BUILT_IN = tuple(FIXTURES)
+
+
+def fixture_modules() -> list[str]:
+    """The ``tests/fixture_*.py`` modules; each registers exactly one more family."""
+    return [path.stem for path in sorted(Path(__file__).parent.glob("fixture_*.py"))]
+
+
+def families() -> tuple[str, ...]:
+    """Every family of the matrix: the built-in ones in their order, then the fixture modules' by name.
+
+    Imports the fixture modules not imported yet. Computed when asked, not when this module is imported: a
+    test file that imports a fixture module first (``from fixture_x import ...``) imports this module from
+    the middle of that one, before its family is registered, and a list frozen then would silently lack it.
+    The order does not depend on which module was imported first (the seeds depend on it), and a family
+    missing is an error, never a smaller matrix."""
     import importlib
     import sys
 
-    here = Path(__file__).parent
-    if str(here) not in sys.path:
-        sys.path.insert(0, str(here))
-    for path in sorted(here.glob("fixture_*.py")):
-        importlib.import_module(path.stem)
-
-
-_discover()
-FAMILIES = tuple(FIXTURES)
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    modules = fixture_modules()
+    for name in modules:
+        importlib.import_module(name)
+    extra = sorted(set(FIXTURES) - set(BUILT_IN))
+    if len(extra) != len(modules):
+        raise RuntimeError(f"matrix fixture modules {modules} registered {extra}: a module still being "
+                           "imported (an import cycle through matrix_fixtures) has not registered its family")
+    return BUILT_IN + tuple(extra)
 
 
 def rewrite_keys(folder: Path, fn: Callable[[str], str | None]) -> list[str]:
@@ -424,7 +439,7 @@ def build_checkpoint(family: str, folder: Path, tokenizer_model: Path, tok: Any)
               tok.piece_to_id("\n"), len(SYMBOLS) + 4)
     cfg = fx.hf_config(v)
     embed_scale, scale, seed = fx.tuning
-    seed_all = 1000 * seed + FAMILIES.index(family)
+    seed_all = 1000 * seed + families().index(family)
     torch.manual_seed(seed_all)  # the weights _randomize keeps (recurrent_param)
     import transformers
 

@@ -41,12 +41,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from matrix_fixtures import FAMILIES, Checkpoint, build_checkpoint, train_tokenizer, write_jsonl
+from matrix_fixtures import Checkpoint, build_checkpoint, families, train_tokenizer, write_jsonl
 
 import gemmax
 from gemmax import CausalLM
 
 WORKER = Path(__file__).with_name("matrix_worker.py")
+FAMILIES = families()  # computed here, after any fixture module a test file imported first has finished
 TIMEOUT = int(os.environ.get("GEMMAX_DIST_TEST_TIMEOUT", "600"))
 NEW = 8  # new tokens of the generation cells
 STREAM_PROMPT = "The quick brown fox"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from gemmax.kernels import cpu as cpu_kernels
+from gemmax.models.base import CPU, XLA
 from gemmax.nn.layers import einsum
 
 __all__ = ["LossSums", "chunked_cross_entropy", "naive_cross_entropy", "output_head", "lm_loss"]
@@ -69,10 +70,6 @@ def _token_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tupl
     return loss, correct
 
 
-#: ``kernel`` values of the loss: XLA's element-wise passes, or the native CPU kernel's (``"cpu"``).
-XLA, CPU = "xla", "cpu"
-
-
 class _Head(NamedTuple):
     """The static description of the output head the fused loss needs (hashable: it keys the custom VJP)."""
 
@@ -103,7 +100,15 @@ def _native_pass(hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array, h
     tok, hit, g = cpu_kernels.softmax_xent(logits, safe, w, grad_dtype)
     g = g.astype(hc.dtype) if g is not None else None
     tok = jnp.where(on, tok, 0.0)
-    out: tuple[jax.Array, ...] = ((tok * wc).sum(), jnp.where(on, hit * wc, 0.0).sum(), tok)
+    out = ((tok * wc).sum(), jnp.where(on, hit * wc, 0.0).sum(), tok)
+    return out + _head_grads(g, hc, head, head_is_vd, want_h, want_head)
+
+
+def _head_grads(g: jax.Array | None, hc: jax.Array, head: jax.Array, head_is_vd: bool, want_h: bool,
+                want_head: bool) -> tuple[jax.Array, ...]:
+    """From the logits' gradient ``g`` [c, V] (in the hidden states' dtype), the hidden states' and the
+    head's gradients, each only when wanted, in that order."""
+    out: tuple[jax.Array, ...] = ()
     if want_h:
         out += (einsum("nv,vd->nd" if head_is_vd else "nv,dv->nd", g, head, jnp.float32),)
     if want_head:
@@ -147,12 +152,7 @@ def _chunk_pass(head_spec: _Head, hc: jax.Array, yc: jax.Array, wc: jax.Array, h
     d_scale = (g * raw).sum(axis=0) if want_scale else None
     if head_spec.has_scale:
         g = g * scale.astype(jnp.float32)
-    gd = g.astype(hc.dtype)
-    if want_h:
-        out += (einsum("nv,vd->nd" if head_spec.head_is_vd else "nv,dv->nd", gd, head, jnp.float32),)
-    if want_head:
-        eq = "nv,nd->vd" if head_spec.head_is_vd else "nv,nd->dv"
-        out += (jnp.einsum(eq, gd, hc.astype(gd.dtype), preferred_element_type=jnp.float32),)
+    out += _head_grads(g.astype(hc.dtype), hc, head, head_spec.head_is_vd, want_h, want_head)
     return out if d_scale is None else out + (d_scale,)
 
 

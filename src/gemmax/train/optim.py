@@ -27,9 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from gemmax.kernels import cpu as cpu_kernels
-from gemmax.models.base import CUDNN
-from gemmax.train.losses import CPU as LOSS_CPU
-from gemmax.train.losses import XLA as LOSS_XLA
+from gemmax.models.base import CPU, CUDNN, XLA
 
 __all__ = [
     "NO_DECAY_SUFFIXES",
@@ -302,8 +300,8 @@ def loss_kernel(distributed: bool) -> str:
     passes on a single CPU device where the kernels are built, XLA's elsewhere. A sharded step keeps XLA's,
     whose element-wise passes the partitioner splits over the mesh; a custom call it would gather."""
     if not distributed and jax.default_backend() == "cpu" and cpu_kernels.available():
-        return LOSS_CPU
-    return LOSS_XLA
+        return CPU
+    return XLA
 
 
 def attention_choice(family: Any, precision: Any) -> dict[str, str]:

@@ -40,10 +40,11 @@ import numpy as np
 import optax
 
 from gemmax import distribution as _dist
+from gemmax.models.base import XLA
 from gemmax.nn.lora import add_lora, count_trainable, merge_trees, split_trainable
 from gemmax.train.checkpoint import CheckpointManager
 from gemmax.train.data import DataError, Dataset
-from gemmax.train.losses import XLA, lm_loss
+from gemmax.train.losses import lm_loss
 from gemmax.train.optim import (
     Precision,
     accumulate_gradients,
@@ -740,9 +741,8 @@ def _initial_state(lm: Any, compiled: _Compiled, trainable: Any, frozen: Any, *,
                       peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
                       tokens_per_step=batch_size * seq,
                       trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable)))
-    state = _RunState(trainable, frozen, opt_state, jax.random.key(seed), history)
-    state.step_frozen = prec.compute_params(frozen) if frozen else frozen
-    return state
+    return _RunState(trainable, frozen, opt_state, jax.random.key(seed), history,
+                     step_frozen=prec.compute_params(frozen) if frozen else frozen)
 
 
 def _resume(manager: CheckpointManager, state: _RunState, iterator: Any) -> None:

@@ -1218,18 +1218,25 @@ inline vnat lane_index() {
   return v;
 }
 
-inline float softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
-  constexpr int L = kVL;
+// The largest of p[0, n) (-inf when n == 0), on native vectors.
+inline float row_max(const float* p, int64_t n) {
   vnat mv = vnat{} - INFINITY;
-  int64_t j = a;
-  for (; j + L <= b; j += L) {
+  int64_t j = 0;
+  for (; j + kVL <= n; j += kVL) {
     vnat v;
-    std::memcpy(&v, s + j, sizeof v);
+    std::memcpy(&v, p + j, sizeof v);
     mv = v > mv ? v : mv;
   }
   float m = -INFINITY;
-  for (int t = 0; t < L; ++t) m = std::max(m, mv[t]);
-  for (int64_t t = j; t < b; ++t) m = std::max(m, s[t]);
+  for (int t = 0; t < kVL; ++t) m = std::max(m, mv[t]);
+  for (; j < n; ++j) m = std::max(m, p[j]);
+  return m;
+}
+
+inline float softmax_row(float* s, int64_t n, int64_t a, int64_t b) {
+  constexpr int L = kVL;
+  const float m = row_max(s + a, b - a);
+  int64_t j = a;
   std::fill(s, s + a, 0.0f);
   std::fill(s + b, s + n, 0.0f);
   vnat sv = {};
@@ -1806,20 +1813,10 @@ inline void xent_row_stats(const float* z, int64_t v, float* top, float* sum) {
   for (int64_t b0 = 0; b0 < v; b0 += kXentBlock) {
     const int64_t len = std::min<int64_t>(kXentBlock, v - b0);
     const float* p = z + b0;
-    vnat vm = vnat{} - INFINITY;
-    int64_t j = 0;
-    for (; j + kVL <= len; j += kVL) {
-      vnat x;
-      std::memcpy(&x, p + j, sizeof x);
-      vm = x > vm ? x : vm;
-    }
-    float bm = -INFINITY;
-    for (int l = 0; l < kVL; ++l) bm = std::max(bm, vm[l]);
-    for (; j < len; ++j) bm = std::max(bm, p[j]);
-    const float nm = std::max(m, bm);
+    const float nm = std::max(m, row_max(p, len));
     vnat vs = vnat{};
     const vnat shift = vnat{} + nm;
-    j = 0;
+    int64_t j = 0;
     for (; j + kVL <= len; j += kVL) {
       vnat x;
       std::memcpy(&x, p + j, sizeof x);

@@ -2,7 +2,7 @@
 
     python benchmarks/post_train.py [--preset gemma3_270m] [--batch 2] [--prompt 32] [--completion 32]
                                     [--steps 4] [--warmup 2] [--rank 8] [--generations 4]
-                                    [--only gemmax-dpo-lora,trl-dpo-lora,...]
+                                    [--precision float32|mixed_bfloat16] [--only gemmax-dpo-lora,...]
 
 Each configuration runs in its own subprocess (peak RSS — ``ru_maxrss`` — is that configuration's alone), on
 random weights of the preset's shapes (float32) and a character-level tokenizer built here (no download):
@@ -17,6 +17,10 @@ random weights of the preset's shapes (float32) and a character-level tokenizer 
 
 DPO rows are ``prompt + completion`` tokens, twice per pair; tokens/s counts both rows. The first
 ``--warmup`` steps (compilation for JAX) are not timed; the figure is the median over ``--steps`` steps.
+
+``--precision mixed_bfloat16``: gemmax's ``fit(precision="mixed_bfloat16")`` (float32 weights and optimizer,
+bfloat16 products) against TRL with ``bf16=True``, which runs the forward and backward under
+``torch.autocast("cpu", torch.bfloat16)``: each side's own mixed precision.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def run_gemmax(args: argparse.Namespace, method: str, lora: bool) -> dict:
     if method == "dpo":
         h = train.fit(lm, _pairs(args, args.batch * steps), objective=DPO(beta=0.1), steps=steps,
                       batch_size=args.batch, sequence_length=args.prompt + args.completion, learning_rate=1e-5,
-                      warmup_steps=0, progress=False)
+                      warmup_steps=0, progress=False, precision=args.precision)
         secs = h.step_seconds[args.warmup:]
         tokens = 2 * args.batch * (args.prompt + args.completion)
     else:
@@ -107,7 +111,7 @@ def run_gemmax(args: argparse.Namespace, method: str, lora: bool) -> dict:
                    loss_type="grpo")
         h = train.fit(lm, _prompts(args, args.batch * steps), objective=obj, steps=steps,
                       batch_size=args.batch * args.generations, sequence_length=args.prompt + args.completion,
-                      learning_rate=1e-5, warmup_steps=0, progress=False)
+                      learning_rate=1e-5, warmup_steps=0, progress=False, precision=args.precision)
         secs = [s + e["generation_seconds"] for s, e in zip(h.step_seconds, h.extra, strict=True)][args.warmup:]
         tokens = args.batch * args.generations * args.completion
     return {"step_seconds": secs, "tokens_per_step": tokens, "loss": h.loss, "trainable": h.trainable_params}
@@ -145,7 +149,7 @@ def run_trl(args: argparse.Namespace, method: str, lora: bool) -> dict:
 
     common = dict(output_dir=os.path.join(args.tmp, "trl"), max_steps=steps, learning_rate=1e-5, report_to=[],
                   logging_steps=1000, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                  warmup_steps=0, bf16=False)
+                  warmup_steps=0, bf16=args.precision == "mixed_bfloat16")
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -185,6 +189,7 @@ def main() -> None:
     ap.add_argument("--preset", default="gemma3_270m")
     ap.add_argument("--batch", type=int, default=2, help="DPO pairs / GRPO prompts per step")
     int_flags(ap, prompt=32, completion=32, generations=4, steps=4, warmup=2, rank=8)
+    ap.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tmp", default="/tmp/gemmax_post_train_bench", help=argparse.SUPPRESS)
@@ -194,11 +199,11 @@ def main() -> None:
         child(args)
         return
     print(f"{args.preset}, DPO {args.batch} pairs x ({args.prompt}+{args.completion}) tokens, GRPO {args.batch} "
-          f"prompts x {args.generations} x {args.completion} tokens, float32, {args.warmup} warm-up + "
+          f"prompts x {args.generations} x {args.completion} tokens, {args.precision}, {args.warmup} warm-up + "
           f"{args.steps} timed steps, {os.cpu_count()} CPUs", flush=True)
     results: dict[str, dict] = {}
     flags = {k: getattr(args, k) for k in ("preset", "batch", "prompt", "completion", "generations", "steps",
-                                           "warmup", "rank", "tmp")}
+                                           "warmup", "rank", "precision", "tmp")}
     for name, r in run_children(__file__, args.only.split(","), flags, stderr_tail=3000):
         r["tokens_per_s"] = r["tokens_per_step"] / r["median_step_s"]
         results[name] = r

@@ -49,6 +49,17 @@ from gemmax.train.checkpoint import PARAMS_MARKER, load_params
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _commit_like_base(params: Any) -> Any:
+    """New leaves (fresh adapters) committed to the device of a model held on one device, as the trainer's
+    outputs are: jit compiles once per committedness, so ``evaluate`` or ``logits`` before ``fit`` and after
+    it would otherwise compile twice. Sharded or abstract trees are returned as they are."""
+    leaves = [x for x in jax.tree_util.tree_leaves(params) if isinstance(x, jax.Array)]
+    committed = [x for x in leaves if x.committed]
+    if not committed or len(committed) == len(leaves) or len(committed[0].devices()) != 1:
+        return params
+    return jax.device_put(params, next(iter(committed[0].devices())))
+
+
 def _dtype(d: Any) -> Any:
     if isinstance(d, str):
         try:
@@ -618,8 +629,8 @@ class CausalLM:
         """Freeze the base and add low-rank adapters (PEFT's factorisation) on every layer of ``targets``
         (the family's linear names, e.g. "query", or PEFT's, e.g. "q_proj"); ``alpha`` defaults to rank."""
         nodes = self.linear_nodes
-        self.params = lora.add_lora(self.params, nodes, rank=rank, alpha=alpha, targets=targets, seed=seed,
-                                    dtype=_dtype(dtype))
+        self.params = _commit_like_base(lora.add_lora(self.params, nodes, rank=rank, alpha=alpha,
+                                                      targets=targets, seed=seed, dtype=_dtype(dtype)))
         if verbose:
             total = sum(int(np.prod(a.shape)) for _, a in self.weights())
             print(f"LoRA rank {rank} on {', '.join(lora.lora_targets(self.params, nodes))}: "

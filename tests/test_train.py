@@ -4,6 +4,7 @@ metrics/plots and a sharded run on fake CPU devices (subprocess)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -56,6 +57,34 @@ def _host(tree):
 
 
 # ---- learning -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fit_compiles_its_step_once(lora, caplog):
+    """The first step's inputs (fresh adapters, the optimizer's initial state) are placed as every later step's
+    outputs are, so the step compiles once per fit, not again at step 2 (jit compiles per committedness)."""
+    lm = _model()
+    lm.params = jax.device_put(lm.params, jax.devices()[0])  # placed, as a loaded checkpoint's weights are
+    if lora:
+        lm.enable_lora(rank=2, verbose=False)
+    train._STEP_CACHE.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        train.fit(lm, TEXTS[:8], steps=3, batch_size=2, sequence_length=32, progress=False)
+    # an executable built, or read back from a persistent compilation cache, is logged either way
+    steps = [r.getMessage() for r in caplog.records if "jit(step)" in r.getMessage()
+             and ("compilation" in r.getMessage().lower() or "cache" in r.getMessage().lower())]
+    assert len(steps) == 1, steps
+    if lora:  # and the adapters enable_lora made are placed as fit leaves them: evaluate compiles once
+        lm2 = _model()
+        lm2.params = jax.device_put(lm2.params, jax.devices()[0])
+        lm2.enable_lora(rank=2, verbose=False)
+        lm2.evaluate(TEXTS[:4], batch_size=2, sequence_length=32)
+        lm2.fit(TEXTS[:8], steps=1, batch_size=2, sequence_length=32, progress=False)
+        caplog.clear()
+        with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+            lm2.evaluate(TEXTS[:4], batch_size=2, sequence_length=32)
+        again = [r.getMessage() for r in caplog.records if "compilation of" in r.getMessage()]
+        assert not again, again
 
 
 def test_loss_falls_and_history(tmp_path):

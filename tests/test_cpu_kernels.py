@@ -36,6 +36,13 @@ def _targets(fn, *args, **kwargs) -> set[str]:
     return {t for t in TARGETS if t in text}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_registered() -> None:
+    """Tests here call the kernels directly, so the FFI targets must be registered in this process whatever
+    test runs first (``available()`` registers them)."""
+    ck.available()
+
+
 def test_kernel_builds_here() -> None:
     """This machine has g++: the kernel must build (a silent fallback would hide a broken kernel)."""
     assert ck.available()
@@ -102,7 +109,7 @@ def _products(eqs: tuple[str, ...], xs, ws, scales, at: jax.Array, gemm: bool = 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 6, 8, 17])
+@pytest.mark.parametrize("rows", [1, 3, 6, 8, 17, 32])
 def test_gemv_equals_einsum(dtype: str, rows: int) -> None:
     """Decode-step rows: the GEMV kernels below 8 rows, the GEMM paths (in-major and the in-minor head) from
     8 on; a stacked weight read in place at layer 0 and the last (a per-column scale), and a plain one

@@ -146,9 +146,9 @@ def default_max_batch() -> int:
 def widths(capacity: int) -> list[int]:
     """The batch widths an engine runs at: 1, 4, 8, 16 ... below ``capacity``, then ``capacity``. Each is one
     set of compiled shapes (a decode chunk, greedy and sampled, and its inserts), warmed at start-up. A step
-    costs more with more rows (Gemma 3 270M on a 2-core CPU: 63 ms at 1 row, 74 at 8, 88 at 16, 188 at 32;
-    a 16-row step for 8 clients gave 0.7x an 8-row one's throughput), so widths double; 2 is left out to save
-    its compiles, as 4 rows cost little more."""
+    costs more with more rows (Gemma 3 270M float32 on a 2-core Zen 4: 40 ms at 1 row, 75 at 8, 92 at 16, 139
+    at 32; a 16-row step for 8 clients gave 0.7x an 8-row one's throughput), so widths double; 2 is left out
+    to save its compiles, as 4 rows cost little more."""
     out, w = [], 1
     while w < capacity:
         out.append(w)

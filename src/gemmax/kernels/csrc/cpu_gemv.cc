@@ -1608,14 +1608,10 @@ void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, u
 template <typename T>
 void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool in_minor_, int64_t B, int64_t P,
                   int64_t K, int64_t N, ffi::ThreadPool* pool) {
-  // the head's skinny GEMM puts the rows of x in the tile's vector lanes: a sub-tile is kVL * kNV columns
-  // (16 with AVX2, 64 with AVX-512), so it waits until at most half of them would multiply padding
-  if (in_minor_ && B >= kSkinnyRows && 2 * B >= kVL * kNV && B <= kNB) {
-    in_minor_gemm<T>(x, w, y, scale, B, N, K, pool);
-    return;
-  }
-  if constexpr (kVL == 16) {  // AVX-512, 8-31 rows: the narrow tile (16 or 32 columns)
-    if (in_minor_ && B >= kSkinnyRows && B < 32) {
+  if constexpr (kVL == 16) {  // AVX-512, 8-32 rows: the narrow tile (16 or 32 columns)
+    // 32 rows too: the full 64-column tile would multiply 32 columns of padding. Gemma 3 270M head, float32,
+    // 32 rows, Zen 4: 108 ms (99 GFLOP/s) in the full tile, 2x the 16-row call's 47 ms
+    if (in_minor_ && B >= kSkinnyRows && B <= 32) {
       if (B <= 16) {
         in_minor_gemm<T, 1>(x, w, y, scale, B, N, K, pool);
       } else {
@@ -1623,6 +1619,12 @@ void dispatch_f32(const float* x, const T* w, float* y, const float* scale, bool
       }
       return;
     }
+  }
+  // the head's skinny GEMM puts the rows of x in the tile's vector lanes: a sub-tile is kVL * kNV columns
+  // (16 with AVX2, 64 with AVX-512), so it waits until at most half of them would multiply padding
+  if (in_minor_ && B >= kSkinnyRows && 2 * B >= kVL * kNV && B <= kNB) {
+    in_minor_gemm<T>(x, w, y, scale, B, N, K, pool);
+    return;
   }
   if (in_minor_) {
     if constexpr (Avx2InMinor<T>::kMultiple > 0) {

@@ -32,7 +32,8 @@ TIMEOUT = int(os.environ.get("GEMMAX_DIST_TEST_TIMEOUT", "600"))
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    # the worker sets its own device count; other flags (the suite's compile settings) carry over
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
                                                       env.get("PYTHONPATH")]))

@@ -84,7 +84,8 @@ def _selected_families(session: pytest.Session) -> list[str]:
 
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    # the worker sets its own device count; other flags (the suite's compile settings) carry over
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["JAX_PLATFORMS"] = "cpu"
     src = str(Path(gemmax.__file__).parents[1])  # the worker imports the gemmax this process tests
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(Path(__file__).parent), env.get("PYTHONPATH")]))

@@ -390,7 +390,7 @@ def _commit(tree: Any) -> Any:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return tree
-    device = next(iter(jax.numpy.asarray(leaves[0]).devices()))
+    device = next(iter(jnp.asarray(leaves[0]).devices()))
     return jax.device_put(tree, device)
 
 
@@ -745,14 +745,12 @@ def _initial_state(lm: Any, compiled: _Compiled, trainable: Any, frozen: Any, *,
         tr_sh, fr_sh = compiled.shardings
         trainable = jax.tree_util.tree_map(_dist._put, trainable, tr_sh)
         frozen = jax.tree_util.tree_map(_dist._put, frozen, fr_sh)
-    else:
-        # Committed to their device, as every later step's outputs are: jit compiles per committedness, so
-        # uncommitted weights or optimizer state (fresh adapters, the step count) would compile the whole
-        # step a second time at step 2 (measured: 8 s more per fit of a tiny Gemma 4).
-        trainable = _commit(trainable)
     opt_state = compiled.init_fn(trainable)
     if compiled.shardings is None:
-        opt_state = _commit(opt_state)  # its constants (the step count) come out of init uncommitted
+        # Committed to their device, as every later step's outputs are: jit compiles per committedness, so
+        # uncommitted weights or optimizer state (fresh adapters, the step count init makes) would compile
+        # the whole step a second time at step 2 (measured: 8 s more per fit of a tiny Gemma 4).
+        trainable, opt_state = _commit((trainable, opt_state))
     history = History(flops_per_token=_flops_per_token(lm.config, seq),
                       peak_flops=peak_flops if peak_flops is not None else device_peak_flops(),
                       tokens_per_step=batch_size * seq,

@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,10 +232,12 @@ class CausalLM:
                                what=f"{getattr(cfg, 'family', fam.name)} model")
         params = unflatten(place_params(lazy, dtype, current_distribution()))
         tok = None
-        try:
-            tok = Tokenizer.from_gguf(contents)
-        except Exception:  # a GGUF without a usable vocabulary still runs on token ids
-            tok = None
+        if contents.tokenizer_metadata.get("tokenizer.ggml.tokens"):
+            try:
+                tok = Tokenizer.from_gguf(contents)
+            except Exception as e:  # a GGUF without a usable vocabulary still runs on token ids: say why
+                warnings.warn(f"{path.name}: its vocabulary was not loaded, the model runs on token ids only "
+                              f"({type(e).__name__}: {e})", stacklevel=4)
         return cls(cfg, params, tok, source=str(path), family=fam)
 
     @classmethod

@@ -10,7 +10,10 @@ reproduce the behaviour of transformers' tokenizer that the models were tuned wi
 * decoding drops special tokens unless asked not to.
 
 A GGUF file carries the vocabulary as ``tokenizer.ggml.{tokens,scores,token_type}``; :meth:`Tokenizer.from_gguf`
-turns those back into a SentencePiece ``ModelProto`` so a GGUF alone is enough to run a model.
+turns those back into a SentencePiece ``ModelProto`` so a GGUF alone is enough to run a model. Gemma 4's
+vocabulary is a byte-fallback BPE ``tokenizer.json`` instead (the ``tokenizers`` backend); llama.cpp stores it
+as ``tokenizer.ggml.model = "gemma4"`` with the BPE merges in ``tokenizer.ggml.merges``, and
+:meth:`Tokenizer.gguf_vocab` / :meth:`Tokenizer.from_gguf` write and read that layout.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ KNOWN_SPECIALS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|eom_id|>",
 )
+#: Gemma 4 markers llama.cpp's converter stores as USER_DEFINED, though tokenizer.json calls them special, so
+#: that llama.cpp writes them in its output where its chat parser reads thoughts and tool calls.
+GEMMA4_VISIBLE = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                  "<tool_response|>", '<|"|>')
+#: score of every token of a ``gemma4`` GGUF vocabulary: BPE ranks are the merges' order, and llama.cpp's
+#: converter gives every token this one value
+_BPE_SCORE = -1000.0
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 #: Tokens that end a generated turn, besides eos (``<turn|>``: Gemma 4's end of turn).
 _STOP_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", FILE_SEPARATOR, "<turn|>")
 
@@ -135,21 +146,69 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source: Any) -> Tokenizer:
-        """Rebuild the SentencePiece model from a GGUF's ``tokenizer.ggml.*`` metadata (a path, or a parsed
-        file with ``arch`` and ``tokenizer_metadata``)."""
+        """The tokenizer a GGUF's ``tokenizer.ggml.*`` metadata describes (``source``: a path, or a parsed file
+        with ``arch`` and ``tokenizer_metadata``): a SentencePiece model for ``"llama"`` vocabularies, a
+        ``tokenizers`` BPE for Gemma 4's ``"gemma4"`` ones (which needs the ``tokenizers`` package)."""
         if hasattr(source, "tokenizer_metadata"):  # an already parsed file
             arch, meta = source.arch, source.tokenizer_metadata
         else:
             arch, _, meta = read_metadata(source)
         model = meta.get("tokenizer.ggml.model")
+        if model == "gemma4":
+            return cls._from_gemma4_gguf(meta)
         if model not in ("llama", None):
             raise ValueError(
-                f"GGUF tokenizer type {model!r} is not SentencePiece; load that model's tokenizer.json "
-                "with Tokenizer.from_pretrained instead"
+                f"GGUF tokenizer type {model!r} is neither SentencePiece ('llama') nor Gemma 4's BPE ('gemma4'); "
+                "load that model's tokenizer.json with Tokenizer.from_pretrained instead"
             )
         proto = _proto_from_gguf(meta, arch)
         return cls.from_proto(proto, chat_template=meta.get("tokenizer.chat_template"),
                               gguf_types=meta.get("tokenizer.ggml.token_type"))
+
+    @classmethod
+    def _from_gemma4_gguf(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        """A ``tokenizers`` BPE equal to the ``tokenizer.json`` a ``gemma4`` GGUF was written from: the file's
+        tokens in id order with its merges, byte fallback, spaces as U+2581 before the merges and back after
+        (Gemma's normalizer and decoder), CONTROL (and UNKNOWN) tokens as special added tokens and USER_DEFINED
+        ones as plain added tokens, so both are matched whole in the text, as llama.cpp and transformers do."""
+        try:
+            from tokenizers import AddedToken, decoders, normalizers
+            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers.models import BPE
+        except ImportError as e:
+            raise ImportError("reading a Gemma 4 GGUF's vocabulary (tokenizer.ggml.model 'gemma4') needs the "
+                              "tokenizers package: pip install tokenizers") from e
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ValueError("GGUF has no tokenizer.ggml.tokens: it carries no tokenizer")
+        n = len(tokens)
+        types = np.asarray(meta.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), dtype=np.int32)
+        if len(types) != n:
+            raise ValueError(f"GGUF has {n} tokens but {len(types)} tokenizer.ggml.token_type entries")
+        vocab = {tok: i for i, tok in enumerate(tokens)}  # a repeated token keeps its last id, as transformers
+        merges = _gguf_merges(meta.get("tokenizer.ggml.merges"), vocab)
+        unk = int(meta.get("tokenizer.ggml.unknown_token_id", vocab.get("<unk>", -1)))
+        bpe = BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if 0 <= unk < n else None, fuse_unk=True,
+                  byte_fallback=True, dropout=None)
+        hf = HFTokenizer(bpe)
+        hf.normalizer = normalizers.Replace(" ", "\u2581")
+        hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        # the markers llama.cpp keeps USER_DEFINED (GEMMA4_VISIBLE) are special in tokenizer.json: so here
+        is_special = [k in (CONTROL, UNKNOWN) or (k == USER_DEFINED and t in GEMMA4_VISIBLE)
+                      for t, k in zip(tokens, types, strict=True)]
+        special = [AddedToken(t, normalized=False, special=True)
+                   for t, sp in zip(tokens, is_special, strict=True) if sp]
+        plain = [AddedToken(t, normalized=False, special=False)
+                 for t, k, sp in zip(tokens, types, is_special, strict=True) if k == USER_DEFINED and not sp]
+        hf.add_special_tokens(special)
+        hf.add_tokens(plain)
+        tok = cls(hf=hf, chat_template=meta.get("tokenizer.chat_template"))
+        for attr, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "padding_token_id"),
+                          ("unk_id", "unknown_token_id")):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            if i is not None and 0 <= int(i) < n:  # the file's own ids over the names guessed from the vocabulary
+                setattr(tok, attr, int(i))
+        return tok
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> Tokenizer:
@@ -312,9 +371,13 @@ class Tokenizer:
 
     # ---- GGUF export -----------------------------------------------------------------------------------
     def gguf_vocab(self) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
-        """(tokens, scores, token types, flags) as llama.cpp's ``tokenizer.ggml.*`` fields want them."""
+        """(tokens, scores, token types, flags) as llama.cpp's ``tokenizer.ggml.*`` fields want them.
+
+        A SentencePiece vocabulary is llama.cpp's ``"llama"`` model. A ``tokenizer.json`` one must be Gemma 4's
+        byte-fallback BPE, written as llama.cpp's converter writes it (``"gemma4"``): ``flags["merges"]`` holds
+        the merges as ``"left right"`` strings; anything else raises a ValueError saying what differs."""
         if self._sp is None:
-            raise ValueError("GGUF export of a tokenizers (tokenizer.json) vocabulary is not supported")
+            return self._gemma4_gguf_vocab()
         from sentencepiece import sentencepiece_model_pb2 as pb
 
         proto = pb.ModelProto()
@@ -337,6 +400,107 @@ class Tokenizer:
         if self.end_of_turn_id >= 0:
             flags["eot_id"] = self.end_of_turn_id
         return tokens, scores, types, flags
+
+    def _gemma4_gguf_vocab(self) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+        """The ``gemma4`` layout of a tokenizers backend. Only a vocabulary that the reader (ours, llama.cpp's,
+        transformers') rebuilds to the same encoding is written: a byte-fallback BPE whose only normalization is
+        spaces -> U+2581, with no real pre-tokenization and Gemma's decoder; the file cannot say anything else."""
+        spec = json.loads(self._hf.to_str())
+        problems = _gemma4_shape_problems(spec)
+        if problems:
+            raise ValueError("tokenizer.json cannot be written as a GGUF vocabulary: llama.cpp's 'gemma4' model is "
+                             "Gemma 4's byte-fallback BPE, and this one " + "; ".join(problems))
+        missing = [i for i, p in enumerate(self._pieces) if not p]
+        if missing:
+            raise ValueError(f"tokenizer.json has no token with id {missing[0]} (of {len(self._pieces)}): GGUF "
+                             "lists the tokens by id, with no gaps")
+        merges: list[str] = []
+        for m in spec["model"].get("merges") or []:
+            left, right = m if isinstance(m, list) else m.split(" ", 1)
+            if " " in left or " " in right:
+                raise ValueError(f"BPE merge {(left, right)!r} has a space inside a token: GGUF writes a merge as "
+                                 "one 'left right' string")
+            merges.append(f"{left} {right}")
+        added = self._hf.get_added_tokens_decoder()
+        n = len(self._pieces)
+        types = np.full(n, NORMAL, np.int32)
+        for i, piece in enumerate(self._pieces):
+            if i in added:
+                types[i] = CONTROL if added[i].special and piece not in GEMMA4_VISIBLE else USER_DEFINED
+            elif _BYTE_PIECE.fullmatch(piece):
+                types[i] = BYTE
+        flags: dict[str, Any] = {
+            "model": "gemma4",
+            "pre": None,  # llama.cpp's converter writes none (llama.cpp picks Gemma 4's own)
+            "add_space_prefix": False,
+            "unk_id": self.unk_id,
+            "chat_template": self.chat_template,
+            "merges": merges,
+        }
+        if self.end_of_turn_id >= 0:
+            flags["eot_id"] = self.end_of_turn_id
+        return list(self._pieces), np.full(n, _BPE_SCORE, np.float32), types, flags
+
+
+# ---- Gemma 4's BPE in GGUF ------------------------------------------------------------------------------
+
+
+def _gemma4_shape_problems(spec: Mapping[str, Any]) -> list[str]:
+    """What keeps a serialized ``tokenizers.Tokenizer`` from being Gemma 4's BPE (empty when it is)."""
+    out: list[str] = []
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        out.append(f"is a {model.get('type')} model, not BPE")
+        return out
+    if not model.get("byte_fallback"):
+        out.append("has no byte_fallback (a byte-level BPE such as Llama 3's)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if model.get(key):
+            out.append(f"sets {key}={model[key]!r}")
+    if model.get("ignore_merges"):
+        out.append("sets ignore_merges")
+    norm = spec.get("normalizer")
+    if norm and norm.get("type") == "Sequence" and len(norm.get("normalizers") or []) == 1:
+        norm = norm["normalizers"][0]
+    if not (norm and norm.get("type") == "Replace" and norm.get("pattern") == {"String": " "}
+            and norm.get("content") == "\u2581"):
+        out.append(f"normalizes with {_json_brief(norm)}, not Replace(' ', '\u2581')")
+    pre = spec.get("pre_tokenizer")
+    # a split on " " is a no-op after the normalizer replaced every space (transformers writes one)
+    if pre is not None and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
+        out.append(f"pre-tokenizes with {_json_brief(pre)}")
+    dec = spec.get("decoder") or {}
+    steps = dec.get("decoders") if dec.get("type") == "Sequence" else [dec]
+    want = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}]
+    if steps != want:
+        out.append(f"decodes with {_json_brief(dec)}, not Replace('\u2581', ' ') + ByteFallback + Fuse")
+    return out
+
+
+def _json_brief(obj: Any) -> str:
+    text = json.dumps(obj, ensure_ascii=False)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _gguf_merges(merges: Sequence[str] | None, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` as (left, right) pairs, each checked against the vocabulary so a bad file is
+    named by its merge (tokenizers' own error names neither the file nor the entry). As llama.cpp, the pair splits
+    at the first space after the first character: a left part may be a lone space, no part holds one inside."""
+    if merges is None:
+        raise ValueError("GGUF tokenizer 'gemma4' has no tokenizer.ggml.merges: a BPE vocabulary needs them")
+    out: list[tuple[str, str]] = []
+    for i, m in enumerate(merges):
+        cut = m.find(" ", 1)
+        left, right = (m[:cut], m[cut + 1:]) if cut > 0 else (m, "")
+        if not left or not right:
+            raise ValueError(f"GGUF merge {i} {m!r} is not two tokens separated by a space")
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise ValueError(f"GGUF merge {i} {m!r} needs the token {part!r}, which is not in "
+                                 "tokenizer.ggml.tokens")
+        out.append((left, right))
+    return out
 
 
 # ---- GGUF -> SentencePiece ------------------------------------------------------------------------------

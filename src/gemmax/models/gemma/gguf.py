@@ -474,9 +474,11 @@ def write_gguf(
 
 
 def add_tokenizer(w: Any, cfg: Any, tokenizer: Any, chat_template: str | None) -> None:
-    """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields (SentencePiece "llama" model). ``cfg``
-    is any family's config with ``vocab_size``, ``family`` and the special ids (``bos_token_id``,
-    ``eos_ids``, ``pad_token_id``): Gemma 3n and Gemma 4 files carry the same vocabulary fields."""
+    """Embed the vocabulary as llama.cpp's ``tokenizer.ggml.*`` fields: a SentencePiece vocabulary as the
+    "llama" model, Gemma 4's BPE ``tokenizer.json`` as the "gemma4" model with its merges (see
+    ``Tokenizer.gguf_vocab``). ``cfg`` is any family's config with ``vocab_size``, ``family`` and the special ids
+    (``bos_token_id``, ``eos_ids``, ``pad_token_id``): Gemma 3n and Gemma 4 files carry the same vocabulary
+    fields."""
     if tokenizer is not None and not hasattr(tokenizer, "gguf_vocab"):
         tokenizer = Tokenizer.from_file(tokenizer)
     if tokenizer is not None:
@@ -494,10 +496,14 @@ def add_tokenizer(w: Any, cfg: Any, tokenizer: Any, chat_template: str | None) -
         scores = np.concatenate([np.asarray(scores, np.float32), np.zeros(pad_n, np.float32)])
         types = np.concatenate([np.asarray(types, np.int32), np.full(pad_n, TOKEN_UNUSED, np.int32)])
     w.add_tokenizer_model(model)
-    w.add_tokenizer_pre(flags.get("pre", "default"))
+    pre = flags.get("pre", "default")
+    if pre is not None:  # None: the layout llama.cpp's converter writes has no pre-tokenizer field
+        w.add_tokenizer_pre(pre)
     w.add_token_list(list(tokens))
     w.add_token_scores(np.asarray(scores, dtype=np.float32).tolist())
     w.add_token_types(np.asarray(types, dtype=np.int32).tolist())
+    if flags.get("merges") is not None:
+        w.add_token_merges(list(flags["merges"]))
     w.add_bos_token_id(int(cfg.bos_token_id))
     w.add_eos_token_id(int(cfg.eos_ids[0]))
     unk = flags.get("unk_id")

@@ -425,3 +425,33 @@ def test_chunk_adapts_to_step_time() -> None:
     for t, n in ((0.001, 8), (0.1, 4), (0.2, 2), (1.0, 1)):
         s._tok_s["m"] = t
         assert s._n_steps("m") == n
+
+
+@pytest.mark.parametrize("gather_ms", [60.0, 0.0])
+def test_a_burst_of_arrivals_is_prefilled_together(lm: CausalLM, expected: dict[str, str], gather_ms: float) -> None:
+    """Requests arriving 20 ms apart form one burst for a 60 ms gathering window: one prefill takes them all
+    (a prefill reads every weight whatever its number of prompts). Without gathering the first is admitted at
+    once and the others after it: several prefills. The answers are the same either way."""
+    with pytest.raises(ValueError, match="gather_ms must be >= 0"):
+        create_app({"tiny": lm}, gather_ms=-1)
+    app = create_app({"tiny": lm}, max_batch=8, chunk=4, max_len=MAX_LEN, warmup=True, gather_ms=gather_ms)
+    prompts = PROMPTS[:4]
+
+    def one(i: int) -> str:
+        time.sleep(0.02 * i)
+        r = httpx.post(url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": prompts[i], "max_tokens": 12, "temperature": 0})
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    with serving(app) as url:
+        before = _stats(url)
+        with cf.ThreadPoolExecutor(len(prompts)) as ex:
+            texts = list(ex.map(one, range(len(prompts))))
+        after = _stats(url)
+    assert texts == [expected[p] for p in prompts]
+    prefills = after["prefills"] - before["prefills"]
+    if gather_ms:
+        assert prefills == 1
+    else:
+        assert prefills >= 2

@@ -136,6 +136,12 @@ def _held_back(text: str, stops: Iterable[str]) -> int:
 # ---- batch widths ---------------------------------------------------------------------------------------
 
 
+#: an arrival within this long of the previous one counts as the same burst (seconds; 0 turns gathering off)
+GATHER_S = 0.01
+#: the longest a burst's first request waits for the rest before its prefill (seconds)
+MAX_GATHER_S = 0.1
+
+
 def default_max_batch() -> int:
     """Slots per model when none are asked for. On a CPU, ``cpu_kernels.MAX_ROWS`` (32): past it a decode step
     leaves the native kernels for XLA's dot and each token costs more than in two 32-row steps, so further
@@ -221,7 +227,7 @@ class Scheduler:
     def __init__(self, models: Mapping[str, ServedModel], max_batch: int | None = None, chunk: int = 8,
                  max_queue: int = 256, warmup: bool = False, max_chunk_s: float = 0.5,
                  request_timeout: float | None = None, stop_loops: bool = True, shrink_after_s: float = 2.0,
-                 metrics: Any = None):
+                 metrics: Any = None, gather_s: float = GATHER_S, max_gather_s: float = MAX_GATHER_S):
         self.models = dict(models)
         # batch widths: grown with the load, shrunk after shrink_after_s at a smaller one
         self.max_batch = max_batch or default_max_batch()
@@ -244,6 +250,10 @@ class Scheduler:
         self._waiting: dict[str, deque[Job]] = {n: deque() for n in self.models}
         self._live: dict[str, dict[int, Job]] = {n: {} for n in self.models}
         self._n_queued = 0
+        # admission: a burst of arrivals is gathered into one prefill (see _gathering)
+        self.gather_s = gather_s
+        self.max_gather_s = max_gather_s
+        self._last_arrival = 0.0
         # the loop's thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -251,7 +261,7 @@ class Scheduler:
         # what it reports
         self.metrics = metrics
         self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "timeouts": 0, "loops_stopped": 0,
-                         "generated_tokens": 0, "steps": 0, "max_live": 0}
+                         "generated_tokens": 0, "steps": 0, "max_live": 0, "prefills": 0}
         self.busy_s = {"decode": 0.0, "prefill": 0.0, "detokenize": 0.0}  # where the scheduler's time goes
 
     # -- lifecycle --
@@ -411,6 +421,10 @@ class Scheduler:
         while not self._stop.is_set():
             busy = any(self._live.values()) or any(self._waiting.values())
             self._intake(block=not busy)
+            wait = self._gathering()
+            if wait > 0:
+                self._intake(block=True, timeout=wait)
+                continue
             for name, m in self.models.items():
                 self._admit(name, m)
             for name, m in self.models.items():
@@ -418,17 +432,41 @@ class Scheduler:
                     self._step(name, m)
                 self._maybe_shrink(name, m)
 
-    def _intake(self, block: bool) -> None:
+    def _intake(self, block: bool, timeout: float = 0.05) -> None:
         try:
-            job = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            job = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
             self._waiting[job.model.name].append(job)
+            self._last_arrival = time.perf_counter()
             try:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _gathering(self) -> float:
+        """Seconds to wait for more of a burst before admitting (0: admit now).
+
+        A prefill reads every weight once whatever its number of prompts (the 270M: ~60 ms for one short
+        prompt, ~18 ms a prompt in a group of 32), so a burst admitted as it trickles in (the first arrival
+        alone, then the next few, ...) pays that read several times, and runs decode steps with the batch
+        half full in between. While requests keep arriving (one within ``gather_s``) and there is room for
+        more than are waiting, the loop waits for the burst to end, at most ``max_gather_s`` after the
+        oldest waiting request arrived (decode steps of live rows pause that long at most)."""
+        if self.gather_s <= 0:
+            return 0.0
+        now = time.perf_counter()
+        quiet = now - self._last_arrival
+        if quiet >= self.gather_s:
+            return 0.0
+        oldest = min((w[0].submitted for w in self._waiting.values() if w), default=None)
+        if oldest is None or now - oldest >= self.max_gather_s:
+            return 0.0
+        room = self.max_batch - self.live() - sum(len(w) for w in self._waiting.values())
+        if room <= 0:
+            return 0.0
+        return min(self.gather_s - quiet, self.max_gather_s - (now - oldest))
 
     def _dequeued(self, n: int) -> None:
         with self._lock:
@@ -512,6 +550,9 @@ class Scheduler:
                 j.emit("error", err)
             return
         self.busy_s["prefill"] += time.perf_counter() - t0
+        self.counters["prefills"] += 1
+        log.debug("admit: %d prompts, %d live, width %d, in %.3fs", len(batch), len(self._live[name]),
+                  m.engine.max_batch, time.perf_counter() - t0)
         for j in batch:
             self._live[name][j.req.slot] = j
             if self.metrics is not None:

@@ -62,7 +62,7 @@ from gemmax.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from gemmax.serve.protocol import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, SEED_MOD, Sampling
 from gemmax.serve.responses import Answer, collect, model_card
 from gemmax.serve.routes import add_model_routes
-from gemmax.serve.scheduler import Job, Scheduler, ServedModel
+from gemmax.serve.scheduler import GATHER_S, MAX_GATHER_S, Job, Scheduler, ServedModel
 from gemmax.serve.scheduler import _held_back as _held_back  # tests import it from the server module
 from gemmax.serve.tools import ToolRequest, apply_call_constraint, tool_stop_ids
 from gemmax.serve.tools import parse_request as parse_tools
@@ -470,7 +470,8 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
                max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None, warmup: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout: float | None = None,
                stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
-               speculate: str | None = None, speculate_tokens: int | None = None) -> FastAPI:
+               speculate: str | None = None, speculate_tokens: int | None = None,
+               gather_ms: float = GATHER_S * 1000) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
 
     Up to ``max_batch`` slots per served model (None: ``scheduler.default_max_batch()``) share each decode
@@ -483,7 +484,8 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
 
     ``prefix_cache_mb`` bounds each served model's prefix cache (0: off); ``draft`` (a CausalLM of the same
     tokenizer) or ``speculate="prompt-lookup"`` decode speculatively, ``speculate_tokens`` drafts a step
-    (a speculating engine keeps its full width).
+    (a speculating engine keeps its full width). ``gather_ms``: requests arriving less than this apart are
+    prefilled together (the first waits at most ``scheduler.MAX_GATHER_S`` for the rest; 0: each at once).
 
     Given a ``gemmax.TextEncoder`` (or ``{name: TextEncoder}``) it is an embedding server instead:
     ``/v1/embeddings`` (``gemmax.serve.embeddings``), ``/v1/models`` and ``/health``.
@@ -497,6 +499,8 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
         raise ValueError(f"request_timeout must be > 0 seconds (or None for no limit), got {request_timeout}")
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if gather_ms < 0:
+        raise ValueError(f"gather_ms must be >= 0 (0: admit every arrival at once), got {gather_ms}")
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     models = build_models(lm_or_models, adapters, max_len, model_name)
@@ -506,7 +510,8 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
             draft is not None or speculate) else None
     metrics = ServerMetrics()
     scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup,
-                          request_timeout=request_timeout, stop_loops=stop_loops, metrics=metrics)
+                          request_timeout=request_timeout, stop_loops=stop_loops, metrics=metrics,
+                          gather_s=gather_ms / 1000)
     metrics.bind(scheduler)
     svc = Service(models, scheduler, api_key, metrics=metrics, request_timeout=request_timeout,
                   stop_loops=stop_loops)
@@ -620,13 +625,14 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
           shutdown_timeout: float = DEFAULT_SHUTDOWN_S, dtype: str = "float32", quantize: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, request_timeout: float | None = None,
           stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
-          speculate: str | None = None, speculate_tokens: int | None = None) -> None:
+          speculate: str | None = None, speculate_tokens: int | None = None,
+          gather_ms: float = GATHER_S * 1000) -> None:
     """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M; ``dtype``,
     ``quantize`` as in ``load``) and serve it until interrupted. Binds to loopback unless told otherwise. An
     empty ``api_key`` is refused (an unset variable would otherwise turn authentication off without a word).
     On SIGTERM/SIGINT new requests get a 503 and open ones ``shutdown_timeout`` seconds to finish.
-    ``prefix_cache_mb``, ``draft`` (a handle or a CausalLM), ``speculate``, ``speculate_tokens``: as in
-    :func:`create_app`."""
+    ``prefix_cache_mb``, ``draft`` (a handle or a CausalLM), ``speculate``, ``speculate_tokens``,
+    ``gather_ms``: as in :func:`create_app`."""
     check_api_key_value(api_key)
     configure_logging(log_level)
     lm = load(model, dtype, quantize)
@@ -639,7 +645,7 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
                      max_body_bytes=max_body_bytes, max_queue=max_queue, request_timeout=request_timeout,
                      stop_loops=stop_loops, prefix_cache_mb=prefix_cache_mb,
                      draft=CausalLM.from_preset(draft) if isinstance(draft, (str, os.PathLike)) else draft,
-                     speculate=speculate, speculate_tokens=speculate_tokens)
+                     speculate=speculate, speculate_tokens=speculate_tokens, gather_ms=gather_ms)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
@@ -689,6 +695,10 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"choices waiting for a slot before new requests get a 429 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may take from queueing to its last token (default: no limit)")
+    p.add_argument("--gather-ms", type=float, default=GATHER_S * 1000,
+                   help="while requests arrive less than this apart, wait (up to "
+                        f"{MAX_GATHER_S * 1000:g} ms) and prefill them together; 0 = admit each at once "
+                        f"(default {GATHER_S * 1000:g})")
     p.add_argument("--no-loop-stop", dest="stop_loops", action="store_false",
                    help="do not stop a choice whose text repeats one n-gram over and over")
     p.add_argument("--log-level", default="info")
@@ -718,7 +728,8 @@ def run_cli(args: argparse.Namespace) -> int:
           quantize=args.quantize, max_queue=args.max_queue, request_timeout=args.request_timeout,
           stop_loops=args.stop_loops, prefix_cache_mb=getattr(args, "prefix_cache_mb", PREFIX_CACHE_MB),
           draft=getattr(args, "draft", None), speculate=getattr(args, "speculate", None),
-          speculate_tokens=getattr(args, "speculate_tokens", None))
+          speculate_tokens=getattr(args, "speculate_tokens", None),
+          gather_ms=getattr(args, "gather_ms", GATHER_S * 1000))
     return 0
 
 

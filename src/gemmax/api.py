@@ -24,6 +24,7 @@ from gemmax.engine.constrain import Constraint
 from gemmax.engine.generate import Engine, Request, SamplingParams, bucket, generate_ids
 from gemmax.engine.prefix_cache import PrefixCache
 from gemmax.engine.speculative import speculator_for
+from gemmax.io.gguf import projector_type
 from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import (
     CheckpointError,
@@ -148,21 +149,33 @@ class CausalLM:
         return cls(cfg, params, tokenizer, source=f"random:{getattr(cfg, 'name', '') or fam.name}", family=fam)
 
     @classmethod
-    def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None, **kw: Any) -> CausalLM:
+    def from_preset(cls, handle: str, dtype: Any = "float32", quantize: str | None = None,
+                    mmproj: str | os.PathLike | None = None, **kw: Any) -> CausalLM:
         """Load from a Hugging Face folder, ``hf://org/name``, a keras-hub preset folder,
         ``kaggle://OWNER/MODEL/keras/VARIANT[/VERSION]`` (kagglehub's cache), a GGUF file, a gemmax folder, or
         a preset name whose weights are in the local Hugging Face cache. Weights convert on the fly.
-        ``quantize="int8"`` (or "int4"/"nf4") quantizes the weights after loading."""
-        lm = cls._load(handle, dtype, **kw)
+        ``quantize="int8"`` (or "int4"/"nf4") quantizes the weights after loading.
+
+        ``mmproj``: llama.cpp's second file of a multimodal GGUF model (its vision tower and projector, what
+        llama.cpp's ``--mmproj`` takes), read with the text GGUF ``handle`` as one model that takes images
+        (Gemma 3's: the ``gemma3_vision`` family). A GGUF without it loads as its text model."""
+        lm = cls._load(handle, dtype, mmproj=mmproj, **kw)
         if quantize:
             lm.quantize(quantize)
         return lm
 
     @classmethod
-    def _load(cls, handle: str, dtype: Any = "float32", **kw: Any) -> CausalLM:
+    def _load(cls, handle: str, dtype: Any = "float32", mmproj: str | os.PathLike | None = None,
+              **kw: Any) -> CausalLM:
         dtype = _dtype(dtype)
         handle = os.fspath(handle)
         path = Path(os.path.expanduser(handle))
+        if mmproj is not None:  # only llama.cpp's files come in two; elsewhere the tower is in the checkpoint
+            if path.suffix != ".gguf":
+                raise CheckpointError(f"mmproj is the image file of a GGUF model; {handle!r} is not a .gguf file")
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {handle}")
+            return cls._from_gguf(path, dtype, mmproj=Path(os.path.expanduser(os.fspath(mmproj))), **kw)
         if handle.startswith("hf://"):
             return cls._from_hf_folder(resolve_hf_handle(handle), dtype, source=handle)
         if handle.startswith(KAGGLE_SCHEME):
@@ -222,9 +235,12 @@ class CausalLM:
         return cls(keras_presets.with_special_ids(cfg, tok), params, tok, source=source, family=fam)
 
     @classmethod
-    def _from_gguf(cls, path: Path, dtype: Any, **kw: Any) -> CausalLM:
-        arch, _, _ = read_gguf_metadata(path)
-        contents = base.for_gguf_arch(arch).gguf.read(path)
+    def _from_gguf(cls, path: Path, dtype: Any, mmproj: Path | None = None, **kw: Any) -> CausalLM:
+        if mmproj is None:
+            arch, _, _ = read_gguf_metadata(path)
+            contents = base.for_gguf_arch(arch).gguf.read(path)
+        else:  # the family that reads this projector type reads the pair
+            contents = base.for_gguf_projector(projector_type(mmproj)).gguf.read(path, mmproj=mmproj)
         fam, cfg = _family_config(contents.hf_config, path)
         lazy = lazy_from_table(fam.param_specs(cfg), fam.hf_table(cfg), contents, np.dtype(jnp.dtype(dtype)),
                                shape_of=lambda n: contents.tensor_info[n].shape, aliases=fam.hf_aliases,
@@ -688,16 +704,26 @@ class CausalLM:
             self.export_keras_lora(out / keras_presets.LORA_FILE)
         return out
 
-    def export_gguf(self, path: str | os.PathLike, dtype: str = "f16") -> Path:
-        """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first."""
+    def export_gguf(self, path: str | os.PathLike, dtype: str = "f16",
+                    mmproj_path: str | os.PathLike | None = None) -> Path:
+        """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first. Returns its path.
+
+        A model that reads images through llama.cpp's second file (Gemma 3: ``gemma3_vision``) writes its
+        decoder at ``path`` and, given ``mmproj_path``, its vision tower and projector there as llama.cpp's
+        mmproj (f32 for ``dtype="f32"``, else f16); without ``mmproj_path`` only the text model is written."""
         arch = self.family.gguf_arch(self.config)
         if arch is None:
             raise UnsupportedError(f"cannot export {self.family.name} as GGUF: llama.cpp defines no "
                                    f"architecture for it (export_hf or save work for every family)")
+        spec = self.family.gguf
+        if mmproj_path is not None and not spec.projectors:
+            raise UnsupportedError(f"{self.family.name} models have no llama.cpp mmproj file to write: "
+                                   f"mmproj_path is for Gemma 3 with images")
         flat = self._host_flat(merge=True)
         tensors = dict(table_to_hf(flat, self.family.hf_table(self.config)))
-        return self.family.gguf.write(path, self.family.to_hf_config(self.config), tensors,
-                                      tokenizer=self.tokenizer, dtype=dtype)
+        extra = {} if mmproj_path is None else {"mmproj_path": mmproj_path}
+        return spec.write(path, self.family.to_hf_config(self.config), tensors, tokenizer=self.tokenizer,
+                          dtype=dtype, **extra)
 
     def quantize(self, mode: str = "int8", **kw: Any) -> CausalLM:
         """Weight-only quantization in place (int8 per channel; int4/nf4 grouped)."""

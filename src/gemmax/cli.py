@@ -36,10 +36,12 @@ from gemmax.train import optim
 DEFAULT_MODEL_HELP = "checkpoint: HF folder, hf://org/name, .gguf file, gemmax folder or preset (default: Gemma 3 270M)"
 
 
-def load_model(handle: str | None, dtype: str = "float32", quantize: str | None = None) -> Any:
+def load_model(handle: str | None, dtype: str = "float32", quantize: str | None = None,
+               mmproj: str | None = None) -> Any:
+    """``CausalLM.from_preset`` with the time it took on stderr; ``mmproj``: llama.cpp's image file of a GGUF."""
     handle = handle or default_model_path()
     t0 = time.perf_counter()
-    lm = CausalLM.from_preset(handle, dtype=dtype, quantize=quantize)
+    lm = CausalLM.from_preset(handle, dtype=dtype, quantize=quantize, mmproj=mmproj)
     print(f"[gemmax] loaded {os.path.basename(handle.rstrip('/'))} ({dtype}"
           f"{', ' + quantize if quantize else ''}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return lm
@@ -49,11 +51,16 @@ DTYPES = ["float32", "bfloat16", "float16"]
 QUANTIZE = ["int8", "int4", "nf4"]
 
 
+MMPROJ_HELP = ("llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 GGUF model: loads it with "
+               "images, as llama.cpp's --mmproj")
+
+
 def _load_args(p: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--quantize``, for every command that loads a language model."""
+    """``--dtype``, ``--quantize`` and ``--mmproj``, for every command that loads a language model."""
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (float32 is fastest on CPU)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
+    p.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +97,7 @@ def _speculation_kw(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    lm = load_model(a.model, a.dtype, a.quantize)
+    lm = load_model(a.model, a.dtype, a.quantize, a.mmproj)
     if a.image:
         from PIL import Image
 
@@ -136,7 +143,7 @@ def _looping(lm: Any, text: str) -> bool:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    lm = load_model(a.model, a.dtype, a.quantize)
+    lm = load_model(a.model, a.dtype, a.quantize, a.mmproj)
     family = lm.chat_format
     messages: list[dict[str, str]] = []
     if a.system:
@@ -240,14 +247,16 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         print({k: f"{v:,}" for k, v in cfg.param_count().items()})
         return 0
-    lm = load_model(a.handle, a.dtype, a.quantize)
+    lm = load_model(a.handle, a.dtype, a.quantize, a.mmproj)
     print(json.dumps(lm.config.to_dict(), indent=2, default=str))
     lm.summary()
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    lm = load_model(a.input, a.dtype)
+    if a.mmproj_out and a.to != "gguf":
+        raise ValueError("--mmproj-out writes llama.cpp's mmproj file: it goes with --to gguf")
+    lm = load_model(a.input, a.dtype, mmproj=a.mmproj)
     if a.to == "hf":
         out = lm.export_hf(a.output)
     elif a.to == "gemmax":
@@ -255,7 +264,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     elif a.to == "keras":
         out = lm.export_keras(a.output)
     else:
-        out = lm.export_gguf(a.output, dtype=a.gguf_type)
+        out = lm.export_gguf(a.output, dtype=a.gguf_type, mmproj_path=a.mmproj_out)
+        if a.mmproj_out:
+            print(f"[gemmax] wrote {a.mmproj_out}", file=sys.stderr)
     print(f"[gemmax] wrote {out}", file=sys.stderr)
     return 0
 
@@ -345,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", choices=["hf", "gemmax", "keras", "gguf"], required=True)
     v.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"])
     v.add_argument("--dtype", default="float32", choices=DTYPES)
+    v.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP + " (the input's)")
+    v.add_argument("--mmproj-out", default=None, metavar="PATH",
+                   help="with --to gguf, also write a Gemma 3 model's vision tower and projector there as "
+                        "llama.cpp's mmproj file")
     v.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("shard-plan", help="per-device sharding table from shapes alone (no weights loaded)")

@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["GGUF_MAGIC", "parse_gguf", "dequantize", "supported_qtypes", "read_metadata", "HFView", "HFSource",
            "UnsupportedArchitecture", "open_hf_view", "token_fields", "write_tensors", "write_file", "name_map",
-           "llama_cpp_name"]
+           "llama_cpp_name", "MMPROJ_ARCH", "projector_type"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -207,6 +207,23 @@ def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any], dict[st
     metadata, _, _ = _parse_gguf(Path(path))
     tok_meta = {k: metadata.pop(k) for k in list(metadata) if k.startswith("tokenizer.")}
     return metadata.get("general.architecture"), metadata, tok_meta
+
+
+#: ``general.architecture`` of llama.cpp's "mmproj" files: a multimodal model's encoders and projectors, which
+#: llama.cpp keeps in a second file beside the text model's (its ``--mmproj`` option)
+MMPROJ_ARCH = "clip"
+
+
+def projector_type(path: str | Path) -> str | None:
+    """The vision projector type of an mmproj file (``clip.vision.projector_type``, or ``clip.projector_type``
+    that single-encoder files such as Gemma 3's carry): what says which model's tower the file holds. A file
+    of another architecture is a ValueError naming it, so a text GGUF given as the mmproj is caught."""
+    arch, md, _ = read_metadata(path)
+    if arch != MMPROJ_ARCH:
+        raise ValueError(f"{Path(path).name} is not an mmproj file: its general.architecture is {arch!r}, not "
+                         f"{MMPROJ_ARCH!r}")
+    found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
+    return None if found is None else str(found)
 
 
 parse_gguf = _parse_gguf

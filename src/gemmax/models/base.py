@@ -207,11 +207,17 @@ class GGUFSpec:
     config.json dict), ``arch`` and ``tokenizer_metadata``; ``write(path, hf_config, tensors, tokenizer=,
     dtype=)`` writes transformers-named tensors back as a GGUF llama.cpp loads. Which configs it can write is
     the family's ``gguf_arch``.
+
+    ``projectors``: the ``clip.projector_type`` values of llama.cpp's "mmproj" files (a multimodal model's
+    vision tower and projector, kept beside its text GGUF) that the family reads. llama.cpp runs such a model
+    from the two files, so a family listing any reads the pair (``read(path, mmproj=PATH)``) and writes it
+    (``write(..., mmproj_path=PATH)``).
     """
 
     archs: tuple[str, ...]
-    read: Callable[[Any], Any]
+    read: Callable[..., Any]
     write: Callable[..., Any]
+    projectors: tuple[str, ...] = ()
 
 
 class UnsupportedModelType(KeyError, ValueError):
@@ -365,6 +371,17 @@ def for_gguf_arch(arch: str | None) -> Family:
             return fam
     known = sorted(a for f in _REGISTRY.values() if f.gguf is not None for a in f.gguf.archs)
     raise UnsupportedModelType(f"unsupported GGUF architecture {arch!r}; gemmax reads {', '.join(known)}")
+
+
+def for_gguf_projector(projector_type: str | None) -> Family:
+    """The family that reads a llama.cpp mmproj file whose ``clip.projector_type`` is ``projector_type``."""
+    for fam in _REGISTRY.values():
+        if fam.gguf is not None and projector_type in fam.gguf.projectors:
+            return fam
+    known = sorted(f"{p!r} (family {f.name})" for f in _REGISTRY.values() if f.gguf is not None
+                   for p in f.gguf.projectors)
+    raise UnsupportedModelType(f"unsupported mmproj projector type {projector_type!r}; gemmax reads mmproj files "
+                               f"of projector type {', '.join(known)}")
 
 
 def for_keras_backbone(class_name: str, config: Mapping[str, Any]) -> Family:

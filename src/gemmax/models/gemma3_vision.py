@@ -24,6 +24,9 @@ The decoder is :func:`gemmax.models.gemma.model.decoder_layer` over the Gemma fa
 tower :mod:`gemmax.models.siglip` (PaliGemma's), so layout rules, LoRA and quantization nodes, the cache and
 the decode step are the Gemma family's. Generation prefills the prompt with the image-block mask into the
 Gemma family's cache and then decodes with its ``decode_step`` (after the prompt everything is causal text).
+
+llama.cpp keeps this model as two files, a ``gemma3`` text GGUF and an "mmproj" with the tower and projector;
+:mod:`gemmax.models.gemma3_vision_gguf` reads and writes the pair (the family's ``gguf``).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.models import gemma3_vision_gguf as gguf
 from gemmax.models import paligemma as pg
 from gemmax.models import siglip as vision
-from gemmax.models.base import XLA, KerasSpec
+from gemmax.models.base import XLA, GGUFSpec, KerasSpec
 from gemmax.models.gemma import keras as gemma_keras
 from gemmax.models.gemma import model as gm
 from gemmax.models.gemma.config import ModelConfig
@@ -590,4 +594,7 @@ FAMILY = pg.image_family(
     hf_architecture="Gemma3ForConditionalGeneration",
     token_inputs={"token_type_ids": 0},  # text after the prompt: no image block
     check_inputs=check_inputs,
+    # llama.cpp: the decoder is a gemma3 text GGUF, the tower and projector its "gemma3" mmproj file
+    gguf_arch=lambda cfg: gguf.TEXT_ARCH,
+    gguf=GGUFSpec(archs=(), read=gguf.read, write=gguf.write, projectors=(gguf.PROJECTOR_TYPE,)),
 )

@@ -574,9 +574,10 @@ def check_load_options(dtype: str, quantize: str | None) -> None:
                          "(or leave it out for none)")
 
 
-def load(model: Any = None, dtype: str = "float32", quantize: str | None = None) -> Any:
+def load(model: Any = None, dtype: str = "float32", quantize: str | None = None, mmproj: str | None = None) -> Any:
     """The model to serve: a CausalLM or TextEncoder as given, or loaded from a handle (None: Gemma 3 270M)
-    in ``dtype``, its weights quantized when ``quantize`` is "int8" or "int4"."""
+    in ``dtype``, its weights quantized when ``quantize`` is "int8" or "int4"; ``mmproj``: llama.cpp's image
+    file beside a GGUF handle (Gemma 3 with images)."""
     check_load_options(dtype, quantize)
     if model is None:
         model = default_model_path()
@@ -584,6 +585,8 @@ def load(model: Any = None, dtype: str = "float32", quantize: str | None = None)
         if quantize:
             model.quantize(quantize)
         return model
+    if mmproj is not None:
+        return CausalLM.from_preset(model, dtype=dtype, quantize=quantize, mmproj=mmproj)
     if is_encoder_handle(model):
         if quantize:
             raise ValueError("--quantize applies to language models; a text encoder is served unquantized")
@@ -626,16 +629,16 @@ def serve(model: Any = None, lora: Iterable[str] | Mapping[str, Any] | None = No
           max_queue: int = DEFAULT_MAX_QUEUE, request_timeout: float | None = None,
           stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
           speculate: str | None = None, speculate_tokens: int | None = None,
-          gather_ms: float = GATHER_S * 1000) -> None:
+          gather_ms: float = GATHER_S * 1000, mmproj: str | None = None) -> None:
     """Load ``model`` (a handle for ``CausalLM.from_preset``, a CausalLM, or None for Gemma 3 270M; ``dtype``,
     ``quantize`` as in ``load``) and serve it until interrupted. Binds to loopback unless told otherwise. An
     empty ``api_key`` is refused (an unset variable would otherwise turn authentication off without a word).
     On SIGTERM/SIGINT new requests get a 503 and open ones ``shutdown_timeout`` seconds to finish.
     ``prefix_cache_mb``, ``draft`` (a handle or a CausalLM), ``speculate``, ``speculate_tokens``,
-    ``gather_ms``: as in :func:`create_app`."""
+    ``gather_ms``: as in :func:`create_app`; ``mmproj``: as in :func:`load`."""
     check_api_key_value(api_key)
     configure_logging(log_level)
-    lm = load(model, dtype, quantize)
+    lm = load(model, dtype, quantize, mmproj)
     if model is None:
         model = default_model_path()
     if model_name is None and isinstance(model, (str, os.PathLike)) and not getattr(lm.config, "name", ""):
@@ -677,6 +680,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' and activations' dtype")
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
+    p.add_argument("--mmproj", default=None, metavar="PATH",
+                   help="llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 GGUF --model: "
+                        "serves it with images, as llama.cpp's --mmproj")
     p.add_argument("--max-batch", type=int, default=None,
                    help="most slots decoded together per model; the batch grows to it with the load "
                         "(default: 32 on a CPU, 64 on an accelerator)")
@@ -729,7 +735,7 @@ def run_cli(args: argparse.Namespace) -> int:
           stop_loops=args.stop_loops, prefix_cache_mb=getattr(args, "prefix_cache_mb", PREFIX_CACHE_MB),
           draft=getattr(args, "draft", None), speculate=getattr(args, "speculate", None),
           speculate_tokens=getattr(args, "speculate_tokens", None),
-          gather_ms=getattr(args, "gather_ms", GATHER_S * 1000))
+          gather_ms=getattr(args, "gather_ms", GATHER_S * 1000), mmproj=getattr(args, "mmproj", None))
     return 0
 
 

@@ -7,7 +7,7 @@ processes. Each mode prints one JSON object on its last stdout line.
     python tests/dist_worker.py layouts              # 8 devices: specs on 1x8, 2x4, 8x1; the Keras tutorials' snippets
     python tests/dist_worker.py train                # 8 devices: sharded step/forward vs one device
     python tests/dist_worker.py generate             # 8 devices: sharded greedy generation vs one device
-    python tests/dist_worker.py objectives           # 8 devices: DPO and ORPO fits, sharded vs one device
+    python tests/dist_worker.py objectives           # 8 devices: DPO, ORPO and GRPO fits, sharded vs one device
     python tests/dist_worker.py multihost PORT PID   # 2 processes x 4 devices, one global 2x4 mesh
 """
 
@@ -213,15 +213,17 @@ def abs_sum(tree: Any, dist: gd.Distribution) -> jax.Array:
 
 
 def mode_generate() -> dict[str, Any]:
-    """Greedy generation (the Engine: prefill, ring caches, chunked decode) on one device vs under
-    ModelParallel on 1x8 / 2x4 meshes and FSDP: the same tokens."""
+    """Greedy and sampled generation (the Engine: prefill, ring caches, chunked decode, the sampler's top-k
+    candidates) on one device vs under ModelParallel on 1x8 / 2x4 meshes and FSDP: the same tokens."""
     from gemmax.api import CausalLM
 
     lm = CausalLM.from_config(CFG, seed=3)
     prompts = [np.array([5, 6, 7, 8, 9]), np.array([11, 12, 13])]
+    sampled = dict(max_new_tokens=14, temperature=1.0, top_k=40, top_p=0.95, seed=7)
     ref = [a.tolist() for a in lm.generate(prompts, max_new_tokens=14)]
+    ref_sampled = [a.tolist() for a in lm.generate(prompts, **sampled)]
     base = jax.device_get(lm.params)
-    out: dict[str, Any] = {"reference": ref}
+    out: dict[str, Any] = {"reference": ref, "reference_sampled": ref_sampled}
     for name, shape, fsdp in (("1x8", (1, 8), False), ("2x4", (2, 4), False), ("2x4-fsdp", (2, 4), True)):
         mesh = gd.DeviceMesh(shape, ["batch", "model"], gd.list_devices())
         layout = gd.get_layout_map(CFG, mesh, data_axis="batch" if fsdp else None)
@@ -230,7 +232,8 @@ def mode_generate() -> dict[str, Any]:
             sharded = CausalLM(CFG, dist.shard_params(base))
             specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(sharded.params)}
             got = [a.tolist() for a in sharded.generate(prompts, max_new_tokens=14)]
-        out[name] = {"tokens": got, "specs": sorted(specs)}
+            got_sampled = [a.tolist() for a in sharded.generate(prompts, **sampled)]
+        out[name] = {"tokens": got, "sampled": got_sampled, "specs": sorted(specs)}
     return out
 
 
@@ -247,8 +250,8 @@ class _Bytes:
 
 
 def mode_objectives() -> dict[str, Any]:
-    """Three LoRA steps of DPO and of ORPO (the post-training objectives' one trainer) on one device, then
-    under ModelParallel on a 2x4 mesh with FSDP: each step's loss and the objective's metrics."""
+    """Three LoRA steps of DPO and of ORPO, two of GRPO (the post-training objectives' one trainer) on one
+    device, then under ModelParallel on a 2x4 mesh with FSDP: each step's loss and the objective's metrics."""
     from gemmax.api import CausalLM
 
     cfg = tiny_config("gemma3", vocab_size=262, eos_token_id=(1,))
@@ -274,6 +277,24 @@ def mode_objectives() -> dict[str, Any]:
                     hist = lm.fit(pairs, objective=objective, **kw)
                     specs = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(lm.params)})
             out[f"{objective}/{where}"] = {"loss": list(hist.loss), "extra": hist.extra, "specs": specs}
+    # GRPO: the rollouts sample through the engine under the mesh too (same seeds: the same completions)
+    prompts = [{"prompt": f"Say something {i}:"} for i in range(4)]
+
+    def variety(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
+        return [float(len(set(c))) for c in completions]
+
+    grpo = dict(kw, steps=2, reward_funcs=[variety], num_generations=4, max_completion_length=8, beta=0.1)
+    for where in ("one", "2x4-fsdp"):
+        if where == "one":
+            lm = CausalLM(cfg, jax.tree_util.tree_map(jnp.asarray, base), _Bytes())
+            lm.enable_lora(rank=4)
+            hist = lm.fit(prompts, objective="grpo", **grpo)
+        else:
+            with gd.use_distribution(dist):
+                lm = CausalLM(cfg, dist.shard_params(base), _Bytes())
+                lm.enable_lora(rank=4)
+                hist = lm.fit(prompts, objective="grpo", **grpo)
+        out[f"grpo/{where}"] = {"loss": list(hist.loss), "extra": hist.extra}
     return out
 
 

@@ -412,14 +412,19 @@ def test_two_process_training_step_matches_single_process(train: dict[str, Any])
 
 
 def test_sharded_generation_matches_one_device() -> None:
+    """Greedy and sampled (temperature, top-k, top-p: the sampler's candidate path, whose optimization barrier
+    XLA's SPMD partitioner once rejected with a process abort) tokens equal one device's."""
     res = _run_worker("generate")
+    assert res["reference_sampled"] != res["reference"]  # the sampled run really sampled
     for name in ("1x8", "2x4", "2x4-fsdp"):
         assert res[name]["tokens"] == res["reference"], name
+        assert res[name]["sampled"] == res["reference_sampled"], name
         assert any("model" in spec for spec in res[name]["specs"]), name  # really sharded
 
 
 def test_post_training_objectives_on_a_mesh_match_one_device() -> None:
-    """DPO and ORPO with LoRA under ModelParallel (2x4, FSDP): every step's loss and metric as on one device."""
+    """DPO, ORPO and GRPO with LoRA under ModelParallel (2x4, FSDP): every step's loss and metric as on one
+    device (GRPO's rollouts sampled by the engine under the mesh)."""
     res = _run_worker("objectives")
     for objective in ("dpo", "orpo"):
         one, mesh = res[f"{objective}/one"], res[f"{objective}/2x4-fsdp"]
@@ -432,3 +437,11 @@ def test_post_training_objectives_on_a_mesh_match_one_device() -> None:
                 if k not in ("step_seconds", "tokens_per_second") and not (tie and k == "rewards/accuracies"):
                     assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (objective, k, a[k], b[k])
         assert any("model" in s for s in mesh["specs"]) and any("batch" in s for s in mesh["specs"])
+    one, mesh = res["grpo/one"], res["grpo/2x4-fsdp"]  # GRPO: rollouts sampled under the mesh, then the update
+    # (on-policy, GRPO's loss is ~0 at step 1; with beta > 0 step 2 carries the KL to the reference that step
+    # 1's update made, so step 2's loss and KL check the sharded update)
+    assert len(one["loss"]) == 2 and one["extra"][1]["kl"] > 1e-4, one
+    np.testing.assert_allclose(mesh["loss"], one["loss"], rtol=1e-3, atol=1e-7, err_msg="grpo")
+    for a, b in zip(one["extra"], mesh["extra"], strict=True):
+        assert a["reward"] == b["reward"] and a["reward_std"] > 0, (a, b)  # the same completions, scored
+        assert abs(a["kl"] - b["kl"]) <= 1e-3 * max(a["kl"], 1e-6), (a["kl"], b["kl"])

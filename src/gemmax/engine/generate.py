@@ -105,9 +105,11 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, 
     p, m = top_p.astype(jnp.float32), min_p.astype(jnp.float32)
 
     # fast path: the n most likely tokens, in order (rank semantics, like transformers)
-    # (the barrier keeps XLA:CPU's top-k rewrite: folding the gather below into the sort would turn the
-    # top-k into a full sort of the vocabulary, ~100x slower)
-    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(lg, n))
+    # (the barriers keep XLA:CPU's top-k rewrite: folding the gather below into the sort would turn the
+    # top-k into a full sort of the vocabulary, ~100x slower. One barrier per array: XLA's SPMD partitioner
+    # aborts the process on a barrier over top_k's tuple, i.e. on every sampled generation under a mesh)
+    vals, idx = jax.lax.top_k(lg, n)
+    vals, idx = jax.lax.optimization_barrier(vals), jax.lax.optimization_barrier(idx)
     keep, w = candidate_weights(lg, vals, k, p, m)
     c = jnp.cumsum(w, axis=-1)
     j = jnp.minimum(jnp.sum(c <= u[:, None] * c[:, -1:], axis=-1), n - 1)

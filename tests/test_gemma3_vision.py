@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import io
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,30 @@ TOL = 1e-4
 
 
 _image = picture
+
+
+def random_checkpoint(cfg: Any, folder: Path) -> Any:
+    """A ``Gemma3ForConditionalGeneration`` of ``cfg`` with every weight random (norm scales non-zero: the
+    tower's LayerNorms around 1, the decoder's RMSNorm offsets around 0), saved to ``folder / "hf"`` with the
+    SentencePiece model ``folder / "tok.model"`` beside it."""
+    import transformers
+
+    m = transformers.Gemma3ForConditionalGeneration(cfg)
+    m.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "vision" in name and ("layer_norm" in name or "layernorm" in name):
+                p.copy_(1 + r * 0.3 if name.endswith("weight") else r * 0.08)
+            elif "norm" in name:
+                p.copy_(r * 0.5)
+            else:
+                p.copy_(r * (0.06 if "embed_tokens" in name else 0.15))
+    m.eval()
+    m.save_pretrained(folder / "hf")
+    (folder / "tok.model").rename(folder / "hf" / "tokenizer.model")
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +75,7 @@ def setup(tmp_path_factory):
                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     cfg = transformers.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=TOKENS,
                                     image_token_index=ids[0], boi_token_index=ids[1], eoi_token_index=ids[2])
-    m = transformers.Gemma3ForConditionalGeneration(cfg)
-    m.config._attn_implementation = "eager"
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "vision" in name and ("layer_norm" in name or "layernorm" in name):
-                p.copy_(1 + r * 0.3 if name.endswith("weight") else r * 0.08)
-            elif "norm" in name:
-                p.copy_(r * 0.5)
-            else:
-                p.copy_(r * (0.06 if "embed_tokens" in name else 0.15))
-    m.eval()
-    m.save_pretrained(folder / "hf")
-    (folder / "tok.model").rename(folder / "hf" / "tokenizer.model")
+    m = random_checkpoint(cfg, folder)
     return m, CausalLM.from_preset(str(folder / "hf")), tok, ids
 
 

@@ -32,6 +32,8 @@ tf = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
+from test_gguf_next import _copy  # noqa: E402
+
 from gemmax import CausalLM  # noqa: E402
 from gemmax.io.tokenizer import Tokenizer  # noqa: E402
 from gemmax.models.gemma.gguf import add_tokenizer  # noqa: E402
@@ -195,28 +197,7 @@ def _field(path: Path, key: str) -> Any:
 
 def _retokenized(src: Path, dst: Path, fill: Any) -> Path:
     """``src`` (a model file) rewritten by gguf's own writer with its ``tokenizer.*`` fields replaced by ``fill``."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, str(_field(src, "general.architecture")))
-    for k, f in r.fields.items():
-        if k.startswith(("GGUF.", "tokenizer.")) or k == "general.architecture":
-            continue
-        vals, vt = [f.parts[i] for i in f.data], f.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            sub = f.types[1]
-            items = [bytes(v).decode() if sub == gguf.GGUFValueType.STRING else v.tolist()[0] for v in vals]
-            w.add_key_value(k, items, vt, sub_type=sub)
-        elif vt == gguf.GGUFValueType.STRING:
-            w.add_key_value(k, bytes(vals[0]).decode(), vt)
-        else:
-            w.add_key_value(k, vals[0].tolist()[0], vt)
-    fill(w)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return _copy(src, dst, drop=("tokenizer.",), fill=fill)
 
 
 def _encodings(tok: Tokenizer) -> list[list[int]]:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from hf_fixtures import CAPTION_LINES, picture
-from test_gemma3_vision import _hf_logits
+from test_gemma3_vision import _hf_logits, random_checkpoint
 
 from gemmax.api import CausalLM
 from gemmax.io.gguf import parse_gguf, read_metadata
@@ -64,21 +64,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     cfg = transformers.Gemma3Config(vision_config=VISION, text_config=text, mm_tokens_per_image=TOKENS,
                                     image_token_index=image, boi_token_index=boi, eoi_token_index=eoi)
-    m = transformers.Gemma3ForConditionalGeneration(cfg)
-    m.config._attn_implementation = "eager"
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "vision" in name and ("layer_norm" in name or "layernorm" in name):
-                p.copy_(1 + r * 0.3 if name.endswith("weight") else r * 0.08)
-            elif "norm" in name:
-                p.copy_(r * 0.5)
-            else:
-                p.copy_(r * (0.06 if "embed_tokens" in name else 0.15))
-    m.eval()
-    m.save_pretrained(folder / "hf")
-    (folder / "tok.model").rename(folder / "hf" / "tokenizer.model")
+    m = random_checkpoint(cfg, folder)
     lm = CausalLM.from_preset(str(folder / "hf"))
     text_gguf, mmproj = folder / "text.gguf", folder / "mmproj.gguf"
     assert lm.export_gguf(text_gguf, dtype="f32", mmproj_path=mmproj) == text_gguf

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,12 +175,14 @@ def test_gemma3n_round_trips_in_llama_cpp_layout(tmp_path: Path) -> None:
     assert _far(np.asarray(back.logits(IDS)), want) < TOL
 
 
-def _copy(src: Path, dst: Path, drop: tuple[str, ...] = (), extra: dict | None = None) -> Path:
-    """``src`` rewritten by gguf's own writer without the metadata keys ``drop``, plus ``extra`` tensors."""
+def _copy(src: Path, dst: Path, drop: tuple[str, ...] = (), extra: dict | None = None, fill: Any = None) -> Path:
+    """``src`` rewritten by gguf's own writer without the metadata keys ``drop`` (a key ending in "." drops every
+    key it begins), plus the fields ``fill(writer)`` adds and ``extra`` tensors."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, str(_field(src, "general.architecture")))
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture" or k in drop:
+        if k.startswith("GGUF.") or k == "general.architecture" or k in drop or any(
+                k.startswith(d) for d in drop if d.endswith(".")):
             continue
         vals, vt = [f.parts[i] for i in f.data], f.types[0]
         if vt == gguf.GGUFValueType.ARRAY:
@@ -190,6 +193,8 @@ def _copy(src: Path, dst: Path, drop: tuple[str, ...] = (), extra: dict | None =
             w.add_key_value(k, bytes(vals[0]).decode(), vt)
         else:
             w.add_key_value(k, vals[0].tolist()[0], vt)
+    if fill is not None:
+        fill(w)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
     for name, arr in (extra or {}).items():

@@ -389,8 +389,8 @@ def _placeholder_vocab(cfg: ModelConfig) -> tuple[list[str], np.ndarray, np.ndar
             tokens[i] = s
             types[i] = TOKEN_UNKNOWN if s == "<unk>" else TOKEN_CONTROL
     start = max(specials) + 1
-    for b in range(256):
-        if start + b < cfg.vocab_size:
+    if start + 256 <= cfg.vocab_size:  # all 256 or none: a byte-fallback vocabulary needs every byte
+        for b in range(256):
             tokens[start + b] = f"<0x{b:02X}>"
             types[start + b] = TOKEN_BYTE
     return tokens, np.zeros(cfg.vocab_size, dtype=np.float32), types

@@ -286,8 +286,8 @@ def test_bad_pairs_are_named(setup, tmp_path: Path):
         path = _write_by_hand(tmp_path / f"{name}.gguf", {k: v for k, v in tensors.items() if k not in drop}, **kw)
         return CausalLM.from_preset(text, mmproj=str(path))
 
-    with pytest.raises(ValueError, match="projector type 'gemma4v'"):  # Gemma 4's mmproj is not read
-        load("gemma4", projector_type="gemma4v")
+    with pytest.raises(ValueError, match="a 'gemma3' GGUF; a Gemma 4 mmproj goes with a Gemma 4"):
+        load("gemma4", projector_type="gemma4v")  # read by gemma4_vision, whose text file is a gemma4 GGUF
     with pytest.raises(ValueError, match="lacks v.blk.1.ffn_down.weight"):
         load("no_ffn", drop=("v.blk.1.ffn_down.weight",))
     with pytest.raises(ValueError, match="lacks mm.soft_emb_norm.weight"):

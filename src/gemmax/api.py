@@ -158,7 +158,8 @@ class CausalLM:
 
         ``mmproj``: llama.cpp's second file of a multimodal GGUF model (its vision tower and projector, what
         llama.cpp's ``--mmproj`` takes), read with the text GGUF ``handle`` as one model that takes images
-        (Gemma 3's: the ``gemma3_vision`` family). A GGUF without it loads as its text model."""
+        (Gemma 3's: the ``gemma3_vision`` family; Gemma 4's: ``gemma4_vision``). A GGUF without it loads as its
+        text model."""
         lm = cls._load(handle, dtype, mmproj=mmproj, **kw)
         if quantize:
             lm.quantize(quantize)
@@ -708,7 +709,7 @@ class CausalLM:
                     mmproj_path: str | os.PathLike | None = None) -> Path:
         """A GGUF file (f32, f16 or q8_0) that llama.cpp loads; adapters are merged first. Returns its path.
 
-        A model that reads images through llama.cpp's second file (Gemma 3: ``gemma3_vision``) writes its
+        A model that reads images through llama.cpp's second file (``gemma3_vision``, ``gemma4_vision``) writes its
         decoder at ``path`` and, given ``mmproj_path``, its vision tower and projector there as llama.cpp's
         mmproj (f32 for ``dtype="f32"``, else f16); without ``mmproj_path`` only the text model is written."""
         arch = self.family.gguf_arch(self.config)
@@ -718,7 +719,7 @@ class CausalLM:
         spec = self.family.gguf
         if mmproj_path is not None and not spec.projectors:
             raise UnsupportedError(f"{self.family.name} models have no llama.cpp mmproj file to write: "
-                                   f"mmproj_path is for Gemma 3 with images")
+                                   f"mmproj_path is for Gemma 3 and Gemma 4 with images")
         flat = self._host_flat(merge=True)
         tensors = dict(table_to_hf(flat, self.family.hf_table(self.config)))
         extra = {} if mmproj_path is None else {"mmproj_path": mmproj_path}

@@ -142,6 +142,18 @@ def _image_ids(mm_md: dict[str, Any], tokens: list[str], vocab: int, text: Path)
 # ---- reading -------------------------------------------------------------------------------------------
 
 
+def check_projector(md: dict[str, Any], path: Path, expected: str, model: str) -> None:
+    """An mmproj's projector type (llama.cpp's ``clip.vision.projector_type``, or the older
+    ``clip.projector_type``) must be ``expected`` and the file must hold a vision encoder: a ValueError naming
+    what it holds otherwise."""
+    found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
+    if found != expected:
+        raise ValueError(f"{path.name}: mmproj projector type {found!r}; this reader takes {model}'s "
+                         f"({expected!r}) mmproj files")
+    if md.get("clip.has_vision_encoder") is False:
+        raise ValueError(f"{path.name}: the mmproj has no vision encoder (clip.has_vision_encoder is false)")
+
+
 def read_mmproj(path: str | os.PathLike[str]) -> HFView:
     """A Gemma 3 mmproj file as a lazy transformers state dict of the tower and projector (published names);
     ``hf_config`` holds ``vision_config``, ``mm_tokens_per_image`` and ``projection_dim`` (the width the
@@ -151,12 +163,7 @@ def read_mmproj(path: str | os.PathLike[str]) -> HFView:
 
     def build(md: dict[str, Any], tok: dict[str, Any], raw: dict[str, Any],
               load: Any) -> tuple[dict[str, Any], dict[str, HFSource]]:
-        found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
-        if found != PROJECTOR_TYPE:
-            raise ValueError(f"{path.name}: mmproj projector type {found!r}; gemmax reads Gemma 3's "
-                             f"({PROJECTOR_TYPE!r}) mmproj files")
-        if md.get("clip.has_vision_encoder") is False:
-            raise ValueError(f"{path.name}: the mmproj has no vision encoder (clip.has_vision_encoder is false)")
+        check_projector(md, path, PROJECTOR_TYPE, "Gemma 3")
         vc, tokens = _vision_config(md, path)
         vision = siglip.from_hf_vision_config(vc)
         tmap = _name_map(vision.depth)
@@ -203,6 +210,19 @@ class WithMmproj(HFView):
     __getitem__ = tensor
 
 
+def check_widths(path: Path, mmproj: Path, vis: Any, d: int, proj_out: int, v_width: int) -> None:
+    """An mmproj's projection must map its tower's width (``v_width``) to the text model's (``d``; ``proj_out``
+    the projection's output width, as its tensor says): a ValueError naming both files otherwise."""
+    recorded = vis.hf_config["projection_dim"]
+    if proj_out != d or (recorded is not None and recorded != d):
+        said = "" if recorded in (None, proj_out) else f" (clip.vision.projection_dim says {recorded})"
+        raise ValueError(f"{mmproj.name} projects image features to width {proj_out}{said}, but the text model "
+                         f"{path.name} is {d} wide: they are not parts of one model")
+    if v_width != vis.hf_config["vision_config"]["hidden_size"]:
+        raise ValueError(f"{mmproj.name}: mm.input_projection.weight takes width {v_width}, the tower is "
+                         f"{vis.hf_config['vision_config']['hidden_size']} wide")
+
+
 def read(path: str | os.PathLike[str], mmproj: str | os.PathLike[str]) -> WithMmproj:
     """A Gemma 3 text GGUF and its mmproj as one ``Gemma3ForConditionalGeneration`` checkpoint: ``hf_config`` is
     its config.json (text config from the text file, vision config and tokens per image from the mmproj,
@@ -216,14 +236,7 @@ def read(path: str | os.PathLike[str], mmproj: str | os.PathLike[str]) -> WithMm
     vis = read_mmproj(mmproj)
     d = int(text.hf_config["hidden_size"])
     v_width, proj_out = vis.shape(PROJ_WEIGHT)
-    recorded = vis.hf_config["projection_dim"]
-    if proj_out != d or (recorded is not None and recorded != d):
-        said = "" if recorded in (None, proj_out) else f" (clip.vision.projection_dim says {recorded})"
-        raise ValueError(f"{mmproj.name} projects image features to width {proj_out}{said}, but the text model "
-                         f"{path.name} is {d} wide: they are not parts of one model")
-    if v_width != vis.hf_config["vision_config"]["hidden_size"]:
-        raise ValueError(f"{mmproj.name}: mm.input_projection.weight takes width {v_width}, the tower is "
-                         f"{vis.hf_config['vision_config']['hidden_size']} wide")
+    check_widths(path, mmproj, vis, d, proj_out, v_width)
     tc = dict(text.hf_config)
     ids = _image_ids(vis.metadata, text.tokenizer_metadata.get("tokenizer.ggml.tokens") or [],
                      int(tc["vocab_size"]), path)
@@ -243,6 +256,39 @@ def _file_dtype(dtype: str) -> str:
     """The mmproj's type for the text file's ``dtype``: f32 stays f32, f16 and q8_0 give f16 (the converter's
     default for mmproj files; llama.cpp runs the tower in f16 or f32)."""
     return "f32" if dtype == "f32" else "f16"
+
+
+def mmproj_writer(path: Path, name: str | None, f32: bool, *, projection_dim: int, image_size: int,
+                  patch_size: int, width: int, mlp_dim: int, depth: int, heads: int, mean: Any, std: Any) -> Any:
+    """A ``GGUFWriter`` for an mmproj at ``path`` holding the keys every llama.cpp vision tower has (the file's
+    type and name, ``clip.has_vision_encoder`` and the ``clip.vision.*`` shapes); the caller adds its
+    projector's own keys and the tensors, then :func:`close_writer`."""
+    gguf = _gguf()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(path, MMPROJ_ARCH)
+    w.add_type(gguf.GGUFType.MMPROJ)
+    if name:
+        w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_clip_has_vision_encoder(True)
+    w.add_vision_projection_dim(projection_dim)
+    w.add_vision_image_size(image_size)
+    w.add_vision_patch_size(patch_size)
+    w.add_vision_embedding_length(width)
+    w.add_vision_feed_forward_length(mlp_dim)
+    w.add_vision_block_count(depth)
+    w.add_vision_head_count(heads)
+    w.add_vision_image_mean(list(mean))
+    w.add_vision_image_std(list(std))
+    return w
+
+
+def close_writer(w: Any) -> None:
+    """Write out and close a ``GGUFWriter`` whose keys and tensors are all added."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensors: dict[str, np.ndarray],
@@ -268,22 +314,10 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
         raise ValueError(f"the model lacks {', '.join(missing[:5])}: cannot write its mmproj")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(path, MMPROJ_ARCH)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    if name or hf_config.get("_name_or_path"):
-        w.add_name(name or hf_config["_name_or_path"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if mm_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    w.add_clip_has_vision_encoder(True)
-    w.add_vision_projection_dim(d)
-    w.add_vision_image_size(vision.image_size)
-    w.add_vision_patch_size(vision.patch_size)
-    w.add_vision_embedding_length(vision.width)
-    w.add_vision_feed_forward_length(vision.mlp_dim)
-    w.add_vision_block_count(vision.depth)
-    w.add_vision_head_count(vision.num_heads)
-    w.add_vision_image_mean(list(IMAGE_MEAN))
-    w.add_vision_image_std(list(IMAGE_STD))
+    w = mmproj_writer(path, name or hf_config.get("_name_or_path"), mm_type == "f32", projection_dim=d,
+                      image_size=vision.image_size, patch_size=vision.patch_size, width=vision.width,
+                      mlp_dim=vision.mlp_dim, depth=vision.depth, heads=vision.num_heads, mean=IMAGE_MEAN,
+                      std=IMAGE_STD)
     w.add_clip_projector_type(PROJECTOR_TYPE)
     w.add_vision_attention_layernorm_eps(vision.norm_eps)
     w.add_vision_use_gelu(True)
@@ -300,10 +334,7 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
             w.add_tensor(g, a)
         else:  # the blocks' matrices and the input projection
             w.add_tensor(g, gguf.quants.quantize(a, q.F16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    close_writer(w)
     return path
 
 

@@ -4,7 +4,7 @@ and Gemma 4 with images (``gemma4`` checkpoints with a ``vision_config``) as the
 (see docs/gemma4.md)."""
 
 from gemmax.models.base import XLA, GGUFSpec, family_from, register
-from gemmax.models.gemma4 import decode, gguf, hf, model, vision
+from gemmax.models.gemma4 import decode, gguf, hf, mmproj, model, vision
 from gemmax.models.gemma4.config import (
     HF_MODEL_TYPES,
     PRESET_HF_REPOS,
@@ -37,7 +37,8 @@ VISION_FAMILY = register(family_from(
     config_from_dict=vision.Gemma4VisionConfig.from_dict, tiny_config=vision.tiny_config,
     hf_ignorable=vision.HF_IGNORABLE, hf_unused=vision.hf_unused, hf_accepts=vision.accepts_hf,
     hf_architecture="Gemma4ForConditionalGeneration",
-    gguf_arch=lambda cfg: None,
+    gguf_arch=lambda cfg: mmproj.TEXT_ARCH,
+    gguf=GGUFSpec(archs=(), read=mmproj.read, write=mmproj.write, projectors=(mmproj.PROJECTOR_TYPE,)),
     chat_format=lambda cfg: "gemma4",
     extra_inputs=("pixel_values", "image_position_ids", "mm_token_type_ids"),
     token_inputs={"mm_token_type_ids": 0},  # text after the prompt: no image block

@@ -471,7 +471,7 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout: float | None = None,
                stop_loops: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB, draft: Any = None,
                speculate: str | None = None, speculate_tokens: int | None = None,
-               gather_ms: float = GATHER_S * 1000) -> FastAPI:
+               gather_ms: float = GATHER_S * 1000, max_gather_ms: float = MAX_GATHER_S * 1000) -> FastAPI:
     """The FastAPI app. The scheduler (and its engines) start with the app's lifespan and stop with it.
 
     Up to ``max_batch`` slots per served model (None: ``scheduler.default_max_batch()``) share each decode
@@ -485,7 +485,7 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
     ``prefix_cache_mb`` bounds each served model's prefix cache (0: off); ``draft`` (a CausalLM of the same
     tokenizer) or ``speculate="prompt-lookup"`` decode speculatively, ``speculate_tokens`` drafts a step
     (a speculating engine keeps its full width). ``gather_ms``: requests arriving less than this apart are
-    prefilled together (the first waits at most ``scheduler.MAX_GATHER_S`` for the rest; 0: each at once).
+    prefilled together, the first waiting at most ``max_gather_ms`` for the rest (``gather_ms=0``: each at once).
 
     Given a ``gemmax.TextEncoder`` (or ``{name: TextEncoder}``) it is an embedding server instead:
     ``/v1/embeddings`` (``gemmax.serve.embeddings``), ``/v1/models`` and ``/health``.
@@ -499,8 +499,9 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
         raise ValueError(f"request_timeout must be > 0 seconds (or None for no limit), got {request_timeout}")
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    if gather_ms < 0:
-        raise ValueError(f"gather_ms must be >= 0 (0: admit every arrival at once), got {gather_ms}")
+    if gather_ms < 0 or max_gather_ms < 0:
+        raise ValueError(f"gather_ms and max_gather_ms must be >= 0 (gather_ms=0: admit every arrival at once), "
+                         f"got {gather_ms} and {max_gather_ms}")
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     models = build_models(lm_or_models, adapters, max_len, model_name)
@@ -511,7 +512,7 @@ def create_app(lm_or_models: Any, api_key: str | None = None, max_batch: int | N
     metrics = ServerMetrics()
     scheduler = Scheduler(models, max_batch=max_batch, chunk=chunk, max_queue=max_queue, warmup=warmup,
                           request_timeout=request_timeout, stop_loops=stop_loops, metrics=metrics,
-                          gather_s=gather_ms / 1000)
+                          gather_s=gather_ms / 1000, max_gather_s=max_gather_ms / 1000)
     metrics.bind(scheduler)
     svc = Service(models, scheduler, api_key, metrics=metrics, request_timeout=request_timeout,
                   stop_loops=stop_loops)

@@ -51,8 +51,8 @@ DTYPES = ["float32", "bfloat16", "float16"]
 QUANTIZE = ["int8", "int4", "nf4"]
 
 
-MMPROJ_HELP = ("llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 GGUF model: loads it with "
-               "images, as llama.cpp's --mmproj")
+MMPROJ_HELP = ("llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 or Gemma 4 GGUF model: loads "
+               "it with images, as llama.cpp's --mmproj")
 
 
 def _load_args(p: argparse.ArgumentParser) -> None:
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="float32", choices=DTYPES)
     v.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP + " (the input's)")
     v.add_argument("--mmproj-out", default=None, metavar="PATH",
-                   help="with --to gguf, also write a Gemma 3 model's vision tower and projector there as "
+                   help="with --to gguf, also write a Gemma 3 or Gemma 4 model's vision tower and projector there as "
                         "llama.cpp's mmproj file")
     v.set_defaults(func=cmd_convert)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["GGUF_MAGIC", "parse_gguf", "dequantize", "supported_qtypes", "read_metadata", "HFView", "HFSource",
            "UnsupportedArchitecture", "open_hf_view", "token_fields", "write_tensors", "write_file", "name_map",
-           "llama_cpp_name", "MMPROJ_ARCH", "projector_type"]
+           "llama_cpp_name", "MMPROJ_ARCH", "projector_of", "projector_type"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -214,16 +214,22 @@ def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any], dict[st
 MMPROJ_ARCH = "clip"
 
 
+def projector_of(md: dict[str, Any]) -> str | None:
+    """The vision projector type an mmproj's metadata names: ``clip.vision.projector_type``, or the
+    ``clip.projector_type`` that single-encoder files such as Gemma 3's carry."""
+    found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
+    return None if found is None else str(found)
+
+
 def projector_type(path: str | Path) -> str | None:
-    """The vision projector type of an mmproj file (``clip.vision.projector_type``, or ``clip.projector_type``
-    that single-encoder files such as Gemma 3's carry): what says which model's tower the file holds. A file
-    of another architecture is a ValueError naming it, so a text GGUF given as the mmproj is caught."""
+    """The vision projector type of an mmproj file (:func:`projector_of`): what says which model's tower the
+    file holds. A file of another architecture is a ValueError naming it, so a text GGUF given as the mmproj
+    is caught."""
     arch, md, _ = read_metadata(path)
     if arch != MMPROJ_ARCH:
         raise ValueError(f"{Path(path).name} is not an mmproj file: its general.architecture is {arch!r}, not "
                          f"{MMPROJ_ARCH!r}")
-    found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
-    return None if found is None else str(found)
+    return projector_of(md)
 
 
 parse_gguf = _parse_gguf

@@ -41,7 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from gemmax.io.gguf import MMPROJ_ARCH, HFSource, HFView, UnsupportedArchitecture, _gguf, open_hf_view
+from gemmax.io.gguf import (
+    MMPROJ_ARCH,
+    HFSource,
+    HFView,
+    UnsupportedArchitecture,
+    _gguf,
+    open_hf_view,
+    projector_of,
+)
 from gemmax.io.tokenizer import Tokenizer
 from gemmax.models import siglip
 from gemmax.models.gemma import gguf as text_gguf
@@ -143,10 +151,9 @@ def _image_ids(mm_md: dict[str, Any], tokens: list[str], vocab: int, text: Path)
 
 
 def check_projector(md: dict[str, Any], path: Path, expected: str, model: str) -> None:
-    """An mmproj's projector type (llama.cpp's ``clip.vision.projector_type``, or the older
-    ``clip.projector_type``) must be ``expected`` and the file must hold a vision encoder: a ValueError naming
-    what it holds otherwise."""
-    found = md.get("clip.vision.projector_type") or md.get("clip.projector_type")
+    """An mmproj's projector type (:func:`gemmax.io.gguf.projector_of`) must be ``expected`` and the file must
+    hold a vision encoder: a ValueError naming what it holds otherwise."""
+    found = projector_of(md)
     if found != expected:
         raise ValueError(f"{path.name}: mmproj projector type {found!r}; this reader takes {model}'s "
                          f"({expected!r}) mmproj files")
@@ -258,11 +265,19 @@ def _file_dtype(dtype: str) -> str:
     return "f32" if dtype == "f32" else "f16"
 
 
-def mmproj_writer(path: Path, name: str | None, f32: bool, *, projection_dim: int, image_size: int,
-                  patch_size: int, width: int, mlp_dim: int, depth: int, heads: int, mean: Any, std: Any) -> Any:
+def mmproj_writer(path: Path, name: str | None, dtype: str, names: list[str], tensors: dict[str, np.ndarray], *,
+                  projection_dim: int, image_size: int, patch_size: int, width: int, mlp_dim: int, depth: int,
+                  heads: int, mean: Any, std: Any) -> Any:
     """A ``GGUFWriter`` for an mmproj at ``path`` holding the keys every llama.cpp vision tower has (the file's
     type and name, ``clip.has_vision_encoder`` and the ``clip.vision.*`` shapes); the caller adds its
-    projector's own keys and the tensors, then :func:`close_writer`."""
+    projector's own keys and the tensors ``names`` (each must be in ``tensors``), then :func:`close_writer`.
+    ``dtype`` is the text file's: "f32" gives an F32 file, "f16" / "q8_0" the converter's f16 one."""
+    if dtype not in ("f32", "f16", "q8_0"):
+        raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"the model lacks {', '.join(missing[:5])}: cannot write its mmproj")
+    f32 = _file_dtype(dtype) == "f32"
     gguf = _gguf()
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path, MMPROJ_ARCH)
@@ -297,8 +312,6 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
     transformers names (``tensors``; decoder tensors may be among them and are left out) as llama.cpp's
     converter writes a Gemma 3 mmproj (see the module docstring); ``dtype`` "f32" writes every tensor F32,
     "f16" / "q8_0" the converter's f16 file."""
-    if dtype not in ("f32", "f16", "q8_0"):
-        raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
     mm_type = _file_dtype(dtype)
@@ -309,12 +322,8 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
     pool = vision.grid // per_side
     tmap = _name_map(vision.depth)
     names = hf_names(vision)
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ValueError(f"the model lacks {', '.join(missing[:5])}: cannot write its mmproj")
-
     path = Path(path)
-    w = mmproj_writer(path, name or hf_config.get("_name_or_path"), mm_type == "f32", projection_dim=d,
+    w = mmproj_writer(path, name or hf_config.get("_name_or_path"), dtype, names, tensors, projection_dim=d,
                       image_size=vision.image_size, patch_size=vision.patch_size, width=vision.width,
                       mlp_dim=vision.mlp_dim, depth=vision.depth, heads=vision.num_heads, mean=IMAGE_MEAN,
                       std=IMAGE_STD)

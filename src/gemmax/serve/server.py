@@ -578,7 +578,7 @@ def check_load_options(dtype: str, quantize: str | None) -> None:
 def load(model: Any = None, dtype: str = "float32", quantize: str | None = None, mmproj: str | None = None) -> Any:
     """The model to serve: a CausalLM or TextEncoder as given, or loaded from a handle (None: Gemma 3 270M)
     in ``dtype``, its weights quantized when ``quantize`` is "int8" or "int4"; ``mmproj``: llama.cpp's image
-    file beside a GGUF handle (Gemma 3 with images)."""
+    file beside a GGUF handle (Gemma 3 or Gemma 4 with images)."""
     check_load_options(dtype, quantize)
     if model is None:
         model = default_model_path()
@@ -682,7 +682,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
     p.add_argument("--mmproj", default=None, metavar="PATH",
-                   help="llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 GGUF --model: "
+                   help="llama.cpp's mmproj file (vision tower and projector) of a Gemma 3 or Gemma 4 GGUF --model: "
                         "serves it with images, as llama.cpp's --mmproj")
     p.add_argument("--max-batch", type=int, default=None,
                    help="most slots decoded together per model; the batch grows to it with the load "

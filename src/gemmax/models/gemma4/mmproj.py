@@ -258,8 +258,6 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
     transformers names (``tensors``; decoder tensors may be among them and are left out) as llama.cpp's
     converter writes a Gemma 4 mmproj (see the module docstring); ``dtype`` "f32" writes every tensor F32,
     "f16" / "q8_0" the converter's f16 file."""
-    if dtype not in ("f32", "f16", "q8_0"):
-        raise ValueError(f"unsupported GGUF dtype {dtype!r}: choose 'f32', 'f16' or 'q8_0'")
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
     f32 = dtype == "f32"
@@ -269,14 +267,11 @@ def write_mmproj(path: str | os.PathLike[str], hf_config: dict[str, Any], tensor
     d = int(tc["hidden_size"])
     tmap = _name_map(vision.depth)
     names = hf_names(vision)
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ValueError(f"the model lacks {', '.join(missing[:5])}: cannot write its mmproj")
-
     path = Path(path)
-    w = mmproj_writer(path, name or hf_config.get("_name_or_path"), f32, projection_dim=d, image_size=IMAGE_SIZE,
-                      patch_size=vision.patch_size, width=vision.width, mlp_dim=vision.mlp_dim, depth=vision.depth,
-                      heads=vision.num_heads, mean=IMAGE_MEAN, std=IMAGE_STD)
+    w = mmproj_writer(path, name or hf_config.get("_name_or_path"), dtype, names, tensors, projection_dim=d,
+                      image_size=IMAGE_SIZE, patch_size=vision.patch_size, width=vision.width,
+                      mlp_dim=vision.mlp_dim, depth=vision.depth, heads=vision.num_heads, mean=IMAGE_MEAN,
+                      std=IMAGE_STD)
     w.add_clip_vision_projector_type(PROJECTOR_TYPE)
     w.add_vision_attention_layernorm_eps(vision.norm_eps)
     if vision.pool != DEFAULT_POOL:  # llama.cpp's default otherwise

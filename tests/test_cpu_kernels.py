@@ -163,14 +163,17 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
     blocks and ending on a partial panel; with 150 rows the last items go out in row slices (150 rows split
     48 + 48 + 54: whole 6-row tiles, the remainder in the last slice). "bfloat16-x": bfloat16 activations
     too (the bfloat16 model's prefill), which on AVX512-BF16 takes the row-pair tile (vdpbf16ps), with an
-    odd K (33) and K blocks that must start on even rows (1100 in blocks of 368). Against a float64 einsum
-    of the same values."""
+    odd K (33) and K blocks that must start on even rows (1100 in blocks of 368); on a CPU with AMX, the
+    tile products wherever K (96) or the K blocks (8224 in blocks of 384 and a last of 160) are whole
+    32-element steps: 32-row and 16-row slices, the rest of the rows by the pair tile, partial sums carried
+    from block to block. Against a float64 einsum of the same values."""
     x_dtype = jnp.bfloat16 if dtype == "bfloat16-x" else jnp.float32
     dtype = dtype.removesuffix("-x")
     rng = np.random.default_rng(rows)
     cases = [("btd,hdk->bthk", (3, 40, 12)), ("bthk,hkd->btd", (3, 12, 40)), ("btf,fd->btd", (130, 37)),
              ("btd,hdk->bthk", (2, 70, 64)), ("btf,fd->btd", (33, 200)), ("btf,fd->btd", (1100, 70)),
-             ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040)), ("btf,fd->btd", (2100, 130))]
+             ("btd,hdk->bthk", (2, 40, 600)), ("btf,fd->btd", (1100, 1040)), ("btf,fd->btd", (2100, 130)),
+             ("btd,hdk->bthk", (2, 96, 70)), ("btf,fd->btd", (8224, 70))]
     eqs, xs, ws, scales = tuple(eq for eq, _ in cases), [], [], []
     for eq, shape in cases:
         stacked = rng.normal(size=(5, *shape)) * (50 if dtype == "int8" else 1)
@@ -487,12 +490,13 @@ def test_switch_off_and_missing_compiler_fall_back(tmp_path: Path) -> None:
 def test_bfloat16_activations(rows: int) -> None:
     """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths and, from 8 rows,
     the GEMM paths (batched decode): the in-major pair GEMM and the head's pair tile as wide as the rows of x
-    (1 to 4 zmm: 9-16, 17, 40 and 64 rows; 1000 weight rows leave a remainder of every tile height).
+    (1 to 4 zmm: 9-16, 17, 40 and 64 rows; 1000 weight rows leave a remainder of every tile height); with
+    AMX, from 16 rows, the tile products where K is whole 32-element steps (64).
     Products of bfloat16 values are exact in float32, so only the summation order differs from a float64
     einsum of the same values (and float32 rounding)."""
     rng = np.random.default_rng(7)
     cases = [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
-             ("btd,hdk->bthk", (3, 40, 32))]
+             ("btd,hdk->bthk", (3, 40, 32)), ("btd,df->btf", (64, 80))]
     ws = [jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16) for _, shape in cases]
     xs = [jnp.asarray(rng.normal(size=_x_shape(eq, shape, rows)), jnp.bfloat16) for eq, shape in cases]
     res = _products(tuple(eq for eq, _ in cases), xs, ws, [None] * len(cases), jnp.asarray([1], jnp.int32),

@@ -14,9 +14,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string_view>
 #include <thread>
 #include <unistd.h>
 #include <type_traits>
@@ -849,6 +851,87 @@ inline void gemm_tile_bf16(const uint32_t* xq, int64_t ldx, int64_t KP, const ui
 
 #endif
 
+#if defined(GEMMAX_BF16DOT) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Intel AMX (Sapphire Rapids and later): the bfloat16 pair panel above is already the layout a tile product
+// wants for its B operand (16 rows of k pairs x 16 columns of 32-bit pairs), and the pair-packed rows of x are
+// its A operand (16 rows x 16 pairs). One TDPBF16PS adds a 16 x 16 x 32 product into a float32 tile: eight
+// times the multiply-adds of two vdpbf16ps per cycle. The products are exact and the sums float32, as in
+// gemm_tile_bf16; only the summation order differs (each tile product sums its 32 terms before adding).
+// Tiles 0-3 hold a 32-row x 32-column block of sums (2 x 2), 4-5 the two 16-row slices of x, 6-7 two 16-column
+// slices of the panel; a 64-column panel is two such passes.
+#define GEMMAX_AMX 1
+#include <sys/syscall.h>
+
+// Linux hands a process AMX's 8 KB register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction faults. Asked once; false means "use AVX512-BF16",
+// as does GEMMAX_CPU_AMX=0 in the environment (for comparing the two paths).
+bool amx_ready() {
+  static const bool ok = [] {
+    const char* off = std::getenv("GEMMAX_CPU_AMX");
+    if (off && std::string_view(off) == "0") return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// The tile shapes are a per-thread register (LDTILECFG): every tile 16 rows x 64 bytes. Loaded by each task
+// that uses tiles (XLA's pool threads run other work in between), released at its end.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_begin() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+inline void amx_end() { _tile_release(); }
+
+// out[16 RB, 64] = xq[16 RB rows, KP pairs] (row stride ldx pairs) x panel[KP, 64] pairs; KP a multiple of 16.
+template <int RB>
+inline void amx_tile(const uint32_t* xq, int64_t ldx, int64_t KP, const uint32_t* panel, float* out) {
+  static_assert(RB == 1 || RB == 2, "one or two 16-row slices");
+  const int64_t sx = ldx * 4;
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t* pb = panel + 32 * half;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (RB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kp = 0; kp < KP; kp += 16) {
+      _tile_loadd(4, xq + kp, sx);
+      _tile_loadd(6, pb + kp * kNB, kNB * 4);
+      _tile_loadd(7, pb + kp * kNB + 16, kNB * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (RB == 2) {
+        _tile_loadd(5, xq + 16 * ldx + kp, sx);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, out + 32 * half, kNB * 4);
+    _tile_stored(1, out + 32 * half + 16, kNB * 4);
+    if constexpr (RB == 2) {
+      _tile_stored(2, out + 16 * kNB + 32 * half, kNB * 4);
+      _tile_stored(3, out + 16 * kNB + 32 * half + 16, kNB * 4);
+    }
+  }
+}
+#else
+inline bool amx_ready() { return false; }
+#endif
+
 // y[rows, width] = x[rows, K] (row stride ldx) x panel[K, 64] (* scale), row tiles of MR then a remainder.
 // X = uint32_t: bfloat16 row pairs for gemm_tile_bf16 (K and ldx counted in pairs).
 // yh (pair tiles only): the result rounded to bfloat16 instead of y, row stride ldyh.
@@ -950,8 +1033,13 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
   const int64_t tail = chunk >= kTailSplit * 4 * kMR ? std::min(threads, whole) : 0;
   const int64_t items = whole - tail + tail * kTailSplit;
   const int64_t panel_bytes = K * kNB * (kPairs ? 2 : 4);  // float32 rows, or bfloat16 row pairs
-  const int64_t kblocks = 2 * panel_bytes <= l2_bytes() || K <= 1024 ? 1 : (K + kKC - 1) / kKC;
-  const int64_t kc_max = kPairs ? ((K + kblocks - 1) / kblocks + 1) / 2 * 2 : (K + kblocks - 1) / kblocks;
+  const int64_t kblocks0 = 2 * panel_bytes <= l2_bytes() || K <= 1024 ? 1 : (K + kKC - 1) / kKC;
+  // AMX (bfloat16 pairs, a CPU that has it, whole 16-row slices to fill): tile products need K blocks of
+  // whole 32-element steps, so K blocks are rounded up to them; a block of another length keeps the pair tile.
+  const bool use_amx = kPairs && B >= 16 && amx_ready();
+  const int64_t kc_step = use_amx ? 32 : kPairs ? 2 : 1;
+  const int64_t kc_max = ((K + kblocks0 - 1) / kblocks0 + kc_step - 1) / kc_step * kc_step;
+  const int64_t kblocks = (K + kc_max - 1) / kc_max;  // rounding up never leaves an empty last block
   struct Block {
     int64_t p, r0, r1, n0, k0, kc;
     int width;
@@ -976,6 +1064,10 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
     float* sc = panel + kc_max * kNB;
     alignas(64) float tile[kMR * kNB];
+#ifdef GEMMAX_AMX
+    alignas(64) float amx_out[32 * kNB];
+    if (use_amx) amx_begin();
+#endif
     int64_t item = next.fetch_add(1, std::memory_order_relaxed);
     while (item < items) {
       // claimed one item ahead, so its first block can be prefetched while this item computes
@@ -987,7 +1079,9 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
         }
         const T* src = w + p * K * N + k0 * N + n0;
         // whole panel, whole pairs, at least one whole row tile: the block's first tile packs (t == 0 below)
-        const bool tile_packs = (fused_pack || (pair_pack && kc % 2 == 0)) && width == kNB && r1 - r0 >= kMR;
+        const bool amx_block = use_amx && kc % 32 == 0 && r1 - r0 >= 16;
+        const bool tile_packs = (fused_pack || (pair_pack && kc % 2 == 0)) && width == kNB && r1 - r0 >= kMR &&
+                                !amx_block;
         if (tile_packs) {
           // packed by the block's first row tile, below
         } else if constexpr (kPairs) {
@@ -1022,9 +1116,49 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
         const bool last = k0 + kc == K;
         const float* s = scale && last ? sc : nullptr;
         float* yb = y + p * N + n0;
-        const int64_t tiles = (r1 - r0 + kMR - 1) / kMR;
+        int64_t r_amx = r0;  // rows below r_amx are done by tile products
+#ifdef GEMMAX_AMX
+        if (amx_block) {
+          const uint32_t* pp = reinterpret_cast<const uint32_t*>(panel);
+          const int64_t slices = (r1 - r0) / 16;
+          for (int64_t m = r0; m + 16 <= r1;) {
+            const int rb = m + 32 <= r1 ? 2 : 1;
+            if (rb == 2) {
+              amx_tile<2>(xq + m * KP + k0 / 2, KP, kc / 2, pp, amx_out);
+            } else {
+              amx_tile<1>(xq + m * KP + k0 / 2, KP, kc / 2, pp, amx_out);
+            }
+            for (int r = 0; r < 16 * rb; ++r) {
+              float* src = amx_out + r * kNB;
+              float* yr = yb + (m + r) * P * N;
+              if (k0 > 0) {
+                for (int j = 0; j < width; ++j) src[j] += yr[j];
+              }
+              if (!last) {
+                std::memcpy(yr, src, static_cast<size_t>(width) * 4);
+                continue;
+              }
+              if (s) {
+                for (int j = 0; j < width; ++j) src[j] *= s[j];
+              }
+              uint16_t* dh = yh ? yh + (m + r) * P * N + p * N + n0 : nullptr;
+              if (ep.any()) {
+                epilogue_row(ep, src, width, m + r, p * N + n0, P * N, yr, dh);
+              } else if (dh) {
+                to_bf16(src, dh, width);
+              } else {
+                std::memcpy(yr, src, static_cast<size_t>(width) * 4);
+              }
+            }
+            m += 16 * rb;
+            r_amx = m;
+            pf.upto(pf.rows * ((m - r0) / 16) / std::max<int64_t>(slices, 1));
+          }
+        }
+#endif
+        const int64_t tiles = (r1 - r_amx + kMR - 1) / kMR;
         for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t m = r0 + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
+          const int64_t m = r_amx + t * kMR, rows = std::min<int64_t>(kMR, r1 - m);
           // the pair tile rounds its own bfloat16 result unless there is an epilogue
           // A bfloat16 result leaves by the pair tile's own rounding, or (float32 tile, epilogue) through a
           // tile in L1: with whole K the float32 sums need not reach y at all (writing them cost the gelu
@@ -1084,6 +1218,9 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
       }
       item = ahead;
     }
+#ifdef GEMMAX_AMX
+    if (use_amx) amx_end();
+#endif
   });
 }
 
@@ -1572,7 +1709,9 @@ void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, u
       gemm_in_major<T, true>(nullptr, xh, w, y, yh, scale, B, P, K, N, pool, ep);
       return;
     }
-    if (xh && in_minor_ && B >= kSkinnyRows && B <= kNB && K % 2 == 0 && !ep.any() && !yh) {
+    // a bfloat16 result too: the float32 sums of the same tile, rounded, so that both results of one product
+    // come from one summation order
+    if (xh && in_minor_ && B >= kSkinnyRows && B <= kNB && K % 2 == 0 && !ep.any()) {
       if (B <= 16) {
         in_minor_gemm_bf16<1>(xh, w, y, scale, B, N, K, pool);
       } else if (B <= 32) {
@@ -1582,6 +1721,7 @@ void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, u
       } else {
         in_minor_gemm_bf16<4>(xh, w, y, scale, B, N, K, pool);
       }
+      if (yh) to_bf16(y, yh, B * N);
       return;
     }
   }

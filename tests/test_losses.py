@@ -221,7 +221,8 @@ native = pytest.mark.skipif(not importlib.import_module("gemmax.kernels.cpu").av
 @pytest.mark.parametrize("chunk", [4, 1000])
 def test_native_softmax_passes_match_xla(head_is_vd, chunk):
     """The native CPU kernel's loss, accuracy count and gradients (hidden and head, weighted mask, padding
-    chunks, a vocabulary that is no multiple of the vector width) equal XLA's passes."""
+    chunks, a vocabulary that is no multiple of the vector width) equal XLA's passes: chunks of 4 rows (the
+    GEMV paths) and of 1000 (the GEMM)."""
     hidden, head, targets, mask = _inputs(v=1003)
     mask = mask * jnp.asarray(np.random.default_rng(5).uniform(0.5, 2.0, mask.shape), jnp.float32)
     w = head if head_is_vd else head.T
@@ -241,6 +242,9 @@ def test_native_softmax_passes_match_xla(head_is_vd, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     hlo = jax.jit(jax.grad(lambda h: loss("cpu", h, w)[0])).lower(hidden).as_text()
     assert "gemmax_cpu_softmax_xent" in hlo
+    # a tied head's product for the hidden states' gradient (contracting over the vocabulary) runs on the
+    # native GEMM too; an untied [D, V] head's stays with XLA's dot
+    assert ("gemmax_cpu_gemv" in hlo) == head_is_vd
 
 
 @native

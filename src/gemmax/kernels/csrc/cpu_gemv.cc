@@ -323,6 +323,7 @@ inline float hsum8(__m256 v) {
 // Rows of in-minor W[N, K] per task in the AVX2 head kernels, taken one row at a time: each thread reads
 // one sequential stream.
 constexpr int64_t kHeadBlock = 512;
+constexpr uintptr_t kHeadAhead = 4096;  // software prefetch distance of the head kernels (head_rows)
 
 // The AVX2 head kernels' shared loop over in-minor W[N, K]: row blocks of kHeadBlock per task, four
 // accumulators over 4 * kStep columns, then the tail kStep at a time. step(row, xb, k, acc) returns acc plus
@@ -339,7 +340,17 @@ void head_rows(const float* x, const T* w, float* y, const float* scale, int64_t
         const float* xb = x + b * K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t k = 0;
+        // The lines kHeadAhead bytes on (a row or two later) are asked for while this row computes: on a Xeon
+        // (Sapphire Rapids class, 2 threads) the hardware prefetchers alone held the Gemma 3 270M float32 head
+        // to 17.7 GB/s of the 22.4 a plain read reaches; with this, 21.5 (2048-16384 bytes ahead all alike,
+        // six interleaved rounds). Integer arithmetic: the address may lie past W (a prefetch never faults).
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(wi) + kHeadAhead;
         for (; k + 4 * kStep <= K; k += 4 * kStep) {
+          if (b == 0) {
+            for (size_t o = 0; o < 4 * kStep * sizeof(T); o += 64) {
+              __builtin_prefetch(reinterpret_cast<const void*>(ahead + k * sizeof(T) + o));
+            }
+          }
           a0 = step(wi, xb, k, a0);
           a1 = step(wi, xb, k + kStep, a1);
           a2 = step(wi, xb, k + 2 * kStep, a2);

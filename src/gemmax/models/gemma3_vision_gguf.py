@@ -161,6 +161,16 @@ def check_projector(md: dict[str, Any], path: Path, expected: str, model: str) -
         raise ValueError(f"{path.name}: the mmproj has no vision encoder (clip.has_vision_encoder is false)")
 
 
+def mmproj_sources(names: list[tuple[str, str]], raw: dict[str, Any], path: Path,
+                   place: Any) -> dict[str, HFSource]:
+    """The ``HFSource`` of every (transformers name, GGUF name) pair of an mmproj, ``place(name, gguf_name)``
+    giving the tensor's transformers shape and fix; every missing tensor named in one ValueError."""
+    missing = [g for _, g in names if g not in raw]
+    if missing:
+        raise ValueError(f"{path.name}: the mmproj lacks {', '.join(missing)}")
+    return {name: HFSource(g, *place(name, g), raw[g].qtype.name) for name, g in names}
+
+
 def read_mmproj(path: str | os.PathLike[str]) -> HFView:
     """A Gemma 3 mmproj file as a lazy transformers state dict of the tower and projector (published names);
     ``hf_config`` holds ``vision_config``, ``mm_tokens_per_image`` and ``projection_dim`` (the width the
@@ -174,18 +184,13 @@ def read_mmproj(path: str | os.PathLike[str]) -> HFView:
         vc, tokens = _vision_config(md, path)
         vision = siglip.from_hf_vision_config(vc)
         tmap = _name_map(vision.depth)
-        sources: dict[str, HFSource] = {}
-        missing = []
-        for name in hf_names(vision):
-            g = gguf_name(tmap, name)
-            if g not in raw:
-                missing.append(g)
-                continue
+
+        def place(name: str, g: str) -> tuple[tuple[int, ...], Any]:
             # the converter folds Gemma's zero-centred RMSNorm offset into the soft-embedding norm: undo it
             fix = (lambda w: w - np.float32(1.0)) if name == NORM_WEIGHT else None
-            sources[name] = HFSource(g, tuple(reversed(raw[g].ne)) or (1,), fix, raw[g].qtype.name)
-        if missing:
-            raise ValueError(f"{path.name}: the mmproj lacks {', '.join(missing)}")
+            return tuple(reversed(raw[g].ne)) or (1,), fix
+
+        sources = mmproj_sources([(n, gguf_name(tmap, n)) for n in hf_names(vision)], raw, path, place)
         unread = sorted(set(raw) - {s.gguf_name for s in sources.values()})
         if unread:
             raise ValueError(f"{path.name}: tensors a Gemma 3 mmproj does not have: {', '.join(unread)}")

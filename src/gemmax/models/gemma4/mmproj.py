@@ -52,7 +52,14 @@ from gemmax.io.gguf import (
     open_hf_view,
     read_metadata,
 )
-from gemmax.models.gemma3_vision_gguf import WithMmproj, check_projector, check_widths, close_writer, mmproj_writer
+from gemmax.models.gemma3_vision_gguf import (
+    WithMmproj,
+    check_projector,
+    check_widths,
+    close_writer,
+    mmproj_sources,
+    mmproj_writer,
+)
 from gemmax.models.gemma4 import gguf as text_gguf
 from gemmax.models.gemma4 import vit
 
@@ -172,23 +179,17 @@ def read_mmproj(path: str | os.PathLike[str]) -> HFView:
         vc = _vision_config(md, raw, path)
         vision = vit.from_hf_vision_config(vc)
         tmap = _name_map(vision.depth)
-        sources: dict[str, HFSource] = {}
-        missing = []
-        for name in hf_names(vision):
-            g = gguf_name(tmap, name)
-            if g not in raw:
-                missing.append(g)
-                continue
-            shape, fix = _shape(raw, g) or (1,), None
+
+        def place(name: str, g: str) -> tuple[tuple[int, ...], Any]:
+            shape = _shape(raw, g) or (1,)
             if name == PATCH_WEIGHT:
                 w, c, p, _ = shape
-                shape = (w, p * p * c)
-                fix = (lambda a, w=w: a.transpose(0, 2, 3, 1).reshape(w, -1))  # noqa: E731
-            elif name.endswith(vit.CLIP_BOUNDS):  # transformers' scalar buffers, 1-D in the file
-                shape, fix = (), (lambda a: a.reshape(()))  # noqa: E731
-            sources[name] = HFSource(g, shape, fix, raw[g].qtype.name)
-        if missing:
-            raise ValueError(f"{path.name}: the mmproj lacks {', '.join(missing)}")
+                return (w, p * p * c), (lambda a: a.transpose(0, 2, 3, 1).reshape(w, -1))
+            if name.endswith(vit.CLIP_BOUNDS):  # transformers' scalar buffers, 1-D in the file
+                return (), (lambda a: a.reshape(()))
+            return shape, None
+
+        sources = mmproj_sources([(n, gguf_name(tmap, n)) for n in hf_names(vision)], raw, path, place)
         unread = sorted(set(raw) - {s.gguf_name for s in sources.values()} - {n for n in raw if n.startswith(AUDIO)})
         if unread:
             raise ValueError(f"{path.name}: tensors a Gemma 4 mmproj of this config does not have: "

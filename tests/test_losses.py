@@ -263,3 +263,47 @@ def test_native_softmax_passes_bfloat16_and_unknown_kernel():
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-3)
     with pytest.raises(ValueError, match="unknown loss kernel 'fast'"):
         chunked_cross_entropy(hidden, head, targets, mask, kernel="fast")
+
+
+@native
+@pytest.mark.parametrize("head_is_vd,temperature,dtype", [(True, 1.0, "float32"), (False, 0.7, "float32"),
+                                                          (True, 1.3, "bfloat16")])
+def test_native_token_log_probs_match_xla(head_is_vd, temperature, dtype):
+    """The post-training log-prob pass on the native kernel (``kernel="cpu"``): the same log-probs and hidden
+    gradients as XLA's, for a tied and an untied head and a temperature; a trained head (full fine-tuning)
+    is differentiated through XLA's recomputing path and agrees too. A soft-capped head keeps XLA's passes,
+    and an unknown kernel is refused."""
+    from gemmax.train.objectives import token_log_probs
+
+    hidden, head, targets, _ = _inputs(v=1003)
+    dt = jnp.dtype(dtype)
+    hidden, head = hidden.astype(dt), head.astype(dt)
+    cot = jnp.asarray(np.random.default_rng(7).normal(size=targets.shape), jnp.float32)
+    w = head if head_is_vd else head.T
+
+    def params(e):
+        return {"token_embedding": {"embeddings": e}} if head_is_vd else {"lm_head": {"kernel": e}}
+
+    def ours(kernel, h, e, cap=None):
+        return (token_log_probs(params(e), _Cfg(head_is_vd, cap), h, targets, chunk_size=4,
+                                temperature=temperature, kernel=kernel) * cot).sum()
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=2e-3)
+    lp_x = token_log_probs(params(w), _Cfg(head_is_vd, None), hidden, targets, chunk_size=4,
+                           temperature=temperature)
+    lp_c = token_log_probs(params(w), _Cfg(head_is_vd, None), hidden, targets, chunk_size=4,
+                           temperature=temperature, kernel="cpu")
+    np.testing.assert_allclose(lp_c, lp_x, **tol)
+    for argnums in (0, (0, 1)):
+        g_x = jax.jit(jax.grad(lambda h, e: ours("xla", h, e), argnums=argnums))(hidden, w)
+        g_c = jax.jit(jax.grad(lambda h, e: ours("cpu", h, e), argnums=argnums))(hidden, w)
+        for a, b in zip(jax.tree_util.tree_leaves(g_c), jax.tree_util.tree_leaves(g_x), strict=True):
+            assert float(jnp.abs(b.astype(jnp.float32)).max()) > 1e-3
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    hlo = jax.jit(jax.grad(lambda h: ours("cpu", h, w))).lower(hidden).as_text()
+    assert "gemmax_cpu_softmax_xent" in hlo
+    assert ("gemmax_cpu_gemv" in hlo) == head_is_vd
+    capped = jax.jit(jax.grad(lambda h: ours("cpu", h, w, cap=3.0))).lower(hidden).as_text()
+    assert "gemmax_cpu_softmax_xent" not in capped
+    with pytest.raises(ValueError, match="unknown log-prob kernel 'fast'"):
+        token_log_probs(params(w), _Cfg(head_is_vd, None), hidden, targets, kernel="fast")

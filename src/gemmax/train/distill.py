@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.models.base import XLA
 from gemmax.train.losses import _chunk_logits, _softcap, output_head
 from gemmax.train.objectives import Objective, merged, sequence_forward
 
@@ -110,8 +111,9 @@ class Distill(Objective):
                                                            ("tokens", "positions", "segment_ids")})
         return np.asarray(ids), np.asarray(vals)
 
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int,
+                     kernel: str = XLA) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+        # ``kernel`` is not used: the distillation losses' passes over the teacher's top-k are XLA's
         fwd = sequence_forward(family, config, precision, remat)
         beta, temp = self.jsd_beta, self.temperature
 

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.engine.generate import SamplingParams, generate_ids
+from gemmax.models.base import XLA
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
-from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, pass_kernel, sequence_forward, token_log_probs
 from gemmax.train.preference import IndexIterator
 
 __all__ = ["GRPO", "RewardError", "group_advantages", "grpo_per_token_loss", "reduce_grpo_loss"]
@@ -410,8 +411,8 @@ class GRPO(Objective):
         return out
 
     # -- the step
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int,
+                     kernel: str = XLA) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
         fwd = sequence_forward(family, config, precision, remat)
         eps_low = self.epsilon
         eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -420,14 +421,14 @@ class GRPO(Objective):
 
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             p, hidden = fwd(merged(trainable, frozen), batch)
-            logps = completion_log_probs(p, config, hidden, batch, max_len, chunk_size)
+            logps = completion_log_probs(p, config, hidden, batch, max_len, chunk_size, kernel)
             ref = None
             if beta != 0.0:
                 if ref_in_batch:
                     ref = batch["ref_logps"]
                 else:  # LoRA: the base with the adapters off
                     pr, hr = fwd(jax.lax.stop_gradient(frozen), batch)
-                    ref = completion_log_probs(pr, config, hr, batch, max_len, chunk_size)
+                    ref = completion_log_probs(pr, config, hr, batch, max_len, chunk_size, kernel)
             mask = completion_mask(batch, max_len)
             now = jax.lax.stop_gradient(logps)
             # π_old from generation time; off the completion it is set to π so padding has ρ = 1 (an overflowing
@@ -476,7 +477,7 @@ def completion_mask(batch: dict[str, Any], length: int) -> jax.Array:
 
 
 def completion_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dict[str, Any], length: int,
-                         chunk_size: int = 1024) -> jax.Array:
+                         chunk_size: int = 1024, kernel: str = XLA) -> jax.Array:
     """[B, L] log-probs of the completion tokens only.
 
     The output head (most of a small Gemma's compute: a 262k-token vocabulary) runs on the L completion
@@ -485,7 +486,7 @@ def completion_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dic
     idx = completion_index(batch, length)
     h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     y = jnp.take_along_axis(batch["targets"], idx, axis=1)
-    return token_log_probs(params, config, h, y, chunk_size=chunk_size)
+    return token_log_probs(params, config, h, y, chunk_size=chunk_size, kernel=kernel)
 
 
 def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: np.ndarray) -> dict[str, np.ndarray]:
@@ -513,15 +514,16 @@ _LOGPS_FNS: dict[str, Any] = {}
 def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
     """Jitted [B, L] completion log-probs under given weights in ``precision`` (the step's, so the first
     pass's ratio against the generation-time log-probs is 1), one compiled function per architecture."""
+    kernel = pass_kernel()
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + \
-        str(getattr(precision, "compute_dtype", "float32")) + f"/{length}"
+        str(getattr(precision, "compute_dtype", "float32")) + f"/{length}/{kernel}"
     if key not in _LOGPS_FNS:
         fwd = sequence_forward(lm.family, lm.config, precision, None)
         config = lm.config
 
         def logps(p: Any, b: dict[str, jax.Array]) -> jax.Array:
             pp, hidden = fwd(p, b)
-            return completion_log_probs(pp, config, hidden, b, length)
+            return completion_log_probs(pp, config, hidden, b, length, kernel=kernel)
 
         _LOGPS_FNS.clear()  # the compiled function holds no weights, only code: keep the latest architecture
         _LOGPS_FNS[key] = jax.jit(logps)

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmax.models.base import XLA
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, EpochCursor, Record, read_records
-from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, pass_kernel, sequence_forward, token_log_probs
 from gemmax.train.optim import Precision
 
 __all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
@@ -316,9 +317,10 @@ def _pair_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], int, 
 
 
 def sequence_log_probs(params: Any, config: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int,
-                       chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                       chunk_size: int, kernel: str = XLA) -> tuple[jax.Array, jax.Array]:
     """(summed completion log-probs [B, 2], completion token counts [B, 2])."""
-    lp = token_log_probs(params, config, hidden, rows["targets"], chunk_size=chunk_size) * rows["loss_mask"]
+    lp = token_log_probs(params, config, hidden, rows["targets"], chunk_size=chunk_size, kernel=kernel)
+    lp = lp * rows["loss_mask"]
     return lp.sum(-1).reshape(b, 2), rows["loss_mask"].sum(-1).reshape(b, 2)
 
 
@@ -346,10 +348,10 @@ class _PreferenceObjective(Objective):
         out["tokens_per_second"] = float(np.prod(batch.tokens.shape)) / seconds
         return out
 
-    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    def loss_sums_fn(self, family: Any, config: Any, precision: Any, remat: str | None, chunk_size: int,
+                     kernel: str = XLA) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
         fwd = sequence_forward(family, config, precision, remat)
-        pair_loss = self._pair_loss_fn(fwd, config, chunk_size)
+        pair_loss = self._pair_loss_fn(fwd, config, chunk_size, kernel)
 
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
             rows, b, t = _pair_rows(batch)
@@ -358,7 +360,7 @@ class _PreferenceObjective(Objective):
 
         return loss_sums
 
-    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         """The objective's loss on the policy's forward pass over the chosen and rejected rows, run as one
         ``[2B, T]`` batch by ``loss_sums_fn``: ``pair_loss(params, hidden, rows, B, T, batch, frozen)`` ->
         ``(loss sum, aux)``. ``fwd`` runs another pass (DPO's reference)."""
@@ -396,18 +398,18 @@ class DPO(_PreferenceObjective):
         if self._precomputed and dataset.ref_logps is None:
             dataset.ref_logps = reference_log_probs(lm, dataset, params_fn(), batch_size)
 
-    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         precomputed = self._precomputed
 
         def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
                       batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size)
+            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size, kernel)
             if precomputed:
                 ref = batch["ref_logps"]
             else:  # the same weights with the adapters off: the frozen base, never differentiated
                 base = jax.lax.stop_gradient(frozen)
                 pr, hr = fwd(base, rows)
-                ref = sequence_log_probs(pr, config, hr, rows, b, chunk_size)[0]
+                ref = sequence_log_probs(pr, config, hr, rows, b, chunk_size, kernel)[0]
             loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, loss_type=self.loss_type,
                             n_chosen=n[:, 0], n_rejected=n[:, 1])
             w = batch["pair_mask"]
@@ -428,10 +430,10 @@ class SimPO(_PreferenceObjective):
     gamma: float = 1.0
     label_smoothing: float = 0.0
 
-    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
                       batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size)
+            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size, kernel)
             avg = logps / jnp.maximum(n, 1.0)
             loss = simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.gamma,
                               label_smoothing=self.label_smoothing)
@@ -452,12 +454,13 @@ class ORPO(_PreferenceObjective):
     name = "orpo"
     beta: float = 0.1
 
-    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int) -> PairLossFn:
+    def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         beta = self.beta
 
         def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
                       batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            lp = token_log_probs(p, config, hidden, rows["targets"], chunk_size=chunk_size).reshape(b, 2, t)
+            lp = token_log_probs(p, config, hidden, rows["targets"], chunk_size=chunk_size, kernel=kernel)
+            lp = lp.reshape(b, 2, t)
             comp = batch["loss_mask"]
             avg = (lp * comp).sum(-1) / jnp.maximum(comp.sum(-1), 1.0)
             # the NLL is TRL's: over every real position of the chosen rows (prompt included), a token mean
@@ -488,7 +491,8 @@ _REF_FNS: dict[str, Any] = {}
 
 def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_size: int) -> np.ndarray:
     """Summed completion log-probs [N, 2] of every pair under ``params`` (one pass, in order, no gradient)."""
-    key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str)
+    kernel = pass_kernel()
+    key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + kernel
     if key not in _REF_FNS:
         fwd = sequence_forward(lm.family, lm.config, Precision(), None)
         config = lm.config
@@ -496,7 +500,7 @@ def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_
         def fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
             rows, b, _ = _pair_rows(batch)
             pp, hidden = fwd(p, rows)
-            return sequence_log_probs(pp, config, hidden, rows, b, 1024)[0]
+            return sequence_log_probs(pp, config, hidden, rows, b, 1024, kernel)[0]
 
         _REF_FNS.clear()  # one architecture at a time: the compiled function holds no weights, only code
         _REF_FNS[key] = jax.jit(fn)

@@ -301,7 +301,7 @@ def _make_train_step(family: Any, config: Any, optimizer: optax.GradientTransfor
                      kernel: str = XLA) -> Callable[..., Any]:
     # An objective (gemmax.train.objectives) brings its own loss sums; the step around them is the same.
     if objective is not None:
-        loss_sums = objective.loss_sums_fn(family, config, precision, remat, chunk_size)
+        loss_sums = objective.loss_sums_fn(family, config, precision, remat, chunk_size, kernel)
     else:
         loss_sums = _loss_sums_fn(family, config, precision, remat, chunk_size, kernel)
 
@@ -457,12 +457,13 @@ def evaluate(lm: Any, data: Any, batch_size: int = 4, sequence_length: int = 128
 def _objective_eval_fn(lm: Any, objective: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
     """The objective's ``(trainable, batch, frozen) -> (sum, aux)`` jitted without a gradient, cached like
     ``_eval_fn`` so the evaluations of one run (and of identical runs) compile once."""
-    key = ("objective", _config_key(lm), objective.cache_key(), precision, chunk_size)
+    kernel = loss_kernel(distributed=_dist.distribution() is not None)
+    key = ("objective", _config_key(lm), objective.cache_key(), precision, chunk_size, kernel)
     if key not in _EVAL_CACHE:
         while len(_EVAL_CACHE) >= _CACHE_SIZE:
             _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
         _EVAL_CACHE[key] = jax.jit(objective.loss_sums_fn(lm.family, lm.config, Precision.named(precision), None,
-                                                          chunk_size))
+                                                          chunk_size, kernel))
     return _EVAL_CACHE[key]
 
 

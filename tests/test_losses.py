@@ -210,6 +210,23 @@ def test_token_log_probs_and_their_gradients_match_full_logits(cap, temperature,
             np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
     jaxpr = str(jax.make_jaxpr(jax.grad(ours))(hidden, head))
     assert jaxpr.count("dot_general") == 2 and "checkpoint" not in jaxpr  # logits and d/dh, forward only
+    if quantized:  # a trained scale under a frozen head (the hand-written backward's other branch)
+        def full_s(h, e, sc):
+            z = jnp.einsum("btd,vd->btv", h, e) * sc
+            z = z if cap is None else cap * jnp.tanh(z / cap)
+            lp = jax.nn.log_softmax(z / temperature, -1)
+            return (jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * cot).sum()
+
+        def ours_s(h, e, sc):
+            p = {"token_embedding": {"embeddings": e, "scale": sc}}
+            return (token_log_probs(p, _Cfg(True, cap), h, targets, chunk_size=chunk,
+                                    temperature=temperature) * cot).sum()
+
+        want = jax.grad(lambda h, sc: full_s(h, head, sc), argnums=(0, 1))(hidden, scale)
+        got = jax.grad(lambda h, sc: ours_s(h, head, sc), argnums=(0, 1))(hidden, scale)
+        for g, w in zip(got, want, strict=True):
+            assert float(jnp.abs(w).max()) > 1e-3
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
 
 
 native = pytest.mark.skipif(not importlib.import_module("gemmax.kernels.cpu").available(),

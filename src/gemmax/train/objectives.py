@@ -173,10 +173,12 @@ def _chunk_backward(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, cc: jax.Ar
         grad_dtype = jnp.bfloat16 if hc.dtype == jnp.bfloat16 else jnp.float32
         _, _, g = cpu_kernels.softmax_xent(logits, safe, -cc / spec.temperature, grad_dtype)
         g = g.astype(hc.dtype)
-        if vd:
+        if vd:  # the hidden gradient on the native GEMM, the head's from XLA
             d_h = cpu_kernels.gemv("nv,vd->nd", g, cpu_kernels.NativeWeight(head, None, gemm=True))
-            return (d_h, *_head_grads(g, hc, head, vd, False, want_head), None)
-        return (*_head_grads(g, hc, head, vd, True, want_head), None)
+            d_head = _head_grads(g, hc, head, vd, False, True)[0] if want_head else None
+            return d_h, d_head, None
+        grads = _head_grads(g, hc, head, vd, True, want_head)
+        return grads[0], grads[1] if want_head else None, None
     raw = _chunk_logits(hc, head, vd)
     z = raw * scale.astype(jnp.float32) if spec.has_scale else raw
     logits = _softcap(z, spec.softcap) / spec.temperature
@@ -188,7 +190,8 @@ def _chunk_backward(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, cc: jax.Ar
     d_scale = (g * raw).sum(axis=0) if want_scale else None
     if spec.has_scale:
         g = g * scale.astype(jnp.float32)
-    return (*_head_grads(g.astype(hc.dtype), hc, head, vd, True, want_head), d_scale)
+    grads = _head_grads(g.astype(hc.dtype), hc, head, vd, True, want_head)
+    return grads[0], grads[1] if want_head else None, d_scale
 
 
 def _trained_head_backward(spec: _LogProbHead, chunk: int, h: jax.Array, y: jax.Array, ct: jax.Array,

@@ -62,7 +62,8 @@ def token_log_probs(params: dict[str, Any], config: Any, hidden: jax.Array, targ
     ``chunk_size`` tokens and about ``LOGITS_CHUNK_BYTES`` of logits. A position's log-prob depends on its
     own hidden state only, so when the head is frozen (LoRA, or a reference pass) the forward pass also
     keeps each position's gradient ``d logp / d hidden`` ([B*T, D], small) and the backward pass only scales
-    it: no logits are recomputed or kept. A trained head takes the recomputing path (``jax.checkpoint``).
+    it: no logits are recomputed or kept. A trained head's backward pass recomputes each chunk's logits
+    once (``_trained_head_backward``).
 
     ``kernel``: ``"xla"``, or ``"cpu"`` (``optim.loss_kernel``) for the native CPU kernel's softmax pass and,
     through a tied head, its GEMM for ``d logp / d hidden`` (a plain head: no soft-cap, not quantized). On a

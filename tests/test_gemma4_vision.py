@@ -347,3 +347,80 @@ def test_image_text_lora_fit_trains_the_decoder_only(setup, tmp_path):
     assert adapters and not any(p.startswith(("vision", "embed_vision")) for p in adapters), adapters[:4]
     for p, w in before.items():  # every base weight, the tower's included, is where it was
         np.testing.assert_array_equal(np.asarray(after[p]), np.asarray(w))
+
+
+#: The ``vision_config`` of the published config.json files: the on-device models' (E2B, E4B) and the large
+#: models' (26B-A4B, 31B). Their RoPE is written ``"default"``, which transformers reads as the tower's axial one.
+PUBLISHED_TOWERS = {
+    "on_device": {"model_type": "gemma4_vision", "hidden_size": 768, "intermediate_size": 3072,
+                  "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
+                  "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 10240,
+                  "use_clipped_linears": True, "standardize": False},
+    "large": {"model_type": "gemma4_vision", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72,
+              "hidden_activation": "gelu_pytorch_tanh", "patch_size": 16, "pooling_kernel_size": 3,
+              "position_embedding_size": 10240, "rms_norm_eps": 1e-6, "default_output_length": 280,
+              "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}, "standardize": True,
+              "use_clipped_linears": False},
+}
+
+
+@pytest.mark.parametrize("size", ["e2b", "26b_a4b"])
+def test_presets_equal_published_configs(size):
+    from test_gemma4 import _published_config
+
+    text = _published_config("gemma4_" + size)
+    on_device = size.startswith("e")
+    if not on_device:
+        text["use_bidirectional_attention"] = "vision"
+    hf = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "text_config": text,
+          "vision_config": PUBLISHED_TOWERS["on_device" if on_device else "large"], "eos_token_id": [1, 106],
+          "image_token_id": 258880, "boi_token_id": 255999, "eoi_token_id": 258882,
+          "vision_soft_tokens_per_image": 280}
+    got = v4.from_hf_config(hf)
+    for name in (f"gemma4_vision_{size}", f"gemma4_vision_{size}_it"):
+        preset = v4.PRESETS[name]
+        assert dataclasses.replace(got, name=name, text=got.text.replace(name=name)) == preset, name
+        assert base.all_presets()[name][0].name == "gemma4_vision"
+    assert v4.PRESET_REPOS[f"gemma4_vision_{size}_it"].lower() == f"google/gemma-4-{size.replace('_', '-')}-it"
+    assert got.bidirectional is not on_device and got.vision.clipped is on_device
+
+
+#: Stored scalars transformers keeps as buffers (clip bounds, standardization, per-layer output scale): gemmax
+#: counts them as weights.
+_COUNTED_BUFFERS = ("input_min", "input_max", "output_min", "output_max", "std_bias", "std_scale", "layer_scalar")
+
+
+@pytest.mark.parametrize("name", ["gemma4_vision_e2b", "gemma4_vision_31b"])
+def test_preset_counts_equal_transformers_model(name):
+    """Each tower's preset, built by transformers from gemmax's config.json (on the meta device: shapes only),
+    has the parameter count gemmax declares, tower and whole model; the towers are the model card's ~150M
+    (on-device) and ~550M (large) plus their position tables and projection."""
+    import transformers
+
+    cfg = v4.PRESETS[name]
+    hf = v4.to_hf_config(cfg)
+    tc = transformers.Gemma4Config(**{k: x for k, x in hf.items() if k not in ("model_type", "architectures",
+                                                                                "torch_dtype")})
+    with torch.device("meta"):
+        model = transformers.Gemma4ForConditionalGeneration(tc)
+    sizes = {n: t.numel() for n, t in model.named_parameters()}
+    sizes.update({n: t.numel() for n, t in model.named_buffers() if n.endswith(_COUNTED_BUFFERS)})
+    counts = cfg.param_count()
+    assert counts["total"] == sum(sizes.values())
+    assert counts["vision"] == sum(s for n, s in sizes.items() if "vision" in n)
+    tower = counts["vision"] - 2 * cfg.vision.position_table * cfg.vision.width \
+        - cfg.vision.width * cfg.text.hidden_size
+    assert round(tower / 5e7) == (3 if cfg.vision.clipped else 11), tower  # ~150M / ~550M
+
+
+def test_cli_info_and_shard_plan_of_a_vision_preset(capsys):
+    from gemmax.cli import main
+
+    assert main(["info", "gemma4_vision_31b"]) == 0
+    assert f"{v4.PRESETS['gemma4_vision_31b'].param_count()['total']:,}" in capsys.readouterr().out
+    assert main(["shard-plan", "gemma4_vision_26b_a4b", "--mesh", "2x4", "--fsdp", "--no-optimizer"]) == 0
+    out = capsys.readouterr().out
+    for row in ("vision_encoder/encoder_block/mlp/gate/kernel", "multi_modal_projector/input_projection/kernel",
+                "decoder_block/local/experts/gate_up/kernel"):
+        assert row in out, row

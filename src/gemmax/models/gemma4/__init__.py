@@ -35,6 +35,7 @@ VISION_FAMILY = register(family_from(
     model_types=("gemma4",),
     config_type=vision.Gemma4VisionConfig,
     config_from_dict=vision.Gemma4VisionConfig.from_dict, tiny_config=vision.tiny_config,
+    presets=vision.PRESETS, preset_repos=vision.PRESET_REPOS,
     hf_ignorable=vision.HF_IGNORABLE, hf_unused=vision.hf_unused, hf_accepts=vision.accepts_hf,
     hf_architecture="Gemma4ForConditionalGeneration",
     gguf_arch=lambda cfg: mmproj.TEXT_ARCH,

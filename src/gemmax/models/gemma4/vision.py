@@ -41,7 +41,8 @@ from gemmax.models.gemma4 import decode as d4
 from gemmax.models.gemma4 import hf as h4
 from gemmax.models.gemma4 import model as m4
 from gemmax.models.gemma4 import vit
-from gemmax.models.gemma4.config import GLOBAL, LOCAL, Gemma4Config
+from gemmax.models.gemma4.config import GLOBAL, LOCAL, PRESET_HF_REPOS, Gemma4Config
+from gemmax.models.gemma4.config import PRESETS as TEXT_PRESETS
 from gemmax.models.gemma4.config import from_hf_config as text_from_hf
 from gemmax.models.gemma4.config import to_hf_config as text_to_hf
 from gemmax.nn.layers import attention_mask, dot_attention, einsum
@@ -159,6 +160,31 @@ def to_hf_config(cfg: Gemma4VisionConfig) -> dict[str, Any]:
             "vision_soft_tokens_per_image": cfg.soft_tokens, "bos_token_id": cfg.text.bos_token_id,
             "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": cfg.text.pad_token_id,
             "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+#: The published towers: the on-device models' (E2B, E4B) is transformers' default, 768 wide, with clipped
+#: linears; the large models' (26B-A4B, 31B) is 1152 wide and 27 deep like SigLIP So400m, with standardized
+#: features. The model card gives about 150M and 550M parameters.
+ON_DEVICE_TOWER = vit.ViTConfig(clipped=True)
+LARGE_TOWER = vit.ViTConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, num_kv_heads=16, head_dim=72,
+                            standardize=True)
+
+
+def _preset(text_name: str) -> tuple[str, Gemma4VisionConfig]:
+    """``gemma4_vision_<size>[_it]`` over the text preset ``gemma4_<size>[_it]``: the same decoder, the size's
+    tower; the large models' image tokens attend within their image (``use_bidirectional_attention="vision"``),
+    the on-device models' configs leave it unset (causal)."""
+    name = "gemma4_vision_" + text_name.removeprefix("gemma4_")
+    text = TEXT_PRESETS[text_name]
+    on_device = text.ple_dim > 0
+    return name, Gemma4VisionConfig(text=text.replace(name=name), vision=ON_DEVICE_TOWER if on_device else LARGE_TOWER,
+                                    bidirectional=not on_device, name=name)
+
+
+#: Every text preset with its tower, loading the same published (multimodal) checkpoint.
+PRESETS: dict[str, Gemma4VisionConfig] = dict(_preset(n) for n in TEXT_PRESETS)
+PRESET_REPOS: dict[str, str] = {name: PRESET_HF_REPOS["gemma4_" + name.removeprefix("gemma4_vision_")]
+                                for name in PRESETS}
 
 
 def tiny_config(**overrides: Any) -> Gemma4VisionConfig:

@@ -92,8 +92,10 @@ def from_hf_vision_config(hf: dict[str, Any]) -> ViTConfig:
     if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):
         raise ValueError(f"unsupported Gemma 4 vision activation {act!r} (gelu_pytorch_tanh)")
     rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "axial") != "axial":
-        raise ValueError(f"unsupported Gemma 4 vision RoPE {rope.get('rope_type')!r} (axial)")
+    # The published config.json files write "default"; transformers reads that as the tower's own axial RoPE.
+    if rope.get("rope_type", "axial") not in ("axial", "default"):
+        raise ValueError(f"unsupported Gemma 4 vision RoPE {rope.get('rope_type')!r} (axial, or default as the "
+                         "published configs write it)")
     heads = int(hf.get("num_attention_heads", 12))
     return ViTConfig(
         width=int(hf.get("hidden_size", 768)), depth=int(hf.get("num_hidden_layers", 16)),

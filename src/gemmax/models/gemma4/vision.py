@@ -10,8 +10,8 @@ placeholder (the chat template writes one per image part). The soft-token positi
 features *unscaled*; text positions the scaled token embeddings. The per-layer embeddings (E2B / E4B) of
 a soft token are the pad token's, plus the projection of its image feature, as in transformers.
 
-Attention: with ``bidirectional`` (transformers' ``use_bidirectional_attention="vision"``, the published
-configs) an image's soft tokens see each other in both directions on *local* layers only:
+Attention: with ``bidirectional`` (transformers' ``use_bidirectional_attention="vision"``, the 26B-A4B and
+31B configs) an image's soft tokens see each other in both directions on *local* layers only:
 ``AND(window, OR(causal, same image))``; global layers stay causal. Without it everything is causal.
 
 Extra inputs, with transformers' meanings: ``pixel_values`` ``[n, P, 3 * p * p]`` (patches in [0, 1]) and
@@ -73,7 +73,7 @@ class Gemma4VisionConfig(pg.TextDelegate):
     """``<image|>``, after them."""
     bidirectional: bool = True
     """An image's soft tokens see each other in both directions on local layers (transformers'
-    ``use_bidirectional_attention="vision"``, as the published configs have it); False: causal everywhere."""
+    ``use_bidirectional_attention="vision"``, as the 26B-A4B and 31B configs have it); False: causal everywhere."""
     soft_tokens: int = 280
     """The processor's soft-token budget per image (``max_soft_tokens``, one of ``SOFT_TOKEN_BUDGETS``): an
     image is resized to at most ``soft_tokens * pool ** 2`` patches."""

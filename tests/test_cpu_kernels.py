@@ -27,7 +27,7 @@ from gemmax.nn import layers, lora, quant
 from gemmax.nn.params import get_node, set_node
 
 EQS = dict(gm.LINEAR_EQS)
-TARGETS = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE)
+TARGETS = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE, ck._WRITE_ROWS)
 
 
 def _targets(fn, *args, **kwargs) -> set[str]:
@@ -368,7 +368,7 @@ def test_decode_step_kernel_vs_xla(family: str, variant: str) -> None:
     step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("backend",))
     # the backend is the only switch: "cpu" lowers every linear, the head and the attention to the kernels,
     # the bfloat16 embedding to the row copy; "xla" (the default) not one of them
-    want = {ck._TARGET, ck._DECODE_ATTN} | ({ck._TAKE} if variant == "bf16" else set())
+    want = {ck._TARGET, ck._DECODE_ATTN, ck._WRITE_ROWS} | ({ck._TAKE} if variant == "bf16" else set())
     assert _targets(step, params, cache=cache, tokens=tokens, pos=pos, backend="cpu") == want
     assert _targets(step, params, cache=cache, tokens=tokens, pos=pos, backend="xla") == set()
     outs = {}
@@ -451,7 +451,7 @@ cfg = tiny_config("gemma3")
 params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), gm.init_params(cfg, jax.random.PRNGKey(0)))
 step = jax.jit(functools.partial(decode_step, cfg=cfg), static_argnames=("backend",))
 pre = jax.jit(functools.partial(prefill, cfg=cfg, max_len=64), static_argnames=("backend",))
-names = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE)
+names = (ck._TARGET, ck._TAKE, ck._ATTN, ck._DECODE_ATTN, ck._NORM_ROPE, ck._WRITE_ROWS)
 texts = [step.lower(params, cache=init_cache(cfg, 2, 64, jnp.bfloat16), tokens=jnp.asarray([5, 9]),
                     pos=jnp.asarray([0, 3]), backend="cpu").as_text(),
          pre.lower(params, tokens=jnp.ones((2, 48), jnp.int32), lengths=jnp.asarray([48, 30]),
@@ -491,18 +491,20 @@ def test_bfloat16_activations(rows: int) -> None:
     """bfloat16 x with bfloat16 weights (the bfloat16 model's decode) on the GEMV paths and, from 8 rows,
     the GEMM paths (batched decode): the in-major pair GEMM and the head's pair tile as wide as the rows of x
     (1 to 4 zmm: 9-16, 17, 40 and 64 rows; 1000 weight rows leave a remainder of every tile height); with
-    AMX, from 16 rows, the tile products where K is whole 32-element steps (64).
-    Products of bfloat16 values are exact in float32, so only the summation order differs from a float64
-    einsum of the same values (and float32 rounding)."""
+    AMX, from 16 rows, the tile products where K is whole 32-element steps (64), and for the head from 8 to 32
+    rows with the weights as the tile's A operand (1000 x 64, scaled: whole 32-row blocks, then a tail of 8
+    weight rows in the pair tile). Products of bfloat16 values are exact in float32, so only the summation
+    order differs from a float64 einsum of the same values (and float32 rounding)."""
     rng = np.random.default_rng(7)
     cases = [("btd,vd->btv", (1000, 70)), ("btd,df->btf", (70, 96)), ("btd,df->btf", (71, 64)),
-             ("btd,hdk->bthk", (3, 40, 32)), ("btd,df->btf", (64, 80))]
+             ("btd,hdk->bthk", (3, 40, 32)), ("btd,df->btf", (64, 80)), ("btd,vd->btv", (1000, 64))]
     ws = [jnp.asarray(rng.normal(size=(2, *shape)), jnp.bfloat16) for _, shape in cases]
     xs = [jnp.asarray(rng.normal(size=_x_shape(eq, shape, rows)), jnp.bfloat16) for eq, shape in cases]
-    res = _products(tuple(eq for eq, _ in cases), xs, ws, [None] * len(cases), jnp.asarray([1], jnp.int32),
+    scales = [None] * (len(cases) - 1) + [jnp.asarray(rng.uniform(0.5, 2, 1000), jnp.float32)]
+    res = _products(tuple(eq for eq, _ in cases), xs, ws, scales, jnp.asarray([1], jnp.int32),
                     out_dtypes=(jnp.float32, jnp.bfloat16))
-    for (eq, _), x, w, [(got, got16)] in zip(cases, xs, ws, res, strict=True):
-        want = _np_product(eq, x, w[1])
+    for (eq, _), x, w, s, [(got, got16)] in zip(cases, xs, ws, scales, res, strict=True):
+        want = _np_product(eq, x, w[1], None if s is None else np.asarray(s))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=eq)
         # a bfloat16 result is the kernel's float32 one rounded to nearest even, as XLA's convert
         assert got16.dtype == jnp.bfloat16
@@ -519,6 +521,25 @@ def test_take_rows_copies_bytes() -> None:
         got = jax.jit(ck.take_rows)(table, ids)
         assert got.dtype == table.dtype and got.shape == (2, 3, 12)
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table[ids], np.float32))
+
+
+def test_write_rows_sets_one_row_per_batch_row_in_place() -> None:
+    """The decode step's cache write: equal to the scatter it replaces, any dtype, a position out of range
+    dropped; donated, the result is written where the cache was (no copy)."""
+    rng = np.random.default_rng(4)
+    pos = jnp.asarray([3, 0, 7, 8, 11], jnp.int32)  # the last two are past the 8 positions: dropped
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        cache = jnp.asarray(rng.normal(size=(2, 5, 8, 3, 4)), dtype)
+        rows = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), dtype)
+        want = cache.at[:, jnp.arange(5), pos].set(rows)
+        got = jax.jit(ck.write_rows)(cache, rows, pos)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        ptr = cache.unsafe_buffer_pointer()
+        got = jax.jit(ck.write_rows, donate_argnums=0)(cache, rows, pos)
+        assert cache.is_deleted() and got.unsafe_buffer_pointer() == ptr
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(Exception, match="rows must be"):
+        jax.jit(ck.write_rows)(jnp.zeros((2, 5, 8, 3)), jnp.zeros((2, 4, 3)), jnp.zeros(5, jnp.int32))
 
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "silu"])

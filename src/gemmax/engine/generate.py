@@ -50,12 +50,23 @@ N_CAND = 256
 
 def greedy_argmax(logits: Array) -> Array:
     """``argmax`` over the last axis, ties to the lowest index, as ``jnp.argmax``; a row with NaNs still
-    gives an in-range id. As max + first-match it is two plain vectorised reductions: XLA:CPU's variadic (value, index)
-    argmax reduce over a 262k vocabulary took 1.1 ms of every decode step, this 0.3."""
-    m = logits.max(axis=-1, keepdims=True)
-    n = logits.shape[-1]
-    first = jnp.min(jnp.where(logits == m, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
-    return jnp.minimum(first, n - 1)
+    gives an in-range id (the last).
+
+    Blocked, so that only small arrays are searched: each row's vocabulary is cut into up to 64 blocks, the
+    blocks' maxima give the row's maximum and the first block holding it, and only that block is searched
+    for the first match. XLA:CPU runs the one large reduction (the block maxima) on all its threads; the
+    first-match search of a whole row (a max, then a min over ``where(logits == max, iota, V)``) ran on one
+    and took ~18 ms of each 32-row decode step of a 262k vocabulary, this ~2 ms (1 row: 0.5 -> 0.1 ms)."""
+    *lead, n = logits.shape
+    c = max(d for d in range(1, 65) if n % d == 0)  # blocks per row: the largest divisor of n up to 64
+    blocks = logits.reshape(-1, c, n // c)
+    block_max = blocks.max(axis=-1)  # [R, c]
+    m = block_max.max(axis=-1, keepdims=True)  # NaN in a row: NaN, and nothing below equals it
+    first_block = jnp.argmax(block_max == m, axis=-1)
+    row = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [R, n / c]
+    hit = row == m
+    tok = jnp.where(hit.any(axis=-1), first_block * (n // c) + jnp.argmax(hit, axis=-1), n - 1)
+    return tok.astype(jnp.int32).reshape(lead)
 
 
 def candidate_weights(lg: Array, vals: Array, k: Array, p: Array, m: Array) -> tuple[Array, Array]:

@@ -47,6 +47,7 @@ _DECODE_ATTN = "gemmax_cpu_decode_attention"
 _NORM_ROPE = "gemmax_cpu_norm_rope"
 _READ = "gemmax_cpu_read_sum"
 _XENT = "gemmax_cpu_softmax_xent"
+_WRITE_ROWS = "gemmax_cpu_write_rows"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 
@@ -107,6 +108,7 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(_NORM_ROPE, jax.ffi.pycapsule(lib.GemmaxNormRope), platform="cpu")
                 jax.ffi.register_ffi_target(_READ, jax.ffi.pycapsule(lib.GemmaxReadSum), platform="cpu")
                 jax.ffi.register_ffi_target(_XENT, jax.ffi.pycapsule(lib.GemmaxSoftmaxXent), platform="cpu")
+                jax.ffi.register_ffi_target(_WRITE_ROWS, jax.ffi.pycapsule(lib.GemmaxWriteRows), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -295,6 +297,17 @@ def take_rows(table: Any, tokens: jax.Array) -> jax.Array:
     out = jax.ffi.ffi_call(_TAKE, jax.ShapeDtypeStruct((tokens.size, table.shape[1]), table.dtype))(
         table, tokens.reshape(-1).astype(jnp.int32))
     return out.reshape(*tokens.shape, table.shape[1])
+
+
+def write_rows(cache: jax.Array, rows: jax.Array, pos: jax.Array) -> jax.Array:
+    """``cache.at[:, arange(B), pos].set(rows)`` for a stacked cache [L, B, S, ...] and rows [L, B, ...], written
+    in place by the native library (the result aliases ``cache``; donate it). XLA:CPU converts a whole
+    bfloat16 operand to float32 and back around a scatter, which made a bfloat16 decode step's cache writes
+    cost as much as its head; here only the rows' bytes move. Positions past ``S`` are dropped, as the scatter
+    drops them (a negative one too, where the scatter would count from the end; a decode step writes
+    neither)."""
+    return jax.ffi.ffi_call(_WRITE_ROWS, jax.ShapeDtypeStruct(cache.shape, cache.dtype), input_output_aliases={0: 0})(
+        cache, rows.astype(cache.dtype), pos.astype(jnp.int32))
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:

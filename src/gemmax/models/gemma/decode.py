@@ -334,12 +334,18 @@ def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # [L, B, K, hd]
     loc_idx, glob_idx = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]
     cache = dict(cache)
+
+    def write(c: Array, new: Array, at: Array) -> Array:  # c[:, b, at[b]] = new[:, b]
+        if in_place:  # bytes copied in place (XLA:CPU widens a 16-bit scatter's whole operand to float32)
+            return cpu_kernels.write_rows(c, new, at)
+        return c.at[:, rows, at].set(new.astype(c.dtype))
+
     if len(loc_idx):
         slot = pos % w
-        cache["k_local"] = kl.at[:, rows, slot].set(ks[loc_idx].astype(kl.dtype))
-        cache["v_local"] = vl.at[:, rows, slot].set(vs[loc_idx].astype(vl.dtype))
+        cache["k_local"] = write(kl, ks[loc_idx], slot)
+        cache["v_local"] = write(vl, vs[loc_idx], slot)
     if len(glob_idx):
-        cache["k_global"] = kg.at[:, rows, pos].set(ks[glob_idx].astype(kg.dtype))
-        cache["v_global"] = vg.at[:, rows, pos].set(vs[glob_idx].astype(vg.dtype))
+        cache["k_global"] = write(kg, ks[glob_idx], pos)
+        cache["v_global"] = write(vg, vs[glob_idx], pos)
     x = rms_norm(x, params["final_normalization"]["scale"], cfg.norm_eps, cfg.norm_offset)
     return gm.logits_from_hidden(params, cfg, x)[:, 0], cache

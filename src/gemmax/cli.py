@@ -57,7 +57,9 @@ MMPROJ_HELP = ("llama.cpp's mmproj file (vision tower and projector) of a Gemma 
 
 def _load_args(p: argparse.ArgumentParser) -> None:
     """``--dtype``, ``--quantize`` and ``--mmproj``, for every command that loads a language model."""
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (float32 is fastest on CPU)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype (bfloat16 reads half the bytes: the faster decode on CPUs with AVX512-BF16 "
+                        "or AMX, ~2.5x at 32 rows)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="weight-only quantization (int8 decodes ~2.5x faster than float32 on a CPU)")
     p.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP)

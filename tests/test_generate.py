@@ -139,6 +139,38 @@ def test_sampler_filters():
     np.testing.assert_allclose(freq, [0.4, 0.3, 0.15, 0.1, 0.05], atol=0.03)
 
 
+def test_plain_draw_is_the_inverse_cdf_over_the_whole_vocabulary():
+    """Rows with no filter draw blocked (``plain_draw``): the frequencies are the softmax's, a token of zero
+    weight is never drawn (whole blocks of them, and the last ones of a block, at u near 0 and near 1), and
+    the batch's rows draw independently of each other."""
+    from gemmax.engine.generate import plain_draw
+
+    rng = np.random.default_rng(3)
+    v = 256  # 64 blocks of 4
+    lg = rng.normal(0, 1.5, v).astype(np.float32)
+    lg[8:16] = -np.inf  # two whole blocks
+    lg[[3, 255, 254]] = -np.inf  # the last token of a block, and the row's last two
+    probs = np.exp(lg - lg.max())
+    probs /= probs.sum()
+    n = 20000
+    u = jax.random.uniform(jax.random.key(0), (n,))
+    tok = np.asarray(jax.jit(plain_draw)(jnp.broadcast_to(jnp.asarray(lg), (n, v)), u))
+    assert np.all(probs[tok] > 0)
+    freq = np.bincount(tok, minlength=v) / n
+    within = np.abs(freq - probs) <= 4 * np.sqrt(probs * (1 - probs) / n) + 1e-4  # 4 standard errors
+    assert within.all(), np.flatnonzero(~within)
+    edges = np.asarray(plain_draw(jnp.broadcast_to(jnp.asarray(lg), (4, v)),
+                                  jnp.asarray([0.0, 1e-9, 1 - 1e-7, 0.9999999], jnp.float32)))
+    assert np.all(probs[edges] > 0) and edges[0] == np.flatnonzero(probs)[0]
+    assert edges[2] == np.flatnonzero(probs)[-1]
+    # through the sampler: a plain row and a top-k row in one batch, each as it draws alone
+    both = _sample(jnp.stack([jnp.asarray(lg)] * 2), jax.random.split(jax.random.key(1), 2), jnp.ones(2),
+                   jnp.asarray([0, 3], jnp.int32), jnp.ones(2), jnp.zeros(2), n_cand=8)
+    alone = [_sample(jnp.asarray(lg)[None], jax.random.split(jax.random.key(1), 2)[i][None], jnp.ones(1),
+                     jnp.asarray([k], jnp.int32), jnp.ones(1), jnp.zeros(1), n_cand=8)[0] for i, k in ((0, 0), (1, 3))]
+    np.testing.assert_array_equal(np.asarray(both), np.asarray(alone))
+
+
 def test_sampling_params_validated():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)

@@ -1369,6 +1369,20 @@ inline void in_minor_pairs(const float* x, const float* w, float* y, const float
 // once as transposed pairs [K/2, 64], and the tile is only as wide as the rows of x: NV = ceil(B / 16) zmm,
 // MR = 24 / NV weight rows (24 accumulators). Gemma 3 270M bfloat16, batch 16: the head had been 75 ms
 // of a ~125 ms step (the one-row GEMVs, once per row of x).
+// Up to kNB rows of bfloat16 x [B, K] (K even) as transposed pairs [K/2, kNB] (column b holds row b's pairs,
+// zero past B), 64-byte aligned, in a per-thread buffer: the B operand of the batched heads below.
+inline const uint32_t* pack_pairs_transposed(const uint16_t* xh, int64_t B, int64_t K) {
+  const int64_t KP = K / 2;
+  static thread_local std::vector<uint32_t> xt_buf;
+  xt_buf.assign(static_cast<size_t>(KP * kNB + 16), 0u);
+  uint32_t* xt = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xt_buf.data()) + 63) & ~uintptr_t{63});
+  for (int64_t b = 0; b < B; ++b) {
+    const uint32_t* xr = reinterpret_cast<const uint32_t*>(xh + b * K);
+    for (int64_t kp = 0; kp < KP; ++kp) xt[kp * kNB + b] = xr[kp];
+  }
+  return xt;
+}
+
 template <int MR, int NV>
 void head_rows_bf16(const uint32_t* w2, int64_t KP, int64_t rows, const uint32_t* xt, float* out, int width) {
   int64_t m = 0;
@@ -1384,13 +1398,7 @@ template <int NV>
 void in_minor_gemm_bf16(const uint16_t* xh, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
                         int64_t K, ffi::ThreadPool* pool) {
   const int64_t KP = K / 2;  // K even (checked by the caller)
-  static thread_local std::vector<uint32_t> xt_buf;
-  xt_buf.assign(static_cast<size_t>(KP * kNB + 16), 0u);
-  uint32_t* xt = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xt_buf.data()) + 63) & ~uintptr_t{63});
-  for (int64_t b = 0; b < B; ++b) {
-    const uint32_t* xr = reinterpret_cast<const uint32_t*>(xh + b * K);
-    for (int64_t kp = 0; kp < KP; ++kp) xt[kp * kNB + b] = xr[kp];
-  }
+  const uint32_t* xt = pack_pairs_transposed(xh, B, K);
   constexpr int64_t kRows = 240;  // weight rows per task
   const auto* w2 = reinterpret_cast<const uint32_t*>(w);
   parallel_for(pool, (N + kRows - 1) / kRows, [=](int64_t task) {
@@ -1451,13 +1459,7 @@ template <int RB>
 void in_minor_amx(const uint16_t* xh, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
                   int64_t K, ffi::ThreadPool* pool) {
   const int64_t KP = K / 2;
-  static thread_local std::vector<uint32_t> xt_buf;
-  xt_buf.assign(static_cast<size_t>(KP * kNB + 16), 0u);
-  uint32_t* xt = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xt_buf.data()) + 63) & ~uintptr_t{63});
-  for (int64_t b = 0; b < B; ++b) {
-    const uint32_t* xr = reinterpret_cast<const uint32_t*>(xh + b * K);
-    for (int64_t kp = 0; kp < KP; ++kp) xt[kp * kNB + b] = xr[kp];
-  }
+  const uint32_t* xt = pack_pairs_transposed(xh, B, K);
   constexpr int64_t kRows = 256;  // weight rows per task: 8 blocks
   parallel_for(pool, (N + kRows - 1) / kRows, [=](int64_t task) {
     alignas(64) float out[32 * kNB];  // one block's sums, or a tail of fewer than 32 weight rows
@@ -1492,6 +1494,24 @@ void in_minor_amx(const uint16_t* xh, const uint16_t* w, float* y, const float* 
       }
     }
   });
+}
+
+// The batched bfloat16 head on AMX where it applies (8-32 rows, K whole 32-element steps, the CPU has it):
+// true when done.
+inline bool head_amx(const uint16_t* xh, const uint16_t* w, float* y, const float* scale, int64_t B, int64_t N,
+                     int64_t K, ffi::ThreadPool* pool) {
+  if (B > 32 || K % 32 != 0 || !amx_ready()) return false;
+  if (B <= 16) {
+    in_minor_amx<1>(xh, w, y, scale, B, N, K, pool);
+  } else {
+    in_minor_amx<2>(xh, w, y, scale, B, N, K, pool);
+  }
+  return true;
+}
+#else
+inline bool head_amx(const uint16_t*, const uint16_t*, float*, const float*, int64_t, int64_t, int64_t,
+                     ffi::ThreadPool*) {
+  return false;
 }
 #endif
 
@@ -1877,19 +1897,10 @@ void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, u
     }
     // a bfloat16 result too: the float32 sums of the same tile, rounded, so that both results of one product
     // come from one summation order
-#ifdef GEMMAX_AMX
-    if (xh && in_minor_ && B >= kSkinnyRows && B <= 32 && K % 32 == 0 && !ep.any() && amx_ready()) {
-      if (B <= 16) {
-        in_minor_amx<1>(xh, w, y, scale, B, N, K, pool);
-      } else {
-        in_minor_amx<2>(xh, w, y, scale, B, N, K, pool);
-      }
-      if (yh) to_bf16(y, yh, B * N);
-      return;
-    }
-#endif
     if (xh && in_minor_ && B >= kSkinnyRows && B <= kNB && K % 2 == 0 && !ep.any()) {
-      if (B <= 16) {
+      if (head_amx(xh, w, y, scale, B, N, K, pool)) {
+        // done on AMX
+      } else if (B <= 16) {
         in_minor_gemm_bf16<1>(xh, w, y, scale, B, N, K, pool);
       } else if (B <= 32) {
         in_minor_gemm_bf16<2>(xh, w, y, scale, B, N, K, pool);

@@ -45,7 +45,8 @@ import numpy as np
 from gemmax.engine.generate import SamplingParams, generate_ids
 from gemmax.models.base import XLA
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
-from gemmax.train.objectives import Objective, merged, pass_kernel, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.optim import loss_kernel
 from gemmax.train.preference import IndexIterator
 
 __all__ = ["GRPO", "RewardError", "group_advantages", "grpo_per_token_loss", "reduce_grpo_loss"]
@@ -514,7 +515,7 @@ _LOGPS_FNS: dict[str, Any] = {}
 def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
     """Jitted [B, L] completion log-probs under given weights in ``precision`` (the step's, so the first
     pass's ratio against the generation-time log-probs is 1), one compiled function per architecture."""
-    kernel = pass_kernel()
+    kernel = loss_kernel()
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + \
         str(getattr(precision, "compute_dtype", "float32")) + f"/{length}/{kernel}"
     if key not in _LOGPS_FNS:

@@ -101,22 +101,23 @@ def _native_pass(hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array, h
     g = g.astype(hc.dtype) if g is not None else None
     tok = jnp.where(on, tok, 0.0)
     out = ((tok * wc).sum(), jnp.where(on, hit * wc, 0.0).sum(), tok)
-    if want_h and head_is_vd:
-        # The hidden states' gradient g [c, V] x head [V, D] contracts over the vocabulary, the head read row
-        # by row: the native GEMM (float32 tiles, or bfloat16 pairs / AMX tiles) at 161 / 383 GFLOP/s against
-        # XLA's 150 / 327 on a 262k x 640 head (512 rows, Xeon, two threads). The logits product (contracting
-        # over D, the head transposed) stays with XLA's dot, which was faster there (134 / 325 vs 119 / 309).
-        out += (cpu_kernels.gemv("nv,vd->nd", g, cpu_kernels.NativeWeight(head, None, gemm=True)),)
-        return out + _head_grads(g, hc, head, head_is_vd, False, want_head)
-    return out + _head_grads(g, hc, head, head_is_vd, want_h, want_head)
+    return out + _head_grads(g, hc, head, head_is_vd, want_h, want_head, native=True)
 
 
 def _head_grads(g: jax.Array | None, hc: jax.Array, head: jax.Array, head_is_vd: bool, want_h: bool,
-                want_head: bool) -> tuple[jax.Array, ...]:
+                want_head: bool, native: bool = False) -> tuple[jax.Array, ...]:
     """From the logits' gradient ``g`` [c, V] (in the hidden states' dtype), the hidden states' and the
-    head's gradients, each only when wanted, in that order."""
+    head's gradients, each only when wanted, in that order.
+
+    ``native`` (a caller on the CPU kernels' path): the hidden states' gradient through a head stored [V, D]
+    (g [c, V] x head [V, D], contracting over the vocabulary, the head read row by row) on the native GEMM
+    (float32 tiles, or bfloat16 pairs / AMX tiles): 161 / 383 GFLOP/s against XLA's 150 / 327 on a
+    262k x 640 head (512 rows, Xeon, two threads). The logits product (contracting over D, the head
+    transposed) stays with XLA's dot, which was faster there (134 / 325 vs 119 / 309)."""
     out: tuple[jax.Array, ...] = ()
-    if want_h:
+    if want_h and native and head_is_vd:
+        out += (cpu_kernels.gemv("nv,vd->nd", g, cpu_kernels.NativeWeight(head, None, gemm=True)),)
+    elif want_h:
         out += (einsum("nv,vd->nd" if head_is_vd else "nv,dv->nd", g, head, jnp.float32),)
     if want_head:
         eq = "nv,nd->vd" if head_is_vd else "nv,nd->dv"

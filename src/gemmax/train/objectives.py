@@ -38,15 +38,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from gemmax import distribution
 from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models.base import CPU, XLA
 from gemmax.nn.layers import einsum
 from gemmax.nn.lora import merge_trees
 from gemmax.train.losses import _chunk_logits, _head_grads, _softcap, in_chunks, output_head
-from gemmax.train.optim import attention_choice, loss_kernel
+from gemmax.train.optim import attention_choice
 
-__all__ = ["Objective", "merged", "pass_kernel", "sequence_forward", "token_log_probs"]
+__all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 
 
 #: bytes of one chunk's float32 [chunk, V] logits ``token_log_probs`` aims at: the chunk shrinks to fit (at
@@ -86,12 +85,6 @@ def token_log_probs(params: dict[str, Any], config: Any, hidden: jax.Array, targ
     return out.reshape(b, t)
 
 
-def pass_kernel() -> str:
-    """The kernel a log-prob pass outside the step takes (a reference or generation-time pass): the step's
-    (``optim.loss_kernel`` under the current ``distribution``), so both read the same numbers."""
-    return loss_kernel(distributed=distribution.distribution() is not None)
-
-
 class _LogProbHead(NamedTuple):
     softcap: float | None
     head_is_vd: bool
@@ -121,9 +114,7 @@ def _native_chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, he
     if spec.temperature != 1.0:
         g = g / jnp.asarray(spec.temperature, g.dtype)
     g = (-g).astype(hc.dtype)
-    if spec.head_is_vd:  # the head read row by row: the native GEMM (as the fine-tuning loss does)
-        return -tok, cpu_kernels.gemv("nv,vd->nd", g, cpu_kernels.NativeWeight(head, None, gemm=True))
-    return -tok, einsum("nv,dv->nd", g, head, jnp.float32)
+    return -tok, _head_grads(g, hc, head, spec.head_is_vd, True, False, native=True)[0]
 
 
 def _chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, head: jax.Array, scale: jax.Array,
@@ -173,12 +164,7 @@ def _chunk_backward(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, cc: jax.Ar
             logits = logits / spec.temperature
         grad_dtype = jnp.bfloat16 if hc.dtype == jnp.bfloat16 else jnp.float32
         _, _, g = cpu_kernels.softmax_xent(logits, safe, -cc / spec.temperature, grad_dtype)
-        g = g.astype(hc.dtype)
-        if vd:  # the hidden gradient on the native GEMM, the head's from XLA
-            d_h = cpu_kernels.gemv("nv,vd->nd", g, cpu_kernels.NativeWeight(head, None, gemm=True))
-            d_head = _head_grads(g, hc, head, vd, False, True)[0] if want_head else None
-            return d_h, d_head, None
-        grads = _head_grads(g, hc, head, vd, True, want_head)
+        grads = _head_grads(g.astype(hc.dtype), hc, head, vd, True, want_head, native=True)
         return grads[0], grads[1] if want_head else None, None
     raw = _chunk_logits(hc, head, vd)
     z = raw * scale.astype(jnp.float32) if spec.has_scale else raw

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemmax import distribution as _dist
 from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models.base import CPU, CUDNN, XLA
 
@@ -295,10 +296,14 @@ class Precision:
         return cast_floating(params, self.compute_dtype)
 
 
-def loss_kernel(distributed: bool) -> str:
-    """The chunked loss's kernel (``losses.chunked_cross_entropy(kernel=)``): the native CPU kernel's softmax
-    passes on a single CPU device where the kernels are built, XLA's elsewhere. A sharded step keeps XLA's,
-    whose element-wise passes the partitioner splits over the mesh; a custom call it would gather."""
+def loss_kernel(distributed: bool | None = None) -> str:
+    """The chunked loss's kernel (``losses.chunked_cross_entropy(kernel=)``, ``objectives.token_log_probs``):
+    the native CPU kernel's softmax passes on a single CPU device where the kernels are built, XLA's
+    elsewhere. A sharded step keeps XLA's, whose element-wise passes the partitioner splits over the mesh; a
+    custom call it would gather. ``distributed`` None: under the current ``gemmax.distribution``, so a pass
+    outside the step (a reference or generation-time log-prob pass) reads the step's numbers."""
+    if distributed is None:
+        distributed = _dist.distribution() is not None
     if not distributed and jax.default_backend() == "cpu" and cpu_kernels.available():
         return CPU
     return XLA

@@ -43,8 +43,8 @@ import numpy as np
 
 from gemmax.models.base import XLA
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, EpochCursor, Record, read_records
-from gemmax.train.objectives import Objective, merged, pass_kernel, sequence_forward, token_log_probs
-from gemmax.train.optim import Precision
+from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.optim import Precision, loss_kernel
 
 __all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
 
@@ -491,7 +491,7 @@ _REF_FNS: dict[str, Any] = {}
 
 def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_size: int) -> np.ndarray:
     """Summed completion log-probs [N, 2] of every pair under ``params`` (one pass, in order, no gradient)."""
-    kernel = pass_kernel()
+    kernel = loss_kernel()
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + kernel
     if key not in _REF_FNS:
         fwd = sequence_forward(lm.family, lm.config, Precision(), None)

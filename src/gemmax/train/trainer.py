@@ -352,7 +352,7 @@ def _eval_fn(lm: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
     """Jitted ``(params, batch) -> (sum_loss, n_tokens, n_correct)``, cached by config and settings so repeated
     evaluations (e.g. after every epoch) compile once."""
     cache = _EVAL_CACHE
-    kernel = loss_kernel(distributed=_dist.distribution() is not None)
+    kernel = loss_kernel()
     key = (_config_key(lm), precision, chunk_size, kernel)
     if key not in cache:
         while len(cache) >= _CACHE_SIZE:
@@ -457,7 +457,7 @@ def evaluate(lm: Any, data: Any, batch_size: int = 4, sequence_length: int = 128
 def _objective_eval_fn(lm: Any, objective: Any, precision: str, chunk_size: int) -> Callable[..., Any]:
     """The objective's ``(trainable, batch, frozen) -> (sum, aux)`` jitted without a gradient, cached like
     ``_eval_fn`` so the evaluations of one run (and of identical runs) compile once."""
-    kernel = loss_kernel(distributed=_dist.distribution() is not None)
+    kernel = loss_kernel()
     key = ("objective", _config_key(lm), objective.cache_key(), precision, chunk_size, kernel)
     if key not in _EVAL_CACHE:
         while len(_EVAL_CACHE) >= _CACHE_SIZE:

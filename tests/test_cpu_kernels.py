@@ -542,6 +542,31 @@ def test_write_rows_sets_one_row_per_batch_row_in_place() -> None:
         jax.jit(ck.write_rows)(jnp.zeros((2, 5, 8, 3)), jnp.zeros((2, 4, 3)), jnp.zeros(5, jnp.int32))
 
 
+def test_write_entries_equals_the_dropping_scatter() -> None:
+    """Admission and block writes (rows into chosen slots at chosen positions): equal to
+    ``cache.at[:, slots[:, None], pos].set(entries, mode="drop")`` with a slot past the batch (an engine's
+    padding row) and positions past the cache dropped, in place when donated; shapes that do not line up are
+    named."""
+    rng = np.random.default_rng(5)
+    slots = jnp.asarray([4, 0, 5, 2], jnp.int32)  # 5: past the 5 slots, dropped
+    pos = jnp.asarray([[0, 1, 2], [6, 7, 0], [0, 1, 2], [3, 9, 8]], jnp.int32)  # a ring's wrap; 9 and 8 dropped
+    for dtype in (jnp.bfloat16, jnp.float32):
+        cache = jnp.asarray(rng.normal(size=(2, 5, 8, 3)), dtype)
+        entries = jnp.asarray(rng.normal(size=(2, 4, 3, 3)), dtype)
+        want = cache.at[:, slots[:, None], pos].set(entries, mode="drop")
+        assert not np.array_equal(np.asarray(want, np.float32), np.asarray(cache, np.float32))
+        got = jax.jit(ck.write_entries)(cache, entries, slots, pos)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        ptr = cache.unsafe_buffer_pointer()
+        got = jax.jit(ck.write_entries, donate_argnums=0)(cache, entries, slots, pos)
+        assert cache.is_deleted() and got.unsafe_buffer_pointer() == ptr
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(Exception, match="trailing shape"):
+        jax.jit(ck.write_entries)(jnp.zeros((2, 5, 8, 3)), jnp.zeros((2, 4, 3, 2)), slots, pos)
+    with pytest.raises(Exception, match="pos \\[b, t\\]"):
+        jax.jit(ck.write_entries)(jnp.zeros((2, 5, 8, 3)), jnp.zeros((2, 4, 3, 3)), slots, pos[:, :2])
+
+
 @pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
 @pytest.mark.parametrize("rows", [3, 70])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])

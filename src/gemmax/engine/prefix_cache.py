@@ -133,11 +133,11 @@ def _admit_fn(family: Family, cfg: Any, max_len: int) -> Any:
             if pk.shape[2] == 0:  # no prefix in this wave: extend over an empty one-slot cache, not max_len
                 rows = family.init_cache(cfg, tokens.shape[0], 1, pk.dtype)
             else:
-                cache = family.commit(cfg, cache, {"k": pk, "v": pv}, slots, jnp.zeros_like(n_hit), n_hit)
+                cache = family.commit(cfg, cache, {"k": pk, "v": pv}, slots, jnp.zeros_like(n_hit), n_hit, backend)
                 batch = jax.tree.leaves(cache)[0].shape[1]
                 rows = jax.tree.map(lambda a: a[:, jnp.minimum(slots, batch - 1)], cache)
             logits, blk = family.extend(params, cfg, rows, tokens, n_hit, backend, last=n_rest - 1)
-            cache = family.commit(cfg, cache, blk, slots, n_hit, n_rest)
+            cache = family.commit(cfg, cache, blk, slots, n_hit, n_rest, backend)
             return logits, cache, blk
 
         _ADMIT[key] = jax.jit(admit, static_argnames=("backend",), donate_argnums=(1,))

@@ -298,9 +298,9 @@ def _make_step(fam: Family, cfg: Any, dm: DraftModel | None, k: int) -> Any:
         n_acc, nxt = _accept(logits, block, n_draft, qs, keys, settings, greedy, k)
         counts = jnp.where(live, n_acc + 1, 0)
         rows = jnp.arange(b)
-        cache = fam.commit(cfg, cache, tblk, rows, pos, counts)
+        cache = fam.commit(cfg, cache, tblk, rows, pos, counts, backend)
         if dm is not None:
-            dcache = dm.family.commit(dm.config, dcache, dblk, rows, pos, counts)
+            dcache = dm.family.commit(dm.config, dcache, dblk, rows, pos, counts, backend)
         return cache, dcache, block, n_acc, nxt
 
     return step

@@ -300,14 +300,22 @@ def take_rows(table: Any, tokens: jax.Array) -> jax.Array:
 
 
 def write_rows(cache: jax.Array, rows: jax.Array, pos: jax.Array) -> jax.Array:
-    """``cache.at[:, arange(B), pos].set(rows)`` for a stacked cache [L, B, S, ...] and rows [L, B, ...], written
-    in place by the native library (the result aliases ``cache``; donate it). XLA:CPU converts a whole
-    bfloat16 operand to float32 and back around a scatter, which made a bfloat16 decode step's cache writes
-    cost as much as its head; here only the rows' bytes move. Positions past ``S`` are dropped, as the scatter
-    drops them (a negative one too, where the scatter would count from the end; a decode step writes
-    neither)."""
+    """``cache.at[:, arange(B), pos].set(rows)`` for a stacked cache [L, B, S, ...] and rows [L, B, ...] (a
+    decode step's new keys or values): :func:`write_entries` with one entry a row."""
+    b = cache.shape[1]
+    return write_entries(cache, rows[:, :, None], jnp.arange(b, dtype=jnp.int32), pos.reshape(b, 1))
+
+
+def write_entries(cache: jax.Array, entries: jax.Array, slots: jax.Array, pos: jax.Array) -> jax.Array:
+    """``cache.at[:, slots[:, None], pos].set(entries, mode="drop")`` for a stacked cache [L, B, S, ...],
+    entries [L, b, t, ...], slots [b] and positions [b, t], written in place by the native library (the result
+    aliases ``cache``; donate it). XLA:CPU converts a whole bfloat16 operand to float32 and back around a
+    scatter: a bfloat16 decode step's cache writes cost as much as its head, and admitting 32 prompts into a
+    32-slot cache of the 270M ~290 ms; here only the entries' bytes move. A slot past ``B`` or a position past
+    ``S`` is dropped, as the scatter drops it (a negative one too, where the scatter would count from the
+    end; no caller writes one)."""
     return jax.ffi.ffi_call(_WRITE_ROWS, jax.ShapeDtypeStruct(cache.shape, cache.dtype), input_output_aliases={0: 0})(
-        cache, rows.astype(cache.dtype), pos.astype(jnp.int32))
+        cache, entries.astype(cache.dtype), slots.astype(jnp.int32), pos.astype(jnp.int32))
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:

@@ -18,12 +18,12 @@ The functions, by stage:
   ``token_type_ids``); a family rejects inputs it does not know.
 - **generation**: ``init_cache(cfg, batch, max_len, dtype)``; ``prefill(params, cfg, tokens, lengths,
   max_len, backend, **inputs)`` -> (last-token logits ``[b, V]``, per-row caches); ``insert(cache, rows,
-  slots)``; ``decode_step(params, cfg, cache, tokens, pos, backend)`` -> (logits ``[B, V]``, cache). Rows of
+  slots, backend)``; ``decode_step(params, cfg, cache, tokens, pos, backend)`` -> (logits ``[B, V]``, cache). Rows of
   the cache are independent slots, so one engine batches requests continuously for every family.
   ``backend`` is an explicit value (``"xla"`` or ``"cpu"``, the native CPU kernels) chosen by the engine.
 - **blocks on a cache** (optional): ``extend(params, cfg, cache, tokens [B, K], pos [B], backend, last=None)``
   -> (logits ``[B, K, V]`` or ``[B, V]`` at block index ``last``, the block's keys/values) reads the cache
-  without writing it; ``commit(cfg, cache, block, slots, pos, counts)`` then writes the first ``counts`` of
+  without writing it; ``commit(cfg, cache, block, slots, pos, counts, backend)`` then writes the first ``counts`` of
   the block's entries. Prefix caching and speculative decoding need both; a family without them (a
   recurrent state cannot be rolled back to a rejected draft) decodes plainly.
 """

@@ -440,8 +440,8 @@ def init_cache(cfg: PaliGemmaConfig, batch: int, max_len: int, dtype: Any) -> di
     return gdecode.init_cache(cfg.text, batch, max_len, dtype)
 
 
-def insert(cache: dict, rows: dict, slots: Array) -> dict:
-    return gdecode.insert(cache, rows, slots)
+def insert(cache: dict, rows: dict, slots: Array, backend: str = XLA) -> dict:
+    return gdecode.insert(cache, rows, slots, backend)
 
 
 def decode_step(params: Params, cfg: PaliGemmaConfig, cache: dict, tokens: Array, pos: Array,
@@ -458,8 +458,9 @@ def extend_text(params: Params, cfg: PaliGemmaConfig, cache: dict, tokens: Array
     return gextend.extend(params, cfg.text, cache, tokens, pos, backend, last)
 
 
-def commit_text(cfg: PaliGemmaConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array) -> dict:
-    return gextend.commit(cfg.text, cache, block, slots, pos, counts)
+def commit_text(cfg: PaliGemmaConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array,
+                backend: str = XLA) -> dict:
+    return gextend.commit(cfg.text, cache, block, slots, pos, counts, backend)
 
 
 def pad_type_ids(type_ids: Any, b: int, t: int, fill: int, name: str = "token_type_ids") -> Array:

@@ -712,8 +712,10 @@ def prefill(params: Params, cfg: RecurrentGemmaConfig, tokens: Array, lengths: A
     return logits_from_hidden(params, cfg, h), rows
 
 
-def insert(cache: Params, rows: Params, slots: Array) -> Params:
-    """Write prefilled ``rows`` (row i) into engine slots ``slots[i]``; an out-of-range slot drops its row."""
+def insert(cache: Params, rows: Params, slots: Array, backend: str = "xla") -> Params:
+    """Write prefilled ``rows`` (row i) into engine slots ``slots[i]``; an out-of-range slot drops its row.
+    One backend (XLA's)."""
+    del backend
     slots = jnp.asarray(slots, jnp.int32)
     return jax.tree.map(lambda c, r: c.at[:, slots].set(r.astype(c.dtype), mode="drop"), cache, rows)
 

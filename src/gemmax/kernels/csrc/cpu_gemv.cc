@@ -2134,29 +2134,43 @@ ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result
   return ffi::Error::Success();
 }
 
-// cache[l, b, pos[b]] = rows[l, b] for a stacked cache [L, B, S, ...] written in place (the result aliases the
-// cache operand): a decode step's new keys and values. XLA:CPU widens a bfloat16 scatter (and a dynamic update
-// slice) to float32 over the *whole* operand, so each step converted every layer's cache twice (~60 ms of a
-// 32-row Gemma 3 270M bfloat16 step); this copies the rows' bytes, any dtype. A position outside [0, S) is
-// skipped, as a scatter drops it.
-ffi::Error WriteRows(ffi::AnyBuffer cache, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> pos,
-                     ffi::Result<ffi::AnyBuffer> out) {
+// cache[l, slots[i], pos[i, j]] = rows[l, i, j] for a stacked cache [L, B, S, ...] written in place (the result
+// aliases the cache operand): a decode step's new keys and values (one position a row), a prefill's rows
+// admitted into their slots (positions 0..t-1), a block of accepted entries (ring positions). XLA:CPU widens a
+// bfloat16 scatter (and a dynamic update slice) to float32 over the *whole* operand: each decode step converted
+// every layer's cache twice (~60 ms of a 32-row Gemma 3 270M bfloat16 step), and admitting 32 prompts into a
+// 512-position cache took ~290 ms of converts for a few MB of rows; this copies the rows' bytes, any dtype. A
+// slot outside [0, B) or a position outside [0, S) is skipped, as the scatter's "drop" mode skips it.
+ffi::Error WriteRows(ffi::AnyBuffer cache, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> slots,
+                     ffi::Buffer<ffi::S32> pos, ffi::Result<ffi::AnyBuffer> out) {
   const auto dims = cache.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("gemmax write_rows: cache must be [L, B, S, ...]");
-  const int64_t L = dims[0], B = dims[1], S = dims[2];
-  if (static_cast<int64_t>(pos.element_count()) != B || rows.element_type() != cache.element_type() ||
-      rows.size_bytes() * static_cast<size_t>(S) != cache.size_bytes()) {
-    return ffi::Error::InvalidArgument("gemmax write_rows: rows must be [L, B, ...] of the cache's dtype, pos [B]");
+  const auto rdims = rows.dimensions();
+  if (dims.size() < 3 || rdims.size() != dims.size()) {
+    return ffi::Error::InvalidArgument("gemmax write_rows: cache must be [L, B, S, ...] and rows [L, b, t, ...]");
   }
-  const size_t row_bytes = cache.size_bytes() / static_cast<size_t>(L * B * S);
+  const int64_t L = dims[0], B = dims[1], S = dims[2], b = rdims[1], t = rdims[2];
+  bool same_tail = rdims[0] == L && rows.element_type() == cache.element_type();
+  for (size_t d = 3; d < dims.size(); ++d) same_tail = same_tail && rdims[d] == dims[d];
+  if (!same_tail || static_cast<int64_t>(slots.element_count()) != b ||
+      static_cast<int64_t>(pos.element_count()) != b * t) {
+    return ffi::Error::InvalidArgument(
+        "gemmax write_rows: rows must be [L, b, t, ...] of the cache's dtype and trailing shape, slots [b], pos [b, t]");
+  }
+  const size_t row_bytes = L * B * S ? cache.size_bytes() / static_cast<size_t>(L * B * S) : 0;
   auto* dst = static_cast<char*>(out->untyped_data());
   if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
   const auto* src = static_cast<const char*>(rows.untyped_data());
+  const int32_t* sl = slots.typed_data();
   const int32_t* p = pos.typed_data();
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t b = 0; b < B; ++b) {
-      if (p[b] < 0 || p[b] >= S) continue;
-      std::memcpy(dst + ((l * B + b) * S + p[b]) * row_bytes, src + (l * B + b) * row_bytes, row_bytes);
+    for (int64_t i = 0; i < b; ++i) {
+      if (sl[i] < 0 || sl[i] >= B) continue;
+      for (int64_t j = 0; j < t; ++j) {
+        const int32_t at = p[i * t + j];
+        if (at < 0 || at >= S) continue;
+        std::memcpy(dst + ((l * B + sl[i]) * S + at) * row_bytes, src + ((l * b + i) * t + j) * row_bytes,
+                    row_bytes);
+      }
     }
   }
   return ffi::Error::Success();
@@ -2321,7 +2335,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxTakeRows, TakeRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxWriteRows, WriteRows,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()  // cache, rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()  // slots, pos
                                   .Ret<ffi::AnyBuffer>());  // the cache, aliased
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemmaxAttention, Attention,

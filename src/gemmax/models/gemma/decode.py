@@ -239,13 +239,18 @@ def ring_caches(layer_types: Sequence[str], ks: Array, vs: Array, lengths: Array
     return caches
 
 
-def insert(cache: dict, new: dict, slots: Array) -> dict:
+def insert(cache: dict, new: dict, slots: Array, backend: str = XLA) -> dict:
     """Write prefilled per-row caches into engine slots (rows) of the big cache; a slot index past the
-    cache's batch (the engine's padding rows) is dropped."""
+    cache's batch (the engine's padding rows) is dropped. On the ``"cpu"`` backend the entries' bytes are
+    copied in place (XLA:CPU's scatter would convert a 16-bit cache to float32 and back, whole)."""
     out = dict(cache)
     for name, arr in new.items():
         t = arr.shape[2]
-        out[name] = cache[name].at[:, slots, :t].set(arr.astype(cache[name].dtype), mode="drop")
+        if _native(backend):
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (slots.shape[0], t))
+            out[name] = cpu_kernels.write_entries(cache[name], arr, slots, pos)
+        else:
+            out[name] = cache[name].at[:, slots, :t].set(arr.astype(cache[name].dtype), mode="drop")
     return out
 
 
@@ -300,9 +305,13 @@ def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos
     cap = cfg.attn_logit_softcap
 
     blocks = params["decoder_block"]
+    # RoPE's sines and cosines once per step (global and local base), not once per layer: XLA evaluated them
+    # inside each layer's rotation fusions, ~4 ms of a 32-row Gemma 3 270M step
+    sin, cos, rope_row = gm.rope_tables(cfg, positions)
 
     def body(x, xs):
-        p, inv, loc, l_i, g_i = xs
+        p, row, loc, l_i, g_i = xs
+        inv = (sin[row], cos[row])
         if in_place:
             p = cpu_kernels.layer_view(blocks, p)
         box = {}
@@ -329,7 +338,7 @@ def _decode_step(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos
         x = gm.decoder_layer(p, x, cfg, positions, inv, attend, backend=layer_backend)
         return x, (box["k"], box["v"])
 
-    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, gm.layer_inv_freqs(cfg), jnp.asarray(is_local),
+    xs = (jnp.arange(cfg.num_layers) if in_place else blocks, rope_row, jnp.asarray(is_local),
           jnp.asarray(li), jnp.asarray(gi))
     x, (ks, vs) = jax.lax.scan(body, x, xs)  # [L, B, K, hd]
     loc_idx, glob_idx = np.nonzero(is_local)[0], np.nonzero(~is_local)[0]

@@ -106,10 +106,12 @@ def extend(params: dict, cfg: ModelConfig, cache: dict, tokens: Array, pos: Arra
     return (logits[:, 0] if last is not None else logits), {"k": ks, "v": vs}
 
 
-def commit(cfg: ModelConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array) -> dict:
+def commit(cfg: ModelConfig, cache: dict, block: dict, slots: Array, pos: Array, counts: Array,
+           backend: str = XLA) -> dict:
     """Write the first ``counts[b]`` entries of a block's keys/values (``extend``'s, or the prefix cache's)
     at positions ``pos[b]..`` into cache rows ``slots[b]`` (a slot past the cache's batch is dropped).
-    Ring layers get only the last ``window`` of them, so no two writes land on one ring slot."""
+    Ring layers get only the last ``window`` of them, so no two writes land on one ring slot. On the
+    ``"cpu"`` backend the entries' bytes are copied in place (``gd.insert``)."""
     ks, vs = block["k"], block["v"]
     t = ks.shape[2]
     is_local = np.array([kind == LOCAL for kind in cfg.layer_types])
@@ -120,14 +122,21 @@ def commit(cfg: ModelConfig, cache: dict, block: dict, slots: Array, pos: Array,
     start = pos.astype(jnp.int32)[:, None]
     rows = slots.astype(jnp.int32)[:, None]
     kept = j < cnt
+    native = gd._native(backend)
+
+    def write(c: Array, src: Array, idx: Array) -> Array:
+        if native:
+            return cpu_kernels.write_entries(c, src, slots, idx)
+        return c.at[:, rows, idx].set(src.astype(c.dtype), mode="drop")
+
     if len(glob):
         s = cache["k_global"].shape[2]
         idx = jnp.where(kept, start + j, s)  # s: out of range, dropped
         for name, src in (("k_global", ks), ("v_global", vs)):
-            out[name] = cache[name].at[:, rows, idx].set(src[glob].astype(cache[name].dtype), mode="drop")
+            out[name] = write(cache[name], src[glob], idx)
     if len(loc):
         w = cache["k_local"].shape[2]
         idx = jnp.where(kept & (j >= cnt - w), jnp.mod(start + j, w), w)
         for name, src in (("k_local", ks), ("v_local", vs)):
-            out[name] = cache[name].at[:, rows, idx].set(src[loc].astype(cache[name].dtype), mode="drop")
+            out[name] = write(cache[name], src[loc], idx)
     return out

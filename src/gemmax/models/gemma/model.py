@@ -153,14 +153,6 @@ def layer_windows(cfg: ModelConfig) -> np.ndarray:
     return np.array([local if t == LOCAL else NO_WINDOW for t in cfg.layer_types], dtype=np.int32)
 
 
-def layer_inv_freqs(cfg: ModelConfig) -> Array:
-    """RoPE inverse frequencies per layer [L, hd/2]: local layers use the local base and no scaling."""
-    glob = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    loc = rope_inv_freq(cfg.head_dim, cfg.local_theta, None)
-    is_local = jnp.asarray([t == LOCAL for t in cfg.layer_types])[:, None]
-    return jnp.where(is_local, loc, glob)
-
-
 def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array, Array]:
     """RoPE for a layer scan: (sin [2, B, T, hd/2], cos [...], per-layer row [L]) with row 0 the global
     base and row 1 the local one, evaluated once per call instead of once per layer (see ``apply_rope``)."""

@@ -131,8 +131,10 @@ def prefill_embedded(params: dict, cfg: Gemma4Config, x: Array, ple: Array | Non
     return logits, caches
 
 
-def insert(cache: dict, new: dict, slots: Array) -> dict:
-    """Write prefilled per-row caches into engine slots (rows); slots past the batch are dropped."""
+def insert(cache: dict, new: dict, slots: Array, backend: str = "xla") -> dict:
+    """Write prefilled per-row caches into engine slots (rows); slots past the batch are dropped. One
+    backend (XLA's)."""
+    del backend
     out = dict(cache)
     for name, arr in new.items():
         out[name] = cache[name].at[:, slots, :arr.shape[2]].set(arr.astype(cache[name].dtype), mode="drop")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from gemmax.engine.generate import (
     Engine,
     Request,
     SamplingParams,
+    decode_chunk,
     generate_ids,
     sample_tokens,
 )
@@ -85,6 +88,37 @@ def test_engine_slots_join_and_leave():
     assert rb.new_ids == alone
     assert ra.new_ids == a_alone
     assert eng.free_slots() == [0, 1]
+
+
+def test_a_chunk_ends_once_every_row_is_done():
+    """Rows that finish inside a chunk end it: an 8-step chunk over rows with 3 and 2 tokens left runs 3
+    steps, emits exactly the remaining tokens (the stepwise argmax), and later chunk positions stay empty."""
+    cfg = gemmax.tiny_config("gemma3")
+    params = gm.init_params(cfg, jax.random.key(5))
+    a, b = list(range(5, 15)), [9, 10]  # the reference pads to 16 positions
+    want_a, want_b = _argmax_continuations(params, cfg, [a, b], [4, 3])
+    eng = Engine(params, cfg, max_batch=2, max_len=64, chunk=8)
+    ra, rb = Request(a, SamplingParams(max_new_tokens=4)), Request(b, SamplingParams(max_new_tokens=3))
+    eng.add([ra, rb])  # the first token of each comes from the prefill
+    calls = []
+
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return eng.family.decode_step(*args)
+
+    family = dataclasses.replace(eng.family, decode_step=counted)
+    *_, toks, _ = decode_chunk(params, family, cfg, eng.cache, eng.state, n_steps=8, n_cand=-1)
+    jax.effects_barrier()
+    assert len(calls) == 3 and np.asarray(toks)[:, 3:].max() == -1  # the decode steps taken
+    eng.step()
+    assert eng.steps_run == 3 and not eng.has_work()
+    assert ra.new_ids == want_a and rb.new_ids == want_b
+    assert ra.finish_reason == rb.finish_reason == "length"
+    eng.release(ra)
+    rc = Request(a, SamplingParams(max_new_tokens=6))
+    eng.add([rc])
+    eng.step()  # one live row with 5 to go: 5 of the 8 steps
+    assert eng.steps_run == 5 and rc.new_ids == _argmax_continuations(params, cfg, [a], [6])[0]
 
 
 def test_stop_ids_end_each_row():

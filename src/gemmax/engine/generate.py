@@ -296,14 +296,17 @@ def sample_step(logits: Array, keys: Array, st: Mapping[str, Array], extra: Mapp
 def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dict, n_steps: int, n_cand: int,
                  backend: str = XLA, extra: dict | None = None, n_top: int = -1
                  ) -> tuple[dict, dict, dict, Array, dict]:
-    """``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos [B],
-    done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S]. ``extra``:
-    the per-row processor arrays of :func:`adjust_logits` the batch needs (``counts`` and ``seen`` are
-    updated with each sampled token). Returns (cache, state, extra, tokens [B, n_steps] with -1 for rows
-    that were already done, logprobs: arrays [B, n_steps, ...] when ``n_top`` >= 0)."""
+    """Up to ``n_steps`` decode steps on the device. state: token [B] (last sampled, not yet in cache), pos
+    [B], done [B], limit [B] (last position allowed), seed [B], sampling arrays [B], stop_ids [B, S].
+    ``extra``: the per-row processor arrays of :func:`adjust_logits` the batch needs (``counts`` and ``seen``
+    are updated with each sampled token). Returns (cache, state, extra, tokens [B, n_steps] with -1 for rows
+    that were already done, logprobs: arrays [B, n_steps, ...] when ``n_top`` >= 0).
+
+    The chunk ends early once every row is done (a ``while_loop``): rows that finish together (a batch of
+    equal-length completions, every row at its stop token) do not pay for the chunk's remaining steps."""
     extra = extra or {}
 
-    def step(carry, _):
+    def step(carry):
         cache, st, ex = carry
         logits, cache = family.decode_step(params, cfg, cache, st["token"], st["pos"], backend)
         pos = st["pos"] + 1
@@ -320,7 +323,20 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
                   done=done)
         return (cache, st, ex), (emitted, lps)
 
-    (cache, state, extra), (toks, lps) = jax.lax.scan(step, (cache, state, extra), None, length=n_steps)
+    carry = (cache, state, extra)
+    out_shapes = jax.eval_shape(step, carry)[1]
+    outs = jax.tree.map(lambda a: jnp.full((n_steps, *a.shape), -1 if a.dtype == jnp.int32 else 0, a.dtype),
+                        out_shapes)
+
+    def more(c: tuple) -> Array:
+        return (c[0] < n_steps) & ~jnp.all(c[1][1]["done"])
+
+    def body(c: tuple) -> tuple:
+        i, carry, outs = c
+        carry, new = step(carry)
+        return i + 1, carry, jax.tree.map(lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0), outs, new)
+
+    _, (cache, state, extra), (toks, lps) = jax.lax.while_loop(more, body, (jnp.int32(0), carry, outs))
     return cache, state, extra, toks.T, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), lps)
 
 
@@ -459,6 +475,7 @@ class Engine:
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.dtype = dtype or _compute_dtype(params)
         self.chunk = chunk
+        self.steps_run = 0  # decode steps the last chunk ran (it ends early once every row is done)
         self.cache = self.family.init_cache(cfg, max_batch, self.max_len, self.dtype)
         self.requests: list[Request | None] = [None] * max_batch
         zeros_i = np.zeros(max_batch, np.int32)
@@ -742,6 +759,8 @@ class Engine:
             backend=self.decode_backend, extra=extra, n_top=self._n_top(self.requests))
         self._extra.update({k: v for k, v in extra.items() if k != "mask"})
         toks = np.asarray(toks)
+        # steps the chunk ran: it stops early once every row is done (a step emits for some row or ends it)
+        self.steps_run = int((toks >= 0).any(axis=0).sum())
         lps = {k: np.asarray(v) for k, v in lps.items()}
         done = np.asarray(self.state["done"])
         touched = []

@@ -588,7 +588,7 @@ class Scheduler:
         elapsed = time.perf_counter() - t0
         self.busy_s["decode"] += elapsed
         log.debug("decode: %d live, width %d, %d tokens in %.3fs", len(live), w, n, elapsed)
-        dt = elapsed / n
+        dt = elapsed / max(1, m.engine.steps_run if m.engine.speculator is None else n)  # a chunk may end early
         if (w, n) in self._compiled[name]:  # the first call of a chunk length includes its compilation
             old = self._tok_s.get(name)
             self._tok_s[name] = dt if old is None else 0.8 * old + 0.2 * dt

@@ -121,6 +121,38 @@ def test_a_chunk_ends_once_every_row_is_done():
     assert eng.steps_run == 5 and rc.new_ids == _argmax_continuations(params, cfg, [a], [6])[0]
 
 
+def test_a_repeated_prompt_is_prefilled_once():
+    """A group holding one prompt several times (GRPO's groups, n > 1) prefills it once: the prefill sees
+    the distinct prompts only, and every request decodes as it would alone (greedy), or by its own seed."""
+    cfg = gemmax.tiny_config("gemma3")
+    params = gm.init_params(cfg, jax.random.key(6))
+    a, b = list(range(5, 15)), [9, 10, 11]
+    want_a, want_b = _argmax_continuations(params, cfg, [a, b], [5, 5])
+    eng = Engine(params, cfg, max_batch=4, max_len=64, chunk=4)
+    seen = []
+    prefill = eng._prefill
+
+    def counted(*args, **kw):
+        seen.append(np.asarray(kw["tokens"]))
+        return prefill(*args, **kw)
+
+    eng._prefill = counted
+    greedy = [Request(p, SamplingParams(max_new_tokens=5)) for p in (a, b, a, a)]
+    eng.add(greedy)
+    while eng.has_work():
+        eng.step()
+    assert len(seen) == 1 and seen[0].shape[0] == 2  # two distinct prompts
+    assert [r.new_ids for r in greedy] == [want_a, want_b, want_a, want_a]
+    for r in greedy:
+        eng.release(r)
+    sampled = [Request(a, SamplingParams(max_new_tokens=8, temperature=1.0, seed=sd)) for sd in (1, 2, 1, 3)]
+    eng.add(sampled)
+    while eng.has_work():
+        eng.step()
+    ids = [r.new_ids for r in sampled]
+    assert ids[0] == ids[2] and ids[0] != ids[1] and ids[0] != ids[3] and ids[1] != ids[3]
+
+
 def test_stop_ids_end_each_row():
     cfg = gemmax.tiny_config("gemma")
     params = gm.init_params(cfg, jax.random.key(3))

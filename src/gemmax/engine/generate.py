@@ -586,9 +586,15 @@ class Engine:
         t = min(bucket(max(len(r.prompt_ids) for r in reqs)), self.max_len)
         b = len(reqs)
         bb = bucket(b, 1)
-        toks = np.zeros((bb, t), np.int32)
-        lens = np.ones(bb, np.int32)
-        for i, r in enumerate(reqs):
+        # a prompt repeated in the group (a GRPO group, a request with n > 1) is prefilled once; its rows
+        # of logits and cache are copied to each of its requests (`sel`: each request's prefill row)
+        first_of: dict[tuple[int, ...], int] = {}
+        sel = [first_of.setdefault(tuple(r.prompt_ids), len(first_of)) for r in reqs]
+        uniq = [reqs[sel.index(u)] for u in range(len(first_of))] if not inputs else list(reqs)
+        bu = bucket(len(uniq), 1)
+        toks = np.zeros((bu, t), np.int32)
+        lens = np.ones(bu, np.int32)
+        for i, r in enumerate(uniq):
             toks[i, : len(r.prompt_ids)] = r.prompt_ids
             lens[i] = len(r.prompt_ids)
         inputs = _pad_token_inputs(inputs or {}, self.family.token_inputs, t)
@@ -599,6 +605,9 @@ class Engine:
         else:
             logits, new = self._prefill(self.params, tokens=jnp.asarray(toks), lengths=jnp.asarray(lens),
                                         backend=self.prefill_backend, **inputs)
+            if len(uniq) < b:
+                rows = jnp.asarray(sel + [0] * (bb - b), jnp.int32)
+                logits, new = _take_rows(logits, new, rows)
             # padding rows of the prefill batch go to slot index max_batch: out of range, so insert drops them
             padded_slots = np.full(bb, self.max_batch, np.int32)
             padded_slots[:b] = slots
@@ -791,6 +800,13 @@ class Engine:
 
 
 _put_rows = jax.jit(lambda a, idx, rows: a.at[idx].set(rows), donate_argnums=(0,))
+
+
+@jax.jit
+def _take_rows(logits: Array, cache_rows: Any, rows: Array) -> tuple[Array, Any]:
+    """Prefill rows ``rows`` of the logits [b, V] and of the per-row caches (batch axis 1, as ``insert``
+    takes them): one prefill row copied for each request that shares its prompt."""
+    return logits[rows], jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache_rows)
 
 
 def _bias_rows(reqs: Sequence[Request], v: int) -> tuple[np.ndarray, np.ndarray]:

@@ -323,10 +323,11 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
                   done=done)
         return (cache, st, ex), (emitted, lps)
 
-    carry = (cache, state, extra)
-    out_shapes = jax.eval_shape(step, carry)[1]
-    outs = jax.tree.map(lambda a: jnp.full((n_steps, *a.shape), -1 if a.dtype == jnp.int32 else 0, a.dtype),
-                        out_shapes)
+    b = state["token"].shape[0]
+    lps0 = {} if n_top < 0 else {"chosen": jnp.zeros((n_steps, b), jnp.float32),
+                                 "top_ids": jnp.zeros((n_steps, b, n_top), jnp.int32),
+                                 "top_lps": jnp.zeros((n_steps, b, n_top), jnp.float32)}
+    outs = (jnp.full((n_steps, b), -1, jnp.int32), lps0)  # (tokens, log-probs) of each step, as token_logprobs
 
     def more(c: tuple) -> Array:
         return (c[0] < n_steps) & ~jnp.all(c[1][1]["done"])
@@ -336,7 +337,8 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
         carry, new = step(carry)
         return i + 1, carry, jax.tree.map(lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0), outs, new)
 
-    _, (cache, state, extra), (toks, lps) = jax.lax.while_loop(more, body, (jnp.int32(0), carry, outs))
+    _, (cache, state, extra), (toks, lps) = jax.lax.while_loop(more, body, (jnp.int32(0), (cache, state, extra),
+                                                                            outs))
     return cache, state, extra, toks.T, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), lps)
 
 

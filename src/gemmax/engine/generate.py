@@ -330,7 +330,8 @@ def decode_chunk(params: dict, family: Family, cfg: Any, cache: dict, state: dic
     outs = (jnp.full((n_steps, b), -1, jnp.int32), lps0)  # (tokens, log-probs) of each step, as token_logprobs
 
     def more(c: tuple) -> Array:
-        return (c[0] < n_steps) & ~jnp.all(c[1][1]["done"])
+        i, (_, st, _), _ = c
+        return (i < n_steps) & ~jnp.all(st["done"])
 
     def body(c: tuple) -> tuple:
         i, carry, outs = c

@@ -101,9 +101,10 @@ def _full_logprobs(lm: CausalLM, params, rows: dict[str, np.ndarray]) -> np.ndar
 
 
 def _pair_rows(batch) -> dict[str, np.ndarray]:
+    """The pairs as plain ``prompt + completion`` rows (the step itself reads ``batch.layout``)."""
     b, _, t = batch.tokens.shape
-    d = batch.as_dict()
-    return {k: d[k].reshape(2 * b, t) for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+    return {k: getattr(batch, k).reshape(2 * b, t) for k in ("tokens", "targets", "loss_mask", "positions",
+                                                             "segment_ids")}
 
 
 def _trl_dpo(rows, lp, ref_lp, loss_type, beta):

@@ -85,8 +85,8 @@ def test_orpo_loss_and_metrics_equal_trl():
     # the odds-ratio term matters: without it the loss is the NLL alone, far from TRL's
     assert abs(ours["nll_loss"] - want) > 1e-2
     # and the NLL is over the whole chosen row (prompt included): the completion-only NLL is far from it
-    rows_lp = _full_logprobs(lm, lm.params, {k: v[:6, 0] for k, v in batch.as_dict().items()
-                                             if k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")})
+    rows_lp = _full_logprobs(lm, lm.params, {k: getattr(batch, k)[:6, 0] for k in ("tokens", "targets", "loss_mask",
+                                                                                  "positions", "segment_ids")})
     completion_nll = -rows_lp.sum() / batch.loss_mask[:6, 0].sum()
     assert abs(completion_nll - ours["nll_loss"]) > 1e-2
 
@@ -145,6 +145,36 @@ GRPO2_FIT = dict(steps=3, batch_size=8, sequence_length=16, learning_rate=3e-2, 
                  schedule="constant")
 
 
+def _sequences(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each completion of a rollout as its own plain ``prompt + completion`` row (read back from the batch's
+    layout: ``index`` points at the positions whose hidden state predicts each target), and the row index of
+    each completion's first target."""
+    g, r, t = arrays["tokens"].shape
+    k, length = arrays["index"].shape[1:]
+    toks = arrays["tokens"].reshape(g, r * t)
+    seqs, tails = [], []
+    for gi in range(g):
+        for ki in range(k):
+            m = int(arrays["mask"][gi, ki].sum())
+            idx = arrays["index"][gi, ki, :m]
+            base = idx[0] // t * t
+            prompt = list(toks[gi, base:idx[0] + 1])
+            seqs.append(prompt + list(toks[gi, idx[1:]]))
+            tails.append(list(arrays["targets"][gi, ki, :m]))
+    n = max(len(s) for s in seqs)
+    out = {name: np.zeros((len(seqs), n), np.float32 if name == "loss_mask" else np.int32)
+           for name in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+    starts = np.zeros(len(seqs), np.int64)
+    for i, (s, tail) in enumerate(zip(seqs, tails, strict=True)):
+        p = len(s) - len(tail) + 1
+        out["tokens"][i, :len(s)], out["positions"][i, :len(s)], out["segment_ids"][i, :len(s)] = s, range(len(s)), 1
+        out["targets"][i, :len(s)] = s[1:] + tail[-1:]
+        out["targets"][i, p - 1:len(s)] = tail
+        out["loss_mask"][i, p - 1:len(s)] = 1.0
+        starts[i] = p - 1
+    return out, starts
+
+
 def test_grpo_num_iterations_reuses_the_batch_with_generation_time_old_logps(tmp_path):
     prompts = [{"prompt": f"p{i}"} for i in range(8)]
     held = [{"prompt": f"q{i}"} for i in range(2)]
@@ -161,22 +191,25 @@ def test_grpo_num_iterations_reuses_the_batch_with_generation_time_old_logps(tmp
     m.close()
     rollout = _decode_rollout(ck1["data_state"]["rollout"])
     assert ck1["data_state"]["iteration"] == 1
-    rows = rollout.arrays
+    rows, starts = _sequences(rollout.arrays)
+    assert "prefix_ids" in rollout.arrays  # the Gemma family reads a group as one row
     mask = rows["loss_mask"]
     w0 = _model().params
     w1 = merge_trees(ck1["params"], split_trainable(w0)[1])
     old = _full_logprobs(lm, w0, rows)
-    # stored for the completion positions only ([B, max_completion_length] from each row's completion_start)
-    idx = np.minimum(rows["completion_start"][:, None] + np.arange(8)[None], mask.shape[1] - 1)
-    kept = np.take_along_axis(mask, idx, axis=1)
-    np.testing.assert_allclose(rows["old_logps"] * kept, np.take_along_axis(old, idx, axis=1), rtol=1e-4, atol=1e-5)
+    # stored for the completion positions only: [groups, completions, max_completion_length]
+    stored = rollout.arrays["old_logps"].reshape(-1, 8)
+    kept = rollout.arrays["mask"].reshape(-1, 8)
+    idx = np.minimum(starts[:, None] + np.arange(8)[None], mask.shape[1] - 1)
+    np.testing.assert_allclose(stored * kept, np.take_along_axis(old, idx, axis=1) * kept, rtol=1e-4, atol=1e-5)
     assert kept.sum() == mask.sum()  # every completion token is among the kept positions
     now = _full_logprobs(lm, w1, rows)
     zeros = np.zeros_like(now)
-    want, _ = _trl_grpo(now, old, zeros, rows["advantages"], mask, "grpo", 0.0, 0.2, 0.2, 8)
+    adv = rollout.arrays["advantages"].reshape(-1)
+    want, _ = _trl_grpo(now, old, zeros, adv, mask, "grpo", 0.0, 0.2, 0.2, 8)
     assert h.loss[1] == pytest.approx(want, rel=1e-4, abs=2e-6)
     # the ratio is not 1 on the second pass: with π_old = π the loss is far from it
-    ratio_one, _ = _trl_grpo(now, now, zeros, rows["advantages"], mask, "grpo", 0.0, 0.2, 0.2, 8)
+    ratio_one, _ = _trl_grpo(now, now, zeros, adv, mask, "grpo", 0.0, 0.2, 0.2, 8)
     assert abs(ratio_one - want) > 1e-4
     assert h.extra[0]["clip_ratio/region_mean"] == 0.0  # first pass: ρ = 1
 

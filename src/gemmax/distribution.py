@@ -629,6 +629,11 @@ class Distribution:
         """Place a *global* batch (the same host data on every process) split along its first dimension."""
         return jax.tree_util.tree_map(lambda x: _put(x, self.batch_sharding(np.ndim(x))), batch)
 
+    def replicate_batch(self, batch: Any) -> Any:
+        """Place a global batch whole on every device (arrays whose leading dimension the batch axis does not
+        divide, e.g. a GRPO batch's prompt groups)."""
+        return jax.tree_util.tree_map(lambda x: _put(x, self.replicated()), batch)
+
     def shard_local_batch(self, batch: Any) -> Any:
         """Assemble a global batch from each process's own rows (multi-host data loading): process ``i``
         passes its slice; the global batch is the concatenation in process order."""

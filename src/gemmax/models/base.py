@@ -278,6 +278,10 @@ class Family:
     #: prompt (a completion, generated tokens, padding). The engine pads a prompt's to its length bucket with
     #: it, so one compilation serves nearby prompt lengths; the data pipeline gives it to completions.
     token_inputs: Mapping[str, int] = field(default_factory=dict)
+    #: whether ``forward_hidden`` takes ``prefix_ids`` (several continuations of one prompt in one row, the
+    #: prompt computed once; see the Gemma family's ``forward_hidden``): the post-training objectives lay a
+    #: preference pair or a GRPO group out that way when it does, one row per continuation otherwise
+    shared_prefix: bool = False
     #: backends whose prefill / decode step this family implements
     backends: tuple[str, ...] = (XLA,)
     #: text + images -> (prompt token ids, inputs) for families that read images:

@@ -327,9 +327,14 @@ def remat(body: Callable, policy: str | bool | None) -> Callable:
 
 
 def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg: Array | None = None,
-                   k_seg: Array | None = None, k_valid: Array | None = None, causal: bool = True) -> Array:
+                   k_seg: Array | None = None, k_valid: Array | None = None, causal: bool = True,
+                   q_prefix: Array | None = None) -> Array:
     """Boolean [B, T, S]: causal, within the sliding window (which includes the current token:
     ``q - W < k <= q``), inside the same packed segment, and only over valid cache slots.
+
+    ``q_prefix`` [B, T] (with segments) lets a query also see the keys of that segment: its shared prompt,
+    when several continuations of one prompt share a row (see ``forward_hidden``'s ``prefix_ids``). The
+    indices are then the tokens' positions, which restart after the prompt in each continuation.
 
     ``causal=False`` (bidirectional encoders such as EmbeddingGemma) lets a query see keys on both sides;
     the window is then symmetric, ``|q - k| < W``."""
@@ -342,7 +347,10 @@ def attention_mask(q_idx: Array, k_idx: Array, window: Array | int | None, q_seg
     else:
         m = jnp.abs(q - k) < window if window is not None else jnp.ones(q.shape[:2] + k.shape[2:], bool)
     if q_seg is not None and k_seg is not None:
-        m = m & (q_seg[:, :, None] == k_seg[:, None, :])
+        same = q_seg[:, :, None] == k_seg[:, None, :]
+        if q_prefix is not None:
+            same = same | (q_prefix[:, :, None] == k_seg[:, None, :])
+        m = m & same
     if k_valid is not None:
         m = m & k_valid[:, None, :]
     return m

@@ -24,6 +24,10 @@ takes one optimizer step on the clipped objective. Names, defaults and formulas 
   "bnpo" (mean over all completion tokens), "dr_grpo" (sum / (completions x ``max_completion_length``)).
 * the KL reference (``beta > 0``): with LoRA the base with adapters off, inside the step; a full fine-tune
   keeps the starting weights (a second copy — say so with ``beta=0``, TRL's default, to avoid it).
+
+The update reads a group as one row where the family allows it (``branches``): the prompt once, then its
+completions, each seeing the prompt; the output head runs on the completion positions only (TRL's
+``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ import numpy as np
 
 from gemmax.engine.generate import SamplingParams, generate_ids
 from gemmax.models.base import XLA
+from gemmax.train.branches import branch_batch, continuation_log_probs, flat_rows
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
-from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, sequence_forward
 from gemmax.train.optim import loss_kernel
 from gemmax.train.preference import IndexIterator
 
@@ -165,6 +170,8 @@ class PromptDataset:
     rollout: Callable[[list[int], int], Rollout] | None = None
     num_generations: int = 1
     num_iterations: int = 1
+    #: a group is one row (the family takes ``prefix_ids``), else one row per completion
+    shared: bool = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -326,7 +333,8 @@ class GRPO(Objective):
             raise ValueError(f"sequence_length={sequence_length} exceeds the model's context of "
                              f"{lm.config.max_position_embeddings}")
         return PromptDataset(recs, texts, ids, sequence_length, num_generations=self.num_generations,
-                             num_iterations=self.num_iterations), sequence_length
+                             num_iterations=self.num_iterations, shared=bool(lm.family.shared_prefix)
+                             ), sequence_length
 
     def prepare(self, lm: Any, dataset: Any, params_fn: Callable[[], Any], *, batch_size: int,
                 is_lora: bool, precision: Any = None) -> None:
@@ -361,8 +369,11 @@ class GRPO(Objective):
         stop = tuple(getattr(tok, "stop_ids", None) or lm.config.eos_ids)
         logps_fn = _logps_fn(lm, precision or _Identity(), self.max_completion_length)
 
+        g, length = self.num_generations, self.max_completion_length
+        prompt_max = max(len(p) for p in dataset.ids)
+        row = prompt_max + (g if dataset.shared else 1) * (length - 1)
+
         def rollout(idx: list[int], position: int) -> Rollout:
-            g, t = self.num_generations, dataset.sequence_length
             prompts = [dataset.ids[i] for i in idx for _ in range(g)]
             base = (self.seed * 7919 + position * 104_729) % (2 ** 31 - 1)
             sp = [SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -379,7 +390,10 @@ class GRPO(Objective):
             total = sum(w * per_func[_function_name(f)] for f, w in zip(self.reward_funcs, self.reward_weights,
                                                                            strict=True))
             adv = group_advantages(total, g, self.scale_rewards)
-            arrays = _rows(prompts, outs, t, adv)
+            groups = [(dataset.ids[i], outs[j * g:(j + 1) * g]) for j, i in enumerate(idx)]
+            arrays = branch_batch(groups, size=len(idx), continuations=g, shared=dataset.shared, row=row,
+                                  length=length)
+            arrays["advantages"] = adv.astype(np.float32).reshape(len(idx), g)
             placed = {k: jnp.asarray(v) for k, v in arrays.items()}
             if self._ref_in_batch:
                 arrays["ref_logps"] = np.asarray(logps_fn(self._ref_params, placed))
@@ -420,22 +434,27 @@ class GRPO(Objective):
         beta, ref_in_batch, loss_type = self.beta, self._ref_in_batch, self.loss_type
         max_len, stored_old = self.max_completion_length, self.num_iterations > 1
 
+        def logps_of(p: Any, hidden: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+            """[B, L] log-probs of the completion targets, B = groups x completions."""
+            return continuation_log_probs(p, config, hidden, batch, chunk_size, kernel).reshape(-1, max_len)
+
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            p, hidden = fwd(merged(trainable, frozen), batch)
-            logps = completion_log_probs(p, config, hidden, batch, max_len, chunk_size, kernel)
+            rows = flat_rows(batch)
+            p, hidden = fwd(merged(trainable, frozen), rows)
+            logps = logps_of(p, hidden, batch)
             ref = None
             if beta != 0.0:
                 if ref_in_batch:
-                    ref = batch["ref_logps"]
+                    ref = batch["ref_logps"].reshape(logps.shape)
                 else:  # LoRA: the base with the adapters off
-                    pr, hr = fwd(jax.lax.stop_gradient(frozen), batch)
-                    ref = completion_log_probs(pr, config, hr, batch, max_len, chunk_size, kernel)
-            mask = completion_mask(batch, max_len)
+                    pr, hr = fwd(jax.lax.stop_gradient(frozen), rows)
+                    ref = logps_of(pr, hr, batch)
+            mask = batch["mask"].reshape(logps.shape)
             now = jax.lax.stop_gradient(logps)
             # π_old from generation time; off the completion it is set to π so padding has ρ = 1 (an overflowing
             # ratio there would turn the masked sum into NaN)
-            old = jnp.where(mask > 0, batch["old_logps"], now) if stored_old else now
-            adv = batch["advantages"]
+            old = jnp.where(mask > 0, batch["old_logps"].reshape(logps.shape), now) if stored_old else now
+            adv = batch["advantages"].reshape(-1)
             per_token, kl = grpo_per_token_loss(logps, old, adv, epsilon_low=eps_low, epsilon_high=eps_high,
                                                 beta=beta, ref_logps=ref)
             s, n = reduce_grpo_loss(per_token, mask, loss_type, max_len)
@@ -464,56 +483,11 @@ class GRPO(Objective):
         return out
 
 
-def completion_index(batch: dict[str, Any], length: int) -> jax.Array:
-    """[B, L] row positions of the completion targets (``completion_start`` + j, kept inside the row)."""
-    t = batch["tokens"].shape[1]
-    return jnp.minimum(batch["completion_start"][:, None] + jnp.arange(length)[None], t - 1)
-
-
-def completion_mask(batch: dict[str, Any], length: int) -> jax.Array:
-    """[B, L] loss mask of the completion positions (positions past the row's end count for nothing)."""
-    t = batch["tokens"].shape[1]
-    inside = (batch["completion_start"][:, None] + jnp.arange(length)[None]) < t
-    return jnp.take_along_axis(batch["loss_mask"], completion_index(batch, length), axis=1) * inside
-
-
-def completion_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dict[str, Any], length: int,
-                         chunk_size: int = 1024, kernel: str = XLA) -> jax.Array:
-    """[B, L] log-probs of the completion tokens only.
-
-    The output head (most of a small Gemma's compute: a 262k-token vocabulary) runs on the L completion
-    positions of each row instead of all T (TRL's ``logits_to_keep``); the prompt positions carry no loss.
-    """
-    idx = completion_index(batch, length)
-    h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-    y = jnp.take_along_axis(batch["targets"], idx, axis=1)
-    return token_log_probs(params, config, h, y, chunk_size=chunk_size, kernel=kernel)
-
-
-def _rows(prompts: list[list[int]], completions: list[list[int]], t: int, adv: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of prompt + completion (right-padded to ``t``), the completion tokens as targets."""
-    b = len(prompts)
-    tokens = np.zeros((b, t), np.int32)
-    targets = np.zeros((b, t), np.int32)
-    mask = np.zeros((b, t), np.float32)
-    pos = np.zeros((b, t), np.int32)
-    seg = np.zeros((b, t), np.int32)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids = np.asarray(p + c, np.int32)
-        n = min(len(ids) - 1, t)
-        tokens[i, :n], targets[i, :n] = ids[:n], ids[1:n + 1]
-        mask[i, len(p) - 1:n] = 1.0  # the targets that are completion tokens
-        pos[i, :n], seg[i, :n] = np.arange(n), 1
-    start = np.asarray([min(len(p) - 1, t - 1) for p in prompts], np.int32)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "positions": pos, "segment_ids": seg,
-            "advantages": adv.astype(np.float32), "completion_start": start}
-
-
 _LOGPS_FNS: dict[str, Any] = {}
 
 
 def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
-    """Jitted [B, L] completion log-probs under given weights in ``precision`` (the step's, so the first
+    """Jitted [G, K, L] completion log-probs under given weights in ``precision`` (the step's, so the first
     pass's ratio against the generation-time log-probs is 1), one compiled function per architecture."""
     kernel = loss_kernel()
     key = lm.family.name + json.dumps(lm.config.to_dict(), sort_keys=True, default=str) + \
@@ -523,8 +497,8 @@ def _logps_fn(lm: Any, precision: Any, length: int) -> Callable[[Any, dict[str, 
         config = lm.config
 
         def logps(p: Any, b: dict[str, jax.Array]) -> jax.Array:
-            pp, hidden = fwd(p, b)
-            return completion_log_probs(pp, config, hidden, b, length, kernel=kernel)
+            pp, hidden = fwd(p, flat_rows(b))
+            return continuation_log_probs(pp, config, hidden, b, kernel=kernel)
 
         _LOGPS_FNS.clear()  # the compiled function holds no weights, only code: keep the latest architecture
         _LOGPS_FNS[key] = jax.jit(logps)

@@ -242,14 +242,16 @@ def _log_probs_fn(spec: _LogProbHead, chunk: int) -> Callable[..., jax.Array]:
 def sequence_forward(family: Any, config: Any, precision: Any, remat: str | None
                      ) -> Callable[[Any, dict[str, jax.Array]], tuple[dict[str, Any], jax.Array]]:
     """``(params, batch) -> (compute params, final hidden [B, T, D])`` for rows of ``batch`` (``tokens``,
-    ``positions``, ``segment_ids``, [B, T]) in the compute precision."""
+    ``positions``, ``segment_ids``, [B, T]; ``prefix_ids`` too where a row holds one prompt's several
+    continuations, see ``branches``) in the compute precision."""
 
     attention = attention_choice(family, precision)
 
     def run(params: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, Any], jax.Array]:
         p = precision.compute_params(params)
+        shared = {"prefix_ids": batch["prefix_ids"]} if "prefix_ids" in batch else {}
         hidden = family.forward_hidden(p, config, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       remat=remat, **attention)
+                                       remat=remat, **attention, **shared)
         return p, hidden
 
     return run

@@ -4,8 +4,11 @@
 ``datasets`` object...): ``prompt`` / ``chosen`` / ``rejected`` as text (plain: the completion gets an EOS),
 or as message lists (conversational: the prompt is the conversation so far, ``chosen`` / ``rejected`` a
 model turn each, rendered in Gemma's turn format; the completion's ``<end_of_turn>`` is a target). Each pair
-becomes two rows of ``sequence_length`` (one sequence per row, no packing: the loss is per sequence), so a
-batch is ``[B, 2, T]`` and gradient accumulation splits pairs, never a pair.
+is the prompt and its two completions, each truncated to ``sequence_length`` input tokens as a row of
+``prompt + completion`` would be (one pair per row, no packing: the loss is per sequence), so gradient
+accumulation splits pairs, never a pair. On a family that takes ``prefix_ids`` the pair is one row, the prompt
+computed once for both completions (``branches``); otherwise two rows. Either way the output head runs on the
+completion positions only (and, for ORPO's NLL, on the chosen row's prompt positions).
 
 **Losses** (per pair, then the mean over pairs; names and formulas as TRL's ``DPOTrainer`` / ``CPOTrainer``),
 with ``Δ = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))`` summed over completion tokens:
@@ -31,7 +34,6 @@ Metrics per step as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemmax.models.base import XLA
+from gemmax.train.branches import branch_batch, continuation_log_probs, flat_rows, gather_log_probs, row_length
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, EpochCursor, Record, read_records
-from gemmax.train.objectives import Objective, merged, sequence_forward, token_log_probs
+from gemmax.train.objectives import Objective, merged, sequence_forward
 from gemmax.train.optim import Precision, loss_kernel
 
 __all__ = ["DPO", "ORPO", "PairBatch", "PreferenceDataset", "SimPO", "dpo_loss", "orpo_odds_ratio", "simpo_loss"]
@@ -184,9 +187,19 @@ def _row(prompt: list[int], completion: list[int], seq: int, origin: str) -> tup
     return ids[:n], ids[1:n + 1], w[1:n + 1]
 
 
+def _group(pair: tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]) -> tuple[list[int], list[list[int]]]:
+    """A pair's two rows as (prompt, [chosen targets, rejected targets]) for ``branches.branch_batch``: the
+    first target of the completion is predicted at the prompt's last position."""
+    x, _, w = pair[0]
+    p = int(np.argmax(w > 0)) + 1
+    return [int(v) for v in x[:p]], [[int(v) for v in y[p - 1:]] for _, y, _ in pair]
+
+
 @dataclass
 class PairBatch:
-    """``[B, 2, T]`` rows (chosen first), ``pair_mask`` [B] (0 on padding pairs), ``ref_logps`` [B, 2]."""
+    """The pairs as ``[B, 2, T]`` rows of ``prompt + completion`` (chosen first: what a plain forward pass per
+    sequence reads), ``pair_mask`` [B] (0 on padding pairs), ``ref_logps`` [B, 2], and ``layout``: the arrays
+    the step reads (``branches.branch_batch``: one row or two per pair)."""
 
     tokens: np.ndarray
     targets: np.ndarray
@@ -195,15 +208,17 @@ class PairBatch:
     segment_ids: np.ndarray
     pair_mask: np.ndarray
     ref_logps: np.ndarray
+    layout: dict[str, np.ndarray] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**self.layout, "pair_mask": self.pair_mask, "ref_logps": self.ref_logps}
 
 
 @dataclass
 class PreferenceDataset:
     """Tokenized pairs: ``rows[i] = ((x, y, w) chosen, (x, y, w) rejected)``; ``ref_logps`` [N, 2] once
-    precomputed (zeros before)."""
+    precomputed (zeros before). ``shared``: a pair's batch layout is one row (the family takes
+    ``prefix_ids``), else two."""
 
     rows: list[tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]]
     origins: list[str]
@@ -211,9 +226,17 @@ class PreferenceDataset:
     pad_id: int = 0
     ref_logps: np.ndarray | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        self._groups = [_group(pair) for pair in self.rows]
+        self._row = row_length(self._groups, self.shared)
+        self._length = max(len(c) for _, cs in self._groups for c in cs)
+        self._prompt = max(len(p) for p, _ in self._groups) - 1
 
     @classmethod
-    def from_source(cls, source: Any, tokenizer: Any, sequence_length: int) -> PreferenceDataset:
+    def from_source(cls, source: Any, tokenizer: Any, sequence_length: int, shared: bool = False
+                    ) -> PreferenceDataset:
         recs = source if isinstance(source, list) and source and isinstance(source[0], Record) \
             else read_records(source)
         rows, origins, truncated = [], [], 0
@@ -225,7 +248,7 @@ class PreferenceDataset:
         if not rows:
             raise DataError(f"{source}: no preference pairs")
         pad = max(int(getattr(tokenizer, "pad_id", 0) or 0), 0)
-        ds = cls(rows, origins, int(sequence_length), pad)
+        ds = cls(rows, origins, int(sequence_length), pad, shared=shared)
         ds.stats = {"pairs": len(rows), "truncated": truncated}
         return ds
 
@@ -254,7 +277,10 @@ class PreferenceDataset:
             pair[b] = 1.0
             if self.ref_logps is not None:
                 ref[b] = self.ref_logps[i]
-        return PairBatch(tokens, targets, mask, pos, seg, pair, ref)
+        layout = branch_batch([self._groups[i] for i in idx], size=batch_size, continuations=2, shared=self.shared,
+                              row=self._row, length=self._length, pad_id=self.pad_id,
+                              prompt_targets=max(self._prompt, 1))
+        return PairBatch(tokens, targets, mask, pos, seg, pair, ref, layout)
 
     def iterator(self, batch_size: int, *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = False) -> IndexIterator:
@@ -306,22 +332,15 @@ class IndexIterator(EpochCursor):
 # ---- the objectives --------------------------------------------------------------------------------------
 
 
-#: an objective's loss on the pair forward pass: (params, hidden, rows, B, T, batch, frozen) -> (loss sum, aux)
+#: an objective's loss on the pair forward pass: (params, hidden, batch, frozen) -> (loss sum, aux)
 PairLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def _pair_rows(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], int, int]:
-    b, _, t = batch["tokens"].shape
-    rows = {k: batch[k].reshape(2 * b, t) for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
-    return rows, b, t
-
-
-def sequence_log_probs(params: Any, config: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int,
+def sequence_log_probs(params: Any, config: Any, hidden: jax.Array, batch: dict[str, jax.Array],
                        chunk_size: int, kernel: str = XLA) -> tuple[jax.Array, jax.Array]:
     """(summed completion log-probs [B, 2], completion token counts [B, 2])."""
-    lp = token_log_probs(params, config, hidden, rows["targets"], chunk_size=chunk_size, kernel=kernel)
-    lp = lp * rows["loss_mask"]
-    return lp.sum(-1).reshape(b, 2), rows["loss_mask"].sum(-1).reshape(b, 2)
+    lp = continuation_log_probs(params, config, hidden, batch, chunk_size, kernel)
+    return lp.sum(-1), batch["mask"].sum(-1)
 
 
 @dataclass
@@ -331,14 +350,18 @@ class _PreferenceObjective(Objective):
     beta: float = 0.1
 
     def load(self, lm: Any, data: Any, sequence_length: int, format: str) -> tuple[Any, int]:
+        shared = bool(lm.family.shared_prefix)
         if isinstance(data, PreferenceDataset):
+            if data.shared and not shared:
+                raise ValueError(f"this PreferenceDataset lays a pair out as one row (shared=True), which the "
+                                 f"{lm.family.name} family's forward pass does not take: build it with shared=False")
             return data, data.sequence_length
         if lm.tokenizer is None:
             raise DataError("this model has no tokenizer: pass a PreferenceDataset built with one")
         if sequence_length > lm.config.max_position_embeddings:
             raise ValueError(f"sequence_length={sequence_length} exceeds the model's context of "
                              f"{lm.config.max_position_embeddings}")
-        return PreferenceDataset.from_source(data, lm.tokenizer, sequence_length), sequence_length
+        return PreferenceDataset.from_source(data, lm.tokenizer, sequence_length, shared), sequence_length
 
     def step_metrics(self, m: dict[str, Any], batch: Any, seconds: float) -> dict[str, float]:
         n = max(float(m["n_tokens"]), 1.0)
@@ -354,16 +377,15 @@ class _PreferenceObjective(Objective):
         pair_loss = self._pair_loss_fn(fwd, config, chunk_size, kernel)
 
         def loss_sums(trainable: Any, batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            rows, b, t = _pair_rows(batch)
-            p, hidden = fwd(merged(trainable, frozen), rows)
-            return pair_loss(p, hidden, rows, b, t, batch, frozen)
+            p, hidden = fwd(merged(trainable, frozen), flat_rows(batch))
+            return pair_loss(p, hidden, batch, frozen)
 
         return loss_sums
 
     def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
-        """The objective's loss on the policy's forward pass over the chosen and rejected rows, run as one
-        ``[2B, T]`` batch by ``loss_sums_fn``: ``pair_loss(params, hidden, rows, B, T, batch, frozen)`` ->
-        ``(loss sum, aux)``. ``fwd`` runs another pass (DPO's reference)."""
+        """The objective's loss on the policy's forward pass over the pairs' rows (``branches.flat_rows``),
+        run by ``loss_sums_fn``: ``pair_loss(params, hidden, batch, frozen)`` -> ``(loss sum, aux)``. ``fwd``
+        runs another pass (DPO's reference)."""
         raise NotImplementedError
 
     def _aux(self, w: jax.Array, r_c: jax.Array, r_r: jax.Array, logps: jax.Array) -> dict[str, jax.Array]:
@@ -401,15 +423,15 @@ class DPO(_PreferenceObjective):
     def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         precomputed = self._precomputed
 
-        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
-                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size, kernel)
+        def pair_loss(p: Any, hidden: jax.Array, batch: dict[str, jax.Array], frozen: Any
+                      ) -> tuple[jax.Array, dict]:
+            logps, n = sequence_log_probs(p, config, hidden, batch, chunk_size, kernel)
             if precomputed:
                 ref = batch["ref_logps"]
             else:  # the same weights with the adapters off: the frozen base, never differentiated
                 base = jax.lax.stop_gradient(frozen)
-                pr, hr = fwd(base, rows)
-                ref = sequence_log_probs(pr, config, hr, rows, b, chunk_size, kernel)[0]
+                pr, hr = fwd(base, flat_rows(batch))
+                ref = sequence_log_probs(pr, config, hr, batch, chunk_size, kernel)[0]
             loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, loss_type=self.loss_type,
                             n_chosen=n[:, 0], n_rejected=n[:, 1])
             w = batch["pair_mask"]
@@ -431,9 +453,9 @@ class SimPO(_PreferenceObjective):
     label_smoothing: float = 0.0
 
     def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
-        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
-                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            logps, n = sequence_log_probs(p, config, hidden, rows, b, chunk_size, kernel)
+        def pair_loss(p: Any, hidden: jax.Array, batch: dict[str, jax.Array], frozen: Any
+                      ) -> tuple[jax.Array, dict]:
+            logps, n = sequence_log_probs(p, config, hidden, batch, chunk_size, kernel)
             avg = logps / jnp.maximum(n, 1.0)
             loss = simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.gamma,
                               label_smoothing=self.label_smoothing)
@@ -457,15 +479,15 @@ class ORPO(_PreferenceObjective):
     def _pair_loss_fn(self, fwd: Callable, config: Any, chunk_size: int, kernel: str) -> PairLossFn:
         beta = self.beta
 
-        def pair_loss(p: Any, hidden: jax.Array, rows: dict[str, jax.Array], b: int, t: int,
-                      batch: dict[str, jax.Array], frozen: Any) -> tuple[jax.Array, dict]:
-            lp = token_log_probs(p, config, hidden, rows["targets"], chunk_size=chunk_size, kernel=kernel)
-            lp = lp.reshape(b, 2, t)
-            comp = batch["loss_mask"]
-            avg = (lp * comp).sum(-1) / jnp.maximum(comp.sum(-1), 1.0)
+        def pair_loss(p: Any, hidden: jax.Array, batch: dict[str, jax.Array], frozen: Any
+                      ) -> tuple[jax.Array, dict]:
+            lp, n = sequence_log_probs(p, config, hidden, batch, chunk_size, kernel)
+            avg = lp / jnp.maximum(n, 1.0)
             # the NLL is TRL's: over every real position of the chosen rows (prompt included), a token mean
-            real = (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
-            nll = -(lp[:, 0] * real).sum() / jnp.maximum(real.sum(), 1.0)
+            plp = gather_log_probs(p, config, hidden, batch, batch["prompt_index"], batch["prompt_targets"],
+                                   chunk_size, kernel) * batch["prompt_mask"]
+            real = batch["prompt_mask"].sum() + n[:, 0].sum()
+            nll = -(plp.sum() + lp[:, 0].sum()) / jnp.maximum(real, 1.0)
             ratio, log_odds = orpo_odds_ratio(avg[:, 0], avg[:, 1])
             w = batch["pair_mask"]
             pairs = w.sum()
@@ -498,9 +520,8 @@ def reference_log_probs(lm: Any, dataset: PreferenceDataset, params: Any, batch_
         config = lm.config
 
         def fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
-            rows, b, _ = _pair_rows(batch)
-            pp, hidden = fwd(p, rows)
-            return sequence_log_probs(pp, config, hidden, rows, b, 1024, kernel)[0]
+            pp, hidden = fwd(p, flat_rows(batch))
+            return sequence_log_probs(pp, config, hidden, batch, 1024, kernel)[0]
 
         _REF_FNS.clear()  # one architecture at a time: the compiled function holds no weights, only code
         _REF_FNS[key] = jax.jit(fn)

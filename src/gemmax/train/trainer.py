@@ -395,16 +395,28 @@ def _commit(tree: Any) -> Any:
 
 
 def _place_batch(batch: Any, dist: Any) -> dict[str, jax.Array]:
+    """The batch on the devices, split over the mesh's batch axis. A post-training batch may lead with its
+    prompt groups (``branches``: a GRPO batch of 2 prompts x 4 completions has 2 groups), which that axis may
+    not divide: such arrays go whole to every device, and XLA splits the work where it can."""
     d = batch.as_dict()
     if dist is None:
         return {k: jnp.asarray(v) for k, v in d.items()}
-    return dist.shard_batch(d)
+    n = _batch_axis_size(dist)
+    split = {k: v for k, v in d.items() if np.ndim(v) == 0 or np.shape(v)[0] % n == 0}
+    whole = {k: v for k, v in d.items() if k not in split}
+    return {**dist.shard_batch(split), **(dist.replicate_batch(whole) if whole else {})}
+
+
+def _batch_axis_size(dist: Any) -> int:
+    if not dist.batch_dim_name or dist.batch_dim_name not in dist.device_mesh.axis_names:
+        return 1
+    return dist.device_mesh.axis_size(dist.batch_dim_name)
 
 
 def _check_batch_axis(dist: Any, batch_size: int, grad_accum: int) -> None:
-    if dist is None or not dist.batch_dim_name or dist.batch_dim_name not in dist.device_mesh.axis_names:
+    if dist is None or _batch_axis_size(dist) == 1:
         return
-    n = dist.device_mesh.axis_size(dist.batch_dim_name)
+    n = _batch_axis_size(dist)
     if batch_size % n or (batch_size // grad_accum) % n:
         raise ValueError(f"batch_size={batch_size} with grad_accum={grad_accum} gives micro-batches of "
                          f"{batch_size // grad_accum} rows, which the {n}-way '{dist.batch_dim_name}' mesh "

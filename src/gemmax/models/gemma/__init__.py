@@ -32,6 +32,7 @@ FAMILY = register(family_from(
     gguf=GGUFSpec(archs=gguf.SUPPORTED_ARCHS, read=gguf.read_gguf, write=gguf.write_gguf),
     chat_format=lambda cfg: "llama3" if cfg.family == "llama" else "gemma",
     backends=(XLA, CPU, CUDNN),
+    shared_prefix=True,
     extend=extend.extend,
     commit=extend.commit,
     keras=KerasSpec(classes=("GemmaBackbone", "Gemma3Backbone", "Llama3Backbone"), accepts=keras.accepts,

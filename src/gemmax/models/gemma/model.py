@@ -239,12 +239,17 @@ def decoder_layer(p: Params, x: Array, cfg: ModelConfig, positions: Array, inv_f
 
 
 def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: Array | None = None,
-                   segment_ids: Array | None = None, remat: str | None = None, attention: str | None = None) -> Array:
+                   segment_ids: Array | None = None, remat: str | None = None, attention: str | None = None,
+                   prefix_ids: Array | None = None) -> Array:
     """Causal forward over whole sequences -> final-normed hidden states [B, T, D] (every token sees every
     other, within the symmetric windows of local layers, when ``cfg.bidirectional``).
 
     ``segment_ids`` (0 = padding) keeps packed documents from attending to each other; ``positions``
-    (default 0..T-1) feed RoPE and may restart per document. ``remat`` ("full" | "dots" | None) wraps each
+    (default 0..T-1) feed RoPE and may restart per document. ``prefix_ids`` [B, T] (with segments) lets a
+    token also see the earlier keys of segment ``prefix_ids[t]`` (its own segment when it has no prefix):
+    one prompt followed in the same row by several continuations, each its own segment whose positions go
+    on from the prompt's end, computes the prompt once for all of them (a preference pair, a GRPO group).
+    Causality and the sliding windows are then read from ``positions``. ``remat`` ("full" | "dots" | None) wraps each
     layer in jax.checkpoint to trade compute for activation memory when training. ``attention`` ("cudnn": the
     caller's choice on an NVIDIA GPU) runs the attention as one fused ``jax.nn.dot_product_attention`` of that
     implementation, unless the config soft-caps attention logits.
@@ -254,6 +259,11 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = idx if positions is None else jnp.asarray(positions, jnp.int32)
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    prefix = None
+    if prefix_ids is not None:
+        if seg is None or cfg.bidirectional:
+            raise ValueError("prefix_ids need segment_ids and a causal model")
+        prefix, idx = jnp.asarray(prefix_ids, jnp.int32), positions
     fused = attention if cfg.attn_logit_softcap is None else None
     x = embed(params, cfg, tokens)
     has_local = LOCAL in cfg.layer_types
@@ -264,7 +274,8 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens: Array, positions: A
         p, window, row = xs
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            mask = attention_mask(idx, idx, window if has_local else None, seg, seg, causal=not cfg.bidirectional)
+            mask = attention_mask(idx, idx, window if has_local else None, seg, seg, causal=not cfg.bidirectional,
+                                  q_prefix=prefix)
             return dot_attention(q, k, v, mask, cfg.attn_logit_softcap, fused)
 
         return decoder_layer(p, x, cfg, positions, (sin[row], cos[row]), attend), None

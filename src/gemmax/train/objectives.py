@@ -42,7 +42,7 @@ from gemmax.kernels import cpu as cpu_kernels
 from gemmax.models.base import CPU, XLA
 from gemmax.nn.layers import einsum
 from gemmax.nn.lora import merge_trees
-from gemmax.train.losses import _chunk_logits, _head_grads, _softcap, in_chunks, output_head
+from gemmax.train.losses import _chunk_logits, _head_grads, _softcap, in_chunks, output_head, scan_summing
 from gemmax.train.optim import attention_choice
 
 __all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
@@ -188,14 +188,13 @@ def _trained_head_backward(spec: _LogProbHead, chunk: int, h: jax.Array, y: jax.
     summed over the chunks."""
     n, d = h.shape
     n_chunks, xs = in_chunks(chunk, h, y, ct)
-    acc0 = (jnp.zeros(head.shape, jnp.float32) if want_head else None,
-            jnp.zeros(scale.shape, jnp.float32) if want_scale else None)
 
-    def body(acc: Any, c: tuple[jax.Array, ...]) -> tuple[Any, jax.Array]:
+    def step(c: tuple[jax.Array, ...]) -> tuple[Any, jax.Array]:
         d_h, d_head, d_scale = _chunk_backward(spec, *c, head, scale, want_head, want_scale)
-        return (None if d_head is None else acc[0] + d_head, None if d_scale is None else acc[1] + d_scale), d_h
+        as32 = (lambda a: None if a is None else a.astype(jnp.float32))
+        return (as32(d_head), as32(d_scale)), d_h
 
-    (d_head, d_scale), d_h = jax.lax.scan(body, acc0, tuple(xs))
+    (d_head, d_scale), d_h = scan_summing(step, tuple(xs))
     return d_h.reshape(n_chunks * chunk, d)[:n], d_head, d_scale
 
 

@@ -216,14 +216,8 @@ def accumulate_gradients(
             raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {k} micro-batches")
         return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
-    if k == 1:  # no accumulator: a zeroed gradient tree plus an add is two passes over every weight's size
-        (sum_loss, aux), g = grad_fn(params, batch, *args)
-        sums = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
-        sums.setdefault("n_correct", jnp.zeros((), jnp.float32))
-        sums["sum_loss"] = jnp.asarray(sum_loss, jnp.float32)
-        denom = jnp.maximum(sums["n_tokens"], 1.0)
-        grads = jax.tree_util.tree_map(lambda a, p: (a.astype(jnp.float32) / denom).astype(p.dtype), g, params)
-        return sums["sum_loss"] / denom, grads, sums
+    if k == 1:
+        return _mean_gradient(loss_sums_fn, params, batch, *args)
 
     micro = jax.tree_util.tree_map(split, batch)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -246,6 +240,25 @@ def accumulate_gradients(
     denom = jnp.maximum(n_tokens, 1.0)
     grads = jax.tree_util.tree_map(lambda a, p: (a / denom).astype(p.dtype), g, params)
     return sum_loss / denom, grads, {"n_tokens": n_tokens, "n_correct": n_correct, "sum_loss": sum_loss, **extra}
+
+
+def _mean_gradient(loss_sums_fn: Callable[..., tuple[jax.Array, Any]], params: Any, batch: Any, *args: Any
+                   ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """``accumulate_gradients`` of one micro-batch: the gradient of ``sum / n_tokens`` taken directly (the
+    count is data, not differentiated), so the backward pass's seed carries the division and no pass over
+    every weight's size zeroes, adds or divides a gradient tree."""
+
+    def mean(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        s, aux = loss_sums_fn(p, batch, *args)
+        n = jnp.maximum(jax.lax.stop_gradient(jnp.asarray(aux["n_tokens"], jnp.float32)), 1.0)
+        return jnp.asarray(s, jnp.float32) / n, (s, aux)
+
+    (loss, (sum_loss, aux)), g = jax.value_and_grad(mean, has_aux=True)(params)
+    sums = {key: jnp.asarray(v, jnp.float32) for key, v in aux.items()}
+    sums.setdefault("n_correct", jnp.zeros((), jnp.float32))
+    sums["sum_loss"] = jnp.asarray(sum_loss, jnp.float32)
+    grads = jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), g, params)
+    return loss, grads, sums
 
 
 # ---- precision -----------------------------------------------------------------------------------

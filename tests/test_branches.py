@@ -46,17 +46,17 @@ def _layout(shared: bool, size: int = 3) -> dict[str, jax.Array]:
 
 
 def _plain(lm: CausalLM, params) -> list[list[np.ndarray]]:
-    """Each continuation's target log-probs from a plain forward pass over ``prompt + continuation`` alone."""
-    out = []
-    for prompt, conts in GROUPS:
-        row = []
-        for c in conts:
-            ids = jnp.asarray([prompt + c[:-1]])
-            logits = lm.family.logits_from_hidden(params, CFG, lm.family.forward_hidden(params, CFG, ids))
-            lp = jax.nn.log_softmax(logits[0, len(prompt) - 1:], -1)
-            row.append(np.asarray(jnp.take_along_axis(lp, jnp.asarray(c)[:, None], -1)[:, 0]))
-        out.append(row)
-    return out
+    """Each continuation's target log-probs from a plain causal forward pass over ``prompt + continuation``,
+    one sequence a row (right-padded: a causal row's earlier positions do not see the padding)."""
+    seqs = [(prompt, c) for prompt, conts in GROUPS for c in conts]
+    width = max(len(p) + len(c) - 1 for p, c in seqs)
+    ids = np.zeros((len(seqs), width), np.int32)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, :len(p) + len(c) - 1] = p + c[:-1]
+    logits = lm.family.logits_from_hidden(params, CFG, lm.family.forward_hidden(params, CFG, jnp.asarray(ids)))
+    lp = np.asarray(jax.nn.log_softmax(logits, -1))
+    flat = [lp[i, np.arange(len(p) - 1, len(p) - 1 + len(c)), c] for i, (p, c) in enumerate(seqs)]
+    return [flat[3 * g:3 * g + 3] for g in range(len(GROUPS))]
 
 
 def _logps(lm: CausalLM, params, batch, chunk: int = 16) -> jax.Array:

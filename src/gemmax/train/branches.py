@@ -80,14 +80,10 @@ def branch_batch(groups: Sequence[Group], *, size: int, continuations: int, shar
                 raise ValueError(f"group {g}, continuation {k}: {m} targets for {length} slots")
             ri = 0 if shared else k
             inputs = list(c[:-1])
-            if shared:
-                if k == 0:
-                    tokens[g, 0, :p], positions[g, 0, :p] = prompt, np.arange(p)
-                    seg[g, 0, :p] = prefix[g, 0, :p] = 1
-                at = start
-            else:
+            if not shared or k == 0:  # the prompt opens each row
                 tokens[g, ri, :p], positions[g, ri, :p], seg[g, ri, :p] = prompt, np.arange(p), 1
-                at = p
+                prefix[g, ri, :p] = 1
+            at = start if shared else p
             end = at + len(inputs)
             if end > row:
                 raise ValueError(f"group {g} needs rows of {end} tokens, the batch has {row}")
@@ -99,7 +95,7 @@ def branch_batch(groups: Sequence[Group], *, size: int, continuations: int, shar
             index[g, k, 0] = base + p - 1
             index[g, k, 1:m] = base + np.arange(at, end)
             targets[g, k, :m], mask[g, k, :m] = c, 1.0
-            start = end if shared else start
+            start = end
     out = {"tokens": tokens, "positions": positions, "segment_ids": seg, "index": index, "targets": targets,
            "mask": mask}
     if shared:

@@ -171,3 +171,23 @@ def test_precision_helpers():
     assert cast_floating({"a": 1}, jnp.bfloat16) == {"a": 1}
     with pytest.raises(ValueError):
         Precision.named("fp8")
+
+
+def test_clip_matches_optax_clip_both_ways():
+    """gemmax's clipping (one multiplication by a scalar, which XLA can fuse into Adam's loops) gives optax's
+    clipped updates and the same empty state, over and under the threshold."""
+    from gemmax.train.optim import clip_by_global_norm
+
+    rng = np.random.default_rng(3)
+    grads = {"a": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+             "b": {"scale": jnp.asarray(rng.normal(size=(7,)) * 4, jnp.float32)}}
+    norm = float(optax.tree.norm(grads))
+    for max_norm in (norm / 3, norm * 2):
+        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        got, s1 = ours.update(grads, ours.init(grads))
+        want, s2 = theirs.update(grads, theirs.init(grads))
+        assert s1 == s2
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+        clipped = float(optax.tree.norm(got))
+        assert abs(clipped - min(norm, max_norm)) < 1e-4 * norm

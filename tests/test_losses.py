@@ -326,3 +326,31 @@ def test_native_token_log_probs_match_xla(head_is_vd, temperature, dtype):
     assert "gemmax_cpu_softmax_xent" not in capped
     with pytest.raises(ValueError, match="unknown log-prob kernel 'fast'"):
         token_log_probs(params(w), _Cfg(head_is_vd, None), hidden, targets, kernel="fast")
+
+
+@native
+def test_native_softmax_in_place_gradient():
+    """``softmax_xent(in_place=True)`` writes the float32 gradient over the logits' buffer (the custom call
+    aliases its output to the logits) with the same numbers as a separate output, and XLA keeps the
+    logits intact for a caller that still reads them after the call (it copies them first)."""
+    from gemmax.kernels import cpu as cpu_kernels
+
+    rng = np.random.default_rng(11)
+    logits = jnp.asarray(rng.normal(size=(6, 1003)) * 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 1003, 6), jnp.int32)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+
+    def run(in_place):
+        return jax.jit(lambda z: (z * 1.0, cpu_kernels.softmax_xent(z * 1.0, y, w, jnp.float32,
+                                                                       in_place=in_place)))(logits)
+
+    (_, (t0, h0, g0)), (z1, (t1, h1, g1)) = run(False), run(True)
+    np.testing.assert_array_equal(g1, g0)
+    np.testing.assert_array_equal(t1, t0)
+    np.testing.assert_array_equal(h1, h0)
+    np.testing.assert_array_equal(z1, logits)  # still read after the in-place call
+    p = jax.nn.softmax(logits, axis=-1)
+    want = w[:, None] * (p - jax.nn.one_hot(y, 1003))
+    np.testing.assert_allclose(g1, want, rtol=1e-5, atol=1e-7)
+    lowered = jax.jit(lambda z: cpu_kernels.softmax_xent(z, y, w, jnp.float32, in_place=True)[2]).lower(logits)
+    assert "output_operand_alias" in lowered.as_text() or "output_to_operand_aliasing" in lowered.as_text()

@@ -338,19 +338,24 @@ def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return n * 4 / best / 1e9
 
 
-def softmax_xent(logits: jax.Array, targets: jax.Array, weights: jax.Array, grad_dtype: Any | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def softmax_xent(logits: jax.Array, targets: jax.Array, weights: jax.Array, grad_dtype: Any | None = None,
+                 in_place: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The cross-entropy terms of float32 ``logits`` [n, V] against ``targets`` [n] (in range) by the native
     kernel: ``(lse - z[y], 1.0 where z[y] is the row's max, gradient)``, the gradient with respect to the
     logits ``weights[:, None] * (softmax - onehot)`` in ``grad_dtype`` (float32 or bfloat16), or None when
     ``grad_dtype`` is None. One pass for the log-sum-exp and one for the gradient per row, a vectorised exp;
-    the fine-tuning loss takes it on the ``"cpu"`` backend (``train.losses``). Only where ``available()``."""
+    the fine-tuning loss takes it on the ``"cpu"`` backend (``train.losses``). Only where ``available()``.
+
+    ``in_place`` (a caller whose logits are dead after this call): a float32 gradient is written over the
+    logits' buffer, each row read before it is overwritten. XLA then needs no second [n, V] array: for the
+    270M's 512-token loss 537 MB less at the peak, and 537 MB less of fresh pages to fault in every step."""
     n, v = logits.shape
     g_shape = (n, v) if grad_dtype is not None else (1,)
     out = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
            jax.ShapeDtypeStruct(g_shape, grad_dtype if grad_dtype is not None else jnp.float32))
-    tok, hit, g = jax.ffi.ffi_call(_XENT, out)(logits.astype(jnp.float32), targets.astype(jnp.int32),
-                                              weights.astype(jnp.float32))
+    alias = {0: 2} if in_place and grad_dtype is not None and jnp.dtype(grad_dtype) == jnp.float32 else {}
+    tok, hit, g = jax.ffi.ffi_call(_XENT, out, input_output_aliases=alias)(
+        logits.astype(jnp.float32), targets.astype(jnp.int32), weights.astype(jnp.float32))
     return tok, hit, g if grad_dtype is not None else None
 
 

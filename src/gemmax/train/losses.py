@@ -97,7 +97,7 @@ def _native_pass(hc: jax.Array, yc: jax.Array, wc: jax.Array, head: jax.Array, h
     want_h, want_head, _ = want
     half = hc.dtype == jnp.bfloat16
     grad_dtype = (jnp.bfloat16 if half else jnp.float32) if (want_h or want_head) else None
-    tok, hit, g = cpu_kernels.softmax_xent(logits, safe, w, grad_dtype)
+    tok, hit, g = cpu_kernels.softmax_xent(logits, safe, w, grad_dtype, in_place=True)
     g = g.astype(hc.dtype) if g is not None else None
     tok = jnp.where(on, tok, 0.0)
     out = ((tok * wc).sum(), jnp.where(on, hit * wc, 0.0).sum(), tok)

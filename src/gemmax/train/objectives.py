@@ -111,7 +111,7 @@ def _native_chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, he
     safe = jnp.clip(yc, 0, logits.shape[-1] - 1)
     grad_dtype = (jnp.bfloat16 if hc.dtype == jnp.bfloat16 else jnp.float32) if want_grad else None
     ones = jnp.ones(yc.shape, jnp.float32)
-    tok, _, g = cpu_kernels.softmax_xent(logits, safe, ones, grad_dtype)
+    tok, _, g = cpu_kernels.softmax_xent(logits, safe, ones, grad_dtype, in_place=True)
     if not want_grad:
         return -tok, None
     if spec.temperature != 1.0:

@@ -110,14 +110,13 @@ def _native_chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, he
         logits = logits / spec.temperature
     safe = jnp.clip(yc, 0, logits.shape[-1] - 1)
     grad_dtype = (jnp.bfloat16 if hc.dtype == jnp.bfloat16 else jnp.float32) if want_grad else None
-    ones = jnp.ones(yc.shape, jnp.float32)
-    tok, _, g = cpu_kernels.softmax_xent(logits, safe, ones, grad_dtype, in_place=True)
+    # weights -1 / temperature: the kernel's w (softmax - onehot) is then d log p / d z itself, with no
+    # further pass over the [c, V] gradient to negate and scale it
+    weights = jnp.full(yc.shape, -1.0 / spec.temperature, jnp.float32)
+    tok, _, g = cpu_kernels.softmax_xent(logits, safe, weights, grad_dtype, in_place=True)
     if not want_grad:
         return -tok, None
-    if spec.temperature != 1.0:
-        g = g / jnp.asarray(spec.temperature, g.dtype)
-    g = (-g).astype(hc.dtype)
-    return -tok, _head_grads(g, hc, head, spec.head_is_vd, True, False, native=True)[0]
+    return -tok, _head_grads(g.astype(hc.dtype), hc, head, spec.head_is_vd, True, False, native=True)[0]
 
 
 def _chunk_log_probs(spec: _LogProbHead, hc: jax.Array, yc: jax.Array, head: jax.Array, scale: jax.Array,

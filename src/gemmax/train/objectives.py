@@ -51,10 +51,10 @@ __all__ = ["Objective", "merged", "sequence_forward", "token_log_probs"]
 #: bytes of one chunk's float32 [chunk, V] logits ``token_log_probs`` aims at: the chunk shrinks to fit (at
 #: least 16 tokens), so a 262k vocabulary takes 128-token chunks. Not smaller: each chunk's products read the
 #: whole [V, D] table; on a 2-core Xeon the 270M head's logits product ran at 115-198 GFLOP/s with 64 rows
-#: against 159-222 with 128, its hidden-gradient product at 109-144 against 161-200 (two sessions of
-#: alternated runs; 256 rows measured no clear gain more). With a batch's positions in one chunk XLA also
-#: computes a trained head's logits once for the forward and backward rules (full DPO on the 270M shapes, 128
-#: positions, 3.2-4.3 -> 2.6-3.3 s a step against 64-token chunks, alternated runs)
+#: against 159-222 with 128, its hidden-gradient product at 109-144 against 161-200 (alternated runs in two
+#: periods of the machine's speed; 256 rows measured no clear gain more). With a batch's positions in one
+#: chunk XLA also computes a trained head's logits once for the forward and backward rules (full DPO on the
+#: 270M shapes, 128 positions: 3.2-4.3 -> 2.6-3.3 s a step against 64-token chunks, alternated runs)
 LOGITS_CHUNK_BYTES = 128 * 2**20
 
 

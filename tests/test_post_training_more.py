@@ -229,3 +229,38 @@ def test_grpo_num_iterations_reuses_the_batch_with_generation_time_old_logps(tmp
     again = train.evaluate(lm, held, batch_size=8, sequence_length=16, objective=_grpo2())
     assert again["reward"] == ev["val_reward"] and again["loss"] == pytest.approx(ev["val_loss"], abs=1e-6)
     assert strip_lora  # the reference of a LoRA run is the base (covered in test_post_training)
+
+
+def test_grpo_resume_refuses_a_block_batch_in_another_layout():
+    """A checkpoint's stored GRPO batch (inside a num_iterations block) is decoded and checked before anything
+    is restored: this layout round-trips; a batch of one flat row per completion (no ``index``, old
+    log-probs [completions, length]) is refused with an error naming the layout, the iterator unchanged."""
+    from gemmax.train.grpo import RepeatIterator, Rollout, _encode_rollout
+
+    class Inner:
+        pos = 0
+
+        def state(self):
+            return {"pos": self.pos}
+
+        def restore(self, st):
+            self.pos = st["pos"]
+
+    g, n, t, length = 2, 3, 20, 5
+    good = {k: np.zeros((g, 1, t), np.int32) for k in ("tokens", "positions", "segment_ids")}
+    good.update(index=np.zeros((g, n, length), np.int32), targets=np.zeros((g, n, length), np.int32),
+                mask=np.ones((g, n, length), np.float32), advantages=np.ones((g, n), np.float32),
+                old_logps=np.full((g, n, length), -1.5, np.float32))
+    rollout = Rollout(good, np.zeros(g * n), {"f": np.zeros(g * n)}, np.full(g * n, length), 0.5, ["x"] * (g * n))
+    it = RepeatIterator(Inner(), 2)
+    it.restore({"pos": 4, "iteration": 1, "rollout": _encode_rollout(rollout)})
+    assert it.inner.pos == 4 and it.done == 1
+    np.testing.assert_array_equal(it.current.arrays["old_logps"], good["old_logps"])
+
+    flat = {"tokens": np.zeros((g * n, t), np.int32), "completion_mask": np.ones((g * n, length), np.float32),
+            "advantages": np.ones(g * n, np.float32), "old_logps": np.zeros((g * n, length), np.float32)}
+    old = Rollout(flat, np.zeros(g * n), {"f": np.zeros(g * n)}, np.full(g * n, length), 0.5, ["x"] * (g * n))
+    fresh = RepeatIterator(Inner(), 2)
+    with pytest.raises(ValueError, match="layout this version does not read.*block boundary"):
+        fresh.restore({"pos": 4, "iteration": 1, "rollout": _encode_rollout(old)})
+    assert fresh.inner.pos == 0 and fresh.current is None

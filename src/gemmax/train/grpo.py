@@ -247,10 +247,32 @@ class RepeatIterator:
         return st
 
     def restore(self, state: dict[str, Any]) -> None:
+        rollout = _decode_rollout(state["rollout"]) if state.get("rollout") is not None else None
+        if rollout is not None:
+            _check_rollout_layout(rollout)  # before anything changes: a refused state leaves this iterator as it was
         self.inner.restore(state)
         self.current, self.done = None, 0
-        if state.get("rollout") is not None:
-            self.current, self.done = _decode_rollout(state["rollout"]), int(state["iteration"])
+        if rollout is not None:
+            self.current, self.done = rollout, int(state["iteration"])
+
+
+#: the arrays a stored rollout must hold to resume inside a ``num_iterations`` block: ``branches.branch_batch``'s
+#: group-leading layout, the advantages [G, n] and the old log-probs [G, n, L]
+_ROLLOUT_KEYS = ("tokens", "positions", "segment_ids", "index", "targets", "mask", "advantages", "old_logps")
+
+
+def _check_rollout_layout(r: Rollout) -> None:
+    """Refuse a rollout stored in another batch layout (a checkpoint taken inside a ``num_iterations`` block
+    by a build whose GRPO batches had one flat row per completion): resuming it would fail inside the
+    compiled step with a shape error that names nothing."""
+    a = r.arrays
+    if any(k not in a for k in _ROLLOUT_KEYS) or a["old_logps"].ndim != 3 or a["advantages"].ndim != 2:
+        shapes = {k: tuple(v.shape) for k, v in sorted(a.items())}
+        raise ValueError(
+            f"this checkpoint's GRPO batch (saved inside a num_iterations block) is in a layout this version "
+            f"does not read: {shapes}; expected {list(_ROLLOUT_KEYS)} with advantages [groups, generations] "
+            "and old_logps [groups, generations, length]. Resume from a checkpoint at a block boundary (a step "
+            "that is a multiple of num_iterations) or start the run again")
 
 
 def _encode_rollout(r: Rollout) -> str:

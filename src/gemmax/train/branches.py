@@ -38,6 +38,8 @@ from gemmax.train.objectives import token_log_probs
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "prefix_ids")
+#: the arrays every ``branch_batch`` layout holds (a shared one adds ``prefix_ids``)
+LAYOUT_KEYS = ("tokens", "positions", "segment_ids", "index", "targets", "mask")
 
 
 def row_length(groups: Sequence[Group], shared: bool) -> int:

@@ -48,7 +48,7 @@ import numpy as np
 
 from gemmax.engine.generate import SamplingParams, generate_ids
 from gemmax.models.base import XLA
-from gemmax.train.branches import branch_batch, continuation_log_probs, flat_rows
+from gemmax.train.branches import LAYOUT_KEYS, branch_batch, continuation_log_probs, flat_rows
 from gemmax.train.data import END_OF_TURN, START_OF_TURN, DataError, Record, read_records
 from gemmax.train.objectives import Objective, merged, sequence_forward
 from gemmax.train.optim import loss_kernel
@@ -251,14 +251,12 @@ class RepeatIterator:
         if rollout is not None:
             _check_rollout_layout(rollout)  # before anything changes: a refused state leaves this iterator as it was
         self.inner.restore(state)
-        self.current, self.done = None, 0
-        if rollout is not None:
-            self.current, self.done = rollout, int(state["iteration"])
+        self.current, self.done = rollout, int(state["iteration"]) if rollout is not None else 0
 
 
 #: the arrays a stored rollout must hold to resume inside a ``num_iterations`` block: ``branches.branch_batch``'s
 #: group-leading layout, the advantages [G, n] and the old log-probs [G, n, L]
-_ROLLOUT_KEYS = ("tokens", "positions", "segment_ids", "index", "targets", "mask", "advantages", "old_logps")
+_ROLLOUT_KEYS = (*LAYOUT_KEYS, "advantages", "old_logps")
 
 
 def _check_rollout_layout(r: Rollout) -> None:

@@ -199,6 +199,24 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
             np.testing.assert_array_equal(np.asarray(got16, np.float32), _to_bf16(got), err_msg=eq)
 
 
+@pytest.mark.parametrize("rows, k, n", [(301, 16384, 600), (40, 65536, 80)])
+def test_long_k_gemm_equals_einsum(rows: int, k: int, n: int) -> None:
+    """A float32 product whose contraction is far longer than its rows and columns (the hidden states'
+    gradient through a [V, D] head, contracting over the vocabulary) takes the split-K GEMM: K slices
+    claimed by the threads, each summing into its own copy of y, added up at the end; rows in chunks of at
+    most a quarter of L2 (301 rows of 600 columns: two chunks on a 2 MB L2, a 1-row last tile), a partial
+    last panel (600 = 9 x 64 + 24; 80 = 64 + 16, copied rather than packed by the first tile), a scale.
+    Against float64 NumPy."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)) * 0.05, jnp.float32)
+    s = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
+    assert ck.supports("bv,vd->bd", x, ck.NativeWeight(w, None, gemm=True))
+    got = jax.jit(lambda x, w, s: ck.gemv("bv,vd->bd", x, ck.NativeWeight(w, None, gemm=True), s))(x, w, s)
+    want = _np_product("bv,vd->bd", x, w, np.asarray(s))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("norm,offset,rot,mult,dtype", [
     (True, 1.0, 1.0, 0.0625, "float32"), (True, 0.0, 1.0, None, "float32"), (False, 1.0, 1.0, 0.125, "float32"),
     (True, 1.0, 0.5, 0.25, "float32"), (True, 1.0, 1.0, 0.0625, "bfloat16"), (False, 1.0, 0.5, None, "bfloat16")])

@@ -199,14 +199,15 @@ def test_gemm_equals_einsum(dtype: str, rows: int) -> None:
             np.testing.assert_array_equal(np.asarray(got16, np.float32), _to_bf16(got), err_msg=eq)
 
 
-@pytest.mark.parametrize("rows, k, n", [(301, 16384, 600), (40, 65536, 80)])
-def test_long_k_gemm_equals_einsum(rows: int, k: int, n: int) -> None:
+@pytest.mark.parametrize("rows, k, n", [(301, 16384, 600), (40, 65536, 80), (10, 1040, 200), (16, 640, 2048)])
+def test_split_k_gemm_equals_einsum(rows: int, k: int, n: int) -> None:
     """A float32 product whose contraction is far longer than its rows and columns (the hidden states'
-    gradient through a [V, D] head, contracting over the vocabulary) takes the split-K GEMM: K slices
-    claimed by the threads, each summing into its own copy of y, added up at the end; rows in chunks of at
-    most a quarter of L2 (301 rows of 600 columns: two chunks on a 2 MB L2, a 1-row last tile), a partial
-    last panel (600 = 9 x 64 + 24; 80 = 64 + 16, copied rather than packed by the first tile), a scale.
-    Against float64 NumPy."""
+    gradient through a [V, D] head, contracting over the vocabulary), or one of a batched decode's 8-16
+    rows, takes the split-K GEMM: K slices claimed by the threads, each summing into its own copy of y,
+    added up at the end; rows in chunks of at most a quarter of L2 (301 rows of 600 columns: two chunks on
+    a 2 MB L2, a 1-row last tile), a partial last panel (600 = 9 x 64 + 24; 80 = 64 + 16 and 200 = 3 x 64 +
+    8, copied rather than packed by the first tile), a last K block of 16 rows (1040 in blocks of 64), more
+    slices than blocks would allow (640 rows of W: ten blocks), a scale. Against float64 NumPy."""
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, n)) * 0.05, jnp.float32)
@@ -586,14 +587,15 @@ def test_write_entries_equals_the_dropping_scatter() -> None:
 
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
-@pytest.mark.parametrize("rows", [3, 70])
+@pytest.mark.parametrize("rows", [3, 12, 70])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_gated_epilogue_equals_xla(act: str, rows: int, dtype: str) -> None:
     """The gated MLP on the kernel (layers.gated_linear: the activation on the gate GEMM's tiles, the product
-    on the up GEMM's) against activation_fn(gate) * up in XLA: decode rows (GEMV, then the epilogue over the
-    rows) and prefill rows (the GEMM's tiles, partial panels: N = 200), float32 and bfloat16 activations with
-    weights of the same dtype, int8 weights with scales. bfloat16: within one rounding of the result (the
-    kernel's sums and tanh differ from XLA's in the last float32 bits)."""
+    on the up GEMM's) against activation_fn(gate) * up in XLA: decode rows (GEMV, or at 12 rows of float32
+    the split-K GEMM, then the epilogue over the rows) and prefill rows (the GEMM's tiles, partial panels:
+    N = 200), float32 and bfloat16 activations with weights of the same dtype, int8 weights with scales.
+    bfloat16: within one rounding of the result (the kernel's sums and tanh differ from XLA's in the last
+    float32 bits)."""
     rng = np.random.default_rng(rows)
     k, n = 96, 200
     x_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32

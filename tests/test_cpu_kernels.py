@@ -207,15 +207,19 @@ def test_split_k_gemm_equals_einsum(rows: int, k: int, n: int) -> None:
     added up at the end; rows in chunks of at most a quarter of L2 (301 rows of 600 columns: two chunks on
     a 2 MB L2, a 1-row last tile), a partial last panel (600 = 9 x 64 + 24; 80 = 64 + 16 and 200 = 3 x 64 +
     8, copied rather than packed by the first tile), a last K block of 16 rows (1040 in blocks of 64), more
-    slices than blocks would allow (640 rows of W: ten blocks), a scale. Against float64 NumPy."""
+    slices than blocks would allow (640 rows of W: ten blocks), a scale. Against float64 NumPy; and bit for
+    bit the same on every call, whichever thread sums which slice (the slices' copies are added in order)."""
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, n)) * 0.05, jnp.float32)
     s = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
     assert ck.supports("bv,vd->bd", x, ck.NativeWeight(w, None, gemm=True))
-    got = jax.jit(lambda x, w, s: ck.gemv("bv,vd->bd", x, ck.NativeWeight(w, None, gemm=True), s))(x, w, s)
+    fn = jax.jit(lambda x, w, s: ck.gemv("bv,vd->bd", x, ck.NativeWeight(w, None, gemm=True), s))
+    got = fn(x, w, s)
     want = _np_product("bv,vd->bd", x, w, np.asarray(s))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for _ in range(4):
+        np.testing.assert_array_equal(np.asarray(fn(x, w, s)), np.asarray(got))
 
 
 @pytest.mark.parametrize("norm,offset,rot,mult,dtype", [

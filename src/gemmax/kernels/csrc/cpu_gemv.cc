@@ -1245,8 +1245,8 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
 // items are 64-column panels that each walk all of K, so x (rows x V floats, hundreds of MB) is read from
 // memory once per panel: ten times for D = 640. Here K is cut into slices that the threads claim one at a
 // time. A thread walks a slice one chunk of rows at a time, its K blocks with the panels inside: each block
-// of x comes from memory once and from L2 for the other panels, summed into the thread's own copy of y
-// (the chunk's part of it stays in L2); the copies are added up at the end. Float32 weights and x, one
+// of x comes from memory once and from L2 for the other panels, summed into the slice's own copy of y
+// (the chunk's part of it stays in L2); the copies are added up at the end, in slice order. Float32 weights and x, one
 // product (P = 1); a gated MLP's epilogue is applied to the finished rows (dispatch).
 //
 // Rows in chunks whose part of y fills at most a quarter of L2 (W is read once per chunk), K in blocks of
@@ -1267,32 +1267,35 @@ bool long_k(int64_t B, int64_t K, int64_t N) {
   return N > kNB && K >= 16 * N && B * K * static_cast<int64_t>(sizeof(float)) > 4 * l2_bytes();
 }
 
-void gemm_long_k(const float* x, const float* w, float* y, const float* scale, int64_t B, int64_t K, int64_t N,
+void gemm_split_k(const float* x, const float* w, float* y, const float* scale, int64_t B, int64_t K, int64_t N,
                  ffi::ThreadPool* pool) {
   const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
   const int64_t panels = (N + kNB - 1) / kNB;
-  const int64_t kc = B <= kSplitKRows ? 64 : 256;
+  // a few rows: blocks of at most 64 rows of W, fewer where that leaves under four blocks a thread
+  const int64_t kc = B <= kSplitKRows ? std::clamp<int64_t>(K / (4 * threads) / 16 * 16, 16, 64) : 256;
   const int64_t chunk = std::min(B, std::max<int64_t>(8 * kMR, l2_bytes() / 4 / (N * 4) / kMR * kMR));
   const int64_t kblocks = (K + kc - 1) / kc;
-  // several slices a thread: one that runs slower (a shared VM core) leaves the others a slice, not half
-  const int64_t slices = std::min<int64_t>(kblocks, 8 * threads);
-  std::vector<float> extra(static_cast<size_t>((threads - 1) * B * N));
-  std::vector<char> used(static_cast<size_t>(threads), 0);
+  // several slices a thread: one that runs slower (a shared VM core) leaves the others a slice, not half.
+  // Each slice sums into its own copy of y (slice 0 into y itself), added up in slice order at the end, so
+  // a row's result does not depend on which thread took which slice: a decode step is reproducible.
+  const int64_t slices = std::min<int64_t>(kblocks, 4 * threads);
+  static thread_local std::vector<float> parts;  // the calling thread's, filled by the workers
+  parts.resize(static_cast<size_t>((slices - 1) * B * N));
+  float* const part0 = parts.data();
   std::atomic<int64_t> next{0};
-  parallel_for(pool, threads, [&](int64_t t) {
-    float* out = t == 0 ? y : extra.data() + (t - 1) * B * N;
+  parallel_for(pool, std::min(threads, slices), [&](int64_t) {
     static thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>(kc * kNB + 16));
     float* panel = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
-    bool started = false;  // out holds this thread's sums (its first slice stores, the later ones add)
     for (int64_t s = next.fetch_add(1, std::memory_order_relaxed); s < slices;
          s = next.fetch_add(1, std::memory_order_relaxed)) {
+      float* out = s == 0 ? y : part0 + (s - 1) * B * N;
       const int64_t kb0 = s * kblocks / slices, kb1 = (s + 1) * kblocks / slices;
       for (int64_t c0 = 0; c0 < B; c0 += chunk) {
         const int64_t c1 = std::min(B, c0 + chunk), tiles = (c1 - c0 + kMR - 1) / kMR;
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           const int64_t k0 = kb * kc, kcur = std::min(kc, K - k0);
-          const bool add = started || kb > kb0;
+          const bool add = kb > kb0;  // the slice's first block stores, the later ones add
           for (int64_t pj = 0; pj < panels; ++pj) {
             const int64_t n0 = pj * kNB;
             const int width = static_cast<int>(std::min<int64_t>(kNB, N - n0));
@@ -1328,14 +1331,10 @@ void gemm_long_k(const float* x, const float* w, float* y, const float* scale, i
           }
         }
       }
-      started = true;
     }
-    used[static_cast<size_t>(t)] = started;
   });
-  if (!used[0]) std::fill(y, y + B * N, 0.0f);
-  for (int64_t t = 1; t < threads; ++t) {
-    if (!used[static_cast<size_t>(t)]) continue;
-    const float* part = extra.data() + (t - 1) * B * N;
+  for (int64_t s = 1; s < slices; ++s) {
+    const float* part = part0 + (s - 1) * B * N;
 #pragma omp simd
     for (int64_t i = 0; i < B * N; ++i) y[i] += part[i];
   }
@@ -2033,7 +2032,7 @@ void dispatch(const float* x, const uint16_t* xh, const void* w_all, float* y, u
     split_k = !in_minor_ && P == 1 && B >= kSkinnyRows && (B <= kSplitKRows || long_k(B, K, N));
   }
   if (split_k) {
-    gemm_long_k(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w), y, scale, B, K, N, pool);
+    gemm_split_k(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w), y, scale, B, K, N, pool);
   } else if (!in_minor_ && B >= kSkinnyRows) {
     gemm_in_major<T>(x, nullptr, w, y, yh, scale, B, P, K, N, pool, ep);
     return;

@@ -990,6 +990,19 @@ struct BlockPrefetch {
   }
 };
 
+// Rows [0, kc) of a `width`-column slice of W (row stride N) as float32 into a 64-wide panel, zero past
+// `width`: the panel of a block that its first row tile does not pack (a partial panel, or too few rows).
+template <typename T>
+void pack_panel(const T* src, int64_t N, int64_t kc, int width, float* panel) {
+  for (int64_t k = 0; k < kc; ++k) {
+    float* dst = panel + k * kNB;
+    const T* row = src + k * N;
+#pragma omp simd
+    for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
+    for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
+  }
+}
+
 // y[b, p*N + n] = scale[p*N + n] * sum_k x[b, k] W[p, k, n]. Work items are (p, row chunk, 64-column
 // panel); row chunks only split the rows when there are too few panels to keep every thread busy (each
 // repacks). Packing a panel reads 64 columns of each of K weight rows, N apart: from memory a latency-bound
@@ -1114,13 +1127,7 @@ void gemm_in_major(const float* x, const uint16_t* xh, const T* w, float* y, uin
             for (int j = width; j < kNB; ++j) dst[j] = 0;
           }
         } else {
-          for (int64_t k = 0; k < kc; ++k) {
-            float* dst = panel + k * kNB;
-            const T* row = src + k * N;
-#pragma omp simd
-            for (int j = 0; j < width; ++j) dst[j] = to_f32(row[j]);
-            for (int j = width; j < kNB; ++j) dst[j] = 0.0f;
-          }
+          pack_panel(src, N, kc, width, panel);
         }
         BlockPrefetch pf;
         if (kb + 1 < kblocks || ahead < items) {
@@ -1301,13 +1308,7 @@ void gemm_split_k(const float* x, const float* w, float* y, const float* scale, 
             const int width = static_cast<int>(std::min<int64_t>(kNB, N - n0));
             const float* src = w + k0 * N + n0;
             const bool packs = width == kNB && c1 - c0 >= kMR;  // the first row tile packs the panel
-            if (!packs) {
-              for (int64_t k = 0; k < kcur; ++k) {
-                float* dst = panel + k * kNB;
-                std::memcpy(dst, src + k * N, static_cast<size_t>(width) * 4);
-                std::fill(dst + width, dst + kNB, 0.0f);
-              }
-            }
+            if (!packs) pack_panel(src, N, kcur, width, panel);
             BlockPrefetch pf;  // the next panel's rows of this block, or the next block's first panel
             if (pj + 1 < panels) {
               pf = {reinterpret_cast<const char*>(src + kNB), N * 4, kcur, std::min<int64_t>(kNB, N - n0 - kNB) * 4};

@@ -49,16 +49,36 @@ class Report:
         save_lines(path, self.lines)
 
 
-def run_children(script: str, names: Iterable[str], flags: dict[str, Any], stderr_tail: int = 2000
-                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+def host_malloc_flag(ap: argparse.ArgumentParser) -> None:
+    """``--host-malloc``: the C allocator setting every child process (each peer alike) starts with."""
+    ap.add_argument("--host-malloc", default="huge-pages", choices=("huge-pages", "system"),
+                    help="huge-pages (default): every child starts with glibc's transparent-huge-page tunable, "
+                         "as the gemmax commands that run a model do (gemmax.kernels.host_memory); system: "
+                         "the environment as it is")
+
+
+def child_environ(host_malloc: str) -> tuple[dict[str, str], str]:
+    """The children's environment for ``--host-malloc`` and a line that names it for the report's header."""
+    from gemmax.kernels import host_memory
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if host_malloc == "huge-pages":
+        tuned = host_memory.huge_page_environ(env)
+        env = tuned if tuned is not None else env
+    return env, f"children (both peers) start with GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}"
+
+
+def run_children(script: str, names: Iterable[str], flags: dict[str, Any], stderr_tail: int = 2000,
+                 env: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Run each named configuration of ``script`` in a fresh CPU-only process (``--child NAME`` and ``flags``
-    as ``--key=value``), so that each one's peak memory is its own. Yields the name and the child's ``RESULT``
-    JSON, with ``median_step_s`` (of its ``step_seconds``) and the process's ``wall_s`` added; a child that
-    fails is reported with the tail of its stderr and skipped."""
+    as ``--key=value``; ``env``, default this process's), so that each one's peak memory is its own. Yields
+    the name and the child's ``RESULT`` JSON, with ``median_step_s`` (of its ``step_seconds``) and the
+    process's ``wall_s`` added; a child that fails is reported with the tail of its stderr and skipped."""
+    env = dict(env if env is not None else os.environ, JAX_PLATFORMS="cpu")
     for name in names:
         cmd = [sys.executable, script, "--child", name] + [f"--{k}={v}" for k, v in flags.items()]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or "RESULT" not in proc.stdout:
             print(f"{name}: failed\n{proc.stderr[-stderr_tail:]}", flush=True)
             continue

@@ -31,7 +31,7 @@ import os
 import resource
 import time
 
-from _common import dump_json, int_flags, parser, result_line, run_children
+from _common import child_environ, dump_json, host_malloc_flag, int_flags, parser, result_line, run_children
 
 CONFIGS = ("gemmax-dpo-lora", "trl-dpo-lora", "gemmax-dpo-full", "trl-dpo-full", "gemmax-grpo", "trl-grpo")
 CHARS = "abcdefghijklmnopqrstuvwxyz ,.!?0123456789"
@@ -193,18 +193,20 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tmp", default="/tmp/gemmax_post_train_bench", help=argparse.SUPPRESS)
+    host_malloc_flag(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
+    env, env_line = child_environ(args.host_malloc)
     print(f"{args.preset}, DPO {args.batch} pairs x ({args.prompt}+{args.completion}) tokens, GRPO {args.batch} "
           f"prompts x {args.generations} x {args.completion} tokens, {args.precision}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps, {os.cpu_count()} CPUs", flush=True)
+          f"{args.steps} timed steps, {os.cpu_count()} CPUs; {env_line}", flush=True)
     results: dict[str, dict] = {}
     flags = {k: getattr(args, k) for k in ("preset", "batch", "prompt", "completion", "generations", "steps",
                                            "warmup", "rank", "precision", "tmp")}
-    for name, r in run_children(__file__, args.only.split(","), flags, stderr_tail=3000):
+    for name, r in run_children(__file__, args.only.split(","), flags, stderr_tail=3000, env=env):
         r["tokens_per_s"] = r["tokens_per_step"] / r["median_step_s"]
         results[name] = r
         print(result_line(name, r, 16), flush=True)

@@ -26,7 +26,7 @@ import os
 import resource
 import time
 
-from _common import dump_json, int_flags, parser, result_line, run_children
+from _common import child_environ, dump_json, host_malloc_flag, int_flags, parser, result_line, run_children
 
 CONFIGS = ("gemmax-lora", "torch-lora", "gemmax-full", "torch-full")
 
@@ -114,17 +114,19 @@ def main() -> None:
     ap.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--json", help="also write the results here")
+    host_malloc_flag(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
     tokens = args.batch * args.seq
+    env, env_line = child_environ(args.host_malloc)
     print(f"{args.preset}, batch {args.batch} x {args.seq} tokens, {args.precision}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps, {os.cpu_count()} CPUs", flush=True)
+          f"{args.steps} timed steps, {os.cpu_count()} CPUs; {env_line}", flush=True)
     results: dict[str, dict] = {}
     flags = {k: getattr(args, k) for k in ("preset", "batch", "seq", "steps", "warmup", "rank", "precision")}
-    for name, r in run_children(__file__, args.only.split(","), flags):
+    for name, r in run_children(__file__, args.only.split(","), flags, env=env):
         r["tokens_per_s"] = tokens / r["median_step_s"]
         results[name] = r
         print(result_line(name, r, 12), flush=True)

@@ -27,6 +27,7 @@ from gemmax.io.bundled import default_model_path
 from gemmax.io.generation_config import BASE_MODEL_HINT, instruction_tuned, sampling_defaults
 from gemmax.io.gguf import read_metadata as read_gguf_metadata
 from gemmax.io.hf import read_json_config
+from gemmax.kernels import host_memory
 from gemmax.models import base
 from gemmax.models import embedding_gemma as eg
 from gemmax.nn import lora
@@ -390,5 +391,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+#: The commands that run a model: the console entry restarts them with huge pages (``entry``).
+MODEL_COMMANDS = frozenset({"generate", "chat", "embed", "finetune", "serve"})
+
+
+def entry() -> int:
+    """The ``gemmax`` console command: ``main`` on this process's arguments, restarted first with transparent
+    huge pages (``gemmax.kernels.host_memory``) when the command runs a model and is not asking for help."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in MODEL_COMMANDS and not {"-h", "--help"} & set(argv):
+        host_memory.restart_with_huge_pages()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

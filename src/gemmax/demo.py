@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from gemmax.cli import load_model
+from gemmax.kernels import host_memory
 from gemmax.train.trainer import demo_settings, plot_loss
 
 
@@ -54,4 +55,5 @@ def main(out_dir: str = "out/demo") -> int:
 
 
 if __name__ == "__main__":
+    host_memory.restart_with_huge_pages()  # the fine-tune's step: gemmax.kernels.host_memory
     sys.exit(main(*sys.argv[1:]))

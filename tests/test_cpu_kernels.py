@@ -48,6 +48,21 @@ def test_kernel_builds_here() -> None:
     assert ck.available()
 
 
+@pytest.mark.parametrize("k, m, n", [(1, 1, 1), (5, 7, 3), (13, 100, 70), (37, 333, 129), (512, 700, 640)])
+def test_gemm_tn_is_the_transposed_product(k: int, m: int, n: int) -> None:
+    """``gemm_tn(a, b) = a.T @ b``: partial row blocks, partial 64-column panels, K not a multiple of the
+    transpose's 8-row step; float32 sums within the float32 rounding of the reference's."""
+    rng = np.random.default_rng(k * m + n)
+    a = rng.standard_normal((k, m)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    y = np.asarray(jax.jit(ck.gemm_tn)(a, b))
+    ref = a.astype(np.float64).T @ b.astype(np.float64)
+    assert y.shape == (m, n)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5 * np.sqrt(k))
+    with pytest.raises(ValueError, match="same K"):
+        ck.gemm_tn(a, b[:-1] if k > 1 else np.zeros((2, n), np.float32))
+
+
 def test_read_kernel_sums_every_element() -> None:
     """The bandwidth benchmark's read kernel touches every element once: whole 1 MiB blocks, a partial last
     block and a tail shorter than one vector step all count."""

@@ -264,6 +264,9 @@ def test_native_softmax_passes_match_xla(head_is_vd, chunk):
     # a tied head's product for the hidden states' gradient (contracting over the vocabulary) runs on the
     # native GEMM too; an untied [D, V] head's stays with XLA's dot
     assert ("gemmax_cpu_gemv" in hlo) == head_is_vd
+    # so does a trained tied head's own gradient g^T h (contracting over the rows)
+    hlo = jax.jit(jax.grad(lambda e: loss("cpu", hidden, e)[0])).lower(w).as_text()
+    assert ("gemmax_cpu_gemm_tn" in hlo) == head_is_vd
 
 
 @native

@@ -48,6 +48,7 @@ _NORM_ROPE = "gemmax_cpu_norm_rope"
 _READ = "gemmax_cpu_read_sum"
 _XENT = "gemmax_cpu_softmax_xent"
 _WRITE_ROWS = "gemmax_cpu_write_rows"
+_GEMM_TN = "gemmax_cpu_gemm_tn"
 _state: dict[str, Any] = {"ok": None}
 _lock = threading.Lock()
 
@@ -109,6 +110,7 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(_READ, jax.ffi.pycapsule(lib.GemmaxReadSum), platform="cpu")
                 jax.ffi.register_ffi_target(_XENT, jax.ffi.pycapsule(lib.GemmaxSoftmaxXent), platform="cpu")
                 jax.ffi.register_ffi_target(_WRITE_ROWS, jax.ffi.pycapsule(lib.GemmaxWriteRows), platform="cpu")
+                jax.ffi.register_ffi_target(_GEMM_TN, jax.ffi.pycapsule(lib.GemmaxGemmTN), platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except Exception as e:  # noqa: BLE001 - any failure means "use XLA's dot", said once
@@ -357,6 +359,17 @@ def softmax_xent(logits: jax.Array, targets: jax.Array, weights: jax.Array, grad
     tok, hit, g = jax.ffi.ffi_call(_XENT, out, input_output_aliases=alias)(
         logits.astype(jnp.float32), targets.astype(jnp.int32), weights.astype(jnp.float32))
     return tok, hit, g if grad_dtype is not None else None
+
+
+def gemm_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a.T @ b`` for float32 ``a`` [K, M] and ``b`` [K, N] by the native kernel: the weight gradient of a
+    tied head, ``g^T h``, contracting over the rows (``train.losses``), where XLA:CPU reads the transposed
+    operand with a stride of the whole vocabulary. Only where ``available()``."""
+    k, m = a.shape
+    if b.ndim != 2 or b.shape[0] != k:
+        raise ValueError(f"gemm_tn: a [K, M] and b [K, N] with the same K, got {a.shape} and {b.shape}")
+    return jax.ffi.ffi_call(_GEMM_TN, jax.ShapeDtypeStruct((m, b.shape[1]), jnp.float32))(
+        a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 @jax.jit

@@ -4,9 +4,9 @@ XLA:CPU allocates each execution's temporaries afresh (one block the size of the
 for a full fine-tuning step of Gemma 3 270M at 4 x 128 tokens) and frees them when it ends. glibc's malloc
 serves every block above 32 MB with an ``mmap`` of its own and unmaps it on ``free``, so every step touches
 gigabytes of new memory, and the kernel zero-fills it on first write one 4 KB page at a time. On a two-core
-AMD EPYC VM that step took 813k page faults and 2.0-2.3 s of system time (3.7-4.1 s a step). glibc's
+AMD EPYC VM that step took 813k page faults and 2.0-2.3 s of system time (3.8 s a step). glibc's
 ``glibc.malloc.hugetlb=1`` tunable asks for transparent huge pages (``madvise``) on those blocks: 2 MB
-pages, 3.6k faults and 0.17 s of system time a step, 2.6-2.8 s a step, the same peak memory (6.2 GB).
+pages, 3.6k faults and 0.17 s of system time a step, 2.5 s a step, the same peak memory (6.2 GB).
 
 A tunable is read when the process starts, so it cannot be switched on from inside a running program:
 ``restart_with_huge_pages`` replaces the process by the same command with the tunable added to

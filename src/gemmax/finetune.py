@@ -17,6 +17,7 @@ from typing import Any
 from gemmax import distribution as _dist
 from gemmax.api import CausalLM
 from gemmax.io.bundled import default_model_path
+from gemmax.kernels import host_memory
 from gemmax.nn.lora import export_peft, save_adapter
 from gemmax.train.trainer import DataError, NonFiniteLossError, enable_lora, fit, plot_loss
 
@@ -283,4 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        host_memory.restart_with_huge_pages()  # as `gemmax finetune` does (gemmax.cli.entry)
     raise SystemExit(main())

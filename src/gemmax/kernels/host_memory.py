@@ -10,9 +10,9 @@ pages, 3.6k faults and 0.17 s of system time a step, 2.5 s a step, the same peak
 
 A tunable is read when the process starts, so it cannot be switched on from inside a running program:
 ``restart_with_huge_pages`` replaces the process by the same command with the tunable added to
-``GLIBC_TUNABLES``. The ``gemmax`` commands that run a model and ``python -m gemmax.demo`` do it first
-thing; a Python program that calls ``fit`` itself gets the same by starting with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``docs/training.md``).
+``GLIBC_TUNABLES``. The ``gemmax`` commands that run a model, ``python -m gemmax.finetune`` and
+``python -m gemmax.demo`` do it first thing; a Python program that calls ``fit`` itself gets the same by
+starting with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``docs/finetuning.md``, "Host memory on Linux").
 
 Nothing changes off Linux, with glibc older than 2.35 (no such tunable), with transparent huge pages
 switched off (``never``), when ``GLIBC_TUNABLES`` already names a ``glibc.malloc.hugetlb`` setting (the

@@ -61,7 +61,7 @@ def child_environ(host_malloc: str) -> tuple[dict[str, str], str]:
     """The children's environment for ``--host-malloc`` and a line that names it for the report's header."""
     from gemmax.kernels import host_memory
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ)  # run_children adds JAX_PLATFORMS
     if host_malloc == "huge-pages":
         tuned = host_memory.huge_page_environ(env)
         env = tuned if tuned is not None else env

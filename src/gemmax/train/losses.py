@@ -122,7 +122,7 @@ def _head_grads(g: jax.Array | None, hc: jax.Array, head: jax.Array, head_is_vd:
     elif want_h:
         out += (einsum("nv,vd->nd" if head_is_vd else "nv,dv->nd", g, head, jnp.float32),)
     if want_head and native and head_is_vd and g.dtype == jnp.float32:
-        out += (cpu_kernels.gemm_tn(g, hc.astype(jnp.float32)),)
+        out += (cpu_kernels.gemm_tn(g, hc),)  # g float32: hc is too (the native pass casts g to it)
     elif want_head:
         eq = "nv,nd->vd" if head_is_vd else "nv,nd->dv"
         out += (jnp.einsum(eq, g, hc.astype(g.dtype), preferred_element_type=jnp.float32),)

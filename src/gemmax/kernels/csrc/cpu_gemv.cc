@@ -2292,7 +2292,6 @@ ffi::Error WriteRows(ffi::AnyBuffer cache, ffi::AnyBuffer rows, ffi::Buffer<ffi:
 }
 }  // namespace
 
-// The cross-entropy's element-wise work on a chunk of float32 logits [n, V], for the fine-tuning loss:
 namespace {
 // y[M, N] = a[K, M]^T b[K, N], float32: the weight gradient of a tied head, g^T h (g [rows, V] the logits'
 // gradient, h [rows, D] the hidden states), contracting over the rows. XLA:CPU runs this product on its
@@ -2351,6 +2350,7 @@ ffi::Error GemmTN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
 }
 }  // namespace
 
+// The cross-entropy's element-wise work on a chunk of float32 logits [n, V], for the fine-tuning loss:
 // per row the log-sum-exp, the loss lse - z[y], whether the target's logit is the row's largest, and (when
 // asked) the gradient with respect to the logits, w (softmax - onehot(y)), in float32 or bfloat16.
 // XLA:CPU spent ~0.45 s of a 2.8 s mixed-precision LoRA step of the 270M on these passes (its exp inside a
